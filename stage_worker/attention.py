@@ -1,0 +1,131 @@
+"""Paged attention over a stage's KV pool, for mixed micro-batches.
+
+A micro-batch is a flat token axis `[T]` that concatenates, per sequence, a run of new tokens: a
+prefill chunk (possibly starting mid-prompt, chunked prefill) or a single decode token.
+`AttnMetadata.build` turns (start_pos, num_tokens, block_table) per sequence into the index
+tensors every layer reuses; `paged_attention` writes the new K/V at `slot_mapping`, then attends
+each query to its sequence's whole context read back from the pool. Decode sequences share one
+padded SDPA call (their cost is dominated by call overhead); prefill chunks run one call each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from stagemesh.errors import InvalidArgument
+
+
+@dataclass
+class AttnMetadata:
+    """Index tensors of one micro-batch; built once per step, shared by every layer."""
+
+    positions: torch.Tensor  # [T] long: absolute position of each new token
+    slot_mapping: torch.Tensor  # [T] long: KV slot where each new token's k/v is written
+    query_start_loc: list[int]  # [S+1]: sequence i owns rows query_start_loc[i]:query_start_loc[i+1]
+    start_pos: list[int]  # [S]: absolute position of each sequence's first new token
+    context_lens: list[int]  # [S]: start_pos + num_tokens (tokens visible to the last query)
+    context_slots: list[torch.Tensor]  # S x [context_len] long: slots of positions 0..ctx-1
+    prefill_ids: list[int]  # sequences with num_tokens > 1 (looped)
+    decode_ids: list[int]  # sequences with num_tokens == 1 (batched)
+    decode_rows: torch.Tensor | None  # [B] long: row in [T] of each decode token
+    decode_slots: torch.Tensor | None  # [B, Lmax] long: context slots, padded with slot 0
+    decode_mask: torch.Tensor | None  # [B, 1, 1, Lmax] bool: True where a key is real
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def last_rows(self) -> list[int]:
+        """Row of each sequence's last new token: where its next-token logits come from."""
+        return [end - 1 for end in self.query_start_loc[1:]]
+
+    @classmethod
+    def build(cls, chunks: list[tuple[int, int, list[int]]], block_size: int,
+              device: torch.device | str = "cpu") -> "AttnMetadata":
+        """chunks[i] = (start_pos, num_tokens, block_table) of sequence i, in [T] order.
+
+        The block table must cover positions 0..start_pos+num_tokens-1; InvalidArgument if not,
+        since reading an unallocated block would silently attend to another sequence's KV.
+        """
+        positions, slots, ctx_slots, starts, ctx_lens, qsl = [], [], [], [], [], [0]
+        for i, (start, n, table) in enumerate(chunks):
+            if start < 0 or n <= 0:
+                raise InvalidArgument(f"sequence {i}: bad chunk start_pos={start} num_tokens={n}")
+            ctx = start + n
+            if len(table) * block_size < ctx:
+                raise InvalidArgument(f"sequence {i}: block table of {len(table)} blocks cannot hold "
+                                      f"{ctx} tokens (block_size={block_size})")
+            pos = torch.arange(ctx, dtype=torch.long)
+            table_t = torch.as_tensor(table, dtype=torch.long)
+            seq_slots = table_t[pos // block_size] * block_size + pos % block_size  # [ctx]
+            positions.append(pos[start:])
+            slots.append(seq_slots[start:])
+            ctx_slots.append(seq_slots.to(device))
+            starts.append(start)
+            ctx_lens.append(ctx)
+            qsl.append(qsl[-1] + n)
+        decode_ids = [i for i, (_, n, _) in enumerate(chunks) if n == 1]
+        prefill_ids = [i for i, (_, n, _) in enumerate(chunks) if n > 1]
+        rows = slots_pad = mask = None
+        if decode_ids:
+            lmax = max(ctx_lens[i] for i in decode_ids)
+            slots_pad = torch.zeros(len(decode_ids), lmax, dtype=torch.long)
+            mask = torch.zeros(len(decode_ids), 1, 1, lmax, dtype=torch.bool)
+            for b, i in enumerate(decode_ids):
+                slots_pad[b, : ctx_lens[i]] = ctx_slots[i]
+                mask[b, ..., : ctx_lens[i]] = True
+            rows = torch.tensor([qsl[i] for i in decode_ids], dtype=torch.long, device=device)
+            slots_pad, mask = slots_pad.to(device), mask.to(device)
+        empty = torch.zeros(0, dtype=torch.long)
+        return cls(
+            positions=torch.cat(positions or [empty]).to(device),
+            slot_mapping=torch.cat(slots or [empty]).to(device),
+            query_start_loc=qsl, start_pos=starts, context_lens=ctx_lens, context_slots=ctx_slots,
+            prefill_ids=prefill_ids, decode_ids=decode_ids,
+            decode_rows=rows, decode_slots=slots_pad, decode_mask=mask,
+        )
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    layer_kv: tuple[torch.Tensor, torch.Tensor], meta: AttnMetadata,
+                    scale: float) -> torch.Tensor:
+    """Attention of new queries over each sequence's full cached context.
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D] (already rotated); layer_kv: ([N, Hkv, D], [N, Hkv, D]).
+    Mutates the cache: the new k/v are written at meta.slot_mapping before reading.
+    Returns [T, Hq, D] in q's dtype.
+    """
+    k_cache, v_cache = layer_kv
+    k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    out = torch.empty_like(q)
+    for i in meta.prefill_ids:
+        a, b = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        ctx_slots = meta.context_slots[i]
+        qi = q[a:b].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+        ki = k_cache[ctx_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+        vi = v_cache[ctx_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
+        # Query j sits at absolute position start+j and sees keys 0..start+j.
+        qpos = torch.arange(b - a, device=q.device) + meta.start_pos[i]  # [n]
+        kpos = torch.arange(ctx_slots.shape[0], device=q.device)  # [L]
+        mask = (kpos[None, :] <= qpos[:, None])[None, None]  # [1, 1, n, L]
+        oi = _sdpa(qi, ki, vi, mask, scale)  # [1, Hq, n, D]
+        out[a:b] = oi[0].transpose(0, 1)
+    if meta.decode_ids:
+        rows = meta.decode_rows
+        qd = q[rows].unsqueeze(2)  # [B, Hq, 1, D]
+        kd = k_cache[meta.decode_slots].to(q.dtype).transpose(1, 2)  # [B, Hkv, Lmax, D]
+        vd = v_cache[meta.decode_slots].to(q.dtype).transpose(1, 2)
+        od = _sdpa(qd, kd, vd, meta.decode_mask, scale)  # [B, Hq, 1, D]
+        out[rows] = od.squeeze(2)
+    return out
+
+
+def _sdpa(q, k, v, mask, scale):
+    """SDPA with grouped KV heads; enable_gqa avoids materialising repeated K/V."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])

@@ -1,0 +1,61 @@
+"""The physical KV pool of one stage: tensors only, no bookkeeping.
+
+The gateway's block manager owns block ids and tables (logical KV); this module owns the tensors
+they index (physical KV), as nano-vllm's `ModelRunner.allocate_kv_cache`. Each local layer has a k
+and a v tensor laid out as flat *slots*, `slot = block_id * block_size + offset`, so that writing
+new tokens is one `index_copy_` and reading a sequence's context is one `index_select`.
+
+Not thread-safe: one micro-batch executes at a time on a stage, and `paged_attention` writes here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PagedKVCache:
+    """k/v tensors for layers [0, num_layers) of this stage (indices are local, not global)."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        if min(num_layers, num_blocks, block_size, num_kv_heads, head_dim) <= 0:
+            raise ValueError("PagedKVCache dimensions must be positive")
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        num_slots = num_blocks * block_size
+        shape = (num_slots, num_kv_heads, head_dim)
+        # k_caches[i], v_caches[i]: [num_blocks * block_size, Hkv, D]
+        self.k_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.v_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+
+    def layer(self, local_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k_cache, v_cache) of local layer `local_idx` (0 = this stage's first layer)."""
+        return self.k_caches[local_idx], self.v_caches[local_idx]
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes one block costs across all local layers, k and v together."""
+        return self.block_bytes(self.num_layers, self.block_size, self.num_kv_heads,
+                                self.head_dim, self.dtype)
+
+    @staticmethod
+    def block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                    dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+
+    @classmethod
+    def blocks_for_budget(cls, budget_bytes: int, num_layers: int, block_size: int,
+                          num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """How many whole blocks fit in `budget_bytes` (0 when not even one does)."""
+        per_block = cls.block_bytes(num_layers, block_size, num_kv_heads, head_dim, dtype)
+        return max(0, int(budget_bytes) // per_block)

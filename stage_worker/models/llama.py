@@ -1,0 +1,209 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) as plain modules, built for a layer range.
+
+A stage is the same model code restricted to layers [layer_start, layer_end): the first stage
+also owns the token embedding, the last owns the final norm and LM head. Parameter names match
+the Hugging Face checkpoint minus its `model.` prefix, with *global* layer indices
+(`layers.7.mlp.up_proj.weight`), so the loader maps names 1:1 and a stage's state dict shows
+exactly which tensors it holds.
+
+Data flow of one micro-batch: tokens or hidden [T, H] -> each layer (RMSNorm, rotary attention
+over the paged KV pool, RMSNorm, SwiGLU MLP, residuals) -> hidden [T, H] (before the final norm).
+`compute_logits` applies the final norm and head only to the rows that will be sampled.
+Numerics follow transformers (float32 rotary tables and RMSNorm statistics).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stage_worker.attention import AttnMetadata, paged_attention
+from stage_worker.kv_cache import PagedKVCache
+from stagemesh.errors import CheckpointError
+from stagemesh.model_config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """(inv_freq [D/2] float32, attention_scaling), as transformers' ROPE_INIT_FUNCTIONS."""
+    rope = cfg.rope
+    kind = rope.get("rope_type", "default")
+    dim = cfg.head_dim
+    base = float(rope["rope_theta"])
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / float(rope["factor"]), 1.0
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, rope), 1.0
+    raise CheckpointError(f"config.json: rope_type {kind!r} is not supported "
+                          f"(supported: default, linear, llama3)")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, rope: dict) -> torch.Tensor:
+    """Llama 3.1 frequency-dependent scaling (transformers `_compute_llama3_parameters`)."""
+    try:
+        factor = rope["factor"]
+        low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+        old_ctx = rope["original_max_position_embeddings"]
+    except KeyError as exc:
+        raise CheckpointError(f"config.json: llama3 rope scaling lacks {exc.args[0]!r}") from exc
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, Hx, D]; cos, sin: [T, D]."""
+    return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        qkv_bias = cfg.attention_bias
+        # Qwen2 has q/k/v biases but none on o_proj; Llama's attention_bias covers all four.
+        o_bias = cfg.attention_bias and cfg.architecture != "Qwen2ForCausalLM"
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * d, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * d, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=o_bias)
+        self.scale = d ** -0.5
+
+    def forward(self, x, cos, sin, meta: AttnMetadata, layer_kv) -> torch.Tensor:
+        t = x.shape[0]  # x: [T, H]
+        q = self.q_proj(x).view(t, self.n_heads, self.head_dim)  # [T, Hq, D]
+        k = self.k_proj(x).view(t, self.n_kv, self.head_dim)  # [T, Hkv, D]
+        v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = paged_attention(q, k, v, layer_kv, meta, self.scale)  # [T, Hq, D]
+        return self.o_proj(o.reshape(t, self.n_heads * self.head_dim))  # [T, H]
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=b)
+        self.up_proj = nn.Linear(h, i, bias=b)
+        self.down_proj = nn.Linear(i, h, bias=b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, cos, sin, meta, layer_kv) -> torch.Tensor:  # x: [T, H]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, layer_kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaStage(nn.Module):
+    """Layers [layer_start, layer_end) of a Llama-family model; one per stage worker.
+
+    Stateless between calls except through the PagedKVCache it is handed (forward writes the new
+    tokens' K/V there). Not thread-safe: run one micro-batch at a time.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_start: int, layer_end: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        super().__init__()
+        if not 0 <= layer_start < layer_end <= cfg.num_hidden_layers:
+            raise ValueError(f"bad layer range [{layer_start}, {layer_end}) for "
+                             f"{cfg.num_hidden_layers} layers")
+        self.cfg, self.layer_start, self.layer_end = cfg, layer_start, layer_end
+        self.is_first, self.is_last = layer_start == 0, layer_end == cfg.num_hidden_layers
+        # Built on the meta device and materialised empty: weights come from the checkpoint,
+        # so random init of a multi-GB range would be wasted time.
+        with torch.device("meta"):
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.is_first else None
+            self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(cfg)
+                                         for i in range(layer_start, layer_end)})
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.is_last else None
+            self.lm_head = (nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+                            if self.is_last else None)
+        self.to_empty(device=device).to(dtype)
+        inv_freq, self.attention_scaling = rope_inv_freq(cfg)
+        self.inv_freq = inv_freq.to(device)  # float32 always, not a parameter or buffer
+        if self.is_first and self.is_last and cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def num_local_layers(self) -> int:
+        return self.layer_end - self.layer_start
+
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin: [T, D] computed in float32 then cast, as transformers does."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor | None, hidden: torch.Tensor | None,
+                meta: AttnMetadata, kv: PagedKVCache) -> torch.Tensor:
+        """input_ids: [T] (first stage) or hidden: [T, H] -> hidden [T, H] before final norm."""
+        if self.is_first:
+            if input_ids is None:
+                raise ValueError("the first stage takes input_ids")
+            x = self.embed_tokens(input_ids)  # [T, H]
+        else:
+            if hidden is None:
+                raise ValueError("a non-first stage takes hidden states")
+            x = hidden.to(self.dtype)  # [T, H]
+        cos, sin = self.rotary(meta.positions, x.dtype)
+        for local, layer in enumerate(self.layers.values()):
+            x = layer(x, cos, sin, meta, kv.layer(local))
+        return x
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [S, H] (rows to sample, pre-norm) -> logits [S, V] float32. Last stage only."""
+        if not self.is_last:
+            raise ValueError("compute_logits is only available on the last stage")
+        return self.lm_head(self.norm(hidden.to(self.dtype))).float()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def make_kv_cache(self, num_blocks: int, block_size: int, dtype=None, device=None) -> PagedKVCache:
+        """A KV pool shaped for this stage's layers."""
+        p = next(self.parameters())
+        return PagedKVCache(self.num_local_layers, num_blocks, block_size,
+                            self.cfg.num_key_value_heads, self.cfg.head_dim,
+                            dtype or p.dtype, device or p.device)

@@ -1,0 +1,67 @@
+"""Tiny random Hugging Face checkpoints for tests, written by transformers itself.
+
+Shared by every test that needs a real checkpoint on disk: `make_hf_checkpoint(tmp, kind)`
+returns a directory that both transformers and our loader read. Sizes are tiny (hidden 64,
+vocab 320) so a checkpoint is written in well under a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+KINDS = ("llama", "tied", "qwen2", "llama3", "sharded", "mistral")
+
+
+def _config(kind: str, num_layers: int):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=320, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+                  initializer_range=0.1)
+    if kind in ("llama", "sharded"):
+        return LlamaConfig(**common, rope_theta=10000.0)
+    if kind == "tied":
+        return LlamaConfig(**{**common, "tie_word_embeddings": True}, rope_theta=500000.0)
+    if kind == "llama3":
+        return LlamaConfig(**common, rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+    if kind == "qwen2":
+        return Qwen2Config(**common, rope_theta=1000000.0)
+    if kind == "mistral":
+        return MistralConfig(**common, rope_theta=10000.0, sliding_window=None)
+    raise ValueError(f"unknown checkpoint kind {kind!r} (known: {', '.join(KINDS)})")
+
+
+def make_hf_model(kind: str = "llama", num_layers: int = 4, seed: int = 0):
+    """A random fp32 transformers model (eager attention) of the given kind."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _config(kind, num_layers)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if kind == "qwen2":  # biases init to zero: make them matter so a dropped bias is caught
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.1)
+    return model.eval()
+
+
+def make_hf_checkpoint(tmp_dir, kind: str = "llama", num_layers: int = 4, seed: int = 0) -> Path:
+    """Write a checkpoint of `kind` under tmp_dir/kind and return that directory.
+
+    "sharded" writes several safetensors files plus model.safetensors.index.json.
+    """
+    out = Path(tmp_dir) / f"{kind}-{num_layers}-{seed}"
+    if (out / "config.json").is_file():
+        return out
+    model = make_hf_model(kind, num_layers, seed)
+    shard = "100KB" if kind == "sharded" else "10GB"
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=shard)
+    return out
