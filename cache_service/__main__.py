@@ -1,0 +1,63 @@
+"""`python -m cache_service --port P --redis redis://127.0.0.1:6379/0`: run the prefix index.
+
+Prints `cache_service ready port=<P>` on stdout once serving (launchers and tests wait for it),
+logs as JSON lines on stderr, and exits 0 on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import structlog
+
+from cache_service.config import CacheServiceConfig, IndexConfig
+from cache_service.server import serve
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[CacheServiceConfig, str]:
+    """The validated config and the log level (logging is process set-up, not service config)."""
+    parser = argparse.ArgumentParser(prog="python -m cache_service", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
+    parser.add_argument("--port", type=int, default=50070, help="gRPC port; 0 picks a free one")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis URL of the index")
+    parser.add_argument("--block-ttl-s", type=int, default=3600, help="expiry of a block entry, refreshed on use")
+    parser.add_argument("--key-prefix", default="sm:v1:", help="namespace of every Redis key written")
+    parser.add_argument("--redis-timeout-s", type=float, default=1.0, help="Redis connect/read timeout")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    index = IndexConfig(
+        redis_url=args.redis,
+        block_ttl_s=args.block_ttl_s,
+        key_prefix=args.key_prefix,
+        redis_timeout_s=args.redis_timeout_s,
+    )
+    return CacheServiceConfig(host=args.host, port=args.port, index=index), args.log_level
+
+
+def configure_logging(level: str) -> None:
+    """JSON lines on stderr; stdout is kept for the ready line."""
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        config, log_level = parse_config(argv)
+    except ValueError as exc:
+        sys.exit(f"cache_service: invalid configuration: {exc}")
+    configure_logging(log_level)
+    asyncio.run(serve(config, on_ready=lambda port: print(f"cache_service ready port={port}", flush=True)))
+
+
+if __name__ == "__main__":
+    main()
