@@ -34,6 +34,7 @@ class RedisServer:
         self.binary = path
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="stagemesh-redis-")
+        self.log_path = f"{self.dir}/redis.log"
         self._proc: subprocess.Popen | None = None
 
     @property
@@ -44,7 +45,8 @@ class RedisServer:
         """Start and wait until it answers PING."""
         argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
                 "--save", "", "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"]
-        self._proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         self._wait_for_ping(timeout_s)
         return self
 
@@ -81,8 +83,8 @@ class RedisServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace")
-                raise RuntimeError(f"redis-server exited with {self._proc.returncode}: {err}")
+                with open(self.log_path, errors="replace") as log:
+                    raise RuntimeError(f"redis-server exited with {self._proc.returncode}: {log.read()}")
             if self.ping():
                 return
             time.sleep(0.02)

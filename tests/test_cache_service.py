@@ -47,7 +47,9 @@ class Service:
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=10)
+        code = self.proc.wait(timeout=10)
+        self.proc.stdout.close()
+        return code
 
 
 @pytest.fixture(scope="module")
