@@ -225,20 +225,22 @@ class RegisterResponse(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("epoch", "replica", "stage_index", "layer_start", "layer_end", "num_layers_total")
+    __slots__ = ("epoch", "replica", "stage_index", "layer_start", "layer_end", "num_layers_total", "next_address")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     replica: int
     stage_index: int
     layer_start: int
     layer_end: int
     num_layers_total: int
-    def __init__(self, epoch: _Optional[int] = ..., replica: _Optional[int] = ..., stage_index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers_total: _Optional[int] = ...) -> None: ...
+    next_address: str
+    def __init__(self, epoch: _Optional[int] = ..., replica: _Optional[int] = ..., stage_index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers_total: _Optional[int] = ..., next_address: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "loaded_epoch", "num_blocks", "mean_step_us")

@@ -1,0 +1,86 @@
+"""Coordinator gRPC service: Register, Heartbeat (answers with the assignment), GetPlan."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from stagemesh.errors import grpc_errors
+from stagemesh.net import GRPC_OPTIONS
+from stagemesh.v1 import stagemesh_pb2 as pb
+from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
+
+from coordinator.config import CoordinatorConfig
+from coordinator.registry import Registry
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    """All state lives in `Registry`; handlers run on the event loop, one at a time."""
+
+    def __init__(self, config: CoordinatorConfig, log):
+        self.config = config
+        self.registry = Registry(config)
+        self.log = log
+
+    @grpc_errors
+    async def Register(self, request, context):
+        worker = self.registry.register(request.address, request.device, request.memory_bytes)
+        self.log.info("worker_registered", worker_id=worker.worker_id, address=request.address, device=request.device)
+        return pb.RegisterResponse(worker_id=worker.worker_id, heartbeat_interval_ms=self.config.heartbeat_interval_ms)
+
+    @grpc_errors
+    async def Heartbeat(self, request, context):
+        worker = self.registry.heartbeat(request.worker_id, request.loaded_epoch, request.num_blocks, request.mean_step_us)
+        if worker is None:
+            return pb.HeartbeatResponse(reregister=True)
+        slot = self.registry.slot_of(worker.worker_id)
+        if slot is None:
+            return pb.HeartbeatResponse()
+        return pb.HeartbeatResponse(
+            assignment=pb.Assignment(
+                epoch=self.registry.epoch,
+                replica=slot.replica,
+                stage_index=slot.stage_index,
+                layer_start=slot.layer_start,
+                layer_end=slot.layer_end,
+                num_layers_total=self.config.num_layers,
+                next_address=self.registry.next_address(slot),
+            )
+        )
+
+    @grpc_errors
+    async def GetPlan(self, request, context):
+        reg = self.registry
+        plan = pb.Plan(
+            epoch=reg.epoch, ready=reg.ready(), num_layers_total=self.config.num_layers, block_size=self.config.block_size
+        )
+        for replica in reg.replicas:
+            rp = plan.replicas.add()
+            for slot in replica:
+                w = reg.workers[slot.worker_id]
+                blocks = w.num_blocks if w.loaded_epoch == reg.epoch else 0
+                rp.stages.add(
+                    worker_id=w.worker_id, address=w.address, layer_start=slot.layer_start,
+                    layer_end=slot.layer_end, num_blocks=blocks,
+                )
+            rp.num_blocks = min(s.num_blocks for s in rp.stages)
+        return plan
+
+
+async def serve(config: CoordinatorConfig, log, ready_event: asyncio.Event | None = None) -> None:
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    service = CoordinatorService(config, log)
+    pb_grpc.add_CoordinatorServicer_to_server(service, server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()
+    log.info("coordinator ready", address=f"{config.host}:{port}")
+    print(f"coordinator ready on {config.host}:{port}", flush=True)
+    await _wait_for_stop(server)
+
+
+async def _wait_for_stop(server) -> None:
+    from stagemesh.proc import wait_for_signal
+
+    await wait_for_signal()
+    await server.stop(grace=1.0)

@@ -1,0 +1,70 @@
+"""python -m gateway --model DIR --coordinator HOST:PORT [--port P]"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from stagemesh import log as logging_setup
+from stagemesh.errors import CheckpointError
+from stagemesh.net import GRPC_OPTIONS
+from stagemesh.proc import wait_for_signal
+from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
+
+from gateway.config import GatewayConfig
+from gateway.scheduler import SchedulerConfig
+from gateway.server import Gateway, GenerationService
+
+
+def parse_args(argv=None) -> GatewayConfig:
+    p = argparse.ArgumentParser(prog="python -m gateway")
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json, tokenizer.json)")
+    p.add_argument("--coordinator", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--model-id", default="")
+    p.add_argument("--cache-service", default="")
+    p.add_argument("--max-batched-tokens", type=int, default=512)
+    p.add_argument("--max-running", type=int, default=256)
+    p.add_argument("--max-waiting", type=int, default=1024)
+    p.add_argument("--inflight", type=int, default=2, help="micro-batches in flight (at least the stage count)")
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
+    sched = SchedulerConfig(max_batched_tokens=args.max_batched_tokens, max_running=args.max_running,
+                            max_waiting=args.max_waiting, inflight_target=args.inflight)
+    return GatewayConfig(model_dir=args.model, coordinator=args.coordinator, host=args.host, port=args.port,
+                         model_id=args.model_id, cache_service=args.cache_service, scheduler=sched), args.log_level
+
+
+async def serve(config: GatewayConfig, log) -> None:
+    gateway = Gateway(config, log)
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    pb_grpc.add_GenerationServicer_to_server(GenerationService(gateway), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()
+    await gateway.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("gateway ready", address=f"{config.host}:{port}", model=gateway.model_id)
+    print(f"gateway ready on {config.host}:{port}", flush=True)
+    await wait_for_signal()
+    await server.stop(grace=2.0)
+    await gateway.close()
+
+
+def main(argv=None) -> None:
+    try:
+        config, level = parse_args(argv)
+        log = logging_setup.configure("gateway", level)
+        asyncio.run(serve(config, log))
+    except (CheckpointError, ValueError) as exc:
+        sys.exit(f"gateway: {exc}")
+
+
+if __name__ == "__main__":
+    main()

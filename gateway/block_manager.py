@@ -1,0 +1,196 @@
+"""Logical KV blocks of one pipeline replica: allocation, refcounts, and the prefix cache.
+
+The tensors live on the stage workers; this class only decides which block ids hold what
+(nano-vllm's BlockManager, vLLM's BlockPool). Block ids are the same on every stage of a replica.
+
+Prefix cache: a full block is identified by a chained hash h_i = H(h_{i-1}, tokens of block i),
+with h_{-1} derived from the model id and a fixed seed, so every gateway computes the same hashes
+in every process and after restarts. Freed blocks keep their hash and stay reusable, in LRU order,
+until they are reallocated (evicted). Stored/removed hashes are queued as events for the global
+index (cache_service). Pure Python: no torch, no grpc.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from stagemesh.errors import NoFreeBlocks
+
+from gateway.sequence import Sequence
+
+HASH_SEED = b"stagemesh-prefix-v1"
+
+
+def root_hash(model_id: str) -> bytes:
+    """h_{-1}: depends only on the model id, never on the process."""
+    return hashlib.blake2b(HASH_SEED + model_id.encode(), digest_size=16).digest()
+
+
+def hash_block(parent: bytes, tokens: list[int], extra: bytes = b"") -> bytes:
+    """h_i = H(h_{i-1}, tokens of block i, extra keys)."""
+    h = hashlib.blake2b(parent, digest_size=16)
+    h.update(struct.pack(f"<{len(tokens)}i", *tokens))
+    if extra:
+        h.update(extra)
+    return h.digest()
+
+
+def chain_hashes(model_id: str, token_ids: list[int], block_size: int) -> list[bytes]:
+    """Hashes of every full block of `token_ids`."""
+    hashes, parent = [], root_hash(model_id)
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block(parent, token_ids[start : start + block_size])
+        hashes.append(parent)
+    return hashes
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: bytes | None = None
+
+
+@dataclass
+class CacheEvents:
+    """Index changes since the last drain, for cache_service."""
+
+    stored: list[bytes] = field(default_factory=list)
+    removed: list[bytes] = field(default_factory=list)
+
+
+class BlockManager:
+    """Allocator for one replica. Called from the gateway's event loop only."""
+
+    def __init__(self, num_blocks: int, block_size: int, model_id: str, enable_prefix_cache: bool = True):
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be positive")
+        self.block_size = block_size
+        self.model_id = model_id
+        self.enable_prefix_cache = enable_prefix_cache
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Blocks with ref_count 0, least recently freed first (evicted first).
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._by_hash: dict[bytes, int] = {}
+        self.events = CacheEvents()
+        self._root = root_hash(model_id)
+
+    # -- queries -------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def cached_prefix(self, token_ids: list[int]) -> list[int]:
+        """Block ids of the longest cached prefix, leaving at least one token to compute."""
+        if not self.enable_prefix_cache:
+            return []
+        usable = (len(token_ids) - 1) // self.block_size
+        hits, parent = [], self._root
+        for i in range(usable):
+            parent = hash_block(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
+            block_id = self._by_hash.get(parent)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        hits = self.cached_prefix(seq.all_ids)
+        reclaimable = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        need = self.blocks_needed(seq.num_tokens) - len(hits)
+        return need <= self.num_free - reclaimable
+
+    # -- allocation ----------------------------------------------------------------------------
+    def allocate(self, seq: Sequence) -> int:
+        """Give `seq` blocks for its whole token history, reusing the cached prefix.
+
+        Returns the number of tokens reused. Raises NoFreeBlocks (and changes nothing) when the
+        blocks are not there.
+        """
+        if not self.can_allocate(seq):
+            raise NoFreeBlocks(f"need {self.blocks_needed(seq.num_tokens)} KV blocks, {self.num_free} free")
+        hits = self.cached_prefix(seq.all_ids)
+        for block_id in hits:
+            self._take(block_id)
+        fresh = [self._pop_free() for _ in range(self.blocks_needed(seq.num_tokens) - len(hits))]
+        seq.block_table = hits + fresh
+        seq.num_computed = len(hits) * self.block_size
+        return seq.num_computed
+
+    def append_slots(self, seq: Sequence, num_new_tokens: int) -> list[int]:
+        """Ensure blocks for `num_new_tokens` more tokens; returns the block ids appended."""
+        need = self.blocks_needed(seq.num_computed + num_new_tokens) - len(seq.block_table)
+        if need > self.num_free:
+            raise NoFreeBlocks(f"need {need} more KV blocks, {self.num_free} free")
+        new = [self._pop_free() for _ in range(max(0, need))]
+        seq.block_table.extend(new)
+        return new
+
+    def seal_computed_blocks(self, seq: Sequence) -> None:
+        """Register hashes of blocks that became full and computed (call after a step returns)."""
+        if not self.enable_prefix_cache:
+            return
+        full = seq.num_computed // self.block_size
+        ids = seq.all_ids
+        parent = self._root
+        for i in range(full):
+            block = self.blocks[seq.block_table[i]]
+            if block.block_hash is None:
+                parent = hash_block(parent, ids[i * self.block_size : (i + 1) * self.block_size])
+                if parent in self._by_hash:  # the same content already cached in another block
+                    continue
+                block.block_hash = parent
+                self._by_hash[parent] = block.block_id
+                self.events.stored.append(parent)
+            else:
+                parent = block.block_hash
+
+    def free(self, seq: Sequence) -> None:
+        """Drop `seq`'s references; blocks that reach zero stay cached, newest freed last."""
+        # Free in reverse so a sequence's tail blocks are evicted before its shared head.
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block_id} freed twice"
+            if block.ref_count == 0:
+                self._free[block_id] = None
+        seq.block_table = []
+
+    def drain_events(self) -> CacheEvents:
+        events, self.events = self.events, CacheEvents()
+        return events
+
+    def clear_cache(self) -> None:
+        """Forget every cached hash (a new plan epoch: the stages' KV is gone)."""
+        for block in self.blocks:
+            if block.block_hash is not None:
+                self.events.removed.append(block.block_hash)
+                block.block_hash = None
+        self._by_hash.clear()
+
+    # -- internals -----------------------------------------------------------------------------
+    def _take(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self._free[block_id]
+        block.ref_count += 1
+
+    def _pop_free(self) -> int:
+        block_id, _ = self._free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:  # evict: its content is about to be overwritten
+            del self._by_hash[block.block_hash]
+            self.events.removed.append(block.block_hash)
+            block.block_hash = None
+        block.ref_count = 1
+        return block_id

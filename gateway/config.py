@@ -1,0 +1,28 @@
+"""Gateway settings, built once in main and validated here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gateway.scheduler import SchedulerConfig
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    model_dir: str
+    coordinator: str  # host:port
+    host: str = "127.0.0.1"
+    port: int = 50051
+    model_id: str = ""  # defaults to the checkpoint directory's name
+    default_max_tokens: int = 16
+    max_stop_strings: int = 16
+    forward_timeout_s: float = 120.0
+    plan_wait_s: float = 300.0
+    cache_service: str = ""  # host:port of cache_service; empty: local prefix matching only
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self):
+        if not self.coordinator:
+            raise ValueError("the gateway needs --coordinator HOST:PORT")
+        if self.default_max_tokens < 1:
+            raise ValueError("default_max_tokens must be >= 1")

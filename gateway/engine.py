@@ -1,0 +1,204 @@
+"""Drives one pipeline replica: keeps micro-batches in flight through its stage chain.
+
+Data flow: `submit()` queues a Sequence in the replica's Scheduler; the loop asks the scheduler
+for micro-batches while fewer than `inflight_target` are in flight and sends each to stage 0 as a
+Forward (token ids + block-table deltas). When the sampled ids come back up the chain,
+`Scheduler.update` appends them and the request's `TokenSink` streams them out.
+
+Runs on the gateway's event loop only; the scheduler and block manager are never touched from
+another thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+
+from stagemesh.net import GRPC_OPTIONS
+from stagemesh.v1 import stagemesh_pb2 as pb
+from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
+
+from gateway.block_manager import BlockManager, CacheEvents
+from gateway.scheduler import Scheduler, SchedulerConfig, StepPlan
+from gateway.sequence import Sequence, Status
+
+
+class TokenSink(Protocol):
+    """Receives a sequence's progress; implemented by the request handler."""
+
+    def on_tokens(self, seq: Sequence) -> str | None:
+        """New output ids were appended; returns a finish reason to stop the sequence, or None."""
+
+    def on_finish(self, seq: Sequence) -> None:
+        """The sequence ended (finish_reason set)."""
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """What the gateway needs to drive one replica: its first stage, capacity and epoch."""
+
+    index: int
+    epoch: int
+    first_address: str
+    num_blocks: int
+    block_size: int
+    num_stages: int
+
+
+class ReplicaEngine:
+    def __init__(self, plan: ReplicaPlan, model_id: str, sched_config: SchedulerConfig, log,
+                 forward_timeout_s: float = 120.0, on_cache_events=None, on_stale_epoch=None):
+        self.plan = plan
+        self.model_id = model_id
+        self.log = log.bind(replica=plan.index)
+        self.forward_timeout_s = forward_timeout_s
+        self.sched_config = sched_config
+        self.lease_id = uuid.uuid4().hex[:12]
+        self.sinks: dict[int, TokenSink] = {}
+        self._on_cache_events = on_cache_events
+        self._on_stale_epoch = on_stale_epoch
+        self._wakeup = asyncio.Event()
+        self._inflight = 0
+        self._step_id = 0
+        self._task: asyncio.Task | None = None
+        self._closed = False
+        self._failures = 0
+        self._install(plan)
+
+    # -- public API ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def close(self) -> None:
+        self._closed = True
+        self._wakeup.set()
+        if self._task:
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._channel.close()
+
+    def submit(self, seq: Sequence, sink: TokenSink) -> None:
+        self.scheduler.add(seq)  # raises ResourceExhausted when the queue is full
+        self.sinks[seq.seq_id] = sink
+        self._wakeup.set()
+
+    def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
+        """Client went away: stop the sequence and free its blocks (now, or when its step returns)."""
+        if seq.status != Status.FINISHED:
+            self._finish(seq, reason)
+            self._wakeup.set()
+
+    @property
+    def load(self) -> int:
+        """Decode load for routing: sequences running or waiting."""
+        return len(self.scheduler.running) + self.scheduler.num_waiting
+
+    def replan(self, plan: ReplicaPlan) -> None:
+        """A new epoch: re-prefill every live sequence on the new stages from its history."""
+        old_channel = self._channel
+        live = self.scheduler.running
+        self._install(plan, keep=self.scheduler)
+        asyncio.get_running_loop().create_task(old_channel.close())
+        self.log.info("replica_replanned", epoch=plan.epoch, live=len(live))
+        self._wakeup.set()
+
+    # -- internals -----------------------------------------------------------------------------
+    def _install(self, plan: ReplicaPlan, keep: Scheduler | None = None) -> None:
+        self.plan = plan
+        self._channel = grpc.aio.insecure_channel(plan.first_address, options=GRPC_OPTIONS)
+        self._stub = pb_grpc.StageStub(self._channel)
+        inflight = max(self.sched_config.inflight_target, plan.num_stages)
+        config = SchedulerConfig(**{**self.sched_config.__dict__, "inflight_target": inflight})
+        bm = BlockManager(plan.num_blocks, plan.block_size, self.model_id)
+        if keep is None:
+            self.scheduler = Scheduler(config, bm)
+            return
+        self.scheduler = Scheduler(config, bm)
+        for seq in keep.drain_live():
+            self.scheduler.add_front(seq)
+
+    async def _loop(self) -> None:
+        while not self._closed:
+            self._wakeup.clear()
+            while self._inflight < self.scheduler.config.inflight_target:
+                plan = self.scheduler.schedule()
+                for seq in self.scheduler.rejected:
+                    self._finish(seq, seq.finish_reason or "error")
+                self.scheduler.rejected.clear()
+                if plan is None:
+                    break
+                self._inflight += 1
+                asyncio.get_running_loop().create_task(self._run_step(plan, self.plan.epoch))
+            await self._wakeup.wait()
+
+    def _request(self, plan: StepPlan) -> pb.ForwardRequest:
+        self._step_id += 1
+        req = pb.ForwardRequest(
+            epoch=self.plan.epoch, lease_id=self.lease_id, step_id=self._step_id,
+            finished_seq_ids=plan.finished_wire_ids, token_ids=plan.token_ids(), replica=self.plan.index,
+        )
+        for c in plan.chunks:
+            if c.is_new:
+                s = c.seq.sampling
+                sampling = pb.SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+                if s.seed is not None:
+                    sampling.seed = s.seed
+                req.new_sequences.add(seq_id=c.wire_id, block_ids=c.seq.block_table, sampling=sampling)
+            req.chunks.add(
+                seq_id=c.wire_id, start_pos=c.start_pos, num_tokens=c.num_tokens,
+                new_block_ids=c.new_block_ids, sample=c.sample, output_index=c.output_index,
+            )
+        return req
+
+    async def _run_step(self, plan: StepPlan, epoch: int) -> None:
+        try:
+            t0 = time.perf_counter()
+            resp = await self._stub.Forward(self._request(plan), timeout=self.forward_timeout_s)
+            self._failures = 0
+        except grpc.aio.AioRpcError as exc:
+            await self._step_failed(plan, epoch, exc)
+            return
+        finally:
+            self._inflight -= 1
+            self._wakeup.set()
+        if epoch != self.plan.epoch:
+            return  # answered under an old plan; those sequences were re-queued already
+        sampled = {s.seq_id: s.token_id for s in resp.samples}
+        for seq in self.scheduler.update(plan, sampled):
+            sink = self.sinks.get(seq.seq_id)
+            reason = sink.on_tokens(seq) if sink else None
+            if reason:
+                self._finish(seq, reason)
+        self._publish_cache_events()
+        self.log.debug("step", tokens=plan.num_tokens, seqs=len(plan.chunks), ms=(time.perf_counter() - t0) * 1e3)
+
+    async def _step_failed(self, plan: StepPlan, epoch: int, exc: grpc.aio.AioRpcError) -> None:
+        if epoch != self.plan.epoch:
+            return
+        self.scheduler.abort_in_flight(plan)
+        self._failures += 1
+        self.log.warning("step_failed", code=exc.code().name, detail=exc.details(), failures=self._failures)
+        if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and self._on_stale_epoch:
+            await self._on_stale_epoch()
+            return
+        if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE) or self._failures >= 5:
+            # The stages refused this batch (or keep failing): fail its requests, serve the rest.
+            for c in plan.chunks:
+                self._finish(c.seq, f"error:{exc.code().name.lower()}")
+            return
+        await asyncio.sleep(min(0.05 * 2 ** self._failures, 2.0))
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        sink = self.sinks.pop(seq.seq_id, None)
+        if sink:
+            sink.on_finish(seq)
+
+    def _publish_cache_events(self) -> None:
+        events: CacheEvents = self.scheduler.bm.drain_events()
+        if self._on_cache_events and (events.stored or events.removed):
+            self._on_cache_events(self.plan.index, events)

@@ -1,0 +1,254 @@
+"""Continuous batching with chunked prefill for one pipeline replica.
+
+`schedule()` builds the next micro-batch (a StepPlan) from sequences not already in flight:
+decodes first, then prefill chunks of running sequences, then new admissions, all under a token
+budget. `update(plan, sampled)` folds the stages' answer back in. Several micro-batches are in
+flight at once (one per stage at least) and a sequence is in at most one of them, so each
+micro-batch takes about 1/inflight of the runnable decodes.
+
+Pure Python: no torch, no grpc. Called from the gateway's event loop only.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from dataclasses import dataclass, field
+
+from stagemesh.errors import NoFreeBlocks, ResourceExhausted
+
+from gateway.block_manager import BlockManager
+from gateway.sequence import Sequence, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Knobs of the batch builder; validated at construction."""
+
+    max_batched_tokens: int = 512  # token budget of one micro-batch (prefill chunk size bound)
+    max_seqs_per_batch: int = 256
+    max_running: int = 256  # sequences holding KV at once
+    max_waiting: int = 1024  # queue bound: past it, RESOURCE_EXHAUSTED
+    inflight_target: int = 2  # micro-batches kept in flight (>= number of stages)
+
+    def __post_init__(self):
+        for name in ("max_batched_tokens", "max_seqs_per_batch", "max_running", "max_waiting", "inflight_target"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"SchedulerConfig.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    wire_id: int
+    start_pos: int
+    num_tokens: int
+    new_block_ids: list[int]
+    sample: bool
+    output_index: int
+    is_new: bool  # first chunk of this admission: the stages get the full block table
+
+
+@dataclass
+class StepPlan:
+    """One micro-batch: what the stages run and which stale sequences they drop."""
+
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    finished_wire_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    def token_ids(self) -> list[int]:
+        out: list[int] = []
+        for c in self.chunks:
+            out.extend(c.seq.all_ids[c.start_pos : c.start_pos + c.num_tokens])
+        return out
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.bm = block_manager
+        self._waiting: list[tuple[int, float, int, Sequence]] = []  # heap by (priority, arrival)
+        self._tie = itertools.count()
+        self.running: list[Sequence] = []  # admission order
+        self._to_release: list[int] = []  # wire ids the stages should drop
+        self.rejected: list[Sequence] = []  # finished by the scheduler itself; drained by the engine
+        self.num_preemptions = 0
+
+    # -- queue ---------------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def add(self, seq: Sequence) -> None:
+        if len(self._waiting) >= self.config.max_waiting:
+            raise ResourceExhausted(
+                f"the request queue is full ({self.config.max_waiting} waiting); retry later"
+            )
+        seq.status = Status.WAITING
+        heapq.heappush(self._waiting, (seq.priority, seq.arrival, next(self._tie), seq))
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self.running or self._to_release)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence (stop condition, cancellation); frees its blocks now."""
+        if seq.status == Status.FINISHED:
+            return
+        if seq.status == Status.WAITING:
+            self._waiting = [e for e in self._waiting if e[3] is not seq]
+            heapq.heapify(self._waiting)
+        else:
+            self.running.remove(seq)
+            if not seq.in_flight:  # else: released when its micro-batch returns (stages still use the blocks)
+                self._release(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+
+    # -- scheduling ----------------------------------------------------------------------------
+    def schedule(self) -> StepPlan | None:
+        """Next micro-batch, or None when nothing can run now."""
+        plan = StepPlan()
+        budget = self.config.max_batched_tokens
+        idle = [s for s in self.running if not s.in_flight]
+        decodes = [s for s in idle if not s.is_prefilling]
+        # Spread decodes across the micro-batches in flight so every stage has work.
+        share = math.ceil(len([s for s in self.running if not s.is_prefilling]) / self.config.inflight_target)
+        for seq in decodes[: max(1, share)]:
+            if budget <= 0 or len(plan.chunks) >= self.config.max_seqs_per_batch:
+                break
+            if self._schedule_chunk(plan, seq, 1):
+                budget -= 1
+        for seq in (s for s in idle if s.is_prefilling):
+            if budget <= 0 or len(plan.chunks) >= self.config.max_seqs_per_batch:
+                break
+            take = min(budget, seq.num_uncomputed)
+            if self._schedule_chunk(plan, seq, take):
+                budget -= take
+        budget = self._admit(plan, budget)
+        plan.finished_wire_ids, self._to_release = self._to_release, []
+        if not plan.chunks and not plan.finished_wire_ids:
+            return None
+        for c in plan.chunks:
+            c.seq.in_flight = True
+        return plan
+
+    def update(self, plan: StepPlan, sampled: dict[int, int]) -> list[Sequence]:
+        """Apply a finished micro-batch; returns sequences that received a token (by wire id)."""
+        produced = []
+        for c in plan.chunks:
+            seq = c.seq
+            seq.in_flight = False
+            if seq.status == Status.FINISHED and seq.wire_id == c.wire_id and seq.block_table:
+                self._release(seq)  # finished (cancelled) while this micro-batch ran
+            if seq.status != Status.RUNNING or seq.wire_id != c.wire_id:
+                continue
+            seq.num_computed = c.start_pos + c.num_tokens
+            self.bm.seal_computed_blocks(seq)
+            if c.sample:
+                seq.output_ids.append(sampled[seq.wire_id])
+                produced.append(seq)
+        return produced
+
+    def abort_in_flight(self, plan: StepPlan) -> None:
+        """A micro-batch failed: its sequences become runnable again (replayed by the caller)."""
+        for c in plan.chunks:
+            c.seq.in_flight = False
+            if c.is_new and c.seq.wire_id == c.wire_id:
+                c.seq.announced = False  # a stage may have missed the NewSequence: send it again
+            if c.seq.status == Status.FINISHED and c.seq.block_table:
+                self._release(c.seq)
+        self._to_release.extend(plan.finished_wire_ids)
+
+    def drain_live(self) -> list[Sequence]:
+        """Hand over every unfinished sequence (a new plan epoch: the stages' KV is gone).
+
+        Running sequences come first, in admission order, then the queue in priority order; each
+        will re-prefill from its token history under the new plan.
+        """
+        live = list(self.running) + [e[3] for e in sorted(self._waiting)]
+        self.running, self._waiting, self._to_release = [], [], []
+        for seq in live:
+            seq.in_flight = False
+            seq.block_table = []
+            seq.num_computed = 0
+            seq.status = Status.WAITING
+        return live
+
+    # -- internals -----------------------------------------------------------------------------
+    def _schedule_chunk(self, plan: StepPlan, seq: Sequence, num_tokens: int) -> bool:
+        try:
+            new_blocks = self.bm.append_slots(seq, num_tokens)
+        except NoFreeBlocks:
+            if not self._preempt_for(seq):
+                return False
+            new_blocks = self.bm.append_slots(seq, num_tokens)
+        is_new = not seq.announced
+        seq.announced = True
+        done = seq.num_computed + num_tokens == seq.num_tokens
+        plan.chunks.append(
+            ScheduledChunk(
+                seq=seq,
+                wire_id=seq.wire_id,
+                start_pos=seq.num_computed,
+                num_tokens=num_tokens,
+                new_block_ids=[] if is_new else new_blocks,
+                sample=done,
+                output_index=len(seq.output_ids),
+                is_new=is_new,
+            )
+        )
+        return True
+
+    def _admit(self, plan: StepPlan, budget: int) -> int:
+        while self._waiting and budget > 0 and len(plan.chunks) < self.config.max_seqs_per_batch:
+            if len(self.running) >= self.config.max_running:
+                break
+            seq = self._waiting[0][3]
+            if not self.bm.can_allocate(seq):
+                if not self.running:
+                    # Nothing will ever free up: this sequence cannot fit the replica at all.
+                    heapq.heappop(self._waiting)
+                    seq.status = Status.FINISHED
+                    seq.finish_reason = "error:kv_capacity"
+                    self.rejected.append(seq)
+                    continue
+                break
+            heapq.heappop(self._waiting)
+            seq.new_admission()
+            cached = self.bm.allocate(seq)
+            if not seq.admitted_once:
+                seq.num_cached_tokens = min(cached, len(seq.prompt_ids))
+                seq.admitted_once = True
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            take = min(budget, seq.num_uncomputed)
+            self._schedule_chunk(plan, seq, take)
+            budget -= take
+        return budget
+
+    def _preempt_for(self, seq: Sequence) -> bool:
+        """Free the newest idle sequence other than `seq` (recompute later from its history)."""
+        for victim in reversed(self.running):
+            if victim is seq or victim.in_flight:
+                continue
+            self.running.remove(victim)
+            self._release(victim)
+            self.num_preemptions += 1
+            self.add_front(victim)
+            return True
+        return False
+
+    def add_front(self, seq: Sequence) -> None:
+        """Requeue a preempted sequence ahead of new arrivals of its priority."""
+        seq.status = Status.WAITING
+        heapq.heappush(self._waiting, (seq.priority, float("-inf"), next(self._tie), seq))
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.announced:
+            self._to_release.append(seq.wire_id)
+        self.bm.free(seq)

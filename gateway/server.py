@@ -1,0 +1,182 @@
+"""The public Generation service: validate, tokenize, route to a replica, stream tokens back.
+
+One `Gateway` per process holds the plan (from the coordinator) and one ReplicaEngine per
+replica. Each Generate call owns a `RequestStream`, the engine's TokenSink for that sequence: the
+engine pushes progress into its queue from the event loop and the handler drains it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+
+import grpc
+
+from stagemesh.errors import Unavailable, grpc_errors
+from stagemesh.model_config import ModelConfig
+from stagemesh.net import GRPC_OPTIONS
+from stagemesh.v1 import stagemesh_pb2 as pb
+from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
+
+from gateway.config import GatewayConfig
+from gateway.engine import ReplicaEngine, ReplicaPlan
+from gateway.sequence import Sequence
+from gateway.text import Detokenizer, load_tokenizer
+from gateway.validation import ModelLimits, validate_request
+
+
+class RequestStream:
+    """TokenSink of one request: turns sequence progress into GenerateResponse deltas."""
+
+    def __init__(self, seq: Sequence, detok: Detokenizer, eos_ids: set[int], ignore_eos: bool):
+        self.seq = seq
+        self.detok = detok
+        self.eos_ids = set() if ignore_eos else eos_ids
+        self.queue: asyncio.Queue[pb.GenerateResponse] = asyncio.Queue()
+        self._sent_ids = 0
+
+    def on_tokens(self, seq: Sequence) -> str | None:
+        new_ids = seq.output_ids[self._sent_ids :]
+        self._sent_ids = len(seq.output_ids)
+        text, stop_hit = self.detok.update(seq.output_ids)
+        self.queue.put_nowait(pb.GenerateResponse(token_ids=new_ids, text=text, request_id=seq.request_id))
+        if stop_hit or (new_ids and new_ids[-1] in self.eos_ids):
+            return "stop"
+        if len(seq.output_ids) >= seq.max_tokens:
+            return "length"
+        return None
+
+    def on_finish(self, seq: Sequence) -> None:
+        usage = pb.Usage(
+            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
+            cached_tokens=seq.num_cached_tokens,
+        )
+        self.queue.put_nowait(
+            pb.GenerateResponse(text=self.detok.flush(), finish_reason=seq.finish_reason or "stop",
+                                usage=usage, request_id=seq.request_id)
+        )
+
+
+class Gateway:
+    """Plan holder and router. Lives on the event loop."""
+
+    def __init__(self, config: GatewayConfig, log):
+        self.config = config
+        self.log = log
+        self.model = ModelConfig.from_dir(config.model_dir)
+        self.tokenizer = load_tokenizer(config.model_dir)
+        self.model_id = config.model_id or _default_model_id(config.model_dir)
+        self.engines: list[ReplicaEngine] = []
+        self.epoch = 0
+        self._seq_ids = itertools.count(1)
+        self._coord_channel = grpc.aio.insecure_channel(config.coordinator, options=GRPC_OPTIONS)
+        self._coord = pb_grpc.CoordinatorStub(self._coord_channel)
+        self._refresh_lock = asyncio.Lock()
+        self.limits: ModelLimits | None = None
+
+    async def start(self) -> None:
+        plan = await self._wait_for_plan()
+        self._apply_plan(plan)
+
+    async def close(self) -> None:
+        for engine in self.engines:
+            await engine.close()
+        await self._coord_channel.close()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def route(self) -> ReplicaEngine:
+        """Least-loaded replica (cache-aware routing replaces this with the prefix-cost rule)."""
+        return min(self.engines, key=lambda e: e.load)
+
+    async def refresh_plan(self) -> None:
+        """Called when a stage answers FAILED_PRECONDITION: take the coordinator's newer plan."""
+        async with self._refresh_lock:
+            plan = await self._wait_for_plan()
+            if plan.epoch != self.epoch:
+                self._apply_plan(plan)
+
+    async def _wait_for_plan(self) -> pb.Plan:
+        deadline = asyncio.get_running_loop().time() + self.config.plan_wait_s
+        while True:
+            try:
+                plan = await self._coord.GetPlan(pb.GetPlanRequest(), timeout=5)
+                if plan.ready and all(r.num_blocks > 0 for r in plan.replicas):
+                    return plan
+            except grpc.aio.AioRpcError as exc:
+                self.log.info("waiting_for_coordinator", code=exc.code().name)
+            if asyncio.get_running_loop().time() > deadline:
+                raise Unavailable("no ready plan from the coordinator in time")
+            await asyncio.sleep(0.1)
+
+    def _apply_plan(self, plan: pb.Plan) -> None:
+        self.epoch = plan.epoch
+        specs = [
+            ReplicaPlan(index=i, epoch=plan.epoch, first_address=r.stages[0].address, num_blocks=r.num_blocks,
+                        block_size=plan.block_size, num_stages=len(r.stages))
+            for i, r in enumerate(plan.replicas)
+        ]
+        if not self.engines:
+            self.engines = [
+                ReplicaEngine(spec, self.model_id, self.config.scheduler, self.log,
+                              forward_timeout_s=self.config.forward_timeout_s, on_stale_epoch=self.refresh_plan)
+                for spec in specs
+            ]
+            for engine in self.engines:
+                engine.start()
+        else:
+            for engine, spec in zip(self.engines, specs):
+                engine.replan(spec)
+        capacity = min(s.num_blocks for s in specs) * plan.block_size
+        self.limits = ModelLimits(
+            model_id=self.model_id, vocab_size=self.model.vocab_size,
+            max_model_len=self.model.max_position_embeddings, kv_capacity_tokens=capacity,
+            default_max_tokens=self.config.default_max_tokens, max_stop_strings=self.config.max_stop_strings,
+        )
+        self.log.info("plan_applied", epoch=plan.epoch, replicas=len(specs), kv_tokens=capacity)
+
+
+class GenerationService(pb_grpc.GenerationServicer):
+    def __init__(self, gateway: Gateway):
+        self.gw = gateway
+
+    @grpc_errors
+    async def Generate(self, request, context):
+        gw = self.gw
+        tokenize = gw.tokenize if gw.tokenizer is not None else None
+        prompt_ids, max_tokens, sampling = validate_request(request, gw.limits, tokenize)
+        seq = Sequence(
+            seq_id=next(gw._seq_ids), prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling,
+            priority=int(request.priority), request_id=request.request_id or uuid.uuid4().hex[:16],
+        )
+        stream = RequestStream(seq, Detokenizer(gw.tokenizer, list(request.stop)), set(gw.model.eos_token_ids),
+                               request.ignore_eos)
+        engine = gw.route()
+        engine.submit(seq, stream)
+        try:
+            while True:
+                msg = await stream.queue.get()
+                yield msg
+                if msg.finish_reason:
+                    if msg.finish_reason.startswith("error:"):
+                        await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                            f"request {seq.request_id} failed in the pipeline ({msg.finish_reason})")
+                    return
+        finally:
+            # Client cancelled, disconnected or its deadline passed: free its blocks everywhere.
+            engine.cancel(seq)
+
+    @grpc_errors
+    async def ListModels(self, request, context):
+        gw = self.gw
+        return pb.ListModelsResponse(models=[
+            pb.ModelInfo(id=gw.model_id, max_model_len=gw.model.max_position_embeddings, vocab_size=gw.model.vocab_size)
+        ])
+
+
+def _default_model_id(model_dir: str) -> str:
+    from pathlib import Path
+
+    return Path(model_dir).resolve().name

@@ -1,0 +1,81 @@
+"""python -m stage_worker --model DIR --coordinator HOST:PORT [--port P] [--device cuda:0]"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from stagemesh import log as logging_setup
+from stagemesh.errors import CheckpointError
+from stagemesh.net import GRPC_OPTIONS
+from stagemesh.proc import wait_for_signal
+from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
+
+from stage_worker.config import WorkerConfig
+from stage_worker.server import StageService, heartbeat_loop
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m stage_worker")
+    p.add_argument("--model", required=True)
+    p.add_argument("--coordinator", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-bytes", type=int, default=0)
+    p.add_argument("--kv-blocks", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--log-level", default="info")
+    a = p.parse_args(argv)
+    cfg = WorkerConfig(model_dir=a.model, coordinator=a.coordinator, host=a.host, port=a.port, device=a.device,
+                       block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, kv_blocks=a.kv_blocks,
+                       threads=a.threads)
+    return cfg, a.log_level
+
+
+async def serve(config: WorkerConfig, log) -> None:
+    service = StageService(config, log)
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    pb_grpc.add_StageServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()
+    address = f"{config.host}:{port}"
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("stage worker listening", address=address, device=config.device)
+    print(f"stage worker ready on {address}", flush=True)
+    beat = asyncio.create_task(heartbeat_loop(service, config, address, log))
+    stop = asyncio.create_task(wait_for_signal())
+    done, _ = await asyncio.wait({beat, stop}, return_when=asyncio.FIRST_COMPLETED)
+    if beat in done and beat.exception():
+        log.error("worker_failed", error=str(beat.exception()))
+        print(f"stage worker: {beat.exception()}", file=sys.stderr, flush=True)
+    beat.cancel()
+    await server.stop(grace=1.0)
+    if beat in done and beat.exception():
+        sys.exit(1)
+
+
+def main(argv=None) -> None:
+    try:
+        config, level = parse_args(argv)
+    except ValueError as exc:
+        sys.exit(f"stage_worker: {exc}")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    log = logging_setup.configure("stage_worker", level)
+    try:
+        asyncio.run(serve(config, log))
+    except CheckpointError as exc:
+        sys.exit(f"stage_worker: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Executes one micro-batch on this stage's layers: block-table deltas in, hidden/samples out.
+
+The executor keeps, per (lease, sequence), the block table and sampling spec the gateway sent
+once (deltas afterwards). It validates a request completely before changing any state, so a bad
+request is refused with INVALID_ARGUMENT and leaves every other sequence untouched.
+
+Runs on the worker's single compute thread only (one micro-batch at a time).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from stagemesh import wire
+from stagemesh.errors import InvalidArgument
+from stagemesh.v1 import stagemesh_pb2 as pb
+
+from stage_worker.attention import AttnMetadata
+from stage_worker.kv_cache import PagedKVCache
+from stage_worker.sampler import SamplingSpec, sample
+
+MAX_BATCH_TOKENS = 1 << 16
+
+
+@dataclass
+class SeqState:
+    block_table: list[int]
+    sampling: SamplingSpec
+
+
+@dataclass
+class StepOutput:
+    hidden: torch.Tensor | None  # [T, H] for the next stage; None on the last stage
+    samples: list[tuple[int, int]]  # (seq_id, token) on the last stage
+    compute_us: int
+
+
+class StageExecutor:
+    def __init__(self, model, kv: PagedKVCache, block_size: int):
+        self.model = model
+        self.kv = kv
+        self.block_size = block_size
+        self.num_blocks = kv.num_blocks
+        self.device = next(model.parameters()).device
+        self.seqs: dict[tuple[str, int], SeqState] = {}
+        self.steps = 0
+        self._recent_us: deque[int] = deque(maxlen=64)
+
+    # -- state ---------------------------------------------------------------------------------
+    def release(self, lease_id: str, seq_ids=()) -> None:
+        if seq_ids:
+            for sid in seq_ids:
+                self.seqs.pop((lease_id, sid), None)
+        else:
+            for key in [k for k in self.seqs if k[0] == lease_id]:
+                del self.seqs[key]
+
+    def reset(self) -> None:
+        self.seqs.clear()
+
+    def blocks_in_use(self) -> int:
+        return len({b for s in self.seqs.values() for b in s.block_table})
+
+    def mean_step_us(self) -> float:
+        return sum(self._recent_us) / len(self._recent_us) if self._recent_us else 0.0
+
+    # -- execution -----------------------------------------------------------------------------
+    def run(self, req: pb.ForwardRequest) -> StepOutput:
+        t0 = time.perf_counter()
+        tables = self._apply_deltas(req)
+        if not req.chunks:
+            return StepOutput(None if self.model.is_last else torch.empty(0, self.model.cfg.hidden_size), [], 0)
+        meta = AttnMetadata.build(
+            [(c.start_pos, c.num_tokens, tables[c.seq_id]) for c in req.chunks], self.block_size, self.device
+        )
+        input_ids, hidden = self._inputs(req, meta.num_tokens)
+        out = self.model(input_ids, hidden, meta, self.kv)  # [T, H]
+        result = StepOutput(None, [], 0)
+        if self.model.is_last:
+            result.samples = self._sample(req, meta, out)
+        else:
+            result.hidden = out
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        result.compute_us = int((time.perf_counter() - t0) * 1e6)
+        self.steps += 1
+        self._recent_us.append(result.compute_us)
+        return result
+
+    def _apply_deltas(self, req: pb.ForwardRequest) -> dict[int, list[int]]:
+        """Validate everything first, then commit: new sequences, appended blocks, drops."""
+        lease = req.lease_id
+        finished = set(req.finished_seq_ids)
+        new = {}
+        for ns in req.new_sequences:
+            self._check_blocks(ns.block_ids, f"sequence {ns.seq_id}")
+            new[ns.seq_id] = SeqState(list(ns.block_ids), _spec(ns.sampling))
+        tables: dict[int, list[int]] = {}
+        seen = set()
+        total = 0
+        for c in req.chunks:
+            if c.seq_id in seen:
+                raise InvalidArgument(f"sequence {c.seq_id} appears twice in one micro-batch")
+            seen.add(c.seq_id)
+            state = new.get(c.seq_id) or (None if c.seq_id in finished else self.seqs.get((lease, c.seq_id)))
+            if state is None:
+                raise InvalidArgument(f"unknown sequence {c.seq_id} for lease {lease!r}: send it in new_sequences first")
+            if c.num_tokens <= 0 or c.start_pos < 0:
+                raise InvalidArgument(f"sequence {c.seq_id}: num_tokens must be >= 1 and start_pos >= 0")
+            self._check_blocks(c.new_block_ids, f"sequence {c.seq_id}")
+            table = state.block_table + list(c.new_block_ids)
+            if len(table) * self.block_size < c.start_pos + c.num_tokens:
+                raise InvalidArgument(
+                    f"sequence {c.seq_id}: {len(table)} blocks cannot hold {c.start_pos + c.num_tokens} tokens"
+                )
+            tables[c.seq_id] = table
+            total += c.num_tokens
+        if total > MAX_BATCH_TOKENS:
+            raise InvalidArgument(f"micro-batch of {total} tokens exceeds the limit of {MAX_BATCH_TOKENS}")
+        # Commit.
+        for sid in finished:
+            self.seqs.pop((lease, sid), None)
+        for sid, state in new.items():
+            self.seqs[(lease, sid)] = state
+        for sid, table in tables.items():
+            self.seqs[(lease, sid)].block_table = table
+        return tables
+
+    def _check_blocks(self, block_ids, what: str) -> None:
+        for b in block_ids:
+            if not 0 <= b < self.num_blocks:
+                raise InvalidArgument(f"{what}: block id {b} outside this stage's pool [0, {self.num_blocks})")
+
+    def _inputs(self, req: pb.ForwardRequest, num_tokens: int):
+        if self.model.is_first:
+            if len(req.token_ids) != num_tokens:
+                raise InvalidArgument(f"{len(req.token_ids)} token ids for {num_tokens} scheduled tokens")
+            ids = torch.tensor(req.token_ids, dtype=torch.long)
+            vocab = self.model.cfg.vocab_size
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+                raise InvalidArgument(f"token ids must be in [0, {vocab})")
+            return ids.to(self.device), None
+        if not req.HasField("hidden"):
+            raise InvalidArgument("this stage is not the first: the request must carry hidden states")
+        hidden = wire.decode(req.hidden)
+        expect = (num_tokens, self.model.cfg.hidden_size)
+        if tuple(hidden.shape) != expect:
+            raise InvalidArgument(f"hidden states of shape {tuple(hidden.shape)}, expected {expect}")
+        return None, hidden.to(self.device, non_blocking=True)
+
+    def _sample(self, req: pb.ForwardRequest, meta: AttnMetadata, out: torch.Tensor) -> list[tuple[int, int]]:
+        picks = [(i, c) for i, c in enumerate(req.chunks) if c.sample]
+        if not picks:
+            return []
+        rows = torch.tensor([meta.last_rows[i] for i, _ in picks], device=out.device)
+        logits = self.model.compute_logits(out.index_select(0, rows))  # [S, V]
+        specs = [self.seqs[(req.lease_id, c.seq_id)].sampling for _, c in picks]
+        tokens = sample(logits, specs, [c.output_index for _, c in picks])
+        return [(c.seq_id, t) for (_, c), t in zip(picks, tokens)]
+
+
+def _spec(sp: pb.SamplingParams) -> SamplingSpec:
+    top_p = sp.top_p if sp.HasField("top_p") else 1.0
+    try:
+        return SamplingSpec(temperature=sp.temperature, top_p=top_p, top_k=sp.top_k,
+                            seed=sp.seed if sp.HasField("seed") else None)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from exc

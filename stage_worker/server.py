@@ -1,0 +1,173 @@
+"""Stage worker process: registers with the coordinator, loads its layer range, serves Forward.
+
+Lifecycle: Register -> heartbeat until the coordinator's answer carries an Assignment -> load
+that range's tensors and size the KV pool -> report `loaded_epoch` in heartbeats -> serve.
+Forward runs the micro-batch on one compute thread (so the event loop keeps accepting the next
+micro-batch and relaying answers), then calls the next stage with the hidden states and returns
+its answer, which carries the sampled ids back up the chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from stagemesh import wire
+from stagemesh.errors import FailedPrecondition, StagemeshError, Unavailable, grpc_errors
+from stagemesh.net import GRPC_OPTIONS
+from stagemesh.v1 import stagemesh_pb2 as pb
+from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
+
+from stage_worker.config import WorkerConfig
+from stage_worker.executor import StageExecutor
+from stage_worker.kv_cache import PagedKVCache
+from stage_worker.loader import load_stage
+
+
+@dataclass
+class Loaded:
+    assignment: pb.Assignment
+    executor: StageExecutor
+    next_stub: pb_grpc.StageStub | None
+    next_channel: grpc.aio.Channel | None
+
+
+class StageService(pb_grpc.StageServicer):
+    """gRPC face of the worker. Handlers run on the event loop; torch runs on `_compute`."""
+
+    def __init__(self, config: WorkerConfig, log):
+        self.config = config
+        self.log = log
+        self.loaded: Loaded | None = None
+        self._compute = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+
+    @grpc_errors
+    async def Forward(self, request, context):
+        loaded = self.loaded
+        if loaded is None:
+            raise Unavailable("this stage has not loaded its layers yet")
+        if request.epoch != loaded.assignment.epoch:
+            raise FailedPrecondition(
+                f"stale plan epoch {request.epoch}: this stage serves epoch {loaded.assignment.epoch}; refresh the plan"
+            )
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(self._compute, loaded.executor.run, request)
+        if loaded.next_stub is None:
+            return pb.ForwardResponse(
+                samples=[pb.SampledToken(seq_id=s, token_id=t) for s, t in out.samples],
+                stage_compute_us=[out.compute_us],
+            )
+        nxt = pb.ForwardRequest(
+            epoch=request.epoch, lease_id=request.lease_id, step_id=request.step_id,
+            new_sequences=request.new_sequences, chunks=request.chunks,
+            finished_seq_ids=request.finished_seq_ids, replica=request.replica,
+            hidden=wire.encode(out.hidden),
+        )
+        remaining = context.time_remaining()
+        try:
+            resp = await loaded.next_stub.Forward(nxt, timeout=remaining)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.UNKNOWN or code == grpc.StatusCode.INTERNAL:
+                code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, f"next stage {loaded.assignment.next_address}: {exc.details()}")
+        resp.stage_compute_us.insert(0, out.compute_us)
+        return resp
+
+    @grpc_errors
+    async def Release(self, request, context):
+        if self.loaded is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                self._compute, self.loaded.executor.release, request.lease_id, list(request.seq_ids)
+            )
+            if self.loaded.next_stub is not None:
+                await self.loaded.next_stub.Release(request, timeout=context.time_remaining())
+        return pb.ReleaseResponse()
+
+    @grpc_errors
+    async def Stats(self, request, context):
+        loaded = self.loaded
+        if loaded is None:
+            return pb.StatsResponse()
+        ex, a = loaded.executor, loaded.assignment
+        return pb.StatsResponse(
+            num_blocks=ex.num_blocks, blocks_in_use=ex.blocks_in_use(), live_sequences=len(ex.seqs),
+            steps=ex.steps, mean_step_us=ex.mean_step_us(), layer_start=a.layer_start, layer_end=a.layer_end,
+            epoch=a.epoch,
+        )
+
+    # -- assignment ----------------------------------------------------------------------------
+    async def apply_assignment(self, a: pb.Assignment) -> None:
+        """Load (or keep) the layers of an assignment; runs on the compute thread."""
+        current = self.loaded
+        loop = asyncio.get_running_loop()
+        if current and (current.assignment.layer_start, current.assignment.layer_end) == (a.layer_start, a.layer_end):
+            executor = current.executor
+            await loop.run_in_executor(self._compute, executor.reset)
+        else:
+            executor = await loop.run_in_executor(self._compute, self._load, a)
+        if current and current.next_channel is not None:
+            await current.next_channel.close()
+        channel = grpc.aio.insecure_channel(a.next_address, options=GRPC_OPTIONS) if a.next_address else None
+        stub = pb_grpc.StageStub(channel) if channel else None
+        assignment = pb.Assignment()
+        assignment.CopyFrom(a)
+        self.loaded = Loaded(assignment, executor, stub, channel)
+        self.log.info("assignment_loaded", epoch=a.epoch, layers=f"[{a.layer_start},{a.layer_end})",
+                      num_blocks=executor.num_blocks, next=a.next_address or "-")
+
+    def _load(self, a: pb.Assignment) -> StageExecutor:
+        cfg = self.config
+        model, mcfg = load_stage(cfg.model_dir, a.layer_start, a.layer_end, device=cfg.device)
+        dtype = next(model.parameters()).dtype
+        num_layers = a.layer_end - a.layer_start
+        per_block = PagedKVCache.block_bytes(num_layers, cfg.block_size, mcfg.num_key_value_heads, mcfg.head_dim, dtype)
+        num_blocks = cfg.kv_blocks or max(1, self._kv_budget(model) // per_block)
+        kv = model.make_kv_cache(num_blocks, cfg.block_size)
+        return StageExecutor(model, kv, cfg.block_size)
+
+    def _kv_budget(self, model) -> int:
+        if self.config.kv_cache_bytes:
+            return self.config.kv_cache_bytes
+        device = torch.device(self.config.device)
+        if device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(device)
+            return int(free * self.config.gpu_memory_fraction)
+        return 128 * 1024 * 1024
+
+
+async def heartbeat_loop(service: StageService, config: WorkerConfig, address: str, log) -> None:
+    """Register, then heartbeat forever; apply assignments as they change. Survives restarts."""
+    channel = grpc.aio.insecure_channel(config.coordinator, options=GRPC_OPTIONS)
+    coord = pb_grpc.CoordinatorStub(channel)
+    worker_id, interval = "", 0.5
+    memory = config.memory_bytes()
+    while True:
+        try:
+            if not worker_id:
+                reg = await coord.Register(pb.RegisterRequest(address=address, device=config.device, memory_bytes=memory),
+                                           timeout=5)
+                worker_id, interval = reg.worker_id, reg.heartbeat_interval_ms / 1000
+                log.info("registered", worker_id=worker_id)
+            loaded = service.loaded
+            ex = loaded.executor if loaded else None
+            hb = await coord.Heartbeat(pb.HeartbeatRequest(
+                worker_id=worker_id, loaded_epoch=loaded.assignment.epoch if loaded else 0,
+                num_blocks=ex.num_blocks if ex else 0, mean_step_us=ex.mean_step_us() if ex else 0.0,
+            ), timeout=5)
+            if hb.reregister:
+                worker_id = ""
+                continue
+            if hb.HasField("assignment") and (loaded is None or hb.assignment.epoch != loaded.assignment.epoch):
+                await service.apply_assignment(hb.assignment)
+                continue  # report the load at once
+        except grpc.aio.AioRpcError as exc:
+            log.warning("coordinator_unreachable", code=exc.code().name)
+        except StagemeshError as exc:
+            log.error("assignment_failed", error=str(exc))
+            raise
+        await asyncio.sleep(interval)

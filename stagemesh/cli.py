@@ -1,0 +1,160 @@
+"""The `stagemesh` command: up, generate, demo-model.
+
+`stagemesh up` and `stagemesh generate --json` are contracts (see DESIGN.md): their flags and
+JSON fields stay stable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+import grpc
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="stagemesh", description="Pipeline-parallel LLM serving over gRPC")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_up(sub)
+    _add_generate(sub)
+    _add_demo_model(sub)
+    args = parser.parse_args(argv)
+    sys.exit(args.func(args) or 0)
+
+
+# -- up ------------------------------------------------------------------------------------------
+def _add_up(sub) -> None:
+    p = sub.add_parser("up", help="run the whole mesh on this host")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--stages", type=int, default=1)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--spares", type=int, default=0, help="idle workers kept for failover")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--redis", default="", help="redis://HOST:PORT/DB for the global prefix index")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
+    p.add_argument("--kv-cache-bytes", type=int, default=0)
+    p.add_argument("--kv-blocks", type=int, default=0)
+    p.add_argument("--max-batched-tokens", type=int, default=512)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
+    p.add_argument("--log-level", default="warning")
+    p.set_defaults(func=_run_up)
+
+
+def _run_up(args) -> int:
+    from stagemesh.checkpoint import validate_checkpoint
+    from stagemesh.errors import CheckpointError
+    from stagemesh.launcher import Mesh, MeshConfig
+    from stagemesh.proc import wait_for_signal
+
+    try:
+        model = validate_checkpoint(args.model)
+        if args.stages > model.num_hidden_layers:
+            raise ValueError(f"--stages {args.stages} exceeds the model's {model.num_hidden_layers} layers")
+        config = MeshConfig(model_dir=args.model, stages=args.stages, replicas=args.replicas, spares=args.spares,
+                            port=args.port, redis=args.redis, device=args.device, kv_cache_bytes=args.kv_cache_bytes,
+                            kv_blocks=args.kv_blocks, max_batched_tokens=args.max_batched_tokens,
+                            threads=args.threads, log_level=args.log_level)
+    except (CheckpointError, ValueError) as exc:
+        print(f"stagemesh up: {exc}", file=sys.stderr)
+        return 2
+    mesh = Mesh(config)
+
+    async def run() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.ensure_future(wait_for_signal())
+        start = loop.run_in_executor(None, mesh.start)
+        done, _ = await asyncio.wait({stop, start}, return_when=asyncio.FIRST_COMPLETED)
+        if stop in done:
+            return 0
+        address = start.result()
+        print(f"stagemesh ready on {address} (model {args.model}, {args.stages} stage(s), "
+              f"{args.replicas} replica(s))", flush=True)
+        while not stop.done():
+            dead = mesh.dead_child()
+            if dead:
+                print(f"stagemesh up: {dead}; stopping", file=sys.stderr, flush=True)
+                return 1
+            await asyncio.wait({stop}, timeout=0.5)
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except RuntimeError as exc:
+        print(f"stagemesh up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        mesh.stop()
+
+
+# -- generate ------------------------------------------------------------------------------------
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="send one prompt and print the completion")
+    p.add_argument("--target", default="127.0.0.1:50051")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--prompt-ids", help="comma-separated token ids")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[])
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from stagemesh.client import Client, Completion
+
+    try:
+        ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()] if args.prompt_ids is not None else None
+    except ValueError:
+        print("stagemesh generate: --prompt-ids takes comma-separated integers, e.g. 1,2,3", file=sys.stderr)
+        return 2
+    kwargs = dict(prompt=args.prompt, prompt_ids=ids, max_tokens=args.max_tokens, temperature=args.temperature,
+                  top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    out = Completion()
+    try:
+        with Client(args.target) as client:
+            for msg in client.stream(timeout=args.timeout, **kwargs):
+                out.add(msg)
+                if not args.json:
+                    sys.stdout.write(msg.text)
+                    sys.stdout.flush()
+    except grpc.RpcError as exc:
+        if args.json:
+            print(json.dumps({"error": {"code": exc.code().name, "message": exc.details()}}))
+        else:
+            print(f"\nstagemesh generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(out.to_json()))
+    else:
+        print(f"\n[{out.finish_reason}; {out.prompt_tokens} prompt + {out.completion_tokens} completion tokens, "
+              f"{out.cached_tokens} cached]", file=sys.stderr)
+    return 0
+
+
+# -- demo-model ----------------------------------------------------------------------------------
+def _add_demo_model(sub) -> None:
+    p = sub.add_parser("demo-model", help="write a tiny random Llama checkpoint with a real tokenizer")
+    p.add_argument("dir")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_demo_model)
+
+
+def _run_demo_model(args) -> int:
+    from stagemesh.demo_model import write_demo_model
+
+    path = write_demo_model(args.dir, num_layers=args.layers, seed=args.seed)
+    print(f"wrote a demo checkpoint to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""A small client over the public Generation API (sync and asyncio), used by `stagemesh generate`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+
+from stagemesh.net import GRPC_OPTIONS
+from stagemesh.v1 import stagemesh_pb2 as pb
+from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
+
+
+@dataclass
+class Completion:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def add(self, msg: pb.GenerateResponse) -> None:
+        self.token_ids.extend(msg.token_ids)
+        self.text += msg.text
+        if msg.finish_reason:
+            self.finish_reason = msg.finish_reason
+            self.prompt_tokens = msg.usage.prompt_tokens
+            self.completion_tokens = msg.usage.completion_tokens
+            self.cached_tokens = msg.usage.cached_tokens
+
+    def to_json(self) -> dict:
+        return {
+            "token_ids": self.token_ids,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "usage": {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "cached_tokens": self.cached_tokens,
+            },
+        }
+
+
+def build_request(prompt: str | None = None, prompt_ids: list[int] | None = None, max_tokens: int | None = None,
+                  temperature: float = 0.0, top_p: float | None = None, top_k: int = 0, seed: int | None = None,
+                  stop: list[str] | None = None, ignore_eos: bool = False, model: str = "",
+                  priority: int = 0, request_id: str = "") -> pb.GenerateRequest:
+    req = pb.GenerateRequest(prompt=prompt or "", prompt_ids=prompt_ids or [], stop=stop or [],
+                             ignore_eos=ignore_eos, model=model, priority=priority, request_id=request_id)
+    if max_tokens is not None:
+        req.max_tokens = max_tokens
+    req.sampling.temperature = temperature
+    req.sampling.top_k = top_k
+    if top_p is not None:
+        req.sampling.top_p = top_p
+    if seed is not None:
+        req.sampling.seed = seed
+    return req
+
+
+class Client:
+    """Blocking client. `stream()` yields deltas; `generate()` collects them."""
+
+    def __init__(self, target: str = "127.0.0.1:50051"):
+        self._channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+        self._stub = pb_grpc.GenerationStub(self._channel)
+
+    def stream(self, timeout: float | None = None, **kwargs):
+        return self._stub.Generate(build_request(**kwargs), timeout=timeout)
+
+    def generate(self, timeout: float | None = None, **kwargs) -> Completion:
+        out = Completion()
+        for msg in self.stream(timeout=timeout, **kwargs):
+            out.add(msg)
+        return out
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client; one channel shared by many concurrent calls."""
+
+    def __init__(self, target: str = "127.0.0.1:50051"):
+        self._channel = grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
+        self._stub = pb_grpc.GenerationStub(self._channel)
+
+    def stream(self, timeout: float | None = None, **kwargs):
+        return self._stub.Generate(build_request(**kwargs), timeout=timeout)
+
+    async def generate(self, timeout: float | None = None, **kwargs) -> Completion:
+        out = Completion()
+        async for msg in self.stream(timeout=timeout, **kwargs):
+            out.add(msg)
+        return out
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()

@@ -1,0 +1,114 @@
+"""`stagemesh up`: the whole mesh on this host as separate processes on loopback.
+
+Starts the coordinator, then stages x replicas stage workers, then the gateway; prints one line
+containing `ready` when the gateway serves; on SIGINT/SIGTERM stops every child (children also
+get SIGTERM from the kernel if this process dies, so none is orphaned).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from stagemesh.net import free_port
+from stagemesh.proc import die_with_parent
+
+
+@dataclass
+class MeshConfig:
+    model_dir: str
+    stages: int = 1
+    replicas: int = 1
+    spares: int = 0
+    port: int = 50051
+    host: str = "127.0.0.1"
+    redis: str = ""
+    device: str = "auto"
+    block_size: int = 16
+    kv_cache_bytes: int = 0
+    kv_blocks: int = 0
+    max_batched_tokens: int = 512
+    threads: int = 0
+    log_level: str = "warning"
+    extra_gateway_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.stages < 1 or self.replicas < 1 or self.spares < 0:
+            raise ValueError("--stages and --replicas must be >= 1, --spares >= 0")
+
+
+class Mesh:
+    def __init__(self, config: MeshConfig):
+        self.config = config
+        self.children: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, timeout_s: float = 300.0) -> str:
+        """Start every process; returns the gateway address once it serves."""
+        cfg = self.config
+        py = sys.executable
+        coord_port = free_port()
+        coord = f"{cfg.host}:{coord_port}"
+        self._spawn("coordinator", [py, "-m", "coordinator", "--model", cfg.model_dir, "--stages", str(cfg.stages),
+                                    "--replicas", str(cfg.replicas), "--block-size", str(cfg.block_size),
+                                    "--port", str(coord_port), "--log-level", cfg.log_level], timeout_s)
+        n_workers = cfg.stages * cfg.replicas + cfg.spares
+        threads = cfg.threads or max(1, (os.cpu_count() or 1) // n_workers)
+        worker_cmd = [py, "-m", "stage_worker", "--model", cfg.model_dir, "--coordinator", coord,
+                      "--device", cfg.device, "--block-size", str(cfg.block_size), "--threads", str(threads),
+                      "--kv-cache-bytes", str(cfg.kv_cache_bytes), "--kv-blocks", str(cfg.kv_blocks),
+                      "--log-level", cfg.log_level]
+        for i in range(n_workers):
+            self._spawn(f"worker{i}", worker_cmd, timeout_s, wait=False)
+        gw_cmd = [py, "-m", "gateway", "--model", cfg.model_dir, "--coordinator", coord, "--host", cfg.host,
+                  "--port", str(cfg.port), "--inflight", str(max(2, cfg.stages)),
+                  "--max-batched-tokens", str(cfg.max_batched_tokens), "--log-level", cfg.log_level,
+                  *cfg.extra_gateway_args]
+        self._spawn("gateway", gw_cmd, timeout_s)
+        return f"{cfg.host}:{cfg.port}"
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        for _, proc in reversed(self.children):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for _, proc in self.children:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def dead_child(self) -> str | None:
+        for name, proc in self.children:
+            if proc.poll() is not None:
+                return f"{name} exited with code {proc.returncode}"
+        return None
+
+    def _spawn(self, name: str, cmd: list[str], timeout_s: float, wait: bool = True) -> None:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
+        self.children.append((name, proc))
+        ready = threading.Event()
+        threading.Thread(target=_pump, args=(proc, ready), daemon=True).start()
+        if not wait:
+            return
+        deadline = time.monotonic() + timeout_s
+        while not ready.wait(0.1):
+            dead = self.dead_child()
+            if dead:
+                raise RuntimeError(dead)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not become ready within {timeout_s:.0f}s")
+
+
+def _pump(proc: subprocess.Popen, ready: threading.Event) -> None:
+    """Watch a child's stdout for its ready line; pass everything else through to stderr."""
+    for line in proc.stdout:
+        if "ready" in line:
+            ready.set()
+        else:
+            sys.stderr.write(line)
