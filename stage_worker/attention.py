@@ -29,6 +29,7 @@ class AttnMetadata:
     context_lens: list[int]  # [S]: start_pos + num_tokens (tokens visible to the last query)
     context_slots: list[torch.Tensor]  # S x [context_len] long: slots of positions 0..ctx-1
     prefill_ids: list[int]  # sequences with num_tokens > 1 (looped)
+    prefill_masks: dict[int, torch.Tensor | None]  # [1, 1, n, ctx] bool; None = plain causal
     decode_ids: list[int]  # sequences with num_tokens == 1 (batched)
     decode_rows: torch.Tensor | None  # [B] long: row in [T] of each decode token
     decode_slots: torch.Tensor | None  # [B, Lmax] long: context slots, padded with slot 0
@@ -64,12 +65,13 @@ class AttnMetadata:
             seq_slots = table_t[pos // block_size] * block_size + pos % block_size  # [ctx]
             positions.append(pos[start:])
             slots.append(seq_slots[start:])
-            ctx_slots.append(seq_slots.to(device))
+            ctx_slots.append(seq_slots)
             starts.append(start)
             ctx_lens.append(ctx)
             qsl.append(qsl[-1] + n)
         decode_ids = [i for i, (_, n, _) in enumerate(chunks) if n == 1]
         prefill_ids = [i for i, (_, n, _) in enumerate(chunks) if n > 1]
+        masks = {i: _chunk_mask(starts[i], ctx_lens[i], device) for i in prefill_ids}
         rows = slots_pad = mask = None
         if decode_ids:
             lmax = max(ctx_lens[i] for i in decode_ids)
@@ -81,11 +83,14 @@ class AttnMetadata:
             rows = torch.tensor([qsl[i] for i in decode_ids], dtype=torch.long, device=device)
             slots_pad, mask = slots_pad.to(device), mask.to(device)
         empty = torch.zeros(0, dtype=torch.long)
+        # One host-to-device copy for all sequences' context slots, then split into views.
+        ctx_dev = torch.cat(ctx_slots or [empty]).to(device).split(ctx_lens) if ctx_slots else []
         return cls(
             positions=torch.cat(positions or [empty]).to(device),
             slot_mapping=torch.cat(slots or [empty]).to(device),
-            query_start_loc=qsl, start_pos=starts, context_lens=ctx_lens, context_slots=ctx_slots,
-            prefill_ids=prefill_ids, decode_ids=decode_ids,
+            query_start_loc=qsl, start_pos=starts, context_lens=ctx_lens,
+            context_slots=list(ctx_dev), prefill_ids=prefill_ids, prefill_masks=masks,
+            decode_ids=decode_ids,
             decode_rows=rows, decode_slots=slots_pad, decode_mask=mask,
         )
 
@@ -109,11 +114,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         qi = q[a:b].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
         ki = k_cache[ctx_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
         vi = v_cache[ctx_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
-        # Query j sits at absolute position start+j and sees keys 0..start+j.
-        qpos = torch.arange(b - a, device=q.device) + meta.start_pos[i]  # [n]
-        kpos = torch.arange(ctx_slots.shape[0], device=q.device)  # [L]
-        mask = (kpos[None, :] <= qpos[:, None])[None, None]  # [1, 1, n, L]
-        oi = _sdpa(qi, ki, vi, mask, scale)  # [1, Hq, n, D]
+        oi = _sdpa(qi, ki, vi, meta.prefill_masks[i], scale)  # [1, Hq, n, D]
         out[a:b] = oi[0].transpose(0, 1)
     if meta.decode_ids:
         rows = meta.decode_rows
@@ -125,7 +126,22 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
+def _chunk_mask(start: int, ctx: int, device) -> torch.Tensor | None:
+    """[1, 1, n, ctx] bool: query j (absolute position start+j) sees keys 0..start+j.
+
+    None for a chunk starting at 0, where plain `is_causal` lets SDPA pick a fused kernel.
+    """
+    if start == 0:
+        return None
+    qpos = torch.arange(start, ctx, device=device)  # [n]
+    kpos = torch.arange(ctx, device=device)  # [ctx]
+    return (kpos[None, :] <= qpos[:, None])[None, None]
+
+
 def _sdpa(q, k, v, mask, scale):
-    """SDPA with grouped KV heads; enable_gqa avoids materialising repeated K/V."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+    """SDPA with grouped KV heads; enable_gqa avoids materialising repeated K/V.
+
+    mask None means causal with queries and keys aligned (a chunk from position 0).
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          scale=scale, enable_gqa=q.shape[1] != k.shape[1])
