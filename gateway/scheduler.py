@@ -238,6 +238,7 @@ class Scheduler:
                 continue
             self.running.remove(victim)
             self._release(victim)
+            victim.new_admission()  # recomputed from its token history when re-admitted
             self.num_preemptions += 1
             self.add_front(victim)
             return True

@@ -66,6 +66,12 @@ def rdb(redis_server):  # noqa: F811
     client.close()
 
 
+def holders(rdb: redis.Redis, block_hash: bytes) -> list[bytes]:
+    """Replica ids in a block entry (schema: b"<refreshed_at_s>\\0<replica>\\0...")."""
+    value = rdb.get(PREFIX.encode() + b"b:" + block_hash)
+    return [] if value is None else value.split(b"\0")[1:-1]
+
+
 def chain(tag: str, n: int) -> list[bytes]:
     """n distinct 16-byte hashes, stable per tag (a stand-in for the gateway's chained hashes)."""
     return [hashlib.blake2b(f"{tag}/{i}".encode(), digest_size=16).digest() for i in range(n)]
@@ -87,6 +93,19 @@ def test_walk_stops_at_first_gap(service):
     assert call(service, "match", [h]) == [{"gap/a": 2}]
     assert call(service, "match", [h[3:]]) == [{"gap/a": 2}]
     assert call(service, "match", [h[2:]]) == [{}]
+
+
+def test_walk_crosses_read_chunks(service):
+    h = chain("long", 150)
+    call(service, "publish", stored=[("long/a", x) for x in h[:130]] + [("long/b", x) for x in h[:64]])
+    assert call(service, "match", [h, h[:64], h[:65]]) == [{"long/a": 130, "long/b": 64}] + [{"long/a": 64, "long/b": 64}] + [{"long/a": 65, "long/b": 64}]
+
+
+def test_remove_one_of_several_holders(service, rdb):
+    h = chain("rm3", 1)
+    call(service, "publish", stored=[("rm3/a", h[0]), ("rm3/b", h[0]), ("rm3/c", h[0])])
+    call(service, "publish", removed=[("rm3/b", h[0])])
+    assert holders(rdb, h[0]) == [b"rm3/a", b"rm3/c"]
 
 
 def test_each_replica_gets_its_own_overlap(service):
@@ -122,11 +141,13 @@ def test_stored_then_removed_in_one_batch_ends_absent(service):
 def test_clear_replica_removes_it_everywhere(service, rdb):
     h = chain("clear", 10)
     call(service, "publish", stored=[("clear/a", x) for x in h] + [("clear/b", x) for x in h[:4]])
+    assert holders(rdb, h[0]) == [b"clear/a", b"clear/b"]
     assert call(service, "clear_replica", "clear/a") == 10
     assert call(service, "match", [h]) == [{"clear/b": 4}]
+    assert holders(rdb, h[0]) == [b"clear/b"]
     assert not rdb.exists(PREFIX + "r:clear/a")
     for x in h:
-        assert b"clear/a" not in rdb.smembers(PREFIX.encode() + b"b:" + x)
+        assert b"clear/a" not in holders(rdb, x)
     assert not rdb.exists(PREFIX.encode() + b"b:" + h[9]), "a block held by nobody is deleted"
     assert call(service, "clear_replica", "clear/a") == 0
 
@@ -160,6 +181,12 @@ def test_mixed_hash_lengths_are_invalid_argument(service):
         call(service, "match", [[b"x" * 16, b"y" * 8]])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "same length" in info.value.details()
+
+
+def test_nul_in_replica_id_is_invalid_argument(service):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        call(service, "publish", stored=[("bad\0id", b"x" * 16)])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_expiry_refreshed_by_match(redis_server, rdb):  # noqa: F811

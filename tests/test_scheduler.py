@@ -1,0 +1,121 @@
+"""Scheduler: decodes first, chunked prefill under the token budget, queue bound, preemption."""
+
+import pytest
+
+from gateway.block_manager import BlockManager
+from gateway.scheduler import Scheduler, SchedulerConfig
+from gateway.sequence import Sequence, Status
+from stagemesh.errors import ResourceExhausted
+
+
+def create_scheduler(num_blocks=64, block_size=4, **kw):
+    cfg = SchedulerConfig(**{"max_batched_tokens": 8, "inflight_target": 1, **kw})
+    return Scheduler(cfg, BlockManager(num_blocks, block_size, "m", enable_prefix_cache=True))
+
+
+def seq(i, n, max_tokens=4, priority=0):
+    return Sequence(seq_id=i, prompt_ids=list(range(1, n + 1)), max_tokens=max_tokens, priority=priority)
+
+
+def run_step(s, plan, token=7):
+    return s.update(plan, {c.wire_id: token for c in plan.chunks if c.sample})
+
+
+def test_chunked_prefill_respects_budget_and_samples_only_at_the_end():
+    s = create_scheduler()
+    a = seq(1, 20)
+    s.add(a)
+    sizes = []
+    while a.num_uncomputed > 1 or not a.output_ids:
+        plan = s.schedule()
+        sizes.append(plan.num_tokens)
+        assert plan.num_tokens <= 8
+        assert [c.sample for c in plan.chunks] == [a.num_computed + plan.num_tokens == 20]
+        run_step(s, plan)
+    assert sizes == [8, 8, 4]
+    assert a.output_ids == [7]
+
+
+def test_decodes_are_scheduled_before_prefill():
+    s = create_scheduler()
+    a = seq(1, 4)
+    s.add(a)
+    run_step(s, s.schedule())  # a is now decoding
+    s.add(seq(2, 30))
+    plan = s.schedule()
+    assert plan.chunks[0].seq is a and plan.chunks[0].num_tokens == 1
+    assert plan.num_tokens == 8
+
+
+def test_sequence_in_at_most_one_micro_batch():
+    s = create_scheduler(inflight_target=2)
+    for i in range(4):
+        s.add(seq(i, 2))
+    first = s.schedule()
+    second = s.schedule()
+    ids1 = {c.seq.seq_id for c in first.chunks}
+    ids2 = {c.seq.seq_id for c in (second.chunks if second else [])}
+    assert not ids1 & ids2
+
+
+def test_decodes_spread_over_inflight_micro_batches():
+    s = create_scheduler(inflight_target=2, max_batched_tokens=64)
+    seqs = [seq(i, 2) for i in range(6)]
+    for q in seqs:
+        s.add(q)
+    run_step(s, s.schedule())
+    p1, p2 = s.schedule(), s.schedule()
+    assert len(p1.chunks) == 3 and len(p2.chunks) == 3
+
+
+def test_queue_bound_is_resource_exhausted():
+    s = create_scheduler(max_waiting=2)
+    s.add(seq(1, 2))
+    s.add(seq(2, 2))
+    with pytest.raises(ResourceExhausted):
+        s.add(seq(3, 2))
+
+
+def test_interactive_before_batch():
+    s = create_scheduler(max_batched_tokens=2)
+    s.add(seq(1, 2, priority=1))
+    s.add(seq(2, 2, priority=0))
+    plan = s.schedule()
+    assert plan.chunks[0].seq.seq_id == 2
+
+
+def test_finish_frees_blocks_and_tells_stages():
+    s = create_scheduler(num_blocks=8)
+    a = seq(1, 6)
+    s.add(a)
+    run_step(s, s.schedule())
+    s.finish(a, "stop")
+    assert s.bm.num_free == 8
+    assert s.schedule().finished_wire_ids == [a.wire_id]
+
+
+def test_finish_while_in_flight_defers_the_free():
+    s = create_scheduler(num_blocks=8)
+    a = seq(1, 6)
+    s.add(a)
+    plan = s.schedule()
+    s.finish(a, "cancelled")
+    assert s.bm.num_free < 8  # stages still write those blocks
+    run_step(s, plan)
+    assert s.bm.num_free == 8 and a.status == Status.FINISHED
+
+
+def test_preemption_requeues_and_recomputes_from_history():
+    s = create_scheduler(num_blocks=3, block_size=4, max_batched_tokens=16)
+    a, b = seq(1, 4, max_tokens=8), seq(2, 4, max_tokens=8)
+    s.add(a)
+    s.add(b)
+    run_step(s, s.schedule())  # both prefilled: 1 block each, 1 free
+    for _ in range(6):  # decode until blocks run out
+        plan = s.schedule()
+        if plan is None:
+            break
+        run_step(s, plan)
+    assert s.num_preemptions >= 1
+    victim = b if b.status == Status.WAITING else a
+    assert victim.num_computed == 0 and victim.output_ids  # keeps its history
