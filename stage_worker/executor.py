@@ -71,13 +71,16 @@ class StageExecutor:
     # -- execution -----------------------------------------------------------------------------
     def run(self, req: pb.ForwardRequest) -> StepOutput:
         t0 = time.perf_counter()
+        if any(c.num_tokens <= 0 for c in req.chunks):
+            raise InvalidArgument("every chunk needs num_tokens >= 1")
+        # Check the payload before the deltas are committed: a refused request changes nothing.
+        input_ids, hidden = self._inputs(req, sum(c.num_tokens for c in req.chunks))
         tables = self._apply_deltas(req)
         if not req.chunks:
             return StepOutput(None if self.model.is_last else torch.empty(0, self.model.cfg.hidden_size), [], 0)
         meta = AttnMetadata.build(
             [(c.start_pos, c.num_tokens, tables[c.seq_id]) for c in req.chunks], self.block_size, self.device
         )
-        input_ids, hidden = self._inputs(req, meta.num_tokens)
         out = self.model(input_ids, hidden, meta, self.kv)  # [T, H]
         result = StepOutput(None, [], 0)
         if self.model.is_last:
@@ -144,6 +147,8 @@ class StageExecutor:
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
                 raise InvalidArgument(f"token ids must be in [0, {vocab})")
             return ids.to(self.device), None
+        if num_tokens == 0:
+            return None, None
         if not req.HasField("hidden"):
             raise InvalidArgument("this stage is not the first: the request must carry hidden states")
         hidden = wire.decode(req.hidden)

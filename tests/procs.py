@@ -1,0 +1,54 @@
+"""Start single services (coordinator, stage workers) as subprocesses for component tests."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import time
+
+from stagemesh.net import free_port
+
+
+def _wait_ready(proc: subprocess.Popen, what: str, timeout_s: float = 60) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if "ready" in line:
+            return line
+        if not line and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+    raise RuntimeError(f"{what} not ready in time")
+
+
+@contextlib.contextmanager
+def processes(*cmds: list[str]):
+    procs = []
+    try:
+        for cmd in cmds:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            procs.append(proc)
+            _wait_ready(proc, " ".join(cmd[:3]))
+        yield procs
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def coordinator_cmd(model_dir, port: int, stages: int = 1) -> list[str]:
+    return [sys.executable, "-m", "coordinator", "--model", str(model_dir), "--port", str(port),
+            "--stages", str(stages), "--block-size", "4"]
+
+
+def worker_cmd(model_dir, coordinator: str, port: int, kv_blocks: int = 64) -> list[str]:
+    return [sys.executable, "-m", "stage_worker", "--model", str(model_dir), "--coordinator", coordinator,
+            "--port", str(port), "--block-size", "4", "--kv-blocks", str(kv_blocks), "--threads", "1"]
+
+
+def new_port() -> int:
+    return free_port()

@@ -1,0 +1,106 @@
+"""A stage worker over real gRPC (coordinator + one worker process holding the whole model).
+
+Forward is driven by hand here, as the gateway would: block-table deltas, chunked prefill,
+decode, sampling on the last stage, and every kind of refusal with its status code.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+import torch
+
+from stagemesh import wire
+from stagemesh.v1 import stagemesh_pb2 as pb
+from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
+from tests.procs import coordinator_cmd, new_port, processes, worker_cmd
+from tests.reference import hf_greedy, random_prompts
+
+
+@pytest.fixture(scope="module")
+def stage(ckpt_dir):
+    model_dir = ckpt_dir("llama", num_layers=2)
+    cport, wport = new_port(), new_port()
+    coord = f"127.0.0.1:{cport}"
+    with processes(coordinator_cmd(model_dir, cport), worker_cmd(model_dir, coord, wport, kv_blocks=32)):
+        channel = grpc.insecure_channel(f"127.0.0.1:{wport}")
+        coord_stub = pb_grpc.CoordinatorStub(grpc.insecure_channel(coord))
+        deadline = time.monotonic() + 60
+        while not coord_stub.GetPlan(pb.GetPlanRequest()).ready:
+            assert time.monotonic() < deadline, "worker never loaded its layers"
+            time.sleep(0.1)
+        plan = coord_stub.GetPlan(pb.GetPlanRequest())
+        yield pb_grpc.StageStub(channel), plan.epoch, model_dir
+        channel.close()
+
+
+def _forward(stub, epoch, **kw):
+    return stub.Forward(pb.ForwardRequest(epoch=epoch, lease_id="t", **kw), timeout=30)
+
+
+def test_greedy_decode_over_grpc_matches_transformers(stage):
+    stub, epoch, model_dir = stage
+    prompt = random_prompts(0, [11], 320)[0]
+    expected = hf_greedy(model_dir, prompt, 5)
+    blocks = [0, 1, 2, 3, 4]  # 20 slots of 4 tokens: prompt + 5 new tokens fit
+    out = []
+    # Prefill in two chunks (6 + 5 tokens); sample after the second.
+    _forward(stub, epoch, new_sequences=[pb.NewSequence(seq_id=1, block_ids=blocks)],
+             chunks=[pb.SequenceChunk(seq_id=1, start_pos=0, num_tokens=6)], token_ids=prompt[:6])
+    resp = _forward(stub, epoch, chunks=[pb.SequenceChunk(seq_id=1, start_pos=6, num_tokens=5, sample=True)],
+                    token_ids=prompt[6:])
+    out.append(resp.samples[0].token_id)
+    for i in range(1, 5):
+        resp = _forward(stub, epoch, chunks=[pb.SequenceChunk(seq_id=1, start_pos=len(prompt) + i - 1,
+                                                                num_tokens=1, sample=True, output_index=i)],
+                        token_ids=[out[-1]])
+        out.append(resp.samples[0].token_id)
+    assert out == expected
+    stats = stub.Stats(pb.StatsRequest())
+    assert stats.live_sequences == 1 and stats.blocks_in_use == 5
+    _forward(stub, epoch, finished_seq_ids=[1])
+    stats = stub.Stats(pb.StatsRequest())
+    assert stats.live_sequences == 0 and stats.blocks_in_use == 0
+
+
+@pytest.mark.parametrize("bad,code", [
+    (dict(epoch_delta=1), grpc.StatusCode.FAILED_PRECONDITION),
+    (dict(chunks=[pb.SequenceChunk(seq_id=99, start_pos=0, num_tokens=1)], token_ids=[5]),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(new_sequences=[pb.NewSequence(seq_id=2, block_ids=[10_000])],
+          chunks=[pb.SequenceChunk(seq_id=2, start_pos=0, num_tokens=1)], token_ids=[5]),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(new_sequences=[pb.NewSequence(seq_id=3, block_ids=[0])],
+          chunks=[pb.SequenceChunk(seq_id=3, start_pos=0, num_tokens=2)], token_ids=[5]),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(new_sequences=[pb.NewSequence(seq_id=4, block_ids=[0])],
+          chunks=[pb.SequenceChunk(seq_id=4, start_pos=0, num_tokens=1)], token_ids=[100_000]),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(new_sequences=[pb.NewSequence(seq_id=5, block_ids=[0])],
+          chunks=[pb.SequenceChunk(seq_id=5, start_pos=0, num_tokens=9)], token_ids=[5] * 9),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(new_sequences=[pb.NewSequence(seq_id=6, block_ids=[0], sampling=pb.SamplingParams(temperature=-1))],
+          chunks=[pb.SequenceChunk(seq_id=6, start_pos=0, num_tokens=1)], token_ids=[5]),
+     grpc.StatusCode.INVALID_ARGUMENT),
+])
+def test_bad_forward_is_refused_and_changes_nothing(stage, bad, code):
+    stub, epoch, _ = stage
+    bad = dict(bad)
+    epoch += bad.pop("epoch_delta", 0)
+    with pytest.raises(grpc.RpcError) as err:
+        _forward(stub, epoch, **bad)
+    assert err.value.code() == code
+    assert err.value.details()
+    stats = stub.Stats(pb.StatsRequest())
+    assert stats.live_sequences == 0 and stats.blocks_in_use == 0
+
+
+def test_hidden_bytes_that_do_not_match_the_shape_are_refused():
+    t = torch.zeros(2, 3)
+    msg = wire.encode(t)
+    msg.shape[:] = [4, 3]
+    with pytest.raises(Exception) as err:
+        wire.decode(msg)
+    assert "needs 48 bytes" in str(err.value)
