@@ -52,3 +52,22 @@ def worker_cmd(model_dir, coordinator: str, port: int, kv_blocks: int = 64) -> l
 
 def new_port() -> int:
     return free_port()
+
+
+def gateway_cmd(model_dir, coordinator: str, port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "gateway", "--model", str(model_dir), "--coordinator", coordinator,
+            "--port", str(port), *extra]
+
+
+@contextlib.contextmanager
+def manual_mesh(model_dir, stages: int = 2, kv_blocks: int = 64, gateway_args: tuple[str, ...] = ()):
+    """coordinator + workers + gateway with known addresses (so tests can query each stage)."""
+    cport, gport = new_port(), new_port()
+    coord = f"127.0.0.1:{cport}"
+    wports = [new_port() for _ in range(stages)]
+    cmds = [coordinator_cmd(model_dir, cport, stages)]
+    cmds += [worker_cmd(model_dir, coord, p, kv_blocks) for p in wports]
+    cmds.append(gateway_cmd(model_dir, coord, gport, *gateway_args))
+    with processes(*cmds) as procs:
+        yield {"gateway": f"127.0.0.1:{gport}", "coordinator": coord,
+               "workers": [f"127.0.0.1:{p}" for p in wports], "procs": procs}
