@@ -1,0 +1,93 @@
+"""The `stagemesh` command as users and outside checks call it (DESIGN.md "Contracts")."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from tests.mesh import mesh, stagemesh_cmd
+
+
+def run_cli(*args, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([*stagemesh_cmd(), *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo-model"
+    res = run_cli("demo-model", str(out))
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def test_demo_model_serves_text_prompts_and_generate_json(demo_dir):
+    with mesh(demo_dir, stages=2) as m:
+        assert "ready" in m.ready_line
+        res = run_cli("generate", "--target", m.address, "--prompt", "The gateway sends", "--max-tokens", "8",
+                      "--json")
+        assert res.returncode == 0, res.stderr
+        out = json.loads(res.stdout)
+        assert len(out["token_ids"]) == out["usage"]["completion_tokens"] <= 8
+        assert isinstance(out["text"], str)
+        assert out["finish_reason"] in ("length", "stop")
+        assert out["usage"]["prompt_tokens"] > 0 and out["usage"]["cached_tokens"] >= 0
+        ids = run_cli("generate", "--target", m.address, "--prompt-ids", "5,6,7", "--max-tokens", "4", "--json")
+        assert len(json.loads(ids.stdout)["token_ids"]) == 4
+        # Same greedy request twice: same tokens.
+        again = run_cli("generate", "--target", m.address, "--prompt", "The gateway sends", "--max-tokens", "8",
+                        "--json")
+        assert json.loads(again.stdout)["token_ids"] == out["token_ids"]
+
+
+def test_generate_reports_a_bad_request_as_json(demo_dir):
+    with mesh(demo_dir, stages=1) as m:
+        res = run_cli("generate", "--target", m.address, "--prompt-ids", "1,2", "--max-tokens", "0", "--json")
+        assert res.returncode == 1
+        assert json.loads(res.stdout)["error"]["code"] == "INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_up_stops_every_child_on_signal(demo_dir, sig):
+    with mesh(demo_dir, stages=2) as m:
+        children = psutil.Process(m.proc.pid).children(recursive=True)
+        assert len(children) == 4  # coordinator, 2 workers, gateway
+        m.proc.send_signal(sig)
+        assert m.proc.wait(timeout=30) == 0
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"orphans left: {[p.pid for p in alive]}"
+
+
+def test_children_die_with_a_killed_launcher(demo_dir):
+    with mesh(demo_dir, stages=1) as m:
+        children = psutil.Process(m.proc.pid).children(recursive=True)
+        m.proc.kill()
+        m.proc.wait()
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive
+
+
+def test_missing_or_malformed_checkpoint_is_one_line_naming_the_file(tmp_path, demo_dir):
+    res = run_cli("up", "--model", str(tmp_path / "nope"))
+    assert res.returncode != 0 and "nope" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (broken / name).write_bytes((demo_dir / name).read_bytes())
+    (broken / "model.safetensors").write_bytes(b"\x00\x01garbage")
+    res = run_cli("up", "--model", str(broken))
+    assert res.returncode != 0
+    assert "model.safetensors" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    (broken / "config.json").write_text("{not json")
+    res = run_cli("up", "--model", str(broken))
+    assert "config.json" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_too_many_stages_is_refused(demo_dir):
+    res = run_cli("up", "--model", str(demo_dir), "--stages", "9")
+    assert res.returncode == 2 and "layers" in res.stderr
