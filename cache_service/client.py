@@ -26,10 +26,14 @@ class IndexUnavailable(Exception):
 class CacheIndexClient:
     """Async client of stagemesh.v1.CacheIndex; use from one event loop (`async with` closes it)."""
 
-    def __init__(self, target: str, timeout_s: float = 0.2, clear_timeout_s: float = 5.0) -> None:
-        """`timeout_s` bounds Publish and Match (a tick must not wait on a hint); clearing a
+    def __init__(
+        self, target: str, hash_size_bytes: int = 16, timeout_s: float = 0.2, clear_timeout_s: float = 5.0
+    ) -> None:
+        """`hash_size_bytes` is the gateway's digest size: every hash passed in has that length.
+        `timeout_s` bounds Publish and Match (a tick must not wait on a hint); clearing a
         replica with many blocks runs longer, hence `clear_timeout_s`."""
         self._target = target
+        self._hash_size = hash_size_bytes
         self._timeout_s = timeout_s
         self._clear_timeout_s = clear_timeout_s
         self._channel = grpc.aio.insecure_channel(target)
@@ -57,20 +61,24 @@ class CacheIndexClient:
         miss a block (costs prefill), but never claims one that is gone.
         """
         events = [cache_pb2.BlockEvent(cleared=cache_pb2.ReplicaCleared(replica_id=r)) for r in cleared]
-        events += [cache_pb2.BlockEvent(stored=cache_pb2.BlockStored(replica_id=r, block_hashes=hashes))
+        events += [cache_pb2.BlockEvent(stored=cache_pb2.BlockStored(replica_id=r, block_hashes=self._pack(hashes)))
                    for r, hashes in _runs_by_replica(stored)]
-        events += [cache_pb2.BlockEvent(removed=cache_pb2.BlockRemoved(replica_id=r, block_hashes=hashes))
+        events += [cache_pb2.BlockEvent(removed=cache_pb2.BlockRemoved(replica_id=r, block_hashes=self._pack(hashes)))
                    for r, hashes in _runs_by_replica(removed)]
         if not events:
             return 0
-        response = await self._call(self._stub.Publish, cache_pb2.PublishRequest(events=events), self._timeout_s)
+        request = cache_pb2.PublishRequest(hash_size_bytes=self._hash_size, events=events)
+        response = await self._call(self._stub.Publish, request, self._timeout_s)
         return response.applied_events
 
     async def match(self, chains: Sequence[Sequence[bytes]]) -> list[dict[str, int]]:
         """Per chain (one per request of the tick), {replica_id: leading blocks it holds}."""
         if not chains:
             return []
-        request = cache_pb2.MatchRequest(chains=[cache_pb2.BlockChain(block_hashes=c) for c in chains])
+        request = cache_pb2.MatchRequest(
+            hash_size_bytes=self._hash_size,
+            chains=[cache_pb2.BlockChain(block_hashes=self._pack(chain)) for chain in chains],
+        )
         response = await self._call(self._stub.Match, request, self._timeout_s)
         return [{o.replica_id: o.matched_blocks for o in chain.overlaps} for chain in response.chains]
 
@@ -79,6 +87,13 @@ class CacheIndexClient:
         request = cache_pb2.ClearReplicaRequest(replica_id=replica_id)
         response = await self._call(self._stub.ClearReplica, request, self._clear_timeout_s)
         return response.removed_blocks
+
+    def _pack(self, hashes: Sequence[bytes]) -> bytes:
+        """Concatenate for the wire; a total length check catches a hash of the wrong size."""
+        packed = b"".join(hashes)
+        if len(packed) != self._hash_size * len(hashes):
+            raise ValueError(f"block hashes must be {self._hash_size} bytes each (hash_size_bytes)")
+        return packed
 
     async def _call(self, method, request, timeout_s: float):
         try:

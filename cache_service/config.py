@@ -26,6 +26,12 @@ class IndexConfig:
     max_connections: int = 64
     """Connection pool size; one connection per rpc in flight."""
 
+    @property
+    def refresh_interval_s(self) -> int:
+        """A used block's TTL is reset at most this often: one write per block per interval
+        instead of one per look-up, at the price of entries living 7/8..1 of block_ttl_s."""
+        return max(1, self.block_ttl_s // 8)
+
     def __post_init__(self) -> None:
         scheme = urlparse(self.redis_url).scheme
         if scheme not in ("redis", "rediss", "unix"):

@@ -34,8 +34,8 @@ class CacheIndexServicer(cache_pb2_grpc.CacheIndexServicer):
     @grpc_errors
     async def Publish(self, request: cache_pb2.PublishRequest, context) -> cache_pb2.PublishResponse:
         events = [_event_from_proto(e) for e in request.events]
-        self._check_hashes(sum(len(getattr(e, "block_hashes", ())) for e in events))
-        applied = await self._index.publish(events)
+        self._check_size(sum(len(getattr(e, "block_hashes", b"")) for e in events), request.hash_size_bytes)
+        applied = await self._index.publish(events, request.hash_size_bytes)
         return cache_pb2.PublishResponse(applied_events=applied)
 
     @grpc_errors
@@ -43,8 +43,8 @@ class CacheIndexServicer(cache_pb2_grpc.CacheIndexServicer):
         chains = [chain.block_hashes for chain in request.chains]
         if len(chains) > self._max_chains:
             raise InvalidArgument(f"at most {self._max_chains} chains per Match, got {len(chains)}")
-        self._check_hashes(sum(map(len, chains)))
-        matches = await self._index.match(chains)
+        self._check_size(sum(map(len, chains)), request.hash_size_bytes)
+        matches = await self._index.match(chains, request.hash_size_bytes)
         return cache_pb2.MatchResponse(chains=[_chain_match(m) for m in matches])
 
     @grpc_errors
@@ -53,7 +53,8 @@ class CacheIndexServicer(cache_pb2_grpc.CacheIndexServicer):
         log.info("replica_cleared", replica_id=request.replica_id, removed_blocks=removed)
         return cache_pb2.ClearReplicaResponse(removed_blocks=removed)
 
-    def _check_hashes(self, count: int) -> None:
+    def _check_size(self, packed_bytes: int, hash_size_bytes: int) -> None:
+        count = packed_bytes // max(1, hash_size_bytes)
         if count > self._max_hashes:
             raise InvalidArgument(f"at most {self._max_hashes} block hashes per request, got {count}")
 

@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from cache_service.client import CacheIndexClient, IndexUnavailable
+from stagemesh.v1 import cache_pb2, cache_pb2_grpc
 from tests.redis_server import redis_server  # noqa: F401  (pytest fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,11 +177,22 @@ def test_script_reloaded_after_script_flush(service, rdb):
     assert call(service, "match", [h]) == [{"noscript/a": 2}]
 
 
-def test_mixed_hash_lengths_are_invalid_argument(service):
-    with pytest.raises(grpc.aio.AioRpcError) as info:
+def test_client_rejects_hashes_of_the_wrong_size(service):
+    with pytest.raises(ValueError, match="16 bytes"):
         call(service, "match", [[b"x" * 16, b"y" * 8]])
+
+
+@pytest.mark.parametrize("hash_size, packed", [(16, b"x" * 20), (0, b"x" * 16), (65, b"x" * 65)])
+def test_malformed_packing_is_invalid_argument(service, hash_size, packed):
+    async def go():
+        async with grpc.aio.insecure_channel(service.target) as channel:
+            request = cache_pb2.MatchRequest(hash_size_bytes=hash_size, chains=[cache_pb2.BlockChain(block_hashes=packed)])
+            await cache_pb2_grpc.CacheIndexStub(channel).Match(request, timeout=2)
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        asyncio.run(go())
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "same length" in info.value.details()
+    assert "hash" in info.value.details()
 
 
 def test_nul_in_replica_id_is_invalid_argument(service):

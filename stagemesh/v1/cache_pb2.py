@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18stagemesh/v1/cache.proto\x12\x0cstagemesh.v1\"7\n\x0b\x42lockStored\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\"8\n\x0c\x42lockRemoved\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\"$\n\x0eReplicaCleared\x12\x12\n\nreplica_id\x18\x01 \x01(\t\"\xa2\x01\n\nBlockEvent\x12+\n\x06stored\x18\x01 \x01(\x0b\x32\x19.stagemesh.v1.BlockStoredH\x00\x12-\n\x07removed\x18\x02 \x01(\x0b\x32\x1a.stagemesh.v1.BlockRemovedH\x00\x12/\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x1c.stagemesh.v1.ReplicaClearedH\x00\x42\x07\n\x05\x65vent\":\n\x0ePublishRequest\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.stagemesh.v1.BlockEvent\")\n\x0fPublishResponse\x12\x16\n\x0e\x61pplied_events\x18\x01 \x01(\r\"\"\n\nBlockChain\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\"8\n\x0cMatchRequest\x12(\n\x06\x63hains\x18\x01 \x03(\x0b\x32\x18.stagemesh.v1.BlockChain\"<\n\x0eReplicaOverlap\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x16\n\x0ematched_blocks\x18\x02 \x01(\r\"<\n\nChainMatch\x12.\n\x08overlaps\x18\x01 \x03(\x0b\x32\x1c.stagemesh.v1.ReplicaOverlap\"9\n\rMatchResponse\x12(\n\x06\x63hains\x18\x01 \x03(\x0b\x32\x18.stagemesh.v1.ChainMatch\")\n\x13\x43learReplicaRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\".\n\x14\x43learReplicaResponse\x12\x16\n\x0eremoved_blocks\x18\x01 \x01(\r2\xed\x01\n\nCacheIndex\x12\x46\n\x07Publish\x12\x1c.stagemesh.v1.PublishRequest\x1a\x1d.stagemesh.v1.PublishResponse\x12@\n\x05Match\x12\x1a.stagemesh.v1.MatchRequest\x1a\x1b.stagemesh.v1.MatchResponse\x12U\n\x0c\x43learReplica\x12!.stagemesh.v1.ClearReplicaRequest\x1a\".stagemesh.v1.ClearReplicaResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18stagemesh/v1/cache.proto\x12\x0cstagemesh.v1\"7\n\x0b\x42lockStored\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x01(\x0c\"8\n\x0c\x42lockRemoved\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x01(\x0c\"$\n\x0eReplicaCleared\x12\x12\n\nreplica_id\x18\x01 \x01(\t\"\xa2\x01\n\nBlockEvent\x12+\n\x06stored\x18\x01 \x01(\x0b\x32\x19.stagemesh.v1.BlockStoredH\x00\x12-\n\x07removed\x18\x02 \x01(\x0b\x32\x1a.stagemesh.v1.BlockRemovedH\x00\x12/\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x1c.stagemesh.v1.ReplicaClearedH\x00\x42\x07\n\x05\x65vent\"S\n\x0ePublishRequest\x12\x17\n\x0fhash_size_bytes\x18\x01 \x01(\r\x12(\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x18.stagemesh.v1.BlockEvent\")\n\x0fPublishResponse\x12\x16\n\x0e\x61pplied_events\x18\x01 \x01(\r\"\"\n\nBlockChain\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x01(\x0c\"Q\n\x0cMatchRequest\x12\x17\n\x0fhash_size_bytes\x18\x01 \x01(\r\x12(\n\x06\x63hains\x18\x02 \x03(\x0b\x32\x18.stagemesh.v1.BlockChain\"<\n\x0eReplicaOverlap\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x16\n\x0ematched_blocks\x18\x02 \x01(\r\"<\n\nChainMatch\x12.\n\x08overlaps\x18\x01 \x03(\x0b\x32\x1c.stagemesh.v1.ReplicaOverlap\"9\n\rMatchResponse\x12(\n\x06\x63hains\x18\x01 \x03(\x0b\x32\x18.stagemesh.v1.ChainMatch\")\n\x13\x43learReplicaRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\".\n\x14\x43learReplicaResponse\x12\x16\n\x0eremoved_blocks\x18\x01 \x01(\r2\xed\x01\n\nCacheIndex\x12\x46\n\x07Publish\x12\x1c.stagemesh.v1.PublishRequest\x1a\x1d.stagemesh.v1.PublishResponse\x12@\n\x05Match\x12\x1a.stagemesh.v1.MatchRequest\x1a\x1b.stagemesh.v1.MatchResponse\x12U\n\x0c\x43learReplica\x12!.stagemesh.v1.ClearReplicaRequest\x1a\".stagemesh.v1.ClearReplicaResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,23 +40,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BLOCKEVENT']._serialized_start=196
   _globals['_BLOCKEVENT']._serialized_end=358
   _globals['_PUBLISHREQUEST']._serialized_start=360
-  _globals['_PUBLISHREQUEST']._serialized_end=418
-  _globals['_PUBLISHRESPONSE']._serialized_start=420
-  _globals['_PUBLISHRESPONSE']._serialized_end=461
-  _globals['_BLOCKCHAIN']._serialized_start=463
-  _globals['_BLOCKCHAIN']._serialized_end=497
-  _globals['_MATCHREQUEST']._serialized_start=499
-  _globals['_MATCHREQUEST']._serialized_end=555
-  _globals['_REPLICAOVERLAP']._serialized_start=557
-  _globals['_REPLICAOVERLAP']._serialized_end=617
-  _globals['_CHAINMATCH']._serialized_start=619
-  _globals['_CHAINMATCH']._serialized_end=679
-  _globals['_MATCHRESPONSE']._serialized_start=681
-  _globals['_MATCHRESPONSE']._serialized_end=738
-  _globals['_CLEARREPLICAREQUEST']._serialized_start=740
-  _globals['_CLEARREPLICAREQUEST']._serialized_end=781
-  _globals['_CLEARREPLICARESPONSE']._serialized_start=783
-  _globals['_CLEARREPLICARESPONSE']._serialized_end=829
-  _globals['_CACHEINDEX']._serialized_start=832
-  _globals['_CACHEINDEX']._serialized_end=1069
+  _globals['_PUBLISHREQUEST']._serialized_end=443
+  _globals['_PUBLISHRESPONSE']._serialized_start=445
+  _globals['_PUBLISHRESPONSE']._serialized_end=486
+  _globals['_BLOCKCHAIN']._serialized_start=488
+  _globals['_BLOCKCHAIN']._serialized_end=522
+  _globals['_MATCHREQUEST']._serialized_start=524
+  _globals['_MATCHREQUEST']._serialized_end=605
+  _globals['_REPLICAOVERLAP']._serialized_start=607
+  _globals['_REPLICAOVERLAP']._serialized_end=667
+  _globals['_CHAINMATCH']._serialized_start=669
+  _globals['_CHAINMATCH']._serialized_end=729
+  _globals['_MATCHRESPONSE']._serialized_start=731
+  _globals['_MATCHRESPONSE']._serialized_end=788
+  _globals['_CLEARREPLICAREQUEST']._serialized_start=790
+  _globals['_CLEARREPLICAREQUEST']._serialized_end=831
+  _globals['_CLEARREPLICARESPONSE']._serialized_start=833
+  _globals['_CLEARREPLICARESPONSE']._serialized_end=879
+  _globals['_CACHEINDEX']._serialized_start=882
+  _globals['_CACHEINDEX']._serialized_end=1119
 # @@protoc_insertion_point(module_scope)

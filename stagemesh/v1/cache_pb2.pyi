@@ -11,16 +11,16 @@ class BlockStored(_message.Message):
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
-    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, replica_id: _Optional[str] = ..., block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    block_hashes: bytes
+    def __init__(self, replica_id: _Optional[str] = ..., block_hashes: _Optional[bytes] = ...) -> None: ...
 
 class BlockRemoved(_message.Message):
     __slots__ = ("replica_id", "block_hashes")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
-    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, replica_id: _Optional[str] = ..., block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    block_hashes: bytes
+    def __init__(self, replica_id: _Optional[str] = ..., block_hashes: _Optional[bytes] = ...) -> None: ...
 
 class ReplicaCleared(_message.Message):
     __slots__ = ("replica_id",)
@@ -39,10 +39,12 @@ class BlockEvent(_message.Message):
     def __init__(self, stored: _Optional[_Union[BlockStored, _Mapping]] = ..., removed: _Optional[_Union[BlockRemoved, _Mapping]] = ..., cleared: _Optional[_Union[ReplicaCleared, _Mapping]] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
-    __slots__ = ("events",)
+    __slots__ = ("hash_size_bytes", "events")
+    HASH_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    hash_size_bytes: int
     events: _containers.RepeatedCompositeFieldContainer[BlockEvent]
-    def __init__(self, events: _Optional[_Iterable[_Union[BlockEvent, _Mapping]]] = ...) -> None: ...
+    def __init__(self, hash_size_bytes: _Optional[int] = ..., events: _Optional[_Iterable[_Union[BlockEvent, _Mapping]]] = ...) -> None: ...
 
 class PublishResponse(_message.Message):
     __slots__ = ("applied_events",)
@@ -53,14 +55,16 @@ class PublishResponse(_message.Message):
 class BlockChain(_message.Message):
     __slots__ = ("block_hashes",)
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
-    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    block_hashes: bytes
+    def __init__(self, block_hashes: _Optional[bytes] = ...) -> None: ...
 
 class MatchRequest(_message.Message):
-    __slots__ = ("chains",)
+    __slots__ = ("hash_size_bytes", "chains")
+    HASH_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHAINS_FIELD_NUMBER: _ClassVar[int]
+    hash_size_bytes: int
     chains: _containers.RepeatedCompositeFieldContainer[BlockChain]
-    def __init__(self, chains: _Optional[_Iterable[_Union[BlockChain, _Mapping]]] = ...) -> None: ...
+    def __init__(self, hash_size_bytes: _Optional[int] = ..., chains: _Optional[_Iterable[_Union[BlockChain, _Mapping]]] = ...) -> None: ...
 
 class ReplicaOverlap(_message.Message):
     __slots__ = ("replica_id", "matched_blocks")
