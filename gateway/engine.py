@@ -137,22 +137,7 @@ class ReplicaEngine:
 
     def _request(self, plan: StepPlan) -> pb.ForwardRequest:
         self._step_id += 1
-        req = pb.ForwardRequest(
-            epoch=self.plan.epoch, lease_id=self.lease_id, step_id=self._step_id,
-            finished_seq_ids=plan.finished_wire_ids, token_ids=plan.token_ids(), replica=self.plan.index,
-        )
-        for c in plan.chunks:
-            if c.is_new:
-                s = c.seq.sampling
-                sampling = pb.SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
-                if s.seed is not None:
-                    sampling.seed = s.seed
-                req.new_sequences.add(seq_id=c.wire_id, block_ids=c.seq.block_table, sampling=sampling)
-            req.chunks.add(
-                seq_id=c.wire_id, start_pos=c.start_pos, num_tokens=c.num_tokens,
-                new_block_ids=c.new_block_ids, sample=c.sample, output_index=c.output_index,
-            )
-        return req
+        return build_forward_request(plan, self.plan.epoch, self.lease_id, self._step_id, self.plan.index)
 
     async def _run_step(self, plan: StepPlan, epoch: int) -> None:
         try:
@@ -202,3 +187,23 @@ class ReplicaEngine:
         events: CacheEvents = self.scheduler.bm.drain_events()
         if self._on_cache_events and (events.stored or events.removed):
             self._on_cache_events(self.plan.index, events)
+
+
+def build_forward_request(plan: StepPlan, epoch: int, lease_id: str, step_id: int, replica: int) -> pb.ForwardRequest:
+    """The wire form of a micro-batch: token ids, block-table deltas, sampling of new sequences."""
+    req = pb.ForwardRequest(
+        epoch=epoch, lease_id=lease_id, step_id=step_id, finished_seq_ids=plan.finished_wire_ids,
+        token_ids=plan.token_ids(), replica=replica,
+    )
+    for c in plan.chunks:
+        if c.is_new:
+            s = c.seq.sampling
+            sampling = pb.SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+            if s.seed is not None:
+                sampling.seed = s.seed
+            req.new_sequences.add(seq_id=c.wire_id, block_ids=c.seq.block_table, sampling=sampling)
+        req.chunks.add(
+            seq_id=c.wire_id, start_pos=c.start_pos, num_tokens=c.num_tokens,
+            new_block_ids=c.new_block_ids, sample=c.sample, output_index=c.output_index,
+        )
+    return req
