@@ -135,13 +135,16 @@ _MATCH_SCRIPT = r"""
 local SEP, MGET_KEYS = '\0', 64
 local bprefix, rprefix = ARGV[1] .. 'b:', ARGV[1] .. 'r:'
 local ttl, interval, hlen, blob = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-local now = tonumber(redis.call('TIME')[1])
+local now = redis.call('TIME')[1]
+-- Stamps are 10-digit seconds like `now` (until 2286), so comparing a whole value with this
+-- string compares its stamp, without parsing it: value < stale_below iff stamp <= now - interval.
+local stale_below = tostring(tonumber(now) - interval + 1)
 local refreshed_replicas = {}
 
 -- Reset the TTL of a block whose last refresh is `interval` old; note its replicas.
 local function maybe_refresh(bkey, value)
+  if value >= stale_below then return end
   local sep = string.find(value, SEP, 1, true)
-  if now - tonumber(string.sub(value, 1, sep - 1)) < interval then return end
   redis.call('SET', bkey, now .. string.sub(value, sep), 'EX', ttl)
   for r in string.gmatch(string.sub(value, sep + 1), '([^%z]+)%z') do refreshed_replicas[r] = true end
 end
