@@ -91,6 +91,32 @@ class Gateway:
         """Least-loaded replica (cache-aware routing replaces this with the prefix-cost rule)."""
         return min(self.engines, key=lambda e: e.load)
 
+    async def generate(self, request: pb.GenerateRequest):
+        """Validate, queue and stream one request; shared by the gRPC and HTTP front ends.
+
+        Yields GenerateResponse deltas; the last one has finish_reason ("error:..." when the
+        pipeline failed it). Raises StagemeshError subclasses for bad input or a full queue.
+        Closing the generator early (client gone) cancels the sequence and frees its KV.
+        """
+        tokenize = self.tokenize if self.tokenizer is not None else None
+        prompt_ids, max_tokens, sampling = validate_request(request, self.limits, tokenize)
+        seq = Sequence(
+            seq_id=next(self._seq_ids), prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling,
+            priority=int(request.priority), request_id=request.request_id or uuid.uuid4().hex[:16],
+        )
+        stream = RequestStream(seq, Detokenizer(self.tokenizer, list(request.stop)), set(self.model.eos_token_ids),
+                               request.ignore_eos)
+        engine = self.route()
+        engine.submit(seq, stream)
+        try:
+            while True:
+                msg = await stream.queue.get()
+                yield msg
+                if msg.finish_reason:
+                    return
+        finally:
+            engine.cancel(seq)
+
     async def refresh_plan(self) -> None:
         """Called when a stage answers FAILED_PRECONDITION: take the coordinator's newer plan."""
         async with self._refresh_lock:
@@ -144,29 +170,11 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     @grpc_errors
     async def Generate(self, request, context):
-        gw = self.gw
-        tokenize = gw.tokenize if gw.tokenizer is not None else None
-        prompt_ids, max_tokens, sampling = validate_request(request, gw.limits, tokenize)
-        seq = Sequence(
-            seq_id=next(gw._seq_ids), prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling,
-            priority=int(request.priority), request_id=request.request_id or uuid.uuid4().hex[:16],
-        )
-        stream = RequestStream(seq, Detokenizer(gw.tokenizer, list(request.stop)), set(gw.model.eos_token_ids),
-                               request.ignore_eos)
-        engine = gw.route()
-        engine.submit(seq, stream)
-        try:
-            while True:
-                msg = await stream.queue.get()
-                yield msg
-                if msg.finish_reason:
-                    if msg.finish_reason.startswith("error:"):
-                        await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                            f"request {seq.request_id} failed in the pipeline ({msg.finish_reason})")
-                    return
-        finally:
-            # Client cancelled, disconnected or its deadline passed: free its blocks everywhere.
-            engine.cancel(seq)
+        async for msg in self.gw.generate(request):
+            if msg.finish_reason.startswith("error:"):
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    f"request {msg.request_id} failed in the pipeline ({msg.finish_reason})")
+            yield msg
 
     @grpc_errors
     async def ListModels(self, request, context):
