@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from stagemesh.errors import grpc_errors
 from stagemesh.net import GRPC_OPTIONS
@@ -72,8 +73,11 @@ async def serve(config: CoordinatorConfig, log, ready_event: asyncio.Event | Non
     server = grpc.aio.server(options=GRPC_OPTIONS)
     service = CoordinatorService(config, log)
     pb_grpc.add_CoordinatorServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("coordinator ready", address=f"{config.host}:{port}")
     print(f"coordinator ready on {config.host}:{port}", flush=True)
     await _wait_for_stop(server)

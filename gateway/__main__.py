@@ -32,12 +32,14 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--max-running", type=int, default=256)
     p.add_argument("--max-waiting", type=int, default=1024)
     p.add_argument("--inflight", type=int, default=2, help="micro-batches in flight (at least the stage count)")
+    p.add_argument("--http-port", type=int, default=0, help="also serve the OpenAI-compatible HTTP API here")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     sched = SchedulerConfig(max_batched_tokens=args.max_batched_tokens, max_running=args.max_running,
                             max_waiting=args.max_waiting, inflight_target=args.inflight)
     return GatewayConfig(model_dir=args.model, coordinator=args.coordinator, host=args.host, port=args.port,
-                         model_id=args.model_id, cache_service=args.cache_service, scheduler=sched), args.log_level
+                         model_id=args.model_id, cache_service=args.cache_service, http_port=args.http_port,
+                         scheduler=sched), args.log_level
 
 
 async def serve(config: GatewayConfig, log) -> None:
@@ -49,10 +51,17 @@ async def serve(config: GatewayConfig, log) -> None:
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
     await gateway.start()
+    http_task = None
+    if config.http_port:
+        from gateway.http_api import serve_http
+
+        http_task = asyncio.create_task(serve_http(gateway, config.host, config.http_port))
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("gateway ready", address=f"{config.host}:{port}", model=gateway.model_id)
     print(f"gateway ready on {config.host}:{port}", flush=True)
     await wait_for_signal()
+    if http_task is not None:
+        http_task.cancel()
     await server.stop(grace=2.0)
     await gateway.close()
 

@@ -18,6 +18,7 @@ class GatewayConfig:
     max_stop_strings: int = 16
     forward_timeout_s: float = 120.0
     plan_wait_s: float = 300.0
+    http_port: int = 0  # OpenAI-compatible HTTP API; 0: off
     cache_service: str = ""  # host:port of cache_service; empty: local prefix matching only
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

@@ -26,6 +26,7 @@ def parse_args(argv=None):
     p.add_argument("--coordinator", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--advertise", default="", help="HOST:PORT others reach this worker at (default: --host:port)")
     p.add_argument("--device", default="auto")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-bytes", type=int, default=0)
@@ -34,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     cfg = WorkerConfig(model_dir=a.model, coordinator=a.coordinator, host=a.host, port=a.port, device=a.device,
-                       block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, kv_blocks=a.kv_blocks,
+                       advertise=a.advertise, block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, kv_blocks=a.kv_blocks,
                        threads=a.threads)
     return cfg, a.log_level
 
@@ -47,7 +48,7 @@ async def serve(config: WorkerConfig, log) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
-    address = f"{config.host}:{port}"
+    address = config.advertise or f"{config.host}:{port}"
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("stage worker listening", address=address, device=config.device)
     print(f"stage worker ready on {address}", flush=True)

@@ -13,6 +13,7 @@ class WorkerConfig:
     coordinator: str
     host: str = "127.0.0.1"
     port: int = 0
+    advertise: str = ""  # address registered with the coordinator; default host:port
     device: str = "auto"  # "auto": cuda:0 when a GPU is present, else cpu
     block_size: int = 16
     kv_cache_bytes: int = 0  # 0: measured free memory on a GPU, 128 MiB on the CPU
