@@ -6,15 +6,25 @@ prefill chunk (possibly starting mid-prompt, chunked prefill) or a single decode
 tensors every layer reuses; `paged_attention` writes the new K/V at `slot_mapping`, then attends
 each query to its sequence's whole context read back from the pool. Decode sequences share one
 padded SDPA call (their cost is dominated by call overhead); prefill chunks run one call each.
+
+On a GPU the metadata is *paged* (`build(..., paged=True)`, the default there): index arrays are
+computed with numpy in one pass and cross to the device in one pinned copy; decode tokens read
+their context straight from the pool through block tables (`paged_decode`: a Triton
+flash-decoding kernel, no gather, no padding to the longest context, no host sync, so a decode
+step can be captured in a CUDA graph); prefill chunks use SDPA's fused kernels on the gathered
+context. The CPU path is unchanged (exactly equal to transformers in float32).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stage_worker.paged_decode import choose_splits, paged_decode
 from stagemesh.errors import InvalidArgument
 
 
@@ -34,6 +44,14 @@ class AttnMetadata:
     decode_rows: torch.Tensor | None  # [B] long: row in [T] of each decode token
     decode_slots: torch.Tensor | None  # [B, Lmax] long: context slots, padded with slot 0
     decode_mask: torch.Tensor | None  # [B, 1, 1, Lmax] bool: True where a key is real
+    # Paged layout (GPU): decode rows read K/V through block tables instead of decode_slots.
+    paged: bool = False
+    block_tables: torch.Tensor | None = None  # [B, W] long: blocks of each decode sequence
+    decode_ctx: torch.Tensor | None = None  # [B] long: context length of each decode sequence
+    decode_max_ctx: int | None = None  # max of decode_ctx (host copy), None inside CUDA graphs
+    num_splits: int = 0  # flash-decoding splits; 0 = choose from the batch shape
+    decode_all: bool = False  # every row is a decode row, in order (skip gather/scatter)
+    block_size: int = 0  # tokens per KV block (paged layout only)
 
     @property
     def num_tokens(self) -> int:
@@ -46,12 +64,17 @@ class AttnMetadata:
 
     @classmethod
     def build(cls, chunks: list[tuple[int, int, list[int]]], block_size: int,
-              device: torch.device | str = "cpu") -> "AttnMetadata":
+              device: torch.device | str = "cpu", paged: bool | None = None) -> "AttnMetadata":
         """chunks[i] = (start_pos, num_tokens, block_table) of sequence i, in [T] order.
 
         The block table must cover positions 0..start_pos+num_tokens-1; InvalidArgument if not,
         since reading an unallocated block would silently attend to another sequence's KV.
+        paged: the GPU layout (default on CUDA); False keeps the CPU reference layout.
         """
+        if paged is None:
+            paged = torch.device(device).type == "cuda"
+        if paged:
+            return cls._build_paged(chunks, block_size, torch.device(device))
         positions, slots, ctx_slots, starts, ctx_lens, qsl = [], [], [], [], [], [0]
         for i, (start, n, table) in enumerate(chunks):
             if start < 0 or n <= 0:
@@ -95,6 +118,63 @@ class AttnMetadata:
         )
 
 
+    @classmethod
+    def _build_paged(cls, chunks, block_size: int, device: torch.device) -> "AttnMetadata":
+        """Vectorised build; all index tensors cross to the device in one (pinned) copy."""
+        s = len(chunks)
+        starts = np.fromiter((c[0] for c in chunks), dtype=np.int64, count=s)
+        ns = np.fromiter((c[1] for c in chunks), dtype=np.int64, count=s)
+        ctx = starts + ns
+        bad = np.nonzero((starts < 0) | (ns <= 0))[0]
+        if bad.size:
+            i = int(bad[0])
+            raise InvalidArgument(f"sequence {i}: bad chunk start_pos={starts[i]} num_tokens={ns[i]}")
+        need = -(-ctx // block_size)  # blocks each sequence must have
+        for i, (_, _, table) in enumerate(chunks):
+            if len(table) < need[i]:
+                raise InvalidArgument(f"sequence {i}: block table of {len(table)} blocks cannot hold "
+                                      f"{ctx[i]} tokens (block_size={block_size})")
+        width = int(need.max()) if s else 1
+        tables = np.zeros((s, width), dtype=np.int64)
+        for i, (_, _, table) in enumerate(chunks):
+            tables[i, : need[i]] = table[: need[i]]
+        qsl = np.zeros(s + 1, dtype=np.int64)
+        np.cumsum(ns, out=qsl[1:])
+        t = int(qsl[-1])
+        seq_of = np.repeat(np.arange(s), ns)  # [T]
+        pos = starts[seq_of] + np.arange(t) - qsl[:-1][seq_of]  # [T]
+        slots = tables[seq_of, pos // block_size] * block_size + pos % block_size  # [T]
+        decode_ids = np.nonzero(ns == 1)[0]
+        prefill_ids = np.nonzero(ns > 1)[0]
+        pre_slots = []
+        for i in prefill_ids:
+            p = np.arange(ctx[i])
+            pre_slots.append(tables[i, p // block_size] * block_size + p % block_size)
+        parts = [pos, slots, qsl[decode_ids], ctx[decode_ids], tables[decode_ids].reshape(-1), *pre_slots]
+        packed = torch.from_numpy(np.concatenate(parts))
+        if device.type == "cuda":
+            packed = packed.pin_memory().to(device, non_blocking=True)
+        nd = len(decode_ids)
+        sizes = [t, t, nd, nd, nd * width] + [len(x) for x in pre_slots]
+        views = packed.split(sizes)
+        pos_d, slots_d, rows_d, ctx_d, tables_d = views[:5]
+        ctx_slots: list = [None] * s
+        for i, v in zip(prefill_ids, views[5:]):
+            ctx_slots[int(i)] = v
+        starts_l, ctx_l = starts.tolist(), ctx.tolist()
+        prefill_l = prefill_ids.tolist()
+        return cls(
+            positions=pos_d, slot_mapping=slots_d, query_start_loc=qsl.tolist(), start_pos=starts_l,
+            context_lens=ctx_l, context_slots=ctx_slots, prefill_ids=prefill_l,
+            prefill_masks={i: _chunk_mask(starts_l[i], ctx_l[i], device) for i in prefill_l},
+            decode_ids=decode_ids.tolist(), decode_rows=rows_d if nd else None,
+            decode_slots=None, decode_mask=None, paged=True,
+            block_tables=tables_d.view(nd, width) if nd else None, decode_ctx=ctx_d if nd else None,
+            decode_max_ctx=int(ctx[decode_ids].max()) if nd else None, decode_all=nd == s,
+            block_size=block_size,
+        )
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     layer_kv: tuple[torch.Tensor, torch.Tensor], meta: AttnMetadata,
                     scale: float) -> torch.Tensor:
@@ -116,7 +196,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         vi = v_cache[ctx_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
         oi = _sdpa(qi, ki, vi, meta.prefill_masks[i], scale)  # [1, Hq, n, D]
         out[a:b] = oi[0].transpose(0, 1)
-    if meta.decode_ids:
+    if meta.paged and meta.decode_ids:
+        qd = q if meta.decode_all else q[meta.decode_rows]  # [B, Hq, D]
+        splits = meta.num_splits or choose_splits(qd.shape[0], k_cache.shape[1], meta.decode_max_ctx,
+                                                  _num_sms(q.device))
+        od = paged_decode(qd, k_cache, v_cache, meta.block_tables, meta.decode_ctx, scale,
+                          meta.block_size, splits, meta.decode_max_ctx)
+        if meta.decode_all:
+            return od
+        out[meta.decode_rows] = od
+    elif meta.decode_ids:
         rows = meta.decode_rows
         qd = q[rows].unsqueeze(2)  # [B, Hq, 1, D]
         kd = k_cache[meta.decode_slots].to(q.dtype).transpose(1, 2)  # [B, Hkv, Lmax, D]
@@ -138,10 +227,23 @@ def _chunk_mask(start: int, ctx: int, device) -> torch.Tensor | None:
     return (kpos[None, :] <= qpos[:, None])[None, None]
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _sdpa(q, k, v, mask, scale):
     """SDPA with grouped KV heads; enable_gqa avoids materialising repeated K/V.
 
     mask None means causal with queries and keys aligned (a chunk from position 0).
+    On CUDA the KV heads are repeated instead, so that the flash / memory-efficient kernels
+    apply (prefill is compute-bound; the repeat costs a few MB).
     """
+    if q.is_cuda and q.shape[1] != k.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1])

@@ -4,6 +4,10 @@ The executor keeps, per (lease, sequence), the block table and sampling spec the
 once (deltas afterwards). It validates a request completely before changing any state, so a bad
 request is refused with INVALID_ARGUMENT and leaves every other sequence untouched.
 
+On CUDA, decode-only micro-batches replay a captured CUDA graph (cuda_graphs.py); others run
+eagerly with the paged GPU attention. The only host synchronisation in a step is the copy of its
+result out of the GPU: the sampled ids (last stage) or the hidden states into pinned memory.
+
 Runs on the worker's single compute thread only (one micro-batch at a time).
 """
 
@@ -20,6 +24,7 @@ from stagemesh.errors import InvalidArgument
 from stagemesh.v1 import stagemesh_pb2 as pb
 
 from stage_worker.attention import AttnMetadata
+from stage_worker.cuda_graphs import DecodeGraphs
 from stage_worker.kv_cache import PagedKVCache
 from stage_worker.sampler import SamplingSpec, sample
 
@@ -40,12 +45,16 @@ class StepOutput:
 
 
 class StageExecutor:
-    def __init__(self, model, kv: PagedKVCache, block_size: int):
+    def __init__(self, model, kv: PagedKVCache, block_size: int, cuda_graphs: bool | None = None):
+        """cuda_graphs: capture decode graphs (default: on CUDA when the pool has a scratch block)."""
         self.model = model
         self.kv = kv
         self.block_size = block_size
         self.num_blocks = kv.num_blocks
         self.device = next(model.parameters()).device
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and kv.scratch_block is not None
+        self.graphs = DecodeGraphs(model, kv, block_size) if cuda_graphs else None
         self.seqs: dict[tuple[str, int], SeqState] = {}
         self.steps = 0
         self._recent_us: deque[int] = deque(maxlen=64)
@@ -78,17 +87,24 @@ class StageExecutor:
         tables = self._apply_deltas(req)
         if not req.chunks:
             return StepOutput(None if self.model.is_last else torch.empty(0, self.model.cfg.hidden_size), [], 0)
-        meta = AttnMetadata.build(
-            [(c.start_pos, c.num_tokens, tables[c.seq_id]) for c in req.chunks], self.block_size, self.device
-        )
-        out = self.model(input_ids, hidden, meta, self.kv)  # [T, H]
+        chunks = [(c.start_pos, c.num_tokens, tables[c.seq_id]) for c in req.chunks]
+        if self.graphs is not None and self.graphs.accepts(chunks):
+            ids = list(req.token_ids) if self.model.is_first else None
+            out = self.graphs.run(chunks, ids, hidden)  # [B, H]; row i = chunk i
+            last_rows = list(range(len(chunks)))
+        else:
+            if input_ids is not None:
+                input_ids = input_ids.to(self.device, non_blocking=True)
+            if hidden is not None:
+                hidden = hidden.to(self.device, non_blocking=True)
+            meta = AttnMetadata.build(chunks, self.block_size, self.device)
+            out = self.model(input_ids, hidden, meta, self.kv)  # [T, H]
+            last_rows = meta.last_rows
         result = StepOutput(None, [], 0)
         if self.model.is_last:
-            result.samples = self._sample(req, meta, out)
+            result.samples = self._sample(req, last_rows, out)
         else:
-            result.hidden = out
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            result.hidden = _to_host(out)
         result.compute_us = int((time.perf_counter() - t0) * 1e6)
         self.steps += 1
         self._recent_us.append(result.compute_us)
@@ -146,7 +162,7 @@ class StageExecutor:
             vocab = self.model.cfg.vocab_size
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
                 raise InvalidArgument(f"token ids must be in [0, {vocab})")
-            return ids.to(self.device), None
+            return ids, None  # on the host: run() moves it (or the graph path copies it)
         if num_tokens == 0:
             return None, None
         if not req.HasField("hidden"):
@@ -155,17 +171,31 @@ class StageExecutor:
         expect = (num_tokens, self.model.cfg.hidden_size)
         if tuple(hidden.shape) != expect:
             raise InvalidArgument(f"hidden states of shape {tuple(hidden.shape)}, expected {expect}")
-        return None, hidden.to(self.device, non_blocking=True)
+        return None, hidden  # on the host: run() moves it (or the graph path copies it)
 
-    def _sample(self, req: pb.ForwardRequest, meta: AttnMetadata, out: torch.Tensor) -> list[tuple[int, int]]:
+    def _sample(self, req: pb.ForwardRequest, last_rows: list[int], out: torch.Tensor) -> list[tuple[int, int]]:
         picks = [(i, c) for i, c in enumerate(req.chunks) if c.sample]
         if not picks:
             return []
-        rows = torch.tensor([meta.last_rows[i] for i, _ in picks], device=out.device)
+        rows = torch.tensor([last_rows[i] for i, _ in picks]).to(out.device, non_blocking=True)
         logits = self.model.compute_logits(out.index_select(0, rows))  # [S, V]
         specs = [self.seqs[(req.lease_id, c.seq_id)].sampling for _, c in picks]
         tokens = sample(logits, specs, [c.output_index for _, c in picks])
         return [(c.seq_id, t) for (_, c), t in zip(picks, tokens)]
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of a device tensor through pinned memory (the step's one synchronisation).
+
+    A fresh pinned tensor from torch's caching host allocator, not a reused buffer: the server
+    serialises it on the event loop while this thread may already run the next micro-batch.
+    """
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(t.device).synchronize()
+    return host
 
 
 def _spec(sp: pb.SamplingParams) -> SamplingSpec:

@@ -17,7 +17,8 @@ class PagedKVCache:
     """k/v tensors for layers [0, num_layers) of this stage (indices are local, not global)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 scratch_blocks: int | None = None):
         if min(num_layers, num_blocks, block_size, num_kv_heads, head_dim) <= 0:
             raise ValueError("PagedKVCache dimensions must be positive")
         self.num_layers = num_layers
@@ -27,15 +28,25 @@ class PagedKVCache:
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = torch.device(device)
-        num_slots = num_blocks * block_size
+        # One scratch block past the gateway's range (block id `num_blocks`, never handed out):
+        # padded rows of a CUDA-graph decode write and read there. Default: on CUDA only.
+        if scratch_blocks is None:
+            scratch_blocks = 1 if self.device.type == "cuda" else 0
+        self.scratch_blocks = scratch_blocks
+        num_slots = (num_blocks + scratch_blocks) * block_size
         shape = (num_slots, num_kv_heads, head_dim)
-        # k_caches[i], v_caches[i]: [num_blocks * block_size, Hkv, D]
+        # k_caches[i], v_caches[i]: [(num_blocks + scratch_blocks) * block_size, Hkv, D]
         self.k_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.v_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
 
     def layer(self, local_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_cache, v_cache) of local layer `local_idx` (0 = this stage's first layer)."""
         return self.k_caches[local_idx], self.v_caches[local_idx]
+
+    @property
+    def scratch_block(self) -> int | None:
+        """Block id reserved for padding rows, or None when the pool has none."""
+        return self.num_blocks if self.scratch_blocks else None
 
     @property
     def num_slots(self) -> int:

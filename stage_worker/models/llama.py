@@ -201,9 +201,10 @@ class LlamaStage(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def make_kv_cache(self, num_blocks: int, block_size: int, dtype=None, device=None) -> PagedKVCache:
-        """A KV pool shaped for this stage's layers."""
+    def make_kv_cache(self, num_blocks: int, block_size: int, dtype=None, device=None,
+                      scratch_blocks: int | None = None) -> PagedKVCache:
+        """A KV pool shaped for this stage's layers (plus a scratch block on CUDA)."""
         p = next(self.parameters())
         return PagedKVCache(self.num_local_layers, num_blocks, block_size,
                             self.cfg.num_key_value_heads, self.cfg.head_dim,
-                            dtype or p.dtype, device or p.device)
+                            dtype or p.dtype, device or p.device, scratch_blocks)

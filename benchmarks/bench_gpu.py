@@ -1,0 +1,495 @@
+"""GPU benchmark: stagemesh (1, 2, 4 stages on one GPU) against transformers, Llama-3.1-8B shape.
+
+Runs on the device machine (no hub access): writes a Llama-3.1-8B-shaped checkpoint of random
+bf16 weights generated on the GPU to local disk, then measures, on the same weights,
+
+- `inproc`: the stage model in this process (no gRPC): Triton paged decode vs the torch reference
+  (bf16 error), decode step time with and without CUDA graphs, prefill time, and a torch.profiler
+  table of a 2048-token prefill: the compute floor under the end-to-end numbers;
+- `stagemesh`: `stagemesh up --stages N` (separate processes, one GPU) driven by the gRPC
+  AsyncClient: batch-1 decode tokens/s, TTFT at 512 and 2048 prompt tokens, the "mixed" workload;
+- `reference`: transformers `generate` (dynamic cache; static cache with compiled decode) and
+  continuous batching (`paged|sdpa`) on the mixed workload.
+
+`--only` picks parts so that two calls of under 10 minutes cover everything; each part merges its
+results into OUT/bench_gpu.json, and the table is printed from everything found there.
+
+    python benchmarks/bench_gpu.py --only inproc,stagemesh --out $OUT
+    python benchmarks/bench_gpu.py --only reference --out $OUT --merge previous.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VOCAB = 128256
+MAXPOS = 131072
+MIXED_SEED = 0
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+# -- checkpoint ------------------------------------------------------------------------------------
+def llama8b_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=VOCAB, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=128000,
+        eos_token_id=128001, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        torch_dtype="bfloat16",
+    )
+
+
+def write_checkpoint(path: Path) -> Path:
+    """Random bf16 weights drawn on the GPU, saved as sharded safetensors + index (a real checkpoint)."""
+    import torch
+    from safetensors.torch import save_file
+
+    if (path / "config.json").is_file():
+        return path
+    t0 = time.time()
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = llama8b_config()
+    cfg.save_pretrained(path)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h, i, d, hq, hkv = 4096, 14336, 128, 32, 8
+
+    def rnd(*shape, std=0.02):
+        return (torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32) * std).to(torch.bfloat16)
+
+    def norm():
+        return (1 + rnd(h, std=0.05)).contiguous()
+
+    weight_map, shard = {}, {}
+
+    def flush(name):
+        if shard:
+            save_file({k: v.cpu() for k, v in shard.items()}, str(path / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+            shard.clear()
+
+    shard["model.embed_tokens.weight"] = rnd(VOCAB, h)
+    flush("model-embed.safetensors")
+    for layer in range(32):
+        p = f"model.layers.{layer}."
+        shard[p + "input_layernorm.weight"] = norm()
+        shard[p + "post_attention_layernorm.weight"] = norm()
+        shard[p + "self_attn.q_proj.weight"] = rnd(hq * d, h)
+        shard[p + "self_attn.k_proj.weight"] = rnd(hkv * d, h)
+        shard[p + "self_attn.v_proj.weight"] = rnd(hkv * d, h)
+        shard[p + "self_attn.o_proj.weight"] = rnd(h, hq * d)
+        shard[p + "mlp.gate_proj.weight"] = rnd(i, h)
+        shard[p + "mlp.up_proj.weight"] = rnd(i, h)
+        shard[p + "mlp.down_proj.weight"] = rnd(h, i)
+        if layer % 4 == 3:
+            flush(f"model-layers-{layer // 4}.safetensors")
+    shard["model.norm.weight"] = norm()
+    shard["lm_head.weight"] = rnd(VOCAB, h)
+    flush("model-head.safetensors")
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    torch.cuda.empty_cache()
+    log(f"checkpoint written to {path} in {time.time() - t0:.1f}s")
+    return path
+
+
+def mixed_workload(n=256, seed=MIXED_SEED):
+    """BENCHMARKS.md "mixed": prompts uniform [64, 1024), outputs uniform [32, 256), fixed seed."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        plen, olen = rng.randrange(64, 1024), rng.randrange(32, 256)
+        out.append(([rng.randrange(3, VOCAB) for _ in range(plen)], olen))
+    return out
+
+
+def rand_prompt(n, seed):
+    rng = random.Random(seed)
+    return [rng.randrange(3, VOCAB) for _ in range(n)]
+
+
+# -- in-process stage model -----------------------------------------------------------------------
+def bench_inproc(model_dir: Path) -> dict:
+    import torch
+    from stage_worker.executor import StageExecutor
+    from stage_worker.loader import load_stage
+    from stage_worker.paged_decode import paged_decode, paged_decode_torch
+    from stagemesh.v1 import stagemesh_pb2 as pb
+
+    res = {}
+    torch.manual_seed(0)
+    # 1. Kernel check on fresh random data, several shapes; bf16 vs float64-free torch reference.
+    errs = []
+    for b, ctxmax, splits in [(1, 2048, 16), (7, 700, 3), (64, 1300, 1), (3, 17, 2)]:
+        nb = 4096
+        kc = torch.randn(nb * 16, 8, 128, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn(nb * 16, 8, 128, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(b, 32, 128, device="cuda", dtype=torch.bfloat16)
+        ctx = torch.randint(1, ctxmax + 1, (b,), device="cuda")
+        bt = torch.randperm(nb, device="cuda")[: b * 128].view(b, 128)
+        out = paged_decode(q, kc, vc, bt, ctx, 128 ** -0.5, 16, splits, use_triton=True)
+        ref = paged_decode_torch(q.double(), kc.double(), vc.double(), bt, ctx, 128 ** -0.5, 16)
+        errs.append(float((out.double() - ref).norm() / ref.norm()))
+    res["triton_decode_rel_err"] = errs
+    log("triton paged decode rel err vs float64 reference:", errs)
+
+    model, _ = load_stage(model_dir, 0, 32, device="cuda:0")
+    kv = model.make_kv_cache(6000, 16)
+    ex = StageExecutor(model, kv, 16)
+    ex_eager = StageExecutor(model, kv, 16, cuda_graphs=False)
+    ex_eager.seqs = ex.seqs  # one set of sequences, two execution routes
+    nxt = [0]
+
+    def new_seq(req, sid, ctx_tokens):
+        nblocks = -(-ctx_tokens // 16)
+        blocks = list(range(nxt[0], nxt[0] + nblocks))
+        nxt[0] += nblocks
+        req.new_sequences.add(seq_id=sid, block_ids=blocks)
+
+    def timed(fn, reps):
+        ts = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e3
+
+    def prefill_req(lease, sids, plen, extra):
+        req = pb.ForwardRequest(lease_id=lease)
+        for sid in sids:
+            new_seq(req, sid, plen + extra)
+            req.chunks.add(seq_id=sid, start_pos=0, num_tokens=plen, sample=True)
+            req.token_ids.extend(rand_prompt(plen, sid))
+        return req
+
+    # 2. prefill latency (executor.run: metadata, forward, logits, sampling, sync)
+    for plen in (512, 2048):
+        reps = []
+        for r in range(6):
+            nxt[0] = 0
+            req = prefill_req(f"p{plen}-{r}", [0], plen, 0)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            ex.run(req)
+            reps.append((time.perf_counter() - t0) * 1e3)
+        res[f"prefill_{plen}_ms"] = statistics.median(reps[1:])
+        log(f"in-process prefill {plen}: {res[f'prefill_{plen}_ms']:.1f} ms")
+    # 3. decode step latency at batch B, context ~512..600, graphs vs eager
+    for b in (1, 16, 64, 128):
+        nxt[0] = 0
+        lease = f"d{b}"
+        for s in range(0, b, 16):  # prefill in slices of 16 sequences to bound activation memory
+            ex.run(prefill_req(lease, list(range(s, min(b, s + 16))), 512, 200))
+        pos = [512]
+
+        def step(executor):
+            req = pb.ForwardRequest(lease_id=lease, token_ids=[5] * b)
+            for sid in range(b):
+                req.chunks.add(seq_id=sid, start_pos=pos[0], num_tokens=1, sample=True, output_index=1)
+            executor.run(req)
+            pos[0] += 1
+
+        step(ex)
+        g = timed(lambda: step(ex), 30)
+        e = timed(lambda: step(ex_eager), 10)
+        res[f"decode_step_b{b}_graph_ms"], res[f"decode_step_b{b}_eager_ms"] = g, e
+        log(f"in-process decode step b={b}: graph {g:.2f} ms, eager {e:.2f} ms ({b / g * 1e3:.0f} tok/s)")
+        ex.release(lease)
+    # 4. profile of a 2048-token prefill and a batch-1 decode step: where the time goes
+    from torch.profiler import ProfilerActivity, profile
+
+    nxt[0] = 0
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        ex.run(prefill_req("prof", [0], 2048, 0))
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+    res["profile_prefill_2048"] = table
+    print(table, flush=True)
+    del ex, ex_eager, kv, model
+    torch.cuda.empty_cache()
+    return res
+
+
+# -- stagemesh over gRPC --------------------------------------------------------------------------
+class Mesh:
+    def __init__(self, model_dir, stages, port, kv_bytes, max_batched_tokens, log_path, device="cuda:0"):
+        cmd = [sys.executable, "-m", "stagemesh.cli", "up", "--model", str(model_dir), "--stages", str(stages),
+               "--port", str(port), "--device", device, "--kv-cache-bytes", str(kv_bytes),
+               "--max-batched-tokens", str(max_batched_tokens)]
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.target = f"127.0.0.1:{port}"
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.log.write(line)
+            self.log.flush()
+            if "ready" in line:
+                self.ready.set()
+
+    def wait(self, timeout):
+        t0 = time.time()
+        while not self.ready.wait(1):
+            if self.proc.poll() is not None or time.time() - t0 > timeout:
+                raise RuntimeError(f"stagemesh up did not become ready (rc={self.proc.poll()}); see {self.log.name}")
+        return time.time() - t0
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+async def _stream(client, prompt, max_tokens):
+    """(ttft_s, decode tok/s after the first token, tokens)."""
+    t0 = time.perf_counter()
+    first = last = None
+    n = 0
+    async for msg in client.stream(timeout=600, prompt_ids=prompt, max_tokens=max_tokens, ignore_eos=True):
+        if msg.token_ids:
+            now = time.perf_counter()
+            if first is None:
+                first, n0 = now, len(msg.token_ids)
+            last = now
+            n += len(msg.token_ids)
+    rate = (n - n0) / (last - first) if n > n0 and last > first else float("nan")
+    return first - t0, rate, n
+
+
+async def _mesh_suite(target, quick) -> dict:
+    from stagemesh.client import AsyncClient
+
+    res = {}
+    async with AsyncClient(target) as client:
+        for w in range(3):  # warm-up: every path (prefill shapes, decode graphs, sampler)
+            await asyncio.gather(*[client.generate(prompt_ids=rand_prompt(300 + 50 * k, 100 + k), max_tokens=16,
+                                                   ignore_eos=True, timeout=600) for k in range(8)])
+        for plen in (512, 2048):
+            ttfts = [(await _stream(client, rand_prompt(min(plen, MAXPOS - 8), 1000 + r), 1))[0] for r in range(5)]
+            res[f"ttft_{plen}_ms"] = statistics.median(ttfts) * 1e3
+            log(f"  ttft {plen}: {res[f'ttft_{plen}_ms']:.1f} ms ({[round(t * 1e3, 1) for t in ttfts]})")
+        rates = [(await _stream(client, rand_prompt(512, 2000 + r), 128))[1] for r in range(3)]
+        res["decode_b1_tok_s"] = statistics.median(rates)
+        log(f"  batch-1 decode: {res['decode_b1_tok_s']:.1f} tok/s ({[round(r, 1) for r in rates]})")
+        work = mixed_workload(64 if quick else 256)
+        t0 = time.perf_counter()
+        outs = await asyncio.gather(*[client.generate(prompt_ids=p, max_tokens=o, ignore_eos=True, timeout=900)
+                                      for p, o in work])
+        wall = time.perf_counter() - t0
+        gen = sum(o.completion_tokens for o in outs)
+        assert all(o.completion_tokens == w[1] for o, w in zip(outs, work)), "a request stopped early"
+        res["mixed_wall_s"], res["mixed_output_tokens"] = wall, gen
+        res["mixed_tok_s"] = gen / wall
+        res["mixed_total_tok_s"] = (gen + sum(len(p) for p, _ in work)) / wall
+        log(f"  mixed: {gen} tokens in {wall:.1f}s = {gen / wall:.0f} tok/s")
+    return res
+
+
+def bench_stagemesh(model_dir, stages_list, kv_total, mbt, out_dir, quick, device="cuda:0") -> dict:
+    res = {}
+    for i, n in enumerate(stages_list):
+        port = 52000 + 10 * i
+        log(f"stagemesh {n} stage(s): starting")
+        mesh = Mesh(model_dir, n, port, kv_total // n, mbt, out_dir / f"mesh_{n}.log", device)
+        try:
+            up = mesh.wait(400)
+            log(f"  ready after {up:.0f}s")
+            r = asyncio.run(_mesh_suite(mesh.target, quick))
+            r["startup_s"] = up
+            res[f"stagemesh_{n}"] = r
+        except Exception as exc:  # keep the other stage counts' results
+            log(f"  FAILED: {exc!r}")
+            res[f"stagemesh_{n}"] = {"error": repr(exc)}
+        finally:
+            mesh.stop()
+    return res
+
+
+# -- transformers ---------------------------------------------------------------------------------
+def bench_reference(model_dir: Path, quick) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    res = {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa",
+                                                 device_map="cuda:0").eval()
+
+    def gen(prompt_len, new, cache=None, seed=0):
+        ids = torch.tensor([rand_prompt(prompt_len, seed)], device="cuda")
+        kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        if cache:
+            kw["cache_implementation"] = cache
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, **kw)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for name, cache, new in (("hf_dynamic", None, 32), ("hf_static", "static", 128)):
+        try:
+            log(f"{name}: warm-up / compile")
+            gen(512, new, cache)
+            gen(512, 2, cache)
+            ttft = {p: statistics.median([gen(p, 1, cache, seed=s) for s in range(3)]) for p in (512, 2048)}
+            full = statistics.median([gen(512, new, cache, seed=s) for s in range(2)])
+            r = {"ttft_512_ms": ttft[512] * 1e3, "ttft_2048_ms": ttft[2048] * 1e3,
+                 "decode_b1_tok_s": (new - 1) / (full - ttft[512])}
+            res[name] = r
+            log(f"  {name}: {r}")
+        except Exception as exc:
+            log(f"  {name} FAILED: {exc!r}")
+            res[name] = {"error": repr(exc)}
+    del model
+    torch.cuda.empty_cache()
+    try:
+        res["hf_generate_batch"] = _generate_batch(model_dir, quick)
+    except Exception as exc:
+        log(f"  generate_batch FAILED: {exc!r}")
+        res["hf_generate_batch"] = {"error": repr(exc)}
+    return res
+
+
+def _generate_batch(model_dir, quick):
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = None
+    for impl in ("paged|sdpa", "sdpa_paged"):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=impl,
+                                                         device_map="cuda:0").eval()
+            break
+        except Exception as exc:
+            log(f"  attn_implementation={impl!r}: {exc!r}")
+    work = mixed_workload(64 if quick else 256)
+    cfg = GenerationConfig(max_new_tokens=256, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    warm = [rand_prompt(200, 7)] * 4
+    model.generate_batch(inputs=warm, generation_config=cfg, max_new_tokens=8)
+    mode = "per-request max_new_tokens (manager API)"
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    try:
+        manager = model.init_continuous_batching(generation_config=cfg)
+        manager.start()
+        ids = [manager.add_request(p, max_new_tokens=o) for p, o in work]
+        got = 0
+        for _ in ids:
+            r = manager.get_result(timeout=900)
+            got += len(r.generated_tokens)
+        manager.stop(block=True)
+    except Exception as exc:
+        log(f"  manager API failed ({exc!r}); generate_batch with the mean output length")
+        mode = "generate_batch, max_new_tokens = mean of the mixed outputs"
+        mean = round(sum(o for _, o in work) / len(work))
+        t0 = time.perf_counter()
+        outs = model.generate_batch(inputs=[p for p, _ in work], generation_config=cfg, max_new_tokens=mean)
+        got = sum(len(o.generated_tokens) for o in outs.values())
+    wall = time.perf_counter() - t0
+    r = {"mixed_tok_s": got / wall, "mixed_output_tokens": got, "mixed_wall_s": wall, "mode": mode}
+    log(f"  generate_batch mixed: {r}")
+    return r
+
+
+# -- table --------------------------------------------------------------------------------------------
+def table(res: dict, device: str) -> str:
+    rows = [("system", "mixed tok/s", "x gen_batch", "b1 decode tok/s", "TTFT 512 ms", "TTFT 2048 ms")]
+    base = res.get("hf_generate_batch", {}).get("mixed_tok_s")
+
+    def f(v, fmt="{:.0f}"):
+        return fmt.format(v) if isinstance(v, (int, float)) else "-"
+
+    for key in ("stagemesh_1", "stagemesh_2", "stagemesh_4", "hf_dynamic", "hf_static", "hf_generate_batch"):
+        r = res.get(key)
+        if not r:
+            continue
+        m = r.get("mixed_tok_s")
+        rows.append((key, f(m), f(m / base, "{:.1f}x") if m and base else "-", f(r.get("decode_b1_tok_s"), "{:.1f}"),
+                     f(r.get("ttft_512_ms"), "{:.1f}"), f(r.get("ttft_2048_ms"), "{:.1f}")))
+    one = res.get("stagemesh_1", {}).get("mixed_tok_s")
+    lines = [f"device: {device}"]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        lines.append(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+    for n in (2, 4):
+        m = res.get(f"stagemesh_{n}", {}).get("mixed_tok_s")
+        if m and one:
+            lines.append(f"{n} stages / 1 stage (mixed): {m / one:.2f}")
+    for k in ("prefill_512_ms", "prefill_2048_ms", "decode_step_b1_graph_ms", "decode_step_b1_eager_ms",
+              "decode_step_b64_graph_ms", "decode_step_b128_graph_ms"):
+        if k in res.get("inproc", {}):
+            lines.append(f"in-process {k}: {res['inproc'][k]:.2f}")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="inproc,stagemesh,reference")
+    ap.add_argument("--model-dir", default="/tmp/llama8b-random")
+    ap.add_argument("--stages", default="1,2,4")
+    ap.add_argument("--kv-total-bytes", type=int, default=30 * 2**30)
+    ap.add_argument("--max-batched-tokens", type=int, default=4096)
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--merge", default="", help="earlier bench_gpu.json to merge into the table")
+    ap.add_argument("--quick", action="store_true", help="64 mixed requests instead of 256")
+    ap.add_argument("--mesh-device", default="cuda:0", help="cpu: a smoke test of the script itself")
+    args = ap.parse_args()
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = json.loads(Path(args.merge).read_text()) if args.merge else {}
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (smoke test only)"
+    res["device"] = device
+    res.setdefault("config", {}).update(vars(args))
+    parts = args.only.split(",")
+    model_dir = write_checkpoint(Path(args.model_dir))
+    global VOCAB, MAXPOS
+    mcfg = json.loads((model_dir / "config.json").read_text())
+    VOCAB, MAXPOS = mcfg["vocab_size"], mcfg["max_position_embeddings"]
+
+    def save():
+        (out / "bench_gpu.json").write_text(json.dumps(res, indent=1))
+
+    if "inproc" in parts:
+        res["inproc"] = bench_inproc(model_dir)
+        save()
+    if "stagemesh" in parts:
+        stages = [int(s) for s in args.stages.split(",")]
+        res.update(bench_stagemesh(model_dir, stages, args.kv_total_bytes, args.max_batched_tokens, out, args.quick,
+                                   args.mesh_device))
+        save()
+    if "reference" in parts:
+        res.update(bench_reference(model_dir, args.quick))
+        save()
+    text = table(res, device)
+    (out / "table.txt").write_text(text + "\n")
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()

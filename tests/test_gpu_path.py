@@ -1,0 +1,155 @@
+"""The GPU path's logic, checked on the CPU: paged metadata, paged decode, padded decode graphs.
+
+The CUDA-only pieces (the Triton kernel, graph capture) are chosen at run time; here their
+CPU-side twins run the same index arithmetic: `AttnMetadata.build(paged=True)` with the torch
+paged-decode reference, and `DecodeGraphs(capture=False)`, which pads to the same buckets and
+fills the same static buffers as the captured graphs. Results must match the CPU reference path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stage_worker.attention import AttnMetadata
+from stage_worker.cuda_graphs import DecodeGraphs
+from stage_worker.executor import StageExecutor
+from stage_worker.kv_cache import PagedKVCache
+from stage_worker.loader import load_stage
+from stage_worker.paged_decode import choose_splits, paged_decode, paged_decode_torch
+from stagemesh.errors import InvalidArgument
+from stagemesh.v1 import stagemesh_pb2 as pb
+from tests.checkpoints import make_hf_checkpoint
+
+BLOCK = 4
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory):
+    path = make_hf_checkpoint(tmp_path_factory.mktemp("gpu"), "llama3")
+    model, _ = load_stage(path, 0, 4)
+    return model
+
+
+def _prefill_then(model, kv, tables, prompts, paged):
+    meta = AttnMetadata.build([(0, len(p), t) for p, t in zip(prompts, tables)], BLOCK, "cpu", paged=paged)
+    ids = torch.tensor([x for p in prompts for x in p])
+    return model(ids, None, meta, kv)
+
+
+def test_paged_metadata_matches_reference_layout(stage):
+    prompts = [[5, 9, 3, 7, 1, 4, 2], [8, 8, 6], [11, 12, 13, 14, 15]]
+    tables = [[7, 2], [0, 5], [3, 6]]  # interleaved, non-contiguous
+    outs = {}
+    for paged in (False, True):
+        kv = stage.make_kv_cache(8, BLOCK)
+        _prefill_then(stage, kv, [t[:2] for t in tables], [p[:4] for p in prompts], paged)
+        # Mixed step: seq 0 continues its prompt mid-block, seq 1 decodes, seq 2 prefills the rest.
+        chunks = [(4, 3, tables[0]), (3, 1, tables[1]), (4, 1, tables[2])]
+        meta = AttnMetadata.build(chunks, BLOCK, "cpu", paged=paged)
+        ids = torch.tensor(prompts[0][4:] + [prompts[1][2], prompts[2][4]])
+        outs[paged] = stage(ids, None, meta, kv)
+        if paged:
+            assert meta.decode_ids == [1, 2] and meta.prefill_ids == [0] and not meta.decode_all
+            assert meta.block_tables.tolist() == [[0, 0], [3, 6]]  # seq 1 needs one block
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-5)
+
+
+def test_paged_metadata_indices_and_validation():
+    meta = AttnMetadata.build([(3, 2, [5, 1]), (0, 1, [2])], 4, "cpu", paged=True)
+    assert meta.positions.tolist() == [3, 4, 0]
+    assert meta.slot_mapping.tolist() == [23, 4, 8]
+    assert meta.context_lens == [5, 1] and meta.decode_ids == [1] and meta.last_rows == [1, 2]
+    assert meta.block_tables.tolist() == [[2, 0]] and meta.decode_ctx.tolist() == [1]
+    assert meta.context_slots[0].tolist() == [20, 21, 22, 23, 4]
+    with pytest.raises(InvalidArgument, match="cannot hold"):
+        AttnMetadata.build([(3, 2, [5])], 4, "cpu", paged=True)
+    with pytest.raises(InvalidArgument, match="bad chunk"):
+        AttnMetadata.build([(0, 0, [5])], 4, "cpu", paged=True)
+
+
+def test_paged_decode_reference_matches_dense():
+    torch.manual_seed(0)
+    b, hq, hkv, d, bs = 3, 8, 2, 16, 4
+    kc, vc = torch.randn(40 * bs, hkv, d), torch.randn(40 * bs, hkv, d)
+    q = torch.randn(b, hq, d)
+    ctx = torch.tensor([1, 9, 30])
+    bt = torch.randperm(40)[: b * 8].view(b, 8)
+    out = paged_decode(q, kc, vc, bt, ctx, 0.25, bs, num_splits=3)  # torch path on the CPU
+    for i in range(b):
+        p = torch.arange(int(ctx[i]))
+        slots = bt[i, p // bs] * bs + p % bs
+        k = kc[slots].repeat_interleave(hq // hkv, 1)  # [L, Hq, D]
+        v = vc[slots].repeat_interleave(hq // hkv, 1)
+        att = torch.einsum("hd,lhd->hl", q[i], k).mul(0.25).softmax(-1)
+        torch.testing.assert_close(out[i], torch.einsum("hl,lhd->hd", att, v), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, paged_decode_torch(q, kc, vc, bt, ctx, 0.25, bs))
+
+
+def test_choose_splits_fills_the_gpu_and_never_exceeds_context():
+    assert choose_splits(1, 8, None, 132) == 16
+    assert choose_splits(64, 8, None, 132) == 1
+    assert choose_splits(1, 8, 70, 132) == 2  # 70 tokens: two 64-token tiles at most
+    assert choose_splits(4, 8, None, 132) == 9
+
+
+def test_kv_scratch_block_is_outside_the_gateway_range():
+    kv = PagedKVCache(2, 10, 4, 2, 8, torch.float32, "cpu", scratch_blocks=1)
+    assert kv.scratch_block == 10 and kv.num_blocks == 10 and kv.layer(0)[0].shape == (44, 2, 8)
+    assert PagedKVCache(2, 10, 4, 2, 8, torch.float32, "cpu").scratch_block is None
+
+
+@pytest.mark.parametrize("batch", [1, 3, 5])
+def test_padded_decode_graph_equals_unpadded(stage, batch):
+    """Padding to the bucket (3 -> 4, 5 -> 8) must not change real rows or touch their KV."""
+    prompts = [[(7 * s + j) % 300 + 3 for j in range(3 + 2 * s)] for s in range(batch)]
+    tables = [[s + batch * j for j in range(4)] for s in range(batch)]
+    results = []
+    for use_graphs in (False, True):
+        kv = stage.make_kv_cache(4 * batch, BLOCK, scratch_blocks=1)
+        _prefill_then(stage, kv, tables, prompts, paged=False)
+        chunks = [(len(p), 1, t) for p, t in zip(prompts, tables)]
+        ids = [p[-1] for p in prompts]
+        if use_graphs:
+            graphs = DecodeGraphs(stage, kv, BLOCK, buckets=(1, 2, 4, 8), max_context=64, capture=False)
+            assert graphs.accepts(chunks) and graphs.bucket(batch) >= batch
+            out = graphs.run(chunks, ids, None).clone()
+            out2 = graphs.run(chunks, ids, None)  # a second run rewrites the same slots
+            torch.testing.assert_close(out, out2)
+        else:
+            meta = AttnMetadata.build(chunks, BLOCK, "cpu")
+            out = stage(torch.tensor(ids), None, meta, kv)
+        real = kv.num_blocks * BLOCK
+        results.append((out, [c[:real].clone() for c in kv.k_caches]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_graphs_refuse_what_they_cannot_hold(stage):
+    kv = stage.make_kv_cache(8, BLOCK, scratch_blocks=1)
+    graphs = DecodeGraphs(stage, kv, BLOCK, buckets=(1, 2), max_context=8, capture=False)
+    assert not graphs.accepts([(0, 2, [0])])  # a prefill chunk
+    assert not graphs.accepts([(3, 1, [0])] * 3)  # more rows than the largest bucket
+    assert not graphs.accepts([(8, 1, [0, 1, 2])])  # context past max_context
+    with pytest.raises(ValueError, match="scratch"):
+        DecodeGraphs(stage, stage.make_kv_cache(8, BLOCK), BLOCK, capture=False)
+
+
+def test_executor_with_graph_path_samples_the_same_tokens(stage):
+    """The executor's graph route (padded, eager on the CPU) and its plain route agree."""
+    tokens = []
+    for graphs in (False, True):
+        kv = stage.make_kv_cache(8, BLOCK, scratch_blocks=1)
+        ex = StageExecutor(stage, kv, BLOCK, cuda_graphs=graphs)
+        assert (ex.graphs is not None) == graphs
+        req = pb.ForwardRequest(lease_id="l", token_ids=[5, 6, 7, 8, 9, 10, 11])
+        for sid, (blocks, n) in enumerate([([0, 1], 4), ([2, 3], 3)]):
+            req.new_sequences.add(seq_id=sid, block_ids=blocks)
+            req.chunks.add(seq_id=sid, start_pos=0, num_tokens=n, sample=True)
+        first = ex.run(req).samples
+        req = pb.ForwardRequest(lease_id="l", token_ids=[t for _, t in first])
+        for sid, (pos, _) in enumerate([(4, 0), (3, 0)]):
+            req.chunks.add(seq_id=sid, start_pos=pos, num_tokens=1, sample=True, output_index=1)
+        tokens.append((first, ex.run(req).samples))
+    assert tokens[0] == tokens[1]
