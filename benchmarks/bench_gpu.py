@@ -476,7 +476,16 @@ def main():
         (out / "bench_gpu.json").write_text(json.dumps(res, indent=1))
 
     if "inproc" in parts:
-        res["inproc"] = bench_inproc(model_dir)
+        try:
+            res["inproc"] = bench_inproc(model_dir)
+        except Exception as exc:  # keep going: the mesh numbers still matter
+            import gc
+            import traceback
+
+            traceback.print_exc()
+            res["inproc"] = {"error": repr(exc)}
+            gc.collect()
+            torch.cuda.empty_cache()
         save()
     if "stagemesh" in parts:
         stages = [int(s) for s in args.stages.split(",")]
