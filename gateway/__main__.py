@@ -32,6 +32,8 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--max-running", type=int, default=256)
     p.add_argument("--max-waiting", type=int, default=1024)
     p.add_argument("--inflight", type=int, default=2, help="micro-batches in flight (at least the stage count)")
+    p.add_argument("--routing", default="cache_aware", choices=["cache_aware", "round_robin"])
+    p.add_argument("--routing-weight", type=float, default=1.0)
     p.add_argument("--http-port", type=int, default=0, help="also serve the OpenAI-compatible HTTP API here")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
@@ -39,6 +41,7 @@ def parse_args(argv=None) -> GatewayConfig:
                             max_waiting=args.max_waiting, inflight_target=args.inflight)
     return GatewayConfig(model_dir=args.model, coordinator=args.coordinator, host=args.host, port=args.port,
                          model_id=args.model_id, cache_service=args.cache_service, http_port=args.http_port,
+                         routing=args.routing, routing_weight=args.routing_weight,
                          scheduler=sched), args.log_level
 
 

@@ -75,6 +75,8 @@ class BlockManager:
         # Blocks with ref_count 0, least recently freed first (evicted first).
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._by_hash: dict[bytes, int] = {}
+        # Hashes of full blocks that running sequences are computing now (hash -> how many).
+        self._computing: dict[bytes, int] = {}
         self.events = CacheEvents()
         self._root = root_hash(model_id)
 
@@ -87,25 +89,51 @@ class BlockManager:
     def num_free(self) -> int:
         return len(self._free)
 
+    @property
+    def cached_hashes(self) -> dict[bytes, int]:
+        """Read-only view: hash -> block id of every cached full block."""
+        return self._by_hash
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def cached_prefix(self, token_ids: list[int]) -> list[int]:
+    def hashes_of(self, seq: Sequence) -> list[bytes]:
+        """seq's full-block chain hashes, memoised on the sequence and extended as it grows."""
+        ids, bs = seq.all_ids, self.block_size
+        parent = seq.hashes[-1] if seq.hashes else self._root
+        for i in range(len(seq.hashes), len(ids) // bs):
+            parent = hash_block(parent, ids[i * bs : (i + 1) * bs])
+            seq.hashes.append(parent)
+        return seq.hashes
+
+    def cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids of the longest cached prefix, leaving at least one token to compute."""
         if not self.enable_prefix_cache:
             return []
-        usable = (len(token_ids) - 1) // self.block_size
-        hits, parent = [], self._root
-        for i in range(usable):
-            parent = hash_block(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
-            block_id = self._by_hash.get(parent)
+        usable = (seq.num_tokens - 1) // self.block_size
+        hits = []
+        for h in self.hashes_of(seq)[:usable]:
+            block_id = self._by_hash.get(h)
             if block_id is None:
                 break
             hits.append(block_id)
         return hits
 
+    def prefix_in_progress(self, seq: Sequence) -> bool:
+        """Whether the block after seq's cached prefix is being computed by a running sequence.
+
+        Admitting seq now would compute the same blocks twice; waiting a step lets it reuse them.
+        """
+        if not self.enable_prefix_cache:
+            return False
+        usable = (seq.num_tokens - 1) // self.block_size
+        for h in self.hashes_of(seq)[:usable]:
+            if h not in self._by_hash:
+                return h in self._computing
+        return False
+
     def can_allocate(self, seq: Sequence) -> bool:
-        hits = self.cached_prefix(seq.all_ids)
+        hits = self.cached_prefix(seq)
         reclaimable = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         need = self.blocks_needed(seq.num_tokens) - len(hits)
         return need <= self.num_free - reclaimable
@@ -119,12 +147,19 @@ class BlockManager:
         """
         if not self.can_allocate(seq):
             raise NoFreeBlocks(f"need {self.blocks_needed(seq.num_tokens)} KV blocks, {self.num_free} free")
-        hits = self.cached_prefix(seq.all_ids)
+        hits = self.cached_prefix(seq)
         for block_id in hits:
             self._take(block_id)
         fresh = [self._pop_free() for _ in range(self.blocks_needed(seq.num_tokens) - len(hits))]
         seq.block_table = hits + fresh
         seq.num_computed = len(hits) * self.block_size
+        seq.sealed = len(hits)
+        seq.computing_upto = len(hits)
+        if self.enable_prefix_cache:
+            pending = self.hashes_of(seq)[len(hits) :]
+            for h in pending:
+                self._computing[h] = self._computing.get(h, 0) + 1
+            seq.computing_upto += len(pending)
         return seq.num_computed
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> list[int]:
@@ -141,22 +176,24 @@ class BlockManager:
         if not self.enable_prefix_cache:
             return
         full = seq.num_computed // self.block_size
-        ids = seq.all_ids
-        parent = self._root
-        for i in range(full):
+        hashes = self.hashes_of(seq)
+        for i in range(seq.sealed, full):
             block = self.blocks[seq.block_table[i]]
-            if block.block_hash is None:
-                parent = hash_block(parent, ids[i * self.block_size : (i + 1) * self.block_size])
-                if parent in self._by_hash:  # the same content already cached in another block
-                    continue
-                block.block_hash = parent
-                self._by_hash[parent] = block.block_id
-                self.events.stored.append(parent)
-            else:
-                parent = block.block_hash
+            h = hashes[i]
+            if i < seq.computing_upto:
+                self._done_computing(h)
+            if block.block_hash is None and h not in self._by_hash:
+                block.block_hash = h
+                self._by_hash[h] = block.block_id
+                self.events.stored.append(h)
+        seq.sealed = max(seq.sealed, full)
 
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s references; blocks that reach zero stay cached, newest freed last."""
+        if self.enable_prefix_cache:
+            for h in seq.hashes[seq.sealed : seq.computing_upto]:
+                self._done_computing(h)
+        seq.sealed = seq.computing_upto = 0
         # Free in reverse so a sequence's tail blocks are evicted before its shared head.
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
@@ -179,6 +216,13 @@ class BlockManager:
         self._by_hash.clear()
 
     # -- internals -----------------------------------------------------------------------------
+    def _done_computing(self, h: bytes) -> None:
+        n = self._computing.get(h, 0)
+        if n > 1:
+            self._computing[h] = n - 1
+        else:
+            self._computing.pop(h, None)
+
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:

@@ -20,10 +20,14 @@ class GatewayConfig:
     plan_wait_s: float = 300.0
     http_port: int = 0  # OpenAI-compatible HTTP API; 0: off
     cache_service: str = ""  # host:port of cache_service; empty: local prefix matching only
+    routing: str = "cache_aware"  # or "round_robin"
+    routing_weight: float = 1.0  # w in cost = w * prefill blocks after overlap + active blocks
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self):
         if not self.coordinator:
             raise ValueError("the gateway needs --coordinator HOST:PORT")
+        if self.routing not in ("cache_aware", "round_robin"):
+            raise ValueError(f"--routing must be cache_aware or round_robin, not {self.routing!r}")
         if self.default_max_tokens < 1:
             raise ValueError("default_max_tokens must be >= 1")

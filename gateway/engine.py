@@ -94,8 +94,20 @@ class ReplicaEngine:
 
     @property
     def load(self) -> int:
-        """Decode load for routing: sequences running or waiting."""
+        """Sequences running or waiting."""
         return len(self.scheduler.running) + self.scheduler.num_waiting
+
+    @property
+    def active_blocks(self) -> int:
+        """Decode load for routing, in KV blocks: held by running sequences or wanted by waiting ones."""
+        bm = self.scheduler.bm
+        waiting = sum(bm.blocks_needed(s.num_tokens) for s in self.scheduler.waiting_sequences())
+        return bm.num_blocks - bm.num_free + waiting
+
+    @property
+    def replica_id(self) -> str:
+        """Name of this replica's KV in the global index; a new plan gives a new name."""
+        return f"{self.model_id}/{self.lease_id}/r{self.plan.index}@{self.plan.epoch}"
 
     def replan(self, plan: ReplicaPlan) -> None:
         """A new epoch: re-prefill every live sequence on the new stages from its history."""

@@ -84,6 +84,9 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    def waiting_sequences(self):
+        return (e[3] for e in self._waiting)
+
     def add(self, seq: Sequence) -> None:
         if len(self._waiting) >= self.config.max_waiting:
             raise ResourceExhausted(
@@ -118,14 +121,17 @@ class Scheduler:
         decodes = [s for s in idle if not s.is_prefilling]
         # Spread decodes across the micro-batches in flight so every stage has work.
         share = math.ceil(len([s for s in self.running if not s.is_prefilling]) / self.config.inflight_target)
+        prefills = [s for s in idle if s.is_prefilling]
         for seq in decodes[: max(1, share)]:
             if budget <= 0 or len(plan.chunks) >= self.config.max_seqs_per_batch:
                 break
-            if self._schedule_chunk(plan, seq, 1):
+            if seq.status == Status.RUNNING and self._schedule_chunk(plan, seq, 1):
                 budget -= 1
-        for seq in (s for s in idle if s.is_prefilling):
+        for seq in prefills:
             if budget <= 0 or len(plan.chunks) >= self.config.max_seqs_per_batch:
                 break
+            if seq.status != Status.RUNNING:  # preempted above to make room
+                continue
             take = min(budget, seq.num_uncomputed)
             if self._schedule_chunk(plan, seq, take):
                 budget -= take
@@ -181,12 +187,13 @@ class Scheduler:
 
     # -- internals -----------------------------------------------------------------------------
     def _schedule_chunk(self, plan: StepPlan, seq: Sequence, num_tokens: int) -> bool:
-        try:
-            new_blocks = self.bm.append_slots(seq, num_tokens)
-        except NoFreeBlocks:
-            if not self._preempt_for(seq):
-                return False
-            new_blocks = self.bm.append_slots(seq, num_tokens)
+        while True:
+            try:
+                new_blocks = self.bm.append_slots(seq, num_tokens)
+                break
+            except NoFreeBlocks:
+                if not self._preempt_for(seq, plan):
+                    return False
         is_new = not seq.announced
         seq.announced = True
         done = seq.num_computed + num_tokens == seq.num_tokens
@@ -205,10 +212,20 @@ class Scheduler:
         return True
 
     def _admit(self, plan: StepPlan, budget: int) -> int:
+        """Admit waiting sequences in priority order while blocks and budget last.
+
+        A sequence whose next prefix block is being computed by a running sequence is passed
+        over for now: a step later it reuses those blocks instead of computing them again.
+        """
+        deferred = []
         while self._waiting and budget > 0 and len(plan.chunks) < self.config.max_seqs_per_batch:
             if len(self.running) >= self.config.max_running:
                 break
-            seq = self._waiting[0][3]
+            entry = self._waiting[0]
+            seq = entry[3]
+            if self.running and self.bm.prefix_in_progress(seq):
+                deferred.append(heapq.heappop(self._waiting))
+                continue
             if not self.bm.can_allocate(seq):
                 if not self.running:
                     # Nothing will ever free up: this sequence cannot fit the replica at all.
@@ -229,12 +246,15 @@ class Scheduler:
             take = min(budget, seq.num_uncomputed)
             self._schedule_chunk(plan, seq, take)
             budget -= take
+        for entry in deferred:
+            heapq.heappush(self._waiting, entry)
         return budget
 
-    def _preempt_for(self, seq: Sequence) -> bool:
-        """Free the newest idle sequence other than `seq` (recompute later from its history)."""
+    def _preempt_for(self, seq: Sequence, plan: StepPlan) -> bool:
+        """Free the newest idle sequence not in `plan` (recomputed later from its history)."""
+        in_plan = {id(c.seq) for c in plan.chunks}
         for victim in reversed(self.running):
-            if victim is seq or victim.in_flight:
+            if victim is seq or victim.in_flight or id(victim) in in_plan:
                 continue
             self.running.remove(victim)
             self._release(victim)

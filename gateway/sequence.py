@@ -57,6 +57,12 @@ class Sequence:
     in_flight: bool = False
     finish_reason: str | None = None
     admitted_once: bool = False
+    # Chained hashes of the full blocks of all_ids, extended as tokens arrive (see block_manager).
+    hashes: list[bytes] = field(default_factory=list, repr=False)
+    # Leading blocks of block_table whose hashes are registered (sealed) this admission.
+    sealed: int = 0
+    # Leading blocks whose hashes this admission announced as being computed (block_manager).
+    computing_upto: int = 0
 
     @property
     def all_ids(self) -> list[int]:

@@ -21,6 +21,8 @@ from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
 from gateway.config import GatewayConfig
 from gateway.engine import ReplicaEngine, ReplicaPlan
+from gateway.prefix_index import PrefixIndexLink
+from gateway.router import Router
 from gateway.sequence import Sequence
 from gateway.text import Detokenizer, load_tokenizer
 from gateway.validation import ModelLimits, validate_request
@@ -74,12 +76,18 @@ class Gateway:
         self._coord = pb_grpc.CoordinatorStub(self._coord_channel)
         self._refresh_lock = asyncio.Lock()
         self.limits: ModelLimits | None = None
+        self.index = PrefixIndexLink(config.cache_service, log) if config.cache_service else None
+        self.router: Router | None = None
 
     async def start(self) -> None:
         plan = await self._wait_for_plan()
         self._apply_plan(plan)
+        if self.index is not None:
+            self.index.start(self._index_snapshot)
 
     async def close(self) -> None:
+        if self.index is not None:
+            await self.index.close()
         for engine in self.engines:
             await engine.close()
         await self._coord_channel.close()
@@ -87,9 +95,12 @@ class Gateway:
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 
-    def route(self) -> ReplicaEngine:
-        """Least-loaded replica (cache-aware routing replaces this with the prefix-cost rule)."""
-        return min(self.engines, key=lambda e: e.load)
+    def _on_cache_events(self, replica: int, events) -> None:
+        if self.index is not None:
+            self.index.publish(self.engines[replica].replica_id, events.stored, events.removed)
+
+    def _index_snapshot(self) -> list[tuple[str, list[bytes]]]:
+        return [(e.replica_id, list(e.scheduler.bm.cached_hashes)) for e in self.engines]
 
     async def generate(self, request: pb.GenerateRequest):
         """Validate, queue and stream one request; shared by the gRPC and HTTP front ends.
@@ -106,7 +117,7 @@ class Gateway:
         )
         stream = RequestStream(seq, Detokenizer(self.tokenizer, list(request.stop)), set(self.model.eos_token_ids),
                                request.ignore_eos)
-        engine = self.route()
+        engine = await self.router.route(prompt_ids)
         engine.submit(seq, stream)
         try:
             while True:
@@ -147,14 +158,20 @@ class Gateway:
         if not self.engines:
             self.engines = [
                 ReplicaEngine(spec, self.model_id, self.config.scheduler, self.log,
-                              forward_timeout_s=self.config.forward_timeout_s, on_stale_epoch=self.refresh_plan)
+                              forward_timeout_s=self.config.forward_timeout_s, on_stale_epoch=self.refresh_plan,
+                              on_cache_events=self._on_cache_events)
                 for spec in specs
             ]
             for engine in self.engines:
                 engine.start()
+            self.router = Router(self.engines, self.model_id, plan.block_size, index=self.index,
+                                 policy=self.config.routing, weight=self.config.routing_weight, log=self.log)
         else:
-            for engine, spec in zip(self.engines, specs):
+            for i, (engine, spec) in enumerate(zip(self.engines, specs)):
+                if self.index is not None:
+                    self.index.clear(engine.replica_id)  # its KV is gone with the old plan
                 engine.replan(spec)
+                self.router.reset_replica(i)
         capacity = min(s.num_blocks for s in specs) * plan.block_size
         self.limits = ModelLimits(
             model_id=self.model_id, vocab_size=self.model.vocab_size,

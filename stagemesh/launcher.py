@@ -35,6 +35,9 @@ class MeshConfig:
     max_batched_tokens: int = 512
     threads: int = 0
     log_level: str = "warning"
+    routing: str = "cache_aware"
+    http_port: int = 0
+    max_running: int = 256
     extra_gateway_args: list[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -56,6 +59,12 @@ class Mesh:
         self._spawn("coordinator", [py, "-m", "coordinator", "--model", cfg.model_dir, "--stages", str(cfg.stages),
                                     "--replicas", str(cfg.replicas), "--block-size", str(cfg.block_size),
                                     "--port", str(coord_port), "--log-level", cfg.log_level], timeout_s)
+        cache_args: list[str] = []
+        if cfg.redis:
+            cache_port = free_port()
+            self._spawn("cache_service", [py, "-m", "cache_service", "--host", cfg.host, "--port", str(cache_port),
+                                          "--redis", cfg.redis, "--log-level", cfg.log_level], timeout_s)
+            cache_args = ["--cache-service", f"{cfg.host}:{cache_port}"]
         n_workers = cfg.stages * cfg.replicas + cfg.spares
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // n_workers)
         worker_cmd = [py, "-m", "stage_worker", "--model", cfg.model_dir, "--coordinator", coord,
@@ -66,8 +75,9 @@ class Mesh:
             self._spawn(f"worker{i}", worker_cmd, timeout_s, wait=False)
         gw_cmd = [py, "-m", "gateway", "--model", cfg.model_dir, "--coordinator", coord, "--host", cfg.host,
                   "--port", str(cfg.port), "--inflight", str(max(2, cfg.stages)),
-                  "--max-batched-tokens", str(cfg.max_batched_tokens), "--log-level", cfg.log_level,
-                  *cfg.extra_gateway_args]
+                  "--max-batched-tokens", str(cfg.max_batched_tokens), "--max-running", str(cfg.max_running),
+                  "--routing", cfg.routing, "--http-port", str(cfg.http_port), "--log-level", cfg.log_level,
+                  *cache_args, *cfg.extra_gateway_args]
         self._spawn("gateway", gw_cmd, timeout_s)
         return f"{cfg.host}:{cfg.port}"
 

@@ -84,7 +84,7 @@ def test_lru_eviction_and_typed_failure():
     bm.allocate(b)
     assert len(bm.drain_events().removed) == 2
     c = make_seq(range(8), seq_id=3)
-    assert bm.cached_prefix(c.all_ids) == []
+    assert bm.cached_prefix(c) == []
     with pytest.raises(NoFreeBlocks):
         bm.allocate(c)
     assert c.block_table == []  # nothing changed on failure
@@ -99,5 +99,21 @@ def test_evicted_block_wanted_by_a_waiting_request_is_recomputed():
     filler = make_seq(range(200, 220), seq_id=2)  # 5 blocks: evicts the LRU cached ones
     bm.allocate(filler)
     again = make_seq(range(9), seq_id=3)
-    hits = bm.cached_prefix(again.all_ids)
+    hits = bm.cached_prefix(again)
     assert len(hits) < 2
+
+
+def test_prefix_being_computed_is_reported_so_admission_can_wait():
+    bm = BlockManager(num_blocks=32, block_size=4, model_id="m")
+    a = make_seq(range(20))
+    bm.allocate(a)
+    b = make_seq(list(range(16)) + [77, 78], seq_id=2)
+    assert bm.prefix_in_progress(b)  # a computes those blocks right now
+    a.num_computed = 20
+    bm.seal_computed_blocks(a)
+    assert not bm.prefix_in_progress(b)
+    assert bm.allocate(b) == 16
+    c = make_seq(list(range(16)) + [1, 2, 3, 4, 5], seq_id=3)
+    bm.free(b)  # b never computed its own tail: nothing of it stays "in progress"
+    assert not bm.prefix_in_progress(c)
+    assert not bm._computing or all(v > 0 for v in bm._computing.values())

@@ -119,3 +119,58 @@ def test_preemption_requeues_and_recomputes_from_history():
     assert s.num_preemptions >= 1
     victim = b if b.status == Status.WAITING else a
     assert victim.num_computed == 0 and victim.output_ids  # keeps its history
+
+
+def test_request_sharing_a_prefix_in_progress_waits_and_then_reuses_it():
+    s = create_scheduler(num_blocks=64, block_size=4, max_batched_tokens=8, inflight_target=2)
+    a = Sequence(seq_id=1, prompt_ids=list(range(1, 17)) + [90], max_tokens=2)
+    b = Sequence(seq_id=2, prompt_ids=list(range(1, 17)) + [91, 92], max_tokens=2)
+    s.add(a)
+    s.add(b)
+    p1 = s.schedule()
+    assert [c.seq for c in p1.chunks] == [a]  # b waits for a's blocks
+    p2 = s.schedule()
+    assert p2 is None or all(c.seq is not b for c in p2.chunks)
+    run_step(s, p1)
+    p3 = s.schedule()
+    assert all(c.seq is not b for c in p3.chunks)  # a's prefix still in progress
+    run_step(s, p3)
+    plan = s.schedule()
+    while plan and b.status != Status.RUNNING:
+        run_step(s, plan)
+        plan = s.schedule()
+    assert b.num_cached_tokens == 16
+
+
+def test_random_workload_keeps_invariants():
+    """Tight memory, two micro-batches in flight, cancellations: every plan is well-formed and
+    every block comes back."""
+    import random
+
+    rng = random.Random(0)
+    s = create_scheduler(num_blocks=12, block_size=4, max_batched_tokens=12, inflight_target=2)
+    seqs = [seq(i, rng.randint(1, 14), max_tokens=rng.randint(1, 9)) for i in range(30)]
+    for q in seqs:
+        s.add(q)
+    inflight = []
+    for _ in range(2000):
+        plan = s.schedule()
+        if plan is not None:
+            ids = [c.seq.seq_id for c in plan.chunks]
+            assert len(ids) == len(set(ids)), "a sequence twice in one micro-batch"
+            assert not set(ids) & {c.seq.seq_id for p in inflight for c in p.chunks}
+            assert plan.num_tokens <= 12
+            inflight.append(plan)
+        if inflight and (plan is None or len(inflight) >= 2):
+            done = inflight.pop(0)
+            for q in run_step(s, done, token=rng.randint(3, 9)):
+                if len(q.output_ids) >= q.max_tokens:
+                    s.finish(q, "length")
+        if rng.random() < 0.02:
+            live = [q for q in seqs if q.status != Status.FINISHED]
+            if live:
+                s.finish(rng.choice(live), "cancelled")
+        if not s.has_work() and not inflight:
+            break
+    assert all(q.status == Status.FINISHED for q in seqs)
+    assert s.bm.num_free == 12

@@ -1,0 +1,502 @@
+"""OpenAI-compatible HTTP API, served by the gateway process beside gRPC.
+
+    GET  /v1/models             the served model
+    POST /v1/completions        prompt: text or token ids -> text
+    POST /v1/chat/completions   messages -> the checkpoint's chat template -> text
+
+Each request becomes one `GenerateRequest` and goes through `Gateway.generate`, the same path as
+the gRPC API, so validation, queueing, prefix caching and cancellation are shared. We await the
+first delta before answering: input errors and a full queue then get a real HTTP status (400,
+404, 429, 503) in OpenAI's error shape `{"error": {"message", "type", "param", "code"}}`, even
+for `stream: true`. Streams are server-sent events in OpenAI's chunk format, ending with
+`data: [DONE]`; a failure after the stream has started is sent as one `data: {"error": ...}`
+event. A client that disconnects cancels its sequence (its KV blocks are freed).
+
+Differences from OpenAI, all deliberate:
+  - `n` and `best_of` must be 1; a list of several prompts is refused (send one request each:
+    the gateway batches concurrent requests anyway); `logprobs`, `echo`, `suffix`, `tools`,
+    penalties and `logit_bias` are refused with a 400 rather than silently ignored.
+  - extensions (as in vLLM): `top_k` (0 or -1 = no limit), `ignore_eos`, `add_generation_prompt`
+    and `chat_template_kwargs` for chat.
+  - `temperature` defaults to 1.0 (OpenAI's default); `max_tokens` defaults to 16 for completions
+    (OpenAI's default) and, for chat, to whatever fits in the context and the KV cache.
+  - chat without a template in the checkpoint is a 400 naming the missing file (see chat_template.py).
+
+Everything here runs on the gateway's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+import uuid
+from typing import Any, Literal, Union
+
+import grpc
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from stagemesh.client import Completion, build_request
+from stagemesh.errors import StagemeshError
+
+from gateway.chat_template import ChatTemplate
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape; `status` is the HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+# The one mapping from the gateway's typed errors to HTTP.
+_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", "invalid_argument"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error", "context_length_exceeded"),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "not_found"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "queue_full"),
+    grpc.StatusCode.UNAVAILABLE: (503, "server_error", "unavailable"),
+    grpc.StatusCode.FAILED_PRECONDITION: (503, "server_error", "unavailable"),
+}
+
+
+def api_error(exc: StagemeshError) -> ApiError:
+    status, type_, code = _STATUS.get(exc.code, (500, "server_error", "internal_error"))
+    return ApiError(status, str(exc), type_, code=code)
+
+
+# --- request bodies ----------------------------------------------------------------------------
+
+
+class _Params(BaseModel):
+    """Fields common to both endpoints. Unknown fields are accepted and ignored (OpenAI clients
+    send e.g. `user`, `metadata`); fields that would change the answer and that we do not
+    implement are refused in `_refuse_unsupported`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = ""
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: dict | None = None
+    ignore_eos: bool = False
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None
+
+
+class CompletionRequest(_Params):
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    best_of: int | None = None
+    echo: bool | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+
+
+class ChatCompletionRequest(_Params):
+    messages: list[dict[str, Any]]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list | None = None
+    response_format: dict | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+def _refuse_unsupported(req: _Params) -> None:
+    if req.n not in (None, 1):
+        raise ApiError(400, f"n must be 1 (one choice per request), got {req.n}", param="n")
+    checks = [
+        ("best_of", getattr(req, "best_of", None) not in (None, 1), "best_of must be 1"),
+        ("echo", bool(getattr(req, "echo", None)), "echo is not supported"),
+        ("suffix", bool(getattr(req, "suffix", None)), "suffix is not supported"),
+        ("logprobs", bool(getattr(req, "logprobs", None)), "logprobs are not supported"),
+        ("tools", bool(getattr(req, "tools", None)), "tools are not supported"),
+        ("presence_penalty", bool(req.presence_penalty), "presence_penalty is not supported (send 0 or omit it)"),
+        ("frequency_penalty", bool(req.frequency_penalty), "frequency_penalty is not supported (send 0 or omit it)"),
+        ("logit_bias", bool(req.logit_bias), "logit_bias is not supported"),
+    ]
+    rf = getattr(req, "response_format", None)
+    checks.append(("response_format", rf is not None and rf.get("type") != "text",
+                   "response_format other than {'type': 'text'} is not supported"))
+    for param, refused, message in checks:
+        if refused:
+            raise ApiError(400, message, param=param)
+
+
+# --- the app -----------------------------------------------------------------------------------
+
+
+class OpenAIFrontend:
+    """Turns OpenAI requests into GenerateRequests for one Gateway. Event loop only."""
+
+    def __init__(self, gateway, chat_template: ChatTemplate | None):
+        self.gw = gateway
+        self.template = chat_template
+
+    # /v1/models
+    def models(self) -> dict:
+        gw = self.gw
+        return {"object": "list", "data": [{
+            "id": gw.model_id, "object": "model", "created": 0, "owned_by": "stagemesh",
+            "max_model_len": gw.model.max_position_embeddings,
+        }]}
+
+    # /v1/completions
+    def completion_request(self, req: CompletionRequest):
+        self.check(req)
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise ApiError(400, f"a list of {len(prompt)} prompts is not supported: send one prompt per "
+                                    "request (concurrent requests are batched by the server)", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return self._build(req, prompt=prompt, max_tokens=req.max_tokens)
+        return self._build(req, prompt_ids=list(prompt), max_tokens=req.max_tokens)
+
+    # /v1/chat/completions
+    def chat_request(self, req: ChatCompletionRequest):
+        self.check(req)
+        if self.template is None:
+            raise ApiError(400, f"model {self.gw.model_id!r} has no chat template (no `chat_template` in "
+                                "tokenizer_config.json, no chat_template.jinja): use /v1/completions with a "
+                                "formatted prompt", param="messages", code="no_chat_template")
+        if self.gw.tokenizer is None:
+            raise ApiError(400, "this checkpoint ships no tokenizer.json: chat needs one", param="messages")
+        if not req.messages:
+            raise ApiError(400, "messages must not be empty", param="messages")
+        messages = [_flatten_message(m, i) for i, m in enumerate(req.messages)]
+        try:
+            text = self.template.render(messages, add_generation_prompt=req.add_generation_prompt,
+                                        **(req.chat_template_kwargs or {}))
+        except StagemeshError as exc:
+            raise ApiError(400, str(exc), param="messages") from exc
+        # The template wrote the special tokens itself (as transformers' apply_chat_template).
+        prompt_ids = self.gw.tokenizer.encode(text, add_special_tokens=False).ids
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None:
+            max_tokens = self._room_left(len(prompt_ids))
+        return self._build(req, prompt_ids=prompt_ids, max_tokens=max_tokens)
+
+    def _room_left(self, prompt_len: int) -> int | None:
+        """Chat default: as many tokens as fit (None -> the gateway's default, or its error)."""
+        limits = self.gw.limits
+        if limits is None:
+            return None
+        room = min(limits.max_model_len, limits.kv_capacity_tokens) - prompt_len
+        return room if room >= 1 else None
+
+    def _build(self, req: _Params, prompt: str | None = None, prompt_ids: list[int] | None = None,
+               max_tokens: int | None = None):
+        if isinstance(prompt_ids, list) and not prompt_ids and prompt is None:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        top_k = req.top_k or 0
+        if top_k == -1:  # vLLM's spelling of "no limit"
+            top_k = 0
+        if req.seed is not None and not 0 <= req.seed < 2**63:
+            raise ApiError(400, f"seed must be in [0, 2**63), got {req.seed}", param="seed")
+        return build_request(prompt=prompt, prompt_ids=prompt_ids, max_tokens=max_tokens,
+                             temperature=1.0 if req.temperature is None else req.temperature,
+                             top_p=req.top_p, top_k=top_k, seed=req.seed, stop=stop,
+                             ignore_eos=req.ignore_eos, model=self.gw.model_id)
+
+    def check(self, req: _Params) -> None:
+        self.check_model(req.model)
+        _refuse_unsupported(req)
+
+    def check_model(self, model: str) -> None:
+        if model and model != self.gw.model_id:
+            raise ApiError(404, f"the model {model!r} does not exist: this server serves {self.gw.model_id!r}",
+                           param="model", code="model_not_found")
+
+    async def start(self, grpc_request):
+        """Submit and wait for the first delta, so that errors surface before any response."""
+        deltas = self.gw.generate(grpc_request)
+        try:
+            first = await deltas.__anext__()
+        except StagemeshError as exc:
+            await deltas.aclose()
+            raise api_error(exc) from exc
+        return deltas, first
+
+
+def _flatten_message(message: dict, index: int) -> dict:
+    """Content parts -> one string, as most templates expect (vLLM's "string" content format)."""
+    if not isinstance(message.get("role"), str):
+        raise ApiError(400, f"messages[{index}] has no role", param=f"messages.[{index}].role")
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ApiError(400, f"messages[{index}]: content parts of type {kind!r} are not supported "
+                                    "(text only)", param=f"messages.[{index}].content")
+            texts.append(str(part.get("text", "")))
+        message = {**message, "content": "\n".join(texts)}
+    return message
+
+
+def _pipeline_failed(msg) -> ApiError | None:
+    if msg.finish_reason.startswith("error:"):
+        return ApiError(503, f"request {msg.request_id} failed in the pipeline ({msg.finish_reason})",
+                        "server_error", code="unavailable")
+    return None
+
+
+async def _collect(deltas, first) -> Completion:
+    out = Completion()
+    msg = first
+    try:
+        while True:
+            if (err := _pipeline_failed(msg)) is not None:
+                raise err
+            out.add(msg)
+            if msg.finish_reason:
+                return out
+            msg = await deltas.__anext__()
+    finally:
+        await deltas.aclose()
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, coro):
+    """Run coro; cancel it (and so the sequence) if the client goes away first. None then."""
+    work = asyncio.ensure_future(coro)
+    watch = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+    return None if work.cancelled() else work.result()
+
+
+def _usage(c: Completion) -> dict:
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+            "total_tokens": c.prompt_tokens + c.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": c.cached_tokens}}
+
+
+def _finish(reason: str) -> str:
+    return reason if reason in ("stop", "length") else "stop"
+
+
+class _Stream:
+    """SSE events of one streamed request, in OpenAI's chunk format."""
+
+    def __init__(self, kind: str, model: str, include_usage: bool):
+        self.chat = kind == "chat"
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+        self.object = "chat.completion.chunk" if self.chat else "text_completion"
+        self.model, self.include_usage, self.created = model, include_usage, int(time.time())
+
+    def chunk(self, choices: list, usage: dict | None = None) -> str:
+        body = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices}
+        if self.include_usage:
+            body["usage"] = usage
+        return _json(body)
+
+    def choice(self, text: str | None, finish: str | None, first: bool = False) -> dict:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    async def events(self, deltas, first):
+        totals = Completion()
+        try:
+            if self.chat:
+                yield self.chunk([self.choice(None, None, first=True)])
+            msg = first
+            while True:
+                if (err := _pipeline_failed(msg)) is not None:
+                    yield _json(err.body())
+                    break
+                totals.add(msg)
+                finish = _finish(msg.finish_reason) if msg.finish_reason else None
+                if msg.text or finish:
+                    yield self.chunk([self.choice(msg.text, finish)])
+                if finish:
+                    if self.include_usage:
+                        yield self.chunk([], _usage(totals))
+                    break
+                msg = await deltas.__anext__()
+            yield "[DONE]"
+        finally:
+            await deltas.aclose()
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def create_app(gateway, chat_template: ChatTemplate | None = None) -> FastAPI:
+    """The ASGI app for one Gateway. The chat template defaults to the checkpoint's."""
+    if chat_template is None:
+        chat_template = ChatTemplate.from_dir(gateway.config.model_dir)
+    front = OpenAIFrontend(gateway, chat_template)
+    app = FastAPI(title="stagemesh", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(StagemeshError)
+    async def _stagemesh_error(_request, exc: StagemeshError):
+        return api_error(exc).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_body(_request, exc: RequestValidationError):
+        err = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        message = f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid request body')}"
+        return ApiError(400, message, param=".".join(loc) or None).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, exc: StarletteHTTPException):
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return ApiError(exc.status_code, str(exc.detail), type_).response()
+
+    @app.get("/v1/models")
+    async def list_models():
+        return front.models()
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str):
+        front.check_model(model)
+        return front.models()["data"][0]
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await _serve(request, "text", body, front.completion_request(body))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await _serve(request, "chat", body, front.chat_request(body))
+
+    async def _serve(request: Request, kind: str, body: _Params, grpc_request):
+        deltas, first = await front.start(grpc_request)
+        model = gateway.model_id
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            stream = _Stream(kind, model, include_usage)
+            return EventSourceResponse(stream.events(deltas, first), sep="\n", ping=15)
+        done = await _unless_disconnected(request, _collect(deltas, first))
+        if done is None:
+            return Response(status_code=499)  # nobody reads it
+        return _final_body(kind, model, done)
+
+    return app
+
+
+def _final_body(kind: str, model: str, c: Completion) -> dict:
+    finish = _finish(c.finish_reason)
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+                  "finish_reason": finish}
+        rid, obj = "chatcmpl-", "chat.completion"
+    else:
+        choice = {"index": 0, "text": c.text, "logprobs": None, "finish_reason": finish}
+        rid, obj = "cmpl-", "text_completion"
+    return {"id": rid + uuid.uuid4().hex, "object": obj, "created": int(time.time()), "model": model,
+            "choices": [choice], "usage": _usage(c)}
+
+
+# --- serving -----------------------------------------------------------------------------------
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside an already-running loop: the gateway owns SIGINT/SIGTERM, not uvicorn."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+class HttpFrontend:
+    """The HTTP server of one gateway. `start()` returns once the port accepts connections."""
+
+    def __init__(self, gateway, host: str, port: int):
+        self.gateway, self.host, self.port = gateway, host, port
+        self._server: _EmbeddedServer | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        # Bind and listen here, so a busy port is an OSError now and not a sys.exit inside uvicorn,
+        # and connections made right after we return queue in the backlog.
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+            sock.listen(2048)
+        except OSError:
+            sock.close()
+            raise
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(create_app(self.gateway), log_config=None, log_level="warning", lifespan="off",
+                                timeout_graceful_shutdown=2, access_log=False)
+        self._server = _EmbeddedServer(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http")
+        while not self._server.started and not self._task.done():
+            await asyncio.sleep(0.01)
+        if self._task.done():
+            self._task.result()  # raises what failed
+
+    async def wait(self) -> None:
+        await asyncio.shield(self._task)  # cancelling the waiter must not kill the server mid-request
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+async def serve_http(gateway, host: str, port: int) -> None:
+    """Serve the HTTP API until cancelled (then it shuts down gracefully, about 2 s at most)."""
+    front = HttpFrontend(gateway, host, port)
+    await front.start()
+    gateway.log.info("http ready", address=f"{host}:{front.port}")
+    try:
+        await front.wait()
+    except asyncio.CancelledError:
+        await front.stop()
+        raise

@@ -1,0 +1,101 @@
+"""The gateway's link to the global prefix index (cache_service): batched events, fallback.
+
+Block-manager events are queued here and published in one Publish call per flush interval.
+When cache_service or Redis is unreachable, events are dropped, matching falls back to local
+knowledge (Match answers None), and the link keeps trying; once the index answers again, each
+replica's entries are cleared and re-published from the block managers' current state, so the
+index is repopulated without replaying lost events.
+
+Runs on the gateway's event loop only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from cache_service.client import CacheIndexClient, IndexUnavailable
+
+Snapshot = Callable[[], list[tuple[str, list[bytes]]]]
+
+
+class PrefixIndexLink:
+    def __init__(self, target: str, log, flush_interval_s: float = 0.02, retry_interval_s: float = 1.0):
+        self.client = CacheIndexClient(target)
+        self.log = log
+        self.flush_interval_s = flush_interval_s
+        self.retry_interval_s = retry_interval_s
+        self.available = True
+        self._stale = True  # nothing published yet: start with a clear + full sync
+        self._stored: list[tuple[str, bytes]] = []
+        self._removed: list[tuple[str, bytes]] = []
+        self._cleared: list[str] = []
+        self._task: asyncio.Task | None = None
+
+    def start(self, snapshot: Snapshot) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(snapshot))
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.client.close()
+
+    def publish(self, replica_id: str, stored: list[bytes], removed: list[bytes]) -> None:
+        if self._stale:
+            return  # the next resync publishes the full state
+        self._stored.extend((replica_id, h) for h in stored)
+        self._removed.extend((replica_id, h) for h in removed)
+
+    def clear(self, replica_id: str) -> None:
+        self._cleared.append(replica_id)
+
+    async def match(self, chains: list[list[bytes]]) -> list[dict[str, int]] | None:
+        if not self.available:
+            return None
+        try:
+            return await self.client.match(chains)
+        except IndexUnavailable as exc:
+            self._mark_down(exc)
+            return None
+
+    async def _run(self, snapshot: Snapshot) -> None:
+        while True:
+            if self._stale:
+                await self._resync(snapshot)
+                await asyncio.sleep(self.retry_interval_s if self._stale else self.flush_interval_s)
+                continue
+            await self._flush()
+            await asyncio.sleep(self.flush_interval_s)
+
+    async def _flush(self) -> None:
+        if not (self._stored or self._removed or self._cleared):
+            return
+        stored, removed, cleared = self._stored, self._removed, self._cleared
+        self._stored, self._removed, self._cleared = [], [], []
+        try:
+            await self.client.publish(stored=stored, removed=removed, cleared=cleared)
+        except IndexUnavailable as exc:
+            self._mark_down(exc)
+
+    async def _resync(self, snapshot: Snapshot) -> None:
+        state = snapshot()
+        cleared = list(dict.fromkeys(self._cleared + [rid for rid, _ in state]))
+        stored = [(rid, h) for rid, hashes in state for h in hashes]
+        try:
+            await self.client.publish(stored=stored, cleared=cleared)
+        except IndexUnavailable as exc:
+            self._mark_down(exc)
+            return
+        self._cleared, self._stored, self._removed = [], [], []
+        self._stale = False
+        if not self.available:
+            self.log.info("prefix_index_back", replicas=len(state), blocks=len(stored))
+        self.available = True
+
+    def _mark_down(self, exc: Exception) -> None:
+        if self.available:
+            self.log.warning("prefix_index_unavailable", error=str(exc))
+        self.available = False
+        self._stale = True
+        self._stored, self._removed = [], []
