@@ -1,0 +1,261 @@
+"""The OpenAI-compatible HTTP API, driven by the official `openai` client against the real mesh.
+
+Coordinator, two stage workers and the gateway (with --http-port) run as separate processes on
+loopback, serving the demo checkpoint (real BPE tokenizer) with a ChatML template written into
+its tokenizer_config.json. Text and usage must equal the gRPC API's for the same request, chat
+prompts must tokenize as transformers' apply_chat_template does, and every error must be an
+OpenAI-shaped error with the right status.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+import openai
+import pytest
+
+from gateway.chat_template import ChatTemplate
+from stagemesh.client import Client
+from stagemesh.demo_model import write_demo_model
+from stagemesh.errors import InvalidArgument, OutOfRange, ResourceExhausted, Unavailable
+from stagemesh.v1 import stagemesh_pb2 as pb
+from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
+from tests.procs import manual_mesh, new_port
+
+CHATML = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+    "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+MESSAGES = [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Tell me about the river and the old mill."}]
+PROMPT = "The old mill stood by the river"
+
+
+def _with_template(model_dir, template=CHATML):
+    path = model_dir / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["chat_template"] = template
+    path.write_text(json.dumps(cfg))
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _with_template(write_demo_model(tmp_path_factory.mktemp("demo")))
+
+
+@pytest.fixture(scope="module")
+def mesh(model_dir):
+    http_port = new_port()
+    with manual_mesh(model_dir, stages=2, kv_blocks=96, gateway_args=("--http-port", str(http_port))) as m:
+        m["client"] = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0,
+                                    timeout=30)
+        with grpc.insecure_channel(m["gateway"]) as ch:
+            m["model"] = pb_grpc.GenerationStub(ch).ListModels(pb.ListModelsRequest(), timeout=5).models[0].id
+        yield m
+
+
+def grpc_generate(m, **kwargs):
+    with Client(m["gateway"]) as c:
+        return c.generate(timeout=30, **kwargs)
+
+
+def blocks_in_use(m) -> list[int]:
+    out = []
+    for addr in m["workers"]:
+        with grpc.insecure_channel(addr) as ch:
+            out.append(pb_grpc.StageStub(ch).Stats(pb.StatsRequest(), timeout=5).blocks_in_use)
+    return out
+
+
+def test_models_list(mesh):
+    models = mesh["client"].models.list().data
+    assert [m.id for m in models] == [mesh["model"]]
+    assert mesh["client"].models.retrieve(mesh["model"]).id == mesh["model"]
+
+
+def test_completion_equals_grpc_and_is_deterministic(mesh):
+    c = mesh["client"]
+    first = c.completions.create(model=mesh["model"], prompt=PROMPT, max_tokens=12, temperature=0)
+    again = c.completions.create(model=mesh["model"], prompt=PROMPT, max_tokens=12, temperature=0)
+    ref = grpc_generate(mesh, prompt=PROMPT, max_tokens=12, temperature=0.0)
+    assert first.object == "text_completion" and first.model == mesh["model"]
+    assert first.choices[0].text == again.choices[0].text == ref.text
+    assert first.choices[0].finish_reason == ref.finish_reason == "length"
+    assert (first.usage.prompt_tokens, first.usage.completion_tokens) == (ref.prompt_tokens, ref.completion_tokens)
+    assert first.usage.total_tokens == ref.prompt_tokens + ref.completion_tokens
+    assert again.usage.prompt_tokens_details.cached_tokens > 0  # the same prefix, now cached
+
+
+def test_completion_from_token_ids_and_stop_strings(mesh):
+    c = mesh["client"]
+    ids = [0, 57, 300, 12, 91, 5]
+    out = c.completions.create(model=mesh["model"], prompt=ids, max_tokens=10, temperature=0)
+    ref = grpc_generate(mesh, prompt_ids=ids, max_tokens=10, temperature=0.0)
+    assert out.choices[0].text == ref.text and out.usage.prompt_tokens == len(ids)
+    stop = ref.text.strip()[3:6]
+    assert stop and stop in ref.text
+    cut = c.completions.create(model=mesh["model"], prompt=ids, max_tokens=10, temperature=0, stop=[stop, "zzz"])
+    assert cut.choices[0].text == ref.text[: ref.text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_completion_stream(mesh):
+    c = mesh["client"]
+    full = c.completions.create(model=mesh["model"], prompt=PROMPT, max_tokens=16, temperature=0)
+    chunks = list(c.completions.create(model=mesh["model"], prompt=PROMPT, max_tokens=16, temperature=0,
+                                       stream=True, stream_options={"include_usage": True}))
+    text_chunks = [ch for ch in chunks if ch.choices]
+    assert len(text_chunks) > 1
+    assert "".join(ch.choices[0].text for ch in text_chunks) == full.choices[0].text
+    assert [ch.choices[0].finish_reason for ch in text_chunks][-1] == "length"
+    assert all(ch.usage is None for ch in text_chunks)
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.completion_tokens == 16
+    assert usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_chat_uses_the_template_as_transformers_does(mesh, model_dir):
+    from transformers import AutoTokenizer
+
+    hf_ids = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(
+        MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
+    out = mesh["client"].chat.completions.create(model=mesh["model"], messages=MESSAGES, max_completion_tokens=10,
+                                                 temperature=0)
+    ref = grpc_generate(mesh, prompt_ids=list(hf_ids), max_tokens=10, temperature=0.0)
+    assert out.object == "chat.completion"
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == ref.text
+    assert out.usage.prompt_tokens == len(hf_ids) and out.usage.completion_tokens == 10
+
+
+def test_chat_stream_with_usage(mesh):
+    c = mesh["client"]
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Say something about mills."}]}]
+    full = c.chat.completions.create(model=mesh["model"], messages=messages, max_tokens=12, temperature=0)
+    chunks = list(c.chat.completions.create(model=mesh["model"], messages=messages, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(ch.id == chunks[0].id and ch.object == "chat.completion.chunk" for ch in chunks)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == full.choices[0].message.content
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == []
+    assert (usage.prompt_tokens, usage.completion_tokens) == (full.usage.prompt_tokens, 12)
+    assert usage.prompt_tokens_details.cached_tokens > 0  # same conversation as `full`
+
+
+def test_seeded_sampling_is_reproducible(mesh):
+    c = mesh["client"]
+    kw = dict(model=mesh["model"], prompt=PROMPT, max_tokens=12, temperature=1.0, top_p=0.9, seed=7,
+              extra_body={"top_k": 50})
+    assert c.completions.create(**kw).choices[0].text == c.completions.create(**kw).choices[0].text
+
+
+ERRORS = [
+    ("completions", dict(n=2), openai.BadRequestError, "n must be 1"),
+    ("completions", dict(model="no-such-model"), openai.NotFoundError, "does not exist"),
+    ("completions", dict(max_tokens=5000), openai.BadRequestError, "context"),
+    ("completions", dict(max_tokens=0), openai.BadRequestError, "max_tokens"),
+    ("completions", dict(temperature=-1), openai.BadRequestError, "temperature"),
+    ("completions", dict(prompt=["a", "b"]), openai.BadRequestError, "one prompt per request"),
+    ("completions", dict(prompt=[0, 99999]), openai.BadRequestError, "vocabulary"),
+    ("completions", dict(logprobs=2), openai.BadRequestError, "logprobs"),
+    ("completions", dict(max_tokens=5000, stream=True), openai.BadRequestError, "context"),
+    ("chat", dict(n=3), openai.BadRequestError, "n must be 1"),
+    ("chat", dict(model="no-such-model", stream=True), openai.NotFoundError, "does not exist"),
+    ("chat", dict(max_completion_tokens=5000), openai.BadRequestError, "context"),
+    ("chat", dict(messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]),
+     openai.BadRequestError, "roles must alternate"),
+    ("chat", dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+     openai.BadRequestError, "image_url"),
+    ("chat", dict(messages=[]), openai.BadRequestError, "empty"),
+]
+
+
+@pytest.mark.parametrize("endpoint,kwargs,error,words", ERRORS, ids=[f"{e}-{list(k)[0]}" for e, k, _, _ in ERRORS])
+def test_errors_are_openai_shaped(mesh, endpoint, kwargs, error, words):
+    c = mesh["client"]
+    if endpoint == "chat":
+        call, base = c.chat.completions.create, dict(model=mesh["model"], messages=MESSAGES, max_tokens=4)
+    else:
+        call, base = c.completions.create, dict(model=mesh["model"], prompt=PROMPT, max_tokens=4)
+    with pytest.raises(error) as info:
+        call(**{**base, **kwargs})
+    body = info.value.body
+    assert set(body) >= {"message", "type", "param", "code"}, body
+    assert words in body["message"], body
+
+
+def test_malformed_body_is_a_400_not_a_422(mesh):
+    with pytest.raises(openai.BadRequestError) as info:
+        mesh["client"].post("/completions", body={"model": mesh["model"]}, cast_to=object)
+    assert "prompt" in info.value.body["message"]
+
+
+def test_abandoned_stream_frees_kv(mesh):
+    stream = mesh["client"].completions.create(model=mesh["model"], prompt=PROMPT, max_tokens=300, temperature=0,
+                                               stream=True, extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()
+    deadline = time.monotonic() + 10
+    while any(blocks_in_use(mesh)):
+        assert time.monotonic() < deadline, f"KV blocks still held: {blocks_in_use(mesh)}"
+        time.sleep(0.05)
+
+
+# --- pure tests: no mesh ---------------------------------------------------------------------------
+
+
+TEMPLATES = [
+    CHATML,
+    # tojson, namespace, loop controls, the generation block, strip filters: the usual Hub template idioms
+    "{% set ns = namespace(n=0) %}{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+    "{% set ns.n = ns.n + 1 %}[{{ ns.n }}] {{ m | tojson }}\n"
+    "{% if m.role == 'assistant' %}{% generation %}{{ m.content | trim }}{% endgeneration %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ eos_token }}>>> {% endif %}",
+]
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=["chatml", "idioms"])
+def test_render_equals_transformers(model_dir, tmp_path, template):
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    messages = MESSAGES + [{"role": "assistant", "content": "  Wet <b>&</b> \"old\".  "},
+                           {"role": "user", "content": "Ünïcode ✓"}]
+    ours = ChatTemplate(template, {"bos_token": "<s>", "eos_token": "</s>"})
+    for gen in (True, False):
+        assert ours.render(messages, add_generation_prompt=gen) == hf.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=gen, tokenize=False)
+
+
+def test_template_sources(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    assert ChatTemplate.from_dir(tmp_path) is None
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0].content }}{{ eos_token }}")
+    assert ChatTemplate.from_dir(tmp_path).render([{"role": "user", "content": "hi"}]) == "hi</s>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "tool_use", "template": "tools"}, {"name": "default", "template": "default"}]}))
+    assert ChatTemplate.from_dir(tmp_path).render([]) == "default"
+    with pytest.raises(InvalidArgument, match="alternate"):
+        ChatTemplate(CHATML).render([{"role": "user", "content": "a"}] * 2)
+
+
+def test_error_statuses():
+    from gateway.http_api import api_error
+
+    assert api_error(InvalidArgument("x")).status == 400
+    assert api_error(OutOfRange("x")).status == 400
+    assert api_error(ResourceExhausted("queue full")).status == 429
+    assert api_error(Unavailable("x")).status == 503
