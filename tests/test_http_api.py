@@ -201,17 +201,30 @@ def test_malformed_body_is_a_400_not_a_422(mesh):
     assert "prompt" in info.value.body["message"]
 
 
+def wait_kv_free(m, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(blocks_in_use(m)):
+        assert time.monotonic() < deadline, f"KV blocks still held: {blocks_in_use(m)}"
+        time.sleep(0.05)
+
+
+# 360 tokens take ~2.5 s here; freeing the KV well before that shows that the request was cancelled.
+LONG = dict(prompt=PROMPT, max_tokens=360, temperature=0, extra_body={"ignore_eos": True})
+
+
 def test_abandoned_stream_frees_kv(mesh):
-    stream = mesh["client"].completions.create(model=mesh["model"], prompt=PROMPT, max_tokens=300, temperature=0,
-                                               stream=True, extra_body={"ignore_eos": True})
+    stream = mesh["client"].completions.create(model=mesh["model"], stream=True, **LONG)
     for i, _ in enumerate(stream):
         if i == 2:
             break
     stream.close()
-    deadline = time.monotonic() + 10
-    while any(blocks_in_use(mesh)):
-        assert time.monotonic() < deadline, f"KV blocks still held: {blocks_in_use(mesh)}"
-        time.sleep(0.05)
+    wait_kv_free(mesh, 1.0)
+
+
+def test_client_timeout_frees_kv(mesh):
+    with pytest.raises(openai.APITimeoutError):
+        mesh["client"].completions.create(model=mesh["model"], timeout=0.3, **LONG)
+    wait_kv_free(mesh, 1.0)
 
 
 # --- pure tests: no mesh ---------------------------------------------------------------------------
