@@ -54,17 +54,18 @@ async def serve(config: GatewayConfig, log) -> None:
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
     await gateway.start()
-    http_task = None
+    http = None
     if config.http_port:
-        from gateway.http_api import serve_http
+        from gateway.http_api import HttpFrontend
 
-        http_task = asyncio.create_task(serve_http(gateway, config.host, config.http_port))
+        http = HttpFrontend(gateway, config.host, config.http_port)
+        await http.start()  # OSError if the port is taken; listening when it returns
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("gateway ready", address=f"{config.host}:{port}", model=gateway.model_id)
     print(f"gateway ready on {config.host}:{port}", flush=True)
     await wait_for_signal()
-    if http_task is not None:
-        http_task.cancel()
+    if http is not None:
+        await http.stop()
     await server.stop(grace=2.0)
     await gateway.close()
 
@@ -74,7 +75,7 @@ def main(argv=None) -> None:
         config, level = parse_args(argv)
         log = logging_setup.configure("gateway", level)
         asyncio.run(serve(config, log))
-    except (CheckpointError, ValueError) as exc:
+    except (CheckpointError, ValueError, OSError) as exc:
         sys.exit(f"gateway: {exc}")
 
 

@@ -99,10 +99,12 @@ class ReplicaEngine:
 
     @property
     def active_blocks(self) -> int:
-        """Decode load for routing, in KV blocks: held by running sequences or wanted by waiting ones."""
-        bm = self.scheduler.bm
-        waiting = sum(bm.blocks_needed(s.num_tokens) for s in self.scheduler.waiting_sequences())
-        return bm.num_blocks - bm.num_free + waiting
+        """Load for routing, in KV blocks: what this replica's unfinished sequences add."""
+        # Each unfinished sequence counts the blocks it adds beyond the prefix it shares: a replica
+        # that holds popular prefixes is not "loaded" by them, only by its own sequences' work.
+        sched = self.scheduler
+        return sum(s.expected_new_blocks for s in sched.running) + sum(
+            s.expected_new_blocks for s in sched.waiting_sequences())
 
     @property
     def replica_id(self) -> str:

@@ -43,23 +43,28 @@ class Router:
     def reset_replica(self, i: int) -> None:
         self._promised[i].clear()
 
-    async def route(self, prompt_ids: list[int]):
-        """The engine to run this prompt on."""
-        if len(self.engines) == 1:
-            return self.engines[0]
-        if self.policy == "round_robin":
-            return self.engines[next(self._rr) % len(self.engines)]
+    async def route(self, prompt_ids: list[int], max_tokens: int):
+        """(engine to run this prompt on, KV blocks it is expected to add there)."""
+        total = -(-(len(prompt_ids) + max_tokens) // self.block_size)
+        if len(self.engines) == 1 or self.policy == "round_robin":
+            engine = self.engines[0 if len(self.engines) == 1 else next(self._rr) % len(self.engines)]
+            return engine, total
         hashes = chain_hashes(self.model_id, prompt_ids, self.block_size)
         remote = await self._global_overlaps(hashes) if hashes and self.index is not None else {}
-        best, best_cost = 0, None
+        best, best_cost, best_new = 0, None, total
+        overlaps = []
         for i, engine in enumerate(self.engines):
             overlap = max(self._local_overlap(i, hashes), remote.get(engine.replica_id, 0))
+            overlaps.append((self._local_overlap(i, hashes), remote.get(engine.replica_id, 0), len(self._promised[i])))
             prefill = len(hashes) - overlap
             cost = self.weight * prefill + engine.active_blocks
             if best_cost is None or cost < best_cost:
-                best, best_cost = i, cost
+                best, best_cost, best_new = i, cost, total - overlap
         self._promise(best, hashes)
-        return self.engines[best]
+        if self.log is not None:
+            self.log.debug("routed", replica=best, cost=best_cost, overlap=total - best_new,
+                           loads=[e.active_blocks for e in self.engines], overlaps=overlaps, h0=hashes[0].hex()[:6] if hashes else "")
+        return self.engines[best], best_new
 
     # -- internals -----------------------------------------------------------------------------
     def _local_overlap(self, i: int, hashes: list[bytes]) -> int:

@@ -59,6 +59,8 @@ class Sequence:
     admitted_once: bool = False
     # Chained hashes of the full blocks of all_ids, extended as tokens arrive (see block_manager).
     hashes: list[bytes] = field(default_factory=list, repr=False)
+    # KV blocks this request is expected to add on its replica (router's estimate, for load).
+    expected_new_blocks: int = 0
     # Leading blocks of block_table whose hashes are registered (sealed) this admission.
     sealed: int = 0
     # Leading blocks whose hashes this admission announced as being computed (block_manager).

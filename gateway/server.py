@@ -117,7 +117,7 @@ class Gateway:
         )
         stream = RequestStream(seq, Detokenizer(self.tokenizer, list(request.stop)), set(self.model.eos_token_ids),
                                request.ignore_eos)
-        engine = await self.router.route(prompt_ids)
+        engine, seq.expected_new_blocks = await self.router.route(prompt_ids, max_tokens)
         engine.submit(seq, stream)
         try:
             while True:
