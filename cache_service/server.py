@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import grpc
 import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cache_service.config import CacheServiceConfig
 from cache_service.index import BlockEvent, BlockRemoved, BlockStored, PrefixIndex, ReplicaCleared
@@ -85,10 +86,13 @@ async def serve(config: CacheServiceConfig, on_ready: Optional[Callable[[int], N
     index = PrefixIndex(config.index)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     cache_pb2_grpc.add_CacheIndexServicer_to_server(CacheIndexServicer(index, config), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     stop = _stop_event_on_signals()
     log.info("serving", host=config.host, port=port, redis_url=config.index.redis_url)
     if on_ready is not None:
