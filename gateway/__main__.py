@@ -11,8 +11,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from stagemesh import log as logging_setup
 from stagemesh.errors import CheckpointError
+from stagemesh.metrics import start_metrics_server
 from stagemesh.net import GRPC_OPTIONS
 from stagemesh.proc import wait_for_signal
+from stagemesh.reflection import enable_reflection
+from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
 from gateway.config import GatewayConfig
@@ -35,12 +38,14 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--routing", default="cache_aware", choices=["cache_aware", "round_robin"])
     p.add_argument("--routing-weight", type=float, default=1.0)
     p.add_argument("--http-port", type=int, default=0, help="also serve the OpenAI-compatible HTTP API here")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     sched = SchedulerConfig(max_batched_tokens=args.max_batched_tokens, max_running=args.max_running,
                             max_waiting=args.max_waiting, inflight_target=args.inflight)
     return GatewayConfig(model_dir=args.model, coordinator=args.coordinator, host=args.host, port=args.port,
                          model_id=args.model_id, cache_service=args.cache_service, http_port=args.http_port,
+                         metrics_port=args.metrics_port,
                          routing=args.routing, routing_weight=args.routing_weight,
                          scheduler=sched), args.log_level
 
@@ -51,8 +56,10 @@ async def serve(config: GatewayConfig, log) -> None:
     pb_grpc.add_GenerationServicer_to_server(GenerationService(gateway), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    enable_reflection(server, pb.DESCRIPTOR, "Generation")
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
+    start_metrics_server(config.metrics_port, config.host)
     await gateway.start()
     http = None
     if config.http_port:
@@ -61,7 +68,8 @@ async def serve(config: GatewayConfig, log) -> None:
         http = HttpFrontend(gateway, config.host, config.http_port)
         await http.start()  # OSError if the port is taken; listening when it returns
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    log.info("gateway ready", address=f"{config.host}:{port}", model=gateway.model_id)
+    log.info("gateway ready", address=f"{config.host}:{port}", model=gateway.model_id,
+             metrics_port=config.metrics_port or None, http_port=config.http_port or None)
     print(f"gateway ready on {config.host}:{port}", flush=True)
     await wait_for_signal()
     if http is not None:

@@ -19,6 +19,7 @@ class GatewayConfig:
     forward_timeout_s: float = 120.0
     plan_wait_s: float = 300.0
     http_port: int = 0  # OpenAI-compatible HTTP API; 0: off
+    metrics_port: int = 0  # Prometheus /metrics; 0: off
     cache_service: str = ""  # host:port of cache_service; empty: local prefix matching only
     routing: str = "cache_aware"  # or "round_robin"
     routing_weight: float = 1.0  # w in cost = w * prefill blocks after overlap + active blocks

@@ -12,8 +12,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from stagemesh import log as logging_setup
 from stagemesh.errors import CheckpointError
+from stagemesh.metrics import start_metrics_server
 from stagemesh.net import GRPC_OPTIONS
 from stagemesh.proc import wait_for_signal
+from stagemesh.reflection import enable_reflection
+from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
 from stage_worker.config import WorkerConfig
@@ -32,11 +35,12 @@ def parse_args(argv=None):
     p.add_argument("--kv-cache-bytes", type=int, default=0)
     p.add_argument("--kv-blocks", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     cfg = WorkerConfig(model_dir=a.model, coordinator=a.coordinator, host=a.host, port=a.port, device=a.device,
                        advertise=a.advertise, block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, kv_blocks=a.kv_blocks,
-                       threads=a.threads)
+                       threads=a.threads, metrics_port=a.metrics_port)
     return cfg, a.log_level
 
 
@@ -46,11 +50,14 @@ async def serve(config: WorkerConfig, log) -> None:
     pb_grpc.add_StageServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    enable_reflection(server, pb.DESCRIPTOR, "Stage")
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
+    start_metrics_server(config.metrics_port, config.host)
     address = config.advertise or f"{config.host}:{port}"
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    log.info("stage worker listening", address=address, device=config.device)
+    log.info("stage worker listening", address=address, device=config.device,
+             metrics_port=config.metrics_port or None)
     print(f"stage worker ready on {address}", flush=True)
     beat = asyncio.create_task(heartbeat_loop(service, config, address, log))
     stop = asyncio.create_task(wait_for_signal())
@@ -74,7 +81,7 @@ def main(argv=None) -> None:
     log = logging_setup.configure("stage_worker", level)
     try:
         asyncio.run(serve(config, log))
-    except CheckpointError as exc:
+    except (CheckpointError, OSError) as exc:
         sys.exit(f"stage_worker: {exc}")
 
 
