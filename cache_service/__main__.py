@@ -26,6 +26,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[CacheServiceConfig, str
     parser.add_argument("--block-ttl-s", type=int, default=3600, help="expiry of a block entry, refreshed on use")
     parser.add_argument("--key-prefix", default="sm:v1:", help="namespace of every Redis key written")
     parser.add_argument("--redis-timeout-s", type=float, default=1.0, help="Redis connect/read timeout")
+    parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     index = IndexConfig(
@@ -34,7 +35,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[CacheServiceConfig, str
         key_prefix=args.key_prefix,
         redis_timeout_s=args.redis_timeout_s,
     )
-    return CacheServiceConfig(host=args.host, port=args.port, index=index), args.log_level
+    config = CacheServiceConfig(host=args.host, port=args.port, index=index, metrics_port=args.metrics_port)
+    return config, args.log_level
 
 
 def configure_logging(level: str) -> None:

@@ -62,10 +62,14 @@ class CacheServiceConfig:
     """Upper bound on block hashes in one Match or Publish, for the same reason."""
     grace_s: float = 2.0
     """How long in-flight rpcs may finish after SIGTERM/SIGINT."""
+    metrics_port: int = 0
+    """Prometheus /metrics port on `host`; 0: off."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
         if self.max_chains_per_match < 1:
             raise ValueError(f"max_chains_per_match must be >= 1, got {self.max_chains_per_match}")
         if self.max_hashes_per_request < 1:

@@ -19,6 +19,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cache_service.config import CacheServiceConfig
 from cache_service.index import BlockEvent, BlockRemoved, BlockStored, PrefixIndex, ReplicaCleared
 from stagemesh.errors import InvalidArgument, grpc_errors
+from stagemesh.metrics import start_metrics_server
+from stagemesh.reflection import enable_reflection
 from stagemesh.v1 import cache_pb2, cache_pb2_grpc
 
 log = structlog.get_logger(service="cache_service")
@@ -88,13 +90,16 @@ async def serve(config: CacheServiceConfig, on_ready: Optional[Callable[[int], N
     cache_pb2_grpc.add_CacheIndexServicer_to_server(CacheIndexServicer(index, config), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    enable_reflection(server, cache_pb2.DESCRIPTOR, "CacheIndex")
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     await server.start()
+    start_metrics_server(config.metrics_port, config.host)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     stop = _stop_event_on_signals()
-    log.info("serving", host=config.host, port=port, redis_url=config.index.redis_url)
+    log.info("cache_service ready", host=config.host, port=port, redis_url=config.index.redis_url,
+             metrics_port=config.metrics_port or None)
     if on_ready is not None:
         on_ready(port)
     await stop.wait()
