@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 import uuid
 
 import grpc
+from structlog.contextvars import bound_contextvars
 
+from stagemesh import metrics
 from stagemesh.errors import Unavailable, grpc_errors
 from stagemesh.model_config import ModelConfig
 from stagemesh.net import GRPC_OPTIONS
@@ -37,10 +40,13 @@ class RequestStream:
         self.eos_ids = set() if ignore_eos else eos_ids
         self.queue: asyncio.Queue[pb.GenerateResponse] = asyncio.Queue()
         self._sent_ids = 0
+        self.first_token_s: float | None = None  # seconds from arrival to the first output token
+        self._last_token_at = 0.0
 
     def on_tokens(self, seq: Sequence) -> str | None:
         new_ids = seq.output_ids[self._sent_ids :]
         self._sent_ids = len(seq.output_ids)
+        self._observe_tokens(seq, len(new_ids))
         text, stop_hit = self.detok.update(seq.output_ids)
         self.queue.put_nowait(pb.GenerateResponse(token_ids=new_ids, text=text, request_id=seq.request_id))
         if stop_hit or (new_ids and new_ids[-1] in self.eos_ids):
@@ -49,7 +55,24 @@ class RequestStream:
             return "length"
         return None
 
+    def _observe_tokens(self, seq: Sequence, count: int) -> None:
+        if not count:
+            return
+        now = time.monotonic()
+        if self.first_token_s is None:
+            self.first_token_s = now - seq.arrival
+            metrics.TTFT.observe(self.first_token_s)
+        else:
+            gap = (now - self._last_token_at) / count  # tokens that arrive together share the gap
+            for _ in range(count):
+                metrics.ITL.observe(gap)
+        self._last_token_at = now
+
     def on_finish(self, seq: Sequence) -> None:
+        if not (seq.finish_reason or "").startswith(("error", "cancelled")):
+            metrics.E2E.observe(time.monotonic() - seq.arrival)
+            metrics.PROMPT_TOKENS.inc(len(seq.prompt_ids))
+            metrics.PREFIX_HIT_TOKENS.inc(seq.num_cached_tokens)
         usage = pb.Usage(
             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
             cached_tokens=seq.num_cached_tokens,
@@ -119,6 +142,11 @@ class Gateway:
                                request.ignore_eos)
         engine, seq.expected_new_blocks = await self.router.route(prompt_ids, max_tokens)
         engine.submit(seq, stream)
+        # Bound only around log calls, never across a yield: the generator may be resumed or closed
+        # from another context (HTTP front end), where a contextvar reset would fail.
+        with bound_contextvars(request_id=seq.request_id):
+            self.log.info("request_queued", replica=engine.plan.index, seq_id=seq.seq_id,
+                          prompt_tokens=len(prompt_ids), max_tokens=max_tokens)
         try:
             while True:
                 msg = await stream.queue.get()
@@ -127,6 +155,11 @@ class Gateway:
                     return
         finally:
             engine.cancel(seq)
+            with bound_contextvars(request_id=seq.request_id):
+                self.log.info("request_finished", finish_reason=seq.finish_reason, prompt_tokens=len(prompt_ids),
+                              completion_tokens=len(seq.output_ids), cached_tokens=seq.num_cached_tokens,
+                              ttft_ms=None if stream.first_token_s is None else round(stream.first_token_s * 1e3, 2),
+                              e2e_ms=round((time.monotonic() - seq.arrival) * 1e3, 2))
 
     async def refresh_plan(self) -> None:
         """Called when a stage answers FAILED_PRECONDITION: take the coordinator's newer plan."""
@@ -181,17 +214,25 @@ class Gateway:
         self.log.info("plan_applied", epoch=plan.epoch, replicas=len(specs), kv_tokens=capacity)
 
 
+REQUEST_ID_METADATA = "x-request-id"
+
+
 class GenerationService(pb_grpc.GenerationServicer):
     def __init__(self, gateway: Gateway):
         self.gw = gateway
 
     @grpc_errors
     async def Generate(self, request, context):
-        async for msg in self.gw.generate(request):
-            if msg.finish_reason.startswith("error:"):
-                await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                    f"request {msg.request_id} failed in the pipeline ({msg.finish_reason})")
-            yield msg
+        if not request.request_id:  # a caller's trace id (x-request-id metadata), else a fresh one
+            metadata = dict(context.invocation_metadata() or ())
+            request.request_id = str(metadata.get(REQUEST_ID_METADATA, ""))[:128] or uuid.uuid4().hex[:16]
+        # This rpc runs in its own task (context), so the binding covers every line it logs.
+        with bound_contextvars(request_id=request.request_id):
+            async for msg in self.gw.generate(request):
+                if msg.finish_reason.startswith("error:"):
+                    await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                        f"request {msg.request_id} failed in the pipeline ({msg.finish_reason})")
+                yield msg
 
     @grpc_errors
     async def ListModels(self, request, context):
