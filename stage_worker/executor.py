@@ -52,10 +52,14 @@ class StageExecutor:
         self.block_size = block_size
         self.num_blocks = kv.num_blocks
         self.device = next(model.parameters()).device
+        if self.device.type == "cuda" and hasattr(model, "fuse_projections"):
+            model.fuse_projections()  # before capture: graphs bake in the fused weights
+            torch.cuda.empty_cache()
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and kv.scratch_block is not None
         self.graphs = DecodeGraphs(model, kv, block_size) if cuda_graphs else None
         self.seqs: dict[tuple[str, int], SeqState] = {}
+        self._lease_seen: dict[str, float] = {}  # lease id -> last Forward (monotonic s)
         self.steps = 0
         self._recent_us: deque[int] = deque(maxlen=64)
 
@@ -70,6 +74,17 @@ class StageExecutor:
 
     def reset(self) -> None:
         self.seqs.clear()
+
+    def expire_leases(self, ttl_s: float) -> int:
+        """Drop sequences of leases not heard from for ttl_s (their gateway died); returns count."""
+        now = time.monotonic()
+        dead = {lease for lease, seen in self._lease_seen.items() if now - seen > ttl_s}
+        keys = [k for k in self.seqs if k[0] in dead]
+        for key in keys:
+            del self.seqs[key]
+        for lease in dead:
+            del self._lease_seen[lease]
+        return len(keys)
 
     def blocks_in_use(self) -> int:
         return len({b for s in self.seqs.values() for b in s.block_table})
@@ -113,6 +128,7 @@ class StageExecutor:
     def _apply_deltas(self, req: pb.ForwardRequest) -> dict[int, list[int]]:
         """Validate everything first, then commit: new sequences, appended blocks, drops."""
         lease = req.lease_id
+        self._lease_seen[lease] = time.monotonic()
         finished = set(req.finished_seq_ids)
         new = {}
         for ns in req.new_sequences:

@@ -153,3 +153,16 @@ def test_executor_with_graph_path_samples_the_same_tokens(stage):
             req.chunks.add(seq_id=sid, start_pos=pos, num_tokens=1, sample=True, output_index=1)
         tokens.append((first, ex.run(req).samples))
     assert tokens[0] == tokens[1]
+
+
+def test_fused_projections_compute_the_same_function(tmp_path):
+    """fuse_projections (the GPU layout) must not change outputs; checked on the CPU in float32."""
+    path = make_hf_checkpoint(tmp_path, "qwen2")  # with q/k/v biases
+    model, _ = load_stage(path, 0, 4)
+    meta = AttnMetadata.build([(0, 5, [0, 1]), (0, 3, [2])], BLOCK, "cpu")
+    ids = torch.tensor([3, 4, 5, 6, 7, 8, 9, 10])
+    ref = model(ids, None, meta, model.make_kv_cache(4, BLOCK))
+    model.fuse_projections()
+    assert model.layers["0"].self_attn.qkv_proj is not None
+    out = model(ids, None, meta, model.make_kv_cache(4, BLOCK))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -34,6 +34,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
         dtype = x.dtype
+        if x.is_cuda:  # one fused kernel for the float32 statistics, same formula
+            return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(dtype)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
@@ -96,13 +98,31 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * d, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=o_bias)
         self.scale = d ** -0.5
+        self.qkv_proj: nn.Linear | None = None  # set by fuse(): q, k, v in one matmul
+
+    def fuse(self) -> None:
+        """Replace q/k/v_proj by one [Hq+2Hkv)*D, H] projection (fewer launches, one weight read)."""
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        w = torch.cat([p.weight.data for p in parts])
+        b = torch.cat([p.bias.data for p in parts]) if self.q_proj.bias is not None else None
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+        fused.weight = nn.Parameter(w, requires_grad=False)
+        if b is not None:
+            fused.bias = nn.Parameter(b, requires_grad=False)
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, cos, sin, meta: AttnMetadata, layer_kv) -> torch.Tensor:
         t = x.shape[0]  # x: [T, H]
-        q = self.q_proj(x).view(t, self.n_heads, self.head_dim)  # [T, Hq, D]
-        k = self.k_proj(x).view(t, self.n_kv, self.head_dim)  # [T, Hkv, D]
-        v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(t, self.n_heads + 2 * self.n_kv, self.head_dim)
+            qk = apply_rotary(qkv[:, : self.n_heads + self.n_kv], cos, sin)  # q and k in one pass
+            q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads:], qkv[:, self.n_heads + self.n_kv:]
+        else:
+            q = self.q_proj(x).view(t, self.n_heads, self.head_dim)  # [T, Hq, D]
+            k = self.k_proj(x).view(t, self.n_kv, self.head_dim)  # [T, Hkv, D]
+            v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = paged_attention(q, k, v, layer_kv, meta, self.scale)  # [T, Hq, D]
         return self.o_proj(o.reshape(t, self.n_heads * self.head_dim))  # [T, H]
 
@@ -114,8 +134,24 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=b)
         self.up_proj = nn.Linear(h, i, bias=b)
         self.down_proj = nn.Linear(i, h, bias=b)
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        """Replace gate/up_proj by one [2I, H] projection."""
+        w = torch.cat([self.gate_proj.weight.data, self.up_proj.weight.data])
+        b = (torch.cat([self.gate_proj.bias.data, self.up_proj.bias.data])
+             if self.gate_proj.bias is not None else None)
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+        fused.weight = nn.Parameter(w, requires_grad=False)
+        if b is not None:
+            fused.bias = nn.Parameter(b, requires_grad=False)
+        self.gate_up_proj = fused
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -161,6 +197,18 @@ class LlamaStage(nn.Module):
         self.inv_freq = inv_freq.to(device)  # float32 always, not a parameter or buffer
         if self.is_first and self.is_last and cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """GPU serving layout: q/k/v and gate/up as single matmuls (after the weights are loaded).
+
+        Parameter names change (qkv_proj, gate_up_proj), so load first; the CPU reference path
+        keeps the checkpoint's layout.
+        """
+        for layer in self.layers.values():
+            if layer.self_attn.qkv_proj is None:
+                layer.self_attn.fuse()
+                layer.mlp.fuse()
 
     @property
     def num_local_layers(self) -> int:
