@@ -19,6 +19,7 @@ from typing import Protocol
 
 import grpc
 
+from stagemesh import metrics
 from stagemesh.net import GRPC_OPTIONS
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
@@ -128,9 +129,11 @@ class ReplicaEngine:
         inflight = max(self.sched_config.inflight_target, plan.num_stages)
         config = SchedulerConfig(**{**self.sched_config.__dict__, "inflight_target": inflight})
         bm = BlockManager(plan.num_blocks, plan.block_size, self.model_id)
+        self._preemptions_seen = 0  # a new scheduler counts from zero
         if keep is None:
             self.scheduler = Scheduler(config, bm)
             return
+        metrics.REPLAYS.inc(len(keep.running))  # their KV is gone: re-prefilled from their history
         self.scheduler = Scheduler(config, bm)
         for seq in keep.drain_live():
             self.scheduler.add_front(seq)
@@ -151,6 +154,9 @@ class ReplicaEngine:
 
     def _request(self, plan: StepPlan) -> pb.ForwardRequest:
         self._step_id += 1
+        # The one place a step meets its requests: stages log lease and step ids, not request ids.
+        self.log.debug("step_sent", lease_id=self.lease_id, step_id=self._step_id, epoch=self.plan.epoch,
+                       request_ids=[c.seq.request_id for c in plan.chunks])
         return build_forward_request(plan, self.plan.epoch, self.lease_id, self._step_id, self.plan.index)
 
     async def _run_step(self, plan: StepPlan, epoch: int) -> None:
@@ -173,7 +179,7 @@ class ReplicaEngine:
             if reason:
                 self._finish(seq, reason)
         self._publish_cache_events()
-        self.log.debug("step", tokens=plan.num_tokens, seqs=len(plan.chunks), ms=(time.perf_counter() - t0) * 1e3)
+        self._observe(plan, resp, t0)
 
     async def _step_failed(self, plan: StepPlan, epoch: int, exc: grpc.aio.AioRpcError) -> None:
         if epoch != self.plan.epoch:
@@ -196,6 +202,23 @@ class ReplicaEngine:
         sink = self.sinks.pop(seq.seq_id, None)
         if sink:
             sink.on_finish(seq)
+
+    def _observe(self, plan: StepPlan, resp: pb.ForwardResponse, t0: float) -> None:
+        """Metrics of a returned step. The scheduler stays pure: its counters are read here."""
+        rtt_s = time.perf_counter() - t0
+        compute_s = sum(resp.stage_compute_us) / 1e6
+        # What is not compute is wire, (de)serialisation and waiting for a busy stage, per hop.
+        metrics.HOP.observe(max(0.0, rtt_s - compute_s) / max(1, self.plan.num_stages))
+        sched, replica = self.scheduler, str(self.plan.index)
+        metrics.QUEUE_DEPTH.labels(replica).set(sched.num_waiting)
+        metrics.RUNNING.labels(replica).set(len(sched.running))
+        metrics.KV_USED.labels(replica).set(sched.bm.num_blocks - sched.bm.num_free)
+        metrics.KV_FREE.labels(replica).set(sched.bm.num_free)
+        if sched.num_preemptions > self._preemptions_seen:
+            metrics.REPLAYS.inc(sched.num_preemptions - self._preemptions_seen)
+            self._preemptions_seen = sched.num_preemptions
+        self.log.debug("step", tokens=plan.num_tokens, seqs=len(plan.chunks), ms=round(rtt_s * 1e3, 3),
+                       compute_us=list(resp.stage_compute_us))
 
     def _publish_cache_events(self) -> None:
         events: CacheEvents = self.scheduler.bm.drain_events()
