@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import grpc
 import torch
+from structlog.contextvars import bound_contextvars
 
-from stagemesh import wire
+from stagemesh import metrics, wire
 from stagemesh.errors import FailedPrecondition, StagemeshError, Unavailable, grpc_errors
 from stagemesh.net import GRPC_OPTIONS
 from stagemesh.v1 import stagemesh_pb2 as pb
@@ -47,6 +48,12 @@ class StageService(pb_grpc.StageServicer):
 
     @grpc_errors
     async def Forward(self, request, context):
+        # A micro-batch holds many requests: its log lines carry the lease and step ids, and the
+        # gateway's `step_sent` debug line maps a step id to its request ids.
+        with bound_contextvars(lease_id=request.lease_id, step_id=request.step_id):
+            return await self._forward(request, context)
+
+    async def _forward(self, request, context):
         loaded = self.loaded
         if loaded is None:
             raise Unavailable("this stage has not loaded its layers yet")
@@ -56,6 +63,8 @@ class StageService(pb_grpc.StageServicer):
             )
         loop = asyncio.get_running_loop()
         out = await loop.run_in_executor(self._compute, loaded.executor.run, request)
+        metrics.STAGE_STEP.labels(str(loaded.assignment.stage_index)).observe(out.compute_us / 1e6)
+        self.log.debug("forward", tokens=len(request.token_ids), seqs=len(request.chunks), compute_us=out.compute_us)
         if loaded.next_stub is None:
             return pb.ForwardResponse(
                 samples=[pb.SampledToken(seq_id=s, token_id=t) for s, t in out.samples],
