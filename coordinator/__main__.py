@@ -22,6 +22,9 @@ def main(argv=None) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--dead-after-s", type=float, default=1.5, help="silence after which a worker is dead")
+    p.add_argument("--state-file", default="", help="persist the plan here (survives a coordinator restart)")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     log = logging_setup.configure("coordinator", args.log_level)
@@ -29,7 +32,9 @@ def main(argv=None) -> None:
         model = ModelConfig.from_dir(args.model)
         config = CoordinatorConfig(
             num_layers=model.num_hidden_layers, stages=args.stages, replicas=args.replicas,
-            block_size=args.block_size, host=args.host, port=args.port,
+            metrics_port=args.metrics_port,
+            block_size=args.block_size, host=args.host, port=args.port, dead_after_s=args.dead_after_s,
+            state_file=args.state_file,
         )
     except (CheckpointError, ValueError) as exc:
         sys.exit(f"coordinator: {exc}")

@@ -14,11 +14,17 @@ class CoordinatorConfig:
     host: str = "127.0.0.1"
     port: int = 0
     heartbeat_interval_ms: int = 500
+    metrics_port: int = 0  # Prometheus /metrics; 0: off
+    # A worker silent this long is dead (3 missed heartbeats at the default interval).
+    dead_after_s: float = 1.5
+    state_file: str = ""  # where the plan is persisted; empty: not persisted
 
     def __post_init__(self):
         if self.stages < 1 or self.replicas < 1:
             raise ValueError("stages and replicas must be >= 1")
         if self.num_layers < self.stages:
             raise ValueError(f"the model has {self.num_layers} layers, fewer than --stages {self.stages}")
+        if self.dead_after_s * 1000 <= self.heartbeat_interval_ms:
+            raise ValueError("dead_after_s must exceed the heartbeat interval")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")

@@ -1,14 +1,23 @@
 """Membership and the plan: who serves which layers of which replica, under which epoch.
 
-Called from the coordinator's event loop only. The plan is built once enough workers have
-registered (stages x replicas); later workers wait as spares.
+The plan is built once enough workers have registered (stages x replicas); later workers wait as
+spares. When a worker in the plan is declared dead (missed heartbeats, or a gateway's report),
+its slot goes to a spare with the same layer range, or else its replica is re-partitioned over
+the replica's survivors; the epoch bumps either way. The plan is persisted (when a state file is
+configured) so a restarted coordinator keeps it: workers re-register under their old addresses
+and get their old slots back without an epoch change.
+
+Called from the coordinator's event loop only.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 from coordinator.config import CoordinatorConfig
 from coordinator.planner import partition_uniform
@@ -36,16 +45,31 @@ class StageSlot:
 
 
 class Registry:
-    def __init__(self, config: CoordinatorConfig):
+    def __init__(self, config: CoordinatorConfig, log=None):
         self.config = config
+        self.log = log
         self.workers: dict[str, Worker] = {}
         self.epoch = 0
         self.replicas: list[list[StageSlot]] = []
+        self.rebalances = 0
+        self.failovers = 0
         self._ids = itertools.count(1)
+        # Slots of a persisted plan waiting for their worker to re-register: address -> slot.
+        self._orphans: dict[str, StageSlot] = {}
+        self._load_state()
 
+    # -- membership ----------------------------------------------------------------------------
     def register(self, address: str, device: str, memory_bytes: int) -> Worker:
+        olds = [w.worker_id for w in self.workers.values() if w.address == address]
         worker = Worker(f"w{next(self._ids)}", address, device, memory_bytes)
         self.workers[worker.worker_id] = worker
+        for old in olds:  # a restarted worker at the same address: its old self is gone
+            if not self.fail(old):
+                self._forget(old)
+        slot = self._orphans.pop(address, None)
+        if slot is not None:  # a worker of the persisted plan is back: same slot, same epoch
+            self._set_slot(replace(slot, worker_id=worker.worker_id))
+            worker.loaded_epoch = self.epoch
         self._maybe_plan()
         return worker
 
@@ -59,6 +83,45 @@ class Registry:
         worker.mean_step_us = mean_step_us
         return worker
 
+    def expire(self, dead_after_s: float) -> list[str]:
+        """Declare workers silent for longer than dead_after_s dead; returns their ids."""
+        now = time.monotonic()
+        dead = [w.worker_id for w in self.workers.values() if now - w.last_seen > dead_after_s]
+        for worker_id in dead:
+            self.fail(worker_id)
+        return dead
+
+    def fail(self, worker_id: str) -> bool:
+        """Remove a worker; re-plan its replica if it served one. Returns whether the plan changed."""
+        slot = self.slot_of(worker_id)
+        self._forget(worker_id)
+        if slot is None:
+            return False
+        spare = self._spare()
+        if spare is not None:
+            self._set_slot(replace(slot, worker_id=spare.worker_id))
+            how = f"spare {spare.worker_id}"
+        else:
+            survivors = [s.worker_id for s in self.replicas[slot.replica] if s.worker_id != worker_id]
+            if not survivors or len(survivors) > self.config.num_layers:
+                self.replicas[slot.replica] = []
+                how = "none: replica dropped"
+            else:
+                ranges = partition_uniform(self.config.num_layers, len(survivors))
+                self.replicas[slot.replica] = [
+                    StageSlot(wid, slot.replica, i, a, b) for i, (wid, (a, b)) in enumerate(zip(survivors, ranges))
+                ]
+                how = f"{len(survivors)} survivor(s)"
+        self.replicas = [r for r in self.replicas if r]
+        self.replicas = [[replace(s, replica=i) for s in r] for i, r in enumerate(self.replicas)]
+        self.epoch += 1
+        self.failovers += 1
+        self._save_state()
+        if self.log:
+            self.log.warning("worker_failed", worker_id=worker_id, replaced_by=how, epoch=self.epoch)
+        return True
+
+    # -- queries -------------------------------------------------------------------------------
     def slot_of(self, worker_id: str) -> StageSlot | None:
         for replica in self.replicas:
             for slot in replica:
@@ -73,22 +136,65 @@ class Registry:
         return ""
 
     def ready(self) -> bool:
-        return bool(self.replicas) and all(
-            self.workers[s.worker_id].loaded_epoch == self.epoch for r in self.replicas for s in r
+        return bool(self.replicas) and not self._orphans and all(
+            s.worker_id in self.workers and self.workers[s.worker_id].loaded_epoch == self.epoch
+            for r in self.replicas for s in r
         )
+
+    # -- internals -----------------------------------------------------------------------------
+    def _spare(self) -> Worker | None:
+        in_plan = {s.worker_id for r in self.replicas for s in r}
+        for worker in self.workers.values():
+            if worker.worker_id not in in_plan:
+                return worker
+        return None
+
+    def _forget(self, worker_id: str) -> None:
+        self.workers.pop(worker_id, None)
+
+    def _set_slot(self, slot: StageSlot) -> None:
+        self.replicas[slot.replica][slot.stage_index] = slot
 
     def _maybe_plan(self) -> None:
         cfg = self.config
         needed = cfg.stages * cfg.replicas
-        if self.replicas or len(self.workers) < needed:
+        if self.replicas or self._orphans or len(self.workers) < needed:
             return
         ranges = partition_uniform(cfg.num_layers, cfg.stages)
         ids = list(self.workers)[:needed]
         self.replicas = [
-            [
-                StageSlot(ids[r * cfg.stages + i], r, i, start, end)
-                for i, (start, end) in enumerate(ranges)
-            ]
+            [StageSlot(ids[r * cfg.stages + i], r, i, start, end) for i, (start, end) in enumerate(ranges)]
             for r in range(cfg.replicas)
         ]
         self.epoch += 1
+        self._save_state()
+
+    def _save_state(self) -> None:
+        path = self.config.state_file
+        if not path:
+            return
+        state = {
+            "epoch": self.epoch,
+            "replicas": [[{**asdict(s), "address": self.workers[s.worker_id].address} for s in r]
+                         for r in self.replicas],
+        }
+        tmp = f"{path}.tmp"
+        Path(tmp).write_text(json.dumps(state))
+        os.replace(tmp, path)  # atomic: a crash never leaves half a plan
+
+    def _load_state(self) -> None:
+        path = self.config.state_file
+        if not path or not Path(path).exists():
+            return
+        state = json.loads(Path(path).read_text())
+        self.epoch = int(state["epoch"])
+        self.replicas = []
+        for r in state["replicas"]:
+            slots = []
+            for s in r:
+                slot = StageSlot(f"pending:{s['address']}", s["replica"], s["stage_index"], s["layer_start"], s["layer_end"])
+                self._orphans[s["address"]] = slot
+                slots.append(slot)
+            self.replicas.append(slots)
+        if self.log:
+            self.log.info("plan_restored", epoch=self.epoch, stages=len(self._orphans))

@@ -7,8 +7,10 @@ import asyncio
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from stagemesh import metrics
 from stagemesh.errors import grpc_errors
 from stagemesh.net import GRPC_OPTIONS
+from stagemesh.reflection import enable_reflection
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
@@ -21,8 +23,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def __init__(self, config: CoordinatorConfig, log):
         self.config = config
-        self.registry = Registry(config)
+        self.registry = Registry(config, log)
         self.log = log
+        self._epoch_seen = 0  # for the rebalance counter
 
     @grpc_errors
     async def Register(self, request, context):
@@ -32,6 +35,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @grpc_errors
     async def Heartbeat(self, request, context):
+        self._count_epoch_changes()
         worker = self.registry.heartbeat(request.worker_id, request.loaded_epoch, request.num_blocks, request.mean_step_us)
         if worker is None:
             return pb.HeartbeatResponse(reregister=True)
@@ -52,6 +56,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @grpc_errors
     async def GetPlan(self, request, context):
+        self._count_epoch_changes()
         reg = self.registry
         plan = pb.Plan(
             epoch=reg.epoch, ready=reg.ready(), num_layers_total=self.config.num_layers, block_size=self.config.block_size
@@ -59,14 +64,25 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         for replica in reg.replicas:
             rp = plan.replicas.add()
             for slot in replica:
-                w = reg.workers[slot.worker_id]
-                blocks = w.num_blocks if w.loaded_epoch == reg.epoch else 0
+                w = reg.workers.get(slot.worker_id)  # None: restored plan, worker not back yet
+                blocks = w.num_blocks if w and w.loaded_epoch == reg.epoch else 0
                 rp.stages.add(
-                    worker_id=w.worker_id, address=w.address, layer_start=slot.layer_start,
-                    layer_end=slot.layer_end, num_blocks=blocks,
+                    worker_id=slot.worker_id, address=w.address if w else slot.worker_id.removeprefix("pending:"),
+                    layer_start=slot.layer_start, layer_end=slot.layer_end, num_blocks=blocks,
                 )
             rp.num_blocks = min(s.num_blocks for s in rp.stages)
         return plan
+
+    def _count_epoch_changes(self) -> None:
+        """Every epoch after the first this process serves is a re-plan (rebalance or failover).
+
+        Read on Heartbeat and GetPlan, which workers and gateways send every fraction of a second,
+        so the Registry stays free of metrics code.
+        """
+        epoch = self.registry.epoch
+        if self._epoch_seen and epoch > self._epoch_seen:
+            metrics.REBALANCES.inc(epoch - self._epoch_seen)
+        self._epoch_seen = max(self._epoch_seen, epoch)
 
 
 async def serve(config: CoordinatorConfig, log, ready_event: asyncio.Event | None = None) -> None:
@@ -75,12 +91,22 @@ async def serve(config: CoordinatorConfig, log, ready_event: asyncio.Event | Non
     pb_grpc.add_CoordinatorServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    enable_reflection(server, pb.DESCRIPTOR, "Coordinator")
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
+    metrics.start_metrics_server(config.metrics_port, config.host)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    liveness = asyncio.create_task(_expire_loop(service.registry, config))
     log.info("coordinator ready", address=f"{config.host}:{port}")
     print(f"coordinator ready on {config.host}:{port}", flush=True)
     await _wait_for_stop(server)
+
+
+async def _expire_loop(registry: Registry, config: CoordinatorConfig) -> None:
+    """Declare silent workers dead (a killed or frozen process stops heartbeating)."""
+    while True:
+        await asyncio.sleep(config.heartbeat_interval_ms / 4000)
+        registry.expire(config.dead_after_s)
 
 
 async def _wait_for_stop(server) -> None:

@@ -12,6 +12,7 @@ another thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
@@ -53,7 +54,8 @@ class ReplicaPlan:
 
 class ReplicaEngine:
     def __init__(self, plan: ReplicaPlan, model_id: str, sched_config: SchedulerConfig, log,
-                 forward_timeout_s: float = 120.0, on_cache_events=None, on_stale_epoch=None):
+                 forward_timeout_s: float = 120.0, on_cache_events=None, on_stale_epoch=None,
+                 on_stage_failure=None):
         self.plan = plan
         self.model_id = model_id
         self.log = log.bind(replica=plan.index)
@@ -63,8 +65,11 @@ class ReplicaEngine:
         self.sinks: dict[int, TokenSink] = {}
         self._on_cache_events = on_cache_events
         self._on_stale_epoch = on_stale_epoch
+        self._on_stage_failure = on_stage_failure  # nudges the plan watcher to poll now
+        self.replays = 0
         self._wakeup = asyncio.Event()
-        self._inflight = 0
+        self.generation = 0  # bumps when the replica's KV is reset (new chain): old steps are void
+        self._inflight: dict[int, int] = {}  # generation -> micro-batches in flight
         self._step_id = 0
         self._task: asyncio.Task | None = None
         self._closed = False
@@ -110,20 +115,43 @@ class ReplicaEngine:
     @property
     def replica_id(self) -> str:
         """Name of this replica's KV in the global index; a new plan gives a new name."""
-        return f"{self.model_id}/{self.lease_id}/r{self.plan.index}@{self.plan.epoch}"
+        return f"{self.model_id}/{self.lease_id}/r{self.plan.index}g{self.generation}"
 
-    def replan(self, plan: ReplicaPlan) -> None:
-        """A new epoch: re-prefill every live sequence on the new stages from its history."""
+    def set_epoch(self, epoch: int) -> None:
+        """A new plan that leaves this replica's chain as it was: keep KV, stamp the new epoch."""
+        self.plan = dataclasses.replace(self.plan, epoch=epoch)
+        self._wakeup.set()
+
+    def replan(self, plan: ReplicaPlan) -> int:
+        """A new chain: every live sequence re-prefills on the new stages from its token history.
+
+        Returns the number of sequences replayed. Their streams continue where they were: tokens
+        are only ever appended, so the client sees no gap and no duplicate.
+        """
         old_channel = self._channel
-        live = self.scheduler.running
+        live = len(self.scheduler.running) + self.scheduler.num_waiting
         self._install(plan, keep=self.scheduler)
         asyncio.get_running_loop().create_task(old_channel.close())
-        self.log.info("replica_replanned", epoch=plan.epoch, live=len(live))
+        self.replays += live
+        self.log.info("replica_replanned", epoch=plan.epoch, replayed=live)
         self._wakeup.set()
+        return live
+
+    def adopt(self, seqs_and_sinks) -> None:
+        """Take over sequences of a replica that left the plan (re-prefilled here)."""
+        for seq, sink in seqs_and_sinks:
+            self.scheduler.add_front(seq)
+            self.sinks[seq.seq_id] = sink
+        self._wakeup.set()
+
+    def surrender(self):
+        """Hand every live sequence (and its sink) over; this engine is being retired."""
+        return [(seq, self.sinks.pop(seq.seq_id)) for seq in self.scheduler.drain_live() if seq.seq_id in self.sinks]
 
     # -- internals -----------------------------------------------------------------------------
     def _install(self, plan: ReplicaPlan, keep: Scheduler | None = None) -> None:
         self.plan = plan
+        self.generation += 1
         self._channel = grpc.aio.insecure_channel(plan.first_address, options=GRPC_OPTIONS)
         self._stub = pb_grpc.StageStub(self._channel)
         inflight = max(self.sched_config.inflight_target, plan.num_stages)
@@ -141,15 +169,16 @@ class ReplicaEngine:
     async def _loop(self) -> None:
         while not self._closed:
             self._wakeup.clear()
-            while self._inflight < self.scheduler.config.inflight_target:
+            while self._inflight.get(self.generation, 0) < self.scheduler.config.inflight_target:
                 plan = self.scheduler.schedule()
                 for seq in self.scheduler.rejected:
                     self._finish(seq, seq.finish_reason or "error")
                 self.scheduler.rejected.clear()
                 if plan is None:
                     break
-                self._inflight += 1
-                asyncio.get_running_loop().create_task(self._run_step(plan, self.plan.epoch))
+                gen = self.generation
+                self._inflight[gen] = self._inflight.get(gen, 0) + 1
+                asyncio.get_running_loop().create_task(self._run_step(plan, gen))
             await self._wakeup.wait()
 
     def _request(self, plan: StepPlan) -> pb.ForwardRequest:
@@ -159,19 +188,19 @@ class ReplicaEngine:
                        request_ids=[c.seq.request_id for c in plan.chunks])
         return build_forward_request(plan, self.plan.epoch, self.lease_id, self._step_id, self.plan.index)
 
-    async def _run_step(self, plan: StepPlan, epoch: int) -> None:
+    async def _run_step(self, plan: StepPlan, generation: int) -> None:
+        t0 = time.perf_counter()
         try:
-            t0 = time.perf_counter()
             resp = await self._stub.Forward(self._request(plan), timeout=self.forward_timeout_s)
-            self._failures = 0
         except grpc.aio.AioRpcError as exc:
-            await self._step_failed(plan, epoch, exc)
+            await self._step_failed(plan, generation, exc)  # backs off before the slot frees
             return
         finally:
-            self._inflight -= 1
+            self._inflight[generation] -= 1
             self._wakeup.set()
-        if epoch != self.plan.epoch:
-            return  # answered under an old plan; those sequences were re-queued already
+        if generation != self.generation:
+            return  # the chain changed meanwhile: these sequences were re-queued for replay
+        self._failures = 0
         sampled = {s.seq_id: s.token_id for s in resp.samples}
         for seq in self.scheduler.update(plan, sampled):
             sink = self.sinks.get(seq.seq_id)
@@ -181,21 +210,27 @@ class ReplicaEngine:
         self._publish_cache_events()
         self._observe(plan, resp, t0)
 
-    async def _step_failed(self, plan: StepPlan, epoch: int, exc: grpc.aio.AioRpcError) -> None:
-        if epoch != self.plan.epoch:
+    async def _step_failed(self, plan: StepPlan, generation: int, exc: grpc.aio.AioRpcError) -> None:
+        """A micro-batch failed. Its sequences run again (KV writes are idempotent per slot);
+        a dead stage is replaced by the coordinator and the new plan replays them. Only a batch
+        the stages refuse as malformed fails its requests."""
+        if generation != self.generation:
             return
         self.scheduler.abort_in_flight(plan)
+        code = exc.code()
         self._failures += 1
-        self.log.warning("step_failed", code=exc.code().name, detail=exc.details(), failures=self._failures)
-        if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and self._on_stale_epoch:
+        self.log.warning("step_failed", code=code.name, detail=exc.details(), failures=self._failures)
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+            for c in plan.chunks:
+                self._finish(c.seq, f"error:{code.name.lower()}")
+            return
+        if code == grpc.StatusCode.FAILED_PRECONDITION and self._on_stale_epoch:
             await self._on_stale_epoch()
             return
-        if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE) or self._failures >= 5:
-            # The stages refused this batch (or keep failing): fail its requests, serve the rest.
-            for c in plan.chunks:
-                self._finish(c.seq, f"error:{exc.code().name.lower()}")
-            return
-        await asyncio.sleep(min(0.05 * 2 ** self._failures, 2.0))
+        # UNAVAILABLE / DEADLINE_EXCEEDED / CANCELLED: wait for the plan to change, then retry.
+        if self._on_stage_failure:
+            self._on_stage_failure()
+        await asyncio.sleep(min(0.02 * 2 ** self._failures, 1.0))
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)

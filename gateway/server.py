@@ -16,6 +16,7 @@ import grpc
 from structlog.contextvars import bound_contextvars
 
 from stagemesh import metrics
+from stagemesh import metrics
 from stagemesh.errors import Unavailable, grpc_errors
 from stagemesh.model_config import ModelConfig
 from stagemesh.net import GRPC_OPTIONS
@@ -98,17 +99,23 @@ class Gateway:
         self._coord_channel = grpc.aio.insecure_channel(config.coordinator, options=GRPC_OPTIONS)
         self._coord = pb_grpc.CoordinatorStub(self._coord_channel)
         self._refresh_lock = asyncio.Lock()
+        self._watcher: asyncio.Task | None = None
+        self._poke = asyncio.Event()  # a stage failed: poll the coordinator now
         self.limits: ModelLimits | None = None
         self.index = PrefixIndexLink(config.cache_service, log) if config.cache_service else None
         self.router: Router | None = None
+        self._chains: list[tuple] = []
 
     async def start(self) -> None:
         plan = await self._wait_for_plan()
         self._apply_plan(plan)
         if self.index is not None:
             self.index.start(self._index_snapshot)
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_plan())
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self.index is not None:
             await self.index.close()
         for engine in self.engines:
@@ -168,6 +175,26 @@ class Gateway:
             if plan.epoch != self.epoch:
                 self._apply_plan(plan)
 
+    def stage_failed(self) -> None:
+        self._poke.set()
+
+    async def _watch_plan(self, interval_s: float = 0.25) -> None:
+        """Follow the coordinator's plan: a failover or rebalance bumps the epoch."""
+        while True:
+            try:
+                await asyncio.wait_for(self._poke.wait(), interval_s)
+            except asyncio.TimeoutError:
+                pass
+            self._poke.clear()
+            try:
+                plan = await self._coord.GetPlan(pb.GetPlanRequest(), timeout=2)
+            except grpc.aio.AioRpcError:
+                continue  # coordinator restarting: keep serving on the plan we have
+            if plan.epoch != self.epoch and plan.ready and plan.replicas and all(r.num_blocks > 0 for r in plan.replicas):
+                async with self._refresh_lock:
+                    if plan.epoch != self.epoch:
+                        self._apply_plan(plan)
+
     async def _wait_for_plan(self) -> pb.Plan:
         deadline = asyncio.get_running_loop().time() + self.config.plan_wait_s
         while True:
@@ -183,6 +210,7 @@ class Gateway:
 
     def _apply_plan(self, plan: pb.Plan) -> None:
         self.epoch = plan.epoch
+        chains = [tuple((st.address, st.layer_start, st.layer_end) for st in r.stages) for r in plan.replicas]
         specs = [
             ReplicaPlan(index=i, epoch=plan.epoch, first_address=r.stages[0].address, num_blocks=r.num_blocks,
                         block_size=plan.block_size, num_stages=len(r.stages))
@@ -192,7 +220,7 @@ class Gateway:
             self.engines = [
                 ReplicaEngine(spec, self.model_id, self.config.scheduler, self.log,
                               forward_timeout_s=self.config.forward_timeout_s, on_stale_epoch=self.refresh_plan,
-                              on_cache_events=self._on_cache_events)
+                              on_cache_events=self._on_cache_events, on_stage_failure=self.stage_failed)
                 for spec in specs
             ]
             for engine in self.engines:
@@ -200,11 +228,8 @@ class Gateway:
             self.router = Router(self.engines, self.model_id, plan.block_size, index=self.index,
                                  policy=self.config.routing, weight=self.config.routing_weight, log=self.log)
         else:
-            for i, (engine, spec) in enumerate(zip(self.engines, specs)):
-                if self.index is not None:
-                    self.index.clear(engine.replica_id)  # its KV is gone with the old plan
-                engine.replan(spec)
-                self.router.reset_replica(i)
+            self._replan_engines(specs, chains)
+        self._chains = chains
         capacity = min(s.num_blocks for s in specs) * plan.block_size
         self.limits = ModelLimits(
             model_id=self.model_id, vocab_size=self.model.vocab_size,
@@ -212,6 +237,24 @@ class Gateway:
             default_max_tokens=self.config.default_max_tokens, max_stop_strings=self.config.max_stop_strings,
         )
         self.log.info("plan_applied", epoch=plan.epoch, replicas=len(specs), kv_tokens=capacity)
+
+    def _replan_engines(self, specs: list[ReplicaPlan], chains: list[tuple]) -> None:
+        """Replay only replicas whose chain changed; retire replicas that left the plan."""
+        for engine in self.engines[len(specs):]:  # no worker left for them: move their requests
+            self.engines[0].adopt(engine.surrender()) if specs else None
+            asyncio.get_running_loop().create_task(engine.close())
+        del self.engines[len(specs):]
+        for i, (engine, spec) in enumerate(zip(self.engines, specs)):
+            if self._chains[i] == chains[i] and engine.plan.num_blocks == spec.num_blocks:
+                engine.set_epoch(spec.epoch)
+                continue
+            if self.index is not None:
+                self.index.clear(engine.replica_id)  # its KV is gone with the old chain
+            engine.replan(spec)
+            self.router.reset_replica(i)
+
+
+REQUEST_ID_METADATA = "x-request-id"
 
 
 REQUEST_ID_METADATA = "x-request-id"

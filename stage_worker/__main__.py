@@ -20,7 +20,7 @@ from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
 from stage_worker.config import WorkerConfig
-from stage_worker.server import StageService, heartbeat_loop
+from stage_worker.server import StageService, heartbeat_loop, lease_expiry_loop
 
 
 def parse_args(argv=None):
@@ -35,12 +35,13 @@ def parse_args(argv=None):
     p.add_argument("--kv-cache-bytes", type=int, default=0)
     p.add_argument("--kv-blocks", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--lease-ttl-s", type=float, default=60.0, help="drop a silent gateway's sequences after this")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     cfg = WorkerConfig(model_dir=a.model, coordinator=a.coordinator, host=a.host, port=a.port, device=a.device,
                        advertise=a.advertise, block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, kv_blocks=a.kv_blocks,
-                       threads=a.threads, metrics_port=a.metrics_port)
+                       threads=a.threads, metrics_port=a.metrics_port, lease_ttl_s=a.lease_ttl_s)
     return cfg, a.log_level
 
 
@@ -60,12 +61,14 @@ async def serve(config: WorkerConfig, log) -> None:
              metrics_port=config.metrics_port or None)
     print(f"stage worker ready on {address}", flush=True)
     beat = asyncio.create_task(heartbeat_loop(service, config, address, log))
+    expiry = asyncio.create_task(lease_expiry_loop(service, config.lease_ttl_s))
     stop = asyncio.create_task(wait_for_signal())
     done, _ = await asyncio.wait({beat, stop}, return_when=asyncio.FIRST_COMPLETED)
     if beat in done and beat.exception():
         log.error("worker_failed", error=str(beat.exception()))
         print(f"stage worker: {beat.exception()}", file=sys.stderr, flush=True)
     beat.cancel()
+    expiry.cancel()
     await server.stop(grace=1.0)
     if beat in done and beat.exception():
         sys.exit(1)

@@ -20,6 +20,7 @@ class WorkerConfig:
     kv_blocks: int = 0  # explicit block count (tests); overrides kv_cache_bytes
     gpu_memory_fraction: float = 0.85
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    lease_ttl_s: float = 60.0  # a gateway silent this long is gone: its sequences' KV is dropped
     metrics_port: int = 0  # Prometheus /metrics; 0: off
 
     def __post_init__(self):

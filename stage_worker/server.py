@@ -114,7 +114,15 @@ class StageService(pb_grpc.StageServicer):
         """Load (or keep) the layers of an assignment; runs on the compute thread."""
         current = self.loaded
         loop = asyncio.get_running_loop()
-        if current and (current.assignment.layer_start, current.assignment.layer_end) == (a.layer_start, a.layer_end):
+        same_layers = current and (current.assignment.layer_start, current.assignment.layer_end) == (
+            a.layer_start, a.layer_end)
+        if same_layers and (current.assignment.replica, current.assignment.next_address) == (
+                a.replica, a.next_address):
+            # Same place in the same chain (another replica changed): keep the KV, new epoch only.
+            current.assignment.epoch = a.epoch
+            self.log.info("assignment_epoch", epoch=a.epoch)
+            return
+        if same_layers:
             executor = current.executor
             await loop.run_in_executor(self._compute, executor.reset)
         else:
@@ -149,12 +157,26 @@ class StageService(pb_grpc.StageServicer):
         return 128 * 1024 * 1024
 
 
+async def lease_expiry_loop(service: StageService, ttl_s: float) -> None:
+    """KV belongs to a gateway lease: a gateway that stops sending Forwards loses its blocks."""
+    while True:
+        await asyncio.sleep(min(5.0, ttl_s / 3))
+        loaded = service.loaded
+        if loaded is not None:
+            dropped = await asyncio.get_running_loop().run_in_executor(
+                service._compute, loaded.executor.expire_leases, ttl_s)
+            if dropped:
+                service.log.warning("lease_expired", sequences=dropped)
+
+
 async def heartbeat_loop(service: StageService, config: WorkerConfig, address: str, log) -> None:
     """Register, then heartbeat forever; apply assignments as they change. Survives restarts."""
     channel = grpc.aio.insecure_channel(config.coordinator, options=GRPC_OPTIONS)
     coord = pb_grpc.CoordinatorStub(channel)
     worker_id, interval = "", 0.5
     memory = config.memory_bytes()
+    loading: asyncio.Task | None = None  # weights load in the background; heartbeats go on
+    wake = asyncio.Event()
     while True:
         try:
             if not worker_id:
@@ -172,11 +194,20 @@ async def heartbeat_loop(service: StageService, config: WorkerConfig, address: s
                 worker_id = ""
                 continue
             if hb.HasField("assignment") and (loaded is None or hb.assignment.epoch != loaded.assignment.epoch):
-                await service.apply_assignment(hb.assignment)
-                continue  # report the load at once
+                if loading is None or loading.done():
+                    if loading is not None and loading.exception():
+                        raise loading.exception()
+                    loading = asyncio.create_task(service.apply_assignment(hb.assignment))
+                    loading.add_done_callback(lambda _t: wake.set())
         except grpc.aio.AioRpcError as exc:
             log.warning("coordinator_unreachable", code=exc.code().name)
         except StagemeshError as exc:
             log.error("assignment_failed", error=str(exc))
             raise
-        await asyncio.sleep(interval)
+        if loading is not None and loading.done() and loading.exception():
+            raise loading.exception()
+        wake.clear()
+        try:
+            await asyncio.wait_for(wake.wait(), interval)  # report a finished load at once
+        except asyncio.TimeoutError:
+            pass

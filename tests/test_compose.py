@@ -48,9 +48,9 @@ METRICS = {
                "stagemesh_kv_blocks_free", "stagemesh_prefix_hit_tokens_total",
                "stagemesh_prompt_tokens_total", "stagemesh_rebalances_total", "stagemesh_replays_total"],
 }
-# Flags that compose passes but that a service may not parse yet (issue 8 part 2 adds them). Every
-# other flag in a compose command must be one the service's argparse accepts today.
-PENDING_FLAGS = {"--metrics-port"}
+# Flags that compose passes but that a service may not parse yet. Every other flag in a compose
+# command must be one the service's argparse accepts today.
+PENDING_FLAGS: set[str] = set()
 
 
 # --- the Compose CLI, or the fallback ------------------------------------------------------------
