@@ -21,7 +21,8 @@ def validate_checkpoint(model_dir: str | Path) -> ModelConfig:
     for f in files:
         names |= _header_names(f)
     for i in range(cfg.num_hidden_layers):
-        probe = f"model.layers.{i}.self_attn.q_proj.weight"
+        # Every decoder layer of every supported family has this norm (DeepSeek V3 has no q_proj).
+        probe = f"model.layers.{i}.input_layernorm.weight"
         if probe not in names:
             raise CheckpointError(f"{files[0] if len(files) == 1 else model_dir}: missing tensor {probe}")
     if "model.embed_tokens.weight" not in names:

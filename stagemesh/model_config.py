@@ -14,7 +14,10 @@ from stagemesh.errors import CheckpointError
 
 # Architectures whose decoder layers are Llama-shaped (RMSNorm, rotary, GQA, SwiGLU).
 LLAMA_FAMILY = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
-SUPPORTED_ARCHITECTURES = LLAMA_FAMILY
+# Multi-head Latent Attention + mixture of experts (stage_worker/models/deepseek.py reads the
+# DeepSeek-specific keys from `raw`).
+DEEPSEEK_FAMILY = {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"}
+SUPPORTED_ARCHITECTURES = LLAMA_FAMILY | DEEPSEEK_FAMILY
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,12 @@ class ModelConfig:
         try:
             hidden = int(raw["hidden_size"])
             n_heads = int(raw["num_attention_heads"])
+            n_kv, head_dim = int(raw.get("num_key_value_heads") or n_heads), raw.get("head_dim")
+            if arch in DEEPSEEK_FAMILY:
+                # MLA: every query head has its own K/V once expanded (no GQA), of the q/k width;
+                # config.json's head_dim (transformers writes qk_rope_head_dim) is not a head size.
+                n_kv = n_heads
+                head_dim = int(raw["qk_nope_head_dim"]) + int(raw["qk_rope_head_dim"])
             cfg = cls(
                 architecture=arch,
                 model_type=raw.get("model_type", ""),
@@ -80,8 +89,8 @@ class ModelConfig:
                 intermediate_size=int(raw["intermediate_size"]),
                 num_hidden_layers=int(raw["num_hidden_layers"]),
                 num_attention_heads=n_heads,
-                num_key_value_heads=int(raw.get("num_key_value_heads") or n_heads),
-                head_dim=int(raw.get("head_dim") or hidden // n_heads),
+                num_key_value_heads=n_kv,
+                head_dim=int(head_dim or hidden // n_heads),
                 rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
                 max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -106,6 +115,8 @@ def _arch_from_model_type(model_type: str) -> str:
         "llama": "LlamaForCausalLM",
         "mistral": "MistralForCausalLM",
         "qwen2": "Qwen2ForCausalLM",
+        "deepseek_v2": "DeepseekV2ForCausalLM",
+        "deepseek_v3": "DeepseekV3ForCausalLM",
     }.get(model_type, model_type or "<none>")
 
 

@@ -65,3 +65,53 @@ def make_hf_checkpoint(tmp_dir, kind: str = "llama", num_layers: int = 4, seed: 
     shard = "100KB" if kind == "sharded" else "10GB"
     model.save_pretrained(out, safe_serialization=True, max_shard_size=shard)
     return out
+
+
+DEEPSEEK_KINDS = ("v3", "v2")
+
+
+def _deepseek_config(kind: str, num_layers: int):
+    """Tiny DeepSeek configs: V3 (q LoRA, sigmoid + correction bias, group top-2 sums) and
+    V2-Lite style (no q LoRA, softmax, group-limited greedy); both YaRN past position 64."""
+    from transformers import DeepseekV2Config, DeepseekV3Config
+
+    common = dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                  num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
+                  kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                  n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                  first_k_dense_replace=1, max_position_embeddings=256, rms_norm_eps=1e-5,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+                  initializer_range=0.1,
+                  rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                   "original_max_position_embeddings": 64, "mscale": 1.0,
+                                   "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1})
+    if kind == "v3":
+        return DeepseekV3Config(**common, q_lora_rank=32, n_shared_experts=1, norm_topk_prob=True,
+                                routed_scaling_factor=2.5, rope_interleave=True)
+    if kind == "v2":
+        return DeepseekV2Config(**common, q_lora_rank=None, n_shared_experts=2, norm_topk_prob=False,
+                                routed_scaling_factor=1.5, topk_method="group_limited_greedy")
+    raise ValueError(f"unknown DeepSeek kind {kind!r} (known: {', '.join(DEEPSEEK_KINDS)})")
+
+
+def make_deepseek_model(kind: str = "v3", num_layers: int = 3, seed: int = 0):
+    """A random fp32 transformers DeepSeek model; V3's router correction bias is made non-zero."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _deepseek_config(kind, num_layers)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def make_deepseek_checkpoint(tmp_dir, kind: str = "v3", num_layers: int = 3, seed: int = 0) -> Path:
+    """Write a tiny DeepSeek checkpoint (transformers' own save_pretrained) and return its dir."""
+    out = Path(tmp_dir) / f"deepseek-{kind}-{num_layers}-{seed}"
+    if (out / "config.json").is_file():
+        return out
+    make_deepseek_model(kind, num_layers, seed).save_pretrained(out, safe_serialization=True)
+    return out

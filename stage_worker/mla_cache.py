@@ -1,0 +1,80 @@
+"""The physical KV pool of a Multi-head Latent Attention (DeepSeek V2/V3) stage.
+
+MLA caches, per token and layer, one compressed latent instead of per-head K and V: the
+normalised `c_kv` [kv_lora_rank] (after kv_a_layernorm) and the shared rotary key `k_pe`
+[qk_rope_head_dim] (after rope). Both live side by side in one tensor per layer,
+`[num_slots, kv_lora_rank + qk_rope_head_dim]`, so writing a step's new tokens is one
+`index_copy_` and reading a context is one `index_select` (the flat slot layout of
+kv_cache.PagedKVCache: `slot = block_id * block_size + offset`; the gateway's block tables index
+both pools the same way). Heads are re-created from the latent at attention time
+(models/deepseek.py), which is why the pool is ~57x smaller than full K/V for DeepSeek-V3.
+
+Not thread-safe: one micro-batch executes at a time on a stage, and the attention writes here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class MLAKVCache:
+    """Latent tensors for local layers [0, num_layers) of this stage (indices are local)."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_lora_rank: int,
+                 rope_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 scratch_blocks: int = 0):
+        if min(num_layers, num_blocks, block_size, kv_lora_rank, rope_dim) <= 0:
+            raise ValueError("MLAKVCache dimensions must be positive")
+        self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
+        self.kv_lora_rank, self.rope_dim = kv_lora_rank, rope_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        # No scratch block by default: the CUDA-graph decode path (cuda_graphs.py) is written for
+        # PagedKVCache, and `scratch_block is None` is what keeps the executor off it.
+        self.scratch_blocks = scratch_blocks
+        shape = ((num_blocks + scratch_blocks) * block_size, kv_lora_rank + rope_dim)
+        # latents[i]: [num_slots, kv_lora_rank + rope_dim] = c_kv | k_pe
+        self.latents = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+
+    def layer(self, local_idx: int) -> torch.Tensor:
+        """Latent pool of local layer `local_idx` (0 = this stage's first layer)."""
+        return self.latents[local_idx]
+
+    @property
+    def scratch_block(self) -> int | None:
+        return self.num_blocks if self.scratch_blocks else None
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes one block costs across all local layers."""
+        return self.block_bytes(self.num_layers, self.block_size, self.kv_lora_rank, self.rope_dim,
+                                self.dtype)
+
+    @staticmethod
+    def block_bytes(num_layers: int, block_size: int, kv_lora_rank: int, rope_dim: int,
+                    dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return num_layers * block_size * (kv_lora_rank + rope_dim) * itemsize
+
+    @classmethod
+    def blocks_for_budget(cls, budget_bytes: int, num_layers: int, block_size: int,
+                          kv_lora_rank: int, rope_dim: int, dtype: torch.dtype) -> int:
+        """How many whole blocks fit in `budget_bytes` (0 when not even one does)."""
+        per_block = cls.block_bytes(num_layers, block_size, kv_lora_rank, rope_dim, dtype)
+        return max(0, int(budget_bytes) // per_block)
+
+
+def kv_bytes_per_token(num_layers: int, num_heads: int, kv_lora_rank: int, qk_nope_head_dim: int,
+                       qk_rope_head_dim: int, v_head_dim: int, dtype: torch.dtype) -> dict[str, int]:
+    """KV bytes one token costs over `num_layers` layers: the MLA latent vs full per-head K/V.
+
+    Full K/V is what a standard paged cache would hold if MLA were expanded (K of
+    qk_nope + qk_rope and V of v_head_dim per head), as a non-MLA serving stack does.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    latent = num_layers * (kv_lora_rank + qk_rope_head_dim) * itemsize
+    full = num_layers * num_heads * (qk_nope_head_dim + qk_rope_head_dim + v_head_dim) * itemsize
+    return {"latent": latent, "full_kv": full}

@@ -1,0 +1,451 @@
+"""DeepSeek V2 / V2-Lite / V3 / R1 decoders as plain modules, built for a layer range.
+
+Same stage contract as models/llama.py (first stage embeds, last owns the final norm and head,
+parameter names are the Hugging Face names minus `model.` with *global* layer indices, so the
+loader maps them 1:1 and a stage reads only its layers' tensors, experts included).
+
+Per layer: RMSNorm -> Multi-head Latent Attention -> residual -> RMSNorm -> dense SwiGLU MLP
+(the first `first_k_dense_replace` layers) or a mixture of experts (shared experts + routed
+top-k) -> residual.
+
+MLA data flow for T new tokens (H heads, R = kv_lora_rank, Dn/Dr = qk nope/rope dims, Dv):
+  q  = q_proj(x) | q_b_proj(norm(q_a_proj(x)))              [T, H, Dn + Dr]
+  latent = kv_a_layernorm(c_kv) | rope(k_pe)                   [T, R + Dr] -> written to the pool
+  prefill chunk: context latents -> kv_b_proj -> per-head K [L, H, Dn + Dr], V [L, H, Dv] -> SDPA
+  decode:  absorbed weights, attention runs in the latent space (never expands the context):
+           q_lat = q_nope @ W_UK [H, R]; score = q_lat . c_kv + q_pe . k_pe; o = (p @ c_kv) @ W_UV
+Both paths equal transformers (float32). Routing follows DeepSeek's reference code: V2 softmax
+scores with greedy or group-limited greedy top-k; V3 sigmoid scores, expert choice biased by
+`e_score_correction_bias` (weights are not), group-limited by the sum of each group's top-2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stage_worker.attention import AttnMetadata
+from stage_worker.mla_cache import MLAKVCache
+from stage_worker.models.llama import RMSNorm
+from stagemesh.errors import CheckpointError
+from stagemesh.model_config import ModelConfig
+
+
+@dataclass(frozen=True)
+class DeepseekDims:
+    """DeepSeek-specific fields of config.json (read from `ModelConfig.raw`)."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    first_k_dense_replace: int
+    moe_layer_freq: int
+    n_group: int
+    topk_group: int
+    scoring_func: str  # "softmax" (V2) | "sigmoid" (V3)
+    topk_method: str  # "greedy" | "group_limited_greedy" (V2) | "noaux_tc" (V3)
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+    rope_interleave: bool
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "DeepseekDims":
+        raw, v3 = cfg.raw, cfg.architecture == "DeepseekV3ForCausalLM"
+        if raw.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"config.json: hidden_act {raw['hidden_act']!r} is not supported (silu)")
+        try:
+            dims = cls(
+                q_lora_rank=int(raw["q_lora_rank"]) if raw.get("q_lora_rank") else None,
+                kv_lora_rank=int(raw["kv_lora_rank"]),
+                qk_nope_head_dim=int(raw["qk_nope_head_dim"]),
+                qk_rope_head_dim=int(raw["qk_rope_head_dim"]),
+                v_head_dim=int(raw["v_head_dim"]),
+                n_routed_experts=int(raw.get("n_routed_experts") or 0),
+                n_shared_experts=int(raw.get("n_shared_experts") or 0),
+                num_experts_per_tok=int(raw.get("num_experts_per_tok") or 0),
+                moe_intermediate_size=int(raw.get("moe_intermediate_size") or 0),
+                first_k_dense_replace=int(raw.get("first_k_dense_replace") or 0),
+                moe_layer_freq=int(raw.get("moe_layer_freq") or 1),
+                n_group=int(raw.get("n_group") or 1),
+                topk_group=int(raw.get("topk_group") or 1),
+                scoring_func=raw.get("scoring_func") or ("sigmoid" if v3 else "softmax"),
+                topk_method=raw.get("topk_method") or ("noaux_tc" if v3 else "greedy"),
+                norm_topk_prob=bool(raw.get("norm_topk_prob", v3)),
+                routed_scaling_factor=float(raw.get("routed_scaling_factor", 2.5 if v3 else 1.0)),
+                # Released V2/V3 weights rotate interleaved pairs (x0, x1), (x2, x3), ...
+                rope_interleave=bool(raw.get("rope_interleave", True)),
+            )
+        except KeyError as exc:
+            raise CheckpointError(f"config.json: missing required key {exc.args[0]!r}") from exc
+        if dims.scoring_func not in ("softmax", "sigmoid"):
+            raise CheckpointError(f"config.json: scoring_func {dims.scoring_func!r} is not supported")
+        if dims.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+            raise CheckpointError(f"config.json: topk_method {dims.topk_method!r} is not supported")
+        if dims.n_routed_experts and dims.n_routed_experts % dims.n_group:
+            raise CheckpointError(f"config.json: n_routed_experts={dims.n_routed_experts} is not a "
+                                  f"multiple of n_group={dims.n_group}")
+        return dims
+
+    def is_moe(self, layer_idx: int) -> bool:
+        return (self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
+                and layer_idx % self.moe_layer_freq == 0)
+
+
+# -- rotary (YaRN as DeepSeek configures it) ----------------------------------------------------
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def deepseek_rope(cfg: ModelConfig, dim: int) -> tuple[torch.Tensor, float, float]:
+    """(inv_freq [dim/2] float32, cos/sin scaling, softmax-scale multiplier).
+
+    YaRN as transformers' `_compute_yarn_parameters` and DeepSeek's reference code: frequencies
+    blended between interpolation and extrapolation over a linear ramp, cos/sin scaled by
+    mscale(factor, mscale) / mscale(factor, mscale_all_dim), and the softmax scale by
+    mscale(factor, mscale_all_dim)^2.
+    """
+    rope = cfg.rope
+    kind, base = rope.get("rope_type", "default"), float(rope["rope_theta"])
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # [dim/2]
+    if kind == "default":
+        return 1.0 / pos_freqs, 1.0, 1.0
+    if kind != "yarn":
+        raise CheckpointError(f"config.json: rope_type {kind!r} is not supported for DeepSeek "
+                              f"(supported: default, yarn)")
+    try:
+        old_ctx = rope["original_max_position_embeddings"]
+    except KeyError as exc:
+        raise CheckpointError("config.json: yarn rope scaling lacks 'original_max_position_embeddings'") from exc
+    factor = rope.get("factor") or cfg.max_position_embeddings / old_ctx
+    mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
+    attn_factor = rope.get("attention_factor")
+    if attn_factor is None:
+        attn_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+                       if mscale and mscale_all else _yarn_mscale(factor))
+    beta_fast, beta_slow = rope.get("beta_fast") or 32, rope.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no singular ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolate = 1 - ramp  # [dim/2]: 1 = keep the original frequency
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    softmax_mult = _yarn_mscale(factor, mscale_all) ** 2 if mscale_all else 1.0
+    return inv_freq, float(attn_factor), softmax_mult
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """x: [T, Hx, Dr]; cos, sin: [T, Dr/2] -> rotated x [T, Hx, Dr].
+
+    interleave: pairs (x0, x1), (x2, x3) share a frequency (DeepSeek's layout); the output is
+    de-interleaved ([evens | odds]) as transformers does. The layout only has to be the same for
+    q and k, since attention uses q_pe . k_pe.
+    """
+    c, s = cos[:, None, :], sin[:, None, :]
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+# -- attention ----------------------------------------------------------------------------------
+class MLAttention(nn.Module):
+    """Multi-head Latent Attention over the latent pool (stage_worker/mla_cache.py)."""
+
+    def __init__(self, cfg: ModelConfig, d: DeepseekDims, softmax_mult: float):
+        super().__init__()
+        h, bias = cfg.hidden_size, cfg.attention_bias
+        self.n_heads, self.d = cfg.num_attention_heads, d
+        self.qk_head_dim = d.qk_nope_head_dim + d.qk_rope_head_dim
+        if d.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, self.n_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, d.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(d.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(d.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, d.kv_lora_rank + d.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(d.kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(d.kv_lora_rank, self.n_heads * (d.qk_nope_head_dim + d.v_head_dim),
+                                   bias=False)
+        self.o_proj = nn.Linear(self.n_heads * d.v_head_dim, h, bias=bias)
+        self.scale = self.qk_head_dim ** -0.5 * softmax_mult
+
+    def forward(self, x, cos, sin, meta: AttnMetadata, pool: torch.Tensor) -> torch.Tensor:
+        d, t, nh = self.d, x.shape[0], self.n_heads  # x: [T, H]
+        if d.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(t, nh, self.qk_head_dim)  # [T, Hq, Dn + Dr]
+        q_nope, q_pe = q.split([d.qk_nope_head_dim, d.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([d.kv_lora_rank, d.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin, d.rope_interleave)  # [T, Hq, Dr]
+        k_pe = apply_rope(k_pe[:, None, :], cos, sin, d.rope_interleave)[:, 0]  # [T, Dr]
+        latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)  # [T, R + Dr]
+        pool.index_copy_(0, meta.slot_mapping, latent.to(pool.dtype))
+        out = x.new_empty(t, nh, d.v_head_dim)  # [T, Hq, Dv]
+        for i in meta.prefill_ids:
+            a, b = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+            ctx = pool[meta.context_slots[i]].to(x.dtype)  # [L, R + Dr]
+            out[a:b] = self._expanded(q_nope[a:b], q_pe[a:b], ctx, meta.prefill_masks[i])
+        if meta.decode_ids:
+            if meta.paged:  # GPU layout: derive the padded slots from the block tables
+                slots, mask = _paged_decode_slots(meta)
+            else:
+                slots, mask = meta.decode_slots, meta.decode_mask
+            rows = meta.decode_rows
+            ctx = pool[slots].to(x.dtype)  # [B, Lmax, R + Dr]
+            out[rows] = self._absorbed(q_nope[rows], q_pe[rows], ctx, mask)
+        return self.o_proj(out.reshape(t, nh * d.v_head_dim))  # [T, H]
+
+    def _expanded(self, q_nope, q_pe, ctx, mask) -> torch.Tensor:
+        """Prefill chunk: expand the context latents to per-head K/V. -> [n, Hq, Dv]."""
+        d, nh = self.d, self.n_heads
+        c_kv, k_pe = ctx.split([d.kv_lora_rank, d.qk_rope_head_dim], dim=-1)  # [L, R], [L, Dr]
+        kv = self.kv_b_proj(c_kv).view(-1, nh, d.qk_nope_head_dim + d.v_head_dim)  # [L, Hq, Dn + Dv]
+        k_nope, v = kv.split([d.qk_nope_head_dim, d.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, nh, -1)], dim=-1)  # [L, Hq, Dn + Dr]
+        q = torch.cat([q_nope, q_pe], dim=-1)  # [n, Hq, Dn + Dr]
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                           v.transpose(0, 1)[None], attn_mask=mask,
+                                           is_causal=mask is None, scale=self.scale)  # [1, Hq, n, Dv]
+        return o[0].transpose(0, 1)
+
+    def _absorbed(self, q_nope, q_pe, ctx, mask) -> torch.Tensor:
+        """Decode rows: attention in the latent space with W_UK / W_UV absorbed. -> [B, Hq, Dv].
+
+        q_nope: [B, Hq, Dn]; q_pe: [B, Hq, Dr]; ctx: [B, L, R + Dr]; mask: [B, 1, 1, L] bool.
+        One shared latent "head" (MQA) keyed by c_kv | k_pe, valued by c_kv.
+        """
+        d, nh = self.d, self.n_heads
+        w = self.kv_b_proj.weight.view(nh, d.qk_nope_head_dim + d.v_head_dim, d.kv_lora_rank)
+        w_uk, w_uv = w[:, : d.qk_nope_head_dim], w[:, d.qk_nope_head_dim:]  # [Hq, Dn, R], [Hq, Dv, R]
+        q_lat = torch.einsum("bhn,hnr->bhr", q_nope, w_uk)  # [B, Hq, R]
+        q_full = torch.cat([q_lat, q_pe], dim=-1)[:, :, None, :]  # [B, Hq, 1, R + Dr]
+        keys = ctx[:, None]  # [B, 1, L, R + Dr]
+        values = ctx[:, None, :, : d.kv_lora_rank]  # [B, 1, L, R]
+        o_lat = F.scaled_dot_product_attention(q_full, keys, values, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=True)  # [B, Hq, 1, R]
+        return torch.einsum("bhr,hvr->bhv", o_lat[:, :, 0], w_uv)  # [B, Hq, Dv]
+
+
+def _paged_decode_slots(meta: AttnMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, Lmax] slots and [B, 1, 1, Lmax] mask of the decode rows from paged block tables."""
+    lmax = int(meta.decode_max_ctx)
+    pos = torch.arange(lmax, device=meta.block_tables.device)  # [Lmax]
+    blocks = meta.block_tables[:, pos // meta.block_size]  # [B, Lmax]
+    slots = blocks * meta.block_size + pos % meta.block_size
+    valid = pos[None, :] < meta.decode_ctx[:, None]  # [B, Lmax]
+    return torch.where(valid, slots, torch.zeros_like(slots)), valid[:, None, None, :]
+
+
+# -- feed-forward -------------------------------------------------------------------------------
+class DeepseekMLP(nn.Module):
+    """SwiGLU MLP: the dense layers, each routed expert, and the shared experts (fused)."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEGate(nn.Module):
+    """Router: per token, the top-k routed experts and their weights (float32)."""
+
+    def __init__(self, hidden: int, d: DeepseekDims):
+        super().__init__()
+        self.d = d
+        self.weight = nn.Parameter(torch.empty(d.n_routed_experts, hidden))
+        if d.topk_method == "noaux_tc":
+            # A loaded parameter (not a buffer) so the loader fills it; kept float32 (as HF).
+            self.e_score_correction_bias = nn.Parameter(torch.empty(d.n_routed_experts),
+                                                        requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> (weights [T, k] float32, expert ids [T, k] long)."""
+        d, e = self.d, self.d.n_routed_experts
+        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        scores = logits.sigmoid() if d.scoring_func == "sigmoid" else logits.softmax(-1)
+        if d.topk_method == "greedy":
+            weights, ids = torch.topk(scores, d.num_experts_per_tok, dim=-1, sorted=False)
+        else:
+            choice = scores
+            if d.topk_method == "noaux_tc":
+                choice = scores + self.e_score_correction_bias.float()
+            grouped = choice.view(-1, d.n_group, e // d.n_group)  # [T, G, E/G]
+            if d.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1)[0].sum(-1)  # [T, G]
+            else:
+                group_scores = grouped.max(dim=-1).values
+            keep = torch.topk(group_scores, d.topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, keep, 1).bool()
+            expert_mask = group_mask[:, :, None].expand(-1, -1, e // d.n_group).reshape(-1, e)
+            fill = float("-inf") if d.topk_method == "noaux_tc" else 0.0
+            ids = torch.topk(choice.masked_fill(~expert_mask, fill), d.num_experts_per_tok,
+                             dim=-1, sorted=False)[1]
+            weights = scores.gather(1, ids)  # the bias picks experts, never weighs them
+        if d.norm_topk_prob and d.num_experts_per_tok > 1:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * d.routed_scaling_factor, ids
+
+
+class DeepseekMoE(nn.Module):
+    """Shared experts (every token) + routed top-k experts (gathered per expert)."""
+
+    def __init__(self, cfg: ModelConfig, d: DeepseekDims):
+        super().__init__()
+        h, i, b = cfg.hidden_size, d.moe_intermediate_size, cfg.mlp_bias
+        self.gate = MoEGate(h, d)
+        self.experts = nn.ModuleList(DeepseekMLP(h, i, b) for _ in range(d.n_routed_experts))
+        self.shared_experts = DeepseekMLP(h, i * d.n_shared_experts, b) if d.n_shared_experts else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
+        weights, ids = self.gate(x)  # [T, k], [T, k]
+        out = torch.zeros_like(x)
+        # Host sync on the set of hit experts; a grouped-GEMM kernel would replace this loop.
+        for e in torch.unique(ids).tolist():
+            tok, slot = torch.where(ids == e)  # tokens routed to expert e, and which of their k
+            y = self.experts[e](x[tok]) * weights[tok, slot, None]  # [n, H] float32
+            out.index_add_(0, tok, y.to(out.dtype))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+
+class DeepseekDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, d: DeepseekDims, layer_idx: int, softmax_mult: float):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLAttention(cfg, d, softmax_mult)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = (DeepseekMoE(cfg, d) if d.is_moe(layer_idx)
+                    else DeepseekMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias))
+
+    def forward(self, x, cos, sin, meta, pool) -> torch.Tensor:  # x: [T, H]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, pool)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -- stage --------------------------------------------------------------------------------------
+class DeepseekStage(nn.Module):
+    """Layers [layer_start, layer_end) of a DeepSeek V2/V3 model; one per stage worker.
+
+    Stateless between calls except through the MLAKVCache it is handed (forward writes the new
+    tokens' latents there). Not thread-safe: run one micro-batch at a time.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_start: int, layer_end: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        super().__init__()
+        if not 0 <= layer_start < layer_end <= cfg.num_hidden_layers:
+            raise ValueError(f"bad layer range [{layer_start}, {layer_end}) for "
+                             f"{cfg.num_hidden_layers} layers")
+        self.cfg, self.layer_start, self.layer_end = cfg, layer_start, layer_end
+        self.is_first, self.is_last = layer_start == 0, layer_end == cfg.num_hidden_layers
+        self.dims = d = DeepseekDims.from_config(cfg)
+        inv_freq, self.attention_scaling, softmax_mult = deepseek_rope(cfg, d.qk_rope_head_dim)
+        with torch.device("meta"):  # weights come from the checkpoint: no random init
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.is_first else None
+            self.layers = nn.ModuleDict({str(i): DeepseekDecoderLayer(cfg, d, i, softmax_mult)
+                                         for i in range(layer_start, layer_end)})
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.is_last else None
+            self.lm_head = (nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+                            if self.is_last else None)
+        self.to_empty(device=device).to(dtype)
+        for m in self.modules():  # router bias stays float32 whatever the stage dtype
+            if isinstance(m, MoEGate) and hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias.data = m.e_score_correction_bias.data.float()
+        self.inv_freq = inv_freq.to(device)  # [Dr/2] float32, not a parameter
+        if self.is_first and self.is_last and cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def num_local_layers(self) -> int:
+        return self.layer_end - self.layer_start
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[str(self.layer_start)].input_layernorm.weight.dtype
+
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin: [T, Dr/2], computed in float32 then cast, as transformers does."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, Dr/2]
+        cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor | None, hidden: torch.Tensor | None,
+                meta: AttnMetadata, kv: MLAKVCache) -> torch.Tensor:
+        """input_ids: [T] (first stage) or hidden: [T, H] -> hidden [T, H] before final norm."""
+        if self.is_first:
+            if input_ids is None:
+                raise ValueError("the first stage takes input_ids")
+            x = self.embed_tokens(input_ids)  # [T, H]
+        else:
+            if hidden is None:
+                raise ValueError("a non-first stage takes hidden states")
+            x = hidden.to(self.dtype)  # [T, H]
+        cos, sin = self.rotary(meta.positions, x.dtype)
+        for local, layer in enumerate(self.layers.values()):
+            x = layer(x, cos, sin, meta, kv.layer(local))
+        return x
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [S, H] (rows to sample, pre-norm) -> logits [S, V] float32. Last stage only."""
+        if not self.is_last:
+            raise ValueError("compute_logits is only available on the last stage")
+        return self.lm_head(self.norm(hidden.to(self.dtype))).float()
+
+    def make_kv_cache(self, num_blocks: int, block_size: int, dtype=None, device=None,
+                      scratch_blocks: int | None = None) -> MLAKVCache:
+        """A latent pool shaped for this stage's layers (no scratch block: no CUDA graphs yet)."""
+        p = self.layers[str(self.layer_start)].input_layernorm.weight
+        return MLAKVCache(self.num_local_layers, num_blocks, block_size, self.dims.kv_lora_rank,
+                          self.dims.qk_rope_head_dim, dtype or p.dtype, device or p.device,
+                          scratch_blocks or 0)
+
+
+def layer_profile(cfg: ModelConfig, layer_idx: int, dtype_bytes: int = 2) -> dict[str, float]:
+    """Static cost of one layer for the planner: weight bytes, FLOPs per token, KV bytes per token.
+
+    A MoE layer holds all its experts (memory) but each token runs only the top-k routed plus the
+    shared experts (compute): so MoE layers are heavy in memory and light in FLOPs relative to a
+    dense layer of the same size, and a memory-balanced partition is not a time-balanced one.
+    """
+    d, h = DeepseekDims.from_config(cfg), cfg.hidden_size
+    nh, qk = cfg.num_attention_heads, d.qk_nope_head_dim + d.qk_rope_head_dim
+    q = h * nh * qk if d.q_lora_rank is None else h * d.q_lora_rank + d.q_lora_rank * nh * qk
+    attn = (q + h * (d.kv_lora_rank + d.qk_rope_head_dim)
+            + d.kv_lora_rank * nh * (d.qk_nope_head_dim + d.v_head_dim) + nh * d.v_head_dim * h)
+    if d.is_moe(layer_idx):
+        expert = 3 * h * d.moe_intermediate_size
+        held = d.n_routed_experts * expert + d.n_shared_experts * expert + h * d.n_routed_experts
+        active = (d.num_experts_per_tok + d.n_shared_experts) * expert + h * d.n_routed_experts
+    else:
+        held = active = 3 * h * cfg.intermediate_size
+    return {"weight_bytes": (attn + held) * dtype_bytes, "flops_per_token": 2.0 * (attn + active),
+            "kv_bytes_per_token": (d.kv_lora_rank + d.qk_rope_head_dim) * dtype_bytes,
+            "moe": d.is_moe(layer_idx)}
