@@ -9,10 +9,12 @@ Every failure is a CheckpointError whose one-line message names the offending fi
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from stage_worker.models import MODEL_REGISTRY
 from stagemesh.errors import CheckpointError
@@ -60,9 +62,12 @@ def load_stage(model_dir: str | Path, layer_start: int, layer_end: int,
             where = locations.source
             raise CheckpointError(f"{where}: missing tensor {hf_name}")
         by_file.setdefault(locations[hf_name], []).append(hf_name)
-    with torch.no_grad():
+    # A bar on stderr while tensors are copied (big stages take minutes); tqdm hides it off a TTY.
+    bar = tqdm(total=len(wanted), desc=f"loading layers [{layer_start},{layer_end})", unit="tensor",
+               file=sys.stderr, disable=None, leave=False, dynamic_ncols=True)
+    with torch.no_grad(), bar:
         for path, names in sorted(by_file.items()):
-            _copy_from_file(path, names, wanted, params)
+            _copy_from_file(path, names, wanted, params, on_tensor=bar.update)
     if tied_head and model.is_first:
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval(), cfg
@@ -100,7 +105,7 @@ def _tensor_locations(model_dir: Path) -> _Locations:
     return locs
 
 
-def _copy_from_file(path: Path, names: list[str], wanted: dict, params: dict) -> None:
+def _copy_from_file(path: Path, names: list[str], wanted: dict, params: dict, on_tensor=None) -> None:
     """Copy `names` from one (memory-mapped) shard into the model's parameters."""
     if not path.is_file():
         raise CheckpointError(f"{path}: shard file is missing")
@@ -119,3 +124,5 @@ def _copy_from_file(path: Path, names: list[str], wanted: dict, params: dict) ->
                 raise CheckpointError(f"{path}: tensor {hf_name} has shape "
                                       f"{tuple(tensor.shape)}, expected {tuple(target.shape)}")
             target.copy_(tensor)
+            if on_tensor is not None:
+                on_tensor(1)
