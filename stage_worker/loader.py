@@ -4,6 +4,11 @@ Partitioning is a transform (gpt-fast `apply_tp`, nano-vllm `utils/loader.py`): 
 is built for its layer range, and exactly its tensors are read, memory-mapped, from only the shard
 files that hold them. A 70B stage serving 10 layers thus touches ~1/8 of the checkpoint.
 Every failure is a CheckpointError whose one-line message names the offending file.
+
+FP8 block-quantized checkpoints (DeepSeek-V3's `quantization_config: {"quant_method": "fp8",
+"weight_block_size": [128, 128]}`): a float8 weight with a sibling `<name>_scale_inv` [ceil(out/128),
+ceil(in/128)] is dequantized at load, `w = fp8.float() * scale_inv` per 128x128 block, then cast
+to the stage dtype (bf16 compute; FP8 GEMMs are not used).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ def load_stage(model_dir: str | Path, layer_start: int, layer_end: int,
         wanted[EMBED] = "lm_head.weight"
     if tied_head:
         wanted.pop(HEAD, None)
+    block = _fp8_block(cfg)
     by_file: dict[Path, list[str]] = {}
     for hf_name in wanted:
         if hf_name not in locations:
@@ -67,7 +73,8 @@ def load_stage(model_dir: str | Path, layer_start: int, layer_end: int,
                file=sys.stderr, disable=None, leave=False, dynamic_ncols=True)
     with torch.no_grad(), bar:
         for path, names in sorted(by_file.items()):
-            _copy_from_file(path, names, wanted, params, on_tensor=bar.update)
+            _copy_from_file(path, names, wanted, params, on_tensor=bar.update,
+                            locations=locations, block=block)
     if tied_head and model.is_first:
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval(), cfg
@@ -105,7 +112,30 @@ def _tensor_locations(model_dir: Path) -> _Locations:
     return locs
 
 
-def _copy_from_file(path: Path, names: list[str], wanted: dict, params: dict, on_tensor=None) -> None:
+def _fp8_block(cfg: ModelConfig) -> tuple[int, int]:
+    """(rows, cols) of a quantization block, from config.json (DeepSeek-V3: 128x128)."""
+    qc = cfg.raw.get("quantization_config") or {}
+    size = qc.get("weight_block_size") or (128, 128)
+    if len(size) != 2 or min(size) <= 0:
+        raise CheckpointError(f"config.json: bad quantization_config.weight_block_size {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor,
+                          block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """weight: [out, in] float8; scale_inv: [ceil(out/b0), ceil(in/b1)] -> float32 [out, in]."""
+    rows, cols = weight.shape
+    b0, b1 = block
+    expect = (-(-rows // b0), -(-cols // b1))
+    if tuple(scale_inv.shape) != expect:
+        raise ValueError(f"scale_inv of shape {tuple(scale_inv.shape)}, expected {expect} "
+                         f"for a {rows}x{cols} weight in {b0}x{b1} blocks")
+    scale = scale_inv.float().repeat_interleave(b0, 0)[:rows].repeat_interleave(b1, 1)[:, :cols]
+    return weight.float() * scale
+
+
+def _copy_from_file(path: Path, names: list[str], wanted: dict, params: dict, on_tensor=None,
+                    locations: "_Locations | None" = None, block: tuple[int, int] = (128, 128)) -> None:
     """Copy `names` from one (memory-mapped) shard into the model's parameters."""
     if not path.is_file():
         raise CheckpointError(f"{path}: shard file is missing")
@@ -120,9 +150,35 @@ def _copy_from_file(path: Path, names: list[str], wanted: dict, params: dict, on
                 raise CheckpointError(f"{path}: missing tensor {hf_name}")
             target = params[wanted[hf_name]]
             tensor = f.get_tensor(hf_name)
+            if tensor.dtype in _FP8_DTYPES:
+                tensor = _dequantize(path, f, present, hf_name, tensor, locations, block)
             if tuple(tensor.shape) != tuple(target.shape):
                 raise CheckpointError(f"{path}: tensor {hf_name} has shape "
                                       f"{tuple(tensor.shape)}, expected {tuple(target.shape)}")
             target.copy_(tensor)
             if on_tensor is not None:
                 on_tensor(1)
+
+
+_FP8_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
+
+
+def _dequantize(path: Path, f, present: set, hf_name: str, tensor: torch.Tensor,
+                locations: "_Locations | None", block: tuple[int, int]) -> torch.Tensor:
+    """The float32 value of an FP8 weight, from its `<name>_scale_inv` (this shard or another)."""
+    scale_name = hf_name + "_scale_inv"  # x.weight -> x.weight_scale_inv (DeepSeek-V3 naming)
+    if scale_name in present:
+        scale = f.get_tensor(scale_name)
+    elif locations is not None and scale_name in locations:
+        other = locations[scale_name]
+        try:
+            with safe_open(other, framework="pt") as g:
+                scale = g.get_tensor(scale_name)
+        except Exception as exc:
+            raise CheckpointError(f"{other}: cannot read {scale_name} ({exc})") from exc
+    else:
+        raise CheckpointError(f"{path}: FP8 tensor {hf_name} has no {scale_name} to dequantize it")
+    try:
+        return dequantize_fp8_blocks(tensor, scale, block)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {hf_name}: {exc}") from exc
