@@ -40,9 +40,9 @@ def processes(*cmds: list[str]):
                 proc.kill()
 
 
-def coordinator_cmd(model_dir, port: int, stages: int = 1) -> list[str]:
+def coordinator_cmd(model_dir, port: int, stages: int = 1, *extra: str) -> list[str]:
     return [sys.executable, "-m", "coordinator", "--model", str(model_dir), "--port", str(port),
-            "--stages", str(stages), "--block-size", "4"]
+            "--stages", str(stages), "--block-size", "4", *extra]
 
 
 def worker_cmd(model_dir, coordinator: str, port: int, kv_blocks: int = 64) -> list[str]:
@@ -60,14 +60,16 @@ def gateway_cmd(model_dir, coordinator: str, port: int, *extra: str) -> list[str
 
 
 @contextlib.contextmanager
-def manual_mesh(model_dir, stages: int = 2, kv_blocks: int = 64, gateway_args: tuple[str, ...] = ()):
-    """coordinator + workers + gateway with known addresses (so tests can query each stage)."""
+def manual_mesh(model_dir, stages: int = 2, kv_blocks: int = 64, gateway_args: tuple[str, ...] = (),
+                spares: int = 0, coordinator_args: tuple[str, ...] = ()):
+    """coordinator + workers (+ spares) + gateway with known addresses, so tests can query,
+    kill or freeze each process. procs[0] is the coordinator, procs[-1] the gateway."""
     cport, gport = new_port(), new_port()
     coord = f"127.0.0.1:{cport}"
-    wports = [new_port() for _ in range(stages)]
-    cmds = [coordinator_cmd(model_dir, cport, stages)]
+    wports = [new_port() for _ in range(stages + spares)]
+    cmds = [coordinator_cmd(model_dir, cport, stages, *coordinator_args)]
     cmds += [worker_cmd(model_dir, coord, p, kv_blocks) for p in wports]
     cmds.append(gateway_cmd(model_dir, coord, gport, *gateway_args))
     with processes(*cmds) as procs:
-        yield {"gateway": f"127.0.0.1:{gport}", "coordinator": coord,
+        yield {"gateway": f"127.0.0.1:{gport}", "coordinator": coord, "cmds": cmds,
                "workers": [f"127.0.0.1:{p}" for p in wports], "procs": procs}
