@@ -1,4 +1,4 @@
-"""The `stagemesh` command: up, generate, demo-model.
+"""The `stagemesh` command: up, generate, status, bench, demo-model.
 
 `stagemesh up` and `stagemesh generate --json` are contracts (see DESIGN.md): their flags and
 JSON fields stay stable.
@@ -19,6 +19,8 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_up(sub)
     _add_generate(sub)
+    _add_status(sub)
+    _add_bench(sub)
     _add_demo_model(sub)
     args = parser.parse_args(argv)
     sys.exit(args.func(args) or 0)
@@ -41,6 +43,9 @@ def _add_up(sub) -> None:
     p.add_argument("--routing", default="cache_aware", choices=["cache_aware", "round_robin"])
     p.add_argument("--http-port", type=int, default=0, help="also serve the OpenAI-compatible HTTP API")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="Prometheus /metrics: gateway BASE, coordinator BASE+1, cache_service BASE+2, "
+                        "worker i BASE+10+i (0: off)")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=_run_up)
 
@@ -59,7 +64,8 @@ def _run_up(args) -> int:
                             port=args.port, redis=args.redis, device=args.device, kv_cache_bytes=args.kv_cache_bytes,
                             kv_blocks=args.kv_blocks, max_batched_tokens=args.max_batched_tokens,
                             threads=args.threads, log_level=args.log_level, routing=args.routing,
-                            http_port=args.http_port, max_running=args.max_running)
+                            http_port=args.http_port, max_running=args.max_running,
+                            metrics_port=args.metrics_port)
     except (CheckpointError, ValueError) as exc:
         print(f"stagemesh up: {exc}", file=sys.stderr)
         return 2
@@ -74,7 +80,7 @@ def _run_up(args) -> int:
             return 0
         address = start.result()
         print(f"stagemesh ready on {address} (model {args.model}, {args.stages} stage(s), "
-              f"{args.replicas} replica(s))", flush=True)
+              f"{args.replicas} replica(s)) coordinator {mesh.coordinator_address}", flush=True)
         while not stop.done():
             dead = mesh.dead_child()
             if dead:
@@ -141,6 +147,42 @@ def _run_generate(args) -> int:
         print(f"\n[{out.finish_reason}; {out.prompt_tokens} prompt + {out.completion_tokens} completion tokens, "
               f"{out.cached_tokens} cached]", file=sys.stderr)
     return 0
+
+
+# -- status --------------------------------------------------------------------------------------
+def _add_status(sub) -> None:
+    p = sub.add_parser("status", help="show the plan, the workers, their load and KV use")
+    p.add_argument("--coordinator", default="127.0.0.1:7000",
+                   help="HOST:PORT of the coordinator (`stagemesh up` prints it on its ready line)")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_run_status)
+
+
+def _run_status(args) -> int:
+    from stagemesh.status import run
+
+    return run(args.coordinator, args.json, args.timeout)
+
+
+# -- bench ---------------------------------------------------------------------------------------
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="drive the mesh with a random workload; print throughput and latencies")
+    p.add_argument("--target", default="127.0.0.1:50051")
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--prompt-len", default="16-64", help="prompt length range a-b, in tokens")
+    p.add_argument("--output-len", default="16-32", help="output length range a-b, in tokens (EOS ignored)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=600.0, help="per request, in seconds")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from stagemesh.bench import run
+
+    return run(args)
 
 
 # -- demo-model ----------------------------------------------------------------------------------

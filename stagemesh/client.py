@@ -101,6 +101,9 @@ class AsyncClient:
             out.add(msg)
         return out
 
+    async def list_models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
+        return list((await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout)).models)
+
     async def close(self) -> None:
         await self._channel.close()
 

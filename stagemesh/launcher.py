@@ -38,6 +38,9 @@ class MeshConfig:
     routing: str = "cache_aware"
     http_port: int = 0
     max_running: int = 256
+    # Prometheus /metrics ports, 0: off. Else gateway BASE, coordinator BASE+1, cache_service BASE+2,
+    # worker i BASE+10+i (the layout of compose/prometheus.yml, shifted to BASE).
+    metrics_port: int = 0
     extra_gateway_args: list[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -49,6 +52,7 @@ class Mesh:
     def __init__(self, config: MeshConfig):
         self.config = config
         self.children: list[tuple[str, subprocess.Popen]] = []
+        self.coordinator_address = ""
 
     def start(self, timeout_s: float = 300.0) -> str:
         """Start every process; returns the gateway address once it serves."""
@@ -56,14 +60,17 @@ class Mesh:
         py = sys.executable
         coord_port = free_port()
         coord = f"{cfg.host}:{coord_port}"
+        self.coordinator_address = coord
         self._spawn("coordinator", [py, "-m", "coordinator", "--model", cfg.model_dir, "--stages", str(cfg.stages),
                                     "--replicas", str(cfg.replicas), "--block-size", str(cfg.block_size),
-                                    "--port", str(coord_port), "--log-level", cfg.log_level], timeout_s)
+                                    "--port", str(coord_port), "--log-level", cfg.log_level,
+                                    *self._metrics_args(1)], timeout_s)
         cache_args: list[str] = []
         if cfg.redis:
             cache_port = free_port()
             self._spawn("cache_service", [py, "-m", "cache_service", "--host", cfg.host, "--port", str(cache_port),
-                                          "--redis", cfg.redis, "--log-level", cfg.log_level], timeout_s)
+                                          "--redis", cfg.redis, "--log-level", cfg.log_level,
+                                          *self._metrics_args(2)], timeout_s)
             cache_args = ["--cache-service", f"{cfg.host}:{cache_port}"]
         n_workers = cfg.stages * cfg.replicas + cfg.spares
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // n_workers)
@@ -72,14 +79,18 @@ class Mesh:
                       "--kv-cache-bytes", str(cfg.kv_cache_bytes), "--kv-blocks", str(cfg.kv_blocks),
                       "--log-level", cfg.log_level]
         for i in range(n_workers):
-            self._spawn(f"worker{i}", worker_cmd, timeout_s, wait=False)
+            self._spawn(f"worker{i}", [*worker_cmd, *self._metrics_args(10 + i)], timeout_s, wait=False)
         gw_cmd = [py, "-m", "gateway", "--model", cfg.model_dir, "--coordinator", coord, "--host", cfg.host,
                   "--port", str(cfg.port), "--inflight", str(max(2, cfg.stages)),
                   "--max-batched-tokens", str(cfg.max_batched_tokens), "--max-running", str(cfg.max_running),
                   "--routing", cfg.routing, "--http-port", str(cfg.http_port), "--log-level", cfg.log_level,
-                  *cache_args, *cfg.extra_gateway_args]
+                  *cache_args, *self._metrics_args(0), *cfg.extra_gateway_args]
         self._spawn("gateway", gw_cmd, timeout_s)
         return f"{cfg.host}:{cfg.port}"
+
+    def _metrics_args(self, offset: int) -> list[str]:
+        base = self.config.metrics_port
+        return ["--metrics-port", str(base + offset)] if base else []
 
     def stop(self, timeout_s: float = 10.0) -> None:
         for _, proc in reversed(self.children):
