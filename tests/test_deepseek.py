@@ -1,0 +1,281 @@
+"""DeepSeek V2/V3 stages (MLA + MoE) against transformers itself, in process and through the mesh.
+
+Checkpoints are tiny random DeepseekV3 / DeepseekV2 models written by transformers
+(tests/checkpoints.py: q LoRA or not, YaRN past position 64, dense layer 0 then MoE layers with
+shared + routed experts, group-limited routing, V3's sigmoid scores with a non-zero correction
+bias). They run through 1, 2 and 3 stages with chunked prefill (expanded MLA) and batched
+decode (absorbed MLA over the latent pool); logits and greedy tokens must equal transformers'.
+FP8: a block-quantized copy loads to exactly its dequantized weights. KV: the latent pool's
+bytes per token for the real V3 shape, against full per-head K/V.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from stage_worker.attention import AttnMetadata
+from stage_worker.loader import dequantize_fp8_blocks, load_stage
+from stage_worker.mla_cache import MLAKVCache, kv_bytes_per_token
+from stage_worker.models.deepseek import DeepseekDims, MoEGate, layer_profile
+from stagemesh.checkpoint import validate_checkpoint
+from stagemesh.errors import CheckpointError
+from stagemesh.model_config import ModelConfig
+from tests.checkpoints import make_deepseek_checkpoint
+from tests.reference import hf_greedy, random_prompts
+from tests.test_model import run_pipeline
+
+SPLITS = {1: [(0, 3)], 2: [(0, 1), (1, 3)], 3: [(0, 1), (1, 2), (2, 3)]}
+NEW_TOKENS = 6
+
+# DeepSeek-V3 / R1 config.json (the fields that size attention and the KV cache).
+V3_SHAPE = dict(num_hidden_layers=61, num_attention_heads=128, kv_lora_rank=512, qk_nope_head_dim=128,
+                qk_rope_head_dim=64, v_head_dim=128)
+
+
+@pytest.fixture(scope="module")
+def ds_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("deepseek")
+
+
+_HF: dict = {}
+
+
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    if path not in _HF:
+        _HF[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                         attn_implementation="eager").eval()
+    return _HF[path]
+
+
+_REF: dict = {}
+
+
+def hf_reference(path, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
+    """(transformers' greedy tokens, its logits [L-1, V] over prompt + those tokens), cached."""
+    key = (str(path), tuple(prompt))
+    if key not in _REF:
+        hf = hf_model(path)
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              do_sample=False, max_new_tokens=NEW_TOKENS)
+            _REF[key] = out[0, len(prompt):].tolist(), hf(out).logits[0, :-1]
+    return _REF[key]
+
+
+def _check_against_hf(path, stages, prompts):
+    tokens, rows = run_pipeline(stages, prompts, NEW_TOKENS)
+    for prompt, toks, ours in zip(prompts, tokens, rows):
+        hf_new, ref = hf_reference(path, prompt)  # hf_new may stop early at eos
+        assert toks[:len(hf_new)] == hf_new
+        n = min(len(ours), len(ref))
+        torch.testing.assert_close(ours[:n], ref[:n], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["v3", "v2"])
+@pytest.mark.parametrize("num_stages", [1, 2, 3])
+def test_stages_match_transformers(ds_root, kind, num_stages):
+    """Mixed micro-batches: prefill chunks of 5 (mid-prompt starts) beside decodes; a 70-token
+    prompt crosses YaRN's original context (64)."""
+    path = make_deepseek_checkpoint(ds_root, kind)
+    stages = [load_stage(path, a, b)[0] for a, b in SPLITS[num_stages]]
+    gen = torch.Generator().manual_seed(11)  # same prompts at every split: one HF reference
+    prompts = [torch.randint(3, 320, (n,), generator=gen).tolist() for n in (13, 3, 70, 1)]
+    _check_against_hf(path, stages, prompts)
+
+
+def test_absorbed_decode_equals_expanded(ds_root):
+    """The same query answered by the absorbed (latent) path and the expanded path."""
+    path = make_deepseek_checkpoint(ds_root, "v3")
+    stage, _ = load_stage(path, 0, 3)
+    attn = stage.layers["1"].self_attn
+    d = attn.d
+    gen = torch.Generator().manual_seed(0)
+    ctx = torch.randn(9, d.kv_lora_rank + d.qk_rope_head_dim, generator=gen)  # [L, R + Dr]
+    q_nope = torch.randn(1, attn.n_heads, d.qk_nope_head_dim, generator=gen)
+    q_pe = torch.randn(1, attn.n_heads, d.qk_rope_head_dim, generator=gen)
+    mask = torch.ones(1, 1, 1, 9, dtype=torch.bool)
+    absorbed = attn._absorbed(q_nope, q_pe, ctx[None], mask)  # [1, Hq, Dv]
+    expanded = attn._expanded(q_nope, q_pe, ctx, torch.ones(1, 1, 1, 9, dtype=torch.bool))
+    torch.testing.assert_close(absorbed, expanded, atol=1e-5, rtol=1e-5)
+
+
+def test_router_matches_transformers():
+    """Our gate against transformers' routers: V3 noaux_tc, V2 greedy and group-limited greedy."""
+    from transformers import DeepseekV2Config, DeepseekV3Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 32, generator=gen)
+    base = dict(hidden_size=32, n_routed_experts=16, num_experts_per_tok=3, n_group=4, topk_group=2)
+    cases = [(DeepseekV3Config(**base, norm_topk_prob=True, routed_scaling_factor=2.5),
+              DeepseekV3TopkRouter, "DeepseekV3ForCausalLM")]
+    for method in ("greedy", "group_limited_greedy"):
+        cases.append((DeepseekV2Config(**base, topk_method=method, routed_scaling_factor=1.3),
+                      DeepseekV2TopkRouter, "DeepseekV2ForCausalLM"))
+    for hf_cfg, router_cls, arch in cases:
+        raw = {**hf_cfg.to_dict(), "architectures": [arch], "intermediate_size": 64}
+        ours = MoEGate(32, DeepseekDims.from_config(ModelConfig.from_dict(raw)))
+        ref = router_cls(hf_cfg)
+        with torch.no_grad():
+            ref.weight.normal_(0, 1, generator=gen)
+            ours.weight.copy_(ref.weight)
+            if hasattr(ref, "e_score_correction_bias"):
+                ref.e_score_correction_bias.normal_(0, 0.5, generator=gen)
+                ours.e_score_correction_bias.copy_(ref.e_score_correction_bias)
+            _, ref_w, ref_ids = ref(x)
+            w, ids = ours(x)
+        order, ref_order = ids.argsort(-1), ref_ids.argsort(-1)
+        assert torch.equal(ids.gather(1, order), ref_ids.gather(1, ref_order)), arch
+        torch.testing.assert_close(w.gather(1, order), ref_w.gather(1, ref_order))
+
+
+def test_loader_reads_its_layers_and_experts(ds_root):
+    path = make_deepseek_checkpoint(ds_root, "v3")
+    validate_checkpoint(path)  # the probe no longer needs q_proj (V3 has q_a_proj/q_b_proj)
+    stage, cfg = load_stage(path, 1, 2)
+    names = set(stage.state_dict())
+    assert all(n.startswith("layers.1.") for n in names)
+    assert "layers.1.mlp.experts.7.down_proj.weight" in names
+    assert "layers.1.mlp.gate.e_score_correction_bias" in names
+    assert cfg.head_dim == 24 and cfg.num_key_value_heads == 4
+    first, _ = load_stage(path, 0, 1)
+    assert "layers.0.mlp.gate_proj.weight" in set(first.state_dict())  # dense first layer
+
+
+def test_bf16_stage(ds_root):
+    path = make_deepseek_checkpoint(ds_root, "v3")
+    stage, _ = load_stage(path, 0, 3, dtype=torch.bfloat16)
+    assert stage.layers["1"].mlp.gate.e_score_correction_bias.dtype == torch.float32
+    kv = stage.make_kv_cache(4, 4)
+    assert kv.layer(0).dtype == torch.bfloat16 and kv.layer(0).shape == (16, 32 + 8)
+    meta = AttnMetadata.build([(0, 6, [0, 1])], 4, "cpu")
+    h = stage(torch.arange(3, 9), None, meta, kv)
+    meta = AttnMetadata.build([(6, 1, [0, 1])], 4, "cpu")
+    h = stage(torch.tensor([5]), None, meta, kv)
+    logits = stage.compute_logits(h)
+    assert h.dtype == torch.bfloat16 and logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+# -- FP8 block-quantized checkpoints -----------------------------------------------------------
+def _quantize_fp8(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 [out, in], scale_inv float32 [ceil(out/b), ceil(in/b)]) as DeepSeek-V3 ships."""
+    rows, cols = w.shape
+    gr, gc = -(-rows // block), -(-cols // block)
+    padded = torch.zeros(gr * block, gc * block)
+    padded[:rows, :cols] = w.float()
+    tiles = padded.view(gr, block, gc, block)
+    scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+    q = (tiles / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+    return q.view(gr * block, gc * block)[:rows, :cols].contiguous(), scale
+
+
+def test_fp8_dequant_blocks():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 200, generator=gen) * torch.linspace(0.01, 10, 200)  # 3x2 blocks, ragged
+    q, scale = _quantize_fp8(w)
+    assert scale.shape == (3, 2)
+    deq = dequantize_fp8_blocks(q, scale)
+    for i, j in [(0, 0), (2, 1), (1, 0)]:
+        rows, cols = slice(128 * i, 128 * (i + 1)), slice(128 * j, 128 * (j + 1))
+        torch.testing.assert_close(deq[rows, cols], q[rows, cols].float() * scale[i, j])
+    assert (deq - w).abs().max() <= 0.07 * w.abs().max()  # e4m3: 3 mantissa bits
+    with pytest.raises(ValueError, match="expected"):
+        dequantize_fp8_blocks(q, scale[:2])
+
+
+def test_fp8_checkpoint_equals_dequantized(ds_root, tmp_path):
+    """Quantize every layer linear to float8_e4m3fn + weight_scale_inv; load = dequant-then-run,
+    and greedy on the FP8 checkpoint equals transformers on the dequantized weights."""
+    src = make_deepseek_checkpoint(ds_root, "v3")
+    tensors = load_file(src / "model.safetensors")
+    fp8, deq = dict(tensors), dict(tensors)
+    for name, w in tensors.items():
+        if ".layers." in name and name.endswith("proj.weight") and w.ndim == 2:
+            q, scale = _quantize_fp8(w)
+            fp8[name], fp8[name + "_scale_inv"] = q, scale
+            deq[name] = dequantize_fp8_blocks(q, scale)
+    raw = json.loads((src / "config.json").read_text())
+    for out, ts, extra in ((tmp_path / "fp8", fp8, {"quantization_config": {
+            "quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+            "weight_block_size": [128, 128]}}), (tmp_path / "deq", deq, {})):
+        out.mkdir()
+        save_file(ts, out / "model.safetensors")
+        (out / "config.json").write_text(json.dumps({**raw, **extra}))
+    for a, b in SPLITS[2]:
+        ours, ref = load_stage(tmp_path / "fp8", a, b)[0], load_stage(tmp_path / "deq", a, b)[0]
+        ref_sd = ref.state_dict()
+        for name, t in ours.state_dict().items():
+            assert torch.equal(t, ref_sd[name]), name
+    stages = [load_stage(tmp_path / "fp8", a, b)[0] for a, b in SPLITS[2]]
+    prompts = random_prompts(seed=5, lengths=[11, 4], vocab=320)
+    _check_against_hf(tmp_path / "deq", stages, prompts)
+    del fp8["model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(fp8, bad / "model.safetensors")
+    (bad / "config.json").write_text((tmp_path / "fp8" / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="experts.3.up_proj.weight has no .*weight_scale_inv"):
+        load_stage(bad, 1, 2)
+
+
+# -- KV bytes ----------------------------------------------------------------------------------
+def test_kv_bytes_per_token_v3_shape():
+    """bf16, all 61 layers: latent (512 + 64) vs full K (128 x 192) + V (128 x 128)."""
+    s = V3_SHAPE
+    got = kv_bytes_per_token(s["num_hidden_layers"], s["num_attention_heads"], s["kv_lora_rank"],
+                             s["qk_nope_head_dim"], s["qk_rope_head_dim"], s["v_head_dim"], torch.bfloat16)
+    assert got["latent"] == 61 * 576 * 2 == 70_272
+    assert got["full_kv"] == 61 * 128 * 320 * 2 == 4_997_120
+    ratio = got["full_kv"] / got["latent"]
+    assert 71.1 < ratio < 71.2
+    per_layer = got["latent"] // 61
+    block = MLAKVCache.block_bytes(61, 16, 512, 64, torch.bfloat16)
+    assert block == 16 * got["latent"]
+    print(f"\nDeepSeek-V3 KV bytes/token (bf16): latent {per_layer} B/layer, {got['latent']} B "
+          f"over 61 layers; full K/V {got['full_kv'] // 61} B/layer, {got['full_kv']} B; "
+          f"ratio {ratio:.1f}x; 16-token block {block} B")
+
+
+def test_mla_pool_is_what_the_worker_sizes(ds_root):
+    """The stage's pool reports the bytes a block costs (what the worker divides its budget by)."""
+    path = make_deepseek_checkpoint(ds_root, "v2")
+    stage, cfg = load_stage(path, 1, 3)
+    kv = stage.make_kv_cache(10, 16)
+    assert kv.bytes_per_block == 2 * 16 * (32 + 8) * 4
+    assert sum(t.numel() * t.element_size() for t in kv.latents) == 10 * kv.bytes_per_block
+    assert kv.scratch_block is None  # keeps the executor off the CUDA-graph path
+    dense, moe = layer_profile(cfg, 0), layer_profile(cfg, 1)
+    assert moe["moe"] and not dense["moe"] and moe["weight_bytes"] > dense["weight_bytes"]
+    assert moe["flops_per_token"] < moe["weight_bytes"]  # held experts >> active experts
+
+
+# -- end to end through the real mesh ----------------------------------------------------------
+async def _generate_all(address, prompts, max_tokens):
+    from stagemesh.client import AsyncClient
+
+    async with AsyncClient(address) as client:
+        return await asyncio.gather(*[client.generate(prompt_ids=p, max_tokens=max_tokens, timeout=120)
+                                      for p in prompts])
+
+
+@pytest.mark.parametrize("kind,stages", [("v3", 2), ("v2", 3)])
+def test_mesh_greedy_equals_transformers(ds_root, kind, stages):
+    from tests.mesh import mesh
+
+    model_dir = make_deepseek_checkpoint(ds_root, kind)
+    prompts = random_prompts(seed=stages, lengths=[3, 17, 40, 71, 9], vocab=320)
+    expected = [hf_greedy(model_dir, p, 10) for p in prompts]
+    # A 16-token prefill budget forces the longer prompts through several chunks.
+    with mesh(model_dir, stages=stages, extra=["--max-batched-tokens", "16"]) as m:
+        outs = asyncio.run(_generate_all(m.address, prompts, 10))
+    for prompt, exp, out in zip(prompts, expected, outs):
+        assert out.token_ids == exp, f"prompt of {len(prompt)} tokens diverged"
+        assert out.prompt_tokens == len(prompt) and out.completion_tokens == len(exp)
