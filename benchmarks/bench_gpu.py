@@ -281,6 +281,23 @@ async def _stream(client, prompt, max_tokens):
     return first - t0, rate, n
 
 
+def _start_util_sampler():
+    """nvidia-smi's 'utilization.gpu' (share of time a kernel ran) every 100 ms, or None."""
+    try:
+        return subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                 "-lms", "100"], stdout=subprocess.PIPE, text=True)
+    except OSError:
+        return None
+
+
+def _stop_util_sampler(proc):
+    if proc is None:
+        return None
+    proc.terminate()
+    vals = [float(x) for x in proc.communicate()[0].split() if x.strip().isdigit()]
+    return round(statistics.mean(vals), 1) if vals else None
+
+
 async def _mesh_suite(target, quick) -> dict:
     from stagemesh.client import AsyncClient
 
@@ -297,10 +314,13 @@ async def _mesh_suite(target, quick) -> dict:
         res["decode_b1_tok_s"] = statistics.median(rates)
         log(f"  batch-1 decode: {res['decode_b1_tok_s']:.1f} tok/s ({[round(r, 1) for r in rates]})")
         work = mixed_workload(64 if quick else 256)
+        smi = _start_util_sampler()
         t0 = time.perf_counter()
         outs = await asyncio.gather(*[client.generate(prompt_ids=p, max_tokens=o, ignore_eos=True, timeout=900)
                                       for p, o in work])
         wall = time.perf_counter() - t0
+        res["mixed_gpu_util_pct"] = _stop_util_sampler(smi)
+        log(f"  mixed: GPU busy (nvidia-smi utilization, 100 ms samples) {res['mixed_gpu_util_pct']}%")
         gen = sum(o.completion_tokens for o in outs)
         assert all(o.completion_tokens == w[1] for o, w in zip(outs, work)), "a request stopped early"
         res["mixed_wall_s"], res["mixed_output_tokens"] = wall, gen
@@ -310,21 +330,21 @@ async def _mesh_suite(target, quick) -> dict:
     return res
 
 
-def bench_stagemesh(model_dir, stages_list, kv_total, mbt, out_dir, quick, device="cuda:0") -> dict:
+def bench_stagemesh(model_dir, stages_list, kv_total, mbt, out_dir, quick, device="cuda:0", suffix="") -> dict:
     res = {}
     for i, n in enumerate(stages_list):
         port = 52000 + 10 * i
-        log(f"stagemesh {n} stage(s): starting")
-        mesh = Mesh(model_dir, n, port, kv_total // n, mbt, out_dir / f"mesh_{n}.log", device)
+        log(f"stagemesh {n} stage(s), --max-batched-tokens {mbt}: starting")
+        mesh = Mesh(model_dir, n, port, kv_total // n, mbt, out_dir / f"mesh_{n}_{mbt}.log", device)
         try:
             up = mesh.wait(400)
             log(f"  ready after {up:.0f}s")
             r = asyncio.run(_mesh_suite(mesh.target, quick))
             r["startup_s"] = up
-            res[f"stagemesh_{n}"] = r
+            res[f"stagemesh_{n}{suffix}"] = r
         except Exception as exc:  # keep the other stage counts' results
             log(f"  FAILED: {exc!r}")
-            res[f"stagemesh_{n}"] = {"error": repr(exc)}
+            res[f"stagemesh_{n}{suffix}"] = {"error": repr(exc)}
         finally:
             mesh.stop()
     return res
@@ -461,6 +481,7 @@ def main():
     ap.add_argument("--merge", default="", help="earlier bench_gpu.json to merge into the table")
     ap.add_argument("--quick", action="store_true", help="64 mixed requests instead of 256")
     ap.add_argument("--mesh-device", default="cuda:0", help="cpu: a smoke test of the script itself")
+    ap.add_argument("--suffix", default="", help="appended to the stagemesh result keys (knob sweeps)")
     args = ap.parse_args()
     import torch
 
@@ -494,7 +515,7 @@ def main():
     if "stagemesh" in parts:
         stages = [int(s) for s in args.stages.split(",")]
         res.update(bench_stagemesh(model_dir, stages, args.kv_total_bytes, args.max_batched_tokens, out, args.quick,
-                                   args.mesh_device))
+                                   args.mesh_device, args.suffix))
         save()
     if "reference" in parts:
         res.update(bench_reference(model_dir, args.quick))
