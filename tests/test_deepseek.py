@@ -279,3 +279,51 @@ def test_mesh_greedy_equals_transformers(ds_root, kind, stages):
     for prompt, exp, out in zip(prompts, expected, outs):
         assert out.token_ids == exp, f"prompt of {len(prompt)} tokens diverged"
         assert out.prompt_tokens == len(prompt) and out.completion_tokens == len(exp)
+
+
+def test_paged_metadata_layout(ds_root):
+    """The GPU metadata layout (block tables, no padded decode slots) gives the same hidden states."""
+    path = make_deepseek_checkpoint(ds_root, "v3")
+    stage, _ = load_stage(path, 0, 3)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 320, (30,), generator=gen)
+    outs = []
+    for paged in (False, True):
+        kv = stage.make_kv_cache(8, 4)
+        prefill = AttnMetadata.build([(0, 9, [5, 1, 7]), (0, 12, [0, 2, 4])], 4, "cpu", paged=paged)
+        a = stage(ids[:21], None, prefill, kv)
+        mixed = AttnMetadata.build([(9, 1, [5, 1, 7]), (12, 3, [0, 2, 4, 6]), (0, 1, [3])], 4, "cpu",
+                                   paged=paged)
+        b = stage(ids[21:26], None, mixed, kv)
+        decode = AttnMetadata.build([(10, 1, [5, 1, 7]), (1, 1, [3])], 4, "cpu", paged=paged)
+        outs.append(torch.cat([a, b, stage(ids[26:28], None, decode, kv)]))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_hub_v3_config_and_layer_profile():
+    """DeepSeek-V3's own config.json layout (4.x `rope_scaling` with `type`, FP8 quantization_config)."""
+    raw = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
+           "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+           "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128,
+           "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
+           "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
+           "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
+           "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3,
+           "norm_topk_prob": True, "scoring_func": "sigmoid", "hidden_act": "silu",
+           "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+           "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                            "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                            "type": "yarn"},
+           "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+           "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                   "quant_method": "fp8", "weight_block_size": [128, 128]}}
+    cfg = ModelConfig.from_dict(raw)
+    d = DeepseekDims.from_config(cfg)
+    assert (d.q_lora_rank, d.topk_method, d.scoring_func, cfg.head_dim) == (1536, "noaux_tc", "sigmoid", 192)
+    assert [d.is_moe(i) for i in (0, 2, 3, 60)] == [False, False, True, True]
+    dense, moe = layer_profile(cfg, 2), layer_profile(cfg, 3)
+    print(f"\nV3 layer profile (bf16): dense {dense['weight_bytes'] / 2**30:.2f} GiB, "
+          f"{dense['flops_per_token'] / 1e9:.2f} GFLOP/token; MoE {moe['weight_bytes'] / 2**30:.2f} GiB, "
+          f"{moe['flops_per_token'] / 1e9:.2f} GFLOP/token")
+    assert moe["weight_bytes"] > 15 * dense["weight_bytes"] / 2
+    assert moe["flops_per_token"] < 2 * dense["flops_per_token"]
