@@ -64,7 +64,8 @@ class StageService(pb_grpc.StageServicer):
         loop = asyncio.get_running_loop()
         out = await loop.run_in_executor(self._compute, loaded.executor.run, request)
         metrics.STAGE_STEP.labels(str(loaded.assignment.stage_index)).observe(out.compute_us / 1e6)
-        self.log.debug("forward", tokens=len(request.token_ids), seqs=len(request.chunks), compute_us=out.compute_us)
+        self.log.debug("forward", tokens=sum(c.num_tokens for c in request.chunks), seqs=len(request.chunks),
+                       compute_us=out.compute_us)
         if loaded.next_stub is None:
             return pb.ForwardResponse(
                 samples=[pb.SampledToken(seq_id=s, token_id=t) for s, t in out.samples],
