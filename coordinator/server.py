@@ -55,6 +55,20 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         )
 
     @grpc_errors
+    async def ReportFailure(self, request, context):
+        reg = self.registry
+        if request.epoch != reg.epoch or not 0 <= request.replica < len(reg.replicas):
+            return pb.ReportFailureResponse()
+        slots = list(reg.replicas[request.replica])
+        alive = await asyncio.gather(*[_probe(reg.workers[s.worker_id].address) for s in slots
+                                       if s.worker_id in reg.workers])
+        dead = [s.worker_id for s, ok in zip(slots, alive) if not ok]
+        for worker_id in dead:
+            reg.fail(worker_id)
+        self.log.info("failure_reported", replica=request.replica, detail=request.detail[:200], dead=dead)
+        return pb.ReportFailureResponse(dead_worker_ids=dead)
+
+    @grpc_errors
     async def GetPlan(self, request, context):
         self._count_epoch_changes()
         reg = self.registry
@@ -96,10 +110,20 @@ async def serve(config: CoordinatorConfig, log, ready_event: asyncio.Event | Non
     await server.start()
     metrics.start_metrics_server(config.metrics_port, config.host)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    liveness = asyncio.create_task(_expire_loop(service.registry, config))
+    liveness = asyncio.create_task(_expire_loop(service.registry, config))  # noqa: F841 (lives with the loop)
     log.info("coordinator ready", address=f"{config.host}:{port}")
     print(f"coordinator ready on {config.host}:{port}", flush=True)
     await _wait_for_stop(server)
+
+
+async def _probe(address: str, timeout_s: float = 0.5) -> bool:
+    """Whether a worker answers its gRPC health check in time (a frozen process does not)."""
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            resp = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.aio.AioRpcError:
+        return False
 
 
 async def _expire_loop(registry: Registry, config: CoordinatorConfig) -> None:

@@ -229,7 +229,7 @@ class ReplicaEngine:
             return
         # UNAVAILABLE / DEADLINE_EXCEEDED / CANCELLED: wait for the plan to change, then retry.
         if self._on_stage_failure:
-            self._on_stage_failure()
+            self._on_stage_failure(self.plan.index, self.plan.epoch, f"{code.name}: {exc.details()}")
         await asyncio.sleep(min(0.02 * 2 ** self._failures, 1.0))
 
     def _finish(self, seq: Sequence, reason: str) -> None:

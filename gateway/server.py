@@ -16,7 +16,6 @@ import grpc
 from structlog.contextvars import bound_contextvars
 
 from stagemesh import metrics
-from stagemesh import metrics
 from stagemesh.errors import Unavailable, grpc_errors
 from stagemesh.model_config import ModelConfig
 from stagemesh.net import GRPC_OPTIONS
@@ -101,6 +100,7 @@ class Gateway:
         self._refresh_lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
         self._poke = asyncio.Event()  # a stage failed: poll the coordinator now
+        self._reported: set[tuple[int, int]] = set()  # failure reports in flight
         self.limits: ModelLimits | None = None
         self.index = PrefixIndexLink(config.cache_service, log) if config.cache_service else None
         self.router: Router | None = None
@@ -175,8 +175,22 @@ class Gateway:
             if plan.epoch != self.epoch:
                 self._apply_plan(plan)
 
-    def stage_failed(self) -> None:
-        self._poke.set()
+    def stage_failed(self, replica: int, epoch: int, detail: str) -> None:
+        """A Forward failed: ask the coordinator to check that replica now, then re-poll the plan."""
+        if (replica, epoch) in self._reported:
+            return
+        self._reported.add((replica, epoch))
+
+        async def report():
+            try:
+                await self._coord.ReportFailure(
+                    pb.ReportFailureRequest(replica=replica, epoch=epoch, detail=detail), timeout=2)
+            except grpc.aio.AioRpcError:
+                pass  # coordinator down: its heartbeat expiry still catches a dead worker
+            self._reported.discard((replica, epoch))
+            self._poke.set()
+
+        asyncio.get_running_loop().create_task(report())
 
     async def _watch_plan(self, interval_s: float = 0.25) -> None:
         """Follow the coordinator's plan: a failover or rebalance bumps the epoch."""

@@ -25,7 +25,6 @@ from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
 from stage_worker.config import WorkerConfig
 from stage_worker.executor import StageExecutor
-from stage_worker.kv_cache import PagedKVCache
 from stage_worker.loader import load_stage
 
 
@@ -141,9 +140,8 @@ class StageService(pb_grpc.StageServicer):
     def _load(self, a: pb.Assignment) -> StageExecutor:
         cfg = self.config
         model, mcfg = load_stage(cfg.model_dir, a.layer_start, a.layer_end, device=cfg.device)
-        dtype = next(model.parameters()).dtype
-        num_layers = a.layer_end - a.layer_start
-        per_block = PagedKVCache.block_bytes(num_layers, cfg.block_size, mcfg.num_key_value_heads, mcfg.head_dim, dtype)
+        # The model's own pool type knows its size (PagedKVCache: 2*L*bs*Hkv*D; MLA: L*bs*(R+Dr)).
+        per_block = model.make_kv_cache(1, cfg.block_size).bytes_per_block
         num_blocks = cfg.kv_blocks or max(1, self._kv_budget(model) // per_block)
         kv = model.make_kv_cache(num_blocks, cfg.block_size)
         return StageExecutor(model, kv, cfg.block_size)

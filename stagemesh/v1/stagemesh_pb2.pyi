@@ -206,6 +206,22 @@ class StatsResponse(_message.Message):
     epoch: int
     def __init__(self, num_blocks: _Optional[int] = ..., blocks_in_use: _Optional[int] = ..., live_sequences: _Optional[int] = ..., steps: _Optional[int] = ..., mean_step_us: _Optional[float] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
+class ReportFailureRequest(_message.Message):
+    __slots__ = ("replica", "epoch", "detail")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    replica: int
+    epoch: int
+    detail: str
+    def __init__(self, replica: _Optional[int] = ..., epoch: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class ReportFailureResponse(_message.Message):
+    __slots__ = ("dead_worker_ids",)
+    DEAD_WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
+    dead_worker_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, dead_worker_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class RegisterRequest(_message.Message):
     __slots__ = ("address", "device", "memory_bytes")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]

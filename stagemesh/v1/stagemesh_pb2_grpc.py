@@ -373,6 +373,11 @@ class CoordinatorStub:
                 request_serializer=stagemesh_dot_v1_dot_stagemesh__pb2.GetPlanRequest.SerializeToString,
                 response_deserializer=stagemesh_dot_v1_dot_stagemesh__pb2.Plan.FromString,
                 _registered_method=True)
+        self.ReportFailure = channel.unary_unary(
+                '/stagemesh.v1.Coordinator/ReportFailure',
+                request_serializer=stagemesh_dot_v1_dot_stagemesh__pb2.ReportFailureRequest.SerializeToString,
+                response_deserializer=stagemesh_dot_v1_dot_stagemesh__pb2.ReportFailureResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -403,6 +408,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportFailure(self, request, context):
+        """ReportFailure: a gateway saw a Forward fail on a replica. The coordinator health-checks that
+        replica's workers at once and declares the unreachable ones dead (faster than missed
+        heartbeats); a false alarm changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -420,6 +434,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetPlan,
                     request_deserializer=stagemesh_dot_v1_dot_stagemesh__pb2.GetPlanRequest.FromString,
                     response_serializer=stagemesh_dot_v1_dot_stagemesh__pb2.Plan.SerializeToString,
+            ),
+            'ReportFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportFailure,
+                    request_deserializer=stagemesh_dot_v1_dot_stagemesh__pb2.ReportFailureRequest.FromString,
+                    response_serializer=stagemesh_dot_v1_dot_stagemesh__pb2.ReportFailureResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -509,6 +528,33 @@ class Coordinator:
             '/stagemesh.v1.Coordinator/GetPlan',
             stagemesh_dot_v1_dot_stagemesh__pb2.GetPlanRequest.SerializeToString,
             stagemesh_dot_v1_dot_stagemesh__pb2.Plan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stagemesh.v1.Coordinator/ReportFailure',
+            stagemesh_dot_v1_dot_stagemesh__pb2.ReportFailureRequest.SerializeToString,
+            stagemesh_dot_v1_dot_stagemesh__pb2.ReportFailureResponse.FromString,
             options,
             channel_credentials,
             insecure,
