@@ -25,6 +25,13 @@ def main(argv=None) -> None:
     p.add_argument("--dead-after-s", type=float, default=1.5, help="silence after which a worker is dead")
     p.add_argument("--state-file", default="", help="persist the plan here (survives a coordinator restart)")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
+    p.add_argument("--plan", default="measured", choices=["measured", "uniform"],
+                   help="measured: split layers by the workers' profiles to minimise the slowest stage")
+    p.add_argument("--split", default="", help="explicit layer counts per stage, e.g. 10,12,10")
+    p.add_argument("--no-rebalance", action="store_true", help="never move layer boundaries while serving")
+    p.add_argument("--rebalance-threshold", type=float, default=1.25, help="max/mean stage time that triggers a move")
+    p.add_argument("--rebalance-window-s", type=float, default=5.0)
+    p.add_argument("--rebalance-min-interval-s", type=float, default=60.0)
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     log = logging_setup.configure("coordinator", args.log_level)
@@ -34,7 +41,10 @@ def main(argv=None) -> None:
             num_layers=model.num_hidden_layers, stages=args.stages, replicas=args.replicas,
             metrics_port=args.metrics_port,
             block_size=args.block_size, host=args.host, port=args.port, dead_after_s=args.dead_after_s,
-            state_file=args.state_file,
+            state_file=args.state_file, plan=args.plan,
+            split=tuple(int(x) for x in args.split.split(",") if x.strip()),
+            rebalance=not args.no_rebalance, rebalance_threshold=args.rebalance_threshold,
+            rebalance_window_s=args.rebalance_window_s, rebalance_min_interval_s=args.rebalance_min_interval_s,
         )
     except (CheckpointError, ValueError) as exc:
         sys.exit(f"coordinator: {exc}")

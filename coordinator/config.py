@@ -18,6 +18,15 @@ class CoordinatorConfig:
     # A worker silent this long is dead (3 missed heartbeats at the default interval).
     dead_after_s: float = 1.5
     state_file: str = ""  # where the plan is persisted; empty: not persisted
+    plan: str = "measured"  # "measured" (workers' profiles, min-max) or "uniform"
+    split: tuple[int, ...] = ()  # explicit layer counts per stage (overrides plan)
+    # Live rebalancing: act when max/mean stage time stays above the threshold for the window,
+    # at most once per min interval, and only for a predicted gain above min_gain (hysteresis).
+    rebalance: bool = True
+    rebalance_threshold: float = 1.25
+    rebalance_window_s: float = 5.0
+    rebalance_min_interval_s: float = 60.0
+    rebalance_min_gain: float = 0.15
 
     def __post_init__(self):
         if self.stages < 1 or self.replicas < 1:
@@ -26,5 +35,9 @@ class CoordinatorConfig:
             raise ValueError(f"the model has {self.num_layers} layers, fewer than --stages {self.stages}")
         if self.dead_after_s * 1000 <= self.heartbeat_interval_ms:
             raise ValueError("dead_after_s must exceed the heartbeat interval")
+        if self.plan not in ("measured", "uniform"):
+            raise ValueError(f"plan must be measured or uniform, not {self.plan!r}")
+        if self.split and (len(self.split) != self.stages or sum(self.split) != self.num_layers):
+            raise ValueError(f"--split needs {self.stages} counts summing to {self.num_layers}")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")

@@ -20,7 +20,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from coordinator.config import CoordinatorConfig
-from coordinator.planner import partition_uniform
+from coordinator.planner import (
+    WorkerCost, partition_from_split, partition_min_max, partition_uniform, stage_times,
+)
 
 
 @dataclass
@@ -33,6 +35,8 @@ class Worker:
     loaded_epoch: int = 0
     num_blocks: int = 0
     mean_step_us: float = 0.0
+    decode_ms_per_layer: float = 0.0  # from the registration profile (0: unknown)
+    bytes_per_layer: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,9 +63,11 @@ class Registry:
         self._load_state()
 
     # -- membership ----------------------------------------------------------------------------
-    def register(self, address: str, device: str, memory_bytes: int) -> Worker:
+    def register(self, address: str, device: str, memory_bytes: int, decode_ms_per_layer: float = 0.0,
+                 bytes_per_layer: int = 0) -> Worker:
         olds = [w.worker_id for w in self.workers.values() if w.address == address]
-        worker = Worker(f"w{next(self._ids)}", address, device, memory_bytes)
+        worker = Worker(f"w{next(self._ids)}", address, device, memory_bytes,
+                        decode_ms_per_layer=decode_ms_per_layer, bytes_per_layer=bytes_per_layer)
         self.workers[worker.worker_id] = worker
         for old in olds:  # a restarted worker at the same address: its old self is gone
             if not self.fail(old):
@@ -160,14 +166,59 @@ class Registry:
         needed = cfg.stages * cfg.replicas
         if self.replicas or self._orphans or len(self.workers) < needed:
             return
-        ranges = partition_uniform(cfg.num_layers, cfg.stages)
         ids = list(self.workers)[:needed]
-        self.replicas = [
-            [StageSlot(ids[r * cfg.stages + i], r, i, start, end) for i, (start, end) in enumerate(ranges)]
-            for r in range(cfg.replicas)
-        ]
+        self.replicas = []
+        for r in range(cfg.replicas):
+            chain = [self.workers[w] for w in ids[r * cfg.stages:(r + 1) * cfg.stages]]
+            ranges = self._initial_ranges(chain)
+            self.replicas.append([StageSlot(w.worker_id, r, i, a, b) for i, (w, (a, b)) in enumerate(zip(chain, ranges))])
+            if self.log:
+                self.log.info("plan_built", replica=r, ranges=ranges, policy=cfg.plan,
+                              ms_per_layer=[round(w.decode_ms_per_layer, 3) for w in chain])
         self.epoch += 1
         self._save_state()
+
+    def _initial_ranges(self, chain: list[Worker]) -> list[tuple[int, int]]:
+        cfg = self.config
+        if cfg.split:
+            return partition_from_split(cfg.num_layers, list(cfg.split))
+        if cfg.plan == "measured" and all(w.decode_ms_per_layer > 0 for w in chain):
+            costs = [1.0] * cfg.num_layers
+            workers = [WorkerCost(w.decode_ms_per_layer, int(w.memory_bytes * 0.9)) for w in chain]
+            try:
+                layer_bytes = [chain[0].bytes_per_layer] * cfg.num_layers if chain[0].bytes_per_layer else None
+                return partition_min_max(costs, workers, layer_bytes)
+            except ValueError as exc:
+                if self.log:
+                    self.log.warning("measured_plan_infeasible", error=str(exc))
+        return partition_uniform(cfg.num_layers, cfg.stages)
+
+    def rebalance(self, replica: int) -> list[tuple[int, int]] | None:
+        """Move layer boundaries of one replica by measured step times; returns the new ranges,
+        or None when the predicted gain is below the hysteresis margin."""
+        cfg = self.config
+        slots = self.replicas[replica]
+        chain = [self.workers.get(s.worker_id) for s in slots]
+        if any(w is None or w.mean_step_us <= 0 for w in chain):
+            return None
+        costs = [1.0] * cfg.num_layers
+        # Every stage runs the same micro-batches, so step times compare directly.
+        workers = [WorkerCost(w.mean_step_us / 1000 / (s.layer_end - s.layer_start), int(w.memory_bytes * 0.9))
+                   for w, s in zip(chain, slots)]
+        current = [(s.layer_start, s.layer_end) for s in slots]
+        new = partition_min_max(costs, workers)
+        now_max = max(stage_times(current, costs, workers))
+        new_max = max(stage_times(new, costs, workers))
+        if new == current or new_max > now_max * (1 - cfg.rebalance_min_gain):
+            return None
+        self.replicas[replica] = [replace(s, layer_start=a, layer_end=b) for s, (a, b) in zip(slots, new)]
+        self.epoch += 1
+        self.rebalances += 1
+        self._save_state()
+        if self.log:
+            self.log.warning("rebalanced", replica=replica, old=current, new=new, epoch=self.epoch,
+                             predicted_max_ms=round(new_max, 3), measured_max_ms=round(now_max, 3))
+        return new
 
     def _save_state(self) -> None:
         path = self.config.state_file

@@ -29,7 +29,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @grpc_errors
     async def Register(self, request, context):
-        worker = self.registry.register(request.address, request.device, request.memory_bytes)
+        worker = self.registry.register(request.address, request.device, request.memory_bytes,
+                                        decode_ms_per_layer=request.profile.decode_ms_per_layer,
+                                        bytes_per_layer=request.profile.bytes_per_layer)
         self.log.info("worker_registered", worker_id=worker.worker_id, address=request.address, device=request.device)
         return pb.RegisterResponse(worker_id=worker.worker_id, heartbeat_interval_ms=self.config.heartbeat_interval_ms)
 
@@ -111,9 +113,36 @@ async def serve(config: CoordinatorConfig, log, ready_event: asyncio.Event | Non
     metrics.start_metrics_server(config.metrics_port, config.host)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     liveness = asyncio.create_task(_expire_loop(service.registry, config))  # noqa: F841 (lives with the loop)
+    rebalancer = asyncio.create_task(_rebalance_loop(service.registry, config)) if config.rebalance else None  # noqa: F841
     log.info("coordinator ready", address=f"{config.host}:{port}")
     print(f"coordinator ready on {config.host}:{port}", flush=True)
     await _wait_for_stop(server)
+
+
+async def _rebalance_loop(registry: Registry, config: CoordinatorConfig) -> None:
+    """Watch stage times; move layer boundaries when a replica stays imbalanced (with hysteresis)."""
+    imbalanced_since: dict[int, float] = {}
+    last_move = -float("inf")
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(0.5)
+        if not registry.ready():
+            continue
+        now = loop.time()
+        for r, slots in enumerate(registry.replicas):
+            times = [registry.workers[s.worker_id].mean_step_us for s in slots if s.worker_id in registry.workers]
+            if len(times) < 2 or min(times) <= 0:
+                imbalanced_since.pop(r, None)
+                continue
+            ratio = max(times) / (sum(times) / len(times))
+            if ratio <= config.rebalance_threshold:
+                imbalanced_since.pop(r, None)
+                continue
+            since = imbalanced_since.setdefault(r, now)
+            if now - since >= config.rebalance_window_s and now - last_move >= config.rebalance_min_interval_s:
+                imbalanced_since.pop(r, None)
+                if registry.rebalance(r) is not None:
+                    last_move = now
 
 
 async def _probe(address: str, timeout_s: float = 0.5) -> bool:

@@ -22,6 +22,7 @@ import grpc
 
 from stagemesh import metrics
 from stagemesh.net import GRPC_OPTIONS
+from stagemesh.security import channel as secure_channel
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
@@ -55,8 +56,9 @@ class ReplicaPlan:
 class ReplicaEngine:
     def __init__(self, plan: ReplicaPlan, model_id: str, sched_config: SchedulerConfig, log,
                  forward_timeout_s: float = 120.0, on_cache_events=None, on_stale_epoch=None,
-                 on_stage_failure=None):
+                 on_stage_failure=None, tls=None):
         self.plan = plan
+        self.tls = tls  # TlsConfig of the link to the first stage (mutual TLS); None: plaintext
         self.model_id = model_id
         self.log = log.bind(replica=plan.index)
         self.forward_timeout_s = forward_timeout_s
@@ -67,6 +69,8 @@ class ReplicaEngine:
         self._on_stale_epoch = on_stale_epoch
         self._on_stage_failure = on_stage_failure  # nudges the plan watcher to poll now
         self.replays = 0
+        self._stall_start: float | None = None  # first refused step of the current pause
+        self.pauses_ms: list[float] = []  # plan changes and failovers, as the replica felt them
         self._wakeup = asyncio.Event()
         self.generation = 0  # bumps when the replica's KV is reset (new chain): old steps are void
         self._inflight: dict[int, int] = {}  # generation -> micro-batches in flight
@@ -152,7 +156,7 @@ class ReplicaEngine:
     def _install(self, plan: ReplicaPlan, keep: Scheduler | None = None) -> None:
         self.plan = plan
         self.generation += 1
-        self._channel = grpc.aio.insecure_channel(plan.first_address, options=GRPC_OPTIONS)
+        self._channel = secure_channel(plan.first_address, self.tls, options=GRPC_OPTIONS)
         self._stub = pb_grpc.StageStub(self._channel)
         inflight = max(self.sched_config.inflight_target, plan.num_stages)
         config = SchedulerConfig(**{**self.sched_config.__dict__, "inflight_target": inflight})
@@ -201,6 +205,11 @@ class ReplicaEngine:
         if generation != self.generation:
             return  # the chain changed meanwhile: these sequences were re-queued for replay
         self._failures = 0
+        if self._stall_start is not None:  # first good step after a refusal: the pause is over
+            pause_ms = (time.perf_counter() - self._stall_start) * 1e3
+            self.pauses_ms.append(pause_ms)
+            self._stall_start = None
+            self.log.info("replica_resumed", pause_ms=round(pause_ms, 1), epoch=self.plan.epoch)
         sampled = {s.seq_id: s.token_id for s in resp.samples}
         for seq in self.scheduler.update(plan, sampled):
             sink = self.sinks.get(seq.seq_id)
@@ -217,6 +226,8 @@ class ReplicaEngine:
         if generation != self.generation:
             return
         self.scheduler.abort_in_flight(plan)
+        if self._stall_start is None:
+            self._stall_start = time.perf_counter()
         code = exc.code()
         self._failures += 1
         self.log.warning("step_failed", code=code.name, detail=exc.details(), failures=self._failures)

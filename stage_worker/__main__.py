@@ -16,6 +16,7 @@ from stagemesh.metrics import start_metrics_server
 from stagemesh.net import GRPC_OPTIONS
 from stagemesh.proc import wait_for_signal
 from stagemesh.reflection import enable_reflection
+from stagemesh.security import add_port, add_tls_flags, tls_from_args
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
@@ -35,13 +36,18 @@ def parse_args(argv=None):
     p.add_argument("--kv-cache-bytes", type=int, default=0)
     p.add_argument("--kv-blocks", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--slowdown", type=float, default=1.0, help="test/demo: compute this many times slower")
     p.add_argument("--lease-ttl-s", type=float, default=60.0, help="drop a silent gateway's sequences after this")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
     p.add_argument("--log-level", default="info")
+    add_tls_flags(p)
+    p.add_argument("--coordinator-plaintext", action="store_true",
+                   help="reach the coordinator without TLS even when --tls-* is set")
     a = p.parse_args(argv)
     cfg = WorkerConfig(model_dir=a.model, coordinator=a.coordinator, host=a.host, port=a.port, device=a.device,
                        advertise=a.advertise, block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, kv_blocks=a.kv_blocks,
-                       threads=a.threads, metrics_port=a.metrics_port, lease_ttl_s=a.lease_ttl_s)
+                       threads=a.threads, metrics_port=a.metrics_port, lease_ttl_s=a.lease_ttl_s,
+                       slowdown=a.slowdown, tls=tls_from_args(a), coordinator_plaintext=a.coordinator_plaintext)
     return cfg, a.log_level
 
 
@@ -52,7 +58,7 @@ async def serve(config: WorkerConfig, log) -> None:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, pb.DESCRIPTOR, "Stage")
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = add_port(server, f"{config.host}:{config.port}", config.tls)
     await server.start()
     start_metrics_server(config.metrics_port, config.host)
     address = config.advertise or f"{config.host}:{port}"

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from stagemesh.security import TlsConfig
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -20,8 +22,11 @@ class WorkerConfig:
     kv_blocks: int = 0  # explicit block count (tests); overrides kv_cache_bytes
     gpu_memory_fraction: float = 0.85
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    slowdown: float = 1.0  # test/demo knob: compute this many times slower
     lease_ttl_s: float = 60.0  # a gateway silent this long is gone: its sequences' KV is dropped
     metrics_port: int = 0  # Prometheus /metrics; 0: off
+    tls: TlsConfig | None = None  # mutual TLS on our port and on links to the next stage/coordinator
+    coordinator_plaintext: bool = False  # reach a coordinator that does not serve TLS yet
 
     def __post_init__(self):
         if self.device == "auto":

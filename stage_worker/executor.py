@@ -59,6 +59,7 @@ class StageExecutor:
             cuda_graphs = self.device.type == "cuda" and kv.scratch_block is not None
         self.graphs = DecodeGraphs(model, kv, block_size) if cuda_graphs else None
         self.seqs: dict[tuple[str, int], SeqState] = {}
+        self.slowdown = 1.0
         self._lease_seen: dict[str, float] = {}  # lease id -> last Forward (monotonic s)
         self.steps = 0
         self._recent_us: deque[int] = deque(maxlen=64)
@@ -120,6 +121,8 @@ class StageExecutor:
             result.samples = self._sample(req, last_rows, out)
         else:
             result.hidden = _to_host(out)
+        if self.slowdown > 1.0:  # test/demo knob: behave like a device `slowdown` times slower
+            time.sleep((time.perf_counter() - t0) * (self.slowdown - 1.0))
         result.compute_us = int((time.perf_counter() - t0) * 1e6)
         self.steps += 1
         self._recent_us.append(result.compute_us)

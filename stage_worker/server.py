@@ -18,14 +18,17 @@ import torch
 from structlog.contextvars import bound_contextvars
 
 from stagemesh import metrics, wire
-from stagemesh.errors import FailedPrecondition, StagemeshError, Unavailable, grpc_errors
+from stagemesh.errors import InvalidArgument, FailedPrecondition, StagemeshError, Unavailable, grpc_errors
 from stagemesh.net import GRPC_OPTIONS
+from stagemesh.security import channel as secure_channel
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
 from stage_worker.config import WorkerConfig
 from stage_worker.executor import StageExecutor
 from stage_worker.loader import load_stage
+from stage_worker.profile import profile_layer
+from stagemesh.model_config import ModelConfig
 
 
 @dataclass
@@ -43,6 +46,7 @@ class StageService(pb_grpc.StageServicer):
         self.config = config
         self.log = log
         self.loaded: Loaded | None = None
+        self.slowdown = config.slowdown
         self._compute = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
 
     @grpc_errors
@@ -98,6 +102,16 @@ class StageService(pb_grpc.StageServicer):
         return pb.ReleaseResponse()
 
     @grpc_errors
+    async def SetSlowdown(self, request, context):
+        if not 1.0 <= request.factor <= 100.0:
+            raise InvalidArgument(f"slowdown factor must be in [1, 100], got {request.factor}")
+        self.slowdown = request.factor
+        if self.loaded is not None:
+            self.loaded.executor.slowdown = request.factor
+        self.log.warning("slowdown_set", factor=request.factor)
+        return pb.SetSlowdownResponse()
+
+    @grpc_errors
     async def Stats(self, request, context):
         loaded = self.loaded
         if loaded is None:
@@ -129,7 +143,7 @@ class StageService(pb_grpc.StageServicer):
             executor = await loop.run_in_executor(self._compute, self._load, a)
         if current and current.next_channel is not None:
             await current.next_channel.close()
-        channel = grpc.aio.insecure_channel(a.next_address, options=GRPC_OPTIONS) if a.next_address else None
+        channel = secure_channel(a.next_address, self.config.tls, options=GRPC_OPTIONS) if a.next_address else None
         stub = pb_grpc.StageStub(channel) if channel else None
         assignment = pb.Assignment()
         assignment.CopyFrom(a)
@@ -144,7 +158,9 @@ class StageService(pb_grpc.StageServicer):
         per_block = model.make_kv_cache(1, cfg.block_size).bytes_per_block
         num_blocks = cfg.kv_blocks or max(1, self._kv_budget(model) // per_block)
         kv = model.make_kv_cache(num_blocks, cfg.block_size)
-        return StageExecutor(model, kv, cfg.block_size)
+        executor = StageExecutor(model, kv, cfg.block_size)
+        executor.slowdown = self.slowdown
+        return executor
 
     def _kv_budget(self, model) -> int:
         if self.config.kv_cache_bytes:
@@ -170,17 +186,23 @@ async def lease_expiry_loop(service: StageService, ttl_s: float) -> None:
 
 async def heartbeat_loop(service: StageService, config: WorkerConfig, address: str, log) -> None:
     """Register, then heartbeat forever; apply assignments as they change. Survives restarts."""
-    channel = grpc.aio.insecure_channel(config.coordinator, options=GRPC_OPTIONS)
+    channel = secure_channel(config.coordinator, None if config.coordinator_plaintext else config.tls,
+                             options=GRPC_OPTIONS)
     coord = pb_grpc.CoordinatorStub(channel)
     worker_id, interval = "", 0.5
     memory = config.memory_bytes()
+    profile = await asyncio.get_running_loop().run_in_executor(
+        service._compute, profile_layer, ModelConfig.from_dir(config.model_dir), config.device, config.block_size,
+        service.slowdown)
+    log.info("layer_profiled", decode_ms=round(profile.decode_ms_per_layer, 3),
+             prefill_ms=round(profile.prefill_ms_per_layer, 3))
     loading: asyncio.Task | None = None  # weights load in the background; heartbeats go on
     wake = asyncio.Event()
     while True:
         try:
             if not worker_id:
-                reg = await coord.Register(pb.RegisterRequest(address=address, device=config.device, memory_bytes=memory),
-                                           timeout=5)
+                reg = await coord.Register(pb.RegisterRequest(address=address, device=config.device, memory_bytes=memory,
+                                                               profile=profile), timeout=5)
                 worker_id, interval = reg.worker_id, reg.heartbeat_interval_ms / 1000
                 log.info("registered", worker_id=worker_id)
             loaded = service.loaded

@@ -45,9 +45,9 @@ def coordinator_cmd(model_dir, port: int, stages: int = 1, *extra: str) -> list[
             "--stages", str(stages), "--block-size", "4", *extra]
 
 
-def worker_cmd(model_dir, coordinator: str, port: int, kv_blocks: int = 64) -> list[str]:
+def worker_cmd(model_dir, coordinator: str, port: int, kv_blocks: int = 64, *extra: str) -> list[str]:
     return [sys.executable, "-m", "stage_worker", "--model", str(model_dir), "--coordinator", coordinator,
-            "--port", str(port), "--block-size", "4", "--kv-blocks", str(kv_blocks), "--threads", "1"]
+            "--port", str(port), "--block-size", "4", "--kv-blocks", str(kv_blocks), "--threads", "1", *extra]
 
 
 def new_port() -> int:

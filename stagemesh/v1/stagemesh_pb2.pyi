@@ -92,6 +92,16 @@ class ListModelsResponse(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
+class SetSlowdownRequest(_message.Message):
+    __slots__ = ("factor",)
+    FACTOR_FIELD_NUMBER: _ClassVar[int]
+    factor: float
+    def __init__(self, factor: _Optional[float] = ...) -> None: ...
+
+class SetSlowdownResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -223,14 +233,28 @@ class ReportFailureResponse(_message.Message):
     def __init__(self, dead_worker_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("address", "device", "memory_bytes")
+    __slots__ = ("address", "device", "memory_bytes", "profile")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     address: str
     device: str
     memory_bytes: int
-    def __init__(self, address: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
+    profile: LayerProfile
+    def __init__(self, address: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., profile: _Optional[_Union[LayerProfile, _Mapping]] = ...) -> None: ...
+
+class LayerProfile(_message.Message):
+    __slots__ = ("decode_ms_per_layer", "prefill_ms_per_layer", "bytes_per_layer", "kv_bytes_per_block_per_layer")
+    DECODE_MS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_MS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_BLOCK_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    decode_ms_per_layer: float
+    prefill_ms_per_layer: float
+    bytes_per_layer: int
+    kv_bytes_per_block_per_layer: int
+    def __init__(self, decode_ms_per_layer: _Optional[float] = ..., prefill_ms_per_layer: _Optional[float] = ..., bytes_per_layer: _Optional[int] = ..., kv_bytes_per_block_per_layer: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("worker_id", "heartbeat_interval_ms")

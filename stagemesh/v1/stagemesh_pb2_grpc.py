@@ -192,6 +192,11 @@ class StageStub:
                 request_serializer=stagemesh_dot_v1_dot_stagemesh__pb2.StatsRequest.SerializeToString,
                 response_deserializer=stagemesh_dot_v1_dot_stagemesh__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.SetSlowdown = channel.unary_unary(
+                '/stagemesh.v1.Stage/SetSlowdown',
+                request_serializer=stagemesh_dot_v1_dot_stagemesh__pb2.SetSlowdownRequest.SerializeToString,
+                response_deserializer=stagemesh_dot_v1_dot_stagemesh__pb2.SetSlowdownResponse.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -225,6 +230,14 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetSlowdown(self, request, context):
+        """SetSlowdown makes this worker's compute `factor` times slower (a test and demo knob that
+        stands in for a slower GPU or a noisy neighbour); 1 restores full speed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -242,6 +255,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=stagemesh_dot_v1_dot_stagemesh__pb2.StatsRequest.FromString,
                     response_serializer=stagemesh_dot_v1_dot_stagemesh__pb2.StatsResponse.SerializeToString,
+            ),
+            'SetSlowdown': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSlowdown,
+                    request_deserializer=stagemesh_dot_v1_dot_stagemesh__pb2.SetSlowdownRequest.FromString,
+                    response_serializer=stagemesh_dot_v1_dot_stagemesh__pb2.SetSlowdownResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -332,6 +350,33 @@ class Stage:
             '/stagemesh.v1.Stage/Stats',
             stagemesh_dot_v1_dot_stagemesh__pb2.StatsRequest.SerializeToString,
             stagemesh_dot_v1_dot_stagemesh__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSlowdown(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stagemesh.v1.Stage/SetSlowdown',
+            stagemesh_dot_v1_dot_stagemesh__pb2.SetSlowdownRequest.SerializeToString,
+            stagemesh_dot_v1_dot_stagemesh__pb2.SetSlowdownResponse.FromString,
             options,
             channel_credentials,
             insecure,

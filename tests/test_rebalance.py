@@ -1,0 +1,92 @@
+"""Measured plans and live rebalancing with real processes.
+
+A worker slowed by a factor gets fewer layers at planning time; a slowdown injected mid-run
+makes the coordinator move layer boundaries while requests stream, and every output still
+equals transformers' greedy output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from stagemesh.client import AsyncClient
+from stagemesh.v1 import stagemesh_pb2 as pb
+from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
+from tests.procs import coordinator_cmd, gateway_cmd, new_port, processes, worker_cmd
+from tests.reference import hf_greedy, random_prompts
+
+
+def get_plan(coordinator: str) -> pb.Plan:
+    with grpc.insecure_channel(coordinator) as ch:
+        return pb_grpc.CoordinatorStub(ch).GetPlan(pb.GetPlanRequest(), timeout=5)
+
+
+def wait_ready(coordinator: str, timeout_s: float = 60) -> pb.Plan:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        plan = get_plan(coordinator)
+        if plan.ready:
+            return plan
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_slow_worker_gets_fewer_layers(ckpt_dir):
+    model_dir = ckpt_dir("llama", num_layers=6)
+    cport = new_port()
+    coord = f"127.0.0.1:{cport}"
+    cmds = [coordinator_cmd(model_dir, cport, 3, "--no-rebalance")]
+    cmds += [worker_cmd(model_dir, coord, new_port(), 64, *(["--slowdown", "6"] if i == 1 else []))
+             for i in range(3)]
+    with processes(*cmds):
+        plan = wait_ready(coord)
+    sizes = [s.layer_end - s.layer_start for s in plan.replicas[0].stages]
+    assert sum(sizes) == 6
+    assert sizes[1] == 1 and sizes[1] < min(sizes[0], sizes[2])
+
+
+def test_explicit_split_overrides_the_measured_plan(ckpt_dir):
+    model_dir = ckpt_dir("llama", num_layers=6)
+    cport = new_port()
+    coord = f"127.0.0.1:{cport}"
+    cmds = [coordinator_cmd(model_dir, cport, 2, "--split", "5,1", "--no-rebalance")]
+    cmds += [worker_cmd(model_dir, coord, new_port()) for _ in range(2)]
+    with processes(*cmds):
+        plan = wait_ready(coord)
+    assert [(s.layer_start, s.layer_end) for s in plan.replicas[0].stages] == [(0, 5), (5, 6)]
+
+
+def test_live_rebalance_during_generation_keeps_outputs_exact(ckpt_dir):
+    model_dir = ckpt_dir("llama", num_layers=6)
+    prompts = random_prompts(3, [5, 12, 30, 8, 20, 16, 9, 25], 320)
+    new = 40
+    expected = [hf_greedy(model_dir, p, new, ignore_eos=True) for p in prompts]
+    cport, gport = new_port(), new_port()
+    coord = f"127.0.0.1:{cport}"
+    wports = [new_port() for _ in range(2)]
+    cmds = [coordinator_cmd(model_dir, cport, 2, "--plan", "uniform", "--rebalance-window-s", "0.5",
+                            "--rebalance-min-interval-s", "0")]
+    cmds += [worker_cmd(model_dir, coord, p) for p in wports]
+    cmds.append(gateway_cmd(model_dir, coord, gport))
+    with processes(*cmds):
+        before = wait_ready(coord)
+        assert [(s.layer_start, s.layer_end) for s in before.replicas[0].stages] == [(0, 3), (3, 6)]
+
+        async def run():
+            async with AsyncClient(f"127.0.0.1:{gport}") as client:
+                tasks = [asyncio.create_task(client.generate(prompt_ids=p, max_tokens=new, ignore_eos=True,
+                                                             timeout=120)) for p in prompts]
+                await asyncio.sleep(0.3)
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{wports[0]}") as ch:
+                    await pb_grpc.StageStub(ch).SetSlowdown(pb.SetSlowdownRequest(factor=8.0))
+                return await asyncio.gather(*tasks)
+
+        outs = asyncio.run(run())
+        after = wait_ready(coord)
+    assert after.epoch > before.epoch, "no rebalance happened"
+    ranges = [(s.layer_start, s.layer_end) for s in after.replicas[0].stages]
+    assert ranges[0][1] < 3, f"the slowed first stage kept its layers: {ranges}"
+    assert [o.token_ids for o in outs] == expected
