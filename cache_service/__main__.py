@@ -13,6 +13,8 @@ import sys
 
 import structlog
 
+from stagemesh.security import add_tls_flags, tls_from_args
+
 from cache_service.config import CacheServiceConfig, IndexConfig
 from cache_service.server import serve
 
@@ -22,20 +24,25 @@ def parse_config(argv: list[str] | None = None) -> tuple[CacheServiceConfig, str
     parser = argparse.ArgumentParser(prog="python -m cache_service", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to bind")
     parser.add_argument("--port", type=int, default=50070, help="gRPC port; 0 picks a free one")
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis URL of the index")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0",
+                        help="Redis URL of the index; password and TLS: rediss://:PASSWORD@HOST:PORT/DB")
     parser.add_argument("--block-ttl-s", type=int, default=3600, help="expiry of a block entry, refreshed on use")
     parser.add_argument("--key-prefix", default="sm:v1:", help="namespace of every Redis key written")
     parser.add_argument("--redis-timeout-s", type=float, default=1.0, help="Redis connect/read timeout")
     parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
+    parser.add_argument("--redis-tls-ca", default="", help="CA that verifies a rediss:// server (default: system)")
     parser.add_argument("--log-level", default="info")
+    add_tls_flags(parser)
     args = parser.parse_args(argv)
     index = IndexConfig(
         redis_url=args.redis,
         block_ttl_s=args.block_ttl_s,
         key_prefix=args.key_prefix,
         redis_timeout_s=args.redis_timeout_s,
+        redis_tls_ca=args.redis_tls_ca,
     )
-    config = CacheServiceConfig(host=args.host, port=args.port, index=index, metrics_port=args.metrics_port)
+    config = CacheServiceConfig(host=args.host, port=args.port, index=index, metrics_port=args.metrics_port,
+                                tls=tls_from_args(args))
     return config, args.log_level
 
 

@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 
 import grpc
 
+from stagemesh.security import TlsConfig
+from stagemesh.security import channel as secure_channel
 from stagemesh.v1 import cache_pb2, cache_pb2_grpc
 
 _FALLBACK_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -27,16 +29,17 @@ class CacheIndexClient:
     """Async client of stagemesh.v1.CacheIndex; use from one event loop (`async with` closes it)."""
 
     def __init__(
-        self, target: str, hash_size_bytes: int = 16, timeout_s: float = 0.2, clear_timeout_s: float = 5.0
+        self, target: str, hash_size_bytes: int = 16, timeout_s: float = 0.2, clear_timeout_s: float = 5.0,
+        tls: TlsConfig | None = None,
     ) -> None:
         """`hash_size_bytes` is the gateway's digest size: every hash passed in has that length.
         `timeout_s` bounds Publish and Match (a tick must not wait on a hint); clearing a
-        replica with many blocks runs longer, hence `clear_timeout_s`."""
+        replica with many blocks runs longer, hence `clear_timeout_s`. `tls`: mutual TLS."""
         self._target = target
         self._hash_size = hash_size_bytes
         self._timeout_s = timeout_s
         self._clear_timeout_s = clear_timeout_s
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = secure_channel(target, tls, options=[])
         self._stub = cache_pb2_grpc.CacheIndexStub(self._channel)
 
     async def __aenter__(self) -> "CacheIndexClient":

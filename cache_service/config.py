@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
+from stagemesh.security import TlsConfig
+
 
 @dataclass(frozen=True)
 class IndexConfig:
@@ -25,6 +27,9 @@ class IndexConfig:
     """Socket connect/read timeout; a Redis slower than this counts as unavailable."""
     max_connections: int = 64
     """Connection pool size; one connection per rpc in flight."""
+    redis_tls_ca: str = ""
+    """CA bundle that verifies a rediss:// server (empty: the system's). A password goes in the
+    URL: `rediss://:PASSWORD@host:6380/0` (or `redis://user:PASSWORD@...` for ACL users)."""
 
     @property
     def refresh_interval_s(self) -> int:
@@ -64,6 +69,8 @@ class CacheServiceConfig:
     """How long in-flight rpcs may finish after SIGTERM/SIGINT."""
     metrics_port: int = 0
     """Prometheus /metrics port on `host`; 0: off."""
+    tls: TlsConfig | None = None
+    """Mutual TLS on the gRPC port: callers need a client certificate signed by the CA."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

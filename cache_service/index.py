@@ -259,6 +259,7 @@ class PrefixIndex:
             # One quick retry replaces a pooled connection that died with a restarted Redis;
             # more would only delay the UNAVAILABLE the gateway needs to fall back.
             retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
+            **({"ssl_ca_certs": config.redis_tls_ca} if config.redis_tls_ca else {}),
         )
         self._publish_script = self._redis.register_script(_PUBLISH_SCRIPT)
         self._match_script = self._redis.register_script(_MATCH_SCRIPT)

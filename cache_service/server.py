@@ -21,6 +21,7 @@ from cache_service.index import BlockEvent, BlockRemoved, BlockStored, PrefixInd
 from stagemesh.errors import InvalidArgument, grpc_errors
 from stagemesh.metrics import start_metrics_server
 from stagemesh.reflection import enable_reflection
+from stagemesh.security import add_port
 from stagemesh.v1 import cache_pb2, cache_pb2_grpc
 
 log = structlog.get_logger(service="cache_service")
@@ -91,9 +92,7 @@ async def serve(config: CacheServiceConfig, on_ready: Optional[Callable[[int], N
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, cache_pb2.DESCRIPTOR, "CacheIndex")
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"cannot bind {config.host}:{config.port}")
+    port = add_port(server, f"{config.host}:{config.port}", config.tls)  # OSError if it cannot bind
     await server.start()
     start_metrics_server(config.metrics_port, config.host)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

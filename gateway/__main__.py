@@ -15,9 +15,11 @@ from stagemesh.metrics import start_metrics_server
 from stagemesh.net import GRPC_OPTIONS
 from stagemesh.proc import wait_for_signal
 from stagemesh.reflection import enable_reflection
+from stagemesh.security import add_port, add_tls_flags, tls_from_args
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
+from gateway.auth import ApiKeyInterceptor, load_keys_file
 from gateway.config import GatewayConfig
 from gateway.scheduler import SchedulerConfig
 from gateway.server import Gateway, GenerationService
@@ -40,24 +42,35 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--http-port", type=int, default=0, help="also serve the OpenAI-compatible HTTP API here")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
     p.add_argument("--log-level", default="info")
+    add_tls_flags(p, public=True)
+    p.add_argument("--coordinator-plaintext", action="store_true",
+                   help="reach the coordinator without TLS even when --tls-* is set")
+    p.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable)")
+    p.add_argument("--api-keys-file", default="", help="file of accepted API keys, one per line")
+    p.add_argument("--rate-limit-rps", type=float, default=0.0, help="Generate requests/s per API key (0: off)")
+    p.add_argument("--rate-limit-burst", type=float, default=0.0, help="burst per API key (0: max(1, rps))")
     args = p.parse_args(argv)
+    keys = [*args.api_key, *(load_keys_file(args.api_keys_file) if args.api_keys_file else [])]
     sched = SchedulerConfig(max_batched_tokens=args.max_batched_tokens, max_running=args.max_running,
                             max_waiting=args.max_waiting, inflight_target=args.inflight)
     return GatewayConfig(model_dir=args.model, coordinator=args.coordinator, host=args.host, port=args.port,
                          model_id=args.model_id, cache_service=args.cache_service, http_port=args.http_port,
                          metrics_port=args.metrics_port,
                          routing=args.routing, routing_weight=args.routing_weight,
-                         scheduler=sched), args.log_level
+                         scheduler=sched, tls=tls_from_args(args, require_client_cert=args.tls_require_client_cert),
+                         coordinator_plaintext=args.coordinator_plaintext, api_keys=tuple(keys),
+                         rate_limit_rps=args.rate_limit_rps, rate_limit_burst=args.rate_limit_burst), args.log_level
 
 
 async def serve(config: GatewayConfig, log) -> None:
     gateway = Gateway(config, log)
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    interceptors = [ApiKeyInterceptor(gateway.auth)] if gateway.auth is not None else []
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
     pb_grpc.add_GenerationServicer_to_server(GenerationService(gateway), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, pb.DESCRIPTOR, "Generation")
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = add_port(server, f"{config.host}:{config.port}", config.tls)
     await server.start()
     start_metrics_server(config.metrics_port, config.host)
     await gateway.start()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from stagemesh.security import TlsConfig
+
 from gateway.scheduler import SchedulerConfig
 
 
@@ -24,6 +26,11 @@ class GatewayConfig:
     routing: str = "cache_aware"  # or "round_robin"
     routing_weight: float = 1.0  # w in cost = w * prefill blocks after overlap + active blocks
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    tls: TlsConfig | None = None  # public port TLS (client cert optional unless required); mTLS on links
+    coordinator_plaintext: bool = False  # reach a coordinator that does not serve TLS yet
+    api_keys: tuple[str, ...] = ()  # empty: no API key needed
+    rate_limit_rps: float = 0.0  # Generate requests per second per API key; 0: unlimited
+    rate_limit_burst: float = 0.0  # bucket size; 0: max(1, rate)
 
     def __post_init__(self):
         if not self.coordinator:

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import ssl
 import time
 import uuid
 from typing import Any, Literal, Union
@@ -47,6 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from stagemesh.client import Completion, build_request
 from stagemesh.errors import StagemeshError
 
+from gateway.auth import ApiKeyMiddleware
 from gateway.chat_template import ChatTemplate
 
 # --- errors ------------------------------------------------------------------------------------
@@ -372,6 +374,8 @@ def create_app(gateway, chat_template: ChatTemplate | None = None) -> FastAPI:
         chat_template = ChatTemplate.from_dir(gateway.config.model_dir)
     front = OpenAIFrontend(gateway, chat_template)
     app = FastAPI(title="stagemesh", docs_url=None, redoc_url=None, openapi_url=None)
+    if getattr(gateway, "auth", None) is not None:  # API keys (401) and per-key rate limit (429)
+        app.add_middleware(ApiKeyMiddleware, auth=gateway.auth)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request, exc: ApiError):
@@ -470,8 +474,12 @@ class HttpFrontend:
             sock.close()
             raise
         self.port = sock.getsockname()[1]
+        tls = getattr(self.gateway.config, "tls", None)  # the gRPC port's certificate, client cert optional
+        ssl_kw = {} if tls is None else dict(ssl_certfile=tls.cert, ssl_keyfile=tls.key, ssl_ca_certs=tls.ca,
+                                             ssl_cert_reqs=ssl.CERT_REQUIRED if tls.require_client_cert
+                                             else ssl.CERT_OPTIONAL)
         config = uvicorn.Config(create_app(self.gateway), log_config=None, log_level="warning", lifespan="off",
-                                timeout_graceful_shutdown=2, access_log=False)
+                                timeout_graceful_shutdown=2, access_log=False, **ssl_kw)
         self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http")
         while not self._server.started and not self._task.done():

@@ -20,8 +20,8 @@ Snapshot = Callable[[], list[tuple[str, list[bytes]]]]
 
 
 class PrefixIndexLink:
-    def __init__(self, target: str, log, flush_interval_s: float = 0.02, retry_interval_s: float = 1.0):
-        self.client = CacheIndexClient(target)
+    def __init__(self, target: str, log, flush_interval_s: float = 0.02, retry_interval_s: float = 1.0, tls=None):
+        self.client = CacheIndexClient(target, tls=tls)
         self.log = log
         self.flush_interval_s = flush_interval_s
         self.retry_interval_s = retry_interval_s

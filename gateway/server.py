@@ -18,10 +18,11 @@ from structlog.contextvars import bound_contextvars
 from stagemesh import metrics
 from stagemesh.errors import Unavailable, grpc_errors
 from stagemesh.model_config import ModelConfig
-from stagemesh.net import GRPC_OPTIONS
+from stagemesh.security import channel as secure_channel
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
+from gateway.auth import ApiKeyAuth
 from gateway.config import GatewayConfig
 from gateway.engine import ReplicaEngine, ReplicaPlan
 from gateway.prefix_index import PrefixIndexLink
@@ -95,14 +96,16 @@ class Gateway:
         self.engines: list[ReplicaEngine] = []
         self.epoch = 0
         self._seq_ids = itertools.count(1)
-        self._coord_channel = grpc.aio.insecure_channel(config.coordinator, options=GRPC_OPTIONS)
+        self._coord_channel = secure_channel(config.coordinator, None if config.coordinator_plaintext else config.tls)
+        auth = ApiKeyAuth(config.api_keys, config.rate_limit_rps, config.rate_limit_burst)
+        self.auth = auth if auth.enabled else None  # API keys / rate limit of both front ends
         self._coord = pb_grpc.CoordinatorStub(self._coord_channel)
         self._refresh_lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
         self._poke = asyncio.Event()  # a stage failed: poll the coordinator now
         self._reported: set[tuple[int, int]] = set()  # failure reports in flight
         self.limits: ModelLimits | None = None
-        self.index = PrefixIndexLink(config.cache_service, log) if config.cache_service else None
+        self.index = PrefixIndexLink(config.cache_service, log, tls=config.tls) if config.cache_service else None
         self.router: Router | None = None
         self._chains: list[tuple] = []
 
@@ -234,7 +237,8 @@ class Gateway:
             self.engines = [
                 ReplicaEngine(spec, self.model_id, self.config.scheduler, self.log,
                               forward_timeout_s=self.config.forward_timeout_s, on_stale_epoch=self.refresh_plan,
-                              on_cache_events=self._on_cache_events, on_stage_failure=self.stage_failed)
+                              on_cache_events=self._on_cache_events, on_stage_failure=self.stage_failed,
+                              tls=self.config.tls)
                 for spec in specs
             ]
             for engine in self.engines:

@@ -22,6 +22,7 @@ def main(argv=None) -> None:
     _add_status(sub)
     _add_bench(sub)
     _add_demo_model(sub)
+    _add_certs(sub)
     args = parser.parse_args(argv)
     sys.exit(args.func(args) or 0)
 
@@ -46,6 +47,11 @@ def _add_up(sub) -> None:
     p.add_argument("--metrics-port", type=int, default=0,
                    help="Prometheus /metrics: gateway BASE, coordinator BASE+1, cache_service BASE+2, "
                         "worker i BASE+10+i (0: off)")
+    p.add_argument("--tls-dir", default="",
+                   help="certificates from `stagemesh certs DIR`: mutual TLS inside the mesh, TLS on --port")
+    p.add_argument("--api-key", action="append", default=[], help="gateway API key (repeatable)")
+    p.add_argument("--api-keys-file", default="", help="file of gateway API keys, one per line")
+    p.add_argument("--rate-limit-rps", type=float, default=0.0, help="Generate requests/s per API key (0: off)")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=_run_up)
 
@@ -65,7 +71,12 @@ def _run_up(args) -> int:
                             kv_blocks=args.kv_blocks, max_batched_tokens=args.max_batched_tokens,
                             threads=args.threads, log_level=args.log_level, routing=args.routing,
                             http_port=args.http_port, max_running=args.max_running,
-                            metrics_port=args.metrics_port)
+                            metrics_port=args.metrics_port, tls_dir=args.tls_dir,
+                            extra_gateway_args=_gateway_auth_args(args))
+        if args.tls_dir:
+            from stagemesh.security import dev_tls
+
+            dev_tls(args.tls_dir)  # ValueError naming a missing file now, not in a child
     except (CheckpointError, ValueError) as exc:
         print(f"stagemesh up: {exc}", file=sys.stderr)
         return 2
@@ -98,6 +109,15 @@ def _run_up(args) -> int:
         mesh.stop()
 
 
+def _gateway_auth_args(args) -> list[str]:
+    out = [a for key in args.api_key for a in ("--api-key", key)]
+    if args.api_keys_file:
+        out += ["--api-keys-file", args.api_keys_file]
+    if args.rate_limit_rps:
+        out += ["--rate-limit-rps", str(args.rate_limit_rps)]
+    return out
+
+
 # -- generate ------------------------------------------------------------------------------------
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="send one prompt and print the completion")
@@ -114,6 +134,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--api-key", default="", help="sent as `authorization: Bearer KEY`")
+    p.add_argument("--tls-ca", default="", help="verify the gateway's TLS certificate with this CA")
+    p.add_argument("--tls-cert", default="", help="client certificate (when the gateway requires one)")
+    p.add_argument("--tls-key", default="", help="key of --tls-cert")
     p.set_defaults(func=_run_generate)
 
 
@@ -129,7 +153,14 @@ def _run_generate(args) -> int:
                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
     out = Completion()
     try:
-        with Client(args.target) as client:
+        from stagemesh.security import TlsConfig
+
+        tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_ca else None
+    except ValueError as exc:
+        print(f"stagemesh generate: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with Client(args.target, tls=tls, api_key=args.api_key) as client:
             for msg in client.stream(timeout=args.timeout, **kwargs):
                 out.add(msg)
                 if not args.json:
@@ -199,6 +230,25 @@ def _run_demo_model(args) -> int:
 
     path = write_demo_model(args.dir, num_layers=args.layers, seed=args.seed)
     print(f"wrote a demo checkpoint to {path}")
+    return 0
+
+
+# -- certs ---------------------------------------------------------------------------------------
+def _add_certs(sub) -> None:
+    p = sub.add_parser("certs", help="write a development CA and server/client certificates")
+    p.add_argument("dir")
+    p.add_argument("--name", action="append", default=[],
+                   help="subject alternative name (repeatable; default 127.0.0.1 and localhost)")
+    p.add_argument("--days", type=int, default=365)
+    p.set_defaults(func=_run_certs)
+
+
+def _run_certs(args) -> int:
+    from stagemesh.security import DEV_NAMES, make_dev_certs
+
+    files = make_dev_certs(args.dir, tuple(args.name) or DEV_NAMES, args.days)
+    print(f"wrote a development CA and certificates to {args.dir}: " + ", ".join(p.name for p in files.values()))
+    print(f"use: stagemesh up --tls-dir {args.dir} ...  |  stagemesh generate --tls-ca {files['ca.pem']} ...")
     return 0
 
 

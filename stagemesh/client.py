@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import grpc
-
 from stagemesh.net import GRPC_OPTIONS
+from stagemesh.security import TlsConfig, channel, sync_channel
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
@@ -62,12 +61,13 @@ def build_request(prompt: str | None = None, prompt_ids: list[int] | None = None
 class Client:
     """Blocking client. `stream()` yields deltas; `generate()` collects them."""
 
-    def __init__(self, target: str = "127.0.0.1:50051"):
-        self._channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+    def __init__(self, target: str = "127.0.0.1:50051", tls: TlsConfig | None = None, api_key: str = ""):
+        self._channel = sync_channel(target, tls, options=GRPC_OPTIONS)
         self._stub = pb_grpc.GenerationStub(self._channel)
+        self._metadata = _auth_metadata(api_key)
 
     def stream(self, timeout: float | None = None, **kwargs):
-        return self._stub.Generate(build_request(**kwargs), timeout=timeout)
+        return self._stub.Generate(build_request(**kwargs), timeout=timeout, metadata=self._metadata)
 
     def generate(self, timeout: float | None = None, **kwargs) -> Completion:
         out = Completion()
@@ -88,12 +88,13 @@ class Client:
 class AsyncClient:
     """asyncio client; one channel shared by many concurrent calls."""
 
-    def __init__(self, target: str = "127.0.0.1:50051"):
-        self._channel = grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
+    def __init__(self, target: str = "127.0.0.1:50051", tls: TlsConfig | None = None, api_key: str = ""):
+        self._channel = channel(target, tls, options=GRPC_OPTIONS)
         self._stub = pb_grpc.GenerationStub(self._channel)
+        self._metadata = _auth_metadata(api_key)
 
     def stream(self, timeout: float | None = None, **kwargs):
-        return self._stub.Generate(build_request(**kwargs), timeout=timeout)
+        return self._stub.Generate(build_request(**kwargs), timeout=timeout, metadata=self._metadata)
 
     async def generate(self, timeout: float | None = None, **kwargs) -> Completion:
         out = Completion()
@@ -102,7 +103,8 @@ class AsyncClient:
         return out
 
     async def list_models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
-        return list((await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout)).models)
+        resp = await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=self._metadata)
+        return list(resp.models)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -112,3 +114,8 @@ class AsyncClient:
 
     async def __aexit__(self, *exc):
         await self.close()
+
+
+def _auth_metadata(api_key: str):
+    """gRPC metadata carrying an API key (`authorization: Bearer KEY`), or None."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None

@@ -38,6 +38,10 @@ class FailedPrecondition(StagemeshError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Unauthenticated(StagemeshError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class NotFound(StagemeshError):
     code = grpc.StatusCode.NOT_FOUND
 

@@ -42,6 +42,10 @@ class MeshConfig:
     # worker i BASE+10+i (the layout of compose/prometheus.yml, shifted to BASE).
     metrics_port: int = 0
     extra_gateway_args: list[str] = field(default_factory=list)
+    # Certificates written by `stagemesh certs DIR`: mutual TLS on every internal link, TLS on the
+    # gateway's public port (client certificate optional). The coordinator link stays plaintext
+    # until coordinator/server.py binds its port through stagemesh.security.add_port.
+    tls_dir: str = ""
 
     def __post_init__(self):
         if self.stages < 1 or self.replicas < 1 or self.spares < 0:
@@ -65,28 +69,37 @@ class Mesh:
                                     "--replicas", str(cfg.replicas), "--block-size", str(cfg.block_size),
                                     "--port", str(coord_port), "--log-level", cfg.log_level,
                                     *self._metrics_args(1)], timeout_s)
+        tls = self._tls_args()
         cache_args: list[str] = []
         if cfg.redis:
             cache_port = free_port()
             self._spawn("cache_service", [py, "-m", "cache_service", "--host", cfg.host, "--port", str(cache_port),
                                           "--redis", cfg.redis, "--log-level", cfg.log_level,
-                                          *self._metrics_args(2)], timeout_s)
+                                          *self._metrics_args(2), *tls], timeout_s)
             cache_args = ["--cache-service", f"{cfg.host}:{cache_port}"]
         n_workers = cfg.stages * cfg.replicas + cfg.spares
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // n_workers)
         worker_cmd = [py, "-m", "stage_worker", "--model", cfg.model_dir, "--coordinator", coord,
                       "--device", cfg.device, "--block-size", str(cfg.block_size), "--threads", str(threads),
                       "--kv-cache-bytes", str(cfg.kv_cache_bytes), "--kv-blocks", str(cfg.kv_blocks),
-                      "--log-level", cfg.log_level]
+                      "--log-level", cfg.log_level, *tls, *(["--coordinator-plaintext"] if tls else [])]
         for i in range(n_workers):
             self._spawn(f"worker{i}", [*worker_cmd, *self._metrics_args(10 + i)], timeout_s, wait=False)
         gw_cmd = [py, "-m", "gateway", "--model", cfg.model_dir, "--coordinator", coord, "--host", cfg.host,
                   "--port", str(cfg.port), "--inflight", str(max(2, cfg.stages)),
                   "--max-batched-tokens", str(cfg.max_batched_tokens), "--max-running", str(cfg.max_running),
                   "--routing", cfg.routing, "--http-port", str(cfg.http_port), "--log-level", cfg.log_level,
-                  *cache_args, *self._metrics_args(0), *cfg.extra_gateway_args]
+                  *cache_args, *self._metrics_args(0), *tls, *(["--coordinator-plaintext"] if tls else []),
+                  *cfg.extra_gateway_args]
         self._spawn("gateway", gw_cmd, timeout_s)
         return f"{cfg.host}:{cfg.port}"
+
+    def _tls_args(self) -> list[str]:
+        d = self.config.tls_dir
+        if not d:
+            return []
+        return ["--tls-cert", os.path.join(d, "server.pem"), "--tls-key", os.path.join(d, "server.key"),
+                "--tls-ca", os.path.join(d, "ca.pem")]
 
     def _metrics_args(self, offset: int) -> list[str]:
         base = self.config.metrics_port

@@ -1,0 +1,185 @@
+"""Transport security in one place: gRPC server ports and client channels from a `TlsConfig`.
+
+Every service builds its listening port with `add_port` and every outgoing link with `channel`,
+so a deployment turns TLS on by giving each process `--tls-cert --tls-key --tls-ca` (see
+`add_tls_flags`). With a config, a server port is TLS and, when `require_client_cert` is set
+(every internal service), refuses a caller without a certificate signed by the CA: mutual TLS.
+The gateway's public port uses the same files with client certificates optional. Without a
+config, ports and channels are plaintext (loopback development).
+
+`make_dev_certs` writes a development CA and a server and a client certificate (SAN 127.0.0.1,
+localhost) for `stagemesh certs DIR`; production deployments bring their own PKI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from stagemesh.net import GRPC_OPTIONS
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """PEM paths of this process's identity and of the CA it trusts, both ways.
+
+    cert/key: presented as server certificate on our port and as client certificate on our
+    outgoing links (one identity per process; the dev certs carry both key usages).
+    ca: verifies the peers (servers we call; clients that call us).
+    require_client_cert: refuse callers without a valid client certificate (mutual TLS).
+    server_name: expected name in the server's certificate when it is not the target's host.
+    """
+
+    cert: str  # empty (with key) for a client that only verifies the server
+    key: str
+    ca: str
+    require_client_cert: bool = True
+    server_name: str = ""
+
+    def __post_init__(self):
+        if not self.ca:
+            raise ValueError("TLS needs --tls-ca (give --tls-cert, --tls-key and --tls-ca together)")
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        for what, path in (("--tls-cert", self.cert), ("--tls-key", self.key), ("--tls-ca", self.ca)):
+            if path and not Path(path).is_file():
+                raise ValueError(f"{what} {path}: no such file")
+
+    def _read(self) -> tuple[bytes | None, bytes | None, bytes]:
+        cert = Path(self.cert).read_bytes() if self.cert else None
+        key = Path(self.key).read_bytes() if self.key else None
+        return cert, key, Path(self.ca).read_bytes()
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        cert, key, ca = self._read()
+        if cert is None:
+            raise ValueError("a TLS port needs --tls-cert and --tls-key")
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                           require_client_auth=self.require_client_cert)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Server verified by the CA; our certificate presented when we have one (mutual TLS)."""
+        cert, key, ca = self._read()
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+def add_port(server, address: str, tls: TlsConfig | None) -> int:
+    """Bind `address` on a grpc(.aio) server: TLS when configured, else plaintext. Returns the port."""
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, tls.server_credentials())
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    return port
+
+
+def _options(tls: TlsConfig | None, options) -> list:
+    opts = list(GRPC_OPTIONS if options is None else options)
+    if tls is not None and tls.server_name:
+        opts.append(("grpc.ssl_target_name_override", tls.server_name))
+    return opts
+
+
+def channel(target: str, tls: TlsConfig | None, options=None) -> grpc.aio.Channel:
+    """An asyncio channel to `target`: mutual TLS with our certificate when configured."""
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=_options(None, options))
+    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=_options(tls, options))
+
+
+def sync_channel(target: str, tls: TlsConfig | None, options=None) -> grpc.Channel:
+    """The blocking twin of `channel` (CLI, tests)."""
+    if tls is None:
+        return grpc.insecure_channel(target, options=_options(None, options))
+    return grpc.secure_channel(target, tls.channel_credentials(), options=_options(tls, options))
+
+
+# -- command-line flags ----------------------------------------------------------------------------
+def add_tls_flags(parser: argparse.ArgumentParser, public: bool = False) -> None:
+    """--tls-cert/--tls-key/--tls-ca; on a public port also --tls-require-client-cert."""
+    g = parser.add_argument_group("TLS (all three paths, or none for plaintext)")
+    g.add_argument("--tls-cert", default="", help="PEM certificate of this process (server and client)")
+    g.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    g.add_argument("--tls-ca", default="", help="PEM CA that signs every peer's certificate")
+    if public:
+        g.add_argument("--tls-require-client-cert", action="store_true",
+                       help="refuse clients without a certificate signed by --tls-ca (default: optional)")
+
+
+def tls_from_args(args, require_client_cert: bool = True) -> TlsConfig | None:
+    """The TlsConfig of parsed flags; None when none of the three paths is given."""
+    if not (args.tls_cert or args.tls_key or args.tls_ca):
+        return None
+    return TlsConfig(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca, require_client_cert=require_client_cert)
+
+
+# -- development certificates ------------------------------------------------------------------------
+DEV_NAMES = ("127.0.0.1", "localhost")
+
+
+def make_dev_certs(out_dir: str | Path, names: tuple[str, ...] = DEV_NAMES, days: int = 365) -> dict[str, Path]:
+    """Write ca.pem/ca.key, server.pem/server.key, client.pem/client.key into out_dir.
+
+    The server and client certificates both carry SANs `names` and both extended key usages, so
+    either can serve an internal port and call another service. Keys are EC P-256, files 0600.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def write(name: str, cert, key) -> None:
+        (out / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path = out / f"{name}.key"
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        key_path.chmod(0o600)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stagemesh dev CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    write("ca", ca, ca_key)
+    sans = []
+    for n in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            sans.append(x509.DNSName(n))
+    for role in ("server", "client"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"stagemesh {role}")]))
+                .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=days))
+                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                      ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        write(role, cert, key)
+    return {n: out / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def dev_tls(cert_dir: str | Path, role: str = "server", require_client_cert: bool = True) -> TlsConfig:
+    """The TlsConfig of `role` (server/client) in a directory written by make_dev_certs."""
+    d = Path(cert_dir)
+    return TlsConfig(cert=str(d / f"{role}.pem"), key=str(d / f"{role}.key"), ca=str(d / "ca.pem"),
+                     require_client_cert=require_client_cert)
