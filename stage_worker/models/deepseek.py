@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stage_worker.attention import AttnMetadata
+from stage_worker.models.base import PipelineStage
 from stage_worker.mla_cache import MLAKVCache
 from stage_worker.models.llama import RMSNorm
 from stagemesh.errors import CheckpointError
@@ -349,7 +350,7 @@ class DeepseekDecoderLayer(nn.Module):
 
 
 # -- stage --------------------------------------------------------------------------------------
-class DeepseekStage(nn.Module):
+class DeepseekStage(PipelineStage):
     """Layers [layer_start, layer_end) of a DeepSeek V2/V3 model; one per stage worker.
 
     Stateless between calls except through the MLAKVCache it is handed (forward writes the new
@@ -382,10 +383,6 @@ class DeepseekStage(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     @property
-    def num_local_layers(self) -> int:
-        return self.layer_end - self.layer_start
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.layers[str(self.layer_start)].input_layernorm.weight.dtype
 
@@ -395,29 +392,6 @@ class DeepseekStage(nn.Module):
         cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
         return cos.to(dtype), sin.to(dtype)
 
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor | None, hidden: torch.Tensor | None,
-                meta: AttnMetadata, kv: MLAKVCache) -> torch.Tensor:
-        """input_ids: [T] (first stage) or hidden: [T, H] -> hidden [T, H] before final norm."""
-        if self.is_first:
-            if input_ids is None:
-                raise ValueError("the first stage takes input_ids")
-            x = self.embed_tokens(input_ids)  # [T, H]
-        else:
-            if hidden is None:
-                raise ValueError("a non-first stage takes hidden states")
-            x = hidden.to(self.dtype)  # [T, H]
-        cos, sin = self.rotary(meta.positions, x.dtype)
-        for local, layer in enumerate(self.layers.values()):
-            x = layer(x, cos, sin, meta, kv.layer(local))
-        return x
-
-    @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [S, H] (rows to sample, pre-norm) -> logits [S, V] float32. Last stage only."""
-        if not self.is_last:
-            raise ValueError("compute_logits is only available on the last stage")
-        return self.lm_head(self.norm(hidden.to(self.dtype))).float()
 
     def make_kv_cache(self, num_blocks: int, block_size: int, dtype=None, device=None,
                       scratch_blocks: int | None = None) -> MLAKVCache:

@@ -22,6 +22,7 @@ from torch import nn
 
 from stage_worker.attention import AttnMetadata, paged_attention
 from stage_worker.kv_cache import PagedKVCache
+from stage_worker.models.base import PipelineStage
 from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
 
@@ -168,7 +169,7 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaStage(nn.Module):
+class LlamaStage(PipelineStage):
     """Layers [layer_start, layer_end) of a Llama-family model; one per stage worker.
 
     Stateless between calls except through the PagedKVCache it is handed (forward writes the new
@@ -210,10 +211,6 @@ class LlamaStage(nn.Module):
                 layer.self_attn.fuse()
                 layer.mlp.fuse()
 
-    @property
-    def num_local_layers(self) -> int:
-        return self.layer_end - self.layer_start
-
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos, sin: [T, D] computed in float32 then cast, as transformers does."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
@@ -221,33 +218,6 @@ class LlamaStage(nn.Module):
         cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
         return cos.to(dtype), sin.to(dtype)
 
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor | None, hidden: torch.Tensor | None,
-                meta: AttnMetadata, kv: PagedKVCache) -> torch.Tensor:
-        """input_ids: [T] (first stage) or hidden: [T, H] -> hidden [T, H] before final norm."""
-        if self.is_first:
-            if input_ids is None:
-                raise ValueError("the first stage takes input_ids")
-            x = self.embed_tokens(input_ids)  # [T, H]
-        else:
-            if hidden is None:
-                raise ValueError("a non-first stage takes hidden states")
-            x = hidden.to(self.dtype)  # [T, H]
-        cos, sin = self.rotary(meta.positions, x.dtype)
-        for local, layer in enumerate(self.layers.values()):
-            x = layer(x, cos, sin, meta, kv.layer(local))
-        return x
-
-    @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [S, H] (rows to sample, pre-norm) -> logits [S, V] float32. Last stage only."""
-        if not self.is_last:
-            raise ValueError("compute_logits is only available on the last stage")
-        return self.lm_head(self.norm(hidden.to(self.dtype))).float()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
     def make_kv_cache(self, num_blocks: int, block_size: int, dtype=None, device=None,
                       scratch_blocks: int | None = None) -> PagedKVCache:
