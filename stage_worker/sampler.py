@@ -27,7 +27,7 @@ class SamplingSpec:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0 or not 0 <= self.top_p <= 1 or self.top_k < 0:
+        if not self.temperature >= 0 or not 0 <= self.top_p <= 1 or self.top_k < 0:  # NaN fails too
             raise ValueError(f"invalid sampling parameters {self}")
 
     @property
