@@ -13,6 +13,7 @@ import sys
 
 import structlog
 
+from stagemesh import discovery
 from stagemesh.security import add_tls_flags, tls_from_args
 
 from cache_service.config import CacheServiceConfig, IndexConfig
@@ -33,6 +34,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[CacheServiceConfig, str
     parser.add_argument("--redis-tls-ca", default="", help="CA that verifies a rediss:// server (default: system)")
     parser.add_argument("--log-level", default="info")
     add_tls_flags(parser)
+    discovery.add_arguments(parser)
     args = parser.parse_args(argv)
     index = IndexConfig(
         redis_url=args.redis,
@@ -43,7 +45,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[CacheServiceConfig, str
     )
     config = CacheServiceConfig(host=args.host, port=args.port, index=index, metrics_port=args.metrics_port,
                                 tls=tls_from_args(args))
-    return config, args.log_level
+    return config, args.log_level, discovery.config_from_args(args)
 
 
 def configure_logging(level: str) -> None:
@@ -61,11 +63,36 @@ def configure_logging(level: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        config, log_level = parse_config(argv)
+        config, log_level, consul = parse_config(argv)
     except ValueError as exc:
         sys.exit(f"cache_service: invalid configuration: {exc}")
     configure_logging(log_level)
-    asyncio.run(serve(config, on_ready=lambda port: print(f"cache_service ready port={port}", flush=True)))
+    asyncio.run(_serve(config, consul))
+
+
+async def _serve(config: CacheServiceConfig, consul: discovery.ConsulConfig | None) -> None:
+    """serve(), registered in Consul as stagemesh-cache while it runs when --consul is given."""
+    registry = discovery.Discovery(consul) if consul else None
+    registered: list[tuple[asyncio.Task, str]] = []
+
+    def on_ready(port: int) -> None:
+        print(f"cache_service ready port={port}", flush=True)
+        if registry is not None:
+            service_id = discovery.service_id("cache", f"{config.host}:{port}")
+            registered.append((asyncio.get_running_loop().create_task(
+                registry.register(discovery.SERVICE_NAMES["cache"], service_id, config.host, port)), service_id))
+
+    try:
+        await serve(config, on_ready=on_ready)
+    finally:
+        if registry is not None:
+            for task, service_id in registered:
+                try:
+                    await task
+                    await registry.deregister(service_id)
+                except discovery.CONSUL_ERRORS:
+                    pass
+            await registry.close()
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 
+from stagemesh import discovery
 from stagemesh import log as logging_setup
 from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
@@ -32,6 +34,10 @@ def main(argv=None) -> None:
     p.add_argument("--rebalance-threshold", type=float, default=1.25, help="max/mean stage time that triggers a move")
     p.add_argument("--rebalance-window-s", type=float, default=5.0)
     p.add_argument("--rebalance-min-interval-s", type=float, default=60.0)
+    discovery.add_arguments(p)
+    p.add_argument("--consul-session-ttl-s", type=float, default=10.0,
+                   help="leader session TTL: a standby takes over this long after the leader dies "
+                        "(Consul's minimum is its agent's session_ttl_min, 10s by default)")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     log = logging_setup.configure("coordinator", args.log_level)
@@ -46,9 +52,17 @@ def main(argv=None) -> None:
             rebalance=not args.no_rebalance, rebalance_threshold=args.rebalance_threshold,
             rebalance_window_s=args.rebalance_window_s, rebalance_min_interval_s=args.rebalance_min_interval_s,
         )
+        consul = discovery.config_from_args(args)
+        if consul is not None:
+            consul = dataclasses.replace(consul, session_ttl_s=args.consul_session_ttl_s)
     except (CheckpointError, ValueError) as exc:
         sys.exit(f"coordinator: {exc}")
-    asyncio.run(serve(config, log))
+    if consul is None:
+        asyncio.run(serve(config, log))  # the embedded registry (default)
+    else:
+        from coordinator.leader import serve_with_consul  # leader lock, or hot standby behind it
+
+        asyncio.run(serve_with_consul(config, consul, log))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from stagemesh import discovery
 from stagemesh import log as logging_setup
 from stagemesh.errors import CheckpointError
 from stagemesh.metrics import start_metrics_server
@@ -28,7 +29,7 @@ from gateway.server import Gateway, GenerationService
 def parse_args(argv=None) -> GatewayConfig:
     p = argparse.ArgumentParser(prog="python -m gateway")
     p.add_argument("--model", required=True, help="checkpoint directory (config.json, tokenizer.json)")
-    p.add_argument("--coordinator", required=True)
+    p.add_argument("--coordinator", default="", help="HOST:PORT; with --consul and without it: the leader in Consul")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--model-id", default="")
@@ -49,7 +50,14 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--api-keys-file", default="", help="file of accepted API keys, one per line")
     p.add_argument("--rate-limit-rps", type=float, default=0.0, help="Generate requests/s per API key (0: off)")
     p.add_argument("--rate-limit-burst", type=float, default=0.0, help="burst per API key (0: max(1, rps))")
+    discovery.add_arguments(p)
     args = p.parse_args(argv)
+    if not args.coordinator and not args.consul:
+        p.error("--coordinator HOST:PORT is required (or --consul URL to find the coordinator in Consul)")
+    consul = discovery.config_from_args(args)
+    follow = consul is not None and not args.coordinator
+    if consul is not None:
+        args.coordinator, args.cache_service = asyncio.run(_from_consul(consul, args.coordinator, args.cache_service))
     keys = [*args.api_key, *(load_keys_file(args.api_keys_file) if args.api_keys_file else [])]
     sched = SchedulerConfig(max_batched_tokens=args.max_batched_tokens, max_running=args.max_running,
                             max_waiting=args.max_waiting, inflight_target=args.inflight)
@@ -59,10 +67,33 @@ def parse_args(argv=None) -> GatewayConfig:
                          routing=args.routing, routing_weight=args.routing_weight,
                          scheduler=sched, tls=tls_from_args(args, require_client_cert=args.tls_require_client_cert),
                          coordinator_plaintext=args.coordinator_plaintext, api_keys=tuple(keys),
-                         rate_limit_rps=args.rate_limit_rps, rate_limit_burst=args.rate_limit_burst), args.log_level
+                         rate_limit_rps=args.rate_limit_rps, rate_limit_burst=args.rate_limit_burst), \
+        args.log_level, consul, follow
 
 
-async def serve(config: GatewayConfig, log) -> None:
+async def _from_consul(consul: discovery.ConsulConfig, coordinator: str, cache_service: str) -> tuple[str, str]:
+    """The flags not given, found in Consul: the leading coordinator, a passing cache_service."""
+    registry = discovery.Discovery(consul)
+    try:
+        coordinator = coordinator or await registry.wait_for_leader()
+        if not cache_service:
+            found = await registry.find(discovery.SERVICE_NAMES["cache"])
+            cache_service = f"{found[0][0]}:{found[0][1]}" if found else ""  # none: local prefix matching
+        return coordinator, cache_service
+    finally:
+        await registry.close()
+
+
+async def _follow_leader(gateway: Gateway, registry: discovery.Discovery, current: str, log) -> None:
+    """A standby coordinator took the lock: point the gateway at it (the plan carries on from the state file)."""
+    while True:
+        current = await registry.watch_leader(current)
+        log.info("coordinator_moved", coordinator=current)
+        gateway.set_coordinator(current)
+
+
+async def serve(config: GatewayConfig, log, consul: discovery.ConsulConfig | None = None,
+                follow: bool = False) -> None:
     gateway = Gateway(config, log)
     interceptors = [ApiKeyInterceptor(gateway.auth)] if gateway.auth is not None else []
     server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
@@ -84,7 +115,22 @@ async def serve(config: GatewayConfig, log) -> None:
     log.info("gateway ready", address=f"{config.host}:{port}", model=gateway.model_id,
              metrics_port=config.metrics_port or None, http_port=config.http_port or None)
     print(f"gateway ready on {config.host}:{port}", flush=True)
+    registry = discovery.Discovery(consul) if consul else None
+    following = None
+    if registry is not None:
+        service_id = discovery.service_id("gateway", f"{config.host}:{port}")
+        await registry.register(discovery.SERVICE_NAMES["gateway"], service_id, config.host, port)
+        if follow:
+            following = asyncio.create_task(_follow_leader(gateway, registry, config.coordinator, log))
     await wait_for_signal()
+    if registry is not None:
+        if following is not None:
+            following.cancel()
+        try:
+            await registry.deregister(service_id)
+        except discovery.CONSUL_ERRORS:
+            pass
+        await registry.close()
     if http is not None:
         await http.stop()
     await server.stop(grace=2.0)
@@ -93,9 +139,9 @@ async def serve(config: GatewayConfig, log) -> None:
 
 def main(argv=None) -> None:
     try:
-        config, level = parse_args(argv)
+        config, level, consul, follow = parse_args(argv)
         log = logging_setup.configure("gateway", level)
-        asyncio.run(serve(config, log))
+        asyncio.run(serve(config, log, consul, follow))
     except (CheckpointError, ValueError, OSError) as exc:
         sys.exit(f"gateway: {exc}")
 

@@ -125,6 +125,17 @@ class Gateway:
             await engine.close()
         await self._coord_channel.close()
 
+    def set_coordinator(self, address: str) -> None:
+        """Talk to another coordinator from now on (a standby took the Consul leader lock).
+
+        Called on the event loop. Calls in flight on the old channel get a second, then fail and
+        are retried on the new one by the plan watcher.
+        """
+        old = self._coord_channel
+        self._coord_channel = secure_channel(address, None if self.config.coordinator_plaintext else self.config.tls)
+        self._coord = pb_grpc.CoordinatorStub(self._coord_channel)
+        asyncio.get_running_loop().create_task(old.close(grace=1.0))
+
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 

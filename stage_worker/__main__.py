@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from stagemesh import discovery
 from stagemesh import log as logging_setup
 from stagemesh.errors import CheckpointError
 from stagemesh.metrics import start_metrics_server
@@ -27,7 +29,7 @@ from stage_worker.server import StageService, heartbeat_loop, lease_expiry_loop
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m stage_worker")
     p.add_argument("--model", required=True)
-    p.add_argument("--coordinator", required=True)
+    p.add_argument("--coordinator", default="", help="HOST:PORT; with --consul and without it: the leader in Consul")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--advertise", default="", help="HOST:PORT others reach this worker at (default: --host:port)")
@@ -43,15 +45,22 @@ def parse_args(argv=None):
     add_tls_flags(p)
     p.add_argument("--coordinator-plaintext", action="store_true",
                    help="reach the coordinator without TLS even when --tls-* is set")
+    discovery.add_arguments(p)
     a = p.parse_args(argv)
+    if not a.coordinator and not a.consul:
+        p.error("--coordinator HOST:PORT is required (or --consul URL to find the coordinator in Consul)")
     cfg = WorkerConfig(model_dir=a.model, coordinator=a.coordinator, host=a.host, port=a.port, device=a.device,
                        advertise=a.advertise, block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, kv_blocks=a.kv_blocks,
                        threads=a.threads, metrics_port=a.metrics_port, lease_ttl_s=a.lease_ttl_s,
                        slowdown=a.slowdown, tls=tls_from_args(a), coordinator_plaintext=a.coordinator_plaintext)
-    return cfg, a.log_level
+    return cfg, a.log_level, discovery.config_from_args(a)
 
 
-async def serve(config: WorkerConfig, log) -> None:
+async def serve(config: WorkerConfig, log, consul: discovery.ConsulConfig | None = None) -> None:
+    registry = discovery.Discovery(consul) if consul else None
+    follow = registry is not None and not config.coordinator  # the coordinator is whoever leads in Consul
+    if follow:
+        config = dataclasses.replace(config, coordinator=await registry.wait_for_leader())
     service = StageService(config, log)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_StageServicer_to_server(service, server)
@@ -66,7 +75,10 @@ async def serve(config: WorkerConfig, log) -> None:
     log.info("stage worker listening", address=address, device=config.device,
              metrics_port=config.metrics_port or None)
     print(f"stage worker ready on {address}", flush=True)
-    beat = asyncio.create_task(heartbeat_loop(service, config, address, log))
+    if registry is not None:
+        await registry.register(discovery.SERVICE_NAMES["worker"], discovery.service_id("worker", address),
+                                *discovery.split_address(address))
+    beat = asyncio.create_task(_heartbeats(service, config, address, log, registry if follow else None))
     expiry = asyncio.create_task(lease_expiry_loop(service, config.lease_ttl_s))
     stop = asyncio.create_task(wait_for_signal())
     done, _ = await asyncio.wait({beat, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -75,21 +87,47 @@ async def serve(config: WorkerConfig, log) -> None:
         print(f"stage worker: {beat.exception()}", file=sys.stderr, flush=True)
     beat.cancel()
     expiry.cancel()
+    if registry is not None:
+        await _deregister(registry, discovery.service_id("worker", address))
     await server.stop(grace=1.0)
     if beat in done and beat.exception():
         sys.exit(1)
 
 
+async def _heartbeats(service, config: WorkerConfig, address: str, log, registry=None) -> None:
+    """heartbeat_loop with the coordinator; following Consul, restarted against each new leader."""
+    if registry is None:
+        return await heartbeat_loop(service, config, address, log)
+    while True:
+        beat = asyncio.create_task(heartbeat_loop(service, config, address, log))
+        moved = asyncio.create_task(registry.watch_leader(config.coordinator))
+        await asyncio.wait({beat, moved}, return_when=asyncio.FIRST_COMPLETED)
+        if beat.done():
+            moved.cancel()
+            return beat.result()
+        beat.cancel()
+        log.info("coordinator_moved", coordinator=moved.result())
+        config = dataclasses.replace(config, coordinator=moved.result())
+
+
+async def _deregister(registry, service_id: str) -> None:
+    try:
+        await registry.deregister(service_id)
+    except discovery.CONSUL_ERRORS:
+        pass  # Consul drops it once its check has been critical long enough
+    await registry.close()
+
+
 def main(argv=None) -> None:
     try:
-        config, level = parse_args(argv)
+        config, level, consul = parse_args(argv)
     except ValueError as exc:
         sys.exit(f"stage_worker: {exc}")
     if config.threads:
         torch.set_num_threads(config.threads)
     log = logging_setup.configure("stage_worker", level)
     try:
-        asyncio.run(serve(config, log))
+        asyncio.run(serve(config, log, consul))
     except (CheckpointError, OSError) as exc:
         sys.exit(f"stage_worker: {exc}")
 

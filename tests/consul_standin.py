@@ -191,7 +191,8 @@ class ConsulStandin:
     def _session_create(self, payload: dict) -> tuple[int, object]:
         ttl_s = _seconds(payload.get("ttl"), 0.0)
         if ttl_s and ttl_s < self.min_session_ttl_s:
-            return 500, f"Invalid Session TTL '{payload.get('ttl')}', must be between [{self.min_session_ttl_s}s=24h0m0s]"
+            return 500, (f"Invalid Session TTL '{payload.get('ttl')}', "
+                         f"must be between [{self.min_session_ttl_s}s=24h0m0s]")
         sid = str(uuid.uuid4())
         self.sessions[sid] = {"name": payload.get("name", ""), "ttl_s": ttl_s or 1e9,
                               "ttl": payload.get("ttl", ""), "expires": time.monotonic() + (ttl_s or 1e9),
