@@ -115,7 +115,8 @@ def test_stage_worker_refuses_a_certificate_from_another_ca(tls_mesh, tmp_path, 
 def test_stage_worker_accepts_a_valid_client_certificate(tls_mesh, certs):
     stats = [_stats(w, dev_tls(certs, "client")) for w in tls_mesh["workers"]]
     assert all(s.num_blocks == 64 for s in stats)
-    assert {(s.layer_start, s.layer_end) for s in stats} == {(0, 2), (2, 4)}
+    ranges = sorted((s.layer_start, s.layer_end) for s in stats)  # the planner picks the split
+    assert ranges[0][0] == 0 and ranges[0][1] == ranges[1][0] and ranges[1][1] == 4
 
 
 def test_cache_service_demands_a_client_certificate(certs):
