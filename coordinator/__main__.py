@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import sys
 
-from stagemesh import discovery
+from stagemesh import discovery, security
 from stagemesh import log as logging_setup
 from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
@@ -38,6 +38,7 @@ def main(argv=None) -> None:
     p.add_argument("--consul-session-ttl-s", type=float, default=10.0,
                    help="leader session TTL: a standby takes over this long after the leader dies "
                         "(Consul's minimum is its agent's session_ttl_min, 10s by default)")
+    security.add_tls_flags(p)
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     log = logging_setup.configure("coordinator", args.log_level)
@@ -47,7 +48,7 @@ def main(argv=None) -> None:
             num_layers=model.num_hidden_layers, stages=args.stages, replicas=args.replicas,
             metrics_port=args.metrics_port,
             block_size=args.block_size, host=args.host, port=args.port, dead_after_s=args.dead_after_s,
-            state_file=args.state_file, plan=args.plan,
+            state_file=args.state_file, plan=args.plan, tls=security.tls_from_args(args),
             split=tuple(int(x) for x in args.split.split(",") if x.strip()),
             rebalance=not args.no_rebalance, rebalance_threshold=args.rebalance_threshold,
             rebalance_window_s=args.rebalance_window_s, rebalance_min_interval_s=args.rebalance_min_interval_s,

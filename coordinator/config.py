@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from stagemesh.security import TlsConfig
+
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
@@ -27,6 +29,7 @@ class CoordinatorConfig:
     rebalance_window_s: float = 5.0
     rebalance_min_interval_s: float = 60.0
     rebalance_min_gain: float = 0.15
+    tls: TlsConfig | None = None  # mutual TLS on the coordinator's port and its health probes
 
     def __post_init__(self):
         if self.stages < 1 or self.replicas < 1:

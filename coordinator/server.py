@@ -8,6 +8,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from stagemesh import metrics
+from stagemesh import security
 from stagemesh.errors import grpc_errors
 from stagemesh.net import GRPC_OPTIONS
 from stagemesh.reflection import enable_reflection
@@ -62,7 +63,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if request.epoch != reg.epoch or not 0 <= request.replica < len(reg.replicas):
             return pb.ReportFailureResponse()
         slots = list(reg.replicas[request.replica])
-        alive = await asyncio.gather(*[_probe(reg.workers[s.worker_id].address) for s in slots
+        alive = await asyncio.gather(*[_probe(reg.workers[s.worker_id].address, self.config.tls) for s in slots
                                        if s.worker_id in reg.workers])
         dead = [s.worker_id for s, ok in zip(slots, alive) if not ok]
         for worker_id in dead:
@@ -108,7 +109,7 @@ async def serve(config: CoordinatorConfig, log, ready_event: asyncio.Event | Non
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, pb.DESCRIPTOR, "Coordinator")
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = security.add_port(server, f"{config.host}:{config.port}", config.tls)
     await server.start()
     metrics.start_metrics_server(config.metrics_port, config.host)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -145,10 +146,10 @@ async def _rebalance_loop(registry: Registry, config: CoordinatorConfig) -> None
                     last_move = now
 
 
-async def _probe(address: str, timeout_s: float = 0.5) -> bool:
+async def _probe(address: str, tls=None, timeout_s: float = 0.5) -> bool:
     """Whether a worker answers its gRPC health check in time (a frozen process does not)."""
     try:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with security.channel(address, tls) as channel:
             resp = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
         return resp.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.aio.AioRpcError:

@@ -65,11 +65,11 @@ class Mesh:
         coord_port = free_port()
         coord = f"{cfg.host}:{coord_port}"
         self.coordinator_address = coord
+        tls = self._tls_args()
         self._spawn("coordinator", [py, "-m", "coordinator", "--model", cfg.model_dir, "--stages", str(cfg.stages),
                                     "--replicas", str(cfg.replicas), "--block-size", str(cfg.block_size),
                                     "--port", str(coord_port), "--log-level", cfg.log_level,
-                                    *self._metrics_args(1)], timeout_s)
-        tls = self._tls_args()
+                                    *self._metrics_args(1), *tls], timeout_s)
         cache_args: list[str] = []
         if cfg.redis:
             cache_port = free_port()
@@ -82,14 +82,14 @@ class Mesh:
         worker_cmd = [py, "-m", "stage_worker", "--model", cfg.model_dir, "--coordinator", coord,
                       "--device", cfg.device, "--block-size", str(cfg.block_size), "--threads", str(threads),
                       "--kv-cache-bytes", str(cfg.kv_cache_bytes), "--kv-blocks", str(cfg.kv_blocks),
-                      "--log-level", cfg.log_level, *tls, *(["--coordinator-plaintext"] if tls else [])]
+                      "--log-level", cfg.log_level, *tls]
         for i in range(n_workers):
             self._spawn(f"worker{i}", [*worker_cmd, *self._metrics_args(10 + i)], timeout_s, wait=False)
         gw_cmd = [py, "-m", "gateway", "--model", cfg.model_dir, "--coordinator", coord, "--host", cfg.host,
                   "--port", str(cfg.port), "--inflight", str(max(2, cfg.stages)),
                   "--max-batched-tokens", str(cfg.max_batched_tokens), "--max-running", str(cfg.max_running),
                   "--routing", cfg.routing, "--http-port", str(cfg.http_port), "--log-level", cfg.log_level,
-                  *cache_args, *self._metrics_args(0), *tls, *(["--coordinator-plaintext"] if tls else []),
+                  *cache_args, *self._metrics_args(0), *tls,
                   *cfg.extra_gateway_args]
         self._spawn("gateway", gw_cmd, timeout_s)
         return f"{cfg.host}:{cfg.port}"
