@@ -135,6 +135,7 @@ def _echo_server(port: int) -> None:
 
 async def bare_call_ms(port: int, payload: pb.ForwardRequest, n: int) -> float:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
+        await asyncio.wait_for(ch.channel_ready(), 60)  # the echo process may still be importing
         stub = pb_grpc.StageStub(ch)
         for _ in range(20):
             await stub.Forward(payload)
@@ -195,7 +196,6 @@ def main() -> None:
     port = free_port()
     proc = mp.get_context("spawn").Process(target=_echo_server, args=(port,), daemon=True)
     proc.start()
-    time.sleep(1.5)
     hidden = wire.encode(torch.zeros(args.hop_batch, 256))
     bare = asyncio.run(bare_call_ms(port, pb.ForwardRequest(hidden=hidden, token_ids=[5] * args.hop_batch), 200))
     proc.terminate()

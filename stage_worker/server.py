@@ -74,12 +74,11 @@ class StageService(pb_grpc.StageServicer):
                 samples=[pb.SampledToken(seq_id=s, token_id=t) for s, t in out.samples],
                 stage_compute_us=[out.compute_us],
             )
-        nxt = pb.ForwardRequest(
-            epoch=request.epoch, lease_id=request.lease_id, step_id=request.step_id,
-            new_sequences=request.new_sequences, chunks=request.chunks,
-            finished_seq_ids=request.finished_seq_ids, replica=request.replica,
-            hidden=wire.encode(out.hidden),
-        )
+        # Forward the same message: the deltas pass on unchanged, only the payload differs
+        # (no copy of the per-sequence chunks; the executor is done with the request).
+        nxt = request
+        nxt.ClearField("token_ids")
+        nxt.hidden.CopyFrom(wire.encode(out.hidden))
         remaining = context.time_remaining()
         try:
             resp = await loaded.next_stub.Forward(nxt, timeout=remaining)
