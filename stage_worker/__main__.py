@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--kv-blocks", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--slowdown", type=float, default=1.0, help="test/demo: compute this many times slower")
+    p.add_argument("--tp-size", type=int, default=0,
+                   help="tensor parallel inside this stage over N processes/GPUs (deepspeed.comm); 0: off")
     p.add_argument("--lease-ttl-s", type=float, default=60.0, help="drop a silent gateway's sequences after this")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
     p.add_argument("--log-level", default="info")
@@ -52,7 +54,8 @@ def parse_args(argv=None):
     cfg = WorkerConfig(model_dir=a.model, coordinator=a.coordinator, host=a.host, port=a.port, device=a.device,
                        advertise=a.advertise, block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, kv_blocks=a.kv_blocks,
                        threads=a.threads, metrics_port=a.metrics_port, lease_ttl_s=a.lease_ttl_s,
-                       slowdown=a.slowdown, tls=tls_from_args(a), coordinator_plaintext=a.coordinator_plaintext)
+                       slowdown=a.slowdown, tls=tls_from_args(a), coordinator_plaintext=a.coordinator_plaintext,
+                       tp_size=a.tp_size)
     return cfg, a.log_level, discovery.config_from_args(a)
 
 
@@ -61,7 +64,12 @@ async def serve(config: WorkerConfig, log, consul: discovery.ConsulConfig | None
     follow = registry is not None and not config.coordinator  # the coordinator is whoever leads in Consul
     if follow:
         config = dataclasses.replace(config, coordinator=await registry.wait_for_leader())
-    service = StageService(config, log)
+    if config.tp_size:  # rank 0 of a tensor-parallel group (starts its followers)
+        from stage_worker.tp_group import TPStageService
+
+        service = TPStageService(config, log)
+    else:
+        service = StageService(config, log)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_StageServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()

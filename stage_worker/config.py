@@ -27,6 +27,7 @@ class WorkerConfig:
     metrics_port: int = 0  # Prometheus /metrics; 0: off
     tls: TlsConfig | None = None  # mutual TLS on our port and on links to the next stage/coordinator
     coordinator_plaintext: bool = False  # reach a coordinator that does not serve TLS yet
+    tp_size: int = 0  # >= 1: tensor-parallel stage of this many processes (tp_group.py); 0: off
 
     def __post_init__(self):
         if self.device == "auto":
@@ -35,6 +36,8 @@ class WorkerConfig:
             raise ValueError("block_size must be >= 1 and KV sizes >= 0")
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError("gpu_memory_fraction must be in (0, 1]")
+        if self.tp_size < 0:
+            raise ValueError("tp_size must be >= 0")
 
     def memory_bytes(self) -> int:
         device = torch.device(self.device)
