@@ -2,7 +2,7 @@
 
 (1) shard_stage at world 1 is the unsharded stage, bit for bit; (2) two processes, a full-model
 stage sharded tp=2: logits close to transformers and greedy tokens equal to its generate; (3) a
-mesh whose one stage worker runs `--tp-size 2` serves greedy requests equal to transformers.
+mesh whose stage workers run `--tp-size 1`/`2` (one or two stages) serves greedy requests equal to transformers.
 """
 
 from __future__ import annotations
@@ -104,14 +104,17 @@ async def _generate_all(address: str, prompts: list[list[int]]):
                                       for p in prompts])
 
 
-def test_mesh_with_a_tp2_stage_equals_transformers(ckpt_dir):
+@pytest.mark.parametrize("tp_sizes", [(1,), (2,), (2, 1)], ids=["tp1", "tp2", "2stages-tp2-tp1"])
+def test_mesh_with_tp_stages_equals_transformers(ckpt_dir, tp_sizes):
+    """One worker per entry (its --tp-size); with two stages one runs tp 2 and the other tp 1
+    (the TP code path at world 1), in whichever order the coordinator assigns them."""
     model_dir = ckpt_dir("llama", num_layers=2)
     prompts = random_prompts(seed=7, lengths=[3, 17, 30], vocab=320)
     expected = [hf_greedy(model_dir, p, MAX_NEW) for p in prompts]
-    cport, wport, gport = new_port(), new_port(), new_port()
+    cport, gport = new_port(), new_port()
     coord = f"127.0.0.1:{cport}"
-    with processes(coordinator_cmd(model_dir, cport, 1),
-                   worker_cmd(model_dir, coord, wport, 64, "--tp-size", "2"),
+    workers = [worker_cmd(model_dir, coord, new_port(), 64, "--tp-size", str(tp)) for tp in tp_sizes]
+    with processes(coordinator_cmd(model_dir, cport, len(tp_sizes)), *workers,
                    gateway_cmd(model_dir, coord, gport)):
         outs = asyncio.run(_generate_all(f"127.0.0.1:{gport}", prompts))
     for prompt, exp, out in zip(prompts, expected, outs):
