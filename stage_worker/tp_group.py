@@ -53,9 +53,10 @@ class TPGroup:
         else:
             # DeepSpeed JIT-compiles a shared-memory all-reduce op for CPU groups on first use
             # (~2 minutes on 2 cores, in every fresh environment); gloo's all-reduce serves here.
-            import deepspeed.comm.torch as ds_torch
+            import importlib
 
-            ds_torch.build_shm_op = lambda: None
+            # (the attribute `deepspeed.comm.torch` is the torch package: import the module by name)
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         dist.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                               init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                               timeout=NEVER, verbose=False)
