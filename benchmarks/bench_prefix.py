@@ -6,7 +6,7 @@
    round-robin, throughput and prefix hit rate against the ideal (every request after the first
    of its system prompt reuses all 2,048 prefix tokens).
 
-    python benchmarks/bench_prefix.py [--requests 48] [--json out.json]
+    python benchmarks/bench_prefix.py [--requests 96] [--routing-weight 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ async def run_workload(address: str, prompts: list[list[int]], new: int):
         return time.perf_counter() - t, outs
 
 
-def workload_run(model_dir: Path, redis_url: str, routing: str, prompts, new: int, kv_blocks: int, running: int):
-    extra = ["--routing", routing, "--redis", redis_url, "--kv-blocks", str(kv_blocks), "--max-running", str(running),
+def workload_run(model_dir: Path, redis_url: str, routing: str, prompts, new: int, kv_blocks: int, running: int,
+                 weight: float = 1.0):
+    extra = ["--routing", routing, "--routing-weight", str(weight), "--redis", redis_url, "--kv-blocks", str(kv_blocks), "--max-running", str(running),
              "--max-batched-tokens", "1024"]
     with mesh(model_dir, stages=1, replicas=2, extra=extra) as m:
         wall, outs = asyncio.run(run_workload(m.address, prompts, new))
@@ -83,23 +84,26 @@ def workload_run(model_dir: Path, redis_url: str, routing: str, prompts, new: in
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--requests", type=int, default=96)
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--kv-blocks", type=int, default=460,
                     help="per replica: 3 of the 4 system prompts + the running sequences own blocks")
     ap.add_argument("--max-running", type=int, default=4)
+    ap.add_argument("--routing-weight", type=float, default=2.0)
+    ap.add_argument("--hidden", type=int, default=256, help="model width: prefill cost per token grows with it")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
-    model_dir = write_demo_model(tmp / "m", num_layers=4, hidden_size=256, num_heads=8, num_kv_heads=4,
-                                 intermediate_size=688, max_positions=4096)
+    model_dir = write_demo_model(tmp / "m", num_layers=4, hidden_size=args.hidden, num_heads=8, num_kv_heads=4,
+                                 intermediate_size=args.hidden * 11 // 4, max_positions=4096)
     cold, warm = ttft_ratio(model_dir, reps=3)
     prompts = shared_prefix_workload(args.requests)
     ideal = (len(prompts) - 4) * PREFIX / sum(len(p) for p in prompts)
     redis = RedisServer().start()
     try:
         rr_tps, rr_hit = workload_run(model_dir, redis.url, "round_robin", prompts, args.new, args.kv_blocks, args.max_running)
-        ca_tps, ca_hit = workload_run(model_dir, redis.url, "cache_aware", prompts, args.new, args.kv_blocks, args.max_running)
+        ca_tps, ca_hit = workload_run(model_dir, redis.url, "cache_aware", prompts, args.new, args.kv_blocks, args.max_running,
+                                      args.routing_weight)
     finally:
         redis.close()
     rows = [

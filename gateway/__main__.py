@@ -39,7 +39,7 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--max-waiting", type=int, default=1024)
     p.add_argument("--inflight", type=int, default=2, help="micro-batches in flight (at least the stage count)")
     p.add_argument("--routing", default="cache_aware", choices=["cache_aware", "round_robin"])
-    p.add_argument("--routing-weight", type=float, default=1.0)
+    p.add_argument("--routing-weight", type=float, default=2.0)
     p.add_argument("--http-port", type=int, default=0, help="also serve the OpenAI-compatible HTTP API here")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
     p.add_argument("--log-level", default="info")

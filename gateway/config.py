@@ -24,7 +24,10 @@ class GatewayConfig:
     metrics_port: int = 0  # Prometheus /metrics; 0: off
     cache_service: str = ""  # host:port of cache_service; empty: local prefix matching only
     routing: str = "cache_aware"  # or "round_robin"
-    routing_weight: float = 1.0  # w in cost = w * prefill blocks after overlap + active blocks
+    # w in cost = w * blocks to prefill after the overlap + blocks of work queued on the replica.
+    # 2.0 measured best on the shared-prefix workload (benchmarks/bench_prefix.py): at 1.0 the
+    # load term diverts requests from the replica holding their prefix too early.
+    routing_weight: float = 2.0
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     tls: TlsConfig | None = None  # public port TLS (client cert optional unless required); mTLS on links
     coordinator_plaintext: bool = False  # reach a coordinator that does not serve TLS yet

@@ -109,12 +109,17 @@ class ReplicaEngine:
 
     @property
     def active_blocks(self) -> int:
-        """Load for routing, in KV blocks: what this replica's unfinished sequences add."""
-        # Each unfinished sequence counts the blocks it adds beyond the prefix it shares: a replica
-        # that holds popular prefixes is not "loaded" by them, only by its own sequences' work.
+        """Load for routing, in blocks of work still to do on this replica.
+
+        A waiting sequence counts the blocks it will add beyond its shared prefix (the router's
+        estimate); a running one counts what it has left to prefill and to decode. Blocks of a
+        prefix that is already cached cost nothing, so a replica holding popular prefixes is
+        not "loaded" by them.
+        """
         sched = self.scheduler
-        return sum(s.expected_new_blocks for s in sched.running) + sum(
-            s.expected_new_blocks for s in sched.waiting_sequences())
+        bs = sched.bm.block_size
+        running = sum(s.num_uncomputed + max(0, s.max_tokens - len(s.output_ids)) for s in sched.running)
+        return -(-running // bs) + sum(s.expected_new_blocks for s in sched.waiting_sequences())
 
     @property
     def replica_id(self) -> str:

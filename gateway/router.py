@@ -25,7 +25,7 @@ PREDICTION_LIMIT = 65536  # promised hashes remembered per replica (LRU)
 
 class Router:
     def __init__(self, engines, model_id: str, block_size: int, index=None, policy: str = "cache_aware",
-                 weight: float = 1.0, log=None):
+                 weight: float = 2.0, log=None):
         if policy not in ("cache_aware", "round_robin"):
             raise ValueError(f"unknown routing policy {policy!r}: cache_aware or round_robin")
         self.engines = engines

@@ -42,6 +42,8 @@ def _add_up(sub) -> None:
     p.add_argument("--max-batched-tokens", type=int, default=512)
     p.add_argument("--max-running", type=int, default=256, help="sequences holding KV at once, per replica")
     p.add_argument("--routing", default="cache_aware", choices=["cache_aware", "round_robin"])
+    p.add_argument("--routing-weight", type=float, default=2.0,
+                   help="w in cost = w * blocks to prefill + load (higher: follow the cache harder)")
     p.add_argument("--http-port", type=int, default=0, help="also serve the OpenAI-compatible HTTP API")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
     p.add_argument("--metrics-port", type=int, default=0,
@@ -69,7 +71,7 @@ def _run_up(args) -> int:
         config = MeshConfig(model_dir=args.model, stages=args.stages, replicas=args.replicas, spares=args.spares,
                             port=args.port, redis=args.redis, device=args.device, kv_cache_bytes=args.kv_cache_bytes,
                             kv_blocks=args.kv_blocks, max_batched_tokens=args.max_batched_tokens,
-                            threads=args.threads, log_level=args.log_level, routing=args.routing,
+                            threads=args.threads, log_level=args.log_level, routing=args.routing, routing_weight=args.routing_weight,
                             http_port=args.http_port, max_running=args.max_running,
                             metrics_port=args.metrics_port, tls_dir=args.tls_dir,
                             extra_gateway_args=_gateway_auth_args(args))

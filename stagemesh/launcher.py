@@ -36,6 +36,7 @@ class MeshConfig:
     threads: int = 0
     log_level: str = "warning"
     routing: str = "cache_aware"
+    routing_weight: float = 2.0
     http_port: int = 0
     max_running: int = 256
     # Prometheus /metrics ports, 0: off. Else gateway BASE, coordinator BASE+1, cache_service BASE+2,
@@ -88,7 +89,7 @@ class Mesh:
         gw_cmd = [py, "-m", "gateway", "--model", cfg.model_dir, "--coordinator", coord, "--host", cfg.host,
                   "--port", str(cfg.port), "--inflight", str(max(2, cfg.stages)),
                   "--max-batched-tokens", str(cfg.max_batched_tokens), "--max-running", str(cfg.max_running),
-                  "--routing", cfg.routing, "--http-port", str(cfg.http_port), "--log-level", cfg.log_level,
+                  "--routing", cfg.routing, "--routing-weight", str(cfg.routing_weight), "--http-port", str(cfg.http_port), "--log-level", cfg.log_level,
                   *cache_args, *self._metrics_args(0), *tls,
                   *cfg.extra_gateway_args]
         self._spawn("gateway", gw_cmd, timeout_s)
