@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from stage_worker.attention import AttnMetadata
 from stage_worker.loader import dequantize_fp8_blocks, load_stage
 from stage_worker.mla_cache import MLAKVCache, kv_bytes_per_token
-from stage_worker.models.deepseek import DeepseekDims, MoEGate, layer_profile
+from stage_worker.models.deepseek import DeepseekDims, DeepseekMoE, MoEGate, grouped_linear, layer_profile
 from stagemesh.checkpoint import validate_checkpoint
 from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
@@ -135,6 +135,62 @@ def test_router_matches_transformers():
         order, ref_order = ids.argsort(-1), ref_ids.argsort(-1)
         assert torch.equal(ids.gather(1, order), ref_ids.gather(1, ref_order)), arch
         torch.testing.assert_close(w.gather(1, order), ref_w.gather(1, ref_order))
+
+
+def _moe_per_expert_loop(moe: DeepseekMoE, x: torch.Tensor) -> torch.Tensor:
+    """The former DeepseekMoE.forward (a host sync, one gather/GEMMs/scatter per hit expert): reference."""
+    weights, ids = moe.gate(x)
+    out = torch.zeros_like(x)
+    for e in torch.unique(ids).tolist():
+        tok, slot = torch.where(ids == e)
+        y = moe.experts[e](x[tok]) * weights[tok, slot, None]
+        out.index_add_(0, tok, y.to(out.dtype))
+    if moe.shared_experts is not None:
+        out = out + moe.shared_experts(x)
+    return out
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_grouped_moe_equals_per_expert_loop(bias):
+    """Sorted-by-expert grouped GEMMs equal the per-expert loop (V3 routing, V2 routing, with biases,
+    experts left empty, one token), and the experts' parameters stay loadable views of the stacks."""
+    gen = torch.Generator().manual_seed(0)
+    for arch, extra in (("DeepseekV3ForCausalLM", dict(n_group=4, topk_group=2, topk_method="noaux_tc",
+                                                        scoring_func="sigmoid", norm_topk_prob=True)),
+                        ("DeepseekV2ForCausalLM", dict(n_group=1, topk_group=1, topk_method="greedy"))):
+        raw = dict(architectures=[arch], hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+                   n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=3, routed_scaling_factor=2.5,
+                   num_hidden_layers=2, num_attention_heads=4, vocab_size=100, kv_lora_rank=16,
+                   qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, mlp_bias=bias, **extra)
+        cfg = ModelConfig.from_dict(raw)
+        moe = DeepseekMoE(cfg, DeepseekDims.from_config(cfg))
+        with torch.no_grad():
+            for name, p in moe.named_parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if "bias" in name else 0.3))
+        names = [n for n, _ in moe.named_parameters()]
+        with torch.inference_mode():
+            for t in (1, 5, 40):
+                x = torch.randn(t, 32, generator=gen)
+                torch.testing.assert_close(moe(x), _moe_per_expert_loop(moe, x), atol=1e-5, rtol=1e-5)
+        assert [n for n, _ in moe.named_parameters()] == names  # checkpoint names unchanged
+        w_gu = moe._stacked[0]
+        assert moe.experts[3].up_proj.weight.data_ptr() == w_gu[3, 24:].data_ptr()
+        with torch.no_grad():  # a later in-place copy (the loader's) lands in the stacked weights
+            moe.experts[3].up_proj.weight.mul_(2)
+        x = torch.randn(40, 32, generator=gen)
+        with torch.inference_mode():
+            torch.testing.assert_close(moe(x), _moe_per_expert_loop(moe, x), atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_linear_fallback_equals_kernel(monkeypatch):
+    import stage_worker.models.deepseek as ds
+    gen = torch.Generator().manual_seed(1)
+    x, w = torch.randn(10, 8, generator=gen), torch.randn(4, 6, 8, generator=gen)
+    offs = torch.tensor([3, 3, 9, 10], dtype=torch.int32)
+    ref = torch.cat([x[:3] @ w[0].T, x[3:9] @ w[2].T, x[9:] @ w[3].T])
+    torch.testing.assert_close(grouped_linear(x, w, offs), ref)
+    monkeypatch.setattr(ds, "_GROUPED_MM", None)
+    torch.testing.assert_close(grouped_linear(x, w, offs), ref)
 
 
 def test_loader_reads_its_layers_and_experts(ds_root):

@@ -312,8 +312,41 @@ class MoEGate(nn.Module):
         return weights * d.routed_scaling_factor, ids
 
 
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_mm_ok(w: torch.Tensor) -> bool:
+    """torch's grouped GEMM kernel: CPU (torch >= 2.9) or CUDA SM80+."""
+    if _GROUPED_MM is None:
+        return False
+    if w.device.type == "cuda":
+        return torch.cuda.get_device_capability(w.device) >= (8, 0)
+    return w.device.type == "cpu"
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x: [S, in] sorted by group; w: [G, out, in]; offs: [G] int32 cumulative row ends.
+    Row r of the result is x[r] @ w[g].T for the group g holding r. No host sync on the fast path."""
+    if _grouped_mm_ok(w):
+        return _GROUPED_MM(x, w.transpose(1, 2), offs=offs)
+    out = x.new_empty(x.shape[0], w.shape[1])  # fallback: one host sync, one GEMM per group
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        if end > start:
+            torch.mm(x[start:end], w[g].t(), out=out[start:end])
+        start = end
+    return out
+
+
 class DeepseekMoE(nn.Module):
-    """Shared experts (every token) + routed top-k experts (gathered per expert)."""
+    """Shared experts (every token) + routed top-k experts (sorted by expert, two grouped GEMMs).
+
+    The per-expert parameters keep their checkpoint names and shapes (experts.{e}.gate_proj.weight,
+    ...), so the loader and FP8 dequant are unchanged. On the first forward they are re-pointed into
+    two stacked buffers, [E, 2I, H] (gate rows then up rows) and [E, H, I], which the grouped GEMMs
+    read; the per-expert parameters stay views of them, so no memory is duplicated. Rebuilt only if
+    the parameters were moved or replaced since (weights are frozen after loading).
+    """
 
     def __init__(self, cfg: ModelConfig, d: DeepseekDims):
         super().__init__()
@@ -321,15 +354,49 @@ class DeepseekMoE(nn.Module):
         self.gate = MoEGate(h, d)
         self.experts = nn.ModuleList(DeepseekMLP(h, i, b) for _ in range(d.n_routed_experts))
         self.shared_experts = DeepseekMLP(h, i * d.n_shared_experts, b) if d.n_shared_experts else None
+        self._stacked: tuple | None = None  # (w_gate_up, w_down, b_gate_up, b_down), not in state_dict
+
+    def _stack(self) -> tuple:
+        """The stacked expert weights; built once (and again only if a parameter no longer aliases them)."""
+        st, ex = self._stacked, self.experts
+        if (st is not None and ex[0].gate_proj.weight.data_ptr() == st[0].data_ptr()
+                and ex[-1].down_proj.weight.data_ptr() == st[1][-1].data_ptr()):
+            return st
+        inter = ex[0].gate_proj.out_features
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors: they back parameters
+            w_gu = torch.stack([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in ex])  # [E, 2I, H]
+            w_d = torch.stack([m.down_proj.weight for m in ex])  # [E, H, I]
+            b_gu = b_d = None
+            if ex[0].gate_proj.bias is not None:
+                b_gu = torch.stack([torch.cat([m.gate_proj.bias, m.up_proj.bias]) for m in ex])  # [E, 2I]
+                b_d = torch.stack([m.down_proj.bias for m in ex])  # [E, H]
+            for e, m in enumerate(ex):  # the parameters become views: the old storage is freed
+                m.gate_proj.weight.data, m.up_proj.weight.data = w_gu[e, :inter], w_gu[e, inter:]
+                m.down_proj.weight.data = w_d[e]
+                if b_gu is not None:
+                    m.gate_proj.bias.data, m.up_proj.bias.data = b_gu[e, :inter], b_gu[e, inter:]
+                    m.down_proj.bias.data = b_d[e]
+        self._stacked = (w_gu, w_d, b_gu, b_d)
+        return self._stacked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
-        weights, ids = self.gate(x)  # [T, k], [T, k]
-        out = torch.zeros_like(x)
-        # Host sync on the set of hit experts; a grouped-GEMM kernel would replace this loop.
-        for e in torch.unique(ids).tolist():
-            tok, slot = torch.where(ids == e)  # tokens routed to expert e, and which of their k
-            y = self.experts[e](x[tok]) * weights[tok, slot, None]  # [n, H] float32
-            out.index_add_(0, tok, y.to(out.dtype))
+        weights, ids = self.gate(x)  # [T, k] float32, [T, k]
+        w_gu, w_d, b_gu, b_d = self._stack()
+        t, k = ids.shape
+        flat_ids, order = torch.sort(ids.reshape(-1), stable=True)  # [S = T*k], grouped by expert
+        offs = torch.searchsorted(flat_ids, torch.arange(w_gu.shape[0], device=x.device),
+                                  right=True).to(torch.int32)  # [E] cumulative row ends
+        xs = x.index_select(0, order // k)  # [S, H]
+        gu = grouped_linear(xs, w_gu, offs)  # [S, 2I]
+        if b_gu is not None:
+            gu = gu + b_gu[flat_ids]
+        inter = w_d.shape[2]
+        y = grouped_linear(F.silu(gu[:, :inter]) * gu[:, inter:], w_d, offs)  # [S, H]
+        if b_d is not None:
+            y = y + b_d[flat_ids]
+        y = y.float() * weights.reshape(-1)[order, None]  # [S, H] float32
+        routed = torch.empty_like(y).index_copy_(0, order, y)  # back to token-major order
+        out = routed.view(t, k, -1).sum(1).to(x.dtype)  # [T, H]
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
