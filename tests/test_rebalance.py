@@ -76,17 +76,25 @@ def test_live_rebalance_during_generation_keeps_outputs_exact(ckpt_dir):
         assert [(s.layer_start, s.layer_end) for s in before.replicas[0].stages] == [(0, 3), (3, 6)]
 
         async def run():
+            """Waves of requests until the plan has changed under them (bounded by time)."""
+            waves = []
             async with AsyncClient(f"127.0.0.1:{gport}") as client:
-                tasks = [asyncio.create_task(client.generate(prompt_ids=p, max_tokens=new, ignore_eos=True,
-                                                             timeout=120)) for p in prompts]
-                await asyncio.sleep(0.3)
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{wports[0]}") as ch:
-                    await pb_grpc.StageStub(ch).SetSlowdown(pb.SetSlowdownRequest(factor=8.0))
-                return await asyncio.gather(*tasks)
+                deadline = time.monotonic() + 90
+                while True:
+                    tasks = [asyncio.create_task(client.generate(prompt_ids=p, max_tokens=new, ignore_eos=True,
+                                                                 timeout=120)) for p in prompts]
+                    if not waves:
+                        await asyncio.sleep(0.3)
+                        async with grpc.aio.insecure_channel(f"127.0.0.1:{wports[0]}") as ch:
+                            await pb_grpc.StageStub(ch).SetSlowdown(pb.SetSlowdownRequest(factor=8.0))
+                    waves.append(await asyncio.gather(*tasks))
+                    if get_plan(coord).epoch > before.epoch or time.monotonic() > deadline:
+                        return waves
 
-        outs = asyncio.run(run())
+        waves = asyncio.run(run())
         after = wait_ready(coord)
     assert after.epoch > before.epoch, "no rebalance happened"
     ranges = [(s.layer_start, s.layer_end) for s in after.replicas[0].stages]
     assert ranges[0][1] < 3, f"the slowed first stage kept its layers: {ranges}"
-    assert [o.token_ids for o in outs] == expected
+    for outs in waves:  # requests in flight while the boundaries moved included
+        assert [o.token_ids for o in outs] == expected
