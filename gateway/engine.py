@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -68,9 +69,8 @@ class ReplicaEngine:
         self._on_cache_events = on_cache_events
         self._on_stale_epoch = on_stale_epoch
         self._on_stage_failure = on_stage_failure  # nudges the plan watcher to poll now
-        self.replays = 0
         self._stall_start: float | None = None  # first refused step of the current pause
-        self.pauses_ms: list[float] = []  # plan changes and failovers, as the replica felt them
+        self._debug = log.is_enabled_for(logging.DEBUG)  # per-step debug lines cost a list build
         self._wakeup = asyncio.Event()
         self.generation = 0  # bumps when the replica's KV is reset (new chain): old steps are void
         self._inflight: dict[int, int] = {}  # generation -> micro-batches in flight
@@ -101,11 +101,6 @@ class ReplicaEngine:
         if seq.status != Status.FINISHED:
             self._finish(seq, reason)
             self._wakeup.set()
-
-    @property
-    def load(self) -> int:
-        """Sequences running or waiting."""
-        return len(self.scheduler.running) + self.scheduler.num_waiting
 
     @property
     def active_blocks(self) -> int:
@@ -141,7 +136,6 @@ class ReplicaEngine:
         live = len(self.scheduler.running) + self.scheduler.num_waiting
         self._install(plan, keep=self.scheduler)
         asyncio.get_running_loop().create_task(old_channel.close())
-        self.replays += live
         self.log.info("replica_replanned", epoch=plan.epoch, replayed=live)
         self._wakeup.set()
         return live
@@ -193,8 +187,9 @@ class ReplicaEngine:
     def _request(self, plan: StepPlan) -> pb.ForwardRequest:
         self._step_id += 1
         # The one place a step meets its requests: stages log lease and step ids, not request ids.
-        self.log.debug("step_sent", lease_id=self.lease_id, step_id=self._step_id, epoch=self.plan.epoch,
-                       request_ids=[c.seq.request_id for c in plan.chunks])
+        if self._debug:
+            self.log.debug("step_sent", lease_id=self.lease_id, step_id=self._step_id, epoch=self.plan.epoch,
+                           request_ids=[c.seq.request_id for c in plan.chunks])
         return build_forward_request(plan, self.plan.epoch, self.lease_id, self._step_id, self.plan.index)
 
     async def _run_step(self, plan: StepPlan, generation: int) -> None:
@@ -206,13 +201,14 @@ class ReplicaEngine:
             return
         finally:
             self._inflight[generation] -= 1
+            if generation != self.generation and not self._inflight[generation]:
+                del self._inflight[generation]  # the last step of a replaced chain is back
             self._wakeup.set()
         if generation != self.generation:
             return  # the chain changed meanwhile: these sequences were re-queued for replay
         self._failures = 0
         if self._stall_start is not None:  # first good step after a refusal: the pause is over
             pause_ms = (time.perf_counter() - self._stall_start) * 1e3
-            self.pauses_ms.append(pause_ms)
             self._stall_start = None
             self.log.info("replica_resumed", pause_ms=round(pause_ms, 1), epoch=self.plan.epoch)
         sampled = {s.seq_id: s.token_id for s in resp.samples}
@@ -268,8 +264,9 @@ class ReplicaEngine:
         if sched.num_preemptions > self._preemptions_seen:
             metrics.REPLAYS.inc(sched.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = sched.num_preemptions
-        self.log.debug("step", tokens=plan.num_tokens, seqs=len(plan.chunks), ms=round(rtt_s * 1e3, 3),
-                       compute_us=list(resp.stage_compute_us))
+        if self._debug:
+            self.log.debug("step", tokens=plan.num_tokens, seqs=len(plan.chunks), ms=round(rtt_s * 1e3, 3),
+                           compute_us=list(resp.stage_compute_us))
 
     def _publish_cache_events(self) -> None:
         events: CacheEvents = self.scheduler.bm.drain_events()

@@ -34,7 +34,7 @@ import socket
 import ssl
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 import grpc
 import uvicorn

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import time
 import uuid
+from pathlib import Path
 
 import grpc
 from structlog.contextvars import bound_contextvars
@@ -96,10 +97,9 @@ class Gateway:
         self.engines: list[ReplicaEngine] = []
         self.epoch = 0
         self._seq_ids = itertools.count(1)
-        self._coord_channel = secure_channel(config.coordinator, None if config.coordinator_plaintext else config.tls)
+        self._connect_coordinator(config.coordinator)
         auth = ApiKeyAuth(config.api_keys, config.rate_limit_rps, config.rate_limit_burst)
         self.auth = auth if auth.enabled else None  # API keys / rate limit of both front ends
-        self._coord = pb_grpc.CoordinatorStub(self._coord_channel)
         self._refresh_lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
         self._poke = asyncio.Event()  # a stage failed: poll the coordinator now
@@ -132,9 +132,13 @@ class Gateway:
         are retried on the new one by the plan watcher.
         """
         old = self._coord_channel
-        self._coord_channel = secure_channel(address, None if self.config.coordinator_plaintext else self.config.tls)
-        self._coord = pb_grpc.CoordinatorStub(self._coord_channel)
+        self._connect_coordinator(address)
         asyncio.get_running_loop().create_task(old.close(grace=1.0))
+
+    def _connect_coordinator(self, address: str) -> None:
+        tls = None if self.config.coordinator_plaintext else self.config.tls
+        self._coord_channel = secure_channel(address, tls)
+        self._coord = pb_grpc.CoordinatorStub(self._coord_channel)
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
@@ -218,7 +222,7 @@ class Gateway:
                 plan = await self._coord.GetPlan(pb.GetPlanRequest(), timeout=2)
             except grpc.aio.AioRpcError:
                 continue  # coordinator restarting: keep serving on the plan we have
-            if plan.epoch != self.epoch and plan.ready and plan.replicas and all(r.num_blocks > 0 for r in plan.replicas):
+            if plan.epoch != self.epoch and _servable(plan):
                 async with self._refresh_lock:
                     if plan.epoch != self.epoch:
                         self._apply_plan(plan)
@@ -228,7 +232,7 @@ class Gateway:
         while True:
             try:
                 plan = await self._coord.GetPlan(pb.GetPlanRequest(), timeout=5)
-                if plan.ready and all(r.num_blocks > 0 for r in plan.replicas):
+                if _servable(plan):
                     return plan
             except grpc.aio.AioRpcError as exc:
                 self.log.info("waiting_for_coordinator", code=exc.code().name)
@@ -270,7 +274,8 @@ class Gateway:
     def _replan_engines(self, specs: list[ReplicaPlan], chains: list[tuple]) -> None:
         """Replay only replicas whose chain changed; retire replicas that left the plan."""
         for engine in self.engines[len(specs):]:  # no worker left for them: move their requests
-            self.engines[0].adopt(engine.surrender()) if specs else None
+            if specs:
+                self.engines[0].adopt(engine.surrender())
             asyncio.get_running_loop().create_task(engine.close())
         del self.engines[len(specs):]
         for i, (engine, spec) in enumerate(zip(self.engines, specs)):
@@ -281,9 +286,6 @@ class Gateway:
                 self.index.clear(engine.replica_id)  # its KV is gone with the old chain
             engine.replan(spec)
             self.router.reset_replica(i)
-
-
-REQUEST_ID_METADATA = "x-request-id"
 
 
 REQUEST_ID_METADATA = "x-request-id"
@@ -315,6 +317,9 @@ class GenerationService(pb_grpc.GenerationServicer):
 
 
 def _default_model_id(model_dir: str) -> str:
-    from pathlib import Path
-
     return Path(model_dir).resolve().name
+
+
+def _servable(plan: pb.Plan) -> bool:
+    """Every stage of every replica has loaded its layers and sized its KV pool."""
+    return plan.ready and bool(plan.replicas) and all(r.num_blocks > 0 for r in plan.replicas)
