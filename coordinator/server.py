@@ -10,6 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from stagemesh import metrics
 from stagemesh import security
 from stagemesh.errors import grpc_errors
+from stagemesh.proc import wait_for_signal
 from stagemesh.net import GRPC_OPTIONS
 from stagemesh.reflection import enable_reflection
 from stagemesh.v1 import stagemesh_pb2 as pb
@@ -102,7 +103,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self._epoch_seen = max(self._epoch_seen, epoch)
 
 
-async def serve(config: CoordinatorConfig, log, ready_event: asyncio.Event | None = None) -> None:
+async def serve(config: CoordinatorConfig, log) -> None:
     server = grpc.aio.server(options=GRPC_OPTIONS)
     service = CoordinatorService(config, log)
     pb_grpc.add_CoordinatorServicer_to_server(service, server)
@@ -113,11 +114,15 @@ async def serve(config: CoordinatorConfig, log, ready_event: asyncio.Event | Non
     await server.start()
     metrics.start_metrics_server(config.metrics_port, config.host)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    liveness = asyncio.create_task(_expire_loop(service.registry, config))  # noqa: F841 (lives with the loop)
-    rebalancer = asyncio.create_task(_rebalance_loop(service.registry, config)) if config.rebalance else None  # noqa: F841
+    watchers = [asyncio.create_task(_expire_loop(service.registry, config))]
+    if config.rebalance:
+        watchers.append(asyncio.create_task(_rebalance_loop(service.registry, config)))
     log.info("coordinator ready", address=f"{config.host}:{port}")
     print(f"coordinator ready on {config.host}:{port}", flush=True)
-    await _wait_for_stop(server)
+    await wait_for_signal()
+    for task in watchers:
+        task.cancel()
+    await server.stop(grace=1.0)
 
 
 async def _rebalance_loop(registry: Registry, config: CoordinatorConfig) -> None:
@@ -163,8 +168,3 @@ async def _expire_loop(registry: Registry, config: CoordinatorConfig) -> None:
         registry.expire(config.dead_after_s)
 
 
-async def _wait_for_stop(server) -> None:
-    from stagemesh.proc import wait_for_signal
-
-    await wait_for_signal()
-    await server.stop(grace=1.0)
