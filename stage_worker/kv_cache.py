@@ -13,35 +13,23 @@ from __future__ import annotations
 import torch
 
 
-class PagedKVCache:
-    """k/v tensors for layers [0, num_layers) of this stage (indices are local, not global)."""
+def slot_pool_bytes(num_layers: int, block_size: int, slot_width: int, dtype: torch.dtype) -> int:
+    """Bytes of one block of a pool whose slots hold `slot_width` elements per layer."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return num_layers * block_size * slot_width * itemsize
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
-                 scratch_blocks: int | None = None):
-        if min(num_layers, num_blocks, block_size, num_kv_heads, head_dim) <= 0:
-            raise ValueError("PagedKVCache dimensions must be positive")
-        self.num_layers = num_layers
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.dtype = dtype
-        self.device = torch.device(device)
-        # One scratch block past the gateway's range (block id `num_blocks`, never handed out):
-        # padded rows of a CUDA-graph decode write and read there. Default: on CUDA only.
-        if scratch_blocks is None:
-            scratch_blocks = 1 if self.device.type == "cuda" else 0
+
+class SlotPool:
+    """Bookkeeping shared by every pool layout: blocks of `block_size` flat slots per local layer,
+    plus optional scratch blocks past the gateway's range (block id `num_blocks` on)."""
+
+    slot_width: int  # elements one token costs in one layer
+
+    def _init_slots(self, num_layers: int, num_blocks: int, block_size: int, dtype: torch.dtype,
+                    device: torch.device | str, scratch_blocks: int) -> None:
+        self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
+        self.dtype, self.device = dtype, torch.device(device)
         self.scratch_blocks = scratch_blocks
-        num_slots = (num_blocks + scratch_blocks) * block_size
-        shape = (num_slots, num_kv_heads, head_dim)
-        # k_caches[i], v_caches[i]: [(num_blocks + scratch_blocks) * block_size, Hkv, D]
-        self.k_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        self.v_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-
-    def layer(self, local_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k_cache, v_cache) of local layer `local_idx` (0 = this stage's first layer)."""
-        return self.k_caches[local_idx], self.v_caches[local_idx]
 
     @property
     def scratch_block(self) -> int | None:
@@ -54,15 +42,39 @@ class PagedKVCache:
 
     @property
     def bytes_per_block(self) -> int:
-        """Bytes one block costs across all local layers, k and v together."""
-        return self.block_bytes(self.num_layers, self.block_size, self.num_kv_heads,
-                                self.head_dim, self.dtype)
+        """Bytes one block costs across all local layers."""
+        return slot_pool_bytes(self.num_layers, self.block_size, self.slot_width, self.dtype)
+
+
+class PagedKVCache(SlotPool):
+    """k/v tensors for layers [0, num_layers) of this stage (indices are local, not global)."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 scratch_blocks: int | None = None):
+        if min(num_layers, num_blocks, block_size, num_kv_heads, head_dim) <= 0:
+            raise ValueError("PagedKVCache dimensions must be positive")
+        # One scratch block past the gateway's range (block id `num_blocks`, never handed out):
+        # padded rows of a CUDA-graph decode write and read there. Default: on CUDA only.
+        if scratch_blocks is None:
+            scratch_blocks = 1 if torch.device(device).type == "cuda" else 0
+        self._init_slots(num_layers, num_blocks, block_size, dtype, device, scratch_blocks)
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.slot_width = 2 * num_kv_heads * head_dim  # k and v
+        shape = ((num_blocks + scratch_blocks) * block_size, num_kv_heads, head_dim)
+        # k_caches[i], v_caches[i]: [(num_blocks + scratch_blocks) * block_size, Hkv, D]
+        self.k_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.v_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+
+    def layer(self, local_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k_cache, v_cache) of local layer `local_idx` (0 = this stage's first layer)."""
+        return self.k_caches[local_idx], self.v_caches[local_idx]
 
     @staticmethod
     def block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
                     dtype: torch.dtype) -> int:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+        return slot_pool_bytes(num_layers, block_size, 2 * num_kv_heads * head_dim, dtype)
 
     @classmethod
     def blocks_for_budget(cls, budget_bytes: int, num_layers: int, block_size: int,

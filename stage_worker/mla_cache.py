@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import torch
 
+from stage_worker.kv_cache import SlotPool, slot_pool_bytes
 
-class MLAKVCache:
+
+class MLAKVCache(SlotPool):
     """Latent tensors for local layers [0, num_layers) of this stage (indices are local)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_lora_rank: int,
@@ -25,13 +27,12 @@ class MLAKVCache:
                  scratch_blocks: int = 0):
         if min(num_layers, num_blocks, block_size, kv_lora_rank, rope_dim) <= 0:
             raise ValueError("MLAKVCache dimensions must be positive")
-        self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
-        self.kv_lora_rank, self.rope_dim = kv_lora_rank, rope_dim
-        self.dtype, self.device = dtype, torch.device(device)
         # No scratch block by default: the CUDA-graph decode path (cuda_graphs.py) is written for
         # PagedKVCache, and `scratch_block is None` is what keeps the executor off it.
-        self.scratch_blocks = scratch_blocks
-        shape = ((num_blocks + scratch_blocks) * block_size, kv_lora_rank + rope_dim)
+        self._init_slots(num_layers, num_blocks, block_size, dtype, device, scratch_blocks)
+        self.kv_lora_rank, self.rope_dim = kv_lora_rank, rope_dim
+        self.slot_width = kv_lora_rank + rope_dim  # c_kv | k_pe
+        shape = ((num_blocks + scratch_blocks) * block_size, self.slot_width)
         # latents[i]: [num_slots, kv_lora_rank + rope_dim] = c_kv | k_pe
         self.latents = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
 
@@ -39,25 +40,10 @@ class MLAKVCache:
         """Latent pool of local layer `local_idx` (0 = this stage's first layer)."""
         return self.latents[local_idx]
 
-    @property
-    def scratch_block(self) -> int | None:
-        return self.num_blocks if self.scratch_blocks else None
-
-    @property
-    def num_slots(self) -> int:
-        return self.num_blocks * self.block_size
-
-    @property
-    def bytes_per_block(self) -> int:
-        """Bytes one block costs across all local layers."""
-        return self.block_bytes(self.num_layers, self.block_size, self.kv_lora_rank, self.rope_dim,
-                                self.dtype)
-
     @staticmethod
     def block_bytes(num_layers: int, block_size: int, kv_lora_rank: int, rope_dim: int,
                     dtype: torch.dtype) -> int:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return num_layers * block_size * (kv_lora_rank + rope_dim) * itemsize
+        return slot_pool_bytes(num_layers, block_size, kv_lora_rank + rope_dim, dtype)
 
     @classmethod
     def blocks_for_budget(cls, budget_bytes: int, num_layers: int, block_size: int,

@@ -154,7 +154,7 @@ class StageService(pb_grpc.StageServicer):
         cfg = self.config
         model, mcfg = load_stage(cfg.model_dir, a.layer_start, a.layer_end, device=cfg.device)
         # The model's own pool type knows its size (PagedKVCache: 2*L*bs*Hkv*D; MLA: L*bs*(R+Dr)).
-        per_block = model.make_kv_cache(1, cfg.block_size).bytes_per_block
+        per_block = model.kv_block_bytes(cfg.block_size)
         num_blocks = cfg.kv_blocks or max(1, self._kv_budget(model) // per_block)
         kv = model.make_kv_cache(num_blocks, cfg.block_size)
         executor = StageExecutor(model, kv, cfg.block_size)

@@ -144,7 +144,7 @@ class TPStageService(StageService):
         cfg = self.config
         self.group.send("load", a.layer_start, a.layer_end)
         model = load_sharded(cfg.model_dir, a.layer_start, a.layer_end, self.group)
-        per_block = model.make_kv_cache(1, cfg.block_size).bytes_per_block  # local heads
+        per_block = model.kv_block_bytes(cfg.block_size)  # local heads
         num_blocks = cfg.kv_blocks or max(1, self._kv_budget(model) // per_block)
         self.group.send("kv", num_blocks)  # the gateway sees one pool: the same size on every rank
         executor = TPExecutor(make_executor(model, num_blocks, cfg.block_size), self.group)

@@ -460,6 +460,11 @@ class DeepseekStage(PipelineStage):
         return cos.to(dtype), sin.to(dtype)
 
 
+    def kv_block_bytes(self, block_size: int) -> int:
+        """Bytes one latent block costs on this stage (sizes the pool without allocating one)."""
+        return MLAKVCache.block_bytes(self.num_local_layers, block_size, self.dims.kv_lora_rank,
+                                      self.dims.qk_rope_head_dim, self.dtype)
+
     def make_kv_cache(self, num_blocks: int, block_size: int, dtype=None, device=None,
                       scratch_blocks: int | None = None) -> MLAKVCache:
         """A latent pool shaped for this stage's layers (no scratch block: no CUDA graphs yet)."""

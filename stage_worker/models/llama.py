@@ -219,6 +219,11 @@ class LlamaStage(PipelineStage):
         return cos.to(dtype), sin.to(dtype)
 
 
+    def kv_block_bytes(self, block_size: int) -> int:
+        """Bytes one KV block costs on this stage (sizes the pool without allocating one)."""
+        return PagedKVCache.block_bytes(self.num_local_layers, block_size, self.cfg.num_key_value_heads,
+                                        self.cfg.head_dim, self.dtype)
+
     def make_kv_cache(self, num_blocks: int, block_size: int, dtype=None, device=None,
                       scratch_blocks: int | None = None) -> PagedKVCache:
         """A KV pool shaped for this stage's layers (plus a scratch block on CUDA)."""
