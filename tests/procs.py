@@ -73,3 +73,31 @@ def manual_mesh(model_dir, stages: int = 2, kv_blocks: int = 64, gateway_args: t
     with processes(*cmds) as procs:
         yield {"gateway": f"127.0.0.1:{gport}", "coordinator": coord, "cmds": cmds,
                "workers": [f"127.0.0.1:{p}" for p in wports], "procs": procs}
+
+
+def stage_stats(mesh) -> list:
+    """Stage.Stats of every worker of a manual_mesh."""
+    from stagemesh.v1 import stagemesh_pb2 as pb
+    from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
+    import grpc
+
+    out = []
+    for addr in mesh["workers"]:
+        with grpc.insecure_channel(addr) as ch:
+            out.append(pb_grpc.StageStub(ch).Stats(pb.StatsRequest(), timeout=5))
+    return out
+
+
+def blocks_in_use(mesh) -> list[int]:
+    return [s.blocks_in_use for s in stage_stats(mesh)]
+
+
+def wait_kv_free(mesh, timeout_s: float = 10.0, sequences: bool = False) -> None:
+    """Until no stage holds a KV block (and, with `sequences`, no sequence); fails after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        held = [(s.blocks_in_use, s.live_sequences if sequences else 0) for s in stage_stats(mesh)]
+        if not any(b or n for b, n in held):
+            return
+        assert time.monotonic() < deadline, f"(blocks, sequences) still held per stage: {held}"
+        time.sleep(0.05)

@@ -6,7 +6,6 @@ stage must hold zero KV blocks again.
 
 from __future__ import annotations
 
-import time
 
 import grpc
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from stagemesh.client import Client, build_request
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
-from tests.procs import manual_mesh
+from tests.procs import blocks_in_use, manual_mesh, wait_kv_free
 
 VOCAB = 320
 MAX_LEN = 256  # max_position_embeddings of the test checkpoints
@@ -27,19 +26,8 @@ def mesh2(ckpt_dir):
         yield m
 
 
-def blocks_in_use(m) -> list[int]:
-    out = []
-    for addr in m["workers"]:
-        with grpc.insecure_channel(addr) as ch:
-            out.append(pb_grpc.StageStub(ch).Stats(pb.StatsRequest(), timeout=5).blocks_in_use)
-    return out
-
-
 def wait_all_free(m, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while any(blocks_in_use(m)):
-        assert time.monotonic() < deadline, f"KV blocks still held: {blocks_in_use(m)}"
-        time.sleep(0.05)
+    wait_kv_free(m, timeout_s)
 
 
 BAD = [

@@ -10,7 +10,6 @@ OpenAI-shaped error with the right status.
 from __future__ import annotations
 
 import json
-import time
 
 import grpc
 import openai
@@ -22,7 +21,7 @@ from stagemesh.demo_model import write_demo_model
 from stagemesh.errors import InvalidArgument, OutOfRange, ResourceExhausted, Unavailable
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
-from tests.procs import manual_mesh, new_port
+from tests.procs import manual_mesh, new_port, wait_kv_free
 
 CHATML = (
     "{{ bos_token }}"
@@ -65,14 +64,6 @@ def mesh(model_dir):
 def grpc_generate(m, **kwargs):
     with Client(m["gateway"]) as c:
         return c.generate(timeout=30, **kwargs)
-
-
-def blocks_in_use(m) -> list[int]:
-    out = []
-    for addr in m["workers"]:
-        with grpc.insecure_channel(addr) as ch:
-            out.append(pb_grpc.StageStub(ch).Stats(pb.StatsRequest(), timeout=5).blocks_in_use)
-    return out
 
 
 def test_models_list(mesh):
@@ -199,13 +190,6 @@ def test_malformed_body_is_a_400_not_a_422(mesh):
     with pytest.raises(openai.BadRequestError) as info:
         mesh["client"].post("/completions", body={"model": mesh["model"]}, cast_to=object)
     assert "prompt" in info.value.body["message"]
-
-
-def wait_kv_free(m, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while any(blocks_in_use(m)):
-        assert time.monotonic() < deadline, f"KV blocks still held: {blocks_in_use(m)}"
-        time.sleep(0.05)
 
 
 # 360 tokens take ~2.5 s here; freeing the KV well before that shows that the request was cancelled.

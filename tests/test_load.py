@@ -16,30 +16,14 @@ import psutil
 import pytest
 
 from stagemesh.client import AsyncClient
-from stagemesh.v1 import stagemesh_pb2 as pb
-from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
-from tests.procs import manual_mesh
+from tests.procs import manual_mesh, wait_kv_free
 
 STREAMS = int(os.environ.get("STAGEMESH_LOAD_STREAMS", "1000"))
 RSS_SLACK_MB = 150
 
 
-def stage_stats(m) -> list[pb.StatsResponse]:
-    out = []
-    for addr in m["workers"]:
-        with grpc.insecure_channel(addr) as ch:
-            out.append(pb_grpc.StageStub(ch).Stats(pb.StatsRequest(), timeout=5))
-    return out
-
-
 def wait_all_free(m, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        held = [(s.blocks_in_use, s.live_sequences) for s in stage_stats(m)]
-        if not any(b or n for b, n in held):
-            return
-        assert time.monotonic() < deadline, f"(blocks, sequences) still held per stage: {held}"
-        time.sleep(0.1)
+    wait_kv_free(m, timeout_s, sequences=True)
 
 
 def rss_mb(m) -> list[float]:
