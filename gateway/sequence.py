@@ -11,6 +11,8 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from stagemesh.sampling import SamplingSpec
+
 _wire_ids = itertools.count(1)
 
 
@@ -20,16 +22,6 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """Per-request sampling; temperature 0 is greedy."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-
-
 @dataclass
 class Sequence:
     """One request. Owned by one replica's scheduler; mutated from the gateway's event loop only."""
@@ -37,7 +29,7 @@ class Sequence:
     seq_id: int
     prompt_ids: list[int]
     max_tokens: int
-    sampling: Sampling = field(default_factory=Sampling)
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
     priority: int = 0  # 0 interactive, 1 batch: lower is served first
     request_id: str = ""
     arrival: float = field(default_factory=time.monotonic)

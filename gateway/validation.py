@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass
 
 from stagemesh.errors import InvalidArgument, OutOfRange
+from stagemesh.sampling import SamplingSpec
 from stagemesh.v1 import stagemesh_pb2 as pb
 
-from gateway.sequence import Sampling
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class ModelLimits:
     max_stop_strings: int = 16
 
 
-def validate_request(req: pb.GenerateRequest, limits: ModelLimits, tokenize) -> tuple[list[int], int, Sampling]:
+def validate_request(req: pb.GenerateRequest, limits: ModelLimits, tokenize) -> tuple[list[int], int, SamplingSpec]:
     """Returns (prompt ids, max_tokens, sampling) or raises InvalidArgument / OutOfRange."""
     if req.model and req.model != limits.model_id:
         raise InvalidArgument(f"unknown model {req.model!r}: this gateway serves {limits.model_id!r}")
@@ -70,7 +70,7 @@ def _prompt_ids(req: pb.GenerateRequest, limits: ModelLimits, tokenize) -> list[
     return ids
 
 
-def _sampling(sp: pb.SamplingParams) -> Sampling:
+def _sampling(sp: pb.SamplingParams) -> SamplingSpec:
     temperature = sp.temperature
     if math.isnan(temperature) or temperature < 0:
         raise InvalidArgument(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -80,4 +80,4 @@ def _sampling(sp: pb.SamplingParams) -> Sampling:
     if sp.top_k < 0:
         raise InvalidArgument(f"top_k must be >= 0 (0 = no limit), got {sp.top_k}")
     seed = sp.seed if sp.HasField("seed") else None
-    return Sampling(temperature=float(temperature), top_p=float(top_p), top_k=int(sp.top_k), seed=seed)
+    return SamplingSpec(temperature=float(temperature), top_p=float(top_p), top_k=int(sp.top_k), seed=seed)
