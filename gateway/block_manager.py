@@ -99,9 +99,13 @@ class BlockManager:
 
     def hashes_of(self, seq: Sequence) -> list[bytes]:
         """seq's full-block chain hashes, memoised on the sequence and extended as it grows."""
-        ids, bs = seq.all_ids, self.block_size
+        bs = self.block_size
+        full = seq.num_tokens // bs
+        if len(seq.hashes) >= full:  # every step of every sequence asks: no copy of its history then
+            return seq.hashes
+        ids = seq.all_ids
         parent = seq.hashes[-1] if seq.hashes else self._root
-        for i in range(len(seq.hashes), len(ids) // bs):
+        for i in range(len(seq.hashes), full):
             parent = hash_block(parent, ids[i * bs : (i + 1) * bs])
             seq.hashes.append(parent)
         return seq.hashes

@@ -64,7 +64,7 @@ class StepPlan:
     def token_ids(self) -> list[int]:
         out: list[int] = []
         for c in self.chunks:
-            out.extend(c.seq.all_ids[c.start_pos : c.start_pos + c.num_tokens])
+            out.extend(c.seq.token_slice(c.start_pos, c.start_pos + c.num_tokens))
         return out
 
 

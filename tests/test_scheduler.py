@@ -174,3 +174,11 @@ def test_random_workload_keeps_invariants():
             break
     assert all(q.status == Status.FINISHED for q in seqs)
     assert s.bm.num_free == 12
+
+
+def test_token_slice_equals_slicing_the_history():
+    q = seq(1, 5)
+    q.output_ids = [50, 51, 52]
+    for a in range(9):
+        for b in range(a, 9):
+            assert q.token_slice(a, b) == q.all_ids[a:b]
