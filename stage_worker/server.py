@@ -10,6 +10,7 @@ its answer, which carries the sampled ids back up the chain.
 from __future__ import annotations
 
 import asyncio
+import logging
 import concurrent.futures
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ class StageService(pb_grpc.StageServicer):
         self.log = log
         self.loaded: Loaded | None = None
         self.slowdown = config.slowdown
+        self._debug = log.is_enabled_for(logging.DEBUG)  # the per-step debug line sums the chunks
         self._compute = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
 
     @grpc_errors
@@ -67,8 +69,9 @@ class StageService(pb_grpc.StageServicer):
         loop = asyncio.get_running_loop()
         out = await loop.run_in_executor(self._compute, loaded.executor.run, request)
         metrics.STAGE_STEP.labels(str(loaded.assignment.stage_index)).observe(out.compute_us / 1e6)
-        self.log.debug("forward", tokens=sum(c.num_tokens for c in request.chunks), seqs=len(request.chunks),
-                       compute_us=out.compute_us)
+        if self._debug:
+            self.log.debug("forward", tokens=sum(c.num_tokens for c in request.chunks), seqs=len(request.chunks),
+                           compute_us=out.compute_us)
         if loaded.next_stub is None:
             return pb.ForwardResponse(
                 samples=[pb.SampledToken(seq_id=s, token_id=t) for s, t in out.samples],
