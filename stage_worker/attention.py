@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from stage_worker.paged_decode import choose_splits, paged_decode
+from stage_worker.unified_attention import tile_plan, unified_attention
 from stagemesh.errors import InvalidArgument
 
 
@@ -52,6 +53,12 @@ class AttnMetadata:
     num_splits: int = 0  # flash-decoding splits; 0 = choose from the batch shape
     decode_all: bool = False  # every row is a decode row, in order (skip gather/scatter)
     block_size: int = 0  # tokens per KV block (paged layout only)
+    # Unified layout (GPU, mixed micro-batches): every row in one launch (unified_attention.py).
+    tile_seq: torch.Tensor | None = None  # [G] long: sequence of each query tile, -1 = unused
+    tile_row: torch.Tensor | None = None  # [G] long: first row of each tile
+    seq_tables: torch.Tensor | None = None  # [S, W] long: block table of every sequence
+    seq_lens: torch.Tensor | None = None  # [S] long: context length after this step
+    qsl: torch.Tensor | None = None  # [S+1] long: query_start_loc on the device
 
     @property
     def num_tokens(self) -> int:
@@ -62,19 +69,27 @@ class AttnMetadata:
         """Row of each sequence's last new token: where its next-token logits come from."""
         return [end - 1 for end in self.query_start_loc[1:]]
 
+    @property
+    def unified(self) -> bool:
+        """All rows go through one unified_attention launch (mixed micro-batch, GPU layout)."""
+        return self.tile_seq is not None
+
     @classmethod
     def build(cls, chunks: list[tuple[int, int, list[int]]], block_size: int,
-              device: torch.device | str = "cpu", paged: bool | None = None) -> "AttnMetadata":
+              device: torch.device | str = "cpu", paged: bool | None = None,
+              tile_q: int | None = None) -> "AttnMetadata":
         """chunks[i] = (start_pos, num_tokens, block_table) of sequence i, in [T] order.
 
         The block table must cover positions 0..start_pos+num_tokens-1; InvalidArgument if not,
         since reading an unallocated block would silently attend to another sequence's KV.
         paged: the GPU layout (default on CUDA); False keeps the CPU reference layout.
+        tile_q: with the paged layout, a micro-batch that is not all decode tokens gets the
+        unified layout, tiles of `tile_q` query tokens (the model's `attention_tile_q`).
         """
         if paged is None:
             paged = torch.device(device).type == "cuda"
         if paged:
-            return cls._build_paged(chunks, block_size, torch.device(device))
+            return cls._build_paged(chunks, block_size, torch.device(device), tile_q)
         positions, slots, ctx_slots, starts, ctx_lens, qsl = [], [], [], [], [], [0]
         for i, (start, n, table) in enumerate(chunks):
             if start < 0 or n <= 0:
@@ -119,7 +134,7 @@ class AttnMetadata:
 
 
     @classmethod
-    def _build_paged(cls, chunks, block_size: int, device: torch.device) -> "AttnMetadata":
+    def _build_paged(cls, chunks, block_size: int, device: torch.device, tile_q: int | None) -> "AttnMetadata":
         """Vectorised build; all index tensors cross to the device in one (pinned) copy."""
         s = len(chunks)
         starts = np.fromiter((c[0] for c in chunks), dtype=np.int64, count=s)
@@ -146,32 +161,44 @@ class AttnMetadata:
         slots = tables[seq_of, pos // block_size] * block_size + pos % block_size  # [T]
         decode_ids = np.nonzero(ns == 1)[0]
         prefill_ids = np.nonzero(ns > 1)[0]
-        pre_slots = []
-        for i in prefill_ids:
-            p = np.arange(ctx[i])
-            pre_slots.append(tables[i, p // block_size] * block_size + p % block_size)
-        parts = [pos, slots, qsl[decode_ids], ctx[decode_ids], tables[decode_ids].reshape(-1), *pre_slots]
+        unified = tile_q is not None and len(decode_ids) < s
+        if unified:  # one launch for every row: no per-sequence context slots needed
+            tile_seq, tile_row = tile_plan(qsl, tile_q)
+            pre_slots = []
+            extra = [ctx, qsl, tables.reshape(-1), tile_seq, tile_row]
+        else:
+            pre_slots = []
+            for i in prefill_ids:
+                p = np.arange(ctx[i])
+                pre_slots.append(tables[i, p // block_size] * block_size + p % block_size)
+            extra = []
+        parts = [pos, slots, qsl[decode_ids], ctx[decode_ids], tables[decode_ids].reshape(-1), *extra, *pre_slots]
         packed = torch.from_numpy(np.concatenate(parts))
         if device.type == "cuda":
             packed = packed.pin_memory().to(device, non_blocking=True)
         nd = len(decode_ids)
-        sizes = [t, t, nd, nd, nd * width] + [len(x) for x in pre_slots]
+        sizes = [t, t, nd, nd, nd * width] + [len(x) for x in extra] + [len(x) for x in pre_slots]
         views = packed.split(sizes)
         pos_d, slots_d, rows_d, ctx_d, tables_d = views[:5]
+        unified_views = {}
+        if unified:
+            lens_d, qsl_d, all_tables_d, ts_d, tr_d = views[5:10]
+            unified_views = dict(seq_lens=lens_d, qsl=qsl_d, seq_tables=all_tables_d.view(s, width),
+                                 tile_seq=ts_d, tile_row=tr_d)
         ctx_slots: list = [None] * s
-        for i, v in zip(prefill_ids, views[5:]):
+        for i, v in zip(prefill_ids, views[5 + len(extra):]):
             ctx_slots[int(i)] = v
         starts_l, ctx_l = starts.tolist(), ctx.tolist()
         prefill_l = prefill_ids.tolist()
         return cls(
             positions=pos_d, slot_mapping=slots_d, query_start_loc=qsl.tolist(), start_pos=starts_l,
             context_lens=ctx_l, context_slots=ctx_slots, prefill_ids=prefill_l,
-            prefill_masks={i: _chunk_mask(starts_l[i], ctx_l[i], device) for i in prefill_l},
+            prefill_masks={} if unified else {i: _chunk_mask(starts_l[i], ctx_l[i], device) for i in prefill_l},
             decode_ids=decode_ids.tolist(), decode_rows=rows_d if nd else None,
             decode_slots=None, decode_mask=None, paged=True,
             block_tables=tables_d.view(nd, width) if nd else None, decode_ctx=ctx_d if nd else None,
             decode_max_ctx=int(ctx[decode_ids].max()) if nd else None, decode_all=nd == s,
-            block_size=block_size,
+            block_size=block_size, **unified_views,
         )
 
 
@@ -187,6 +214,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k_cache, v_cache = layer_kv
     k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
     v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    if meta.unified:
+        return unified_attention(q, k_cache, v_cache, meta.seq_tables, meta.seq_lens, meta.qsl,
+                                 meta.tile_seq, meta.tile_row, scale, meta.block_size)
     out = torch.empty_like(q)
     for i in meta.prefill_ids:
         a, b = meta.query_start_loc[i], meta.query_start_loc[i + 1]

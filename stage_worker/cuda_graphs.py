@@ -25,8 +25,11 @@ import torch
 
 from stage_worker.attention import AttnMetadata, _num_sms
 from stage_worker.paged_decode import choose_splits
+from stage_worker.unified_attention import max_tiles, tile_plan
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+# Token counts of mixed micro-batches (prefill chunks + decode tokens): at most 1/3 padding above 256.
+MIXED_BUCKETS = (32, 64, 128, 256, 384, 512, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192)
 
 
 class DecodeGraphs:
@@ -134,17 +137,155 @@ class DecodeGraphs:
         self._fill_padding(b, bp)
 
     def _capture_all(self) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.device)
-        for bp in reversed(self.buckets):  # largest first: smaller graphs reuse its pool memory
-            self._fill_padding(0, bp)
+        self._fill_padding(0, self.max_batch)
+        self._dev.copy_(self._host)
+        self._graphs = capture_buckets(self.buckets, self._forward, self.device)
+
+
+def capture_buckets(buckets, forward, device) -> dict:
+    """{bucket: (graph, output)}: `forward(bucket)` captured once per bucket, largest first so
+    that the smaller graphs reuse the memory of the larger in one shared pool."""
+    pool = torch.cuda.graph_pool_handle()
+    stream = torch.cuda.Stream(device)
+    graphs = {}
+    for bp in sorted(buckets, reverse=True):
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            forward(bp)  # warm-up: Triton compilation, cuBLAS handles, allocator
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = forward(bp)
+        graphs[bp] = (graph, out)
+    torch.cuda.synchronize(device)
+    return graphs
+
+
+class MixedGraphs:
+    """Replays the captured forward of `model` for mixed micro-batches, one graph per token bucket.
+
+    A mixed micro-batch (prefill chunks and decode tokens) used to run eagerly: 17-32 ms of
+    kernel launches per step on an 8B model, whatever its size. With the unified attention
+    kernel (unified_attention.py) nothing in the forward depends on the host, so it is
+    captured like a decode step:
+
+    - the token count is rounded up to a bucket (MIXED_BUCKETS); padded rows embed token 0 at
+      position 0, write their K/V to the pool's scratch block, and no tile covers them;
+    - the attention grid is sized for the bucket's most tiles (`max_tiles(tokens, max_seqs)`);
+      the host lists the real tiles and marks the rest -1 (they return at once);
+    - all index inputs live in one device int64 buffer filled by one async copy from pinned memory:
+      ids | positions | slots | seq_lens | query_start_loc | tile_seq | tile_row | tables [S, W];
+      only the rows of tables that the step's sequences use are copied.
+
+    Off CUDA the same buffers run eagerly (`capture=False`), so the CPU tests check the padding.
+    Not thread-safe: the stage's compute thread only.
+    """
+
+    def __init__(self, model, kv, block_size: int, buckets=MIXED_BUCKETS, max_seqs: int = 256,
+                 max_context: int = 16384, capture: bool | None = None):
+        if kv.scratch_block is None:
+            raise ValueError("mixed graphs need a KV pool with a scratch block")
+        if model.attention_tile_q is None:
+            raise ValueError("mixed graphs need a model with unified attention (attention_tile_q)")
+        self.model, self.kv, self.block_size = model, kv, block_size
+        self.device = next(model.parameters()).device
+        self.capture = self.device.type == "cuda" if capture is None else capture
+        self.buckets = sorted(buckets)
+        self.max_tokens, self.max_seqs, self.max_context = self.buckets[-1], max_seqs, max_context
+        self.tile_q = model.attention_tile_q
+        self.width = -(-max_context // block_size)
+        tm, sm = self.max_tokens, max_seqs
+        gm = max_tiles(tm, sm, self.tile_q)
+        sizes = [tm, tm, tm, sm, sm + 1, gm, gm, sm * self.width]
+        self._offs = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        pin = self.device.type == "cuda"
+        self._host = torch.zeros(self._offs[-1], dtype=torch.long, pin_memory=pin)
+        self._h = self._host.numpy()
+        self._dev = torch.zeros(self._offs[-1], dtype=torch.long, device=self.device)
+        h = model.cfg.hidden_size
+        self._hidden = None if model.is_first else torch.zeros(tm, h, dtype=model.dtype, device=self.device)
+        self._graphs: dict = {}
+        if self.capture:
+            self._pad_rows(0, tm)
+            self._part(5)[:] = -1  # no tiles: attention does nothing during capture
             self._dev.copy_(self._host)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self._forward(bp)  # warm-up: Triton compilation, cuBLAS handles, allocator
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._forward(bp)
-            self._graphs[bp] = (graph, out)
-        torch.cuda.synchronize(self.device)
+            self._graphs = capture_buckets(self.buckets, self._forward, self.device)
+
+    def bucket(self, num_tokens: int) -> int | None:
+        for b in self.buckets:
+            if b >= num_tokens:
+                return b
+        return None
+
+    def accepts(self, chunks: list[tuple[int, int, list[int]]]) -> bool:
+        """True for a micro-batch with a prefill chunk that fits the buckets, seqs and context."""
+        return (0 < len(chunks) <= self.max_seqs
+                and sum(n for _, n, _ in chunks) <= self.max_tokens
+                and any(n > 1 for _, n, _ in chunks)
+                and all(s + n <= self.max_context for s, n, _ in chunks))
+
+    def run(self, chunks, token_ids: list[int] | None, hidden: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
+        """chunks as AttnMetadata.build -> (hidden [T, H] (a view, valid until the next run),
+        the row of each sequence's last new token)."""
+        t = sum(n for _, n, _ in chunks)
+        bp = self.bucket(t)
+        qsl = self._fill(chunks, token_ids, t, bp)
+        n = self._offs[7] + len(chunks) * self.width
+        self._dev[:n].copy_(self._host[:n], non_blocking=True)
+        if hidden is not None:
+            self._hidden[:t].copy_(hidden, non_blocking=True)
+        if self.capture:
+            graph, out = self._graphs[bp]
+            graph.replay()
+        else:
+            out = self._forward(bp)
+        return out[:t], (qsl[1:] - 1).tolist()
+
+    def _part(self, i: int, dev: bool = False):
+        buf = self._dev if dev else self._h
+        return buf[self._offs[i]:self._offs[i + 1]]
+
+    def _forward(self, bp: int) -> torch.Tensor:
+        g = max_tiles(bp, self.max_seqs, self.tile_q)
+        ids, pos, slots, lens, qsl, ts, tr, tables = (self._part(i, dev=True) for i in range(8))
+        meta = AttnMetadata(
+            positions=pos[:bp], slot_mapping=slots[:bp], query_start_loc=[], start_pos=[], context_lens=[],
+            context_slots=[], prefill_ids=[], prefill_masks={}, decode_ids=[], decode_rows=None,
+            decode_slots=None, decode_mask=None, paged=True, block_size=self.block_size,
+            tile_seq=ts[:g], tile_row=tr[:g], seq_tables=tables.view(self.max_seqs, self.width),
+            seq_lens=lens, qsl=qsl,
+        )
+        hidden = None if self._hidden is None else self._hidden[:bp]
+        return self.model(ids[:bp] if self.model.is_first else None, hidden, meta, self.kv)
+
+    def _pad_rows(self, lo: int, hi: int) -> None:
+        """Token rows [lo, hi): token 0 at position 0, K/V written to the scratch block."""
+        self._part(0)[lo:hi] = 0
+        self._part(1)[lo:hi] = 0
+        self._part(2)[lo:hi] = self.kv.scratch_block * self.block_size
+
+    def _fill(self, chunks, token_ids, t: int, bp: int) -> np.ndarray:
+        bs, s = self.block_size, len(chunks)
+        starts = np.fromiter((c[0] for c in chunks), dtype=np.int64, count=s)
+        ns = np.fromiter((c[1] for c in chunks), dtype=np.int64, count=s)
+        ctx = starts + ns
+        qsl = np.zeros(s + 1, dtype=np.int64)
+        np.cumsum(ns, out=qsl[1:])
+        tables = self._part(7).reshape(self.max_seqs, self.width)
+        for i, (_, _, table) in enumerate(chunks):
+            need = -(-int(ctx[i]) // bs)
+            tables[i, :need] = table[:need]
+        seq_of = np.repeat(np.arange(s), ns)
+        pos = starts[seq_of] + np.arange(t) - qsl[:-1][seq_of]
+        self._part(0)[:t] = token_ids if token_ids is not None else 0
+        self._part(1)[:t] = pos
+        self._part(2)[:t] = tables[seq_of, pos // bs] * bs + pos % bs
+        self._pad_rows(t, bp)
+        self._part(3)[:s] = ctx
+        self._part(4)[:s + 1] = qsl
+        self._part(4)[s + 1:] = t
+        g = max_tiles(bp, self.max_seqs, self.tile_q)
+        tile_seq, tile_row = tile_plan(qsl, self.tile_q, size=g)
+        self._part(5)[:g] = tile_seq
+        self._part(6)[:g] = tile_row
+        return qsl

@@ -4,8 +4,9 @@ The executor keeps, per (lease, sequence), the block table and sampling spec the
 once (deltas afterwards). It validates a request completely before changing any state, so a bad
 request is refused with INVALID_ARGUMENT and leaves every other sequence untouched.
 
-On CUDA, decode-only micro-batches replay a captured CUDA graph (cuda_graphs.py); others run
-eagerly with the paged GPU attention. The only host synchronisation in a step is the copy of its
+On CUDA, micro-batches replay a captured CUDA graph (cuda_graphs.py): decode-only ones a graph
+per batch bucket, mixed ones (with prefill chunks) a graph per token bucket; what fits neither
+runs eagerly with the same paged GPU attention. The only host synchronisation in a step is the copy of its
 result out of the GPU: the sampled ids (last stage) or the hidden states into pinned memory.
 
 Runs on the worker's single compute thread only (one micro-batch at a time).
@@ -24,7 +25,7 @@ from stagemesh.errors import InvalidArgument
 from stagemesh.v1 import stagemesh_pb2 as pb
 
 from stage_worker.attention import AttnMetadata
-from stage_worker.cuda_graphs import DecodeGraphs
+from stage_worker.cuda_graphs import DecodeGraphs, MixedGraphs
 from stage_worker.kv_cache import PagedKVCache
 from stage_worker.sampler import SamplingSpec, sample
 
@@ -58,10 +59,14 @@ class StageExecutor:
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and kv.scratch_block is not None
         self.graphs = DecodeGraphs(model, kv, block_size) if cuda_graphs else None
+        self.tile_q = model.attention_tile_q if self.device.type == "cuda" else None
+        self.mixed_graphs = (MixedGraphs(model, kv, block_size)
+                             if cuda_graphs and model.attention_tile_q is not None else None)
         self.seqs: dict[tuple[str, int], SeqState] = {}
         self.slowdown = 1.0
         self._lease_seen: dict[str, float] = {}  # lease id -> last Forward (monotonic s)
         self.steps = 0
+        self.compute_us_total = 0
         self._recent_us: deque[int] = deque(maxlen=64)
 
     # -- state ---------------------------------------------------------------------------------
@@ -108,12 +113,15 @@ class StageExecutor:
             ids = list(req.token_ids) if self.model.is_first else None
             out = self.graphs.run(chunks, ids, hidden)  # [B, H]; row i = chunk i
             last_rows = list(range(len(chunks)))
+        elif self.mixed_graphs is not None and self.mixed_graphs.accepts(chunks):
+            ids = list(req.token_ids) if self.model.is_first else None
+            out, last_rows = self.mixed_graphs.run(chunks, ids, hidden)  # [T, H]
         else:
             if input_ids is not None:
                 input_ids = input_ids.to(self.device, non_blocking=True)
             if hidden is not None:
                 hidden = hidden.to(self.device, non_blocking=True)
-            meta = AttnMetadata.build(chunks, self.block_size, self.device)
+            meta = AttnMetadata.build(chunks, self.block_size, self.device, tile_q=self.tile_q)
             out = self.model(input_ids, hidden, meta, self.kv)  # [T, H]
             last_rows = meta.last_rows
         result = StepOutput(None, [], 0)
@@ -125,6 +133,7 @@ class StageExecutor:
             time.sleep((time.perf_counter() - t0) * (self.slowdown - 1.0))
         result.compute_us = int((time.perf_counter() - t0) * 1e6)
         self.steps += 1
+        self.compute_us_total += result.compute_us
         self._recent_us.append(result.compute_us)
         return result
 

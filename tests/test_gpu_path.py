@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from stage_worker.attention import AttnMetadata
-from stage_worker.cuda_graphs import DecodeGraphs
+from stage_worker.cuda_graphs import DecodeGraphs, MixedGraphs
 from stage_worker.executor import StageExecutor
 from stage_worker.kv_cache import PagedKVCache
 from stage_worker.loader import load_stage
 from stage_worker.paged_decode import choose_splits, paged_decode, paged_decode_torch
+from stage_worker.unified_attention import max_tiles, tile_plan
 from stagemesh.errors import InvalidArgument
 from stagemesh.v1 import stagemesh_pb2 as pb
 from tests.checkpoints import make_hf_checkpoint
@@ -53,6 +54,35 @@ def test_paged_metadata_matches_reference_layout(stage):
             assert meta.decode_ids == [1, 2] and meta.prefill_ids == [0] and not meta.decode_all
             assert meta.block_tables.tolist() == [[0, 0], [3, 6]]  # seq 1 needs one block
     torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-5)
+
+
+def test_unified_metadata_matches_reference_layout(stage):
+    """The mixed-batch GPU layout (one attention launch over tiles) computes the reference function."""
+    prompts = [[5, 9, 3, 7, 1, 4, 2], [8, 8, 6], [11, 12, 13, 14, 15]]
+    tables = [[7, 2], [0, 5], [3, 6]]
+    outs = {}
+    for tile_q in (None, 2):
+        kv = stage.make_kv_cache(8, BLOCK)
+        _prefill_then(stage, kv, [t[:2] for t in tables], [p[:4] for p in prompts], paged=False)
+        chunks = [(4, 3, tables[0]), (3, 1, tables[1]), (4, 1, tables[2])]
+        meta = AttnMetadata.build(chunks, BLOCK, "cpu", paged=tile_q is not None, tile_q=tile_q)
+        assert meta.unified == (tile_q is not None)
+        if tile_q:
+            assert meta.tile_seq.tolist() == [0, 0, 1, 2] and meta.tile_row.tolist() == [0, 2, 3, 4]
+            assert meta.seq_lens.tolist() == [7, 4, 5] and meta.qsl.tolist() == [0, 3, 4, 5]
+        ids = torch.tensor(prompts[0][4:] + [prompts[1][2], prompts[2][4]])
+        outs[tile_q] = stage(ids, None, meta, kv)
+    torch.testing.assert_close(outs[2], outs[None], rtol=1e-5, atol=1e-5)
+
+
+def test_tile_plan_covers_every_row_once_within_the_bound():
+    qsl = __import__("numpy").array([0, 1, 17, 18, 50])
+    seq, row = tile_plan(qsl, 16, size=max_tiles(50, 6, 16))
+    real = seq >= 0
+    assert seq[real].tolist() == [0, 1, 2, 3, 3] and row[real].tolist() == [0, 1, 17, 18, 34]
+    assert len(seq) == 50 // 16 + 6 and (seq[~real] == -1).all()
+    with pytest.raises(ValueError, match="do not fit"):
+        tile_plan(qsl, 16, size=3)
 
 
 def test_paged_metadata_indices_and_validation():
@@ -126,6 +156,48 @@ def test_padded_decode_graph_equals_unpadded(stage, batch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_padded_mixed_graph_equals_unpadded(stage):
+    """A mixed micro-batch padded to its token bucket (mid-prompt chunk, fresh prompt, decodes)
+    gives the rows and the KV of the plain path; padding rows touch only the scratch block."""
+    prompts = [[(5 * s + j) % 300 + 3 for j in range(6 + 3 * s)] for s in range(4)]
+    tables = [[s + 4 * j for j in range(4)] for s in range(4)]
+    # seq 0 and 1 have 4 tokens cached, seq 2 and 3 decode after their full prompt
+    chunks = [(4, len(prompts[0]) - 4, tables[0]), (0, len(prompts[1]), tables[1]),
+              (len(prompts[2]), 1, tables[2]), (len(prompts[3]), 1, tables[3])]
+    ids = prompts[0][4:] + prompts[1] + [7, 9]
+    results = []
+    for use_graphs in (False, True):
+        kv = stage.make_kv_cache(16, BLOCK, scratch_blocks=1)
+        _prefill_then(stage, kv, [tables[0], tables[2], tables[3]], [prompts[0][:4], prompts[2], prompts[3]],
+                      paged=False)
+        if use_graphs:
+            graphs = MixedGraphs(stage, kv, BLOCK, buckets=(8, 32), max_seqs=6, max_context=64, capture=False)
+            assert graphs.accepts(chunks) and graphs.bucket(len(ids)) == 32
+            out, last = graphs.run(chunks, ids, None)
+            out = out.clone()
+            out2, _ = graphs.run(chunks, ids, None)  # a second run rewrites the same slots
+            torch.testing.assert_close(out, out2)
+        else:
+            meta = AttnMetadata.build(chunks, BLOCK, "cpu")
+            out, last = stage(torch.tensor(ids), None, meta, kv), meta.last_rows
+        real = kv.num_blocks * BLOCK
+        results.append((out, last, [c[:real].clone() for c in kv.k_caches + kv.v_caches]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    assert results[1][1] == results[0][1]
+    for a, b in zip(results[1][2], results[0][2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_graphs_refuse_what_they_cannot_hold(stage):
+    kv = stage.make_kv_cache(8, BLOCK, scratch_blocks=1)
+    graphs = MixedGraphs(stage, kv, BLOCK, buckets=(8,), max_seqs=2, max_context=16, capture=False)
+    assert graphs.accepts([(0, 5, [0, 1])])
+    assert not graphs.accepts([(3, 1, [0])])  # decode-only: the decode graphs' job
+    assert not graphs.accepts([(0, 9, [0, 1, 2])])  # more tokens than the largest bucket
+    assert not graphs.accepts([(0, 2, [0])] * 3)  # more sequences than max_seqs
+    assert not graphs.accepts([(14, 3, [0, 1, 2, 3, 4])])  # context past max_context
+
+
 def test_decode_graphs_refuse_what_they_cannot_hold(stage):
     kv = stage.make_kv_cache(8, BLOCK, scratch_blocks=1)
     graphs = DecodeGraphs(stage, kv, BLOCK, buckets=(1, 2), max_context=8, capture=False)
@@ -142,7 +214,7 @@ def test_executor_with_graph_path_samples_the_same_tokens(stage):
     for graphs in (False, True):
         kv = stage.make_kv_cache(8, BLOCK, scratch_blocks=1)
         ex = StageExecutor(stage, kv, BLOCK, cuda_graphs=graphs)
-        assert (ex.graphs is not None) == graphs
+        assert (ex.graphs is not None) == graphs and (ex.mixed_graphs is not None) == graphs
         req = pb.ForwardRequest(lease_id="l", token_ids=[5, 6, 7, 8, 9, 10, 11])
         for sid, (blocks, n) in enumerate([([0, 1], 4), ([2, 3], 3)]):
             req.new_sequences.add(seq_id=sid, block_ids=blocks)

@@ -25,6 +25,10 @@ class PipelineStage(nn.Module):
     is_first: bool
     is_last: bool
 
+    # Query tokens per tile of unified_attention for mixed micro-batches on a GPU; None: this
+    # family's attention has no unified kernel (mixed micro-batches use its own paged path).
+    attention_tile_q: int | None = None
+
     @property
     def num_local_layers(self) -> int:
         return self.layer_end - self.layer_start

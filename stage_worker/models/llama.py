@@ -23,6 +23,7 @@ from torch import nn
 from stage_worker.attention import AttnMetadata, paged_attention
 from stage_worker.kv_cache import PagedKVCache
 from stage_worker.models.base import PipelineStage
+from stage_worker.unified_attention import block_q
 from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
 
@@ -194,6 +195,7 @@ class LlamaStage(PipelineStage):
             self.lm_head = (nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
                             if self.is_last else None)
         self.to_empty(device=device).to(dtype)
+        self.attention_tile_q = block_q(cfg.num_attention_heads, cfg.num_key_value_heads)
         inv_freq, self.attention_scaling = rope_inv_freq(cfg)
         self.inv_freq = inv_freq.to(device)  # float32 always, not a parameter or buffer
         if self.is_first and self.is_last and cfg.tie_word_embeddings:

@@ -1,0 +1,176 @@
+"""Paged attention for mixed micro-batches in one launch: prefill chunks and decode tokens alike.
+
+A micro-batch is a flat token axis [T]: per sequence, a run of new tokens (a prefill chunk that
+may start mid-prompt, or one decode token). Every query attends causally to its sequence's whole
+context, read straight from the paged pool through the block table; the new tokens' K/V are
+already in the pool (written by the layer before attention).
+
+The work is cut into *tiles*: up to `block_q` consecutive query rows of one sequence, times the
+query heads that share one KV head (GQA), so one K/V read serves them all. The host lists the
+tiles (`tile_plan`: sequence and first row of each, -1 for an unused tile); the kernel's grid is
+(tiles, kv heads) and each program walks the keys its last query can see, with an online
+softmax. Nothing depends on the host inside a step, and the grid can be sized for the largest
+micro-batch of a CUDA-graph bucket (`max_tiles`): unused tiles return at once. The same layout
+as vLLM's unified Triton attention, written for this pool (slots = block * block_size + offset).
+
+- `unified_attention(...)`: Triton on CUDA; the torch reference (gather + masked SDPA per
+  sequence) elsewhere, which is also the reference the kernel is checked against.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+try:  # Triton is optional: CPU-only installs never import it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+BLOCK_M = 64  # query rows x heads per program
+BLOCK_N = 64  # keys per inner iteration
+
+
+def group_pad(num_q_heads: int, num_kv_heads: int) -> int:
+    group = num_q_heads // num_kv_heads
+    return 1 << (group - 1).bit_length()
+
+
+def block_q(num_q_heads: int, num_kv_heads: int) -> int:
+    """Query tokens per tile: BLOCK_M rows hold block_q tokens x the padded GQA group."""
+    return max(1, BLOCK_M // group_pad(num_q_heads, num_kv_heads))
+
+
+def max_tiles(num_tokens: int, num_seqs: int, bq: int) -> int:
+    """Upper bound of the tiles of any micro-batch of <= num_tokens tokens and <= num_seqs sequences."""
+    return num_tokens // bq + num_seqs
+
+
+def tile_plan(query_start_loc: np.ndarray, bq: int, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(tile_seq, tile_row) int64 arrays: the sequence and first query row of each tile.
+
+    query_start_loc: [S+1] row offsets. size: pad to this many tiles with tile_seq = -1.
+    """
+    ns = np.diff(query_start_loc)
+    per = -(-ns // bq)  # tiles of each sequence
+    count = int(per.sum())
+    seq = np.repeat(np.arange(len(ns), dtype=np.int64), per)
+    first = np.zeros(len(ns), dtype=np.int64)
+    np.cumsum(per[:-1], out=first[1:])
+    row = query_start_loc[:-1][seq] + (np.arange(count) - first[seq]) * bq
+    if size is not None:
+        if size < count:
+            raise ValueError(f"{count} tiles do not fit a plan of {size}")
+        seq = np.concatenate([seq, np.full(size - count, -1, dtype=np.int64)])
+        row = np.concatenate([row, np.zeros(size - count, dtype=np.int64)])
+    return seq, row.astype(np.int64)
+
+
+def unified_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, tile_seq, tile_row,
+                      scale: float, block_size: int, use_triton: bool | None = None) -> torch.Tensor:
+    """q: [T, Hq, D]; k_cache, v_cache: [N, Hkv, D]; block_tables: [S, W]; seq_lens: [S] (context
+    after this step); query_start_loc: [S+1]; tile_seq, tile_row: [G] (tile_plan) -> [T, Hq, D].
+
+    Rows that no tile covers (padding) are left unwritten.
+    """
+    if use_triton is None:
+        use_triton = triton is not None and q.is_cuda
+    if use_triton:
+        return _unified_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, tile_seq,
+                               tile_row, scale, block_size)
+    return unified_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                                   block_size)
+
+
+def unified_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, block_size):
+    """Reference: per sequence, gather its context through the block table and run masked SDPA."""
+    out = torch.zeros_like(q)
+    qsl = query_start_loc.tolist()
+    for s, ctx in enumerate(seq_lens.tolist()):
+        a, b = qsl[s], qsl[s + 1]
+        if b <= a:
+            continue
+        pos = torch.arange(ctx, device=q.device)
+        slots = block_tables[s, pos // block_size] * block_size + pos % block_size
+        k = k_cache[slots].to(q.dtype).transpose(0, 1)[None]  # [1, Hkv, L, D]
+        v = v_cache[slots].to(q.dtype).transpose(0, 1)[None]
+        qpos = torch.arange(ctx - (b - a), ctx, device=q.device)
+        mask = (pos[None, :] <= qpos[:, None])[None, None]  # [1, 1, n, L]
+        o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], k, v, attn_mask=mask, scale=scale,
+                                           enable_gqa=q.shape[1] != k.shape[1])
+        out[a:b] = o[0].transpose(0, 1)
+    return out
+
+
+def _unified_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, tile_seq, tile_row,
+                    scale, block_size):
+    t, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    gp = group_pad(hq, hkv)
+    out = torch.empty_like(q)
+    grid = (tile_seq.shape[0], hkv)
+    _unified_kernel[grid](
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, tile_seq, tile_row, out,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
+        out.stride(0), out.stride(1), scale,
+        BLOCK_SIZE=block_size, GROUP=hq // hkv, GROUP_PAD=gp, BLOCK_Q=max(1, BLOCK_M // gp), HEAD_DIM=d,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4, num_stages=2,
+    )
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _unified_kernel(Q, K, V, BT, SL, QSL, TS, TR, O,
+                        s_qt, s_qh, s_kn, s_kh, s_bt, s_ot, s_oh, scale,
+                        BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                        BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+        tile = tl.program_id(0)
+        hk = tl.program_id(1)
+        seq = tl.load(TS + tile)
+        if seq < 0:
+            return
+        row0 = tl.load(TR + tile)
+        q_lo = tl.load(QSL + seq)
+        q_hi = tl.load(QSL + seq + 1)
+        ctx = tl.load(SL + seq)
+        first_pos = ctx - (q_hi - q_lo)  # absolute position of the sequence's first new token
+        m = tl.arange(0, BLOCK_M)
+        qi = m // GROUP_PAD
+        g = m % GROUP_PAD
+        row = row0 + qi
+        valid = (g < GROUP) & (row < q_hi)
+        qpos = tl.where(valid, first_pos + row - q_lo, 0)  # invalid rows see key 0 only (finite)
+        d = tl.arange(0, HEAD_DIM)
+        qh = hk * GROUP + g
+        q_ptr = Q + row.to(tl.int64)[:, None] * s_qt + qh[:, None] * s_qh + d[None, :]
+        qv = tl.load(q_ptr, mask=valid[:, None], other=0.0)
+        last = tl.minimum(row0 + BLOCK_Q, q_hi) - 1
+        kv_hi = first_pos + last - q_lo + 1  # keys visible to the tile's last query
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for start in range(0, kv_hi, BLOCK_N):
+            t = start + tl.arange(0, BLOCK_N)
+            in_ctx = t < kv_hi
+            blk = tl.load(BT + seq * s_bt + t // BLOCK_SIZE, mask=in_ctx, other=0).to(tl.int64)
+            slot = blk * BLOCK_SIZE + (t % BLOCK_SIZE)
+            kv_off = slot[:, None] * s_kn + hk * s_kh + d[None, :]
+            k = tl.load(K + kv_off, mask=in_ctx[:, None], other=0.0)  # [N, D]
+            v = tl.load(V + kv_off, mask=in_ctx[:, None], other=0.0)
+            qk = tl.dot(qv, tl.trans(k)) * scale  # [M, N] fp32
+            see = (t[None, :] <= qpos[:, None]) & in_ctx[None, :]
+            qk = tl.where(see, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        o_ptr = O + row.to(tl.int64)[:, None] * s_ot + qh[:, None] * s_oh + d[None, :]
+        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=valid[:, None])
