@@ -126,6 +126,33 @@ def rand_prompt(n, seed):
 
 
 # -- in-process stage model -----------------------------------------------------------------------
+def check_unified_attention(device: str = "cuda") -> list[float]:
+    """The unified (mixed-batch) Triton kernel against a float64 reference on fresh random data."""
+    import numpy as np
+    import torch
+    from stage_worker.unified_attention import block_q, max_tiles, tile_plan, unified_attention
+
+    errs = []
+    for chunks in ([(0, 512)], [(300, 1), (0, 700), (64, 33), (1000, 1)], [(i * 37, 1 + i % 3 * 90) for i in range(20)]):
+        nb, bs, hq, hkv, d = 2048, 16, 32, 8, 128
+        kc = torch.randn(nb * bs, hkv, d, device=device, dtype=torch.bfloat16)
+        vc = torch.randn(nb * bs, hkv, d, device=device, dtype=torch.bfloat16)
+        ns = np.array([n for _, n in chunks])
+        qsl = np.zeros(len(ns) + 1, dtype=np.int64)
+        np.cumsum(ns, out=qsl[1:])
+        q = torch.randn(int(qsl[-1]), hq, d, device=device, dtype=torch.bfloat16)
+        lens = torch.tensor([s + n for s, n in chunks], device=device)
+        bt = torch.stack([torch.randperm(nb, device=device)[:128] for _ in chunks])
+        bq = block_q(hq, hkv)
+        ts, tr = tile_plan(qsl, bq, size=max_tiles(int(qsl[-1]), len(chunks) + 5, bq))
+        dev = [torch.from_numpy(x).to(device) for x in (qsl, ts, tr)]
+        args = (bt, lens, dev[0], dev[1], dev[2], d ** -0.5, bs)
+        out = unified_attention(q, kc, vc, *args, use_triton=True)
+        ref = unified_attention(q.double(), kc.double(), vc.double(), *args, use_triton=False)
+        errs.append(float((out.double() - ref).norm() / ref.norm()))
+    return errs
+
+
 def bench_inproc(model_dir: Path) -> dict:
     import torch
     from stage_worker.executor import StageExecutor
@@ -149,6 +176,8 @@ def bench_inproc(model_dir: Path) -> dict:
         errs.append(float((out.double() - ref).norm() / ref.norm()))
     res["triton_decode_rel_err"] = errs
     log("triton paged decode rel err vs float64 reference:", errs)
+    res["triton_unified_rel_err"] = errs = check_unified_attention()
+    log("triton unified attention rel err vs float64 reference:", errs)
 
     model, _ = load_stage(model_dir, 0, 32, device="cuda:0")
     kv = model.make_kv_cache(6000, 16)
@@ -213,7 +242,28 @@ def bench_inproc(model_dir: Path) -> dict:
         res[f"decode_step_b{b}_graph_ms"], res[f"decode_step_b{b}_eager_ms"] = g, e
         log(f"in-process decode step b={b}: graph {g:.2f} ms, eager {e:.2f} ms ({b / g * 1e3:.0f} tok/s)")
         ex.release(lease)
-    # 4. profile of a 2048-token prefill and a batch-1 decode step: where the time goes
+    # 3b. mixed step: 64 decode rows (context 512) + prefill chunks; graph / eager unified / eager with
+    # one SDPA call per prefill sequence (the route before the unified kernel)
+    ex_old = StageExecutor(model, kv, 16, cuda_graphs=False)
+    ex_old.tile_q, ex_old.seqs = None, ex.seqs
+    for nprefill, plen in [(1, 256), (2, 512), (4, 960), (8, 480)]:
+        nxt[0] = 0
+        lease = f"m{nprefill}x{plen}"
+        for s in range(0, 64, 16):
+            ex.run(prefill_req(lease, list(range(s, s + 16)), 512, 200))
+        req = prefill_req(lease, list(range(100, 100 + nprefill)), plen, 0)
+        for sid in range(64):
+            req.chunks.add(seq_id=sid, start_pos=512, num_tokens=1, sample=True, output_index=1)
+        req.token_ids.extend([5] * 64)
+        key = f"mixed_step_{64 + nprefill * plen}tok"
+        for name, executor in (("graph", ex), ("eager", ex_eager), ("eager_per_seq_sdpa", ex_old)):
+            executor.run(req)
+            res[f"{key}_{name}_ms"] = timed(lambda: executor.run(req), 10)
+        log(f"in-process mixed step, 64 decode + {nprefill}x{plen} prefill: graph "
+            f"{res[f'{key}_graph_ms']:.2f} ms, eager {res[f'{key}_eager_ms']:.2f} ms, "
+            f"eager per-seq SDPA {res[f'{key}_eager_per_seq_sdpa_ms']:.2f} ms")
+        ex.release(lease)
+    # 4. profiles: a 2048-token prefill, and batch-1 decode steps (graph replay): where the time goes
     from torch.profiler import ProfilerActivity, profile
 
     nxt[0] = 0
@@ -223,7 +273,24 @@ def bench_inproc(model_dir: Path) -> dict:
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
     res["profile_prefill_2048"] = table
     print(table, flush=True)
-    del ex, ex_eager, kv, model
+    nxt[0] = 0
+    ex.run(prefill_req("prof1", [0], 512, 64))
+    decode_req = pb.ForwardRequest(lease_id="prof1", token_ids=[5])
+    decode_req.chunks.add(seq_id=0, start_pos=512, num_tokens=1, sample=True, output_index=1)
+    ex.run(decode_req)
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            ex.run(decode_req)
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if str(e.device_type).endswith("CUDA")]
+    res["decode_b1_kernels_per_step"] = len(events) / 5
+    res["decode_b1_kernel_ms_per_step"] = sum(getattr(e, "device_time", 0) for e in events) / 5 / 1e3
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+    res["profile_decode_b1"] = table
+    print(table, flush=True)
+    log(f"decode b=1 step: {res['decode_b1_kernels_per_step']:.0f} kernels, "
+        f"{res['decode_b1_kernel_ms_per_step']:.2f} ms of kernel time")
+    del ex, ex_eager, ex_old, kv, model
     torch.cuda.empty_cache()
     return res
 
@@ -246,6 +313,7 @@ class Mesh:
             self.log.write(line)
             self.log.flush()
             if "ready" in line:
+                self.coordinator = line.rsplit("coordinator", 1)[-1].strip()
                 self.ready.set()
 
     def wait(self, timeout):
@@ -298,7 +366,15 @@ def _stop_util_sampler(proc):
     return round(statistics.mean(vals), 1) if vals else None
 
 
-async def _mesh_suite(target, quick) -> dict:
+async def _stage_busy(coordinator: str) -> list[tuple[int, float]]:
+    """(steps, compute seconds) of every stage so far, from Stage.Stats."""
+    from stagemesh.status import collect
+
+    status = await collect(coordinator)
+    return [(s["steps"], s["compute_s_total"]) for r in status["replicas"] for s in r["stages"]]
+
+
+async def _mesh_suite(target, quick, coordinator) -> dict:
     from stagemesh.client import AsyncClient
 
     res = {}
@@ -315,10 +391,16 @@ async def _mesh_suite(target, quick) -> dict:
         log(f"  batch-1 decode: {res['decode_b1_tok_s']:.1f} tok/s ({[round(r, 1) for r in rates]})")
         work = mixed_workload(64 if quick else 256)
         smi = _start_util_sampler()
+        busy0 = await _stage_busy(coordinator)
         t0 = time.perf_counter()
         outs = await asyncio.gather(*[client.generate(prompt_ids=p, max_tokens=o, ignore_eos=True, timeout=900)
                                       for p, o in work])
         wall = time.perf_counter() - t0
+        busy1 = await _stage_busy(coordinator)
+        res["mixed_stage_steps"] = [b[0] - a[0] for a, b in zip(busy0, busy1)]
+        res["mixed_stage_busy_pct"] = [round(100 * (b[1] - a[1]) / wall, 1) for a, b in zip(busy0, busy1)]
+        log(f"  mixed: per stage, steps {res['mixed_stage_steps']}, compute busy {res['mixed_stage_busy_pct']}% "
+            f"of wall time")
         res["mixed_gpu_util_pct"] = _stop_util_sampler(smi)
         log(f"  mixed: GPU busy (nvidia-smi utilization, 100 ms samples) {res['mixed_gpu_util_pct']}%")
         gen = sum(o.completion_tokens for o in outs)
@@ -339,7 +421,7 @@ def bench_stagemesh(model_dir, stages_list, kv_total, mbt, out_dir, quick, devic
         try:
             up = mesh.wait(400)
             log(f"  ready after {up:.0f}s")
-            r = asyncio.run(_mesh_suite(mesh.target, quick))
+            r = asyncio.run(_mesh_suite(mesh.target, quick, mesh.coordinator))
             r["startup_s"] = up
             res[f"stagemesh_{n}{suffix}"] = r
         except Exception as exc:  # keep the other stage counts' results

@@ -121,8 +121,8 @@ class StageService(pb_grpc.StageServicer):
         ex, a = loaded.executor, loaded.assignment
         return pb.StatsResponse(
             num_blocks=ex.num_blocks, blocks_in_use=ex.blocks_in_use(), live_sequences=len(ex.seqs),
-            steps=ex.steps, mean_step_us=ex.mean_step_us(), layer_start=a.layer_start, layer_end=a.layer_end,
-            epoch=a.epoch,
+            steps=ex.steps, mean_step_us=ex.mean_step_us(), compute_us_total=ex.compute_us_total,
+            layer_start=a.layer_start, layer_end=a.layer_end, epoch=a.epoch,
         )
 
     # -- assignment ----------------------------------------------------------------------------

@@ -46,6 +46,7 @@ async def _stats(address: str, timeout_s: float) -> dict:
         return {"reachable": False, "error": f"{exc.code().name}: {exc.details()}"}
     return {"reachable": True, "loaded_epoch": st.epoch, "live_sequences": st.live_sequences,
             "steps": st.steps, "mean_step_ms": round(st.mean_step_us / 1e3, 3),
+            "compute_s_total": round(st.compute_us_total / 1e6, 3),
             "kv_blocks_total": st.num_blocks, "kv_blocks_used": st.blocks_in_use}
 
 
