@@ -214,6 +214,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k_cache, v_cache = layer_kv
     k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
     v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    return attend(q, layer_kv, meta, scale)
+
+
+def attend(q: torch.Tensor, layer_kv: tuple[torch.Tensor, torch.Tensor], meta: AttnMetadata,
+           scale: float) -> torch.Tensor:
+    """paged_attention after the new K/V are in the pool (fused_ops.rotary_and_cache wrote them)."""
+    k_cache, v_cache = layer_kv
     if meta.unified:
         return unified_attention(q, k_cache, v_cache, meta.seq_tables, meta.seq_lens, meta.qsl,
                                  meta.tile_seq, meta.tile_row, scale, meta.block_size)

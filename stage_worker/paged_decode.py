@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from stage_worker.fused_ops import combine_splits
+
 try:  # Triton is optional: CPU-only installs never import it.
     import triton
     import triton.language as tl
@@ -84,8 +86,7 @@ def _paged_decode_triton(q, k_cache, v_cache, block_tables, ctx_lens, scale, blo
     )
     if num_splits == 1:
         return part[:, :, 0].to(q.dtype)
-    w = torch.softmax(lse, dim=-1)  # [B, Hq, S]; empty splits have lse -inf -> weight 0
-    return (part * w.unsqueeze(-1)).sum(2).to(q.dtype)
+    return combine_splits(part, lse, q.dtype)  # softmax(lse)-weighted sum over splits, one launch
 
 
 if triton is not None:

@@ -232,9 +232,14 @@ def test_fused_projections_compute_the_same_function(tmp_path):
     path = make_hf_checkpoint(tmp_path, "qwen2")  # with q/k/v biases
     model, _ = load_stage(path, 0, 4)
     meta = AttnMetadata.build([(0, 5, [0, 1]), (0, 3, [2])], BLOCK, "cpu")
-    ids = torch.tensor([3, 4, 5, 6, 7, 8, 9, 10])
-    ref = model(ids, None, meta, model.make_kv_cache(4, BLOCK))
-    model.fuse_projections()
-    assert model.layers["0"].self_attn.qkv_proj is not None
-    out = model(ids, None, meta, model.make_kv_cache(4, BLOCK))
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    step = AttnMetadata.build([(5, 1, [0, 1]), (3, 2, [2, 3])], BLOCK, "cpu")  # decode + chunk
+    ids, step_ids = torch.tensor([3, 4, 5, 6, 7, 8, 9, 10]), torch.tensor([11, 12, 13])
+    outs = []
+    for fused in (False, True):
+        if fused:
+            model.fuse_projections()
+            assert model.layers["0"].self_attn.qkv_proj is not None and model.fused
+        kv = model.make_kv_cache(4, BLOCK)
+        outs.append((model(ids, None, meta, kv), model(step_ids, None, step, kv), kv.k_caches[1].clone()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -50,6 +50,10 @@ class PipelineStage(nn.Module):
                 raise ValueError("a non-first stage takes hidden states")
             x = hidden.to(self.dtype)  # [T, H]
         cos, sin = self.rotary(meta.positions, x.dtype)
+        return self.run_layers(x, cos, sin, meta, kv)
+
+    def run_layers(self, x: torch.Tensor, cos, sin, meta: AttnMetadata, kv) -> torch.Tensor:
+        """x: [T, H] -> [T, H] through every local layer (a family may override the walk)."""
         for local, layer in enumerate(self.layers.values()):
             x = layer(x, cos, sin, meta, kv.layer(local))
         return x

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stage_worker.attention import AttnMetadata, paged_attention
+from stage_worker import fused_ops
+from stage_worker.attention import AttnMetadata, attend, paged_attention
 from stage_worker.kv_cache import PagedKVCache
 from stage_worker.models.base import PipelineStage
 from stage_worker.unified_attention import block_q
@@ -128,6 +129,14 @@ class LlamaAttention(nn.Module):
         o = paged_attention(q, k, v, layer_kv, meta, self.scale)  # [T, Hq, D]
         return self.o_proj(o.reshape(t, self.n_heads * self.head_dim))  # [T, H]
 
+    def forward_fused(self, x, cos, sin, meta: AttnMetadata, layer_kv) -> torch.Tensor:
+        """Fused layout: rotary of q and k plus the K/V write in one kernel, then attention."""
+        t = x.shape[0]
+        qkv = self.qkv_proj(x).view(t, self.n_heads + 2 * self.n_kv, self.head_dim)
+        q = fused_ops.rotary_and_cache(qkv, cos, sin, self.n_heads, self.n_kv, *layer_kv, meta.slot_mapping)
+        o = attend(q, layer_kv, meta, self.scale)  # [T, Hq, D]
+        return self.o_proj(o.reshape(t, self.n_heads * self.head_dim))
+
 
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -156,6 +165,9 @@ class LlamaMLP(nn.Module):
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(fused_ops.silu_and_mul(self.gate_up_proj(x)))
+
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -168,6 +180,22 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, x, cos, sin, meta, layer_kv) -> torch.Tensor:  # x: [T, H]
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, layer_kv)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_fused(self, x, residual, cos, sin, meta, layer_kv):
+        """The same layer with the residual stream carried separately (vLLM's layout), so that
+        each residual add runs inside the next RMSNorm's kernel.
+
+        x: the previous layer's MLP output, or the stage input when residual is None.
+        Returns (this layer's MLP output, residual); their sum is forward()'s result.
+        """
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        if residual is None:
+            h, residual = fused_ops.rms_norm(x, ln1.weight, ln1.eps), x
+        else:
+            h, residual = fused_ops.fused_add_rms_norm(x, residual, ln1.weight, ln1.eps)
+        h = self.self_attn.forward_fused(h, cos, sin, meta, layer_kv)
+        h, residual = fused_ops.fused_add_rms_norm(h, residual, ln2.weight, ln2.eps)
+        return self.mlp.forward_fused(h), residual
 
 
 class LlamaStage(PipelineStage):
@@ -195,6 +223,7 @@ class LlamaStage(PipelineStage):
             self.lm_head = (nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
                             if self.is_last else None)
         self.to_empty(device=device).to(dtype)
+        self.fused = False  # fuse_projections(): fused matmuls and fused_ops kernels
         self.attention_tile_q = block_q(cfg.num_attention_heads, cfg.num_key_value_heads)
         inv_freq, self.attention_scaling = rope_inv_freq(cfg)
         self.inv_freq = inv_freq.to(device)  # float32 always, not a parameter or buffer
@@ -203,7 +232,9 @@ class LlamaStage(PipelineStage):
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
-        """GPU serving layout: q/k/v and gate/up as single matmuls (after the weights are loaded).
+        """GPU serving layout: q/k/v and gate/up as single matmuls (after the weights are loaded),
+        and the layer walk through fused_ops (residual add inside RMSNorm, rotary + K/V write,
+        SiLU * up: one kernel each on CUDA, their torch formulas elsewhere).
 
         Parameter names change (qkv_proj, gate_up_proj), so load first; the CPU reference path
         keeps the checkpoint's layout.
@@ -212,6 +243,15 @@ class LlamaStage(PipelineStage):
             if layer.self_attn.qkv_proj is None:
                 layer.self_attn.fuse()
                 layer.mlp.fuse()
+        self.fused = True
+
+    def run_layers(self, x, cos, sin, meta, kv) -> torch.Tensor:
+        if not self.fused:
+            return super().run_layers(x, cos, sin, meta, kv)
+        residual = None
+        for local, layer in enumerate(self.layers.values()):
+            x, residual = layer.forward_fused(x, residual, cos, sin, meta, kv.layer(local))
+        return x + residual
 
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos, sin: [T, D] computed in float32 then cast, as transformers does."""
