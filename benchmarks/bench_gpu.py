@@ -305,6 +305,8 @@ class Mesh:
         cmd = [sys.executable, "-m", "stagemesh.cli", "up", "--model", str(model_dir), "--stages", str(stages),
                "--port", str(port), "--device", device, "--kv-cache-bytes", str(kv_bytes),
                "--max-batched-tokens", str(max_batched_tokens)]
+        if stages > 1:  # the stages share one GPU: an even split, and no moves (they change no stage's speed)
+            cmd += ["--plan", "uniform", "--no-rebalance"]
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})

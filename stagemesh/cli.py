@@ -54,6 +54,11 @@ def _add_up(sub) -> None:
     p.add_argument("--api-key", action="append", default=[], help="gateway API key (repeatable)")
     p.add_argument("--api-keys-file", default="", help="file of gateway API keys, one per line")
     p.add_argument("--rate-limit-rps", type=float, default=0.0, help="Generate requests/s per API key (0: off)")
+    p.add_argument("--plan", default="measured", choices=["measured", "uniform"],
+                   help="layer split: from the workers' measured profiles (min-max), or even")
+    p.add_argument("--no-rebalance", action="store_true",
+                   help="never move layer boundaries while serving (e.g. several stages sharing one GPU, "
+                        "where a move changes no stage's speed)")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=_run_up)
 
@@ -74,7 +79,8 @@ def _run_up(args) -> int:
                             threads=args.threads, log_level=args.log_level, routing=args.routing, routing_weight=args.routing_weight,
                             http_port=args.http_port, max_running=args.max_running,
                             metrics_port=args.metrics_port, tls_dir=args.tls_dir,
-                            extra_gateway_args=_gateway_auth_args(args))
+                            extra_gateway_args=_gateway_auth_args(args), plan=args.plan,
+                            rebalance=not args.no_rebalance)
         if args.tls_dir:
             from stagemesh.security import dev_tls
 

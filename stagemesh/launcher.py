@@ -43,6 +43,8 @@ class MeshConfig:
     # worker i BASE+10+i (the layout of compose/prometheus.yml, shifted to BASE).
     metrics_port: int = 0
     extra_gateway_args: list[str] = field(default_factory=list)
+    plan: str = "measured"  # coordinator --plan: measured (profiles, min-max) or uniform
+    rebalance: bool = True  # coordinator moves layer boundaries while serving
     # Certificates written by `stagemesh certs DIR`: mutual TLS on every internal link, TLS on the
     # gateway's public port (client certificate optional). The coordinator link stays plaintext
     # until coordinator/server.py binds its port through stagemesh.security.add_port.
@@ -69,7 +71,8 @@ class Mesh:
         tls = self._tls_args()
         self._spawn("coordinator", [py, "-m", "coordinator", "--model", cfg.model_dir, "--stages", str(cfg.stages),
                                     "--replicas", str(cfg.replicas), "--block-size", str(cfg.block_size),
-                                    "--port", str(coord_port), "--log-level", cfg.log_level,
+                                    "--port", str(coord_port), "--log-level", cfg.log_level, "--plan", cfg.plan,
+                                    *([] if cfg.rebalance else ["--no-rebalance"]),
                                     *self._metrics_args(1), *tls], timeout_s)
         cache_args: list[str] = []
         if cfg.redis:
