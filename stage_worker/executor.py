@@ -27,6 +27,7 @@ from stagemesh.v1 import stagemesh_pb2 as pb
 from stage_worker.attention import AttnMetadata
 from stage_worker.cuda_graphs import DecodeGraphs, MixedGraphs
 from stage_worker.kv_cache import PagedKVCache
+from stage_worker.profile import StepProfiler
 from stage_worker.sampler import SamplingSpec, sample
 
 MAX_BATCH_TOKENS = 1 << 16
@@ -68,6 +69,7 @@ class StageExecutor:
         self.steps = 0
         self.compute_us_total = 0
         self._recent_us: deque[int] = deque(maxlen=64)
+        self._profiler = StepProfiler.from_env(self.device)
 
     # -- state ---------------------------------------------------------------------------------
     def release(self, lease_id: str, seq_ids=()) -> None:
@@ -100,6 +102,8 @@ class StageExecutor:
 
     # -- execution -----------------------------------------------------------------------------
     def run(self, req: pb.ForwardRequest) -> StepOutput:
+        if self._profiler is not None:
+            self._profiler.step_begin(self.steps)
         t0 = time.perf_counter()
         if any(c.num_tokens <= 0 for c in req.chunks):
             raise InvalidArgument("every chunk needs num_tokens >= 1")
@@ -112,11 +116,13 @@ class StageExecutor:
         if self.graphs is not None and self.graphs.accepts(chunks):
             ids = list(req.token_ids) if self.model.is_first else None
             out = self.graphs.run(chunks, ids, hidden)  # [B, H]; row i = chunk i
-            last_rows = list(range(len(chunks)))
+            last_rows, route = list(range(len(chunks))), "decode_graph"
         elif self.mixed_graphs is not None and self.mixed_graphs.accepts(chunks):
             ids = list(req.token_ids) if self.model.is_first else None
             out, last_rows = self.mixed_graphs.run(chunks, ids, hidden)  # [T, H]
+            route = "mixed_graph"
         else:
+            route = "eager"
             if input_ids is not None:
                 input_ids = input_ids.to(self.device, non_blocking=True)
             if hidden is not None:
@@ -135,6 +141,8 @@ class StageExecutor:
         self.steps += 1
         self.compute_us_total += result.compute_us
         self._recent_us.append(result.compute_us)
+        if self._profiler is not None:
+            self._profiler.step_end(route, result.compute_us, sum(c.num_tokens for c in req.chunks))
         return result
 
     def _apply_deltas(self, req: pb.ForwardRequest) -> dict[int, list[int]]:
