@@ -40,6 +40,9 @@ MAXPOS = 131072
 MIXED_SEED = 0
 
 
+THREADS = 0  # --threads: torch CPU threads per worker, passed to `stagemesh up`
+
+
 def log(*a):
     print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
 
@@ -305,6 +308,8 @@ class Mesh:
         cmd = [sys.executable, "-m", "stagemesh.cli", "up", "--model", str(model_dir), "--stages", str(stages),
                "--port", str(port), "--device", device, "--kv-cache-bytes", str(kv_bytes),
                "--max-batched-tokens", str(max_batched_tokens)]
+        if THREADS:
+            cmd += ["--threads", str(THREADS)]
         if stages > 1:  # the stages share one GPU: an even split, and no moves (they change no stage's speed)
             cmd += ["--plan", "uniform", "--no-rebalance"]
         self.log = open(log_path, "w")
@@ -570,7 +575,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="64 mixed requests instead of 256")
     ap.add_argument("--mesh-device", default="cuda:0", help="cpu: a smoke test of the script itself")
     ap.add_argument("--suffix", default="", help="appended to the stagemesh result keys (knob sweeps)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (0: stagemesh's default)")
     args = ap.parse_args()
+    global THREADS
+    THREADS = args.threads
     import torch
 
     out = Path(args.out)
