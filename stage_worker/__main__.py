@@ -133,6 +133,8 @@ def main(argv=None) -> None:
         sys.exit(f"stage_worker: {exc}")
     if config.threads:
         torch.set_num_threads(config.threads)
+    elif config.device.startswith("cuda"):  # host side is launches and small ops: see launcher._default_threads
+        torch.set_num_threads(1)
     log = logging_setup.configure("stage_worker", level)
     try:
         asyncio.run(serve(config, log, consul))

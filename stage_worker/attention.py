@@ -173,13 +173,9 @@ class AttnMetadata:
                 pre_slots.append(tables[i, p // block_size] * block_size + p % block_size)
             extra = []
         parts = [pos, slots, qsl[decode_ids], ctx[decode_ids], tables[decode_ids].reshape(-1), *extra, *pre_slots]
-        packed = torch.from_numpy(np.concatenate(parts))
-        if device.type == "cuda":
-            packed = packed.pin_memory().to(device, non_blocking=True)
-        nd = len(decode_ids)
-        sizes = [t, t, nd, nd, nd * width] + [len(x) for x in extra] + [len(x) for x in pre_slots]
-        views = packed.split(sizes)
+        views = _pack(parts, device)
         pos_d, slots_d, rows_d, ctx_d, tables_d = views[:5]
+        nd = len(decode_ids)
         unified_views = {}
         if unified:
             lens_d, qsl_d, all_tables_d, ts_d, tr_d = views[5:10]
@@ -200,6 +196,20 @@ class AttnMetadata:
             decode_max_ctx=int(ctx[decode_ids].max()) if nd else None, decode_all=nd == s,
             block_size=block_size, **unified_views,
         )
+
+
+def _pack(parts: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """The int64 arrays as views of one device tensor, filled by one (pinned) host-to-device copy.
+
+    Each part starts on a 16-byte boundary: Triton specialises a kernel on its pointers'
+    alignment, so views at odd offsets would compile a new variant mid-serving.
+    """
+    padded = [np.pad(p, (0, len(p) % 2)) for p in parts]
+    packed = torch.from_numpy(np.concatenate(padded))
+    if device.type == "cuda":
+        packed = packed.pin_memory().to(device, non_blocking=True)
+    views = packed.split([len(p) for p in padded])
+    return [v[: len(p)] for v, p in zip(views, parts)]
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -201,6 +201,7 @@ class MixedGraphs:
         tm, sm = self.max_tokens, max_seqs
         gm = max_tiles(tm, sm, self.tile_q)
         sizes = [tm, tm, tm, sm, sm + 1, gm, gm, sm * self.width]
+        sizes = [n + n % 2 for n in sizes]  # 16-byte aligned parts (Triton specialises on alignment)
         self._offs = np.concatenate([[0], np.cumsum(sizes)]).tolist()
         pin = self.device.type == "cuda"
         self._host = torch.zeros(self._offs[-1], dtype=torch.long, pin_memory=pin)
@@ -256,7 +257,8 @@ class MixedGraphs:
             positions=pos[:bp], slot_mapping=slots[:bp], query_start_loc=[], start_pos=[], context_lens=[],
             context_slots=[], prefill_ids=[], prefill_masks={}, decode_ids=[], decode_rows=None,
             decode_slots=None, decode_mask=None, paged=True, block_size=self.block_size,
-            tile_seq=ts[:g], tile_row=tr[:g], seq_tables=tables.view(self.max_seqs, self.width),
+            tile_seq=ts[:g], tile_row=tr[:g],
+            seq_tables=tables[: self.max_seqs * self.width].view(self.max_seqs, self.width),
             seq_lens=lens, qsl=qsl,
         )
         hidden = None if self._hidden is None else self._hidden[:bp]
@@ -275,7 +277,7 @@ class MixedGraphs:
         ctx = starts + ns
         qsl = np.zeros(s + 1, dtype=np.int64)
         np.cumsum(ns, out=qsl[1:])
-        tables = self._part(7).reshape(self.max_seqs, self.width)
+        tables = self._part(7)[: self.max_seqs * self.width].reshape(self.max_seqs, self.width)
         for i, (_, _, table) in enumerate(chunks):
             need = -(-int(ctx[i]) // bs)
             tables[i, :need] = table[:need]

@@ -82,7 +82,7 @@ class Mesh:
                                           *self._metrics_args(2), *tls], timeout_s)
             cache_args = ["--cache-service", f"{cfg.host}:{cache_port}"]
         n_workers = cfg.stages * cfg.replicas + cfg.spares
-        threads = cfg.threads or max(1, (os.cpu_count() or 1) // n_workers)
+        threads = cfg.threads or _default_threads(cfg.device, n_workers)
         worker_cmd = [py, "-m", "stage_worker", "--model", cfg.model_dir, "--coordinator", coord,
                       "--device", cfg.device, "--block-size", str(cfg.block_size), "--threads", str(threads),
                       "--kv-cache-bytes", str(cfg.kv_cache_bytes), "--kv-blocks", str(cfg.kv_blocks),
@@ -150,3 +150,19 @@ def _pump(proc: subprocess.Popen, ready: threading.Event) -> None:
             ready.set()
         else:
             sys.stderr.write(line)
+
+
+def _default_threads(device: str, n_workers: int) -> int:
+    """torch CPU threads per worker: the cores split between the workers on the CPU; one on a GPU.
+
+    A GPU worker's host side is small ops and kernel launches from one Python thread; a pool of
+    intra-op threads there only competes with it (on the H100 host, 16 threads per worker made the
+    mixed benchmark about twice as slow: benchmarks/README_gpu.md).
+    """
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        return 1
+    return max(1, (os.cpu_count() or 1) // n_workers)

@@ -75,6 +75,16 @@ def test_unified_metadata_matches_reference_layout(stage):
     torch.testing.assert_close(outs[2], outs[None], rtol=1e-5, atol=1e-5)
 
 
+def test_paged_metadata_views_are_16_byte_aligned():
+    """Triton specialises kernels on pointer alignment: every index view must start aligned, or
+    odd token counts would compile new kernel variants while serving."""
+    meta = AttnMetadata.build([(3, 2, [5, 1]), (0, 1, [2]), (4, 4, [3, 7])], 4, "cpu", paged=True, tile_q=2)
+    views = [meta.positions, meta.slot_mapping, meta.decode_rows, meta.decode_ctx, meta.block_tables,
+             meta.seq_lens, meta.qsl, meta.seq_tables, meta.tile_seq, meta.tile_row]
+    assert all(v.data_ptr() % 16 == 0 for v in views)
+    assert meta.positions.tolist() == [3, 4, 0, 4, 5, 6, 7] and meta.qsl.tolist() == [0, 2, 3, 7]
+
+
 def test_tile_plan_covers_every_row_once_within_the_bound():
     qsl = __import__("numpy").array([0, 1, 17, 18, 50])
     seq, row = tile_plan(qsl, 16, size=max_tiles(50, 6, 16))
