@@ -41,6 +41,7 @@ MIXED_SEED = 0
 
 
 THREADS = 0  # --threads: torch CPU threads per worker, passed to `stagemesh up`
+INFLIGHT_PER_STAGE = 0  # --inflight-per-stage
 
 
 def log(*a):
@@ -310,6 +311,8 @@ class Mesh:
                "--max-batched-tokens", str(max_batched_tokens)]
         if THREADS:
             cmd += ["--threads", str(THREADS)]
+        if INFLIGHT_PER_STAGE:
+            cmd += ["--inflight", str(max(2, INFLIGHT_PER_STAGE * stages))]
         if stages > 1:  # the stages share one GPU: an even split, and no moves (they change no stage's speed)
             cmd += ["--plan", "uniform", "--no-rebalance"]
         self.log = open(log_path, "w")
@@ -575,10 +578,12 @@ def main():
     ap.add_argument("--quick", action="store_true", help="64 mixed requests instead of 256")
     ap.add_argument("--mesh-device", default="cuda:0", help="cpu: a smoke test of the script itself")
     ap.add_argument("--suffix", default="", help="appended to the stagemesh result keys (knob sweeps)")
+    ap.add_argument("--inflight-per-stage", type=int, default=0,
+                    help="micro-batches in flight = this x stages (0: stagemesh's default, max(2, stages))")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (0: stagemesh's default)")
     args = ap.parse_args()
-    global THREADS
-    THREADS = args.threads
+    global THREADS, INFLIGHT_PER_STAGE
+    THREADS, INFLIGHT_PER_STAGE = args.threads, args.inflight_per_stage
     import torch
 
     out = Path(args.out)

@@ -54,6 +54,8 @@ def _add_up(sub) -> None:
     p.add_argument("--api-key", action="append", default=[], help="gateway API key (repeatable)")
     p.add_argument("--api-keys-file", default="", help="file of gateway API keys, one per line")
     p.add_argument("--rate-limit-rps", type=float, default=0.0, help="Generate requests/s per API key (0: off)")
+    p.add_argument("--inflight", type=int, default=0,
+                   help="micro-batches in flight per replica (0: max(2, stages)); more hides longer hops")
     p.add_argument("--plan", default="measured", choices=["measured", "uniform"],
                    help="layer split: from the workers' measured profiles (min-max), or even")
     p.add_argument("--no-rebalance", action="store_true",
@@ -80,7 +82,7 @@ def _run_up(args) -> int:
                             http_port=args.http_port, max_running=args.max_running,
                             metrics_port=args.metrics_port, tls_dir=args.tls_dir,
                             extra_gateway_args=_gateway_auth_args(args), plan=args.plan,
-                            rebalance=not args.no_rebalance)
+                            rebalance=not args.no_rebalance, inflight=args.inflight)
         if args.tls_dir:
             from stagemesh.security import dev_tls
 
