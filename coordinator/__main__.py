@@ -34,6 +34,8 @@ def main(argv=None) -> None:
     p.add_argument("--rebalance-threshold", type=float, default=1.25, help="max/mean stage time that triggers a move")
     p.add_argument("--rebalance-window-s", type=float, default=5.0)
     p.add_argument("--rebalance-min-interval-s", type=float, default=60.0)
+    p.add_argument("--rebalance-load-timeout-s", type=float, default=120.0,
+                   help="undo a move whose new layers are not loaded on every stage within this time")
     discovery.add_arguments(p)
     p.add_argument("--consul-session-ttl-s", type=float, default=10.0,
                    help="leader session TTL: a standby takes over this long after the leader dies "
@@ -52,6 +54,7 @@ def main(argv=None) -> None:
             split=tuple(int(x) for x in args.split.split(",") if x.strip()),
             rebalance=not args.no_rebalance, rebalance_threshold=args.rebalance_threshold,
             rebalance_window_s=args.rebalance_window_s, rebalance_min_interval_s=args.rebalance_min_interval_s,
+            rebalance_load_timeout_s=args.rebalance_load_timeout_s,
         )
         consul = discovery.config_from_args(args)
         if consul is not None:

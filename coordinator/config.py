@@ -29,6 +29,9 @@ class CoordinatorConfig:
     rebalance_window_s: float = 5.0
     rebalance_min_interval_s: float = 60.0
     rebalance_min_gain: float = 0.15
+    # A move whose new layers are not loaded everywhere by then is undone (a worker that cannot
+    # load them, e.g. out of memory, keeps serving its old layers and the old plan comes back).
+    rebalance_load_timeout_s: float = 120.0
     tls: TlsConfig | None = None  # mutual TLS on the coordinator's port and its health probes
 
     def __post_init__(self):

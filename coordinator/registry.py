@@ -57,6 +57,7 @@ class Registry:
         self.replicas: list[list[StageSlot]] = []
         self.rebalances = 0
         self.failovers = 0
+        self._moves: dict[int, tuple[list, float]] = {}  # replica -> (slots before the move, when)
         self._ids = itertools.count(1)
         # Slots of a persisted plan waiting for their worker to re-register: address -> slot.
         self._orphans: dict[str, StageSlot] = {}
@@ -212,6 +213,7 @@ class Registry:
         if new == current or new_max > now_max * (1 - cfg.rebalance_min_gain):
             return None
         self.replicas[replica] = [replace(s, layer_start=a, layer_end=b) for s, (a, b) in zip(slots, new)]
+        self._moves[replica] = (list(slots), time.monotonic())
         self.epoch += 1
         self.rebalances += 1
         self._save_state()
@@ -219,6 +221,34 @@ class Registry:
             self.log.warning("rebalanced", replica=replica, old=current, new=new, epoch=self.epoch,
                              predicted_max_ms=round(new_max, 3), measured_max_ms=round(now_max, 3))
         return new
+
+    def revert_stalled_moves(self, timeout_s: float) -> list[int]:
+        """Undo moves whose new layers some stage has not loaded within timeout_s; returns the
+        replicas reverted. A worker that fails to load keeps serving its old layers, so bringing
+        the old ranges back (a new epoch; stages whose layers match only reset their KV) resumes
+        serving instead of pausing the replica for good."""
+        now = time.monotonic()
+        reverted = []
+        for replica, (before, when) in list(self._moves.items()):
+            slots = self.replicas[replica]
+            loaded = all(s.worker_id in self.workers and self.workers[s.worker_id].loaded_epoch == self.epoch
+                         for s in slots)
+            same_workers = [s.worker_id for s in slots] == [s.worker_id for s in before]
+            if loaded or not same_workers:  # done, or a failover re-planned this replica since
+                del self._moves[replica]
+                continue
+            if now - when < timeout_s:
+                continue
+            del self._moves[replica]
+            self.replicas[replica] = before
+            self.epoch += 1
+            self._save_state()
+            reverted.append(replica)
+            if self.log:
+                self.log.warning("rebalance_reverted", replica=replica, epoch=self.epoch,
+                                 ranges=[(s.layer_start, s.layer_end) for s in before],
+                                 waited_s=round(now - when, 1))
+        return reverted
 
     def _save_state(self) -> None:
         path = self.config.state_file

@@ -132,6 +132,8 @@ async def _rebalance_loop(registry: Registry, config: CoordinatorConfig) -> None
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(0.5)
+        if registry.revert_stalled_moves(config.rebalance_load_timeout_s):
+            last_move = loop.time()
         if not registry.ready():
             continue
         now = loop.time()

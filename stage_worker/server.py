@@ -174,6 +174,20 @@ class StageService(pb_grpc.StageServicer):
         return 128 * 1024 * 1024
 
 
+def _load_failure(task: asyncio.Task | None, epoch: int, service: StageService, log, failed_epoch: int) -> int:
+    """After a finished load: the epoch not to retry. A first load that failed stops the worker
+    (nothing to serve: the error names the cause); a move that failed (out of memory, a file gone)
+    leaves the worker serving its old layers until the coordinator undoes the move."""
+    if task is None or task.cancelled() or task.exception() is None:
+        return failed_epoch
+    exc = task.exception()
+    if service.loaded is None:
+        raise exc
+    log.error("assignment_load_failed", epoch=epoch, error=str(exc),
+              serving_epoch=service.loaded.assignment.epoch)
+    return epoch
+
+
 async def lease_expiry_loop(service: StageService, ttl_s: float) -> None:
     """KV belongs to a gateway lease: a gateway that stops sending Forwards loses its blocks."""
     while True:
@@ -199,6 +213,7 @@ async def heartbeat_loop(service: StageService, config: WorkerConfig, address: s
     log.info("layer_profiled", decode_ms=round(profile.decode_ms_per_layer, 3),
              prefill_ms=round(profile.prefill_ms_per_layer, 3))
     loading: asyncio.Task | None = None  # weights load in the background; heartbeats go on
+    loading_epoch = failed_epoch = 0  # the load's epoch; one that failed while serving an older one
     wake = asyncio.Event()
     while True:
         try:
@@ -218,17 +233,20 @@ async def heartbeat_loop(service: StageService, config: WorkerConfig, address: s
                 continue
             if hb.HasField("assignment") and (loaded is None or hb.assignment.epoch != loaded.assignment.epoch):
                 if loading is None or loading.done():
-                    if loading is not None and loading.exception():
-                        raise loading.exception()
-                    loading = asyncio.create_task(service.apply_assignment(hb.assignment))
-                    loading.add_done_callback(lambda _t: wake.set())
+                    failed_epoch = _load_failure(loading, loading_epoch, service, log, failed_epoch)
+                    loading = None
+                    if hb.assignment.epoch != failed_epoch:  # never retry a load that failed
+                        loading_epoch = hb.assignment.epoch
+                        loading = asyncio.create_task(service.apply_assignment(hb.assignment))
+                        loading.add_done_callback(lambda _t: wake.set())
         except grpc.aio.AioRpcError as exc:
             log.warning("coordinator_unreachable", code=exc.code().name)
         except StagemeshError as exc:
             log.error("assignment_failed", error=str(exc))
             raise
-        if loading is not None and loading.done() and loading.exception():
-            raise loading.exception()
+        if loading is not None and loading.done():
+            failed_epoch = _load_failure(loading, loading_epoch, service, log, failed_epoch)
+            loading = None
         wake.clear()
         try:
             await asyncio.wait_for(wake.wait(), interval)  # report a finished load at once

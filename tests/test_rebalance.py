@@ -8,6 +8,7 @@ equals transformers' greedy output.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 
 import grpc
@@ -97,4 +98,54 @@ def test_live_rebalance_during_generation_keeps_outputs_exact(ckpt_dir):
     ranges = [(s.layer_start, s.layer_end) for s in after.replicas[0].stages]
     assert ranges[0][1] < 3, f"the slowed first stage kept its layers: {ranges}"
     for outs in waves:  # requests in flight while the boundaries moved included
+        assert [o.token_ids for o in outs] == expected
+
+
+def test_a_move_no_worker_can_load_is_undone_and_serving_goes_on(ckpt_dir, tmp_path):
+    """A live move whose new layers fail to load (here the weights file is gone; on a GPU, out of
+    memory) must not kill the worker: it keeps serving its old layers, the coordinator brings the
+    old plan back after --rebalance-load-timeout-s, and every output is still exact."""
+    src = ckpt_dir("llama", num_layers=6)
+    model_dir = tmp_path / "m"
+    shutil.copytree(src, model_dir)
+    prompts = random_prompts(4, [7, 15, 22, 10], 320)
+    new = 24
+    expected = [hf_greedy(model_dir, p, new, ignore_eos=True) for p in prompts]
+    cport, gport = new_port(), new_port()
+    coord = f"127.0.0.1:{cport}"
+    wports = [new_port() for _ in range(2)]
+    cmds = [coordinator_cmd(model_dir, cport, 2, "--plan", "uniform", "--rebalance-window-s", "0.5",
+                            "--rebalance-min-interval-s", "0", "--rebalance-load-timeout-s", "2")]
+    cmds += [worker_cmd(model_dir, coord, p) for p in wports]
+    cmds.append(gateway_cmd(model_dir, coord, gport))
+    weights = next(model_dir.glob("*.safetensors"))
+    with processes(*cmds) as procs:
+        before = wait_ready(coord)
+        uniform = [(s.layer_start, s.layer_end) for s in before.replicas[0].stages]
+        weights.rename(model_dir / "moved-away.bin")  # every load from now on fails
+
+        async def run():
+            waves, epochs = [], {before.epoch}
+            async with AsyncClient(f"127.0.0.1:{gport}") as client:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{wports[0]}") as ch:
+                    await pb_grpc.StageStub(ch).SetSlowdown(pb.SetSlowdownRequest(factor=8.0))
+                deadline = time.monotonic() + 90
+                while time.monotonic() < deadline:
+                    waves.append(await asyncio.gather(*[
+                        client.generate(prompt_ids=p, max_tokens=new, ignore_eos=True, timeout=120) for p in prompts]))
+                    plan = get_plan(coord)
+                    epochs.add(plan.epoch)
+                    ranges = [(s.layer_start, s.layer_end) for s in plan.replicas[0].stages]
+                    if plan.epoch >= before.epoch + 2 and plan.ready and ranges == uniform:
+                        break  # moved, failed, undone
+            return waves, plan
+
+        waves, plan = asyncio.run(run())
+        alive = [p.poll() is None for p in procs]
+        weights_back = model_dir / "moved-away.bin"
+        weights_back.rename(weights)
+    assert plan.epoch >= before.epoch + 2, "no move was tried and undone"
+    assert [(s.layer_start, s.layer_end) for s in plan.replicas[0].stages] == uniform
+    assert all(alive), f"a process died: {alive}"
+    for outs in waves:
         assert [o.token_ids for o in outs] == expected
