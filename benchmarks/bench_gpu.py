@@ -130,6 +130,34 @@ def rand_prompt(n, seed):
 
 
 # -- in-process stage model -----------------------------------------------------------------------
+def check_overlap(ex, prefill_req, rand_prompt, pb, steps: int = 12) -> bool:
+    """Decode steps of sequences X (decode graph) interleaved with prefill chunks of fresh
+    sequences Y (mixed graph), once serially and once with Y launched before X finishes."""
+    results = []
+    for mode in ("serial", "overlap"):
+        lease = f"ov-{mode}"
+        ex.run(prefill_req(lease, list(range(8)), 300, 64))  # X: 8 sequences, 300-token prompts
+        x_tokens, x_pos, got = [5] * 8, 300, []
+        for k in range(steps):
+            x = pb.ForwardRequest(lease_id=lease, token_ids=x_tokens)
+            for sid in range(8):
+                x.chunks.add(seq_id=sid, start_pos=x_pos, num_tokens=1, sample=True, output_index=1 + k)
+            y = pb.ForwardRequest(lease_id=lease, token_ids=rand_prompt(96, 500 + k))
+            y.new_sequences.add(seq_id=100 + k, block_ids=list(range(4000 + 8 * k, 4008 + 8 * k)))
+            y.chunks.add(seq_id=100 + k, start_pos=0, num_tokens=96, sample=True)
+            if mode == "serial":
+                xs, ys = ex.run(x).samples, ex.run(y).samples
+            else:
+                lx = ex.launch(x)
+                ly = ex.launch(y)
+                xs, ys = ex.finish(lx).samples, ex.finish(ly).samples
+            got.append((xs, ys))
+            x_tokens, x_pos = [t for _, t in xs], x_pos + 1
+        ex.release(lease)
+        results.append(got)
+    return results[0] == results[1]
+
+
 def check_unified_attention(device: str = "cuda") -> list[float]:
     """The unified (mixed-batch) Triton kernel against a float64 reference on fresh random data."""
     import numpy as np
@@ -267,6 +295,11 @@ def bench_inproc(model_dir: Path) -> dict:
             f"{res[f'{key}_graph_ms']:.2f} ms, eager {res[f'{key}_eager_ms']:.2f} ms, "
             f"eager per-seq SDPA {res[f'{key}_eager_per_seq_sdpa_ms']:.2f} ms")
         ex.release(lease)
+    # 3c. launch/finish overlap is exact: the same steps run serially and overlapped (the next
+    # micro-batch launched before the previous one's result is collected) sample the same tokens
+    nxt[0] = 0
+    res["overlap_tokens_equal"] = check_overlap(ex, prefill_req, rand_prompt, pb)
+    log(f"overlapped launch/finish samples the same tokens as serial: {res['overlap_tokens_equal']}")
     # 4. profiles: a 2048-token prefill, and batch-1 decode steps (graph replay): where the time goes
     from torch.profiler import ProfilerActivity, profile
 

@@ -54,10 +54,11 @@ class DecodeGraphs:
         # Layout of the int64 buffers: ids | positions | slots | ctx_lens | tables [m, w].
         self._offs = [0, m, 2 * m, 3 * m, 4 * m, 4 * m + m * w]
         pin = self.device.type == "cuda"
-        self._host = torch.zeros(self._offs[-1], dtype=torch.long, pin_memory=pin)
-        self._host_np = self._host.numpy()
+        self._staging = HostStaging(self._offs[-1], pin)
         self._dev = torch.zeros(self._offs[-1], dtype=torch.long, device=self.device)
-        self._fill_padding(0, m)
+        for k in (0, 1):
+            self._use(k)
+            self._fill_padding(0, m)
         self._dev.copy_(self._host)
         h = model.cfg.hidden_size
         self._hidden = None if model.is_first else torch.zeros(m, h, dtype=model.dtype, device=self.device)
@@ -81,10 +82,13 @@ class DecodeGraphs:
         """chunks as AttnMetadata.build; returns hidden [B, H] (a view, valid until the next run)."""
         b = len(chunks)
         bp = self.bucket(b)
+        k = self._staging.take()
+        self._use(k)
         self._fill(chunks, token_ids, bp)
         n = self._offs[4] + bp * self.width
         # Only the first 4 * max_batch + bp rows of tables are read by bucket bp.
         self._dev[:n].copy_(self._host[:n], non_blocking=True)
+        self._staging.copied(k)
         if hidden is not None:
             self._hidden[:b].copy_(hidden, non_blocking=True)
         if self.capture:
@@ -94,6 +98,9 @@ class DecodeGraphs:
         return self._forward(bp)[:b]
 
     # -- internals -----------------------------------------------------------------------------
+    def _use(self, k: int) -> None:
+        self._host, self._host_np = self._staging.bufs[k], self._staging.arrays[k]
+
     def _views(self, bp: int):
         o, d = self._offs, self._dev
         ids, pos, slots, ctx = d[o[0]:o[0] + bp], d[o[1]:o[1] + bp], d[o[2]:o[2] + bp], d[o[3]:o[3] + bp]
@@ -144,6 +151,37 @@ class DecodeGraphs:
         self._fill_padding(0, self.max_batch)
         self._dev.copy_(self._host)
         self._graphs = capture_buckets(self.buckets, self._forward, self.device)
+
+
+class HostStaging:
+    """Two pinned int64 buffers used in turn for a graph's per-step inputs.
+
+    A step's host-to-device copy is queued, not done, when `run` returns (the worker launches the
+    next micro-batch while this one runs), so the next step fills the *other* buffer, and waits
+    for the copy that last read a buffer before filling it again.
+    """
+
+    def __init__(self, size: int, pin: bool):
+        self.pin = pin  # pinned buffers only on CUDA, where copies are asynchronous
+        self.bufs = [torch.zeros(size, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self.arrays = [b.numpy() for b in self.bufs]
+        self._events: list = [None, None]
+        self._turn = 0
+
+    def take(self) -> int:
+        """Index of the buffer to fill now (its previous copy finished)."""
+        k = self._turn
+        self._turn ^= 1
+        if self._events[k] is not None:
+            self._events[k].synchronize()
+            self._events[k] = None
+        return k
+
+    def copied(self, k: int) -> None:
+        """Mark buffer k as read by the copy just queued on the current stream."""
+        if self.pin:
+            self._events[k] = torch.cuda.Event()
+            self._events[k].record()
 
 
 def capture_buckets(buckets, forward, device) -> dict:
@@ -204,8 +242,8 @@ class MixedGraphs:
         sizes = [n + n % 2 for n in sizes]  # 16-byte aligned parts (Triton specialises on alignment)
         self._offs = np.concatenate([[0], np.cumsum(sizes)]).tolist()
         pin = self.device.type == "cuda"
-        self._host = torch.zeros(self._offs[-1], dtype=torch.long, pin_memory=pin)
-        self._h = self._host.numpy()
+        self._staging = HostStaging(self._offs[-1], pin)
+        self._use(0)
         self._dev = torch.zeros(self._offs[-1], dtype=torch.long, device=self.device)
         h = model.cfg.hidden_size
         self._hidden = None if model.is_first else torch.zeros(tm, h, dtype=model.dtype, device=self.device)
@@ -234,9 +272,12 @@ class MixedGraphs:
         the row of each sequence's last new token)."""
         t = sum(n for _, n, _ in chunks)
         bp = self.bucket(t)
+        k = self._staging.take()
+        self._use(k)
         qsl = self._fill(chunks, token_ids, t, bp)
         n = self._offs[7] + len(chunks) * self.width
         self._dev[:n].copy_(self._host[:n], non_blocking=True)
+        self._staging.copied(k)
         if hidden is not None:
             self._hidden[:t].copy_(hidden, non_blocking=True)
         if self.capture:
@@ -245,6 +286,9 @@ class MixedGraphs:
         else:
             out = self._forward(bp)
         return out[:t], (qsl[1:] - 1).tolist()
+
+    def _use(self, k: int) -> None:
+        self._host, self._h = self._staging.bufs[k], self._staging.arrays[k]
 
     def _part(self, i: int, dev: bool = False):
         buf = self._dev if dev else self._h

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -102,6 +102,13 @@ class StageExecutor:
 
     # -- execution -----------------------------------------------------------------------------
     def run(self, req: pb.ForwardRequest) -> StepOutput:
+        """One micro-batch start to finish (launch, then finish)."""
+        return self.finish(self.launch(req))
+
+    def launch(self, req: pb.ForwardRequest) -> "Launched":
+        """Validate, apply the deltas, and queue the step's GPU work (forward, logits, argmax or the
+        copy of the hidden states to pinned memory); returns before the GPU is done, so the server
+        can launch the next micro-batch while this one runs. On the CPU the work is done here."""
         if self._profiler is not None:
             self._profiler.step_begin(self.steps)
         t0 = time.perf_counter()
@@ -110,19 +117,21 @@ class StageExecutor:
         # Check the payload before the deltas are committed: a refused request changes nothing.
         input_ids, hidden = self._inputs(req, sum(c.num_tokens for c in req.chunks))
         tables = self._apply_deltas(req)
+        done = Launched(t0, "none", sum(c.num_tokens for c in req.chunks))
         if not req.chunks:
-            return StepOutput(None if self.model.is_last else torch.empty(0, self.model.cfg.hidden_size), [], 0)
+            done.hidden = None if self.model.is_last else torch.empty(0, self.model.cfg.hidden_size)
+            return done
         chunks = [(c.start_pos, c.num_tokens, tables[c.seq_id]) for c in req.chunks]
         if self.graphs is not None and self.graphs.accepts(chunks):
             ids = list(req.token_ids) if self.model.is_first else None
             out = self.graphs.run(chunks, ids, hidden)  # [B, H]; row i = chunk i
-            last_rows, route = list(range(len(chunks))), "decode_graph"
+            last_rows, done.route = list(range(len(chunks))), "decode_graph"
         elif self.mixed_graphs is not None and self.mixed_graphs.accepts(chunks):
             ids = list(req.token_ids) if self.model.is_first else None
             out, last_rows = self.mixed_graphs.run(chunks, ids, hidden)  # [T, H]
-            route = "mixed_graph"
+            done.route = "mixed_graph"
         else:
-            route = "eager"
+            done.route = "eager"
             if input_ids is not None:
                 input_ids = input_ids.to(self.device, non_blocking=True)
             if hidden is not None:
@@ -130,19 +139,40 @@ class StageExecutor:
             meta = AttnMetadata.build(chunks, self.block_size, self.device, tile_q=self.tile_q)
             out = self.model(input_ids, hidden, meta, self.kv)  # [T, H]
             last_rows = meta.last_rows
-        result = StepOutput(None, [], 0)
         if self.model.is_last:
-            result.samples = self._sample(req, last_rows, out)
+            self._launch_sample(req, last_rows, out, done)
         else:
-            result.hidden = _to_host(out)
+            done.hidden = _to_host_async(out)
+        if self.device.type == "cuda":
+            done.event = torch.cuda.Event()
+            done.event.record()
+        done.launch_s = time.perf_counter() - t0
+        return done
+
+    def finish(self, done: "Launched") -> StepOutput:
+        """Wait for a launched step's GPU work and collect its result (runs in launch order)."""
+        t1 = time.perf_counter()
+        if done.event is not None:
+            done.event.synchronize()
+        result = StepOutput(done.hidden, [], 0)
+        if done.picks:
+            if done.logits is None:  # every row greedy: the argmax ran on the GPU
+                tokens = done.greedy.tolist()
+            else:
+                tokens = sample(done.logits, done.specs, [c.output_index for _, c in done.picks])
+            result.samples = [(c.seq_id, t) for (_, c), t in zip(done.picks, tokens)]
+        busy_s = done.launch_s + time.perf_counter() - t1  # launch and the wait, not the queueing between
         if self.slowdown > 1.0:  # test/demo knob: behave like a device `slowdown` times slower
-            time.sleep((time.perf_counter() - t0) * (self.slowdown - 1.0))
-        result.compute_us = int((time.perf_counter() - t0) * 1e6)
+            time.sleep(busy_s * (self.slowdown - 1.0))
+            busy_s *= self.slowdown
+        result.compute_us = int(busy_s * 1e6)
+        if done.route == "none":
+            return result
         self.steps += 1
         self.compute_us_total += result.compute_us
         self._recent_us.append(result.compute_us)
         if self._profiler is not None:
-            self._profiler.step_end(route, result.compute_us, sum(c.num_tokens for c in req.chunks))
+            self._profiler.step_end(done.route, result.compute_us, done.tokens)
         return result
 
     def _apply_deltas(self, req: pb.ForwardRequest) -> dict[int, list[int]]:
@@ -209,28 +239,48 @@ class StageExecutor:
             raise InvalidArgument(f"hidden states of shape {tuple(hidden.shape)}, expected {expect}")
         return None, hidden  # on the host: run() moves it (or the graph path copies it)
 
-    def _sample(self, req: pb.ForwardRequest, last_rows: list[int], out: torch.Tensor) -> list[tuple[int, int]]:
-        picks = [(i, c) for i, c in enumerate(req.chunks) if c.sample]
-        if not picks:
-            return []
-        rows = torch.tensor([last_rows[i] for i, _ in picks]).to(out.device, non_blocking=True)
-        logits = self.model.compute_logits(out.index_select(0, rows))  # [S, V]
-        specs = [self.seqs[(req.lease_id, c.seq_id)].sampling for _, c in picks]
-        tokens = sample(logits, specs, [c.output_index for _, c in picks])
-        return [(c.seq_id, t) for (_, c), t in zip(picks, tokens)]
+    def _launch_sample(self, req: pb.ForwardRequest, last_rows: list[int], out: torch.Tensor,
+                       done: "Launched") -> None:
+        """Queue the logits of the rows to sample, and their argmax when every row is greedy."""
+        done.picks = [(i, c) for i, c in enumerate(req.chunks) if c.sample]
+        if not done.picks:
+            return
+        rows = [last_rows[i] for i, _ in done.picks]
+        if rows != list(range(out.shape[0])):  # else: every row, in order (a decode step)
+            index = torch.tensor(rows, pin_memory=out.is_cuda).to(out.device, non_blocking=True)
+            out = out.index_select(0, index)
+        logits = self.model.compute_logits(out)  # [S, V] float32
+        done.specs = [self.seqs[(req.lease_id, c.seq_id)].sampling for _, c in done.picks]
+        if all(spec.greedy for spec in done.specs):
+            done.greedy = torch.argmax(logits, dim=-1)  # ties -> first, as HF (sampler.sample)
+        else:
+            done.logits = logits
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A host copy of a device tensor through pinned memory (the step's one synchronisation).
+@dataclass
+class Launched:
+    """A step whose GPU work is queued: what `finish` needs to wait for and collect."""
 
-    A fresh pinned tensor from torch's caching host allocator, not a reused buffer: the server
-    serialises it on the event loop while this thread may already run the next micro-batch.
-    """
+    t0: float
+    route: str  # decode_graph | mixed_graph | eager | none (no chunks)
+    tokens: int
+    hidden: torch.Tensor | None = None  # non-last stage: pinned host copy, valid after the event
+    picks: list = field(default_factory=list)  # (chunk index, chunk) of the rows to sample
+    specs: list = field(default_factory=list)
+    greedy: torch.Tensor | None = None  # [S] argmax ids on the device (all rows greedy)
+    logits: torch.Tensor | None = None  # [S, V] when some row samples (drawn on the host)
+    event: torch.cuda.Event | None = None
+    launch_s: float = 0.0
+
+
+def _to_host_async(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of a device tensor, queued into pinned memory (complete once the step's event
+    is). A fresh pinned tensor from torch's caching host allocator, not a reused buffer: the
+    server serialises it while this worker already runs the next micro-batch."""
     if t.device.type != "cuda":
         return t
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
-    torch.cuda.current_stream(t.device).synchronize()
     return host
 
 

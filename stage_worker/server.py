@@ -50,6 +50,8 @@ class StageService(pb_grpc.StageServicer):
         self.slowdown = config.slowdown
         self._debug = log.is_enabled_for(logging.DEBUG)  # the per-step debug line sums the chunks
         self._compute = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        # Waits for launched steps' GPU work, in launch order, while `compute` launches the next.
+        self._finish = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
 
     @grpc_errors
     async def Forward(self, request, context):
@@ -67,7 +69,8 @@ class StageService(pb_grpc.StageServicer):
                 f"stale plan epoch {request.epoch}: this stage serves epoch {loaded.assignment.epoch}; refresh the plan"
             )
         loop = asyncio.get_running_loop()
-        out = await loop.run_in_executor(self._compute, loaded.executor.run, request)
+        launched = await loop.run_in_executor(self._compute, loaded.executor.launch, request)
+        out = await loop.run_in_executor(self._finish, loaded.executor.finish, launched)
         metrics.STAGE_STEP.labels(str(loaded.assignment.stage_index)).observe(out.compute_us / 1e6)
         if self._debug:
             self.log.debug("forward", tokens=sum(c.num_tokens for c in request.chunks), seqs=len(request.chunks),

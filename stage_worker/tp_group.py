@@ -108,8 +108,14 @@ class TPExecutor:
         setattr(self.inner, name, value)
 
     def run(self, req: pb.ForwardRequest):
+        return self.finish(self.launch(req))
+
+    def launch(self, req: pb.ForwardRequest):
         self.group.send("run", req.SerializeToString())
-        return self.inner.run(req)
+        return self.inner.launch(req)
+
+    def finish(self, launched):
+        return self.inner.finish(launched)
 
     def release(self, lease_id: str, seq_ids=()) -> None:
         self.group.send("release", lease_id, list(seq_ids))
