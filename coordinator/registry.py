@@ -58,6 +58,7 @@ class Registry:
         self.rebalances = 0
         self.failovers = 0
         self._moves: dict[int, tuple[list, float]] = {}  # replica -> (slots before the move, when)
+        self._undone: set[tuple[int, tuple]] = set()  # (replica, ranges) of moves that could not load
         self._ids = itertools.count(1)
         # Slots of a persisted plan waiting for their worker to re-register: address -> slot.
         self._orphans: dict[str, StageSlot] = {}
@@ -212,6 +213,8 @@ class Registry:
         new_max = max(stage_times(new, costs, workers))
         if new == current or new_max > now_max * (1 - cfg.rebalance_min_gain):
             return None
+        if (replica, tuple(new)) in self._undone:  # tried, not loadable: don't churn on it again
+            return None
         self.replicas[replica] = [replace(s, layer_start=a, layer_end=b) for s, (a, b) in zip(slots, new)]
         self._moves[replica] = (list(slots), time.monotonic())
         self.epoch += 1
@@ -240,6 +243,7 @@ class Registry:
             if now - when < timeout_s:
                 continue
             del self._moves[replica]
+            self._undone.add((replica, tuple((s.layer_start, s.layer_end) for s in slots)))
             self.replicas[replica] = before
             self.epoch += 1
             self._save_state()

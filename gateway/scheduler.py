@@ -164,13 +164,13 @@ class Scheduler:
         """A micro-batch failed: its sequences become runnable again (replayed by the caller)."""
         for c in plan.chunks:
             c.seq.in_flight = False
-            if c.seq.wire_id == c.wire_id:
+            if c.seq.status == Status.FINISHED and c.seq.block_table:
+                self._release(c.seq)  # finished meanwhile (cancelled): the stages drop it
+            elif c.seq.wire_id == c.wire_id:
                 # Some stages may have applied this step's NewSequence or block deltas and others
                 # not (a later stage refused it): announce the sequence again, full block table,
                 # so every stage holds the same table whatever it saw.
                 c.seq.announced = False
-            if c.seq.status == Status.FINISHED and c.seq.block_table:
-                self._release(c.seq)
         self._to_release.extend(plan.finished_wire_ids)
 
     def drain_live(self) -> list[Sequence]:

@@ -67,6 +67,7 @@ class StageExecutor:
         self.slowdown = 1.0
         self._lease_seen: dict[str, float] = {}  # lease id -> last Forward (monotonic s)
         self.steps = 0
+        self._launches = 0  # launches run ahead of `steps` (counted when finished)
         self.compute_us_total = 0
         self._recent_us: deque[int] = deque(maxlen=64)
         self._profiler = StepProfiler.from_env(self.device)
@@ -109,8 +110,9 @@ class StageExecutor:
         """Validate, apply the deltas, and queue the step's GPU work (forward, logits, argmax or the
         copy of the hidden states to pinned memory); returns before the GPU is done, so the server
         can launch the next micro-batch while this one runs. On the CPU the work is done here."""
+        self._launches += 1
         if self._profiler is not None:
-            self._profiler.step_begin(self.steps)
+            self._profiler.step_begin(self._launches - 1)
         t0 = time.perf_counter()
         if any(c.num_tokens <= 0 for c in req.chunks):
             raise InvalidArgument("every chunk needs num_tokens >= 1")
@@ -147,6 +149,8 @@ class StageExecutor:
             done.event = torch.cuda.Event()
             done.event.record()
         done.launch_s = time.perf_counter() - t0
+        if self.slowdown > 1.0:  # test/demo knob: a device `slowdown` times slower holds this thread longer
+            time.sleep(done.launch_s * (self.slowdown - 1.0))
         return done
 
     def finish(self, done: "Launched") -> StepOutput:
@@ -161,13 +165,11 @@ class StageExecutor:
             else:
                 tokens = sample(done.logits, done.specs, [c.output_index for _, c in done.picks])
             result.samples = [(c.seq_id, t) for (_, c), t in zip(done.picks, tokens)]
-        busy_s = done.launch_s + time.perf_counter() - t1  # launch and the wait, not the queueing between
-        if self.slowdown > 1.0:  # test/demo knob: behave like a device `slowdown` times slower
-            time.sleep(busy_s * (self.slowdown - 1.0))
-            busy_s *= self.slowdown
-        result.compute_us = int(busy_s * 1e6)
         if done.route == "none":
             return result
+        # Launch (stretched by the slowdown knob) and the wait, not the queueing in between.
+        busy_s = done.launch_s * max(1.0, self.slowdown) + time.perf_counter() - t1
+        result.compute_us = int(busy_s * 1e6)
         self.steps += 1
         self.compute_us_total += result.compute_us
         self._recent_us.append(result.compute_us)

@@ -43,6 +43,10 @@ class Loaded:
 class StageService(pb_grpc.StageServicer):
     """gRPC face of the worker. Handlers run on the event loop; torch runs on `_compute`."""
 
+    # A failed load of new layers leaves the old ones serving (a TP group cannot: its followers
+    # dropped theirs first, so it stops and the coordinator fails it over).
+    survives_failed_load = True
+
     def __init__(self, config: WorkerConfig, log):
         self.config = config
         self.log = log
@@ -184,7 +188,7 @@ def _load_failure(task: asyncio.Task | None, epoch: int, service: StageService, 
     if task is None or task.cancelled() or task.exception() is None:
         return failed_epoch
     exc = task.exception()
-    if service.loaded is None:
+    if service.loaded is None or not service.survives_failed_load:
         raise exc
     log.error("assignment_load_failed", epoch=epoch, error=str(exc),
               serving_epoch=service.loaded.assignment.epoch)

@@ -137,6 +137,8 @@ class TPExecutor:
 class TPStageService(StageService):
     """StageService of a TP group's rank 0: starts the followers, loads sharded, broadcasts."""
 
+    survives_failed_load = False  # the followers drop their layers before loading: stop instead
+
     def __init__(self, config, log):
         super().__init__(config, log)
         world = config.tp_size

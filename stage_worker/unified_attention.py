@@ -38,9 +38,14 @@ def group_pad(num_q_heads: int, num_kv_heads: int) -> int:
     return 1 << (group - 1).bit_length()
 
 
+def block_m(num_q_heads: int, num_kv_heads: int) -> int:
+    """Rows (query tokens x heads) per program: BLOCK_M, or one token's whole group if larger."""
+    return max(BLOCK_M, group_pad(num_q_heads, num_kv_heads))
+
+
 def block_q(num_q_heads: int, num_kv_heads: int) -> int:
-    """Query tokens per tile: BLOCK_M rows hold block_q tokens x the padded GQA group."""
-    return max(1, BLOCK_M // group_pad(num_q_heads, num_kv_heads))
+    """Query tokens per tile: a program's rows hold block_q tokens x the padded GQA group."""
+    return block_m(num_q_heads, num_kv_heads) // group_pad(num_q_heads, num_kv_heads)
 
 
 def max_tiles(num_tokens: int, num_seqs: int, bq: int) -> int:
@@ -115,8 +120,8 @@ def _unified_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, tile_seq, tile_row, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1), scale,
-        BLOCK_SIZE=block_size, GROUP=hq // hkv, GROUP_PAD=gp, BLOCK_Q=max(1, BLOCK_M // gp), HEAD_DIM=d,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4, num_stages=2,
+        BLOCK_SIZE=block_size, GROUP=hq // hkv, GROUP_PAD=gp, BLOCK_Q=block_q(hq, hkv), HEAD_DIM=d,
+        BLOCK_M=block_m(hq, hkv), BLOCK_N=BLOCK_N, num_warps=4, num_stages=2,
     )
     return out
 

@@ -69,3 +69,27 @@ def test_min_max_beats_deepspeed_balanced_on_the_slowest_stage():
 def test_stages_that_do_not_set_the_pace_are_balanced_too():
     ranges = partition_min_max([1.0] * 6, [WorkerCost(1.0), WorkerCost(6.0), WorkerCost(1.0)])
     assert [b - a for a, b in ranges] == [3, 1, 2] or [b - a for a, b in ranges] == [2, 1, 3]
+
+
+def test_a_move_not_loaded_in_time_is_undone_and_not_proposed_again():
+    """Registry: a rebalance whose new layers a worker never reports loaded comes back to the old
+    ranges after the timeout (new epoch), and the same move is not tried again."""
+    from coordinator.config import CoordinatorConfig
+    from coordinator.registry import Registry
+
+    reg = Registry(CoordinatorConfig(num_layers=6, stages=2, plan="uniform"))
+    w1, w2 = reg.register("a:1", "cpu", 1 << 30), reg.register("a:2", "cpu", 1 << 30)
+    for w in (w1, w2):
+        reg.heartbeat(w.worker_id, reg.epoch, 64, 1000.0)
+    assert reg.ready() and [(s.layer_start, s.layer_end) for s in reg.replicas[0]] == [(0, 3), (3, 6)]
+    reg.heartbeat(w1.worker_id, reg.epoch, 64, 8000.0)  # the first stage became 8x slower
+    moved = reg.rebalance(0)
+    assert moved is not None and moved[0][1] < 3 and not reg.ready()
+    epoch = reg.epoch
+    reg.heartbeat(w2.worker_id, epoch, 64, 1000.0)  # w2 loaded the move, w1 never does
+    assert reg.revert_stalled_moves(timeout_s=60.0) == []  # not yet
+    assert reg.revert_stalled_moves(timeout_s=0.0) == [0]
+    assert reg.epoch == epoch + 1 and [(s.layer_start, s.layer_end) for s in reg.replicas[0]] == [(0, 3), (3, 6)]
+    for w in (w1, w2):
+        reg.heartbeat(w.worker_id, reg.epoch, 64, 8000.0 if w is w1 else 1000.0)
+    assert reg.ready() and reg.rebalance(0) is None  # the undone move is not proposed again

@@ -105,6 +105,23 @@ def test_finish_while_in_flight_defers_the_free():
     assert s.bm.num_free == 8 and a.status == Status.FINISHED
 
 
+def test_failed_step_re_announces_its_sequences_and_still_releases_cancelled_ones():
+    """A micro-batch a later stage refused may have reached earlier stages: its live sequences
+    go out again with full block tables; one cancelled meanwhile is freed and dropped on the stages."""
+    s = create_scheduler(num_blocks=16)
+    a, b = seq(1, 5), seq(2, 6)
+    s.add(a)
+    s.add(b)
+    run_step(s, s.schedule())  # both announced, a finished its prompt
+    plan = s.schedule()
+    assert any(not c.is_new for c in plan.chunks)
+    s.finish(b, "cancelled")  # while the step is in flight
+    s.abort_in_flight(plan)  # the step failed
+    nxt = s.schedule()
+    assert b.wire_id in nxt.finished_wire_ids and s.bm.num_free == 16 - len(a.block_table)
+    assert [c.seq for c in nxt.chunks] == [a] and nxt.chunks[0].is_new  # full table again
+
+
 def test_preemption_requeues_and_recomputes_from_history():
     s = create_scheduler(num_blocks=3, block_size=4, max_batched_tokens=16)
     a, b = seq(1, 4, max_tokens=8), seq(2, 4, max_tokens=8)
