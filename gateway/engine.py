@@ -69,7 +69,7 @@ class ReplicaEngine:
         self._on_cache_events = on_cache_events
         self._on_stale_epoch = on_stale_epoch
         self._on_stage_failure = on_stage_failure  # nudges the plan watcher to poll now
-        self._stall_start: float | None = None  # first refused step of the current pause
+        self._stall_start: float | None = None  # start of the current pause: a refused step, or a replan
         self._debug = log.is_enabled_for(logging.DEBUG)  # per-step debug lines cost a list build
         self._wakeup = asyncio.Event()
         self.generation = 0  # bumps when the replica's KV is reset (new chain): old steps are void
@@ -134,6 +134,8 @@ class ReplicaEngine:
         """
         old_channel = self._channel
         live = len(self.scheduler.running) + self.scheduler.num_waiting
+        if self._stall_start is None and live:  # the pause runs until the first step on the new chain
+            self._stall_start = time.perf_counter()
         self._install(plan, keep=self.scheduler)
         asyncio.get_running_loop().create_task(old_channel.close())
         self.log.info("replica_replanned", epoch=plan.epoch, replayed=live)
