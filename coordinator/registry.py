@@ -57,7 +57,9 @@ class Registry:
         self.replicas: list[list[StageSlot]] = []
         self.rebalances = 0
         self.failovers = 0
-        self._moves: dict[int, tuple[list, float]] = {}  # replica -> (slots before the move, when)
+        # replica -> (ranges before the move, its workers' addresses, when): persisted with the plan,
+        # so a coordinator restarted mid-move can still undo it.
+        self._moves: dict[int, tuple[list[tuple[int, int]], list[str], float]] = {}
         self._undone: set[tuple[int, tuple]] = set()  # (replica, ranges) of moves that could not load
         self._ids = itertools.count(1)
         # Slots of a persisted plan waiting for their worker to re-register: address -> slot.
@@ -216,7 +218,8 @@ class Registry:
         if (replica, tuple(new)) in self._undone:  # tried, not loadable: don't churn on it again
             return None
         self.replicas[replica] = [replace(s, layer_start=a, layer_end=b) for s, (a, b) in zip(slots, new)]
-        self._moves[replica] = (list(slots), time.monotonic())
+        self._moves[replica] = ([(s.layer_start, s.layer_end) for s in slots], self._addresses(slots),
+                                time.monotonic())
         self.epoch += 1
         self.rebalances += 1
         self._save_state()
@@ -232,27 +235,34 @@ class Registry:
         serving instead of pausing the replica for good."""
         now = time.monotonic()
         reverted = []
-        for replica, (before, when) in list(self._moves.items()):
+        for replica, (before, addresses, when) in list(self._moves.items()):
             slots = self.replicas[replica]
             loaded = all(s.worker_id in self.workers and self.workers[s.worker_id].loaded_epoch == self.epoch
                          for s in slots)
-            same_workers = [s.worker_id for s in slots] == [s.worker_id for s in before]
-            if loaded or not same_workers:  # done, or a failover re-planned this replica since
+            if loaded or self._addresses(slots) != addresses:  # done, or a failover re-planned it since
                 del self._moves[replica]
+                self._save_state()
                 continue
             if now - when < timeout_s:
                 continue
             del self._moves[replica]
             self._undone.add((replica, tuple((s.layer_start, s.layer_end) for s in slots)))
-            self.replicas[replica] = before
+            self.replicas[replica] = [replace(s, layer_start=a, layer_end=b) for s, (a, b) in zip(slots, before)]
+            for slot in self.replicas[replica]:
+                if slot.worker_id.startswith("pending:"):  # restored plan: its worker re-registers here
+                    self._orphans[slot.worker_id.removeprefix("pending:")] = slot
             self.epoch += 1
             self._save_state()
             reverted.append(replica)
             if self.log:
-                self.log.warning("rebalance_reverted", replica=replica, epoch=self.epoch,
-                                 ranges=[(s.layer_start, s.layer_end) for s in before],
+                self.log.warning("rebalance_reverted", replica=replica, epoch=self.epoch, ranges=before,
                                  waited_s=round(now - when, 1))
         return reverted
+
+    def _addresses(self, slots: list[StageSlot]) -> list[str]:
+        """Where each slot's worker listens (a restored plan's slot names it until it re-registers)."""
+        return [self.workers[s.worker_id].address if s.worker_id in self.workers
+                else s.worker_id.removeprefix("pending:") for s in slots]
 
     def _save_state(self) -> None:
         path = self.config.state_file
@@ -260,8 +270,8 @@ class Registry:
             return
         state = {
             "epoch": self.epoch,
-            "replicas": [[{**asdict(s), "address": self.workers[s.worker_id].address} for s in r]
-                         for r in self.replicas],
+            "replicas": [[{**asdict(s), "address": self._addresses([s])[0]} for s in r] for r in self.replicas],
+            "moves": {str(r): {"ranges": before, "addresses": addrs} for r, (before, addrs, _) in self._moves.items()},
         }
         tmp = f"{path}.tmp"
         Path(tmp).write_text(json.dumps(state))
@@ -281,5 +291,7 @@ class Registry:
                 self._orphans[s["address"]] = slot
                 slots.append(slot)
             self.replicas.append(slots)
+        for r, move in state.get("moves", {}).items():  # a move in progress: its clock starts again
+            self._moves[int(r)] = ([tuple(x) for x in move["ranges"]], move["addresses"], time.monotonic())
         if self.log:
-            self.log.info("plan_restored", epoch=self.epoch, stages=len(self._orphans))
+            self.log.info("plan_restored", epoch=self.epoch, stages=len(self._orphans), moves=len(self._moves))

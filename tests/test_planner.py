@@ -93,3 +93,28 @@ def test_a_move_not_loaded_in_time_is_undone_and_not_proposed_again():
     for w in (w1, w2):
         reg.heartbeat(w.worker_id, reg.epoch, 64, 8000.0 if w is w1 else 1000.0)
     assert reg.ready() and reg.rebalance(0) is None  # the undone move is not proposed again
+
+
+def test_a_coordinator_restarted_mid_move_still_undoes_it(tmp_path):
+    """The move in progress is persisted with the plan: a restarted coordinator (or its standby)
+    whose workers come back without the moved layers undoes it like the first one would have."""
+    from coordinator.config import CoordinatorConfig
+    from coordinator.registry import Registry
+
+    config = CoordinatorConfig(num_layers=6, stages=2, plan="uniform", state_file=str(tmp_path / "plan.json"))
+    reg = Registry(config)
+    w1, w2 = reg.register("a:1", "cpu", 1 << 30), reg.register("a:2", "cpu", 1 << 30)
+    reg.heartbeat(w1.worker_id, reg.epoch, 64, 8000.0)
+    reg.heartbeat(w2.worker_id, reg.epoch, 64, 1000.0)
+    old_epoch = reg.epoch
+    assert reg.rebalance(0) is not None
+    moved_epoch = reg.epoch
+
+    again = Registry(config)  # the coordinator restarts before anyone loaded the move
+    assert again.epoch == moved_epoch and again.revert_stalled_moves(timeout_s=60.0) == []
+    v1, v2 = again.register("a:1", "cpu", 1 << 30), again.register("a:2", "cpu", 1 << 30)
+    again.heartbeat(v1.worker_id, old_epoch, 64, 8000.0)  # still serving the old layers
+    again.heartbeat(v2.worker_id, old_epoch, 64, 1000.0)
+    assert not again.ready() and again.revert_stalled_moves(timeout_s=0.0) == [0]
+    assert [(s.layer_start, s.layer_end) for s in again.replicas[0]] == [(0, 3), (3, 6)]
+    assert again.epoch == moved_epoch + 1 and Registry(config).revert_stalled_moves(timeout_s=0.0) == []
