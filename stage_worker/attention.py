@@ -151,14 +151,8 @@ class AttnMetadata:
                                       f"{ctx[i]} tokens (block_size={block_size})")
         width = int(need.max()) if s else 1
         tables = np.zeros((s, width), dtype=np.int64)
-        for i, (_, _, table) in enumerate(chunks):
-            tables[i, : need[i]] = table[: need[i]]
-        qsl = np.zeros(s + 1, dtype=np.int64)
-        np.cumsum(ns, out=qsl[1:])
+        qsl, _, pos, slots = token_slots(chunks, tables, block_size, starts, ns)
         t = int(qsl[-1])
-        seq_of = np.repeat(np.arange(s), ns)  # [T]
-        pos = starts[seq_of] + np.arange(t) - qsl[:-1][seq_of]  # [T]
-        slots = tables[seq_of, pos // block_size] * block_size + pos % block_size  # [T]
         decode_ids = np.nonzero(ns == 1)[0]
         prefill_ids = np.nonzero(ns > 1)[0]
         unified = tile_q is not None and len(decode_ids) < s
@@ -196,6 +190,31 @@ class AttnMetadata:
             decode_max_ctx=int(ctx[decode_ids].max()) if nd else None, decode_all=nd == s,
             block_size=block_size, **unified_views,
         )
+
+
+def token_slots(chunks, tables: np.ndarray, block_size: int, starts: np.ndarray | None = None,
+                ns: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The index arrays of a micro-batch, shared by the paged metadata and the graph buffers.
+
+    chunks as AttnMetadata.build; starts, ns: their start positions and token counts when the
+    caller has them already. Writes each sequence's blocks (as many as its context needs) into
+    row i of `tables`, and returns (query_start_loc [S+1], context lengths [S], absolute position
+    [T] and KV slot [T] of every new token).
+    """
+    s = len(chunks)
+    if starts is None:
+        starts = np.fromiter((c[0] for c in chunks), dtype=np.int64, count=s)
+        ns = np.fromiter((c[1] for c in chunks), dtype=np.int64, count=s)
+    ctx = starts + ns
+    need = -(-ctx // block_size)
+    for i, (_, _, table) in enumerate(chunks):
+        tables[i, : need[i]] = table[: need[i]]
+    qsl = np.zeros(s + 1, dtype=np.int64)
+    np.cumsum(ns, out=qsl[1:])
+    seq_of = np.repeat(np.arange(s), ns)  # [T]
+    pos = starts[seq_of] + np.arange(int(qsl[-1])) - qsl[:-1][seq_of]  # [T]
+    slots = tables[seq_of, pos // block_size] * block_size + pos % block_size  # [T]
+    return qsl, ctx, pos, slots
 
 
 def _pack(parts: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:

@@ -1,4 +1,5 @@
-"""CUDA graphs of a stage's forward for pure-decode micro-batches, one graph per batch bucket.
+"""CUDA graphs of a stage's forward: decode-only micro-batches one graph per batch bucket
+(`DecodeGraphs`), mixed ones one graph per token bucket (`MixedGraphs`, its own docstring).
 
 A decode step of an 8B model launches ~700 small kernels; on their own they cost more host time
 than the GPU needs to read the weights. A graph replays them in one launch. Graphs need fixed
@@ -23,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stage_worker.attention import AttnMetadata, _num_sms
+from stage_worker.attention import AttnMetadata, _num_sms, token_slots
 from stage_worker.paged_decode import choose_splits
 from stage_worker.unified_attention import max_tiles, tile_plan
 
@@ -36,43 +37,86 @@ MIXED_BUCKETS = (16, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640
                  1536, 1792, 2048)
 
 
-class DecodeGraphs:
-    """Replays the captured forward of `model` for decode-only micro-batches of <= max_batch."""
+class _StagedGraphs:
+    """What both kinds of graphs share: buckets, the per-step int64 inputs (named parts of one
+    device buffer, filled through HostStaging by one async copy), the static hidden-state input
+    of a non-first stage, and replay (or, off CUDA, the same forward run eagerly)."""
 
-    def __init__(self, model, kv, block_size: int, buckets=DEFAULT_BUCKETS, max_context: int = 16384,
-                 capture: bool | None = None):
+    def _setup(self, model, kv, block_size: int, buckets, capture, what: str) -> None:
         if kv.scratch_block is None:
-            raise ValueError("decode graphs need a KV pool with a scratch block")
+            raise ValueError(f"{what} need a KV pool with a scratch block")
         self.model, self.kv, self.block_size = model, kv, block_size
         self.device = next(model.parameters()).device
         self.capture = self.device.type == "cuda" if capture is None else capture
         self.buckets = sorted(buckets)
+        self._graphs: dict = {}
+
+    def _buffers(self, sizes: list[int], hidden_rows: int) -> None:
+        """Parts of `sizes` int64 each, every one 16-byte aligned (Triton specialises on alignment)."""
+        sizes = [n + n % 2 for n in sizes]
+        self._offs = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        self._staging = HostStaging(self._offs[-1], self.device.type == "cuda")
+        self._use(0)
+        self._dev = torch.zeros(self._offs[-1], dtype=torch.long, device=self.device)
+        h = self.model.cfg.hidden_size
+        self._hidden = (None if self.model.is_first
+                        else torch.zeros(hidden_rows, h, dtype=self.model.dtype, device=self.device))
+
+    def bucket(self, n: int) -> int | None:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        return None
+
+    def _use(self, k: int) -> None:
+        self._host, self._h = self._staging.bufs[k], self._staging.arrays[k]
+
+    def _part(self, i: int, dev: bool = False):
+        buf = self._dev if dev else self._h
+        return buf[self._offs[i]:self._offs[i + 1]]
+
+    def _step(self, bp: int, rows: int, copy_len: int, hidden: torch.Tensor | None, fill):
+        """Fill a free staging buffer (`fill()`), copy its first copy_len entries to the device,
+        then replay bucket bp -> (the first `rows` output rows, what fill returned)."""
+        k = self._staging.take()
+        self._use(k)
+        filled = fill()
+        self._dev[:copy_len].copy_(self._host[:copy_len], non_blocking=True)
+        self._staging.copied(k)
+        if hidden is not None:
+            self._hidden[:rows].copy_(hidden, non_blocking=True)
+        if self.capture:
+            graph, out = self._graphs[bp]
+            graph.replay()
+        else:
+            out = self._forward(bp)
+        return out[:rows], filled
+
+    def _capture_all(self) -> None:
+        """The buffers hold padding (no real row) now: capture every bucket."""
+        self._dev.copy_(self._host)
+        self._graphs = capture_buckets(self.buckets, self._forward, self.device)
+
+
+class DecodeGraphs(_StagedGraphs):
+    """Replays the captured forward of `model` for decode-only micro-batches of <= max_batch."""
+
+    def __init__(self, model, kv, block_size: int, buckets=DEFAULT_BUCKETS, max_context: int = 16384,
+                 capture: bool | None = None):
+        self._setup(model, kv, block_size, buckets, capture, "decode graphs")
         self.max_batch = self.buckets[-1]
         self.max_context = max_context
         self.width = -(-max_context // block_size)  # block-table columns
-        m, w = self.max_batch, self.width
-        # Layout of the int64 buffers: ids | positions | slots | ctx_lens | tables [m, w].
-        self._offs = [0, m, 2 * m, 3 * m, 4 * m, 4 * m + m * w]
-        pin = self.device.type == "cuda"
-        self._staging = HostStaging(self._offs[-1], pin)
-        self._dev = torch.zeros(self._offs[-1], dtype=torch.long, device=self.device)
+        m = self.max_batch
+        # Parts: ids | positions | slots | ctx_lens | tables [m, width].
+        self._buffers([m, m, m, m, m * self.width], m)
         for k in (0, 1):
             self._use(k)
             self._fill_padding(0, m)
-        self._dev.copy_(self._host)
-        h = model.cfg.hidden_size
-        self._hidden = None if model.is_first else torch.zeros(m, h, dtype=model.dtype, device=self.device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
         if self.capture:
             self._capture_all()
 
     # -- public --------------------------------------------------------------------------------
-    def bucket(self, batch: int) -> int | None:
-        for b in self.buckets:
-            if b >= batch:
-                return b
-        return None
-
     def accepts(self, chunks: list[tuple[int, int, list[int]]]) -> bool:
         """True when every chunk is one decode token and the batch and contexts fit the graphs."""
         return (0 < len(chunks) <= self.max_batch
@@ -82,75 +126,48 @@ class DecodeGraphs:
         """chunks as AttnMetadata.build; returns hidden [B, H] (a view, valid until the next run)."""
         b = len(chunks)
         bp = self.bucket(b)
-        k = self._staging.take()
-        self._use(k)
-        self._fill(chunks, token_ids, bp)
-        n = self._offs[4] + bp * self.width
-        # Only the first 4 * max_batch + bp rows of tables are read by bucket bp.
-        self._dev[:n].copy_(self._host[:n], non_blocking=True)
-        self._staging.copied(k)
-        if hidden is not None:
-            self._hidden[:b].copy_(hidden, non_blocking=True)
-        if self.capture:
-            graph, out = self._graphs[bp]
-            graph.replay()
-            return out[:b]
-        return self._forward(bp)[:b]
+        # Only the first bp rows of tables are read by bucket bp.
+        out, _ = self._step(bp, b, self._offs[4] + bp * self.width, hidden,
+                            lambda: self._fill(chunks, token_ids, bp))
+        return out
 
     # -- internals -----------------------------------------------------------------------------
-    def _use(self, k: int) -> None:
-        self._host, self._host_np = self._staging.bufs[k], self._staging.arrays[k]
-
-    def _views(self, bp: int):
-        o, d = self._offs, self._dev
-        ids, pos, slots, ctx = d[o[0]:o[0] + bp], d[o[1]:o[1] + bp], d[o[2]:o[2] + bp], d[o[3]:o[3] + bp]
-        tables = d[o[4]:o[5]].view(self.max_batch, self.width)[:bp]
-        return ids, pos, slots, ctx, tables
+    def _tables(self, dev: bool = False):
+        return self._part(4, dev)[: self.max_batch * self.width].reshape(self.max_batch, self.width)
 
     def _meta(self, bp: int) -> AttnMetadata:
-        _, pos, slots, ctx, tables = self._views(bp)
+        pos, slots, ctx = (self._part(i, dev=True)[:bp] for i in (1, 2, 3))
         splits = choose_splits(bp, self.kv.num_kv_heads, None, _num_sms(self.device))
         return AttnMetadata(
             positions=pos, slot_mapping=slots, query_start_loc=list(range(bp + 1)), start_pos=[],
             context_lens=[], context_slots=[], prefill_ids=[], prefill_masks={},
             decode_ids=list(range(bp)), decode_rows=None, decode_slots=None, decode_mask=None,
-            paged=True, block_tables=tables, decode_ctx=ctx, decode_max_ctx=None,
+            paged=True, block_tables=self._tables(dev=True)[:bp], decode_ctx=ctx, decode_max_ctx=None,
             num_splits=splits, decode_all=True, block_size=self.block_size,
         )
 
     def _forward(self, bp: int) -> torch.Tensor:
-        ids = self._views(bp)[0]
+        ids = self._part(0, dev=True)[:bp]
         hidden = None if self._hidden is None else self._hidden[:bp]
         return self.model(ids if self.model.is_first else None, hidden, self._meta(bp), self.kv)
 
     def _fill_padding(self, lo: int, hi: int) -> None:
         """Rows [lo, hi): token 0 at position 0, K/V in the scratch block, context of one slot."""
-        o, h, sb = self._offs, self._host_np, self.kv.scratch_block
-        h[o[0] + lo:o[0] + hi] = 0
-        h[o[1] + lo:o[1] + hi] = 0
-        h[o[2] + lo:o[2] + hi] = sb * self.block_size
-        h[o[3] + lo:o[3] + hi] = 1
-        h[o[4]:o[5]].reshape(self.max_batch, self.width)[lo:hi, 0] = sb
+        sb = self.kv.scratch_block
+        self._part(0)[lo:hi] = 0
+        self._part(1)[lo:hi] = 0
+        self._part(2)[lo:hi] = sb * self.block_size
+        self._part(3)[lo:hi] = 1
+        self._tables()[lo:hi, 0] = sb
 
     def _fill(self, chunks, token_ids, bp: int) -> None:
-        o, h, bs = self._offs, self._host_np, self.block_size
         b = len(chunks)
-        pos = np.fromiter((s for s, _, _ in chunks), dtype=np.int64, count=b)
-        tables = h[o[4]:o[5]].reshape(self.max_batch, self.width)
-        for i, (s, _, table) in enumerate(chunks):
-            nb = s // bs + 1
-            tables[i, :nb] = table[:nb]
-        rows = np.arange(b)
-        h[o[0]:o[0] + b] = token_ids if token_ids is not None else 0
-        h[o[1]:o[1] + b] = pos
-        h[o[2]:o[2] + b] = tables[rows, pos // bs] * bs + pos % bs
-        h[o[3]:o[3] + b] = pos + 1
+        _, ctx, pos, slots = token_slots(chunks, self._tables(), self.block_size)
+        self._part(0)[:b] = token_ids if token_ids is not None else 0
+        self._part(1)[:b] = pos
+        self._part(2)[:b] = slots
+        self._part(3)[:b] = ctx
         self._fill_padding(b, bp)
-
-    def _capture_all(self) -> None:
-        self._fill_padding(0, self.max_batch)
-        self._dev.copy_(self._host)
-        self._graphs = capture_buckets(self.buckets, self._forward, self.device)
 
 
 class HostStaging:
@@ -203,7 +220,7 @@ def capture_buckets(buckets, forward, device) -> dict:
     return graphs
 
 
-class MixedGraphs:
+class MixedGraphs(_StagedGraphs):
     """Replays the captured forward of `model` for mixed micro-batches, one graph per token bucket.
 
     A mixed micro-batch (prefill chunks and decode tokens) used to run eagerly: 17-32 ms of
@@ -225,40 +242,19 @@ class MixedGraphs:
 
     def __init__(self, model, kv, block_size: int, buckets=MIXED_BUCKETS, max_seqs: int = 256,
                  max_context: int = 16384, capture: bool | None = None):
-        if kv.scratch_block is None:
-            raise ValueError("mixed graphs need a KV pool with a scratch block")
+        self._setup(model, kv, block_size, buckets, capture, "mixed graphs")
         if model.attention_tile_q is None:
             raise ValueError("mixed graphs need a model with unified attention (attention_tile_q)")
-        self.model, self.kv, self.block_size = model, kv, block_size
-        self.device = next(model.parameters()).device
-        self.capture = self.device.type == "cuda" if capture is None else capture
-        self.buckets = sorted(buckets)
         self.max_tokens, self.max_seqs, self.max_context = self.buckets[-1], max_seqs, max_context
         self.tile_q = model.attention_tile_q
         self.width = -(-max_context // block_size)
         tm, sm = self.max_tokens, max_seqs
         gm = max_tiles(tm, sm, self.tile_q)
-        sizes = [tm, tm, tm, sm, sm + 1, gm, gm, sm * self.width]
-        sizes = [n + n % 2 for n in sizes]  # 16-byte aligned parts (Triton specialises on alignment)
-        self._offs = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-        pin = self.device.type == "cuda"
-        self._staging = HostStaging(self._offs[-1], pin)
-        self._use(0)
-        self._dev = torch.zeros(self._offs[-1], dtype=torch.long, device=self.device)
-        h = model.cfg.hidden_size
-        self._hidden = None if model.is_first else torch.zeros(tm, h, dtype=model.dtype, device=self.device)
-        self._graphs: dict = {}
+        self._buffers([tm, tm, tm, sm, sm + 1, gm, gm, sm * self.width], tm)
         if self.capture:
             self._pad_rows(0, tm)
             self._part(5)[:] = -1  # no tiles: attention does nothing during capture
-            self._dev.copy_(self._host)
-            self._graphs = capture_buckets(self.buckets, self._forward, self.device)
-
-    def bucket(self, num_tokens: int) -> int | None:
-        for b in self.buckets:
-            if b >= num_tokens:
-                return b
-        return None
+            self._capture_all()
 
     def accepts(self, chunks: list[tuple[int, int, list[int]]]) -> bool:
         """True for a micro-batch with a prefill chunk that fits the buckets, seqs and context."""
@@ -272,38 +268,21 @@ class MixedGraphs:
         the row of each sequence's last new token)."""
         t = sum(n for _, n, _ in chunks)
         bp = self.bucket(t)
-        k = self._staging.take()
-        self._use(k)
-        qsl = self._fill(chunks, token_ids, t, bp)
-        n = self._offs[7] + len(chunks) * self.width
-        self._dev[:n].copy_(self._host[:n], non_blocking=True)
-        self._staging.copied(k)
-        if hidden is not None:
-            self._hidden[:t].copy_(hidden, non_blocking=True)
-        if self.capture:
-            graph, out = self._graphs[bp]
-            graph.replay()
-        else:
-            out = self._forward(bp)
-        return out[:t], (qsl[1:] - 1).tolist()
+        out, qsl = self._step(bp, t, self._offs[7] + len(chunks) * self.width, hidden,
+                              lambda: self._fill(chunks, token_ids, t, bp))
+        return out, (qsl[1:] - 1).tolist()
 
-    def _use(self, k: int) -> None:
-        self._host, self._h = self._staging.bufs[k], self._staging.arrays[k]
-
-    def _part(self, i: int, dev: bool = False):
-        buf = self._dev if dev else self._h
-        return buf[self._offs[i]:self._offs[i + 1]]
+    def _tables(self, dev: bool = False):
+        return self._part(7, dev)[: self.max_seqs * self.width].reshape(self.max_seqs, self.width)
 
     def _forward(self, bp: int) -> torch.Tensor:
         g = max_tiles(bp, self.max_seqs, self.tile_q)
-        ids, pos, slots, lens, qsl, ts, tr, tables = (self._part(i, dev=True) for i in range(8))
+        ids, pos, slots, lens, qsl, ts, tr = (self._part(i, dev=True) for i in range(7))
         meta = AttnMetadata(
             positions=pos[:bp], slot_mapping=slots[:bp], query_start_loc=[], start_pos=[], context_lens=[],
             context_slots=[], prefill_ids=[], prefill_masks={}, decode_ids=[], decode_rows=None,
             decode_slots=None, decode_mask=None, paged=True, block_size=self.block_size,
-            tile_seq=ts[:g], tile_row=tr[:g],
-            seq_tables=tables[: self.max_seqs * self.width].view(self.max_seqs, self.width),
-            seq_lens=lens, qsl=qsl,
+            tile_seq=ts[:g], tile_row=tr[:g], seq_tables=self._tables(dev=True), seq_lens=lens, qsl=qsl,
         )
         hidden = None if self._hidden is None else self._hidden[:bp]
         return self.model(ids[:bp] if self.model.is_first else None, hidden, meta, self.kv)
@@ -315,21 +294,11 @@ class MixedGraphs:
         self._part(2)[lo:hi] = self.kv.scratch_block * self.block_size
 
     def _fill(self, chunks, token_ids, t: int, bp: int) -> np.ndarray:
-        bs, s = self.block_size, len(chunks)
-        starts = np.fromiter((c[0] for c in chunks), dtype=np.int64, count=s)
-        ns = np.fromiter((c[1] for c in chunks), dtype=np.int64, count=s)
-        ctx = starts + ns
-        qsl = np.zeros(s + 1, dtype=np.int64)
-        np.cumsum(ns, out=qsl[1:])
-        tables = self._part(7)[: self.max_seqs * self.width].reshape(self.max_seqs, self.width)
-        for i, (_, _, table) in enumerate(chunks):
-            need = -(-int(ctx[i]) // bs)
-            tables[i, :need] = table[:need]
-        seq_of = np.repeat(np.arange(s), ns)
-        pos = starts[seq_of] + np.arange(t) - qsl[:-1][seq_of]
+        s = len(chunks)
+        qsl, ctx, pos, slots = token_slots(chunks, self._tables(), self.block_size)
         self._part(0)[:t] = token_ids if token_ids is not None else 0
         self._part(1)[:t] = pos
-        self._part(2)[:t] = tables[seq_of, pos // bs] * bs + pos % bs
+        self._part(2)[:t] = slots
         self._pad_rows(t, bp)
         self._part(3)[:s] = ctx
         self._part(4)[:s + 1] = qsl

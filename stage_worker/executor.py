@@ -117,9 +117,10 @@ class StageExecutor:
         if any(c.num_tokens <= 0 for c in req.chunks):
             raise InvalidArgument("every chunk needs num_tokens >= 1")
         # Check the payload before the deltas are committed: a refused request changes nothing.
-        input_ids, hidden = self._inputs(req, sum(c.num_tokens for c in req.chunks))
+        num_tokens = sum(c.num_tokens for c in req.chunks)
+        input_ids, hidden = self._inputs(req, num_tokens)
         tables = self._apply_deltas(req)
-        done = Launched(t0, "none", sum(c.num_tokens for c in req.chunks))
+        done = Launched(t0, "none", num_tokens)
         if not req.chunks:
             done.hidden = None if self.model.is_last else torch.empty(0, self.model.cfg.hidden_size)
             return done

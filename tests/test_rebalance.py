@@ -35,6 +35,19 @@ def wait_ready(coordinator: str, timeout_s: float = 60) -> pb.Plan:
         time.sleep(0.1)
 
 
+def live_rebalance_mesh(model_dir, *coord_args: str):
+    """(coordinator, gateway port, worker ports, commands) of a 2-stage mesh, uniform plan, that
+    rebalances after 0.5 s of imbalance with no minimum interval."""
+    cport, gport = new_port(), new_port()
+    coord = f"127.0.0.1:{cport}"
+    wports = [new_port() for _ in range(2)]
+    cmds = [coordinator_cmd(model_dir, cport, 2, "--plan", "uniform", "--rebalance-window-s", "0.5",
+                            "--rebalance-min-interval-s", "0", *coord_args)]
+    cmds += [worker_cmd(model_dir, coord, p) for p in wports]
+    cmds.append(gateway_cmd(model_dir, coord, gport))
+    return coord, gport, wports, cmds
+
+
 def test_slow_worker_gets_fewer_layers(ckpt_dir):
     model_dir = ckpt_dir("llama", num_layers=6)
     cport = new_port()
@@ -65,13 +78,7 @@ def test_live_rebalance_during_generation_keeps_outputs_exact(ckpt_dir):
     prompts = random_prompts(3, [5, 12, 30, 8, 20, 16, 9, 25], 320)
     new = 40
     expected = [hf_greedy(model_dir, p, new, ignore_eos=True) for p in prompts]
-    cport, gport = new_port(), new_port()
-    coord = f"127.0.0.1:{cport}"
-    wports = [new_port() for _ in range(2)]
-    cmds = [coordinator_cmd(model_dir, cport, 2, "--plan", "uniform", "--rebalance-window-s", "0.5",
-                            "--rebalance-min-interval-s", "0")]
-    cmds += [worker_cmd(model_dir, coord, p) for p in wports]
-    cmds.append(gateway_cmd(model_dir, coord, gport))
+    coord, gport, wports, cmds = live_rebalance_mesh(model_dir)
     with processes(*cmds):
         before = wait_ready(coord)
         assert [(s.layer_start, s.layer_end) for s in before.replicas[0].stages] == [(0, 3), (3, 6)]
@@ -111,13 +118,7 @@ def test_a_move_no_worker_can_load_is_undone_and_serving_goes_on(ckpt_dir, tmp_p
     prompts = random_prompts(4, [7, 15, 22, 10], 320)
     new = 24
     expected = [hf_greedy(model_dir, p, new, ignore_eos=True) for p in prompts]
-    cport, gport = new_port(), new_port()
-    coord = f"127.0.0.1:{cport}"
-    wports = [new_port() for _ in range(2)]
-    cmds = [coordinator_cmd(model_dir, cport, 2, "--plan", "uniform", "--rebalance-window-s", "0.5",
-                            "--rebalance-min-interval-s", "0", "--rebalance-load-timeout-s", "2")]
-    cmds += [worker_cmd(model_dir, coord, p) for p in wports]
-    cmds.append(gateway_cmd(model_dir, coord, gport))
+    coord, gport, wports, cmds = live_rebalance_mesh(model_dir, "--rebalance-load-timeout-s", "2")
     weights = next(model_dir.glob("*.safetensors"))
     with processes(*cmds) as procs:
         before = wait_ready(coord)
