@@ -338,10 +338,10 @@ def bench_inproc(model_dir: Path) -> dict:
 
 # -- stagemesh over gRPC --------------------------------------------------------------------------
 class Mesh:
-    def __init__(self, model_dir, stages, port, kv_bytes, max_batched_tokens, log_path, device="cuda:0"):
+    def __init__(self, model_dir, stages, port, kv_bytes, max_batched_tokens, log_path, device="cuda:0", extra=()):
         cmd = [sys.executable, "-m", "stagemesh.cli", "up", "--model", str(model_dir), "--stages", str(stages),
                "--port", str(port), "--device", device, "--kv-cache-bytes", str(kv_bytes),
-               "--max-batched-tokens", str(max_batched_tokens)]
+               "--max-batched-tokens", str(max_batched_tokens), *extra]
         if THREADS:
             cmd += ["--threads", str(THREADS)]
         if INFLIGHT_PER_STAGE:
@@ -381,19 +381,20 @@ class Mesh:
 
 
 async def _stream(client, prompt, max_tokens):
-    """(ttft_s, decode tok/s after the first token, tokens)."""
+    """(ttft_s, decode tok/s after the first token, token ids)."""
     t0 = time.perf_counter()
     first = last = None
-    n = 0
+    ids = []
     async for msg in client.stream(timeout=600, prompt_ids=prompt, max_tokens=max_tokens, ignore_eos=True):
         if msg.token_ids:
             now = time.perf_counter()
             if first is None:
                 first, n0 = now, len(msg.token_ids)
             last = now
-            n += len(msg.token_ids)
+            ids.extend(msg.token_ids)
+    n = len(ids)
     rate = (n - n0) / (last - first) if n > n0 and last > first else float("nan")
-    return first - t0, rate, n
+    return first - t0, rate, ids
 
 
 def _start_util_sampler():
@@ -433,8 +434,11 @@ async def _mesh_suite(target, quick, coordinator) -> dict:
             ttfts = [(await _stream(client, rand_prompt(min(plen, MAXPOS - 8), 1000 + r), 1))[0] for r in range(5)]
             res[f"ttft_{plen}_ms"] = statistics.median(ttfts) * 1e3
             log(f"  ttft {plen}: {res[f'ttft_{plen}_ms']:.1f} ms ({[round(t * 1e3, 1) for t in ttfts]})")
-        rates = [(await _stream(client, rand_prompt(512, 2000 + r), 128))[1] for r in range(3)]
+        b1 = [await _stream(client, rand_prompt(512, 2000 + r), 128) for r in range(3)]
+        rates = [r[1] for r in b1]
         res["decode_b1_tok_s"] = statistics.median(rates)
+        # Same prompts, same shapes at any stage count or scheduling: the tokens must be equal.
+        res["decode_b1_tokens"] = [r[2] for r in b1]
         log(f"  batch-1 decode: {res['decode_b1_tok_s']:.1f} tok/s ({[round(r, 1) for r in rates]})")
         work = mixed_workload(64 if quick else 256)
         smi = _start_util_sampler()
@@ -460,20 +464,24 @@ async def _mesh_suite(target, quick, coordinator) -> dict:
 
 
 def bench_stagemesh(model_dir, stages_list, kv_total, mbt, out_dir, quick, device="cuda:0", suffix="") -> dict:
+    """stages_list: stage counts; "N-sync" runs N stages with `--no-async-scheduling`."""
     res = {}
-    for i, n in enumerate(stages_list):
+    for i, spec in enumerate(stages_list):
+        n, _, mode = str(spec).partition("-")
+        n, extra = int(n), (["--no-async-scheduling"] if mode == "sync" else [])
+        key = f"stagemesh_{n}{'_' + mode if mode else ''}{suffix}"
         port = 52000 + 10 * i
-        log(f"stagemesh {n} stage(s), --max-batched-tokens {mbt}: starting")
-        mesh = Mesh(model_dir, n, port, kv_total // n, mbt, out_dir / f"mesh_{n}_{mbt}.log", device)
+        log(f"stagemesh {n} stage(s) {mode}, --max-batched-tokens {mbt}: starting")
+        mesh = Mesh(model_dir, n, port, kv_total // n, mbt, out_dir / f"mesh_{n}{mode}_{mbt}.log", device, extra)
         try:
             up = mesh.wait(400)
             log(f"  ready after {up:.0f}s")
             r = asyncio.run(_mesh_suite(mesh.target, quick, mesh.coordinator))
             r["startup_s"] = up
-            res[f"stagemesh_{n}{suffix}"] = r
+            res[key] = r
         except Exception as exc:  # keep the other stage counts' results
             log(f"  FAILED: {exc!r}")
-            res[f"stagemesh_{n}{suffix}"] = {"error": repr(exc)}
+            res[key] = {"error": repr(exc)}
         finally:
             mesh.stop()
     return res
@@ -576,7 +584,8 @@ def table(res: dict, device: str) -> str:
     def f(v, fmt="{:.0f}"):
         return fmt.format(v) if isinstance(v, (int, float)) else "-"
 
-    for key in ("stagemesh_1", "stagemesh_2", "stagemesh_4", "hf_dynamic", "hf_static", "hf_generate_batch"):
+    for key in ("stagemesh_1", "stagemesh_1_sync", "stagemesh_2", "stagemesh_4", "hf_dynamic", "hf_static",
+                "hf_generate_batch"):
         r = res.get(key)
         if not r:
             continue
@@ -592,6 +601,11 @@ def table(res: dict, device: str) -> str:
         m = res.get(f"stagemesh_{n}", {}).get("mixed_tok_s")
         if m and one:
             lines.append(f"{n} stages / 1 stage (mixed): {m / one:.2f}")
+    ref_tokens = res.get("stagemesh_1", {}).get("decode_b1_tokens")
+    for key in ("stagemesh_1_sync", "stagemesh_2", "stagemesh_4"):
+        other = res.get(key, {}).get("decode_b1_tokens")
+        if ref_tokens and other:
+            lines.append(f"batch-1 greedy tokens of {key} equal stagemesh_1's: {other == ref_tokens}")
     for k in ("prefill_512_ms", "prefill_2048_ms", "decode_step_b1_graph_ms", "decode_step_b1_eager_ms",
               "decode_step_b64_graph_ms", "decode_step_b128_graph_ms"):
         if k in res.get("inproc", {}):
@@ -603,7 +617,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="inproc,stagemesh,reference")
     ap.add_argument("--model-dir", default="/tmp/llama8b-random")
-    ap.add_argument("--stages", default="1,2,4")
+    ap.add_argument("--stages", default="1,1-sync,2,4",
+                    help="stage counts to run; N-sync: N stages without async scheduling")
     ap.add_argument("--kv-total-bytes", type=int, default=30 * 2**30)
     ap.add_argument("--max-batched-tokens", type=int, default=4096)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -647,7 +662,7 @@ def main():
             torch.cuda.empty_cache()
         save()
     if "stagemesh" in parts:
-        stages = [int(s) for s in args.stages.split(",")]
+        stages = args.stages.split(",")
         res.update(bench_stagemesh(model_dir, stages, args.kv_total_bytes, args.max_batched_tokens, out, args.quick,
                                    args.mesh_device, args.suffix))
         save()

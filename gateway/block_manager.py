@@ -166,9 +166,11 @@ class BlockManager:
             seq.computing_upto += len(pending)
         return seq.num_computed
 
-    def append_slots(self, seq: Sequence, num_new_tokens: int) -> list[int]:
-        """Ensure blocks for `num_new_tokens` more tokens; returns the block ids appended."""
-        need = self.blocks_needed(seq.num_computed + num_new_tokens) - len(seq.block_table)
+    def append_slots(self, seq: Sequence, num_new_tokens: int, start: int | None = None) -> list[int]:
+        """Ensure blocks for `num_new_tokens` more tokens from position `start` (default: the
+        computed ones); returns the block ids appended."""
+        start = seq.num_computed if start is None else start
+        need = self.blocks_needed(start + num_new_tokens) - len(seq.block_table)
         if need > self.num_free:
             raise NoFreeBlocks(f"need {need} more KV blocks, {self.num_free} free")
         new = [self._pop_free() for _ in range(max(0, need))]

@@ -74,6 +74,9 @@ class ReplicaEngine:
         self._wakeup = asyncio.Event()
         self.generation = 0  # bumps when the replica's KV is reset (new chain): old steps are void
         self._inflight: dict[int, int] = {}  # generation -> micro-batches in flight
+        # Answers are applied in the order their steps were sent (a decode may follow the sample
+        # of the step before it): each step waits for this future of the step sent before it.
+        self._last_sent: asyncio.Future | None = None
         self._step_id = 0
         self._task: asyncio.Task | None = None
         self._closed = False
@@ -160,7 +163,11 @@ class ReplicaEngine:
         self._channel = secure_channel(plan.first_address, self.tls, options=GRPC_OPTIONS)
         self._stub = pb_grpc.StageStub(self._channel)
         inflight = max(self.sched_config.inflight_target, plan.num_stages)
-        config = SchedulerConfig(**{**self.sched_config.__dict__, "inflight_target": inflight})
+        # Async scheduling needs the stage that samples to embed the next step's tokens too.
+        lookahead = self.sched_config.lookahead and plan.num_stages == 1
+        config = SchedulerConfig(**{**self.sched_config.__dict__, "inflight_target": inflight,
+                                    "lookahead": lookahead})
+        self._last_sent = None  # a new chain's answers need not wait for the old one's
         bm = BlockManager(plan.num_blocks, plan.block_size, self.model_id)
         self._preemptions_seen = 0  # a new scheduler counts from zero
         if keep is None:
@@ -183,7 +190,8 @@ class ReplicaEngine:
                     break
                 gen = self.generation
                 self._inflight[gen] = self._inflight.get(gen, 0) + 1
-                asyncio.get_running_loop().create_task(self._run_step(plan, gen))
+                prev, self._last_sent = self._last_sent, asyncio.get_running_loop().create_future()
+                asyncio.get_running_loop().create_task(self._run_step(plan, gen, prev, self._last_sent))
             await self._wakeup.wait()
 
     def _request(self, plan: StepPlan) -> pb.ForwardRequest:
@@ -194,18 +202,29 @@ class ReplicaEngine:
                            request_ids=[c.seq.request_id for c in plan.chunks])
         return build_forward_request(plan, self.plan.epoch, self.lease_id, self._step_id, self.plan.index)
 
-    async def _run_step(self, plan: StepPlan, generation: int) -> None:
+    async def _run_step(self, plan: StepPlan, generation: int, prev: asyncio.Future | None,
+                        applied: asyncio.Future) -> None:
         t0 = time.perf_counter()
         try:
-            resp = await self._stub.Forward(self._request(plan), timeout=self.forward_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            await self._step_failed(plan, generation, exc)  # backs off before the slot frees
-            return
+            error = None
+            try:
+                resp = await self._stub.Forward(self._request(plan), timeout=self.forward_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                error = exc
+            if prev is not None:
+                await prev  # the step sent before this one is applied first
+            if error is not None:
+                await self._step_failed(plan, generation, error)  # backs off before the slot frees
+            else:
+                self._apply(plan, generation, resp, t0)
         finally:
+            applied.set_result(None)
             self._inflight[generation] -= 1
             if generation != self.generation and not self._inflight[generation]:
                 del self._inflight[generation]  # the last step of a replaced chain is back
             self._wakeup.set()
+
+    def _apply(self, plan: StepPlan, generation: int, resp: pb.ForwardResponse, t0: float) -> None:
         if generation != self.generation:
             return  # the chain changed meanwhile: these sequences were re-queued for replay
         self._failures = 0
@@ -238,6 +257,8 @@ class ReplicaEngine:
             for c in plan.chunks:
                 self._finish(c.seq, f"error:{code.name.lower()}")
             return
+        if code == grpc.StatusCode.ABORTED:
+            return  # it followed a step that failed: both run again
         if code == grpc.StatusCode.FAILED_PRECONDITION and self._on_stale_epoch:
             await self._on_stale_epoch()
             return
@@ -292,5 +313,6 @@ def build_forward_request(plan: StepPlan, epoch: int, lease_id: str, step_id: in
         req.chunks.add(
             seq_id=c.wire_id, start_pos=c.start_pos, num_tokens=c.num_tokens,
             new_block_ids=c.new_block_ids, sample=c.sample, output_index=c.output_index,
+            follows_sample=c.follows,
         )
     return req

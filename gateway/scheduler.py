@@ -6,6 +6,13 @@ budget. `update(plan, sampled)` folds the stages' answer back in. Several micro-
 flight at once (one per stage at least) and a sequence is in at most one of them, so each
 micro-batch takes about 1/inflight of the runnable decodes.
 
+With `lookahead` (async scheduling, single-stage replicas) a greedy sequence whose next token is
+being sampled by a micro-batch in flight is also decoded in the next one: its chunk `follows` that
+sample, which the stage puts in place on the device. Every micro-batch then carries all the
+decodes, the stage runs them back to back, and the gateway's round trip hides behind a step (as
+vLLM's and SGLang's async schedulers). The cost: a sequence that stops on EOS or a stop string
+computes one token more, which is dropped.
+
 Pure Python: no torch, no grpc. Called from the gateway's event loop only.
 """
 
@@ -31,6 +38,7 @@ class SchedulerConfig:
     max_running: int = 256  # sequences holding KV at once
     max_waiting: int = 1024  # queue bound: past it, RESOURCE_EXHAUSTED
     inflight_target: int = 2  # micro-batches kept in flight (>= number of stages)
+    lookahead: bool = False  # decode greedy sequences again while their sample is in flight
 
     def __post_init__(self):
         for name in ("max_batched_tokens", "max_seqs_per_batch", "max_running", "max_waiting", "inflight_target"):
@@ -48,6 +56,7 @@ class ScheduledChunk:
     sample: bool
     output_index: int
     is_new: bool  # first chunk of this admission: the stages get the full block table
+    follows: bool = False  # the token is the sample of the micro-batch in flight before (lookahead)
 
 
 @dataclass
@@ -64,7 +73,10 @@ class StepPlan:
     def token_ids(self) -> list[int]:
         out: list[int] = []
         for c in self.chunks:
-            out.extend(c.seq.token_slice(c.start_pos, c.start_pos + c.num_tokens))
+            if c.follows:
+                out.append(0)  # the stage puts the sample there
+            else:
+                out.extend(c.seq.token_slice(c.start_pos, c.start_pos + c.num_tokens))
         return out
 
 
@@ -118,14 +130,23 @@ class Scheduler:
         plan = StepPlan()
         budget = self.config.max_batched_tokens
         idle = [s for s in self.running if not s.in_flight]
-        decodes = [s for s in idle if not s.is_prefilling]
-        # Spread decodes across the micro-batches in flight so every stage has work.
-        share = math.ceil(len([s for s in self.running if not s.is_prefilling]) / self.config.inflight_target)
         prefills = [s for s in idle if s.is_prefilling]
+        if self.config.lookahead:  # every micro-batch takes every decode
+            decodes = [s for s in self.running if (not s.in_flight and not s.is_prefilling) or self._can_follow(s)]
+            share = len(decodes)
+        else:
+            decodes = [s for s in idle if not s.is_prefilling]
+            # Spread decodes across the micro-batches in flight so every stage has work.
+            share = math.ceil(len([s for s in self.running if not s.is_prefilling]) / self.config.inflight_target)
         for seq in decodes[: max(1, share)]:
             if budget <= 0 or len(plan.chunks) >= self.config.max_seqs_per_batch:
                 break
-            if seq.status == Status.RUNNING and self._schedule_chunk(plan, seq, 1):
+            if seq.status != Status.RUNNING:  # preempted above to make room
+                continue
+            if seq.in_flight:
+                if self._schedule_follow(plan, seq):
+                    budget -= 1
+            elif self._schedule_chunk(plan, seq, 1):
                 budget -= 1
         for seq in prefills:
             if budget <= 0 or len(plan.chunks) >= self.config.max_seqs_per_batch:
@@ -140,7 +161,7 @@ class Scheduler:
         if not plan.chunks and not plan.finished_wire_ids:
             return None
         for c in plan.chunks:
-            c.seq.in_flight = True
+            c.seq.in_flight += 1
         return plan
 
     def update(self, plan: StepPlan, sampled: dict[int, int]) -> list[Sequence]:
@@ -148,11 +169,13 @@ class Scheduler:
         produced = []
         for c in plan.chunks:
             seq = c.seq
-            seq.in_flight = False
-            if seq.status == Status.FINISHED and seq.wire_id == c.wire_id and seq.block_table:
+            seq.in_flight -= 1
+            if seq.status == Status.FINISHED and seq.wire_id == c.wire_id and seq.block_table and not seq.in_flight:
                 self._release(seq)  # finished (cancelled) while this micro-batch ran
             if seq.status != Status.RUNNING or seq.wire_id != c.wire_id:
                 continue
+            if c.start_pos != seq.num_computed or (c.sample and c.output_index != len(seq.output_ids)):
+                continue  # followed a micro-batch that failed: dropped, scheduled again
             seq.num_computed = c.start_pos + c.num_tokens
             self.bm.seal_computed_blocks(seq)
             if c.sample:
@@ -163,14 +186,17 @@ class Scheduler:
     def abort_in_flight(self, plan: StepPlan) -> None:
         """A micro-batch failed: its sequences become runnable again (replayed by the caller)."""
         for c in plan.chunks:
-            c.seq.in_flight = False
+            c.seq.in_flight -= 1
             if c.seq.status == Status.FINISHED and c.seq.block_table:
-                self._release(c.seq)  # finished meanwhile (cancelled): the stages drop it
+                if not c.seq.in_flight:
+                    self._release(c.seq)  # finished meanwhile (cancelled): the stages drop it
             elif c.seq.wire_id == c.wire_id:
                 # Some stages may have applied this step's NewSequence or block deltas and others
                 # not (a later stage refused it): announce the sequence again, full block table,
-                # so every stage holds the same table whatever it saw.
+                # so every stage holds the same table whatever it saw. A chunk in flight that
+                # follows this one's sample is dropped when it returns (update).
                 c.seq.announced = False
+                c.seq.last_sample_index = -1
         self._to_release.extend(plan.finished_wire_ids)
 
     def drain_live(self) -> list[Sequence]:
@@ -182,7 +208,8 @@ class Scheduler:
         live = list(self.running) + [e[3] for e in sorted(self._waiting)]
         self.running, self._waiting, self._to_release = [], [], []
         for seq in live:
-            seq.in_flight = False
+            seq.in_flight = 0
+            seq.last_sample_index = -1
             seq.block_table = []
             seq.num_computed = 0
             seq.status = Status.WAITING
@@ -200,6 +227,8 @@ class Scheduler:
         is_new = not seq.announced
         seq.announced = True
         done = seq.num_computed + num_tokens == seq.num_tokens
+        if done:
+            seq.last_sample_index = len(seq.output_ids)
         plan.chunks.append(
             ScheduledChunk(
                 seq=seq,
@@ -212,6 +241,26 @@ class Scheduler:
                 is_new=is_new,
             )
         )
+        return True
+
+    def _can_follow(self, seq: Sequence) -> bool:
+        """Whether seq's one micro-batch in flight samples its next token, and a step after that
+        one is still wanted (greedy: the sample stays on the stage's device)."""
+        return (seq.in_flight == 1 and seq.last_sample_index == len(seq.output_ids) and seq.announced
+                and seq.sampling.greedy and len(seq.output_ids) + 1 < seq.max_tokens)
+
+    def _schedule_follow(self, plan: StepPlan, seq: Sequence) -> bool:
+        """Decode the token seq's micro-batch in flight is sampling (see the module docstring)."""
+        start = seq.num_tokens  # the sample in flight goes at this position
+        try:
+            new_blocks = self.bm.append_slots(seq, 1, start=start)
+        except NoFreeBlocks:
+            return False  # no preemption for a step ahead: it runs when the sample is back
+        seq.last_sample_index = len(seq.output_ids) + 1
+        plan.chunks.append(ScheduledChunk(
+            seq=seq, wire_id=seq.wire_id, start_pos=start, num_tokens=1, new_block_ids=new_blocks,
+            sample=True, output_index=seq.last_sample_index, is_new=False, follows=True,
+        ))
         return True
 
     def _admit(self, plan: StepPlan, budget: int) -> int:

@@ -46,7 +46,10 @@ class Sequence:
     wire_id: int = 0
     # Whether the stages have been told about this admission (NewSequence sent).
     announced: bool = False
-    in_flight: bool = False
+    # Micro-batches holding this sequence (two when a decode follows a sample still in flight).
+    in_flight: int = 0
+    # output_index of the newest sampling chunk sent (-1: none this admission).
+    last_sample_index: int = -1
     finish_reason: str | None = None
     admitted_once: bool = False
     # Chained hashes of the full blocks of all_ids, extended as tokens arrive (see block_manager).
@@ -89,3 +92,4 @@ class Sequence:
         self.announced = False
         self.num_computed = 0
         self.block_table = []
+        self.last_sample_index = -1

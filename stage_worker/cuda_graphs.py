@@ -75,14 +75,17 @@ class _StagedGraphs:
         buf = self._dev if dev else self._h
         return buf[self._offs[i]:self._offs[i + 1]]
 
-    def _step(self, bp: int, rows: int, copy_len: int, hidden: torch.Tensor | None, fill):
+    def _step(self, bp: int, rows: int, copy_len: int, hidden: torch.Tensor | None, fill, patch=None):
         """Fill a free staging buffer (`fill()`), copy its first copy_len entries to the device,
-        then replay bucket bp -> (the first `rows` output rows, what fill returned)."""
+        let `patch` change the device token ids (samples of an earlier step, executor.py), then
+        replay bucket bp -> (the first `rows` output rows, what fill returned)."""
         k = self._staging.take()
         self._use(k)
         filled = fill()
         self._dev[:copy_len].copy_(self._host[:copy_len], non_blocking=True)
         self._staging.copied(k)
+        if patch is not None:
+            patch(self._part(0, dev=True))
         if hidden is not None:
             self._hidden[:rows].copy_(hidden, non_blocking=True)
         if self.capture:
@@ -122,13 +125,13 @@ class DecodeGraphs(_StagedGraphs):
         return (0 < len(chunks) <= self.max_batch
                 and all(n == 1 and s + 1 <= self.max_context for s, n, _ in chunks))
 
-    def run(self, chunks, token_ids: list[int] | None, hidden: torch.Tensor | None) -> torch.Tensor:
+    def run(self, chunks, token_ids: list[int] | None, hidden: torch.Tensor | None, patch=None) -> torch.Tensor:
         """chunks as AttnMetadata.build; returns hidden [B, H] (a view, valid until the next run)."""
         b = len(chunks)
         bp = self.bucket(b)
         # Only the first bp rows of tables are read by bucket bp.
         out, _ = self._step(bp, b, self._offs[4] + bp * self.width, hidden,
-                            lambda: self._fill(chunks, token_ids, bp))
+                            lambda: self._fill(chunks, token_ids, bp), patch)
         return out
 
     # -- internals -----------------------------------------------------------------------------
@@ -263,13 +266,14 @@ class MixedGraphs(_StagedGraphs):
                 and any(n > 1 for _, n, _ in chunks)
                 and all(s + n <= self.max_context for s, n, _ in chunks))
 
-    def run(self, chunks, token_ids: list[int] | None, hidden: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
+    def run(self, chunks, token_ids: list[int] | None, hidden: torch.Tensor | None,
+            patch=None) -> tuple[torch.Tensor, list[int]]:
         """chunks as AttnMetadata.build -> (hidden [T, H] (a view, valid until the next run),
         the row of each sequence's last new token)."""
         t = sum(n for _, n, _ in chunks)
         bp = self.bucket(t)
         out, qsl = self._step(bp, t, self._offs[7] + len(chunks) * self.width, hidden,
-                              lambda: self._fill(chunks, token_ids, t, bp))
+                              lambda: self._fill(chunks, token_ids, t, bp), patch)
         return out, (qsl[1:] - 1).tolist()
 
     def _tables(self, dev: bool = False):

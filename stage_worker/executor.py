@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stagemesh import wire
-from stagemesh.errors import InvalidArgument
+from stagemesh.errors import Aborted, InvalidArgument
 from stagemesh.v1 import stagemesh_pb2 as pb
 
 from stage_worker.attention import AttnMetadata
@@ -37,6 +37,21 @@ MAX_BATCH_TOKENS = 1 << 16
 class SeqState:
     block_table: list[int]
     sampling: SamplingSpec
+
+
+class SampleNotReady(Exception):
+    """A chunk follows a sample of a micro-batch not launched yet (it arrived second but was
+    taken first): nothing changed; launch it again after the next launch."""
+
+
+@dataclass
+class _Sampled:
+    """The newest sample of a greedy sequence: row `row` of `ids` (the device argmax ids of the
+    micro-batch that drew it), or, with ids None, a micro-batch that was refused."""
+
+    output_index: int
+    ids: torch.Tensor | None
+    row: int = -1
 
 
 @dataclass
@@ -64,6 +79,8 @@ class StageExecutor:
         self.mixed_graphs = (MixedGraphs(model, kv, block_size)
                              if cuda_graphs and model.attention_tile_q is not None else None)
         self.seqs: dict[tuple[str, int], SeqState] = {}
+        # (lease, seq) -> where its newest sample is, for chunks that follow it (async scheduling).
+        self._samples: dict[tuple[str, int], _Sampled] = {}
         self.slowdown = 1.0
         self._lease_seen: dict[str, float] = {}  # lease id -> last Forward (monotonic s)
         self.steps = 0
@@ -77,12 +94,16 @@ class StageExecutor:
         if seq_ids:
             for sid in seq_ids:
                 self.seqs.pop((lease_id, sid), None)
+                self._samples.pop((lease_id, sid), None)
         else:
             for key in [k for k in self.seqs if k[0] == lease_id]:
                 del self.seqs[key]
+            for key in [k for k in self._samples if k[0] == lease_id]:
+                del self._samples[key]
 
     def reset(self) -> None:
         self.seqs.clear()
+        self._samples.clear()
 
     def expire_leases(self, ttl_s: float) -> int:
         """Drop sequences of leases not heard from for ttl_s (their gateway died); returns count."""
@@ -91,6 +112,8 @@ class StageExecutor:
         keys = [k for k in self.seqs if k[0] in dead]
         for key in keys:
             del self.seqs[key]
+        for key in [k for k in self._samples if k[0] in dead]:
+            del self._samples[key]
         for lease in dead:
             del self._lease_seen[lease]
         return len(keys)
@@ -114,29 +137,47 @@ class StageExecutor:
         if self._profiler is not None:
             self._profiler.step_begin(self._launches - 1)
         t0 = time.perf_counter()
+        try:
+            done = self._launch(req, t0)
+        except SampleNotReady:
+            self._launches -= 1  # not a step: it is launched again after the next one
+            raise
+        except Exception:
+            self._refused(req)
+            raise
+        done.launch_s = time.perf_counter() - t0
+        if self.slowdown > 1.0:  # test/demo knob: a device `slowdown` times slower holds this thread longer
+            time.sleep(done.launch_s * (self.slowdown - 1.0))
+        return done
+
+    def _launch(self, req: pb.ForwardRequest, t0: float) -> "Launched":
         if any(c.num_tokens <= 0 for c in req.chunks):
             raise InvalidArgument("every chunk needs num_tokens >= 1")
         # Check the payload before the deltas are committed: a refused request changes nothing.
         num_tokens = sum(c.num_tokens for c in req.chunks)
         input_ids, hidden = self._inputs(req, num_tokens)
+        follows = self._follows(req)
         tables = self._apply_deltas(req)
         done = Launched(t0, "none", num_tokens)
         if not req.chunks:
             done.hidden = None if self.model.is_last else torch.empty(0, self.model.cfg.hidden_size)
             return done
         chunks = [(c.start_pos, c.num_tokens, tables[c.seq_id]) for c in req.chunks]
+        patch = (lambda ids: _put_samples(follows, ids)) if follows else None
         if self.graphs is not None and self.graphs.accepts(chunks):
             ids = list(req.token_ids) if self.model.is_first else None
-            out = self.graphs.run(chunks, ids, hidden)  # [B, H]; row i = chunk i
+            out = self.graphs.run(chunks, ids, hidden, patch)  # [B, H]; row i = chunk i
             last_rows, done.route = list(range(len(chunks))), "decode_graph"
         elif self.mixed_graphs is not None and self.mixed_graphs.accepts(chunks):
             ids = list(req.token_ids) if self.model.is_first else None
-            out, last_rows = self.mixed_graphs.run(chunks, ids, hidden)  # [T, H]
+            out, last_rows = self.mixed_graphs.run(chunks, ids, hidden, patch)  # [T, H]
             done.route = "mixed_graph"
         else:
             done.route = "eager"
             if input_ids is not None:
                 input_ids = input_ids.to(self.device, non_blocking=True)
+                if patch is not None:
+                    patch(input_ids)
             if hidden is not None:
                 hidden = hidden.to(self.device, non_blocking=True)
             meta = AttnMetadata.build(chunks, self.block_size, self.device, tile_q=self.tile_q)
@@ -149,9 +190,6 @@ class StageExecutor:
         if self.device.type == "cuda":
             done.event = torch.cuda.Event()
             done.event.record()
-        done.launch_s = time.perf_counter() - t0
-        if self.slowdown > 1.0:  # test/demo knob: a device `slowdown` times slower holds this thread longer
-            time.sleep(done.launch_s * (self.slowdown - 1.0))
         return done
 
     def finish(self, done: "Launched") -> StepOutput:
@@ -161,7 +199,7 @@ class StageExecutor:
             done.event.synchronize()
         result = StepOutput(done.hidden, [], 0)
         if done.picks:
-            if done.logits is None:  # every row greedy: the argmax ran on the GPU
+            if done.logits is None:  # every row greedy: the argmax ran on the device
                 tokens = done.greedy.tolist()
             else:
                 tokens = sample(done.logits, done.specs, [c.output_index for _, c in done.picks])
@@ -212,6 +250,7 @@ class StageExecutor:
         # Commit.
         for sid in finished:
             self.seqs.pop((lease, sid), None)
+            self._samples.pop((lease, sid), None)
         for sid, state in new.items():
             self.seqs[(lease, sid)] = state
         for sid, table in tables.items():
@@ -244,7 +283,8 @@ class StageExecutor:
 
     def _launch_sample(self, req: pb.ForwardRequest, last_rows: list[int], out: torch.Tensor,
                        done: "Launched") -> None:
-        """Queue the logits of the rows to sample, and their argmax when every row is greedy."""
+        """Queue the logits of the rows to sample and, when some row is greedy, their argmax (which
+        later chunks that follow a sample read on the device); record where each sample is."""
         done.picks = [(i, c) for i, c in enumerate(req.chunks) if c.sample]
         if not done.picks:
             return
@@ -254,10 +294,57 @@ class StageExecutor:
             out = out.index_select(0, index)
         logits = self.model.compute_logits(out)  # [S, V] float32
         done.specs = [self.seqs[(req.lease_id, c.seq_id)].sampling for _, c in done.picks]
-        if all(spec.greedy for spec in done.specs):
+        greedy = [spec.greedy for spec in done.specs]
+        if any(greedy):
             done.greedy = torch.argmax(logits, dim=-1)  # ties -> first, as HF (sampler.sample)
-        else:
-            done.logits = logits
+        if not all(greedy):
+            done.logits = logits  # drawn on the host in finish()
+        for row, ((_, c), is_greedy) in enumerate(zip(done.picks, greedy)):
+            key = (req.lease_id, c.seq_id)
+            if is_greedy:
+                self._samples[key] = _Sampled(c.output_index, done.greedy, row)
+            else:
+                self._samples.pop(key, None)
+
+    def _follows(self, req: pb.ForwardRequest) -> list[tuple[int, _Sampled]]:
+        """(token row, sample) of each chunk whose token is a sample the gateway has not seen.
+
+        Raises SampleNotReady when the micro-batch that draws it has not been launched yet, and
+        Aborted when it was refused or a newer one replaced it (the gateway schedules it again).
+        """
+        out, row = [], 0
+        new = {ns.seq_id for ns in req.new_sequences}
+        for c in req.chunks:
+            if c.follows_sample:
+                key = (req.lease_id, c.seq_id)
+                state = self.seqs.get(key)
+                if not (self.model.is_first and self.model.is_last):
+                    raise InvalidArgument("follows_sample needs a stage that both embeds and samples "
+                                          "(a single-stage replica)")
+                if c.num_tokens != 1 or c.output_index < 1:
+                    raise InvalidArgument(f"sequence {c.seq_id}: a chunk that follows a sample is one token "
+                                          "with output_index >= 1")
+                if state is None and c.seq_id not in new:  # announced by the step it follows
+                    raise SampleNotReady(f"sequence {c.seq_id} unknown for lease {req.lease_id!r} yet")
+                if state is not None and not state.sampling.greedy and c.seq_id not in new:
+                    raise InvalidArgument(f"sequence {c.seq_id}: follows_sample needs greedy sampling "
+                                          "(sampled tokens are drawn on the host)")
+                rec = self._samples.get(key)
+                if rec is None or rec.output_index < c.output_index - 1:
+                    raise SampleNotReady(f"sequence {c.seq_id}: output {c.output_index - 1} not sampled yet")
+                if rec.output_index != c.output_index - 1 or rec.ids is None:
+                    raise Aborted(f"sequence {c.seq_id}: the step that sampled its output "
+                                  f"{c.output_index - 1} was refused or replaced; schedule it again")
+                out.append((row, rec))
+            row += c.num_tokens
+        return out
+
+    def _refused(self, req: pb.ForwardRequest) -> None:
+        """A refused micro-batch draws no samples: chunks that follow them fail at once."""
+        for c in req.chunks:
+            key = (req.lease_id, c.seq_id)
+            if c.sample and key in self.seqs:
+                self._samples[key] = _Sampled(c.output_index, None)
 
 
 @dataclass
@@ -270,10 +357,23 @@ class Launched:
     hidden: torch.Tensor | None = None  # non-last stage: pinned host copy, valid after the event
     picks: list = field(default_factory=list)  # (chunk index, chunk) of the rows to sample
     specs: list = field(default_factory=list)
-    greedy: torch.Tensor | None = None  # [S] argmax ids on the device (all rows greedy)
+    greedy: torch.Tensor | None = None  # [S] argmax ids on the device (some row greedy)
     logits: torch.Tensor | None = None  # [S, V] when some row samples (drawn on the host)
     event: torch.cuda.Event | None = None
     launch_s: float = 0.0
+
+
+def _put_samples(follows: list[tuple[int, _Sampled]], ids: torch.Tensor) -> None:
+    """Copy each followed sample (device argmax ids of an earlier step, stream-ordered after it)
+    into its row of this step's token ids: no host synchronisation."""
+    groups: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
+    for row, rec in follows:
+        src, dst_rows, src_rows = groups.setdefault(id(rec.ids), (rec.ids, [], []))
+        dst_rows.append(row)
+        src_rows.append(rec.row)
+    for src, dst_rows, src_rows in groups.values():
+        index = torch.tensor([dst_rows, src_rows], pin_memory=ids.is_cuda).to(ids.device, non_blocking=True)
+        ids.index_copy_(0, index[0], src.index_select(0, index[1]).to(ids.dtype))
 
 
 def _to_host_async(t: torch.Tensor) -> torch.Tensor:

@@ -19,17 +19,20 @@ import torch
 from structlog.contextvars import bound_contextvars
 
 from stagemesh import metrics, wire
-from stagemesh.errors import InvalidArgument, FailedPrecondition, StagemeshError, Unavailable, grpc_errors
+from stagemesh.errors import Aborted, InvalidArgument, FailedPrecondition, StagemeshError, Unavailable, grpc_errors
 from stagemesh.net import GRPC_OPTIONS
 from stagemesh.security import channel as secure_channel
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
 from stage_worker.config import WorkerConfig
-from stage_worker.executor import StageExecutor
+from stage_worker.executor import SampleNotReady, StageExecutor
 from stage_worker.loader import load_stage
 from stage_worker.profile import profile_layer
 from stagemesh.model_config import ModelConfig
+
+
+SAMPLE_WAIT_S = 5.0  # how long a step waits for the step whose sample it follows
 
 
 @dataclass
@@ -56,6 +59,8 @@ class StageService(pb_grpc.StageServicer):
         self._compute = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         # Waits for launched steps' GPU work, in launch order, while `compute` launches the next.
         self._finish = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
+        self._launches = 0  # launch attempts finished (the event loop's count)
+        self._launched = asyncio.Event()  # set (and replaced) after every launch attempt
 
     @grpc_errors
     async def Forward(self, request, context):
@@ -72,8 +77,8 @@ class StageService(pb_grpc.StageServicer):
             raise FailedPrecondition(
                 f"stale plan epoch {request.epoch}: this stage serves epoch {loaded.assignment.epoch}; refresh the plan"
             )
+        launched = await self._launch(loaded.executor, request, context)
         loop = asyncio.get_running_loop()
-        launched = await loop.run_in_executor(self._compute, loaded.executor.launch, request)
         out = await loop.run_in_executor(self._finish, loaded.executor.finish, launched)
         metrics.STAGE_STEP.labels(str(loaded.assignment.stage_index)).observe(out.compute_us / 1e6)
         if self._debug:
@@ -99,6 +104,31 @@ class StageService(pb_grpc.StageServicer):
             await context.abort(code, f"next stage {loaded.assignment.next_address}: {exc.details()}")
         resp.stage_compute_us.insert(0, out.compute_us)
         return resp
+
+    async def _launch(self, executor, request, context):
+        """Launch on the compute thread. A step that follows a sample of a step still on its way
+        (two micro-batches of one gateway taken out of order) waits for the next launch and tries
+        again; after SAMPLE_WAIT_S the earlier step is taken as lost (ABORTED: the gateway
+        schedules both again)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(SAMPLE_WAIT_S, context.time_remaining() or SAMPLE_WAIT_S)
+        while True:
+            before = self._launches
+            try:
+                return await loop.run_in_executor(self._compute, executor.launch, request)
+            except SampleNotReady as exc:
+                if loop.time() >= deadline:
+                    raise Aborted(f"{exc}: the step that samples it never came") from None
+            finally:
+                self._launches += 1
+                self._launched.set()
+                self._launched = asyncio.Event()
+            if self._launches - before > 1:
+                continue  # another launch finished meanwhile: try again now
+            try:
+                await asyncio.wait_for(self._launched.wait(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                pass
 
     @grpc_errors
     async def Release(self, request, context):

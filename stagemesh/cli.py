@@ -56,6 +56,9 @@ def _add_up(sub) -> None:
     p.add_argument("--rate-limit-rps", type=float, default=0.0, help="Generate requests/s per API key (0: off)")
     p.add_argument("--inflight", type=int, default=0,
                    help="micro-batches in flight per replica (0: max(2, stages)); more hides longer hops")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="single-stage replicas: wait for a step's samples before sending the next step "
+                        "(by default greedy decodes follow the sample still in flight)")
     p.add_argument("--plan", default="measured", choices=["measured", "uniform"],
                    help="layer split: from the workers' measured profiles (min-max), or even")
     p.add_argument("--no-rebalance", action="store_true",
@@ -81,7 +84,9 @@ def _run_up(args) -> int:
                             threads=args.threads, log_level=args.log_level, routing=args.routing, routing_weight=args.routing_weight,
                             http_port=args.http_port, max_running=args.max_running,
                             metrics_port=args.metrics_port, tls_dir=args.tls_dir,
-                            extra_gateway_args=_gateway_auth_args(args), plan=args.plan,
+                            extra_gateway_args=[*_gateway_auth_args(args),
+                                                *(["--no-async-scheduling"] if args.no_async_scheduling else [])],
+                            plan=args.plan,
                             rebalance=not args.no_rebalance, inflight=args.inflight)
         if args.tls_dir:
             from stagemesh.security import dev_tls

@@ -38,6 +38,12 @@ class FailedPrecondition(StagemeshError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Aborted(StagemeshError):
+    """A step that depended on an earlier one that failed: run it again."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class Unauthenticated(StagemeshError):
     code = grpc.StatusCode.UNAUTHENTICATED
 

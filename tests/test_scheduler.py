@@ -199,3 +199,48 @@ def test_token_slice_equals_slicing_the_history():
     for a in range(9):
         for b in range(a, 9):
             assert q.token_slice(a, b) == q.all_ids[a:b]
+
+
+def test_lookahead_decodes_a_sequence_again_while_its_sample_is_in_flight():
+    """Async scheduling: the next micro-batch decodes the token the one in flight is sampling;
+    its chunk follows that sample (a 0 in its place), and no step goes past max_tokens."""
+    s = create_scheduler(lookahead=True, inflight_target=2)
+    a = seq(1, 5, max_tokens=3)
+    s.add(a)
+    first = s.schedule()  # the prompt; samples output 0
+    second = s.schedule()
+    assert [(c.start_pos, c.num_tokens, c.output_index, c.follows) for c in second.chunks] == [(5, 1, 1, True)]
+    assert second.token_ids() == [0] and len(a.block_table) * 4 >= 6
+    assert s.schedule() is None  # one follow at a time
+    run_step(s, first, token=7)
+    third = s.schedule()
+    assert [(c.start_pos, c.output_index, c.follows) for c in third.chunks] == [(6, 2, True)]
+    run_step(s, second, token=8)
+    assert s.schedule() is None  # output 2 is the last one max_tokens allows
+    run_step(s, third, token=9)
+    assert a.output_ids == [7, 8, 9] and a.num_computed == 7
+
+
+def test_a_chunk_that_followed_a_failed_step_is_dropped_and_the_sequence_runs_again():
+    s = create_scheduler(lookahead=True, inflight_target=2)
+    a = seq(1, 5, max_tokens=8)
+    s.add(a)
+    first, second = s.schedule(), s.schedule()
+    s.abort_in_flight(first)
+    assert s.schedule() is None  # the follow is still out: nothing may follow a lost sample
+    run_step(s, second, token=8)  # the stage ran it anyway: its answer is not used
+    assert a.output_ids == [] and a.num_computed == 0
+    again = s.schedule()
+    assert [(c.start_pos, c.num_tokens, c.is_new, c.follows) for c in again.chunks] == [(0, 5, True, False)]
+
+
+def test_lookahead_leaves_sampled_sequences_to_wait_for_their_token():
+    from stagemesh.sampling import SamplingSpec
+
+    s = create_scheduler(lookahead=True, inflight_target=2)
+    a = Sequence(seq_id=1, prompt_ids=[1, 2, 3], max_tokens=4, sampling=SamplingSpec(temperature=0.8, seed=1))
+    s.add(a)
+    first = s.schedule()
+    assert s.schedule() is None  # drawn on the host: the stage cannot put it in place
+    run_step(s, first)
+    assert [c.follows for c in s.schedule().chunks] == [False]

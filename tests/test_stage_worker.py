@@ -65,6 +65,58 @@ def test_greedy_decode_over_grpc_matches_transformers(stage):
     assert stats.live_sequences == 0 and stats.blocks_in_use == 0
 
 
+def test_decodes_that_follow_samples_in_flight_match_transformers_even_sent_out_of_order(stage):
+    """Async scheduling on the wire: each decode names the sample of the step before it
+    (follows_sample, a 0 in its token's place), all sent before any answer is back; the first
+    follower is sent before the prompt it follows and waits for it."""
+    stub, epoch, model_dir = stage
+    prompt = random_prompts(3, [9], 320)[0]
+    expected = hf_greedy(model_dir, prompt, 5)
+
+    def follow(i):
+        chunk = pb.SequenceChunk(seq_id=7, start_pos=len(prompt) + i - 1, num_tokens=1, sample=True,
+                                 output_index=i, follows_sample=True)
+        return stub.Forward.future(pb.ForwardRequest(epoch=epoch, lease_id="t", chunks=[chunk], token_ids=[0]),
+                                   timeout=30)
+
+    early = follow(1)
+    time.sleep(0.3)  # the worker holds it until the prompt's step is launched
+    head = stub.Forward.future(pb.ForwardRequest(
+        epoch=epoch, lease_id="t", new_sequences=[pb.NewSequence(seq_id=7, block_ids=[0, 1, 2, 3])],
+        chunks=[pb.SequenceChunk(seq_id=7, start_pos=0, num_tokens=len(prompt), sample=True)], token_ids=prompt),
+        timeout=30)
+    calls = [head, early]
+    calls[-1].result()
+    for i in range(2, 5):
+        calls.append(follow(i))
+    assert [c.result().samples[0].token_id for c in calls] == expected
+    _forward(stub, epoch, finished_seq_ids=[7])
+
+
+def test_a_decode_that_follows_a_refused_step_is_aborted_at_once(stage):
+    stub, epoch, _ = stage
+    _forward(stub, epoch, new_sequences=[pb.NewSequence(seq_id=8, block_ids=[0])],
+             chunks=[pb.SequenceChunk(seq_id=8, start_pos=0, num_tokens=2, sample=True)], token_ids=[5, 6])
+    with pytest.raises(grpc.RpcError) as err:  # a block id outside the pool: refused
+        _forward(stub, epoch, chunks=[pb.SequenceChunk(seq_id=8, start_pos=2, num_tokens=1, sample=True,
+                                                       output_index=1, new_block_ids=[10_000])], token_ids=[9])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        _forward(stub, epoch, chunks=[pb.SequenceChunk(seq_id=8, start_pos=3, num_tokens=1, sample=True,
+                                                       output_index=2, follows_sample=True)], token_ids=[0])
+    assert err.value.code() == grpc.StatusCode.ABORTED and "refused" in err.value.details()
+    assert time.monotonic() - t0 < 2
+    _forward(stub, epoch, new_sequences=[pb.NewSequence(seq_id=9, block_ids=[1], sampling=pb.SamplingParams(
+        temperature=0.7, seed=3))], chunks=[pb.SequenceChunk(seq_id=9, start_pos=0, num_tokens=2, sample=True)],
+        token_ids=[5, 6])
+    with pytest.raises(grpc.RpcError) as err:  # drawn on the host: nothing to follow on the device
+        _forward(stub, epoch, chunks=[pb.SequenceChunk(seq_id=9, start_pos=2, num_tokens=1, sample=True,
+                                                       output_index=1, follows_sample=True)], token_ids=[0])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "greedy" in err.value.details()
+    _forward(stub, epoch, finished_seq_ids=[8, 9])
+
+
 @pytest.mark.parametrize("bad,code", [
     (dict(epoch_delta=1), grpc.StatusCode.FAILED_PRECONDITION),
     (dict(chunks=[pb.SequenceChunk(seq_id=99, start_pos=0, num_tokens=1)], token_ids=[5]),

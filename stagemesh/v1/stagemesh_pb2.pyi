@@ -123,20 +123,22 @@ class NewSequence(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
 
 class SequenceChunk(_message.Message):
-    __slots__ = ("seq_id", "start_pos", "num_tokens", "new_block_ids", "sample", "output_index")
+    __slots__ = ("seq_id", "start_pos", "num_tokens", "new_block_ids", "sample", "output_index", "follows_sample")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NEW_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWS_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     start_pos: int
     num_tokens: int
     new_block_ids: _containers.RepeatedScalarFieldContainer[int]
     sample: bool
     output_index: int
-    def __init__(self, seq_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., num_tokens: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., output_index: _Optional[int] = ...) -> None: ...
+    follows_sample: bool
+    def __init__(self, seq_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., num_tokens: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., output_index: _Optional[int] = ..., follows_sample: _Optional[bool] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("epoch", "lease_id", "step_id", "new_sequences", "chunks", "finished_seq_ids", "token_ids", "hidden", "replica")
