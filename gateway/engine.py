@@ -191,7 +191,9 @@ class ReplicaEngine:
                 gen = self.generation
                 self._inflight[gen] = self._inflight.get(gen, 0) + 1
                 prev, self._last_sent = self._last_sent, asyncio.get_running_loop().create_future()
-                asyncio.get_running_loop().create_task(self._run_step(plan, gen, prev, self._last_sent))
+                # Built now: the next plan may already append blocks to these sequences' tables.
+                req = self._request(plan)
+                asyncio.get_running_loop().create_task(self._run_step(plan, req, gen, prev, self._last_sent))
             await self._wakeup.wait()
 
     def _request(self, plan: StepPlan) -> pb.ForwardRequest:
@@ -202,13 +204,13 @@ class ReplicaEngine:
                            request_ids=[c.seq.request_id for c in plan.chunks])
         return build_forward_request(plan, self.plan.epoch, self.lease_id, self._step_id, self.plan.index)
 
-    async def _run_step(self, plan: StepPlan, generation: int, prev: asyncio.Future | None,
-                        applied: asyncio.Future) -> None:
+    async def _run_step(self, plan: StepPlan, req: pb.ForwardRequest, generation: int,
+                        prev: asyncio.Future | None, applied: asyncio.Future) -> None:
         t0 = time.perf_counter()
         try:
             error = None
             try:
-                resp = await self._stub.Forward(self._request(plan), timeout=self.forward_timeout_s)
+                resp = await self._stub.Forward(req, timeout=self.forward_timeout_s)
             except grpc.aio.AioRpcError as exc:
                 error = exc
             if prev is not None:

@@ -224,6 +224,8 @@ class StageExecutor:
         new = {}
         for ns in req.new_sequences:
             self._check_blocks(ns.block_ids, f"sequence {ns.seq_id}")
+            if len(set(ns.block_ids)) != len(ns.block_ids):
+                raise InvalidArgument(f"sequence {ns.seq_id}: a block id appears twice in its table")
             new[ns.seq_id] = SeqState(list(ns.block_ids), _spec(ns.sampling))
         tables: dict[int, list[int]] = {}
         seen = set()
@@ -239,6 +241,8 @@ class StageExecutor:
                 raise InvalidArgument(f"sequence {c.seq_id}: num_tokens must be >= 1 and start_pos >= 0")
             self._check_blocks(c.new_block_ids, f"sequence {c.seq_id}")
             table = state.block_table + list(c.new_block_ids)
+            if c.new_block_ids and len(set(table)) != len(table):  # a sequence's blocks are its own
+                raise InvalidArgument(f"sequence {c.seq_id}: a block id appears twice in its table")
             if len(table) * self.block_size < c.start_pos + c.num_tokens:
                 raise InvalidArgument(
                     f"sequence {c.seq_id}: {len(table)} blocks cannot hold {c.start_pos + c.num_tokens} tokens"
