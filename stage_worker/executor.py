@@ -88,6 +88,7 @@ class StageExecutor:
         self.compute_us_total = 0
         self._recent_us: deque[int] = deque(maxlen=64)
         self._profiler = StepProfiler.from_env(self.device)
+        self._side_stream = None  # finish(): sampling off the compute stream (CUDA)
 
     # -- state ---------------------------------------------------------------------------------
     def release(self, lease_id: str, seq_ids=()) -> None:
@@ -199,10 +200,10 @@ class StageExecutor:
             done.event.synchronize()
         result = StepOutput(done.hidden, [], 0)
         if done.picks:
-            if done.logits is None:  # every row greedy: the argmax ran on the device
-                tokens = done.greedy.tolist()
+            if done.logits is None:  # every row greedy: the argmax ran on the device, copied at launch
+                tokens = done.greedy_host.tolist()
             else:
-                tokens = sample(done.logits, done.specs, [c.output_index for _, c in done.picks])
+                tokens = self._sample_after(done)
             result.samples = [(c.seq_id, t) for (_, c), t in zip(done.picks, tokens)]
         if done.route == "none":
             return result
@@ -215,6 +216,19 @@ class StageExecutor:
         if self._profiler is not None:
             self._profiler.step_end(done.route, result.compute_us, done.tokens)
         return result
+
+    def _sample_after(self, done: "Launched") -> list[int]:
+        """Draw the tokens of a step with sampled rows. On CUDA this runs on a side stream that
+        waits for this step only: on the compute stream its copies would queue behind the step
+        launched after it, and its answer would come back a step late."""
+        outputs = [c.output_index for _, c in done.picks]
+        if done.event is None:
+            return sample(done.logits, done.specs, outputs)
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        self._side_stream.wait_event(done.event)
+        with torch.cuda.stream(self._side_stream):
+            return sample(done.logits, done.specs, outputs)
 
     def _apply_deltas(self, req: pb.ForwardRequest) -> dict[int, list[int]]:
         """Validate everything first, then commit: new sequences, appended blocks, drops."""
@@ -301,6 +315,7 @@ class StageExecutor:
         greedy = [spec.greedy for spec in done.specs]
         if any(greedy):
             done.greedy = torch.argmax(logits, dim=-1)  # ties -> first, as HF (sampler.sample)
+            done.greedy_host = _to_host_async(done.greedy)
         if not all(greedy):
             done.logits = logits  # drawn on the host in finish()
         for row, ((_, c), is_greedy) in enumerate(zip(done.picks, greedy)):
@@ -362,6 +377,7 @@ class Launched:
     picks: list = field(default_factory=list)  # (chunk index, chunk) of the rows to sample
     specs: list = field(default_factory=list)
     greedy: torch.Tensor | None = None  # [S] argmax ids on the device (some row greedy)
+    greedy_host: torch.Tensor | None = None  # their pinned host copy, valid after the event
     logits: torch.Tensor | None = None  # [S, V] when some row samples (drawn on the host)
     event: torch.cuda.Event | None = None
     launch_s: float = 0.0
