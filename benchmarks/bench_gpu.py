@@ -486,11 +486,11 @@ async def _mesh_suite(target, quick, coordinator) -> dict:
 
 
 def bench_stagemesh(model_dir, stages_list, kv_total, mbt, out_dir, quick, device="cuda:0", suffix="") -> dict:
-    """stages_list: stage counts; "N-sync" runs N stages with `--no-async-scheduling`."""
+    """stages_list: stage counts; "N-sync" runs N stages with `--async-scheduling off`."""
     res = {}
     for i, spec in enumerate(stages_list):
         n, _, mode = str(spec).partition("-")
-        n, extra = int(n), (["--no-async-scheduling"] if mode == "sync" else [])
+        n, extra = int(n), (["--async-scheduling", "off"] if mode == "sync" else [])
         key = f"stagemesh_{n}{'_' + mode if mode else ''}{suffix}"
         port = 52000 + 10 * i
         log(f"stagemesh {n} stage(s) {mode}, --max-batched-tokens {mbt}: starting")

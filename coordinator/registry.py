@@ -37,6 +37,7 @@ class Worker:
     mean_step_us: float = 0.0
     decode_ms_per_layer: float = 0.0  # from the registration profile (0: unknown)
     bytes_per_layer: int = 0
+    device_uuid: str = ""  # the GPU's identity: workers with the same one share it
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,11 @@ class Registry:
 
     # -- membership ----------------------------------------------------------------------------
     def register(self, address: str, device: str, memory_bytes: int, decode_ms_per_layer: float = 0.0,
-                 bytes_per_layer: int = 0) -> Worker:
+                 bytes_per_layer: int = 0, device_uuid: str = "") -> Worker:
         olds = [w.worker_id for w in self.workers.values() if w.address == address]
         worker = Worker(f"w{next(self._ids)}", address, device, memory_bytes,
-                        decode_ms_per_layer=decode_ms_per_layer, bytes_per_layer=bytes_per_layer)
+                        decode_ms_per_layer=decode_ms_per_layer, bytes_per_layer=bytes_per_layer,
+                        device_uuid=device_uuid)
         self.workers[worker.worker_id] = worker
         for old in olds:  # a restarted worker at the same address: its old self is gone
             if not self.fail(old):

@@ -38,8 +38,9 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--max-running", type=int, default=256)
     p.add_argument("--max-waiting", type=int, default=1024)
     p.add_argument("--inflight", type=int, default=2, help="micro-batches in flight (at least the stage count)")
-    p.add_argument("--no-async-scheduling", action="store_true",
-                   help="on single-stage replicas, wait for a step's samples before decoding the next step")
+    p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+                   help="send a greedy decode before the sample it follows is back: auto on single-stage "
+                        "replicas and stages sharing one GPU, on everywhere, off never")
     p.add_argument("--routing", default="cache_aware", choices=["cache_aware", "round_robin"])
     p.add_argument("--routing-weight", type=float, default=2.0)
     p.add_argument("--http-port", type=int, default=0, help="also serve the OpenAI-compatible HTTP API here")
@@ -63,7 +64,7 @@ def parse_args(argv=None) -> GatewayConfig:
     keys = [*args.api_key, *(load_keys_file(args.api_keys_file) if args.api_keys_file else [])]
     sched = SchedulerConfig(max_batched_tokens=args.max_batched_tokens, max_running=args.max_running,
                             max_waiting=args.max_waiting, inflight_target=args.inflight,
-                            lookahead=not args.no_async_scheduling)
+                            async_scheduling=args.async_scheduling)
     return GatewayConfig(model_dir=args.model, coordinator=args.coordinator, host=args.host, port=args.port,
                          model_id=args.model_id, cache_service=args.cache_service, http_port=args.http_port,
                          metrics_port=args.metrics_port,

@@ -52,6 +52,7 @@ class ReplicaPlan:
     num_blocks: int
     block_size: int
     num_stages: int
+    shared_device: bool = False  # every stage on one GPU (async scheduling pays there)
 
 
 class ReplicaEngine:
@@ -163,8 +164,8 @@ class ReplicaEngine:
         self._channel = secure_channel(plan.first_address, self.tls, options=GRPC_OPTIONS)
         self._stub = pb_grpc.StageStub(self._channel)
         inflight = max(self.sched_config.inflight_target, plan.num_stages)
-        # Async scheduling needs the stage that samples to embed the next step's tokens too.
-        lookahead = self.sched_config.lookahead and plan.num_stages == 1
+        mode = self.sched_config.async_scheduling
+        lookahead = mode == "on" or (mode == "auto" and (plan.num_stages == 1 or plan.shared_device))
         config = SchedulerConfig(**{**self.sched_config.__dict__, "inflight_target": inflight,
                                     "lookahead": lookahead})
         self._last_sent = None  # a new chain's answers need not wait for the old one's

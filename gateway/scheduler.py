@@ -6,7 +6,8 @@ budget. `update(plan, sampled)` folds the stages' answer back in. Several micro-
 flight at once (one per stage at least) and a sequence is in at most one of them, so each
 micro-batch takes about 1/inflight of the runnable decodes.
 
-With `lookahead` (async scheduling, single-stage replicas) a greedy sequence whose next token is
+With `lookahead` (async scheduling; single-stage replicas, or stages sharing one GPU, see
+`SchedulerConfig.async_scheduling`) a greedy sequence whose next token is
 being sampled by a micro-batch in flight is also decoded in the next one: its chunk `follows` that
 sample, which the stage puts in place on the device. Every micro-batch then carries all the
 decodes, the stage runs them back to back, and the gateway's round trip hides behind a step (as
@@ -38,9 +39,15 @@ class SchedulerConfig:
     max_running: int = 256  # sequences holding KV at once
     max_waiting: int = 1024  # queue bound: past it, RESOURCE_EXHAUSTED
     inflight_target: int = 2  # micro-batches kept in flight (>= number of stages)
+    # Async scheduling: "auto" on single-stage replicas and on chains whose stages share one GPU
+    # (where splitting decodes across micro-batches only re-reads weights), "on" everywhere,
+    # "off" never. The engine turns it into `lookahead` per replica.
+    async_scheduling: str = "auto"
     lookahead: bool = False  # decode greedy sequences again while their sample is in flight
 
     def __post_init__(self):
+        if self.async_scheduling not in ("auto", "on", "off"):
+            raise ValueError(f"async_scheduling must be auto, on or off, got {self.async_scheduling!r}")
         for name in ("max_batched_tokens", "max_seqs_per_batch", "max_running", "max_waiting", "inflight_target"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SchedulerConfig.{name} must be positive, got {getattr(self, name)}")

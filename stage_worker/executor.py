@@ -47,11 +47,13 @@ class SampleNotReady(Exception):
 @dataclass
 class _Sampled:
     """The newest sample of a greedy sequence: row `row` of `ids` (the device argmax ids of the
-    micro-batch that drew it), or, with ids None, a micro-batch that was refused."""
+    micro-batch that drew it), or `token` (a chain's first stage), or, with neither, a refused
+    micro-batch."""
 
     output_index: int
     ids: torch.Tensor | None
     row: int = -1
+    token: int | None = None  # the first stage of a chain: the id, from the answer passing back
 
 
 @dataclass
@@ -99,7 +101,7 @@ class StageExecutor:
         else:
             for key in [k for k in self.seqs if k[0] == lease_id]:
                 del self.seqs[key]
-            for key in [k for k in self._samples if k[0] == lease_id]:
+            for key in [k for k in list(self._samples) if k[0] == lease_id]:
                 del self._samples[key]
 
     def reset(self) -> None:
@@ -113,7 +115,7 @@ class StageExecutor:
         keys = [k for k in self.seqs if k[0] in dead]
         for key in keys:
             del self.seqs[key]
-        for key in [k for k in self._samples if k[0] in dead]:
+        for key in [k for k in list(self._samples) if k[0] in dead]:
             del self._samples[key]
         for lease in dead:
             del self._lease_seen[lease]
@@ -139,12 +141,13 @@ class StageExecutor:
             self._profiler.step_begin(self._launches - 1)
         t0 = time.perf_counter()
         try:
+            self.resolve_host_follows(req)  # a chain's first stage (a no-op after the server's call)
             done = self._launch(req, t0)
         except SampleNotReady:
             self._launches -= 1  # not a step: it is launched again after the next one
             raise
         except Exception:
-            self._refused(req)
+            self.refused(req)
             raise
         done.launch_s = time.perf_counter() - t0
         if self.slowdown > 1.0:  # test/demo knob: a device `slowdown` times slower holds this thread longer
@@ -319,6 +322,8 @@ class StageExecutor:
         if not all(greedy):
             done.logits = logits  # drawn on the host in finish()
         for row, ((_, c), is_greedy) in enumerate(zip(done.picks, greedy)):
+            if not self.model.is_first:
+                break  # a chain's last stage: the first one notes the samples from its answer
             key = (req.lease_id, c.seq_id)
             if is_greedy:
                 self._samples[key] = _Sampled(c.output_index, done.greedy, row)
@@ -326,40 +331,63 @@ class StageExecutor:
                 self._samples.pop(key, None)
 
     def _follows(self, req: pb.ForwardRequest) -> list[tuple[int, _Sampled]]:
-        """(token row, sample) of each chunk whose token is a sample the gateway has not seen.
+        """(token row, sample on the device) of each chunk whose token is a sample of this stage
+        the gateway has not seen (a single stage: it embeds what it sampled). Later stages of a
+        chain take hidden states and ignore the flag; a chain's first stage resolved it already
+        from the answers passing back through it (resolve_host_follows)."""
+        if not (self.model.is_first and self.model.is_last):
+            return []
+        return [(row, self._followed(req, c, device=True)) for row, c in _follow_rows(req)]
 
-        Raises SampleNotReady when the micro-batch that draws it has not been launched yet, and
-        Aborted when it was refused or a newer one replaced it (the gateway schedules it again).
-        """
-        out, row = [], 0
-        new = {ns.seq_id for ns in req.new_sequences}
-        for c in req.chunks:
-            if c.follows_sample:
-                key = (req.lease_id, c.seq_id)
-                state = self.seqs.get(key)
-                if not (self.model.is_first and self.model.is_last):
-                    raise InvalidArgument("follows_sample needs a stage that both embeds and samples "
-                                          "(a single-stage replica)")
-                if c.num_tokens != 1 or c.output_index < 1:
-                    raise InvalidArgument(f"sequence {c.seq_id}: a chunk that follows a sample is one token "
-                                          "with output_index >= 1")
-                if state is None and c.seq_id not in new:  # announced by the step it follows
-                    raise SampleNotReady(f"sequence {c.seq_id} unknown for lease {req.lease_id!r} yet")
-                if state is not None and not state.sampling.greedy and c.seq_id not in new:
-                    raise InvalidArgument(f"sequence {c.seq_id}: follows_sample needs greedy sampling "
-                                          "(sampled tokens are drawn on the host)")
-                rec = self._samples.get(key)
-                if rec is None or rec.output_index < c.output_index - 1:
-                    raise SampleNotReady(f"sequence {c.seq_id}: output {c.output_index - 1} not sampled yet")
-                if rec.output_index != c.output_index - 1 or rec.ids is None:
-                    raise Aborted(f"sequence {c.seq_id}: the step that sampled its output "
-                                  f"{c.output_index - 1} was refused or replaced; schedule it again")
-                out.append((row, rec))
-            row += c.num_tokens
-        return out
+    def resolve_host_follows(self, req: pb.ForwardRequest) -> None:
+        """The first stage of a chain: put each followed sample, noted from the answer of the step
+        that drew it (note_samples), in its place in req.token_ids and clear the flag. Runs before
+        a TP stage broadcasts the request, so every rank runs the same ids. Raises as _followed;
+        chunks resolved before a raise stay resolved (correctly)."""
+        if not self.model.is_first or self.model.is_last:
+            return
+        for row, c in _follow_rows(req):
+            rec = self._followed(req, c, device=False)
+            if row >= len(req.token_ids):
+                raise InvalidArgument(f"{len(req.token_ids)} token ids for more scheduled tokens")
+            req.token_ids[row] = rec.token
+            c.follows_sample = False
 
-    def _refused(self, req: pb.ForwardRequest) -> None:
-        """A refused micro-batch draws no samples: chunks that follow them fail at once."""
+    def note_samples(self, req: pb.ForwardRequest, samples) -> None:
+        """The first stage of a chain: the answer to `req` came back through it with `samples`
+        (seq_id, token_id), which later steps of the same sequences may follow."""
+        index = {c.seq_id: c.output_index for c in req.chunks if c.sample}
+        for s in samples:
+            key = (req.lease_id, s.seq_id)
+            if s.seq_id in index and key in self.seqs:
+                self._samples[key] = _Sampled(index[s.seq_id], None, token=s.token_id)
+
+    def _followed(self, req: pb.ForwardRequest, c, device: bool) -> _Sampled:
+        """The sample chunk c follows. Raises SampleNotReady when the step that draws it has not
+        been launched (on a chain: answered) yet, and Aborted when that step was refused or a newer
+        one replaced it (the gateway schedules it again)."""
+        key = (req.lease_id, c.seq_id)
+        state = self.seqs.get(key)
+        new = any(ns.seq_id == c.seq_id for ns in req.new_sequences)
+        if c.num_tokens != 1 or c.output_index < 1:
+            raise InvalidArgument(f"sequence {c.seq_id}: a chunk that follows a sample is one token "
+                                  "with output_index >= 1")
+        if state is None and not new:  # announced by the step it follows
+            raise SampleNotReady(f"sequence {c.seq_id} unknown for lease {req.lease_id!r} yet")
+        if state is not None and not state.sampling.greedy and not new:
+            raise InvalidArgument(f"sequence {c.seq_id}: follows_sample needs greedy sampling "
+                                  "(sampled tokens are drawn on the host)")
+        rec = self._samples.get(key)
+        if rec is None or rec.output_index < c.output_index - 1:
+            raise SampleNotReady(f"sequence {c.seq_id}: output {c.output_index - 1} not sampled yet")
+        if rec.output_index != c.output_index - 1 or (rec.ids if device else rec.token) is None:
+            raise Aborted(f"sequence {c.seq_id}: the step that sampled its output "
+                          f"{c.output_index - 1} was refused or replaced; schedule it again")
+        return rec
+
+    def refused(self, req: pb.ForwardRequest) -> None:
+        """A micro-batch failed here or further down the chain: it draws no samples, and chunks
+        that follow them fail at once."""
         for c in req.chunks:
             key = (req.lease_id, c.seq_id)
             if c.sample and key in self.seqs:
@@ -381,6 +409,15 @@ class Launched:
     logits: torch.Tensor | None = None  # [S, V] when some row samples (drawn on the host)
     event: torch.cuda.Event | None = None
     launch_s: float = 0.0
+
+
+def _follow_rows(req: pb.ForwardRequest):
+    """(token row, chunk) of each chunk that follows a sample."""
+    row = 0
+    for c in req.chunks:
+        if c.follows_sample:
+            yield row, c
+        row += c.num_tokens
 
 
 def _put_samples(follows: list[tuple[int, _Sampled]], ids: torch.Tensor) -> None:

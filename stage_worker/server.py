@@ -59,8 +59,8 @@ class StageService(pb_grpc.StageServicer):
         self._compute = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         # Waits for launched steps' GPU work, in launch order, while `compute` launches the next.
         self._finish = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
-        self._launches = 0  # launch attempts finished (the event loop's count)
-        self._launched = asyncio.Event()  # set (and replaced) after every launch attempt
+        self._ticks = 0  # launch attempts finished and answers noted (the event loop's count)
+        self._launched = asyncio.Event()  # set (and replaced) at every tick
 
     @grpc_errors
     async def Forward(self, request, context):
@@ -95,40 +95,51 @@ class StageService(pb_grpc.StageServicer):
         nxt.ClearField("token_ids")
         nxt.hidden.CopyFrom(wire.encode(out.hidden))
         remaining = context.time_remaining()
+        first = loaded.executor.model.is_first
         try:
             resp = await loaded.next_stub.Forward(nxt, timeout=remaining)
         except grpc.aio.AioRpcError as exc:
+            if first:
+                loaded.executor.refused(request)  # steps that follow its samples fail at once
+                self._tick()
             code = exc.code()
             if code == grpc.StatusCode.UNKNOWN or code == grpc.StatusCode.INTERNAL:
                 code = grpc.StatusCode.UNAVAILABLE
             await context.abort(code, f"next stage {loaded.assignment.next_address}: {exc.details()}")
+        if first:  # steps that follow these samples (async scheduling) may launch now
+            loaded.executor.note_samples(request, resp.samples)
+            self._tick()
         resp.stage_compute_us.insert(0, out.compute_us)
         return resp
 
     async def _launch(self, executor, request, context):
-        """Launch on the compute thread. A step that follows a sample of a step still on its way
-        (two micro-batches of one gateway taken out of order) waits for the next launch and tries
-        again; after SAMPLE_WAIT_S the earlier step is taken as lost (ABORTED: the gateway
-        schedules both again)."""
+        """Launch on the compute thread. A step that follows a sample not there yet (two steps
+        of one gateway taken out of order; on a chain's first stage, the answer of the step before
+        still on its way back) waits for the next launch or answer and tries again; after
+        SAMPLE_WAIT_S the earlier step is taken as lost (ABORTED: the gateway schedules both again)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(SAMPLE_WAIT_S, context.time_remaining() or SAMPLE_WAIT_S)
         while True:
-            before = self._launches
+            before = self._ticks
             try:
                 return await loop.run_in_executor(self._compute, executor.launch, request)
             except SampleNotReady as exc:
                 if loop.time() >= deadline:
                     raise Aborted(f"{exc}: the step that samples it never came") from None
             finally:
-                self._launches += 1
-                self._launched.set()
-                self._launched = asyncio.Event()
-            if self._launches - before > 1:
-                continue  # another launch finished meanwhile: try again now
+                self._tick()
+            if self._ticks - before > 1:
+                continue  # another launch or answer came meanwhile: try again now
             try:
                 await asyncio.wait_for(self._launched.wait(), deadline - loop.time())
             except asyncio.TimeoutError:
                 pass
+
+    def _tick(self) -> None:
+        """A launch attempt finished or an answer's samples were noted: waiting steps look again."""
+        self._ticks += 1
+        self._launched.set()
+        self._launched = asyncio.Event()
 
     @grpc_errors
     async def Release(self, request, context):
@@ -256,6 +267,7 @@ async def heartbeat_loop(service: StageService, config: WorkerConfig, address: s
         try:
             if not worker_id:
                 reg = await coord.Register(pb.RegisterRequest(address=address, device=config.device, memory_bytes=memory,
+                                                               device_uuid=config.device_uuid(),
                                                                profile=profile), timeout=5)
                 worker_id, interval = reg.worker_id, reg.heartbeat_interval_ms / 1000
                 log.info("registered", worker_id=worker_id)

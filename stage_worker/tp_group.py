@@ -111,6 +111,7 @@ class TPExecutor:
         return self.finish(self.launch(req))
 
     def launch(self, req: pb.ForwardRequest):
+        self.inner.resolve_host_follows(req)  # the followers get the ids, not the flags
         self.group.send("run", req.SerializeToString())
         return self.inner.launch(req)
 

@@ -56,9 +56,10 @@ def _add_up(sub) -> None:
     p.add_argument("--rate-limit-rps", type=float, default=0.0, help="Generate requests/s per API key (0: off)")
     p.add_argument("--inflight", type=int, default=0,
                    help="micro-batches in flight per replica (0: max(2, stages)); more hides longer hops")
-    p.add_argument("--no-async-scheduling", action="store_true",
-                   help="single-stage replicas: wait for a step's samples before sending the next step "
-                        "(by default greedy decodes follow the sample still in flight)")
+    p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+                   help="send a greedy decode before the sample it follows is back: auto on single-stage "
+                        "replicas and stages sharing one GPU (where splitting decodes across micro-batches "
+                        "re-reads weights), on everywhere, off never")
     p.add_argument("--plan", default="measured", choices=["measured", "uniform"],
                    help="layer split: from the workers' measured profiles (min-max), or even")
     p.add_argument("--no-rebalance", action="store_true",
@@ -85,7 +86,7 @@ def _run_up(args) -> int:
                             http_port=args.http_port, max_running=args.max_running,
                             metrics_port=args.metrics_port, tls_dir=args.tls_dir,
                             extra_gateway_args=[*_gateway_auth_args(args),
-                                                *(["--no-async-scheduling"] if args.no_async_scheduling else [])],
+                                                "--async-scheduling", args.async_scheduling],
                             plan=args.plan,
                             rebalance=not args.no_rebalance, inflight=args.inflight)
         if args.tls_dir:
