@@ -166,8 +166,11 @@ class ReplicaEngine:
         inflight = max(self.sched_config.inflight_target, plan.num_stages)
         mode = self.sched_config.async_scheduling
         lookahead = mode == "on" or (mode == "auto" and (plan.num_stages == 1 or plan.shared_device))
+        separate = lookahead and plan.num_stages > 1
+        if separate:  # the decodes' chain holds two slots; prefill micro-batches fill the stages
+            inflight = max(inflight, plan.num_stages + 2)
         config = SchedulerConfig(**{**self.sched_config.__dict__, "inflight_target": inflight,
-                                    "lookahead": lookahead})
+                                    "lookahead": lookahead, "separate_decodes": separate})
         self._last_sent = None  # a new chain's answers need not wait for the old one's
         bm = BlockManager(plan.num_blocks, plan.block_size, self.model_id)
         self._preemptions_seen = 0  # a new scheduler counts from zero

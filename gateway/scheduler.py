@@ -44,6 +44,9 @@ class SchedulerConfig:
     # "off" never. The engine turns it into `lookahead` per replica.
     async_scheduling: str = "auto"
     lookahead: bool = False  # decode greedy sequences again while their sample is in flight
+    # Decodes in micro-batches of their own, prefill chunks in others (lookahead on a chain: the
+    # decodes' chain of samples then never waits behind a prefill's hidden states on the wire).
+    separate_decodes: bool = False
 
     def __post_init__(self):
         if self.async_scheduling not in ("auto", "on", "off"):
@@ -155,6 +158,8 @@ class Scheduler:
                     budget -= 1
             elif self._schedule_chunk(plan, seq, 1):
                 budget -= 1
+        if self.config.separate_decodes and plan.chunks:
+            budget = 0
         for seq in prefills:
             if budget <= 0 or len(plan.chunks) >= self.config.max_seqs_per_batch:
                 break

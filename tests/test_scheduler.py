@@ -244,3 +244,15 @@ def test_lookahead_leaves_sampled_sequences_to_wait_for_their_token():
     assert s.schedule() is None  # drawn on the host: the stage cannot put it in place
     run_step(s, first)
     assert [c.follows for c in s.schedule().chunks] == [False]
+
+
+def test_separate_decodes_keep_prefill_chunks_out_of_decode_micro_batches():
+    s = create_scheduler(lookahead=True, separate_decodes=True, inflight_target=4)
+    a, b = seq(1, 3, max_tokens=8), seq(2, 6, max_tokens=8)
+    s.add(a)
+    run_step(s, s.schedule())  # a's prompt
+    s.add(b)
+    decode, follow, prefill = s.schedule(), s.schedule(), s.schedule()
+    assert [(c.seq, c.num_tokens, c.follows) for c in decode.chunks] == [(a, 1, False)]
+    assert [(c.seq, c.num_tokens, c.follows) for c in follow.chunks] == [(a, 1, True)]
+    assert [(c.seq, c.num_tokens) for c in prefill.chunks] == [(b, 6)]
