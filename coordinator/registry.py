@@ -37,7 +37,6 @@ class Worker:
     mean_step_us: float = 0.0
     decode_ms_per_layer: float = 0.0  # from the registration profile (0: unknown)
     bytes_per_layer: int = 0
-    device_uuid: str = ""  # the GPU's identity: workers with the same one share it
 
 
 @dataclass(frozen=True)
@@ -69,11 +68,10 @@ class Registry:
 
     # -- membership ----------------------------------------------------------------------------
     def register(self, address: str, device: str, memory_bytes: int, decode_ms_per_layer: float = 0.0,
-                 bytes_per_layer: int = 0, device_uuid: str = "") -> Worker:
+                 bytes_per_layer: int = 0) -> Worker:
         olds = [w.worker_id for w in self.workers.values() if w.address == address]
         worker = Worker(f"w{next(self._ids)}", address, device, memory_bytes,
-                        decode_ms_per_layer=decode_ms_per_layer, bytes_per_layer=bytes_per_layer,
-                        device_uuid=device_uuid)
+                        decode_ms_per_layer=decode_ms_per_layer, bytes_per_layer=bytes_per_layer)
         self.workers[worker.worker_id] = worker
         for old in olds:  # a restarted worker at the same address: its old self is gone
             if not self.fail(old):

@@ -33,8 +33,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def Register(self, request, context):
         worker = self.registry.register(request.address, request.device, request.memory_bytes,
                                         decode_ms_per_layer=request.profile.decode_ms_per_layer,
-                                        bytes_per_layer=request.profile.bytes_per_layer,
-                                        device_uuid=request.device_uuid)
+                                        bytes_per_layer=request.profile.bytes_per_layer)
         self.log.info("worker_registered", worker_id=worker.worker_id, address=request.address, device=request.device)
         return pb.RegisterResponse(worker_id=worker.worker_id, heartbeat_interval_ms=self.config.heartbeat_interval_ms)
 
@@ -90,8 +89,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     layer_start=slot.layer_start, layer_end=slot.layer_end, num_blocks=blocks,
                 )
             rp.num_blocks = min(s.num_blocks for s in rp.stages)
-            uuids = {w.device_uuid if w else "" for w in map(reg.workers.get, (s.worker_id for s in replica))}
-            rp.shared_device = len(replica) > 1 and len(uuids) == 1 and "" not in uuids
         return plan
 
     def _count_epoch_changes(self) -> None:

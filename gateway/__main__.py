@@ -40,7 +40,7 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--inflight", type=int, default=2, help="micro-batches in flight (at least the stage count)")
     p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                    help="send a greedy decode before the sample it follows is back: auto on single-stage "
-                        "replicas and stages sharing one GPU, on everywhere, off never")
+                        "replicas, on on every replica (chains too), off never")
     p.add_argument("--routing", default="cache_aware", choices=["cache_aware", "round_robin"])
     p.add_argument("--routing-weight", type=float, default=2.0)
     p.add_argument("--http-port", type=int, default=0, help="also serve the OpenAI-compatible HTTP API here")

@@ -52,7 +52,6 @@ class ReplicaPlan:
     num_blocks: int
     block_size: int
     num_stages: int
-    shared_device: bool = False  # every stage on one GPU (async scheduling pays there)
 
 
 class ReplicaEngine:
@@ -165,7 +164,7 @@ class ReplicaEngine:
         self._stub = pb_grpc.StageStub(self._channel)
         inflight = max(self.sched_config.inflight_target, plan.num_stages)
         mode = self.sched_config.async_scheduling
-        lookahead = mode == "on" or (mode == "auto" and (plan.num_stages == 1 or plan.shared_device))
+        lookahead = mode == "on" or (mode == "auto" and plan.num_stages == 1)
         separate = lookahead and plan.num_stages > 1
         if separate:  # the decodes' chain holds two slots; prefill micro-batches fill the stages
             inflight = max(inflight, plan.num_stages + 2)

@@ -245,7 +245,7 @@ class Gateway:
         chains = [tuple((st.address, st.layer_start, st.layer_end) for st in r.stages) for r in plan.replicas]
         specs = [
             ReplicaPlan(index=i, epoch=plan.epoch, first_address=r.stages[0].address, num_blocks=r.num_blocks,
-                        block_size=plan.block_size, num_stages=len(r.stages), shared_device=r.shared_device)
+                        block_size=plan.block_size, num_stages=len(r.stages))
             for i, r in enumerate(plan.replicas)
         ]
         if not self.engines:

@@ -39,13 +39,6 @@ class WorkerConfig:
         if self.tp_size < 0:
             raise ValueError("tp_size must be >= 0")
 
-    def device_uuid(self) -> str:
-        """The GPU's UUID (the same for every process on it, whatever CUDA_VISIBLE_DEVICES calls it)."""
-        device = torch.device(self.device)
-        if device.type != "cuda" or self.tp_size > 1:  # a TP stage spans several GPUs
-            return ""
-        return str(torch.cuda.get_device_properties(device).uuid)
-
     def memory_bytes(self) -> int:
         device = torch.device(self.device)
         if device.type == "cuda":

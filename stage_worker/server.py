@@ -267,7 +267,6 @@ async def heartbeat_loop(service: StageService, config: WorkerConfig, address: s
         try:
             if not worker_id:
                 reg = await coord.Register(pb.RegisterRequest(address=address, device=config.device, memory_bytes=memory,
-                                                               device_uuid=config.device_uuid(),
                                                                profile=profile), timeout=5)
                 worker_id, interval = reg.worker_id, reg.heartbeat_interval_ms / 1000
                 log.info("registered", worker_id=worker_id)

@@ -58,8 +58,8 @@ def _add_up(sub) -> None:
                    help="micro-batches in flight per replica (0: max(2, stages)); more hides longer hops")
     p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                    help="send a greedy decode before the sample it follows is back: auto on single-stage "
-                        "replicas and stages sharing one GPU (where splitting decodes across micro-batches "
-                        "re-reads weights), on everywhere, off never")
+                        "replicas, on on every replica (chains: lower batch-1 latency, lower throughput), "
+                        "off never")
     p.add_argument("--plan", default="measured", choices=["measured", "uniform"],
                    help="layer split: from the workers' measured profiles (min-max), or even")
     p.add_argument("--no-rebalance", action="store_true",

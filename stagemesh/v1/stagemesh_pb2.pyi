@@ -237,18 +237,16 @@ class ReportFailureResponse(_message.Message):
     def __init__(self, dead_worker_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("address", "device", "memory_bytes", "profile", "device_uuid")
+    __slots__ = ("address", "device", "memory_bytes", "profile")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
-    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
     address: str
     device: str
     memory_bytes: int
     profile: LayerProfile
-    device_uuid: str
-    def __init__(self, address: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., profile: _Optional[_Union[LayerProfile, _Mapping]] = ..., device_uuid: _Optional[str] = ...) -> None: ...
+    def __init__(self, address: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., profile: _Optional[_Union[LayerProfile, _Mapping]] = ...) -> None: ...
 
 class LayerProfile(_message.Message):
     __slots__ = ("decode_ms_per_layer", "prefill_ms_per_layer", "bytes_per_layer", "kv_bytes_per_block_per_layer")
@@ -327,14 +325,12 @@ class StagePlan(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_blocks: _Optional[int] = ...) -> None: ...
 
 class ReplicaPlan(_message.Message):
-    __slots__ = ("stages", "num_blocks", "shared_device")
+    __slots__ = ("stages", "num_blocks")
     STAGES_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
-    SHARED_DEVICE_FIELD_NUMBER: _ClassVar[int]
     stages: _containers.RepeatedCompositeFieldContainer[StagePlan]
     num_blocks: int
-    shared_device: bool
-    def __init__(self, stages: _Optional[_Iterable[_Union[StagePlan, _Mapping]]] = ..., num_blocks: _Optional[int] = ..., shared_device: _Optional[bool] = ...) -> None: ...
+    def __init__(self, stages: _Optional[_Iterable[_Union[StagePlan, _Mapping]]] = ..., num_blocks: _Optional[int] = ...) -> None: ...
 
 class Plan(_message.Message):
     __slots__ = ("epoch", "replicas", "ready", "num_layers_total", "block_size")
