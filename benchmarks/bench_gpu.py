@@ -42,6 +42,7 @@ MIXED_SEED = 0
 
 THREADS = 0  # --threads: torch CPU threads per worker, passed to `stagemesh up`
 INFLIGHT_PER_STAGE = 0  # --inflight-per-stage
+MESH_ARGS: list[str] = []  # --mesh-args
 
 
 def log(*a):
@@ -490,7 +491,7 @@ def bench_stagemesh(model_dir, stages_list, kv_total, mbt, out_dir, quick, devic
     res = {}
     for i, spec in enumerate(stages_list):
         n, _, mode = str(spec).partition("-")
-        n, extra = int(n), (["--async-scheduling", "off"] if mode == "sync" else [])
+        n, extra = int(n), (["--async-scheduling", "off"] if mode == "sync" else []) + MESH_ARGS
         key = f"stagemesh_{n}{'_' + mode if mode else ''}{suffix}"
         port = 52000 + 10 * i
         log(f"stagemesh {n} stage(s) {mode}, --max-batched-tokens {mbt}: starting")
@@ -652,9 +653,12 @@ def main():
     ap.add_argument("--inflight-per-stage", type=int, default=0,
                     help="micro-batches in flight = this x stages (0: stagemesh's default, max(2, stages))")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (0: stagemesh's default)")
+    ap.add_argument("--mesh-args", default="", help="more `stagemesh up` flags, e.g. '--log-level debug' (the "
+                                                   "gateway then logs every step's round trip and stage times)")
     args = ap.parse_args()
     global THREADS, INFLIGHT_PER_STAGE
     THREADS, INFLIGHT_PER_STAGE = args.threads, args.inflight_per_stage
+    MESH_ARGS[:] = args.mesh_args.split()
     import torch
 
     out = Path(args.out)

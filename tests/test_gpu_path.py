@@ -237,6 +237,41 @@ def test_executor_with_graph_path_samples_the_same_tokens(stage):
     assert tokens[0] == tokens[1]
 
 
+def test_steps_that_follow_samples_on_the_graph_routes_equal_steps_given_the_tokens(stage):
+    """Async scheduling on the graph routes (padded, eager on the CPU): each step is launched
+    before the one it follows is collected, its token ids put in place from that step's argmax
+    on the device, through a decode step and a mixed step with a new prompt. Same samples as
+    the plain route given the tokens one step at a time."""
+    prompts = {0: [5, 6, 7, 8], 1: [9, 10, 11], 2: [12, 13, 14, 15, 16]}
+    blocks = {0: [0, 1, 2], 1: [3, 4, 5], 2: [6, 7]}
+
+    def step(tokens, follows, new=()):
+        req = pb.ForwardRequest(lease_id="l")
+        for sid, (pos, out_index, token) in tokens.items():
+            req.chunks.add(seq_id=sid, start_pos=pos, num_tokens=1, sample=True, output_index=out_index,
+                           follows_sample=follows)
+            req.token_ids.append(0 if follows else token)
+        for sid in new:
+            req.new_sequences.add(seq_id=sid, block_ids=blocks[sid])
+            req.chunks.add(seq_id=sid, start_pos=0, num_tokens=len(prompts[sid]), sample=True)
+            req.token_ids.extend(prompts[sid])
+        return req
+
+    plain = StageExecutor(stage, stage.make_kv_cache(8, BLOCK, scratch_blocks=1), BLOCK, cuda_graphs=False)
+    s1 = dict(plain.run(step({}, False, new=(0, 1))).samples)
+    s2 = dict(plain.run(step({0: (4, 1, s1[0]), 1: (3, 1, s1[1])}, False)).samples)
+    s3 = dict(plain.run(step({0: (5, 2, s2[0]), 1: (4, 2, s2[1])}, False, new=(2,))).samples)
+
+    ahead = StageExecutor(stage, stage.make_kv_cache(8, BLOCK, scratch_blocks=1), BLOCK, cuda_graphs=True)
+    first = ahead.launch(step({}, False, new=(0, 1)))
+    second = ahead.launch(step({0: (4, 1, None), 1: (3, 1, None)}, True))
+    assert second.route == "decode_graph"
+    a1 = dict(ahead.finish(first).samples)
+    third = ahead.launch(step({0: (5, 2, None), 1: (4, 2, None)}, True, new=(2,)))
+    assert third.route == "mixed_graph"
+    assert (a1, dict(ahead.finish(second).samples), dict(ahead.finish(third).samples)) == (s1, s2, s3)
+
+
 def test_fused_projections_compute_the_same_function(tmp_path):
     """fuse_projections (the GPU layout) must not change outputs; checked on the CPU in float32."""
     path = make_hf_checkpoint(tmp_path, "qwen2")  # with q/k/v biases
