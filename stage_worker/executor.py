@@ -7,9 +7,11 @@ request is refused with INVALID_ARGUMENT and leaves every other sequence untouch
 On CUDA, micro-batches replay a captured CUDA graph (cuda_graphs.py): decode-only ones a graph
 per batch bucket, mixed ones (with prefill chunks) a graph per token bucket; what fits neither
 runs eagerly with the same paged GPU attention. The only host synchronisation in a step is the copy of its
-result out of the GPU: the sampled ids (last stage) or the hidden states into pinned memory.
+result out of the GPU: the sampled ids (last stage) or the hidden states into pinned memory. A chunk
+may follow a sample the gateway has not seen yet (async scheduling): samples.py keeps where each is.
 
-Runs on the worker's single compute thread only (one micro-batch at a time).
+Runs on the worker's single compute thread (one micro-batch at a time); only note_samples and
+refused, on a chain's first stage, are called from the event loop (samples.py says why that is safe).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stagemesh import wire
-from stagemesh.errors import Aborted, InvalidArgument
+from stagemesh.errors import InvalidArgument
 from stagemesh.v1 import stagemesh_pb2 as pb
 
 from stage_worker.attention import AttnMetadata
@@ -29,6 +31,7 @@ from stage_worker.cuda_graphs import DecodeGraphs, MixedGraphs
 from stage_worker.kv_cache import PagedKVCache
 from stage_worker.profile import StepProfiler
 from stage_worker.sampler import SamplingSpec, sample
+from stage_worker.samples import Sample, SampleBook, SampleNotReady, follow_rows, put_samples
 
 MAX_BATCH_TOKENS = 1 << 16
 
@@ -37,23 +40,6 @@ MAX_BATCH_TOKENS = 1 << 16
 class SeqState:
     block_table: list[int]
     sampling: SamplingSpec
-
-
-class SampleNotReady(Exception):
-    """A chunk follows a sample of a micro-batch not launched yet (it arrived second but was
-    taken first): nothing changed; launch it again after the next launch."""
-
-
-@dataclass
-class _Sampled:
-    """The newest sample of a greedy sequence: row `row` of `ids` (the device argmax ids of the
-    micro-batch that drew it), or `token` (a chain's first stage), or, with neither, a refused
-    micro-batch."""
-
-    output_index: int
-    ids: torch.Tensor | None
-    row: int = -1
-    token: int | None = None  # the first stage of a chain: the id, from the answer passing back
 
 
 @dataclass
@@ -81,8 +67,7 @@ class StageExecutor:
         self.mixed_graphs = (MixedGraphs(model, kv, block_size)
                              if cuda_graphs and model.attention_tile_q is not None else None)
         self.seqs: dict[tuple[str, int], SeqState] = {}
-        # (lease, seq) -> where its newest sample is, for chunks that follow it (async scheduling).
-        self._samples: dict[tuple[str, int], _Sampled] = {}
+        self.samples = SampleBook()  # where each greedy sequence's newest sample is (async scheduling)
         self.slowdown = 1.0
         self._lease_seen: dict[str, float] = {}  # lease id -> last Forward (monotonic s)
         self.steps = 0
@@ -97,16 +82,14 @@ class StageExecutor:
         if seq_ids:
             for sid in seq_ids:
                 self.seqs.pop((lease_id, sid), None)
-                self._samples.pop((lease_id, sid), None)
         else:
             for key in [k for k in self.seqs if k[0] == lease_id]:
                 del self.seqs[key]
-            for key in [k for k in list(self._samples) if k[0] == lease_id]:
-                del self._samples[key]
+        self.samples.forget(lease_id, seq_ids)
 
     def reset(self) -> None:
         self.seqs.clear()
-        self._samples.clear()
+        self.samples.clear()
 
     def expire_leases(self, ttl_s: float) -> int:
         """Drop sequences of leases not heard from for ttl_s (their gateway died); returns count."""
@@ -115,8 +98,7 @@ class StageExecutor:
         keys = [k for k in self.seqs if k[0] in dead]
         for key in keys:
             del self.seqs[key]
-        for key in [k for k in list(self._samples) if k[0] in dead]:
-            del self._samples[key]
+        self.samples.drop_leases(dead)
         for lease in dead:
             del self._lease_seen[lease]
         return len(keys)
@@ -167,7 +149,7 @@ class StageExecutor:
             done.hidden = None if self.model.is_last else torch.empty(0, self.model.cfg.hidden_size)
             return done
         chunks = [(c.start_pos, c.num_tokens, tables[c.seq_id]) for c in req.chunks]
-        patch = (lambda ids: _put_samples(follows, ids)) if follows else None
+        patch = (lambda ids: put_samples(follows, ids)) if follows else None
         if self.graphs is not None and self.graphs.accepts(chunks):
             ids = list(req.token_ids) if self.model.is_first else None
             out = self.graphs.run(chunks, ids, hidden, patch)  # [B, H]; row i = chunk i
@@ -271,7 +253,7 @@ class StageExecutor:
         # Commit.
         for sid in finished:
             self.seqs.pop((lease, sid), None)
-            self._samples.pop((lease, sid), None)
+            self.samples.forget(lease, [sid])
         for sid, state in new.items():
             self.seqs[(lease, sid)] = state
         for sid, table in tables.items():
@@ -324,74 +306,38 @@ class StageExecutor:
         for row, ((_, c), is_greedy) in enumerate(zip(done.picks, greedy)):
             if not self.model.is_first:
                 break  # a chain's last stage: the first one notes the samples from its answer
-            key = (req.lease_id, c.seq_id)
-            if is_greedy:
-                self._samples[key] = _Sampled(c.output_index, done.greedy, row)
-            else:
-                self._samples.pop(key, None)
+            self.samples.record(req.lease_id, c.seq_id,
+                                Sample(c.output_index, done.greedy, row) if is_greedy else None)
 
-    def _follows(self, req: pb.ForwardRequest) -> list[tuple[int, _Sampled]]:
-        """(token row, sample on the device) of each chunk whose token is a sample of this stage
-        the gateway has not seen (a single stage: it embeds what it sampled). Later stages of a
-        chain take hidden states and ignore the flag; a chain's first stage resolved it already
-        from the answers passing back through it (resolve_host_follows)."""
+    def _follows(self, req: pb.ForwardRequest) -> list[tuple[int, Sample]]:
+        """(token row, sample on the device) of each chunk that follows a sample of this stage (a
+        single stage embeds what it sampled; samples.py). Later stages of a chain take hidden
+        states and ignore the flag; a chain's first stage resolved it already (resolve_host_follows)."""
         if not (self.model.is_first and self.model.is_last):
             return []
-        return [(row, self._followed(req, c, device=True)) for row, c in _follow_rows(req)]
+        return [(row, self.samples.followed(req, c, self.seqs, device=True)) for row, c in follow_rows(req)]
 
     def resolve_host_follows(self, req: pb.ForwardRequest) -> None:
         """The first stage of a chain: put each followed sample, noted from the answer of the step
         that drew it (note_samples), in its place in req.token_ids and clear the flag. Runs before
-        a TP stage broadcasts the request, so every rank runs the same ids. Raises as _followed;
-        chunks resolved before a raise stay resolved (correctly)."""
+        a TP stage broadcasts the request, so every rank runs the same ids. Chunks resolved before
+        a raise (SampleBook.followed) stay resolved, correctly."""
         if not self.model.is_first or self.model.is_last:
             return
-        for row, c in _follow_rows(req):
-            rec = self._followed(req, c, device=False)
+        for row, c in follow_rows(req):
+            rec = self.samples.followed(req, c, self.seqs, device=False)
             if row >= len(req.token_ids):
                 raise InvalidArgument(f"{len(req.token_ids)} token ids for more scheduled tokens")
             req.token_ids[row] = rec.token
             c.follows_sample = False
 
     def note_samples(self, req: pb.ForwardRequest, samples) -> None:
-        """The first stage of a chain: the answer to `req` came back through it with `samples`
-        (seq_id, token_id), which later steps of the same sequences may follow."""
-        index = {c.seq_id: c.output_index for c in req.chunks if c.sample}
-        for s in samples:
-            key = (req.lease_id, s.seq_id)
-            if s.seq_id in index and key in self.seqs:
-                self._samples[key] = _Sampled(index[s.seq_id], None, token=s.token_id)
-
-    def _followed(self, req: pb.ForwardRequest, c, device: bool) -> _Sampled:
-        """The sample chunk c follows. Raises SampleNotReady when the step that draws it has not
-        been launched (on a chain: answered) yet, and Aborted when that step was refused or a newer
-        one replaced it (the gateway schedules it again)."""
-        key = (req.lease_id, c.seq_id)
-        state = self.seqs.get(key)
-        new = any(ns.seq_id == c.seq_id for ns in req.new_sequences)
-        if c.num_tokens != 1 or c.output_index < 1:
-            raise InvalidArgument(f"sequence {c.seq_id}: a chunk that follows a sample is one token "
-                                  "with output_index >= 1")
-        if state is None and not new:  # announced by the step it follows
-            raise SampleNotReady(f"sequence {c.seq_id} unknown for lease {req.lease_id!r} yet")
-        if state is not None and not state.sampling.greedy and not new:
-            raise InvalidArgument(f"sequence {c.seq_id}: follows_sample needs greedy sampling "
-                                  "(sampled tokens are drawn on the host)")
-        rec = self._samples.get(key)
-        if rec is None or rec.output_index < c.output_index - 1:
-            raise SampleNotReady(f"sequence {c.seq_id}: output {c.output_index - 1} not sampled yet")
-        if rec.output_index != c.output_index - 1 or (rec.ids if device else rec.token) is None:
-            raise Aborted(f"sequence {c.seq_id}: the step that sampled its output "
-                          f"{c.output_index - 1} was refused or replaced; schedule it again")
-        return rec
+        """The first stage of a chain: the answer to `req` came back through it with `samples`."""
+        self.samples.note(req, samples, self.seqs)
 
     def refused(self, req: pb.ForwardRequest) -> None:
-        """A micro-batch failed here or further down the chain: it draws no samples, and chunks
-        that follow them fail at once."""
-        for c in req.chunks:
-            key = (req.lease_id, c.seq_id)
-            if c.sample and key in self.seqs:
-                self._samples[key] = _Sampled(c.output_index, None)
+        """A micro-batch failed here or further down the chain: steps that follow it fail at once."""
+        self.samples.refused(req, self.seqs)
 
 
 @dataclass
@@ -409,28 +355,6 @@ class Launched:
     logits: torch.Tensor | None = None  # [S, V] when some row samples (drawn on the host)
     event: torch.cuda.Event | None = None
     launch_s: float = 0.0
-
-
-def _follow_rows(req: pb.ForwardRequest):
-    """(token row, chunk) of each chunk that follows a sample."""
-    row = 0
-    for c in req.chunks:
-        if c.follows_sample:
-            yield row, c
-        row += c.num_tokens
-
-
-def _put_samples(follows: list[tuple[int, _Sampled]], ids: torch.Tensor) -> None:
-    """Copy each followed sample (device argmax ids of an earlier step, stream-ordered after it)
-    into its row of this step's token ids: no host synchronisation."""
-    groups: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
-    for row, rec in follows:
-        src, dst_rows, src_rows = groups.setdefault(id(rec.ids), (rec.ids, [], []))
-        dst_rows.append(row)
-        src_rows.append(rec.row)
-    for src, dst_rows, src_rows in groups.values():
-        index = torch.tensor([dst_rows, src_rows], pin_memory=ids.is_cuda).to(ids.device, non_blocking=True)
-        ids.index_copy_(0, index[0], src.index_select(0, index[1]).to(ids.dtype))
 
 
 def _to_host_async(t: torch.Tensor) -> torch.Tensor:

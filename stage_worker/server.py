@@ -26,9 +26,10 @@ from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
 from stage_worker.config import WorkerConfig
-from stage_worker.executor import SampleNotReady, StageExecutor
+from stage_worker.executor import StageExecutor
 from stage_worker.loader import load_stage
 from stage_worker.profile import profile_layer
+from stage_worker.samples import SampleNotReady
 from stagemesh.model_config import ModelConfig
 
 
