@@ -85,6 +85,19 @@ class RequestStream:
         )
 
 
+def coalesce(msg: pb.GenerateResponse, queue: asyncio.Queue) -> pb.GenerateResponse:
+    """msg plus every delta already waiting behind it, as one message: a client (or a gateway
+    busy with a large batch) that lags gets one write per turn, not one per step."""
+    while not msg.finish_reason and not queue.empty():
+        nxt = queue.get_nowait()
+        msg.token_ids.extend(nxt.token_ids)
+        msg.text += nxt.text
+        msg.finish_reason = nxt.finish_reason
+        if nxt.HasField("usage"):
+            msg.usage.CopyFrom(nxt.usage)
+    return msg
+
+
 class Gateway:
     """Plan holder and router. Lives on the event loop."""
 
@@ -174,7 +187,7 @@ class Gateway:
                           prompt_tokens=len(prompt_ids), max_tokens=max_tokens)
         try:
             while True:
-                msg = await stream.queue.get()
+                msg = coalesce(await stream.queue.get(), stream.queue)
                 yield msg
                 if msg.finish_reason:
                     return

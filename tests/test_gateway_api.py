@@ -107,3 +107,23 @@ def test_list_models(mesh2):
     with grpc.insecure_channel(mesh2["gateway"]) as ch:
         models = pb_grpc.GenerationStub(ch).ListModels(pb.ListModelsRequest(), timeout=5).models
     assert models[0].vocab_size == VOCAB and models[0].max_model_len == MAX_LEN
+
+
+def test_deltas_waiting_behind_one_go_out_as_one_message():
+    """A stream that lags (a slow client, or a gateway busy with a large batch) gets what waits
+    as one message; concatenating the messages gives the same tokens and text either way."""
+    import asyncio
+
+    from gateway.server import coalesce
+
+    queue = asyncio.Queue()
+    for ids, text in (([2], "b"), ([3, 4], "cd")):
+        queue.put_nowait(pb.GenerateResponse(token_ids=ids, text=text, request_id="r"))
+    queue.put_nowait(pb.GenerateResponse(text="!", finish_reason="length", usage=pb.Usage(completion_tokens=4)))
+    queue.put_nowait(pb.GenerateResponse(token_ids=[9], text="never"))  # nothing follows a finish
+    msg = coalesce(pb.GenerateResponse(token_ids=[1], text="a", request_id="r"), queue)
+    assert (list(msg.token_ids), msg.text, msg.finish_reason, msg.usage.completion_tokens) == (
+        [1, 2, 3, 4], "abcd!", "length", 4)
+    assert queue.qsize() == 1
+    alone = coalesce(pb.GenerateResponse(token_ids=[5], text="e"), asyncio.Queue())
+    assert (list(alone.token_ids), alone.text, alone.finish_reason) == ([5], "e", "")
