@@ -262,22 +262,23 @@ def bench_inproc(model_dir: Path) -> dict:
             ex.run(prefill_req(lease, list(range(s, min(b, s + 16))), 512, 200))
         pos = [512]
 
-        def step(executor):
-            req = pb.ForwardRequest(lease_id=lease, token_ids=[5] * b)
+        def decode_req(start, output_index, follows=False):
+            """One decode token for each of the b sequences (0 in place of a followed sample)."""
+            req = pb.ForwardRequest(lease_id=lease, token_ids=[0 if follows else 5] * b)
             for sid in range(b):
-                req.chunks.add(seq_id=sid, start_pos=pos[0], num_tokens=1, sample=True, output_index=1)
-            executor.run(req)
+                req.chunks.add(seq_id=sid, start_pos=start, num_tokens=1, sample=True,
+                               output_index=output_index, follows_sample=follows)
+            return req
+
+        def step(executor):
+            executor.run(decode_req(pos[0], 1))
             pos[0] += 1
 
         def ahead(n=30):
             """n steps, each launched before the previous one is collected and following its
             samples on the device (async scheduling as the server runs it) -> ms per step."""
             def req_at(i):
-                req = pb.ForwardRequest(lease_id=lease, token_ids=[5 if i == 0 else 0] * b)
-                for sid in range(b):
-                    req.chunks.add(seq_id=sid, start_pos=pos[0] + i, num_tokens=1, sample=True,
-                                   output_index=2 + i, follows_sample=i > 0)
-                return req
+                return decode_req(pos[0] + i, 2 + i, follows=i > 0)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             pending = [ex.launch(req_at(0))]

@@ -7,9 +7,8 @@ flight at once (one per stage at least) and a sequence is in at most one of them
 micro-batch takes about 1/inflight of the runnable decodes.
 
 With `lookahead` (async scheduling; see `SchedulerConfig.async_scheduling`) a greedy sequence
-whose next token is
-being sampled by a micro-batch in flight is also decoded in the next one: its chunk `follows` that
-sample, which the stage puts in place on the device. Every micro-batch then carries all the
+whose next token is being sampled by a micro-batch in flight is also decoded in the next one: its
+chunk `follows` that sample, which the stage puts in place on the device. Every micro-batch then carries all the
 decodes, the stage runs them back to back, and the gateway's round trip hides behind a step (as
 vLLM's and SGLang's async schedulers). The cost: a sequence that stops on EOS or a stop string
 computes one token more, which is dropped.

@@ -123,7 +123,8 @@ class StageExecutor:
             self._profiler.step_begin(self._launches - 1)
         t0 = time.perf_counter()
         try:
-            self.resolve_host_follows(req)  # a chain's first stage (a no-op after the server's call)
+            # A chain's first stage; nothing is left when a TP stage's launch ran it before broadcasting.
+            self.resolve_host_follows(req)
             done = self._launch(req, t0)
         except SampleNotReady:
             self._launches -= 1  # not a step: it is launched again after the next one
@@ -303,9 +304,9 @@ class StageExecutor:
             done.greedy_host = _to_host_async(done.greedy)
         if not all(greedy):
             done.logits = logits  # drawn on the host in finish()
+        if not self.model.is_first:
+            return  # a chain's last stage: the first one notes the samples from its answer
         for row, ((_, c), is_greedy) in enumerate(zip(done.picks, greedy)):
-            if not self.model.is_first:
-                break  # a chain's last stage: the first one notes the samples from its answer
             self.samples.record(req.lease_id, c.seq_id,
                                 Sample(c.output_index, done.greedy, row) if is_greedy else None)
 
