@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -41,7 +43,6 @@ MIXED_SEED = 0
 
 
 THREADS = 0  # --threads: torch CPU threads per worker, passed to `stagemesh up`
-INFLIGHT_PER_STAGE = 0  # --inflight-per-stage
 MESH_ARGS: list[str] = []  # --mesh-args
 
 
@@ -336,12 +337,12 @@ def bench_inproc(model_dir: Path) -> dict:
     print(table, flush=True)
     nxt[0] = 0
     ex.run(prefill_req("prof1", [0], 512, 64))
-    decode_req = pb.ForwardRequest(lease_id="prof1", token_ids=[5])
-    decode_req.chunks.add(seq_id=0, start_pos=512, num_tokens=1, sample=True, output_index=1)
-    ex.run(decode_req)
+    prof_req = pb.ForwardRequest(lease_id="prof1", token_ids=[5])
+    prof_req.chunks.add(seq_id=0, start_pos=512, num_tokens=1, sample=True, output_index=1)
+    ex.run(prof_req)
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(5):
-            ex.run(decode_req)
+            ex.run(prof_req)
         torch.cuda.synchronize()
     events = [e for e in prof.events() if str(e.device_type).endswith("CUDA")]
     res["decode_b1_kernels_per_step"] = len(events) / 5
@@ -362,19 +363,18 @@ def bench_inproc(model_dir: Path) -> dict:
 
 # -- stagemesh over gRPC --------------------------------------------------------------------------
 class Mesh:
-    def __init__(self, model_dir, stages, port, kv_bytes, max_batched_tokens, log_path, device="cuda:0", extra=()):
+    def __init__(self, model_dir, stages, port, kv_bytes, max_batched_tokens, log_path, device="cuda:0", extra=(),
+                 env=None):
         cmd = [sys.executable, "-m", "stagemesh.cli", "up", "--model", str(model_dir), "--stages", str(stages),
                "--port", str(port), "--device", device, "--kv-cache-bytes", str(kv_bytes),
                "--max-batched-tokens", str(max_batched_tokens), *extra]
         if THREADS:
             cmd += ["--threads", str(THREADS)]
-        if INFLIGHT_PER_STAGE:
-            cmd += ["--inflight", str(max(2, INFLIGHT_PER_STAGE * stages))]
         if stages > 1:  # the stages share one GPU: an even split, and no moves (they change no stage's speed)
             cmd += ["--plan", "uniform", "--no-rebalance"]
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**(env or os.environ), "PYTHONUNBUFFERED": "1"})
         self.ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
         self.target = f"127.0.0.1:{port}"
@@ -487,27 +487,63 @@ async def _mesh_suite(target, quick, coordinator) -> dict:
     return res
 
 
+def _mesh_spec(spec: str) -> tuple[int, list[str], bool]:
+    """"N[-sync][-ifK][-mps]": N stages; sync: `--async-scheduling off`; ifK: `--inflight K`;
+    mps: every process of the mesh a client of an MPS server (mps_server), so the stages' kernels
+    can run at once instead of time-slicing the GPU. Returns (N, extra `up` flags, mps)."""
+    n, *modes = str(spec).split("-")
+    extra, mps = [], False
+    for mode in modes:
+        if mode == "sync":
+            extra += ["--async-scheduling", "off"]
+        elif mode.startswith("if") and mode[2:].isdigit():
+            extra += ["--inflight", mode[2:]]
+        elif mode == "mps":
+            mps = True
+        else:
+            raise SystemExit(f"unknown stage spec {spec!r}: N[-sync][-ifK][-mps]")
+    return int(n), extra, mps
+
+
+@contextlib.contextmanager
+def mps_server(out_dir: Path):
+    """An MPS control daemon of this run's own (its pipe and log folders under out_dir): yields
+    the environment that makes a process its client; quit afterwards. Changes no GPU setting:
+    the compute mode stays as found (MPS serves clients in the default mode too)."""
+    pipe, logs = Path(tempfile.mkdtemp(prefix="mps-pipe-")), out_dir / "mps-log"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe), "CUDA_MPS_LOG_DIRECTORY": str(logs)}
+    subprocess.run(["nvidia-cuda-mps-control", "-d"], env=env, check=True)
+    try:
+        yield env
+    finally:
+        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, env=env, timeout=60)
+
+
 def bench_stagemesh(model_dir, stages_list, kv_total, mbt, out_dir, quick, device="cuda:0", suffix="") -> dict:
-    """stages_list: stage counts; "N-sync" runs N stages with `--async-scheduling off`."""
+    """stages_list: stage specs (_mesh_spec), e.g. "1", "1-sync", "4-if2", "2-mps"."""
     res = {}
     for i, spec in enumerate(stages_list):
-        n, _, mode = str(spec).partition("-")
-        n, extra = int(n), (["--async-scheduling", "off"] if mode == "sync" else []) + MESH_ARGS
-        key = f"stagemesh_{n}{'_' + mode if mode else ''}{suffix}"
+        n, extra, mps = _mesh_spec(spec)
+        mode = str(spec).partition("-")[2]
+        key = f"stagemesh_{n}{'_' + mode.replace('-', '_') if mode else ''}{suffix}"
         port = 52000 + 10 * i
-        log(f"stagemesh {n} stage(s) {mode}, --max-batched-tokens {mbt}: starting")
-        mesh = Mesh(model_dir, n, port, kv_total // n, mbt, out_dir / f"mesh_{n}{mode}_{mbt}.log", device, extra)
-        try:
-            up = mesh.wait(400)
-            log(f"  ready after {up:.0f}s")
-            r = asyncio.run(_mesh_suite(mesh.target, quick, mesh.coordinator))
-            r["startup_s"] = up
-            res[key] = r
-        except Exception as exc:  # keep the other stage counts' results
-            log(f"  FAILED: {exc!r}")
-            res[key] = {"error": repr(exc)}
-        finally:
-            mesh.stop()
+        log(f"stagemesh {spec} stage(s), --max-batched-tokens {mbt}: starting")
+        with contextlib.ExitStack() as stack:
+            env = stack.enter_context(mps_server(out_dir)) if mps else None
+            mesh = Mesh(model_dir, n, port, kv_total // n, mbt, out_dir / f"mesh_{spec}_{mbt}.log", device,
+                        extra + MESH_ARGS, env)
+            try:
+                up = mesh.wait(400)
+                log(f"  ready after {up:.0f}s")
+                r = asyncio.run(_mesh_suite(mesh.target, quick, mesh.coordinator))
+                r["startup_s"] = up
+                res[key] = r
+            except Exception as exc:  # keep the other stage counts' results
+                log(f"  FAILED: {exc!r}")
+                res[key] = {"error": repr(exc)}
+            finally:
+                mesh.stop()
     return res
 
 
@@ -608,8 +644,8 @@ def table(res: dict, device: str) -> str:
     def f(v, fmt="{:.0f}"):
         return fmt.format(v) if isinstance(v, (int, float)) else "-"
 
-    for key in ("stagemesh_1", "stagemesh_1_sync", "stagemesh_2", "stagemesh_4", "hf_dynamic", "hf_static",
-                "hf_generate_batch"):
+    meshes = [k for k, v in res.items() if k.startswith("stagemesh_") and isinstance(v, dict) and "error" not in v]
+    for key in (*meshes, "hf_dynamic", "hf_static", "hf_generate_batch"):
         r = res.get(key)
         if not r:
             continue
@@ -621,13 +657,13 @@ def table(res: dict, device: str) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         lines.append(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
-    for n in (2, 4):
-        m = res.get(f"stagemesh_{n}", {}).get("mixed_tok_s")
-        if m and one:
-            lines.append(f"{n} stages / 1 stage (mixed): {m / one:.2f}")
+    for key in meshes:
+        m = res[key].get("mixed_tok_s")
+        if m and one and key != "stagemesh_1":
+            lines.append(f"{key} / stagemesh_1 (mixed): {m / one:.2f}")
     ref_tokens = res.get("stagemesh_1", {}).get("decode_b1_tokens")
-    for key in ("stagemesh_1_sync", "stagemesh_2", "stagemesh_4"):
-        other = res.get(key, {}).get("decode_b1_tokens")
+    for key in meshes:
+        other = res[key].get("decode_b1_tokens") if key != "stagemesh_1" else None
         if ref_tokens and other:
             lines.append(f"batch-1 greedy tokens of {key} equal stagemesh_1's: {other == ref_tokens}")
     for k in ("prefill_512_ms", "prefill_2048_ms", "decode_step_b1_graph_ms", "decode_step_b1_ahead_ms",
@@ -643,7 +679,8 @@ def main():
     ap.add_argument("--only", default="inproc,stagemesh,reference")
     ap.add_argument("--model-dir", default="/tmp/llama8b-random")
     ap.add_argument("--stages", default="1,1-sync,2,4",
-                    help="stage counts to run; N-sync: N stages without async scheduling")
+                    help="stage specs to run: N[-sync][-ifK][-mps] (sync: async scheduling off; ifK: "
+                         "--inflight K; mps: the mesh's processes as clients of an MPS server)")
     ap.add_argument("--kv-total-bytes", type=int, default=30 * 2**30)
     ap.add_argument("--max-batched-tokens", type=int, default=4096)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -651,14 +688,12 @@ def main():
     ap.add_argument("--quick", action="store_true", help="64 mixed requests instead of 256")
     ap.add_argument("--mesh-device", default="cuda:0", help="cpu: a smoke test of the script itself")
     ap.add_argument("--suffix", default="", help="appended to the stagemesh result keys (knob sweeps)")
-    ap.add_argument("--inflight-per-stage", type=int, default=0,
-                    help="micro-batches in flight = this x stages (0: stagemesh's default, max(2, stages))")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (0: stagemesh's default)")
     ap.add_argument("--mesh-args", default="", help="more `stagemesh up` flags, e.g. '--log-level debug' (the "
                                                    "gateway then logs every step's round trip and stage times)")
     args = ap.parse_args()
-    global THREADS, INFLIGHT_PER_STAGE
-    THREADS, INFLIGHT_PER_STAGE = args.threads, args.inflight_per_stage
+    global THREADS
+    THREADS = args.threads
     MESH_ARGS[:] = args.mesh_args.split()
     import torch
 

@@ -32,6 +32,14 @@ from gateway.scheduler import Scheduler, SchedulerConfig, StepPlan
 from gateway.sequence import Sequence, Status
 
 
+def inflight_for(configured: int, num_stages: int, separate_decodes: bool) -> int:
+    """Micro-batches in flight on a replica: as configured, or (0) enough to keep every stage busy;
+    with the decodes' own chain (async scheduling on a chain) it holds two slots more."""
+    if configured:
+        return configured
+    return num_stages + 2 if separate_decodes else max(2, num_stages)
+
+
 class TokenSink(Protocol):
     """Receives a sequence's progress; implemented by the request handler."""
 
@@ -162,12 +170,10 @@ class ReplicaEngine:
         self.generation += 1
         self._channel = secure_channel(plan.first_address, self.tls, options=GRPC_OPTIONS)
         self._stub = pb_grpc.StageStub(self._channel)
-        inflight = max(self.sched_config.inflight_target, plan.num_stages)
         mode = self.sched_config.async_scheduling
         lookahead = mode == "on" or (mode == "auto" and plan.num_stages == 1)
         separate = lookahead and plan.num_stages > 1
-        if separate:  # the decodes' chain holds two slots; prefill micro-batches fill the stages
-            inflight = max(inflight, plan.num_stages + 2)
+        inflight = inflight_for(self.sched_config.inflight_target, plan.num_stages, separate)
         config = SchedulerConfig(**{**self.sched_config.__dict__, "inflight_target": inflight,
                                     "lookahead": lookahead, "separate_decodes": separate})
         self._last_sent = None  # a new chain's answers need not wait for the old one's

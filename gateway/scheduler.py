@@ -37,7 +37,11 @@ class SchedulerConfig:
     max_seqs_per_batch: int = 256
     max_running: int = 256  # sequences holding KV at once
     max_waiting: int = 1024  # queue bound: past it, RESOURCE_EXHAUSTED
-    inflight_target: int = 2  # micro-batches kept in flight (>= number of stages)
+    # Micro-batches kept in flight. 0 (the gateway's default): the engine puts max(2, stages) of
+    # the replica's plan. Fewer than the stages leaves a stage idle on separate GPUs; stages that
+    # share one GPU run one at a time anyway, and fewer, larger decode micro-batches read the
+    # weights fewer times.
+    inflight_target: int = 2
     # Async scheduling: "auto" on single-stage replicas, "on" on every replica, "off" never. The
     # engine turns it into `lookahead` per replica. On a chain the decodes then wait for their
     # samples to come back through every stage (measured on one H100 shared by 2 / 4 stages:
@@ -52,9 +56,11 @@ class SchedulerConfig:
     def __post_init__(self):
         if self.async_scheduling not in ("auto", "on", "off"):
             raise ValueError(f"async_scheduling must be auto, on or off, got {self.async_scheduling!r}")
-        for name in ("max_batched_tokens", "max_seqs_per_batch", "max_running", "max_waiting", "inflight_target"):
+        for name in ("max_batched_tokens", "max_seqs_per_batch", "max_running", "max_waiting"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SchedulerConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.inflight_target < 0:
+            raise ValueError(f"SchedulerConfig.inflight_target must be >= 0 (0: auto), got {self.inflight_target}")
 
 
 @dataclass
@@ -93,6 +99,8 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        if config.inflight_target < 1:
+            raise ValueError("the engine resolves inflight_target 0 (auto) before building a Scheduler")
         self.config = config
         self.bm = block_manager
         self._waiting: list[tuple[int, float, int, Sequence]] = []  # heap by (priority, arrival)

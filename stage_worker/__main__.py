@@ -20,10 +20,9 @@ from stagemesh.proc import wait_for_signal
 from stagemesh.reflection import enable_reflection
 from stagemesh.security import add_port, add_tls_flags, tls_from_args
 from stagemesh.v1 import stagemesh_pb2 as pb
-from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
 from stage_worker.config import WorkerConfig
-from stage_worker.server import StageService, heartbeat_loop, lease_expiry_loop
+from stage_worker.server import StageService, add_stage_service, heartbeat_loop, lease_expiry_loop
 
 
 def parse_args(argv=None):
@@ -71,7 +70,7 @@ async def serve(config: WorkerConfig, log, consul: discovery.ConsulConfig | None
     else:
         service = StageService(config, log)
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    pb_grpc.add_StageServicer_to_server(service, server)
+    add_stage_service(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, pb.DESCRIPTOR, "Stage")

@@ -110,14 +110,15 @@ class StageExecutor:
         return sum(self._recent_us) / len(self._recent_us) if self._recent_us else 0.0
 
     # -- execution -----------------------------------------------------------------------------
-    def run(self, req: pb.ForwardRequest) -> StepOutput:
+    def run(self, req: pb.ForwardRequest, hidden=None) -> StepOutput:
         """One micro-batch start to finish (launch, then finish)."""
-        return self.finish(self.launch(req))
+        return self.finish(self.launch(req, hidden))
 
-    def launch(self, req: pb.ForwardRequest) -> "Launched":
+    def launch(self, req: pb.ForwardRequest, hidden=None) -> "Launched":
         """Validate, apply the deltas, and queue the step's GPU work (forward, logits, argmax or the
         copy of the hidden states to pinned memory); returns before the GPU is done, so the server
-        can launch the next micro-batch while this one runs. On the CPU the work is done here."""
+        can launch the next micro-batch while this one runs. On the CPU the work is done here.
+        hidden: the hidden states as received (wire.parse_forward); None: `req.hidden`."""
         self._launches += 1
         if self._profiler is not None:
             self._profiler.step_begin(self._launches - 1)
@@ -125,7 +126,7 @@ class StageExecutor:
         try:
             # A chain's first stage; nothing is left when a TP stage's launch ran it before broadcasting.
             self.resolve_host_follows(req)
-            done = self._launch(req, t0)
+            done = self._launch(req, t0, hidden)
         except SampleNotReady:
             self._launches -= 1  # not a step: it is launched again after the next one
             raise
@@ -137,12 +138,12 @@ class StageExecutor:
             time.sleep(done.launch_s * (self.slowdown - 1.0))
         return done
 
-    def _launch(self, req: pb.ForwardRequest, t0: float) -> "Launched":
+    def _launch(self, req: pb.ForwardRequest, t0: float, hidden) -> "Launched":
         if any(c.num_tokens <= 0 for c in req.chunks):
             raise InvalidArgument("every chunk needs num_tokens >= 1")
         # Check the payload before the deltas are committed: a refused request changes nothing.
         num_tokens = sum(c.num_tokens for c in req.chunks)
-        input_ids, hidden = self._inputs(req, num_tokens)
+        input_ids, hidden = self._inputs(req, num_tokens, hidden)
         follows = self._follows(req)
         tables = self._apply_deltas(req)
         done = Launched(t0, "none", num_tokens)
@@ -266,7 +267,7 @@ class StageExecutor:
             if not 0 <= b < self.num_blocks:
                 raise InvalidArgument(f"{what}: block id {b} outside this stage's pool [0, {self.num_blocks})")
 
-    def _inputs(self, req: pb.ForwardRequest, num_tokens: int):
+    def _inputs(self, req: pb.ForwardRequest, num_tokens: int, hidden):
         if self.model.is_first:
             if len(req.token_ids) != num_tokens:
                 raise InvalidArgument(f"{len(req.token_ids)} token ids for {num_tokens} scheduled tokens")
@@ -277,9 +278,11 @@ class StageExecutor:
             return ids, None  # on the host: run() moves it (or the graph path copies it)
         if num_tokens == 0:
             return None, None
-        if not req.HasField("hidden"):
-            raise InvalidArgument("this stage is not the first: the request must carry hidden states")
-        hidden = wire.decode(req.hidden)
+        if hidden is None:
+            if not req.HasField("hidden"):
+                raise InvalidArgument("this stage is not the first: the request must carry hidden states")
+            hidden = req.hidden
+        hidden = wire.decode(hidden, aligned=self.device.type == "cpu")
         expect = (num_tokens, self.model.cfg.hidden_size)
         if tuple(hidden.shape) != expect:
             raise InvalidArgument(f"hidden states of shape {tuple(hidden.shape)}, expected {expect}")

@@ -42,6 +42,23 @@ class Loaded:
     executor: StageExecutor
     next_stub: pb_grpc.StageStub | None
     next_channel: grpc.aio.Channel | None
+    next_forward: grpc.aio.UnaryUnaryMultiCallable | None  # Forward taking wire.forward_bytes
+
+
+def add_stage_service(service: "StageService", server: grpc.aio.Server) -> None:
+    """The generated registration, except that Forward's request is read by wire.parse_forward:
+    the hidden states stay in the received bytes (the handler gets a wire.ForwardIn)."""
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(service, name), request_deserializer=parse, response_serializer=response.SerializeToString)
+        for name, parse, response in (
+            ("Forward", wire.parse_forward, pb.ForwardResponse),
+            ("Release", pb.ReleaseRequest.FromString, pb.ReleaseResponse),
+            ("Stats", pb.StatsRequest.FromString, pb.StatsResponse),
+            ("SetSlowdown", pb.SetSlowdownRequest.FromString, pb.SetSlowdownResponse),
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("stagemesh.v1.Stage", handlers),))
 
 
 class StageService(pb_grpc.StageServicer):
@@ -64,13 +81,14 @@ class StageService(pb_grpc.StageServicer):
         self._launched = asyncio.Event()  # set (and replaced) at every tick
 
     @grpc_errors
-    async def Forward(self, request, context):
+    async def Forward(self, received: wire.ForwardIn, context):
         # A micro-batch holds many requests: its log lines carry the lease and step ids, and the
         # gateway's `step_sent` debug line maps a step id to its request ids.
+        request = received.request
         with bound_contextvars(lease_id=request.lease_id, step_id=request.step_id):
-            return await self._forward(request, context)
+            return await self._forward(request, received.hidden, context)
 
-    async def _forward(self, request, context):
+    async def _forward(self, request, hidden, context):
         loaded = self.loaded
         if loaded is None:
             raise Unavailable("this stage has not loaded its layers yet")
@@ -78,9 +96,9 @@ class StageService(pb_grpc.StageServicer):
             raise FailedPrecondition(
                 f"stale plan epoch {request.epoch}: this stage serves epoch {loaded.assignment.epoch}; refresh the plan"
             )
-        launched = await self._launch(loaded.executor, request, context)
+        launched = await self._launch(loaded.executor, request, hidden, context)
         loop = asyncio.get_running_loop()
-        out = await loop.run_in_executor(self._finish, loaded.executor.finish, launched)
+        out, nxt = await loop.run_in_executor(self._finish, self._finish_step, loaded, launched, request)
         metrics.STAGE_STEP.labels(str(loaded.assignment.stage_index)).observe(out.compute_us / 1e6)
         if self._debug:
             self.log.debug("forward", tokens=sum(c.num_tokens for c in request.chunks), seqs=len(request.chunks),
@@ -90,15 +108,10 @@ class StageService(pb_grpc.StageServicer):
                 samples=[pb.SampledToken(seq_id=s, token_id=t) for s, t in out.samples],
                 stage_compute_us=[out.compute_us],
             )
-        # Forward the same message: the deltas pass on unchanged, only the payload differs
-        # (no copy of the per-sequence chunks; the executor is done with the request).
-        nxt = request
-        nxt.ClearField("token_ids")
-        nxt.hidden.CopyFrom(wire.encode(out.hidden))
         remaining = context.time_remaining()
         first = loaded.executor.model.is_first
         try:
-            resp = await loaded.next_stub.Forward(nxt, timeout=remaining)
+            resp = await loaded.next_forward(nxt, timeout=remaining)
         except grpc.aio.AioRpcError as exc:
             if first:
                 loaded.executor.refused(request)  # steps that follow its samples fail at once
@@ -113,7 +126,16 @@ class StageService(pb_grpc.StageServicer):
         resp.stage_compute_us.insert(0, out.compute_us)
         return resp
 
-    async def _launch(self, executor, request, context):
+    def _finish_step(self, loaded: Loaded, launched, request: pb.ForwardRequest):
+        """On the finish thread: wait for the step, and serialise the next stage's request (the
+        same deltas, this stage's hidden states for the token ids) off the event loop."""
+        out = loaded.executor.finish(launched)
+        if loaded.next_forward is None:
+            return out, None
+        request.ClearField("token_ids")  # the executor is done with the request
+        return out, wire.forward_bytes(request, out.hidden)
+
+    async def _launch(self, executor, request, hidden, context):
         """Launch on the compute thread. A step that follows a sample not there yet (two steps
         of one gateway taken out of order; on a chain's first stage, the answer of the step before
         still on its way back) waits for the next launch or answer and tries again; after
@@ -123,7 +145,7 @@ class StageService(pb_grpc.StageServicer):
         while True:
             before = self._ticks
             try:
-                return await loop.run_in_executor(self._compute, executor.launch, request)
+                return await loop.run_in_executor(self._compute, executor.launch, request, hidden)
             except SampleNotReady as exc:
                 if loop.time() >= deadline:
                     raise Aborted(f"{exc}: the step that samples it never came") from None
@@ -196,9 +218,11 @@ class StageService(pb_grpc.StageServicer):
             await current.next_channel.close()
         channel = secure_channel(a.next_address, self.config.tls, options=GRPC_OPTIONS) if a.next_address else None
         stub = pb_grpc.StageStub(channel) if channel else None
+        forward = channel.unary_unary("/stagemesh.v1.Stage/Forward",  # takes wire.forward_bytes
+                                      response_deserializer=pb.ForwardResponse.FromString) if channel else None
         assignment = pb.Assignment()
         assignment.CopyFrom(a)
-        self.loaded = Loaded(assignment, executor, stub, channel)
+        self.loaded = Loaded(assignment, executor, stub, channel, forward)
         self.log.info("assignment_loaded", epoch=a.epoch, layers=f"[{a.layer_start},{a.layer_end})",
                       num_blocks=executor.num_blocks, next=a.next_address or "-")
 

@@ -28,6 +28,8 @@ from datetime import timedelta
 
 import torch
 
+from stagemesh import wire
+from stagemesh.errors import InvalidArgument
 from stagemesh.net import free_port
 from stagemesh.v1 import stagemesh_pb2 as pb
 
@@ -107,13 +109,19 @@ class TPExecutor:
     def __setattr__(self, name, value):  # slowdown
         setattr(self.inner, name, value)
 
-    def run(self, req: pb.ForwardRequest):
-        return self.finish(self.launch(req))
+    def run(self, req: pb.ForwardRequest, hidden=None):
+        return self.finish(self.launch(req, hidden))
 
-    def launch(self, req: pb.ForwardRequest):
+    def launch(self, req: pb.ForwardRequest, hidden=None):
         self.inner.resolve_host_follows(req)  # the followers get the ids, not the flags
-        self.group.send("run", req.SerializeToString())
-        return self.inner.launch(req)
+        payload = req.SerializeToString()
+        if hidden is not None:
+            try:
+                payload = wire.forward_bytes(req, wire.decode(hidden))
+            except InvalidArgument:
+                pass  # refused on every rank: here by launch, on the followers for want of hidden states
+        self.group.send("run", payload)
+        return self.inner.launch(req, hidden)
 
     def finish(self, launched):
         return self.inner.finish(launched)
@@ -190,7 +198,8 @@ def follow(group: TPGroup, model_dir: str, block_size: int) -> None:
             executor = make_executor(model, num_blocks, block_size)
         elif op == "run":
             try:
-                executor.run(pb.ForwardRequest.FromString(cmd[1]))
+                received = wire.parse_forward(cmd[1])
+                executor.run(received.request, received.hidden)
             except Exception:  # noqa: BLE001 - rank 0 refused it too (validation runs first)
                 pass
         elif op == "release":

@@ -91,7 +91,7 @@ class Mesh:
         for i in range(n_workers):
             self._spawn(f"worker{i}", [*worker_cmd, *self._metrics_args(10 + i)], timeout_s, wait=False)
         gw_cmd = [py, "-m", "gateway", "--model", cfg.model_dir, "--coordinator", coord, "--host", cfg.host,
-                  "--port", str(cfg.port), "--inflight", str(cfg.inflight or max(2, cfg.stages)),
+                  "--port", str(cfg.port), "--inflight", str(cfg.inflight),
                   "--max-batched-tokens", str(cfg.max_batched_tokens), "--max-running", str(cfg.max_running),
                   "--routing", cfg.routing, "--routing-weight", str(cfg.routing_weight), "--http-port", str(cfg.http_port), "--log-level", cfg.log_level,
                   *cache_args, *self._metrics_args(0), *tls,

@@ -256,3 +256,13 @@ def test_separate_decodes_keep_prefill_chunks_out_of_decode_micro_batches():
     assert [(c.seq, c.num_tokens, c.follows) for c in decode.chunks] == [(a, 1, False)]
     assert [(c.seq, c.num_tokens, c.follows) for c in follow.chunks] == [(a, 1, True)]
     assert [(c.seq, c.num_tokens) for c in prefill.chunks] == [(b, 6)]
+
+
+def test_inflight_as_configured_or_enough_for_every_stage():
+    from gateway.engine import inflight_for
+
+    assert [inflight_for(0, n, False) for n in (1, 2, 4)] == [2, 2, 4]
+    assert inflight_for(0, 3, True) == 5  # the decodes' own chain holds two slots
+    assert inflight_for(2, 4, False) == 2 and inflight_for(1, 4, True) == 1  # as configured, even below the stages
+    with pytest.raises(ValueError):
+        create_scheduler(inflight_target=0)  # 0 (auto) is the engine's to resolve
