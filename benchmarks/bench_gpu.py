@@ -44,6 +44,7 @@ MIXED_SEED = 0
 
 THREADS = 0  # --threads: torch CPU threads per worker, passed to `stagemesh up`
 MESH_ARGS: list[str] = []  # --mesh-args
+PY_SPY: list = []  # --py-spy: [py-spy binary, output folder, label of the mesh being measured]
 
 
 def log(*a):
@@ -438,12 +439,33 @@ def _stop_util_sampler(proc):
     return round(statistics.mean(vals), 1) if vals else None
 
 
-async def _stage_busy(coordinator: str) -> list[tuple[int, float]]:
-    """(steps, compute seconds) of every stage so far, from Stage.Stats."""
+async def _stage_busy(coordinator: str) -> list[tuple[int, float, float]]:
+    """(steps, compute seconds, seconds the GPU waited between steps) of every stage so far."""
     from stagemesh.status import collect
 
     status = await collect(coordinator)
-    return [(s["steps"], s["compute_s_total"]) for r in status["replicas"] for s in r["stages"]]
+    return [(s["steps"], s["compute_s_total"], s["gpu_wait_s_total"]) for r in status["replicas"] for s in r["stages"]]
+
+
+def _start_py_spy() -> list[subprocess.Popen]:
+    """With --py-spy: sample the gateway's and every stage worker's Python stacks for the mixed
+    run (py-spy record, non-blocking, collapsed stacks: benchmarks/pyspy_top.py summarises)."""
+    if not PY_SPY:
+        return []
+    binary, out, label = PY_SPY
+    procs = []
+    for pid in os.listdir("/proc"):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        role = next((a.decode() for a in argv if a in (b"gateway", b"stage_worker")), None)
+        if role and b"-m" in argv:
+            path = out / f"pyspy_{label}_{role}_{pid}.txt"
+            procs.append(subprocess.Popen([binary, "record", "--pid", pid, "--rate", "250", "--duration", "6",
+                                           "--nonblocking", "--threads", "--format", "raw", "--output", str(path)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return procs
 
 
 async def _mesh_suite(target, quick, coordinator) -> dict:
@@ -466,6 +488,7 @@ async def _mesh_suite(target, quick, coordinator) -> dict:
         log(f"  batch-1 decode: {res['decode_b1_tok_s']:.1f} tok/s ({[round(r, 1) for r in rates]})")
         work = mixed_workload(64 if quick else 256)
         smi = _start_util_sampler()
+        spies = _start_py_spy()
         busy0 = await _stage_busy(coordinator)
         t0 = time.perf_counter()
         outs = await asyncio.gather(*[client.generate(prompt_ids=p, max_tokens=o, ignore_eos=True, timeout=900)
@@ -474,9 +497,12 @@ async def _mesh_suite(target, quick, coordinator) -> dict:
         busy1 = await _stage_busy(coordinator)
         res["mixed_stage_steps"] = [b[0] - a[0] for a, b in zip(busy0, busy1)]
         res["mixed_stage_busy_pct"] = [round(100 * (b[1] - a[1]) / wall, 1) for a, b in zip(busy0, busy1)]
+        res["mixed_stage_gpu_wait_s"] = [round(b[2] - a[2], 3) for a, b in zip(busy0, busy1)]
         log(f"  mixed: per stage, steps {res['mixed_stage_steps']}, compute busy {res['mixed_stage_busy_pct']}% "
-            f"of wall time")
+            f"of wall time, GPU idle between steps {res['mixed_stage_gpu_wait_s']} s of {wall:.2f} s")
         res["mixed_gpu_util_pct"] = _stop_util_sampler(smi)
+        for spy in spies:
+            spy.wait(60)
         log(f"  mixed: GPU busy (nvidia-smi utilization, 100 ms samples) {res['mixed_gpu_util_pct']}%")
         gen = sum(o.completion_tokens for o in outs)
         assert all(o.completion_tokens == w[1] for o, w in zip(outs, work)), "a request stopped early"
@@ -533,6 +559,8 @@ def bench_stagemesh(model_dir, stages_list, kv_total, mbt, out_dir, quick, devic
             env = stack.enter_context(mps_server(out_dir)) if mps else None
             mesh = Mesh(model_dir, n, port, kv_total // n, mbt, out_dir / f"mesh_{spec}_{mbt}.log", device,
                         extra + MESH_ARGS, env)
+            if PY_SPY:
+                PY_SPY[2] = spec
             try:
                 up = mesh.wait(400)
                 log(f"  ready after {up:.0f}s")
@@ -691,10 +719,13 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (0: stagemesh's default)")
     ap.add_argument("--mesh-args", default="", help="more `stagemesh up` flags, e.g. '--log-level debug' (the "
                                                    "gateway then logs every step's round trip and stage times)")
+    ap.add_argument("--py-spy", default="", help="py-spy binary: sample the mesh's processes during the mixed run")
     args = ap.parse_args()
     global THREADS
     THREADS = args.threads
     MESH_ARGS[:] = args.mesh_args.split()
+    if args.py_spy:
+        PY_SPY[:] = [args.py_spy, Path(args.out), ""]
     import torch
 
     out = Path(args.out)

@@ -73,6 +73,8 @@ class StageExecutor:
         self.steps = 0
         self._launches = 0  # launches run ahead of `steps` (counted when finished)
         self.compute_us_total = 0
+        self.gpu_wait_us_total = 0.0  # CUDA: the device idle between steps (gaps < 1 s)
+        self._last_end: torch.cuda.Event | None = None  # the end of the last finished step
         self._recent_us: deque[int] = deque(maxlen=64)
         self._profiler = StepProfiler.from_env(self.device)
         self._side_stream = None  # finish(): sampling off the compute stream (CUDA)
@@ -151,6 +153,9 @@ class StageExecutor:
             done.hidden = None if self.model.is_last else torch.empty(0, self.model.cfg.hidden_size)
             return done
         chunks = [(c.start_pos, c.num_tokens, tables[c.seq_id]) for c in req.chunks]
+        if self.device.type == "cuda":  # the stream reaches it once the step before is done
+            done.start = torch.cuda.Event(enable_timing=True)
+            done.start.record()
         patch = (lambda ids: put_samples(follows, ids)) if follows else None
         if self.graphs is not None and self.graphs.accepts(chunks):
             ids = list(req.token_ids) if self.model.is_first else None
@@ -176,7 +181,7 @@ class StageExecutor:
         else:
             done.hidden = _to_host_async(out)
         if self.device.type == "cuda":
-            done.event = torch.cuda.Event()
+            done.event = torch.cuda.Event(enable_timing=True)
             done.event.record()
         return done
 
@@ -194,6 +199,12 @@ class StageExecutor:
             result.samples = [(c.seq_id, t) for (_, c), t in zip(done.picks, tokens)]
         if done.route == "none":
             return result
+        if done.start is not None:  # finish runs in launch order, which is the stream's order
+            if self._last_end is not None:
+                gap_ms = self._last_end.elapsed_time(done.start)
+                if gap_ms < 1000.0:  # longer: nothing to do, not a stage kept waiting
+                    self.gpu_wait_us_total += max(0.0, gap_ms) * 1e3
+            self._last_end = done.event
         # Launch (stretched by the slowdown knob) and the wait, not the queueing in between.
         busy_s = done.launch_s * max(1.0, self.slowdown) + time.perf_counter() - t1
         result.compute_us = int(busy_s * 1e6)
@@ -283,6 +294,10 @@ class StageExecutor:
                 raise InvalidArgument("this stage is not the first: the request must carry hidden states")
             hidden = req.hidden
         hidden = wire.decode(hidden, aligned=self.device.type == "cpu")
+        if self.device.type == "cuda":
+            # A copy from pageable memory waits for the GPU work queued before it (the driver
+            # stages it through a small pinned buffer): from pinned memory the step launches ahead.
+            hidden = hidden.pin_memory()
         expect = (num_tokens, self.model.cfg.hidden_size)
         if tuple(hidden.shape) != expect:
             raise InvalidArgument(f"hidden states of shape {tuple(hidden.shape)}, expected {expect}")
@@ -357,7 +372,8 @@ class Launched:
     greedy: torch.Tensor | None = None  # [S] argmax ids on the device (some row greedy)
     greedy_host: torch.Tensor | None = None  # their pinned host copy, valid after the event
     logits: torch.Tensor | None = None  # [S, V] when some row samples (drawn on the host)
-    event: torch.cuda.Event | None = None
+    event: torch.cuda.Event | None = None  # the end of the step's GPU work
+    start: torch.cuda.Event | None = None  # its start (what came before it on the stream is done)
     launch_s: float = 0.0
 
 

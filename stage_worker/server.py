@@ -193,6 +193,7 @@ class StageService(pb_grpc.StageServicer):
         return pb.StatsResponse(
             num_blocks=ex.num_blocks, blocks_in_use=ex.blocks_in_use(), live_sequences=len(ex.seqs),
             steps=ex.steps, mean_step_us=ex.mean_step_us(), compute_us_total=ex.compute_us_total,
+            gpu_wait_us_total=int(ex.gpu_wait_us_total),
             layer_start=a.layer_start, layer_end=a.layer_end, epoch=a.epoch,
         )
 

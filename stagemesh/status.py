@@ -47,6 +47,7 @@ async def _stats(address: str, timeout_s: float) -> dict:
     return {"reachable": True, "loaded_epoch": st.epoch, "live_sequences": st.live_sequences,
             "steps": st.steps, "mean_step_ms": round(st.mean_step_us / 1e3, 3),
             "compute_s_total": round(st.compute_us_total / 1e6, 3),
+            "gpu_wait_s_total": round(st.gpu_wait_us_total / 1e6, 3),
             "kv_blocks_total": st.num_blocks, "kv_blocks_used": st.blocks_in_use}
 
 

@@ -199,7 +199,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("num_blocks", "blocks_in_use", "live_sequences", "steps", "mean_step_us", "layer_start", "layer_end", "epoch", "compute_us_total")
+    __slots__ = ("num_blocks", "blocks_in_use", "live_sequences", "steps", "mean_step_us", "layer_start", "layer_end", "epoch", "compute_us_total", "gpu_wait_us_total")
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_IN_USE_FIELD_NUMBER: _ClassVar[int]
     LIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,7 @@ class StatsResponse(_message.Message):
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_US_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    GPU_WAIT_US_TOTAL_FIELD_NUMBER: _ClassVar[int]
     num_blocks: int
     blocks_in_use: int
     live_sequences: int
@@ -218,7 +219,8 @@ class StatsResponse(_message.Message):
     layer_end: int
     epoch: int
     compute_us_total: int
-    def __init__(self, num_blocks: _Optional[int] = ..., blocks_in_use: _Optional[int] = ..., live_sequences: _Optional[int] = ..., steps: _Optional[int] = ..., mean_step_us: _Optional[float] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., epoch: _Optional[int] = ..., compute_us_total: _Optional[int] = ...) -> None: ...
+    gpu_wait_us_total: int
+    def __init__(self, num_blocks: _Optional[int] = ..., blocks_in_use: _Optional[int] = ..., live_sequences: _Optional[int] = ..., steps: _Optional[int] = ..., mean_step_us: _Optional[float] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., epoch: _Optional[int] = ..., compute_us_total: _Optional[int] = ..., gpu_wait_us_total: _Optional[int] = ...) -> None: ...
 
 class ReportFailureRequest(_message.Message):
     __slots__ = ("replica", "epoch", "detail")
