@@ -10,8 +10,9 @@ With `lookahead` (async scheduling; see `SchedulerConfig.async_scheduling`) a gr
 whose next token is being sampled by a micro-batch in flight is also decoded in the next one: its
 chunk `follows` that sample, which the stage puts in place on the device. Every micro-batch then carries all the
 decodes, the stage runs them back to back, and the gateway's round trip hides behind a step (as
-vLLM's and SGLang's async schedulers). The cost: a sequence that stops on EOS or a stop string
-computes one token more, which is dropped.
+vLLM's and SGLang's async schedulers). With `lookahead_depth` k, up to k steps follow one after
+the other (a single stage: k = 2). The cost: a sequence that stops on EOS or a stop string
+computes up to k tokens more, which are dropped.
 
 Pure Python: no torch, no grpc. Called from the gateway's event loop only.
 """
@@ -37,8 +38,8 @@ class SchedulerConfig:
     max_seqs_per_batch: int = 256
     max_running: int = 256  # sequences holding KV at once
     max_waiting: int = 1024  # queue bound: past it, RESOURCE_EXHAUSTED
-    # Micro-batches kept in flight. 0 (the gateway's default): the engine puts max(2, stages) of
-    # the replica's plan. Fewer than the stages leaves stages idle (measured slower even with four
+    # Micro-batches kept in flight. 0 (the gateway's default): the engine's inflight_for (3 on a
+    # single stage with async scheduling, else max(2, stages) of the replica's plan). Fewer than the stages leaves stages idle (measured slower even with four
     # stages time-slicing one GPU, where fewer, larger decode micro-batches read the weights less).
     inflight_target: int = 2
     # Async scheduling: "auto" on single-stage replicas, "on" on every replica, "off" never. The
@@ -48,6 +49,10 @@ class SchedulerConfig:
     # leaves chains to split decodes across micro-batches that pipeline.
     async_scheduling: str = "auto"
     lookahead: bool = False  # decode greedy sequences again while their sample is in flight
+    # How many steps of one sequence may be in flight at once with lookahead, each following the
+    # sample of the one before (a single stage keeps every sample on its device; on a chain a
+    # follower waits for its sample's answer at the first stage, so chains keep 1).
+    lookahead_depth: int = 1
     # Decodes in micro-batches of their own, prefill chunks in others (lookahead on a chain: the
     # decodes' chain of samples then never waits behind a prefill's hidden states on the wire).
     separate_decodes: bool = False
@@ -58,6 +63,8 @@ class SchedulerConfig:
         for name in ("max_batched_tokens", "max_seqs_per_batch", "max_running", "max_waiting"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SchedulerConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.lookahead_depth < 1:
+            raise ValueError(f"SchedulerConfig.lookahead_depth must be >= 1, got {self.lookahead_depth}")
         if self.inflight_target < 0:
             raise ValueError(f"SchedulerConfig.inflight_target must be >= 0 (0: auto), got {self.inflight_target}")
 
@@ -264,19 +271,21 @@ class Scheduler:
         return True
 
     def _can_follow(self, seq: Sequence) -> bool:
-        """Whether seq's one micro-batch in flight samples its next token, and a step after that
-        one is still wanted (greedy: the sample stays on the stage's device)."""
-        return (seq.in_flight == 1 and seq.last_sample_index == len(seq.output_ids) and seq.announced
-                and seq.sampling.greedy and len(seq.output_ids) + 1 < seq.max_tokens)
+        """Whether seq's micro-batches in flight (fewer than lookahead_depth + 1) sample its next
+        tokens one after another, and a step after the last one is still wanted (greedy: the
+        samples stay on the stage's device)."""
+        return (1 <= seq.in_flight <= self.config.lookahead_depth
+                and seq.last_sample_index == len(seq.output_ids) + seq.in_flight - 1 and seq.announced
+                and seq.sampling.greedy and seq.last_sample_index + 1 < seq.max_tokens)
 
     def _schedule_follow(self, plan: StepPlan, seq: Sequence) -> bool:
         """Decode the token seq's micro-batch in flight is sampling (see the module docstring)."""
-        start = seq.num_tokens  # the sample in flight goes at this position
+        start = seq.num_tokens + seq.in_flight - 1  # where the newest sample in flight goes
         try:
             new_blocks = self.bm.append_slots(seq, 1, start=start)
         except NoFreeBlocks:
             return False  # no preemption for a step ahead: it runs when the sample is back
-        seq.last_sample_index = len(seq.output_ids) + 1
+        seq.last_sample_index += 1
         plan.chunks.append(ScheduledChunk(
             seq=seq, wire_id=seq.wire_id, start_pos=start, num_tokens=1, new_block_ids=new_blocks,
             sample=True, output_index=seq.last_sample_index, is_new=False, follows=True,

@@ -43,7 +43,7 @@ class MeshConfig:
     # worker i BASE+10+i (the layout of compose/prometheus.yml, shifted to BASE).
     metrics_port: int = 0
     extra_gateway_args: list[str] = field(default_factory=list)
-    inflight: int = 0  # micro-batches in flight per replica; 0: max(2, stages)
+    inflight: int = 0  # micro-batches in flight per replica; 0: the gateway's default (engine.inflight_for)
     plan: str = "measured"  # coordinator --plan: measured (profiles, min-max) or uniform
     rebalance: bool = True  # coordinator moves layer boundaries while serving
     # Certificates written by `stagemesh certs DIR`: mutual TLS on every internal link, TLS on the

@@ -45,16 +45,18 @@ def test_greedy_equals_transformers(ckpt_dir, kind, stages, extra):
         assert out.finish_reason in ("length", "stop")
 
 
-@pytest.mark.parametrize("stages", [1, 3])
-def test_async_scheduling_equals_transformers_where_a_decode_opens_a_block(ckpt_dir, stages):
+@pytest.mark.parametrize("stages,extra", [(1, ()), (1, ("--inflight", "2")), (3, ())],
+                         ids=["1stage-2deep", "1stage-1deep", "3stages"])
+def test_async_scheduling_equals_transformers_where_a_decode_opens_a_block(ckpt_dir, stages, extra):
     """Greedy decodes follow the sample still in flight: a single stage takes it from its own
     device, the first of three stages from the answer passing back through it. A prompt that
     fills its last block makes the first follower open a block while the prompt's step is being
-    sent (its table must not carry that block); long outputs cross several blocks."""
+    sent (its table must not carry that block); long outputs cross several blocks. A single stage
+    runs two steps ahead of the answers (three micro-batches in flight, the default) or one."""
     model_dir = ckpt_dir("llama", num_layers=3)
     prompts = random_prompts(seed=11, lengths=[32, 48, 47, 33], vocab=320)
     expected = [hf_greedy(model_dir, p, 40, ignore_eos=True) for p in prompts]
-    with mesh(model_dir, stages=stages, extra=["--async-scheduling", "on"]) as m:
+    with mesh(model_dir, stages=stages, extra=["--async-scheduling", "on", *extra]) as m:
         one_by_one = [asyncio.run(_generate_all(m.address, [p], 40, ignore_eos=True))[0] for p in prompts]
         together = asyncio.run(_generate_all(m.address, prompts, 40, ignore_eos=True))
     assert [o.token_ids for o in one_by_one] == expected

@@ -221,6 +221,39 @@ def test_lookahead_decodes_a_sequence_again_while_its_sample_is_in_flight():
     assert a.output_ids == [7, 8, 9] and a.num_computed == 7
 
 
+def test_lookahead_two_deep_follows_the_newest_sample_in_flight():
+    """lookahead_depth 2 (a single stage with three micro-batches in flight): two steps follow
+    the prompt's sample one after the other; answers fold back in send order; max_tokens holds."""
+    s = create_scheduler(lookahead=True, lookahead_depth=2, inflight_target=3)
+    a = seq(1, 5, max_tokens=4)
+    s.add(a)
+    first, second, third = s.schedule(), s.schedule(), s.schedule()
+    assert [(c.start_pos, c.output_index, c.follows) for c in second.chunks] == [(5, 1, True)]
+    assert [(c.start_pos, c.output_index, c.follows) for c in third.chunks] == [(6, 2, True)]
+    assert len(a.block_table) * 4 >= 7
+    assert s.schedule() is None  # two deep at most
+    run_step(s, first, token=7)
+    fourth = s.schedule()
+    assert [(c.start_pos, c.output_index) for c in fourth.chunks] == [(7, 3)]
+    assert s.schedule() is None  # output 3 is the last one max_tokens allows
+    for plan, token in ((second, 8), (third, 9), (fourth, 10)):
+        run_step(s, plan, token=token)
+    assert a.output_ids == [7, 8, 9, 10] and a.num_computed == 8
+
+
+def test_two_deep_followers_of_a_failed_step_are_dropped():
+    s = create_scheduler(lookahead=True, lookahead_depth=2, inflight_target=3)
+    a = seq(1, 5, max_tokens=8)
+    s.add(a)
+    first, second, third = s.schedule(), s.schedule(), s.schedule()
+    s.abort_in_flight(first)
+    assert s.schedule() is None
+    run_step(s, second, token=8)
+    run_step(s, third, token=9)
+    assert a.output_ids == [] and a.num_computed == 0
+    assert [(c.start_pos, c.num_tokens, c.is_new) for c in s.schedule().chunks] == [(0, 5, True)]
+
+
 def test_a_chunk_that_followed_a_failed_step_is_dropped_and_the_sequence_runs_again():
     s = create_scheduler(lookahead=True, inflight_target=2)
     a = seq(1, 5, max_tokens=8)
@@ -261,8 +294,9 @@ def test_separate_decodes_keep_prefill_chunks_out_of_decode_micro_batches():
 def test_inflight_as_configured_or_enough_for_every_stage():
     from gateway.engine import inflight_for
 
-    assert [inflight_for(0, n, False) for n in (1, 2, 4)] == [2, 2, 4]
-    assert inflight_for(0, 3, True) == 5  # the decodes' own chain holds two slots
-    assert inflight_for(2, 4, False) == 2 and inflight_for(1, 4, True) == 1  # as configured, even below the stages
+    assert [inflight_for(0, n, False, False) for n in (1, 2, 4)] == [2, 2, 4]
+    assert inflight_for(0, 1, True, False) == 3  # async scheduling on one stage: two steps ahead
+    assert inflight_for(0, 3, True, True) == 5  # the decodes' own chain holds two slots
+    assert inflight_for(2, 4, False, False) == 2 and inflight_for(1, 4, True, True) == 1  # as configured
     with pytest.raises(ValueError):
         create_scheduler(inflight_target=0)  # 0 (auto) is the engine's to resolve
