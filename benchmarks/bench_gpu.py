@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -44,7 +45,7 @@ MIXED_SEED = 0
 
 THREADS = 0  # --threads: torch CPU threads per worker, passed to `stagemesh up`
 MESH_ARGS: list[str] = []  # --mesh-args
-PY_SPY: list = []  # --py-spy: [py-spy binary, output folder, label of the mesh being measured]
+PY_SPY: list = []  # --py-spy: [py-spy binary, output folder, label and pid of the mesh being measured]
 
 
 def log(*a):
@@ -447,16 +448,26 @@ async def _stage_busy(coordinator: str) -> list[tuple[int, float, float]]:
     return [(s["steps"], s["compute_s_total"], s["gpu_wait_s_total"]) for r in status["replicas"] for s in r["stages"]]
 
 
+def _descends_from(pid: int, root: int) -> bool:
+    while pid > 1:
+        if pid == root:
+            return True
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the parent
+    return False
+
+
 def _start_py_spy() -> list[subprocess.Popen]:
     """With --py-spy: sample the gateway's and every stage worker's Python stacks for the mixed
     run (py-spy record, non-blocking, collapsed stacks: benchmarks/pyspy_top.py summarises)."""
     if not PY_SPY:
         return []
-    binary, out, label = PY_SPY
+    binary, out, label, root = PY_SPY
     procs = []
     for pid in os.listdir("/proc"):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if not pid.isdigit() or not _descends_from(int(pid), root):  # this mesh's processes only
+                continue
         except (OSError, ValueError):
             continue
         role = next((a.decode() for a in argv if a in (b"gateway", b"stage_worker")), None)
@@ -502,7 +513,10 @@ async def _mesh_suite(target, quick, coordinator) -> dict:
             f"of wall time, GPU idle between steps {res['mixed_stage_gpu_wait_s']} s of {wall:.2f} s")
         res["mixed_gpu_util_pct"] = _stop_util_sampler(smi)
         for spy in spies:
-            spy.wait(60)
+            try:
+                spy.wait(60)
+            except subprocess.TimeoutExpired:
+                spy.kill()
         log(f"  mixed: GPU busy (nvidia-smi utilization, 100 ms samples) {res['mixed_gpu_util_pct']}%")
         gen = sum(o.completion_tokens for o in outs)
         assert all(o.completion_tokens == w[1] for o, w in zip(outs, work)), "a request stopped early"
@@ -543,7 +557,11 @@ def mps_server(out_dir: Path):
     try:
         yield env
     finally:
-        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, env=env, timeout=60)
+        try:
+            subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, env=env, timeout=60)
+        except subprocess.TimeoutExpired:
+            log("  the MPS control daemon did not quit within 60 s")
+        shutil.rmtree(pipe, ignore_errors=True)
 
 
 def bench_stagemesh(model_dir, stages_list, kv_total, mbt, out_dir, quick, device="cuda:0", suffix="") -> dict:
@@ -560,7 +578,7 @@ def bench_stagemesh(model_dir, stages_list, kv_total, mbt, out_dir, quick, devic
             mesh = Mesh(model_dir, n, port, kv_total // n, mbt, out_dir / f"mesh_{spec}_{mbt}.log", device,
                         extra + MESH_ARGS, env)
             if PY_SPY:
-                PY_SPY[2] = spec
+                PY_SPY[2:] = [spec, mesh.proc.pid]
             try:
                 up = mesh.wait(400)
                 log(f"  ready after {up:.0f}s")
@@ -725,7 +743,7 @@ def main():
     THREADS = args.threads
     MESH_ARGS[:] = args.mesh_args.split()
     if args.py_spy:
-        PY_SPY[:] = [args.py_spy, Path(args.out), ""]
+        PY_SPY[:] = [args.py_spy, Path(args.out), "", 0]
     import torch
 
     out = Path(args.out)

@@ -95,13 +95,13 @@ def main():
             per_class[cls] = per_class.get(cls, 0.0) + us
             top.append((us, evt.key[:70], evt.count // 5))
         top.sort(reverse=True)
-        kv_bytes = b * (c + 1) * kv_token_bytes
+        kv_bytes = b * (pos[0] - 2) * kv_token_bytes  # the profiled steps' mean context
         r = {
             "step_ms": statistics.median(times),
             "gpu_ms": sum(per_class.values()) / 1e3,
             "class_ms": {k: v / 1e3 for k, v in per_class.items()},
-            "matmul_gb_s": weight_bytes / (per_class.get("matmul", 1) * 1e-6) / 1e9,
-            "attention_gb_s": kv_bytes / (per_class.get("attention", 1) * 1e-6) / 1e9,
+            "matmul_gb_s": weight_bytes / (per_class["matmul"] * 1e-6) / 1e9 if "matmul" in per_class else 0.0,
+            "attention_gb_s": kv_bytes / (per_class["attention"] * 1e-6) / 1e9 if "attention" in per_class else 0.0,
             "floor_ms_at_3350_gb_s": (weight_bytes + kv_bytes) / 3.35e12 * 1e3,
             "top": [(round(us, 1), name, n) for us, name, n in top[:12]],
         }

@@ -38,8 +38,8 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--max-running", type=int, default=256)
     p.add_argument("--max-waiting", type=int, default=1024)
     p.add_argument("--inflight", type=int, default=0,
-                   help="micro-batches in flight (0: 3 on a single stage with async scheduling, else "
-                        "max(2, stages) of the plan, following its changes)")
+                   help="micro-batches in flight (0: 3 on a single stage with async scheduling, stages + 2 on a "
+                        "chain with it, else max(2, stages), following the plan's changes)")
     p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                    help="send a greedy decode before the sample it follows is back: auto on single-stage "
                         "replicas, on on every replica (chains too), off never")

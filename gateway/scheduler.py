@@ -3,8 +3,8 @@
 `schedule()` builds the next micro-batch (a StepPlan) from sequences not already in flight:
 decodes first, then prefill chunks of running sequences, then new admissions, all under a token
 budget. `update(plan, sampled)` folds the stages' answer back in. Several micro-batches are in
-flight at once (one per stage at least) and a sequence is in at most one of them, so each
-micro-batch takes about 1/inflight of the runnable decodes.
+flight at once (by default one per stage at least) and, without lookahead, a sequence is in at
+most one of them, so each micro-batch takes about 1/inflight of the runnable decodes.
 
 With `lookahead` (async scheduling; see `SchedulerConfig.async_scheduling`) a greedy sequence
 whose next token is being sampled by a micro-batch in flight is also decoded in the next one: its
@@ -279,7 +279,7 @@ class Scheduler:
                 and seq.sampling.greedy and seq.last_sample_index + 1 < seq.max_tokens)
 
     def _schedule_follow(self, plan: StepPlan, seq: Sequence) -> bool:
-        """Decode the token seq's micro-batch in flight is sampling (see the module docstring)."""
+        """Decode the token that seq's newest micro-batch in flight is sampling (module docstring)."""
         start = seq.num_tokens + seq.in_flight - 1  # where the newest sample in flight goes
         try:
             new_blocks = self.bm.append_slots(seq, 1, start=start)

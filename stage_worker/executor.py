@@ -155,7 +155,7 @@ class StageExecutor:
         chunks = [(c.start_pos, c.num_tokens, tables[c.seq_id]) for c in req.chunks]
         if self.device.type == "cuda":  # the stream reaches it once the step before is done
             done.start = torch.cuda.Event(enable_timing=True)
-            done.start.record()
+            done.start.record(torch.cuda.current_stream(self.device))
         patch = (lambda ids: put_samples(follows, ids)) if follows else None
         if self.graphs is not None and self.graphs.accepts(chunks):
             ids = list(req.token_ids) if self.model.is_first else None
@@ -182,7 +182,7 @@ class StageExecutor:
             done.hidden = _to_host_async(out)
         if self.device.type == "cuda":
             done.event = torch.cuda.Event(enable_timing=True)
-            done.event.record()
+            done.event.record(torch.cuda.current_stream(self.device))
         return done
 
     def finish(self, done: "Launched") -> StepOutput:
@@ -294,13 +294,13 @@ class StageExecutor:
                 raise InvalidArgument("this stage is not the first: the request must carry hidden states")
             hidden = req.hidden
         hidden = wire.decode(hidden, aligned=self.device.type == "cpu")
+        expect = (num_tokens, self.model.cfg.hidden_size)
+        if tuple(hidden.shape) != expect:
+            raise InvalidArgument(f"hidden states of shape {tuple(hidden.shape)}, expected {expect}")
         if self.device.type == "cuda":
             # A copy from pageable memory waits for the GPU work queued before it (the driver
             # stages it through a small pinned buffer): from pinned memory the step launches ahead.
             hidden = hidden.pin_memory()
-        expect = (num_tokens, self.model.cfg.hidden_size)
-        if tuple(hidden.shape) != expect:
-            raise InvalidArgument(f"hidden states of shape {tuple(hidden.shape)}, expected {expect}")
         return None, hidden  # on the host: run() moves it (or the graph path copies it)
 
     def _launch_sample(self, req: pb.ForwardRequest, last_rows: list[int], out: torch.Tensor,

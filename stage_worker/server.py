@@ -74,9 +74,15 @@ class StageService(pb_grpc.StageServicer):
         self.loaded: Loaded | None = None
         self.slowdown = config.slowdown
         self._debug = log.is_enabled_for(logging.DEBUG)  # the per-step debug line sums the chunks
-        self._compute = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        # Both threads make the worker's GPU their current device: streams and events created
+        # without one (torch's defaults) then belong to it, also on cuda:1 and beyond.
+        device = torch.device(config.device)
+        init = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None
+        self._compute = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute",
+                                                              initializer=init)
         # Waits for launched steps' GPU work, in launch order, while `compute` launches the next.
-        self._finish = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
+        self._finish = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish",
+                                                             initializer=init)
         self._ticks = 0  # launch attempts finished and answers noted (the event loop's count)
         self._launched = asyncio.Event()  # set (and replaced) at every tick
 
@@ -84,6 +90,8 @@ class StageService(pb_grpc.StageServicer):
     async def Forward(self, received: wire.ForwardIn, context):
         # A micro-batch holds many requests: its log lines carry the lease and step ids, and the
         # gateway's `step_sent` debug line maps a step id to its request ids.
+        if received.error:
+            raise InvalidArgument(received.error)
         request = received.request
         with bound_contextvars(lease_id=request.lease_id, step_id=request.step_id):
             return await self._forward(request, received.hidden, context)

@@ -56,7 +56,7 @@ def _add_up(sub) -> None:
     p.add_argument("--rate-limit-rps", type=float, default=0.0, help="Generate requests/s per API key (0: off)")
     p.add_argument("--inflight", type=int, default=0,
                    help="micro-batches in flight per replica (0: 3 on a single stage with async scheduling, "
-                        "else max(2, stages)); more hides longer hops")
+                        "stages + 2 on a chain with it, else max(2, stages)); more hides longer hops")
     p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                    help="send a greedy decode before the sample it follows is back: auto on single-stage "
                         "replicas, on on every replica (chains: lower batch-1 latency, lower throughput), "

@@ -72,15 +72,16 @@ def decode(msg, expect_dtype: torch.dtype | None = None, aligned: bool = True) -
 
 # -- Forward without the protobuf copies ----------------------------------------------------------
 # A stage-to-stage ForwardRequest is a few KB of deltas plus the hidden states (32 MB for a
-# 4,096-token micro-batch of an 8B model). Through protobuf those bytes are copied five times on
-# the sender (to bytes, into a Tensor, into the request, into the wire string) and three times on
-# the receiver (parse, then every `.data` read). Protobuf's wire format is a plain concatenation of
-# fields, so the sender writes field 8 itself from a view of the pinned host tensor (one copy) and
-# the receiver cuts it out of the received bytes (no copy); the rest goes through protobuf.
+# 4,096-token micro-batch of an 8B model). Through protobuf those bytes are copied on the sender
+# (to bytes, into a Tensor, into the request, into the wire string) and on the receiver (parse,
+# then every `.data` read). Protobuf's wire format is a concatenation of fields in any order, so
+# the sender writes field 8 itself, first, from a view of the pinned host copy (one copy), and the
+# receiver cuts it off the front of the received bytes (no copy); the rest goes through protobuf.
 
 _LEN = 2  # wire type of a length-delimited field
 _HIDDEN_FIELD = pb.ForwardRequest.DESCRIPTOR.fields_by_name["hidden"].number
 _DATA_FIELD = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
+_HIDDEN_KEY = bytes([_HIDDEN_FIELD << 3 | _LEN])
 
 
 class RawTensor:
@@ -93,12 +94,13 @@ class RawTensor:
 
 
 class ForwardIn:
-    """A received ForwardRequest: the request without its hidden states, and those as a RawTensor."""
+    """A received ForwardRequest: the request without its hidden states, those as a RawTensor
+    (or None), or `error` when the bytes are no ForwardRequest (the handler answers INVALID_ARGUMENT)."""
 
-    __slots__ = ("request", "hidden")
+    __slots__ = ("request", "hidden", "error")
 
-    def __init__(self, request: pb.ForwardRequest, hidden: RawTensor | None):
-        self.request, self.hidden = request, hidden
+    def __init__(self, request: pb.ForwardRequest | None, hidden: RawTensor | None, error: str = ""):
+        self.request, self.hidden, self.error = request, hidden, error
 
 
 def _varint(n: int) -> bytes:
@@ -126,33 +128,33 @@ def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
 
 
 def _fields(buf: memoryview, start: int, end: int):
-    """(field number, wire type, start, end) of each top-level field in buf[start:end]."""
+    """(field number, wire type, first byte, value start, value end) of each field in
+    buf[start:end]; value start is None for wire types other than length-delimited."""
     pos = start
     while pos < end:
         first = pos
         key, pos = _read_varint(buf, pos, end)
         number, wtype = key >> 3, key & 7
+        value = None
         if wtype == 0:
             _, pos = _read_varint(buf, pos, end)
-        elif wtype == 1:
-            pos += 8
-        elif wtype == 5:
-            pos += 4
+        elif wtype in (1, 5):
+            pos += 8 if wtype == 1 else 4
         elif wtype == _LEN:
             size, pos = _read_varint(buf, pos, end)
-            yield number, wtype, first, pos, pos + size
-            pos += size
-            continue
+            value, pos = pos, pos + size
         else:
             raise ValueError(f"unsupported wire type {wtype}")
-        yield number, wtype, first, None, pos
-    if pos != end:
-        raise ValueError("field runs past the end of the message")
+        if pos > end:
+            raise ValueError("field runs past the end of the message")
+        yield number, wtype, first, value, pos
 
 
 def forward_bytes(request: pb.ForwardRequest, hidden: torch.Tensor) -> bytes:
-    """`request` (its hidden field unset) with `hidden` as field 8, serialised with one copy of the
-    hidden bytes. Equal to setting the field through protobuf and serialising."""
+    """`request` (its hidden field unset) with `hidden` as field 8, written first, serialised with
+    one copy of the hidden bytes. Protobuf parses it as if the field had been set through it."""
+    if request.HasField("hidden"):
+        raise ValueError("forward_bytes: the request carries hidden states already")
     t = hidden.detach()
     if t.device.type != "cpu":
         t = t.to("cpu")
@@ -162,32 +164,40 @@ def forward_bytes(request: pb.ForwardRequest, hidden: torch.Tensor) -> bytes:
     nbytes = len(data)  # a flat uint8 view: its length is its size in bytes
     data_key = _varint(_DATA_FIELD << 3 | _LEN) + _varint(nbytes) if nbytes else b""
     tensor_len = len(head) + len(data_key) + nbytes
-    return b"".join((request.SerializeToString(), _varint(_HIDDEN_FIELD << 3 | _LEN), _varint(tensor_len),
-                     head, data_key, data))
+    return b"".join((_HIDDEN_KEY, _varint(tensor_len), head, data_key, data, request.SerializeToString()))
+
+
+def _raw_tensor(buf: memoryview, start: int, end: int) -> RawTensor:
+    head, data = [], b""
+    for number, wtype, first, value, stop in _fields(buf, start, end):
+        if number == _DATA_FIELD and wtype == _LEN:
+            data = buf[value:stop]  # proto3: the last one wins
+        else:
+            head.append(buf[first:stop])
+    msg = pb.Tensor.FromString(b"".join(head))
+    return RawTensor(msg.dtype, tuple(msg.shape), data)
 
 
 def parse_forward(raw: bytes) -> ForwardIn:
-    """The gRPC request deserializer of Stage.Forward: the hidden states stay in `raw`. Anything
-    this reader does not expect (a repeated field 8, a malformed buffer) goes to protobuf's parser,
-    which accepts or rejects it as it always does."""
+    """The gRPC request deserializer of Stage.Forward; never raises. Hidden states written first
+    (forward_bytes) stay in `raw`; any other encoding goes through protobuf's parser whole."""
     buf = memoryview(raw)
     try:
-        rest, hidden = [], None
-        for number, wtype, first, start, end in _fields(buf, 0, len(buf)):
-            if number != _HIDDEN_FIELD:
-                rest.append(buf[first:end])
-                continue
-            if wtype != _LEN or hidden is not None:
-                raise ValueError("field 8 repeated or not a message")
-            head, data = [], b""
-            for n, wt, f, s, e in _fields(buf, start, end):
-                if n == _DATA_FIELD and wt == _LEN:
-                    data = buf[s:e]  # proto3: the last one wins
-                else:
-                    head.append(buf[f:e])
-            msg = pb.Tensor.FromString(b"".join(head))
-            hidden = RawTensor(msg.dtype, tuple(msg.shape), data)
-        return ForwardIn(pb.ForwardRequest.FromString(b"".join(rest)), hidden)
+        number, wtype, _, value, stop = next(_fields(buf, 0, len(buf)), (0, 0, 0, None, 0))
+        if number == _HIDDEN_FIELD and wtype == _LEN:
+            hidden = _raw_tensor(buf, value, stop)
+            request = pb.ForwardRequest.FromString(buf[stop:])
+            if not request.HasField("hidden"):  # else field 8 again: protobuf merges the two
+                return ForwardIn(request, hidden)
     except (ValueError, DecodeError):
+        pass  # protobuf decides below
+    try:
         request = pb.ForwardRequest.FromString(raw)
-        return ForwardIn(request, request.hidden if request.HasField("hidden") else None)
+    except DecodeError as exc:
+        return ForwardIn(None, None, f"malformed ForwardRequest: {exc}")
+    if not request.HasField("hidden"):
+        return ForwardIn(request, None)
+    h = request.hidden
+    hidden = RawTensor(h.dtype, tuple(h.shape), h.data)
+    request.ClearField("hidden")  # so that a stage forwarding the request sends its own
+    return ForwardIn(request, hidden)

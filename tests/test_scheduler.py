@@ -297,6 +297,7 @@ def test_inflight_as_configured_or_enough_for_every_stage():
     assert [inflight_for(0, n, False, False) for n in (1, 2, 4)] == [2, 2, 4]
     assert inflight_for(0, 1, True, False) == 3  # async scheduling on one stage: two steps ahead
     assert inflight_for(0, 3, True, True) == 5  # the decodes' own chain holds two slots
-    assert inflight_for(2, 4, False, False) == 2 and inflight_for(1, 4, True, True) == 1  # as configured
+    assert inflight_for(2, 4, False, False) == 2 and inflight_for(5, 1, True, False) == 5  # as configured
+    assert inflight_for(2, 4, True, True) == 3  # the decodes' chain needs a slot left for prefills
     with pytest.raises(ValueError):
         create_scheduler(inflight_target=0)  # 0 (auto) is the engine's to resolve

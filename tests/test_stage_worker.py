@@ -32,7 +32,9 @@ def stage(ckpt_dir):
             assert time.monotonic() < deadline, "worker never loaded its layers"
             time.sleep(0.1)
         plan = coord_stub.GetPlan(pb.GetPlanRequest())
-        yield pb_grpc.StageStub(channel), plan.epoch, model_dir
+        stub = pb_grpc.StageStub(channel)
+        stub.target = f"127.0.0.1:{wport}"
+        yield stub, plan.epoch, model_dir
         channel.close()
 
 
@@ -150,6 +152,20 @@ def test_bad_forward_is_refused_and_changes_nothing(stage, bad, code):
     assert err.value.details()
     stats = stub.Stats(pb.StatsRequest())
     assert stats.live_sequences == 0 and stats.blocks_in_use == 0
+
+
+def test_bytes_that_are_no_forward_request_are_invalid_argument(stage):
+    """Malformed bytes get INVALID_ARGUMENT (a stage that answered UNKNOWN would be taken for dead)."""
+    stub, epoch, _ = stage
+    with grpc.insecure_channel(stub.target) as channel:
+        raw = channel.unary_unary("/stagemesh.v1.Stage/Forward")
+        good = wire.forward_bytes(pb.ForwardRequest(epoch=epoch, lease_id="t"), torch.zeros(1, 4))
+        for bad in (good[:-20], b"\xff\xff\xff"):
+            with pytest.raises(grpc.RpcError) as err:
+                raw(bad, timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "malformed ForwardRequest" in err.value.details()
+    assert stub.Stats(pb.StatsRequest()).live_sequences == 0  # and it still serves
 
 
 def test_hidden_bytes_that_do_not_match_the_shape_are_refused():
