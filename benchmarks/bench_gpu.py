@@ -569,8 +569,7 @@ def bench_stagemesh(model_dir, stages_list, kv_total, mbt, out_dir, quick, devic
     res = {}
     for i, spec in enumerate(stages_list):
         n, extra, mps = _mesh_spec(spec)
-        mode = str(spec).partition("-")[2]
-        key = f"stagemesh_{n}{'_' + mode.replace('-', '_') if mode else ''}{suffix}"
+        key = f"stagemesh_{str(spec).replace('-', '_')}{suffix}"
         port = 52000 + 10 * i
         log(f"stagemesh {spec} stage(s), --max-batched-tokens {mbt}: starting")
         with contextlib.ExitStack() as stack:

@@ -39,8 +39,9 @@ class SchedulerConfig:
     max_running: int = 256  # sequences holding KV at once
     max_waiting: int = 1024  # queue bound: past it, RESOURCE_EXHAUSTED
     # Micro-batches kept in flight. 0 (the gateway's default): the engine's inflight_for (3 on a
-    # single stage with async scheduling, else max(2, stages) of the replica's plan). Fewer than the stages leaves stages idle (measured slower even with four
-    # stages time-slicing one GPU, where fewer, larger decode micro-batches read the weights less).
+    # single stage with async scheduling, else max(2, stages) of the replica's plan). Fewer than
+    # the stages leaves stages idle (measured slower even with four stages time-slicing one GPU,
+    # where fewer, larger decode micro-batches read the weights less).
     inflight_target: int = 2
     # Async scheduling: "auto" on single-stage replicas, "on" on every replica, "off" never. The
     # engine turns it into `lookahead` per replica. On a chain the decodes then wait for their

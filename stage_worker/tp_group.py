@@ -29,7 +29,6 @@ from datetime import timedelta
 import torch
 
 from stagemesh import wire
-from stagemesh.errors import InvalidArgument
 from stagemesh.net import free_port
 from stagemesh.v1 import stagemesh_pb2 as pb
 
@@ -114,13 +113,8 @@ class TPExecutor:
 
     def launch(self, req: pb.ForwardRequest, hidden=None):
         self.inner.resolve_host_follows(req)  # the followers get the ids, not the flags
-        payload = req.SerializeToString()
-        if hidden is not None:
-            try:
-                payload = wire.forward_bytes(req, wire.decode(hidden))
-            except InvalidArgument:
-                pass  # refused on every rank: here by launch, on the followers for want of hidden states
-        self.group.send("run", payload)
+        # Hidden states as received: every rank checks them in its own launch (and refuses alike).
+        self.group.send("run", req.SerializeToString() if hidden is None else wire.forward_bytes(req, hidden))
         return self.inner.launch(req, hidden)
 
     def finish(self, launched):

@@ -31,14 +31,20 @@ def dtype_from_name(name: str) -> torch.dtype:
         raise InvalidArgument(f"unsupported tensor dtype {name!r}; expected one of {sorted(_DTYPES)}")
 
 
-def encode(t: torch.Tensor) -> pb.Tensor:
-    """Serialise a tensor (any device) as raw bytes."""
+def _host_view(t: torch.Tensor) -> tuple[str, list[int], memoryview | bytes]:
+    """(dtype name, shape, a flat byte view of a contiguous host copy) of a tensor on any device."""
     t = t.detach()
     if t.device.type != "cpu":
         t = t.to("cpu")
     t = t.contiguous()
-    raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return pb.Tensor(dtype=_NAMES[t.dtype], shape=list(t.shape), data=raw)
+    data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
+    return _NAMES[t.dtype], list(t.shape), data
+
+
+def encode(t: torch.Tensor) -> pb.Tensor:
+    """Serialise a tensor (any device) as raw bytes."""
+    dtype, shape, data = _host_view(t)
+    return pb.Tensor(dtype=dtype, shape=shape, data=bytes(data))
 
 
 def decode(msg, expect_dtype: torch.dtype | None = None, aligned: bool = True) -> torch.Tensor:
@@ -150,18 +156,19 @@ def _fields(buf: memoryview, start: int, end: int):
         yield number, wtype, first, value, pos
 
 
-def forward_bytes(request: pb.ForwardRequest, hidden: torch.Tensor) -> bytes:
+def forward_bytes(request: pb.ForwardRequest, hidden) -> bytes:
     """`request` (its hidden field unset) with `hidden` as field 8, written first, serialised with
-    one copy of the hidden bytes. Protobuf parses it as if the field had been set through it."""
+    one copy of the hidden bytes. Protobuf parses it as if the field had been set through it.
+    hidden: a tensor, or hidden states as received (a RawTensor or Tensor message: passed on as
+    they came, unchecked; the stage that decodes them checks them)."""
     if request.HasField("hidden"):
         raise ValueError("forward_bytes: the request carries hidden states already")
-    t = hidden.detach()
-    if t.device.type != "cpu":
-        t = t.to("cpu")
-    t = t.contiguous()
-    head = pb.Tensor(dtype=_NAMES[t.dtype], shape=list(t.shape)).SerializeToString()
-    data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
-    nbytes = len(data)  # a flat uint8 view: its length is its size in bytes
+    if isinstance(hidden, torch.Tensor):
+        dtype, shape, data = _host_view(hidden)
+    else:
+        dtype, shape, data = hidden.dtype, list(hidden.shape), hidden.data
+    head = pb.Tensor(dtype=dtype, shape=shape).SerializeToString()
+    nbytes = len(data)  # bytes, or a flat uint8 view: its length is its size in bytes
     data_key = _varint(_DATA_FIELD << 3 | _LEN) + _varint(nbytes) if nbytes else b""
     tensor_len = len(head) + len(data_key) + nbytes
     return b"".join((_HIDDEN_KEY, _varint(tensor_len), head, data_key, data, request.SerializeToString()))

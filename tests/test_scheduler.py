@@ -299,5 +299,12 @@ def test_inflight_as_configured_or_enough_for_every_stage():
     assert inflight_for(0, 3, True, True) == 5  # the decodes' own chain holds two slots
     assert inflight_for(2, 4, False, False) == 2 and inflight_for(5, 1, True, False) == 5  # as configured
     assert inflight_for(2, 4, True, True) == 3  # the decodes' chain needs a slot left for prefills
+
+
+def test_lookahead_depth_follows_the_slots_on_a_single_stage_only():
+    from gateway.engine import lookahead_depth_for
+
+    assert [lookahead_depth_for(n, 1) for n in (1, 2, 3, 4, 8)] == [1, 1, 2, 2, 2]
+    assert lookahead_depth_for(6, 3) == 1
     with pytest.raises(ValueError):
         create_scheduler(inflight_target=0)  # 0 (auto) is the engine's to resolve
