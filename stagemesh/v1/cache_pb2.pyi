@@ -97,3 +97,13 @@ class ClearReplicaResponse(_message.Message):
     REMOVED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     removed_blocks: int
     def __init__(self, removed_blocks: _Optional[int] = ...) -> None: ...
+
+class GetEpochRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetEpochResponse(_message.Message):
+    __slots__ = ("epoch",)
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    epoch: str
+    def __init__(self, epoch: _Optional[str] = ...) -> None: ...

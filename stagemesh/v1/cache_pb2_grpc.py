@@ -5,7 +5,7 @@ import warnings
 
 from stagemesh.v1 import cache_pb2 as stagemesh_dot_v1_dot_cache__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -50,6 +50,11 @@ class CacheIndexStub:
                 request_serializer=stagemesh_dot_v1_dot_cache__pb2.ClearReplicaRequest.SerializeToString,
                 response_deserializer=stagemesh_dot_v1_dot_cache__pb2.ClearReplicaResponse.FromString,
                 _registered_method=True)
+        self.GetEpoch = channel.unary_unary(
+                '/stagemesh.v1.CacheIndex/GetEpoch',
+                request_serializer=stagemesh_dot_v1_dot_cache__pb2.GetEpochRequest.SerializeToString,
+                response_deserializer=stagemesh_dot_v1_dot_cache__pb2.GetEpochResponse.FromString,
+                _registered_method=True)
 
 
 class CacheIndexServicer:
@@ -81,6 +86,15 @@ class CacheIndexServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetEpoch(self, request, context):
+        """GetEpoch answers the index's epoch: a random token kept in Redis, set by the first GetEpoch
+        that finds none. A Redis that lost its data (restarted empty, flushed) loses the token, so
+        the next GetEpoch answers a new one: a gateway that polls it republishes its whole index.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheIndexServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +112,11 @@ def add_CacheIndexServicer_to_server(servicer, server):
                     servicer.ClearReplica,
                     request_deserializer=stagemesh_dot_v1_dot_cache__pb2.ClearReplicaRequest.FromString,
                     response_serializer=stagemesh_dot_v1_dot_cache__pb2.ClearReplicaResponse.SerializeToString,
+            ),
+            'GetEpoch': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEpoch,
+                    request_deserializer=stagemesh_dot_v1_dot_cache__pb2.GetEpochRequest.FromString,
+                    response_serializer=stagemesh_dot_v1_dot_cache__pb2.GetEpochResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +201,33 @@ class CacheIndex:
             '/stagemesh.v1.CacheIndex/ClearReplica',
             stagemesh_dot_v1_dot_cache__pb2.ClearReplicaRequest.SerializeToString,
             stagemesh_dot_v1_dot_cache__pb2.ClearReplicaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEpoch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stagemesh.v1.CacheIndex/GetEpoch',
+            stagemesh_dot_v1_dot_cache__pb2.GetEpochRequest.SerializeToString,
+            stagemesh_dot_v1_dot_cache__pb2.GetEpochResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -141,7 +141,7 @@ class SequenceChunk(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., num_tokens: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., output_index: _Optional[int] = ..., follows_sample: _Optional[bool] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("epoch", "lease_id", "step_id", "new_sequences", "chunks", "finished_seq_ids", "token_ids", "hidden", "replica")
+    __slots__ = ("epoch", "lease_id", "step_id", "new_sequences", "chunks", "finished_seq_ids", "token_ids", "hidden", "replica", "lease_owner", "lease_order")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,8 @@ class ForwardRequest(_message.Message):
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    LEASE_OWNER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ORDER_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     lease_id: str
     step_id: int
@@ -160,7 +162,9 @@ class ForwardRequest(_message.Message):
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     hidden: Tensor
     replica: int
-    def __init__(self, epoch: _Optional[int] = ..., lease_id: _Optional[str] = ..., step_id: _Optional[int] = ..., new_sequences: _Optional[_Iterable[_Union[NewSequence, _Mapping]]] = ..., chunks: _Optional[_Iterable[_Union[SequenceChunk, _Mapping]]] = ..., finished_seq_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., replica: _Optional[int] = ...) -> None: ...
+    lease_owner: str
+    lease_order: int
+    def __init__(self, epoch: _Optional[int] = ..., lease_id: _Optional[str] = ..., step_id: _Optional[int] = ..., new_sequences: _Optional[_Iterable[_Union[NewSequence, _Mapping]]] = ..., chunks: _Optional[_Iterable[_Union[SequenceChunk, _Mapping]]] = ..., finished_seq_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., replica: _Optional[int] = ..., lease_owner: _Optional[str] = ..., lease_order: _Optional[int] = ...) -> None: ...
 
 class SampledToken(_message.Message):
     __slots__ = ("seq_id", "token_id")
@@ -179,16 +183,20 @@ class ForwardResponse(_message.Message):
     def __init__(self, samples: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., stage_compute_us: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("lease_id", "seq_ids", "epoch", "replica")
+    __slots__ = ("lease_id", "seq_ids", "epoch", "replica", "lease_owner", "lease_order")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    LEASE_OWNER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ORDER_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     seq_ids: _containers.RepeatedScalarFieldContainer[int]
     epoch: int
     replica: int
-    def __init__(self, lease_id: _Optional[str] = ..., seq_ids: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., replica: _Optional[int] = ...) -> None: ...
+    lease_owner: str
+    lease_order: int
+    def __init__(self, lease_id: _Optional[str] = ..., seq_ids: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., replica: _Optional[int] = ..., lease_owner: _Optional[str] = ..., lease_order: _Optional[int] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
     __slots__ = ()
@@ -239,16 +247,18 @@ class ReportFailureResponse(_message.Message):
     def __init__(self, dead_worker_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("address", "device", "memory_bytes", "profile")
+    __slots__ = ("address", "device", "memory_bytes", "profile", "instance_id")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     address: str
     device: str
     memory_bytes: int
     profile: LayerProfile
-    def __init__(self, address: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., profile: _Optional[_Union[LayerProfile, _Mapping]] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, address: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., profile: _Optional[_Union[LayerProfile, _Mapping]] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class LayerProfile(_message.Message):
     __slots__ = ("decode_ms_per_layer", "prefill_ms_per_layer", "bytes_per_layer", "kv_bytes_per_block_per_layer")
@@ -301,30 +311,42 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., loaded_epoch: _Optional[int] = ..., num_blocks: _Optional[int] = ..., mean_step_us: _Optional[float] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("assignment", "reregister")
+    __slots__ = ("assignment", "reregister", "spare")
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
+    SPARE_FIELD_NUMBER: _ClassVar[int]
     assignment: Assignment
     reregister: bool
-    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., reregister: _Optional[bool] = ...) -> None: ...
+    spare: bool
+    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., reregister: _Optional[bool] = ..., spare: _Optional[bool] = ...) -> None: ...
 
 class GetPlanRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class StagePlan(_message.Message):
-    __slots__ = ("worker_id", "address", "layer_start", "layer_end", "num_blocks")
+    __slots__ = ("worker_id", "address", "layer_start", "layer_end", "num_blocks", "loaded")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     layer_start: int
     layer_end: int
     num_blocks: int
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_blocks: _Optional[int] = ...) -> None: ...
+    loaded: bool
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_blocks: _Optional[int] = ..., loaded: _Optional[bool] = ...) -> None: ...
+
+class SpareWorker(_message.Message):
+    __slots__ = ("worker_id", "address")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    address: str
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class ReplicaPlan(_message.Message):
     __slots__ = ("stages", "num_blocks")
@@ -335,15 +357,21 @@ class ReplicaPlan(_message.Message):
     def __init__(self, stages: _Optional[_Iterable[_Union[StagePlan, _Mapping]]] = ..., num_blocks: _Optional[int] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("epoch", "replicas", "ready", "num_layers_total", "block_size")
+    __slots__ = ("epoch", "replicas", "ready", "num_layers_total", "block_size", "not_ready_reason", "not_ready_ms", "spares")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NOT_READY_REASON_FIELD_NUMBER: _ClassVar[int]
+    NOT_READY_MS_FIELD_NUMBER: _ClassVar[int]
+    SPARES_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaPlan]
     ready: bool
     num_layers_total: int
     block_size: int
-    def __init__(self, epoch: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaPlan, _Mapping]]] = ..., ready: _Optional[bool] = ..., num_layers_total: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
+    not_ready_reason: str
+    not_ready_ms: int
+    spares: _containers.RepeatedCompositeFieldContainer[SpareWorker]
+    def __init__(self, epoch: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaPlan, _Mapping]]] = ..., ready: _Optional[bool] = ..., num_layers_total: _Optional[int] = ..., block_size: _Optional[int] = ..., not_ready_reason: _Optional[str] = ..., not_ready_ms: _Optional[int] = ..., spares: _Optional[_Iterable[_Union[SpareWorker, _Mapping]]] = ...) -> None: ...
