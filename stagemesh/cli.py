@@ -7,9 +7,10 @@ JSON fields stay stable.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import signal
 import sys
+import threading
 
 import grpc
 
@@ -66,6 +67,20 @@ def _add_up(sub) -> None:
     p.add_argument("--no-rebalance", action="store_true",
                    help="never move layer boundaries while serving (e.g. several stages sharing one GPU, "
                         "where a move changes no stage's speed)")
+    p.add_argument("--run-dir", default="",
+                   help="directory for up's files (the coordinator's state file); default: a temp dir removed at exit")
+    p.add_argument("--state-file", default="",
+                   help="the coordinator's plan, kept across its restarts (default: RUN_DIR/coordinator-state.json, "
+                        "cleared at start)")
+    p.add_argument("--max-waiting", type=int, default=1024,
+                   help="gateway queue bound; past it requests get RESOURCE_EXHAUSTED")
+    p.add_argument("--dead-after-s", type=float, default=1.5,
+                   help="coordinator: a worker silent this long is dead and its layers move")
+    p.add_argument("--lease-ttl-s", type=float, default=60.0,
+                   help="workers: drop the KV of a gateway silent this long")
+    p.add_argument("--start-timeout-s", type=float, default=300.0,
+                   help="each child must print its ready line within this long of its (re)start (the gateway's "
+                        "includes the workers loading their layers)")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=_run_up)
 
@@ -74,7 +89,7 @@ def _run_up(args) -> int:
     from stagemesh.checkpoint import validate_checkpoint
     from stagemesh.errors import CheckpointError
     from stagemesh.launcher import Mesh, MeshConfig
-    from stagemesh.proc import wait_for_signal
+    from stagemesh.supervisor import GaveUp
 
     try:
         model = validate_checkpoint(args.model)
@@ -89,7 +104,10 @@ def _run_up(args) -> int:
                             extra_gateway_args=[*_gateway_auth_args(args),
                                                 "--async-scheduling", args.async_scheduling],
                             plan=args.plan,
-                            rebalance=not args.no_rebalance, inflight=args.inflight)
+                            rebalance=not args.no_rebalance, inflight=args.inflight,
+                            run_dir=args.run_dir, state_file=args.state_file, max_waiting=args.max_waiting,
+                            dead_after_s=args.dead_after_s, lease_ttl_s=args.lease_ttl_s,
+                            start_timeout_s=args.start_timeout_s)
         if args.tls_dir:
             from stagemesh.security import dev_tls
 
@@ -98,29 +116,21 @@ def _run_up(args) -> int:
         print(f"stagemesh up: {exc}", file=sys.stderr)
         return 2
     mesh = Mesh(config)
-
-    async def run() -> int:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.ensure_future(wait_for_signal())
-        start = loop.run_in_executor(None, mesh.start)
-        done, _ = await asyncio.wait({stop, start}, return_when=asyncio.FIRST_COMPLETED)
-        if stop in done:
+    # Children are started and restarted from this (main) thread: PR_SET_PDEATHSIG follows the
+    # forking thread. A signal only sets the event; the loops below notice it within 0.1 s.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        address = mesh.start(stop)
+        if address is None:
             return 0
-        address = start.result()
         print(f"stagemesh ready on {address} (model {args.model}, {args.stages} stage(s), "
               f"{args.replicas} replica(s)) coordinator {mesh.coordinator_address}", flush=True)
-        while not stop.done():
-            dead = mesh.dead_child()
-            if dead:
-                print(f"stagemesh up: {dead}; stopping", file=sys.stderr, flush=True)
-                return 1
-            await asyncio.wait({stop}, timeout=0.5)
+        mesh.supervise(stop)
         return 0
-
-    try:
-        return asyncio.run(run())
-    except RuntimeError as exc:
-        print(f"stagemesh up: {exc}", file=sys.stderr)
+    except GaveUp as exc:
+        print(f"stagemesh up: {exc}\nstagemesh up: stopping", file=sys.stderr, flush=True)
         return 1
     finally:
         mesh.stop()

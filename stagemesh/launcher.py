@@ -1,22 +1,27 @@
 """`stagemesh up`: the whole mesh on this host as separate processes on loopback.
 
 Starts the coordinator, then stages x replicas stage workers, then the gateway; prints one line
-containing `ready` when the gateway serves; on SIGINT/SIGTERM stops every child (children also
-get SIGTERM from the kernel if this process dies, so none is orphaned).
+containing `ready` when the gateway serves. From then on it supervises (stagemesh.supervisor): a
+child that exits is started again with the same command, so on the same address: the coordinator
+from its state file (kept in the run directory unless --state-file names one), a worker
+registering again, cache_service and the gateway on their ports. It stops on SIGINT/SIGTERM, or
+when a child keeps failing at start. Children get SIGTERM from the kernel if this process dies,
+so none is orphaned.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
+import shutil
 import sys
+import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 
 from stagemesh.net import free_port
-from stagemesh.proc import die_with_parent
+from stagemesh.supervisor import RestartPolicy, Supervisor
+
+STATE_FILE_NAME = "coordinator-state.json"
 
 
 @dataclass
@@ -50,54 +55,99 @@ class MeshConfig:
     # gateway's public port (client certificate optional). The coordinator link stays plaintext
     # until coordinator/server.py binds its port through stagemesh.security.add_port.
     tls_dir: str = ""
+    # Where `up` keeps its files (the coordinator's state file); empty: a temp dir removed at exit.
+    run_dir: str = ""
+    # The coordinator's plan, so a restarted coordinator keeps it; empty: RUN_DIR/coordinator-state.json,
+    # cleared at start (worker ports are new each run, so an old plan names nobody).
+    state_file: str = ""
+    max_waiting: int = 1024  # gateway: queue bound, past it RESOURCE_EXHAUSTED
+    dead_after_s: float = 1.5  # coordinator: a worker silent this long is dead
+    lease_ttl_s: float = 60.0  # workers: a silent gateway's KV is dropped after this
+    start_timeout_s: float = 300.0  # each child, from its (re)start to its ready line
 
     def __post_init__(self):
         if self.stages < 1 or self.replicas < 1 or self.spares < 0:
             raise ValueError("--stages and --replicas must be >= 1, --spares >= 0")
+        if self.max_waiting < 1 or self.dead_after_s <= 0 or self.lease_ttl_s <= 0 or self.start_timeout_s <= 0:
+            raise ValueError("--max-waiting must be >= 1; --dead-after-s, --lease-ttl-s, --start-timeout-s > 0")
 
 
 class Mesh:
+    """The children of `stagemesh up`. Driven from one thread (see stagemesh.supervisor)."""
+
     def __init__(self, config: MeshConfig):
         self.config = config
-        self.children: list[tuple[str, subprocess.Popen]] = []
+        self.supervisor = Supervisor(RestartPolicy(start_timeout_s=config.start_timeout_s))
         self.coordinator_address = ""
+        self.run_dir = ""
+        self.state_file = ""
+        self._own_run_dir = False
 
-    def start(self, timeout_s: float = 300.0) -> str:
-        """Start every process; returns the gateway address once it serves."""
+    def start(self, stop: threading.Event | None = None) -> str | None:
+        """Start every process; the gateway address once it serves, None if `stop` was set first.
+
+        Raises GaveUp when a child keeps failing at start."""
         cfg = self.config
+        stop = stop or threading.Event()
         py = sys.executable
+        self._prepare_run_dir()
         coord_port = free_port()
         coord = f"{cfg.host}:{coord_port}"
         self.coordinator_address = coord
         tls = self._tls_args()
-        self._spawn("coordinator", [py, "-m", "coordinator", "--model", cfg.model_dir, "--stages", str(cfg.stages),
-                                    "--replicas", str(cfg.replicas), "--block-size", str(cfg.block_size),
-                                    "--port", str(coord_port), "--log-level", cfg.log_level, "--plan", cfg.plan,
-                                    *([] if cfg.rebalance else ["--no-rebalance"]),
-                                    *self._metrics_args(1), *tls], timeout_s)
+        if not self._spawn("coordinator", [
+                py, "-m", "coordinator", "--model", cfg.model_dir, "--stages", str(cfg.stages),
+                "--replicas", str(cfg.replicas), "--block-size", str(cfg.block_size), "--host", cfg.host,
+                "--port", str(coord_port), "--log-level", cfg.log_level, "--plan", cfg.plan,
+                "--state-file", self.state_file, "--dead-after-s", str(cfg.dead_after_s),
+                *([] if cfg.rebalance else ["--no-rebalance"]), *self._metrics_args(1), *tls],
+                stop, note=coord):
+            return None
         cache_args: list[str] = []
         if cfg.redis:
             cache_port = free_port()
-            self._spawn("cache_service", [py, "-m", "cache_service", "--host", cfg.host, "--port", str(cache_port),
-                                          "--redis", cfg.redis, "--log-level", cfg.log_level,
-                                          *self._metrics_args(2), *tls], timeout_s)
+            if not self._spawn("cache_service", [
+                    py, "-m", "cache_service", "--host", cfg.host, "--port", str(cache_port), "--redis", cfg.redis,
+                    "--log-level", cfg.log_level, *self._metrics_args(2), *tls], stop, note=f"{cfg.host}:{cache_port}"):
+                return None
             cache_args = ["--cache-service", f"{cfg.host}:{cache_port}"]
         n_workers = cfg.stages * cfg.replicas + cfg.spares
         threads = cfg.threads or _default_threads(cfg.device, n_workers)
         worker_cmd = [py, "-m", "stage_worker", "--model", cfg.model_dir, "--coordinator", coord,
                       "--device", cfg.device, "--block-size", str(cfg.block_size), "--threads", str(threads),
                       "--kv-cache-bytes", str(cfg.kv_cache_bytes), "--kv-blocks", str(cfg.kv_blocks),
-                      "--log-level", cfg.log_level, *tls]
+                      "--lease-ttl-s", str(cfg.lease_ttl_s), "--log-level", cfg.log_level, *tls]
         for i in range(n_workers):
-            self._spawn(f"worker{i}", [*worker_cmd, *self._metrics_args(10 + i)], timeout_s, wait=False)
+            # A fixed port: a restarted worker comes back at the address the (persisted) plan names.
+            port = free_port()
+            self._spawn(f"worker{i}", [*worker_cmd, "--host", cfg.host, "--port", str(port),
+                                       *self._metrics_args(10 + i)], stop, wait=False, note=f"{cfg.host}:{port}")
         gw_cmd = [py, "-m", "gateway", "--model", cfg.model_dir, "--coordinator", coord, "--host", cfg.host,
                   "--port", str(cfg.port), "--inflight", str(cfg.inflight),
                   "--max-batched-tokens", str(cfg.max_batched_tokens), "--max-running", str(cfg.max_running),
+                  "--max-waiting", str(cfg.max_waiting),
                   "--routing", cfg.routing, "--routing-weight", str(cfg.routing_weight), "--http-port", str(cfg.http_port), "--log-level", cfg.log_level,
                   *cache_args, *self._metrics_args(0), *tls,
                   *cfg.extra_gateway_args]
-        self._spawn("gateway", gw_cmd, timeout_s)
+        if not self._spawn("gateway", gw_cmd, stop, note=f"{cfg.host}:{cfg.port}"):
+            return None
         return f"{cfg.host}:{cfg.port}"
+
+    def supervise(self, stop: threading.Event, interval_s: float = 0.1) -> None:
+        """Restart children that exit until `stop` is set. Raises GaveUp."""
+        while not stop.wait(interval_s):
+            self.supervisor.poll()
+
+    def _prepare_run_dir(self) -> None:
+        cfg = self.config
+        if cfg.run_dir:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            self.run_dir = cfg.run_dir
+        else:
+            self.run_dir, self._own_run_dir = tempfile.mkdtemp(prefix="stagemesh-up-"), True
+        self.state_file = cfg.state_file or os.path.join(self.run_dir, STATE_FILE_NAME)
+        if not cfg.state_file and os.path.exists(self.state_file):
+            os.remove(self.state_file)  # a previous run's plan names workers on ports of that run
 
     def _tls_args(self) -> list[str]:
         d = self.config.tls_dir
@@ -111,46 +161,16 @@ class Mesh:
         return ["--metrics-port", str(base + offset)] if base else []
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        for _, proc in reversed(self.children):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for _, proc in self.children:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        self.supervisor.stop(timeout_s)
+        if self._own_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
-    def dead_child(self) -> str | None:
-        for name, proc in self.children:
-            if proc.poll() is not None:
-                return f"{name} exited with code {proc.returncode}"
-        return None
-
-    def _spawn(self, name: str, cmd: list[str], timeout_s: float, wait: bool = True) -> None:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
-        self.children.append((name, proc))
-        ready = threading.Event()
-        threading.Thread(target=_pump, args=(proc, ready), daemon=True).start()
-        if not wait:
-            return
-        deadline = time.monotonic() + timeout_s
-        while not ready.wait(0.1):
-            dead = self.dead_child()
-            if dead:
-                raise RuntimeError(dead)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not become ready within {timeout_s:.0f}s")
-
-
-def _pump(proc: subprocess.Popen, ready: threading.Event) -> None:
-    """Watch a child's stdout for its ready line; pass everything else through to stderr."""
-    for line in proc.stdout:
-        if "ready" in line:
-            ready.set()
-        else:
-            sys.stderr.write(line)
+    def _spawn(self, name: str, cmd: list[str], stop: threading.Event, wait: bool = True,
+               env: dict[str, str] | None = None, note: str = "") -> bool:
+        """Start a supervised child (`env`: extra variables, e.g. secrets kept off argv); with
+        `wait`, until it serves. False if `stop` was set first."""
+        child = self.supervisor.spawn(name, cmd, env=env, note=note)
+        return self.supervisor.wait_ready(child, stop) if wait else True
 
 
 def _default_threads(device: str, n_workers: int) -> int:
