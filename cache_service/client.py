@@ -91,6 +91,11 @@ class CacheIndexClient:
         response = await self._call(self._stub.ClearReplica, request, self._clear_timeout_s)
         return response.removed_blocks
 
+    async def epoch(self) -> str:
+        """The index's epoch token; a new one means the index lost its contents (republish)."""
+        response = await self._call(self._stub.GetEpoch, cache_pb2.GetEpochRequest(), self._timeout_s)
+        return response.epoch
+
     def _pack(self, hashes: Sequence[bytes]) -> bytes:
         """Concatenate for the wire; a total length check catches a hash of the wrong size."""
         packed = b"".join(hashes)

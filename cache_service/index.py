@@ -10,6 +10,9 @@ Schema (P = `IndexConfig.key_prefix`, default "sm:v1:"; hashes are raw bytes, bi
                       the replicas holding the block, and when its TTL was last set
     P r:<replica_id>  SET of the block hashes the replica holds                 TTL block_ttl_s
                       (reverse index, so clearing a replica is one call)
+    P epoch           STRING, a random token set by the first GetEpoch that finds none   no TTL
+                      (a Redis restarted empty or flushed loses it: gateways see a new epoch
+                      and republish their whole index)
 
 Why a string and not a SET per block: Match reads a whole chain with one MGET and tests
 membership with a plain substring search, ~8x cheaper inside Redis than 64 SMEMBERS whose
@@ -38,6 +41,7 @@ a replica with very many blocks is not free.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -128,6 +132,15 @@ return (#ARGV - 3) / 3
 
 # ARGV: prefix, replica_id. Returns the number of block entries removed.
 _CLEAR_SCRIPT = _BLOCK_FUNCTIONS + "return clear(ARGV[1], ARGV[2])\n"
+
+# ARGV: prefix, a fresh token. The epoch token, set to the fresh one if there was none.
+_EPOCH_SCRIPT = r"""
+local key = ARGV[1] .. 'epoch'
+local epoch = redis.call('GET', key)
+if epoch then return epoch end
+redis.call('SET', key, ARGV[2])
+return ARGV[2]
+"""
 
 # ARGV: prefix, ttl_s, refresh_interval_s, hash_len, all chains' hashes concatenated, then each
 # chain's length. Returns, per chain, k followed by k (replica_id, matched_blocks) pairs.
@@ -264,6 +277,7 @@ class PrefixIndex:
         self._publish_script = self._redis.register_script(_PUBLISH_SCRIPT)
         self._match_script = self._redis.register_script(_MATCH_SCRIPT)
         self._clear_script = self._redis.register_script(_CLEAR_SCRIPT)
+        self._epoch_script = self._redis.register_script(_EPOCH_SCRIPT)
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -292,6 +306,11 @@ class PrefixIndex:
         """Forget every block of `replica_id`; returns the number of entries removed."""
         _check_replica_id(replica_id)
         return int(await self._run(self._clear_script, [self._config.key_prefix, replica_id]))
+
+    async def epoch(self) -> str:
+        """The index's epoch token (made now if Redis holds none: it restarted empty, or is new)."""
+        value = await self._run(self._epoch_script, [self._config.key_prefix, uuid.uuid4().hex])
+        return value.decode() if isinstance(value, bytes) else str(value)
 
     async def _run(self, script, args: list):
         """EVALSHA (loading the script on NOSCRIPT, e.g. after a Redis restart)."""

@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cache_service.config import CacheServiceConfig
 from cache_service.index import BlockEvent, BlockRemoved, BlockStored, PrefixIndex, ReplicaCleared
 from stagemesh.errors import InvalidArgument, grpc_errors
+from stagemesh.membership import redact_url, server_interceptors
 from stagemesh.metrics import start_metrics_server
 from stagemesh.reflection import enable_reflection
 from stagemesh.security import add_port
@@ -57,6 +58,10 @@ class CacheIndexServicer(cache_pb2_grpc.CacheIndexServicer):
         log.info("replica_cleared", replica_id=request.replica_id, removed_blocks=removed)
         return cache_pb2.ClearReplicaResponse(removed_blocks=removed)
 
+    @grpc_errors
+    async def GetEpoch(self, request: cache_pb2.GetEpochRequest, context) -> cache_pb2.GetEpochResponse:
+        return cache_pb2.GetEpochResponse(epoch=await self._index.epoch())
+
     def _check_size(self, packed_bytes: int, hash_size_bytes: int) -> None:
         count = packed_bytes // max(1, hash_size_bytes)
         if count > self._max_hashes:
@@ -87,7 +92,8 @@ async def serve(config: CacheServiceConfig, on_ready: Optional[Callable[[int], N
     Redis is not contacted at start-up: a Redis that is down yields UNAVAILABLE per rpc.
     """
     index = PrefixIndex(config.index)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],  # mesh members only (stagemesh/membership.py)
+                             interceptors=server_interceptors(config.host, config.tls, "cache_service"))
     cache_pb2_grpc.add_CacheIndexServicer_to_server(CacheIndexServicer(index, config), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -97,7 +103,7 @@ async def serve(config: CacheServiceConfig, on_ready: Optional[Callable[[int], N
     start_metrics_server(config.metrics_port, config.host)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     stop = _stop_event_on_signals()
-    log.info("cache_service ready", host=config.host, port=port, redis_url=config.index.redis_url,
+    log.info("cache_service ready", host=config.host, port=port, redis_url=redact_url(config.index.redis_url),
              metrics_port=config.metrics_port or None)
     if on_ready is not None:
         on_ready(port)

@@ -20,6 +20,11 @@ class CoordinatorConfig:
     # A worker silent this long is dead (3 missed heartbeats at the default interval).
     dead_after_s: float = 1.5
     state_file: str = ""  # where the plan is persisted; empty: not persisted
+    # A restored plan's slot whose worker has not re-registered this long after the restart is
+    # probed (a live worker re-registers at its next heartbeat); unreachable: failed over. One that
+    # answers but never re-registers is failed over after restore_wait_s.
+    restore_grace_s: float = 3.0
+    restore_wait_s: float = 30.0
     plan: str = "measured"  # "measured" (workers' profiles, min-max) or "uniform"
     split: tuple[int, ...] = ()  # explicit layer counts per stage (overrides plan)
     # Live rebalancing: act when max/mean stage time stays above the threshold for the window,
@@ -45,5 +50,7 @@ class CoordinatorConfig:
             raise ValueError(f"plan must be measured or uniform, not {self.plan!r}")
         if self.split and (len(self.split) != self.stages or sum(self.split) != self.num_layers):
             raise ValueError(f"--split needs {self.stages} counts summing to {self.num_layers}")
+        if not 0 < self.restore_grace_s <= self.restore_wait_s:
+            raise ValueError("restore_grace_s must be > 0 and <= restore_wait_s")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")

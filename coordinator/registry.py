@@ -3,16 +3,18 @@
 The plan is built once enough workers have registered (stages x replicas); later workers wait as
 spares. When a worker in the plan is declared dead (missed heartbeats, or a gateway's report),
 its slot goes to a spare with the same layer range, or else its replica is re-partitioned over
-the replica's survivors; the epoch bumps either way. The plan is persisted (when a state file is
-configured) so a restarted coordinator keeps it: workers re-register under their old addresses
-and get their old slots back without an epoch change.
+the replica's survivors; the epoch bumps either way. A replica left with fewer stages than asked
+takes a spare back in as soon as one is there (a live re-plan). The plan is persisted (when a
+state file is configured) so a restarted coordinator keeps it: its slots wait as
+`pending:HOST:PORT` until the worker process that held them re-registers (same instance id), and
+get it back without an epoch change; a slot whose worker does not come back within a grace is
+probed and failed over like any dead worker (coordinator/server.py).
 
 Called from the coordinator's event loop only.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import time
@@ -37,6 +39,7 @@ class Worker:
     mean_step_us: float = 0.0
     decode_ms_per_layer: float = 0.0  # from the registration profile (0: unknown)
     bytes_per_layer: int = 0
+    instance_id: str = ""  # the worker process (random at its start); "": unknown
 
 
 @dataclass(frozen=True)
@@ -61,26 +64,40 @@ class Registry:
         # so a coordinator restarted mid-move can still undo it.
         self._moves: dict[int, tuple[list[tuple[int, int]], list[str], float]] = {}
         self._undone: set[tuple[int, tuple]] = set()  # (replica, ranges) of moves that could not load
-        self._ids = itertools.count(1)
-        # Slots of a persisted plan waiting for their worker to re-register: address -> slot.
-        self._orphans: dict[str, StageSlot] = {}
+        self._next_id = 1  # worker ids are never reused (persisted with the plan)
+        # Restored plan: address -> instance id of the process that held its slot, and when the
+        # plan was restored (pending slots are judged after a grace from then).
+        self._instances: dict[str, str] = {}
+        self._held_ids: dict[str, str] = {}  # address -> the worker id it had before the restart
+        self.restored_at: float | None = None
         self._load_state()
 
     # -- membership ----------------------------------------------------------------------------
     def register(self, address: str, device: str, memory_bytes: int, decode_ms_per_layer: float = 0.0,
-                 bytes_per_layer: int = 0) -> Worker:
-        olds = [w.worker_id for w in self.workers.values() if w.address == address]
-        worker = Worker(f"w{next(self._ids)}", address, device, memory_bytes,
-                        decode_ms_per_layer=decode_ms_per_layer, bytes_per_layer=bytes_per_layer)
-        self.workers[worker.worker_id] = worker
-        for old in olds:  # a restarted worker at the same address: its old self is gone
+                 bytes_per_layer: int = 0, instance_id: str = "") -> Worker:
+        for old in [w.worker_id for w in self.workers.values() if w.address == address]:
+            # A restarted worker at the same address: its old self (and KV) is gone. Failed over
+            # before the newcomer counts as a spare, so a fresh process never inherits a slot
+            # whose sequences the gateway believes are still cached there.
             if not self.fail(old):
                 self._forget(old)
-        slot = self._orphans.pop(address, None)
-        if slot is not None:  # a worker of the persisted plan is back: same slot, same epoch
+        slot = self.slot_of(f"pending:{address}")
+        held_by = self._instances.get(address, "")
+        back = slot is not None and (not (held_by and instance_id) or held_by == instance_id)
+        if slot is not None and not back:  # a new process there: the one that held the slot died
+            self.fail_pending(address, "a new process registered at its address")
+        worker_id = self._held_ids.pop(address, "") if back else ""
+        worker = Worker(worker_id or self._new_id(), address, device, memory_bytes,
+                        decode_ms_per_layer=decode_ms_per_layer, bytes_per_layer=bytes_per_layer,
+                        instance_id=instance_id)
+        self.workers[worker.worker_id] = worker
+        if back:
+            # The process of the persisted plan is back, KV intact: same slot, same worker id, same
+            # epoch (its first heartbeat, right after this, says which epoch it has loaded).
             self._set_slot(replace(slot, worker_id=worker.worker_id))
-            worker.loaded_epoch = self.epoch
+            self._save_state()
         self._maybe_plan()
+        self.fold_in_spares()
         return worker
 
     def heartbeat(self, worker_id: str, loaded_epoch: int, num_blocks: int, mean_step_us: float) -> Worker | None:
@@ -107,12 +124,34 @@ class Registry:
         self._forget(worker_id)
         if slot is None:
             return False
+        self._replace(slot, worker_id)
+        return True
+
+    def fail_pending(self, address: str, why: str = "unreachable") -> bool:
+        """A slot of the restored plan whose worker is not coming back: fail it over like a dead
+        worker. Returns whether the plan changed."""
+        slot = self.slot_of(f"pending:{address}")
+        if slot is None:
+            return False
+        self._instances.pop(address, None)
+        self._held_ids.pop(address, None)
+        self._replace(slot, slot.worker_id, why)
+        return True
+
+    def pending(self) -> list[str]:
+        """Addresses of restored slots whose worker has not re-registered."""
+        return [s.worker_id.removeprefix("pending:") for r in self.replicas for s in r
+                if s.worker_id.startswith("pending:")]
+
+    def _replace(self, slot: StageSlot, gone: str, why: str = "") -> None:
+        """Give a lost slot to a spare, or spread its replica over the survivors (pending slots
+        of a restored plan count as survivors: they re-register into their new range)."""
         spare = self._spare()
         if spare is not None:
             self._set_slot(replace(slot, worker_id=spare.worker_id))
             how = f"spare {spare.worker_id}"
         else:
-            survivors = [s.worker_id for s in self.replicas[slot.replica] if s.worker_id != worker_id]
+            survivors = [s.worker_id for s in self.replicas[slot.replica] if s.worker_id != gone]
             if not survivors or len(survivors) > self.config.num_layers:
                 self.replicas[slot.replica] = []
                 how = "none: replica dropped"
@@ -128,8 +167,31 @@ class Registry:
         self.failovers += 1
         self._save_state()
         if self.log:
-            self.log.warning("worker_failed", worker_id=worker_id, replaced_by=how, epoch=self.epoch)
-        return True
+            self.log.warning("worker_failed", worker_id=gone, replaced_by=how, epoch=self.epoch, why=why or None)
+
+    def fold_in_spares(self) -> list[int]:
+        """Give a replica that runs with fewer stages than asked (after a spread failover) its
+        stages back from the spares: a live re-plan over the longer chain, once the replica has
+        loaded its current layers (no churn while it loads). Returns the replicas re-planned."""
+        cfg, changed = self.config, []
+        for r, slots in enumerate(self.replicas):
+            missing = cfg.stages - len(slots)
+            if missing <= 0 or not self._loaded(slots):
+                continue
+            spares = self._spares()[:missing]
+            if not spares:
+                break
+            chain = [self.workers[s.worker_id] for s in slots] + spares
+            ranges = (self._initial_ranges(chain) if len(chain) == cfg.stages
+                      else partition_uniform(cfg.num_layers, len(chain)))
+            self.replicas[r] = [StageSlot(w.worker_id, r, i, a, b) for i, (w, (a, b)) in enumerate(zip(chain, ranges))]
+            self.epoch += 1
+            self._save_state()
+            changed.append(r)
+            if self.log:
+                self.log.warning("capacity_restored", replica=r, stages=len(chain), ranges=ranges,
+                                 joined=[w.worker_id for w in spares], epoch=self.epoch)
+        return changed
 
     # -- queries -------------------------------------------------------------------------------
     def slot_of(self, worker_id: str) -> StageSlot | None:
@@ -140,24 +202,50 @@ class Registry:
         return None
 
     def next_address(self, slot: StageSlot) -> str:
+        """Where the stage after `slot` listens ("" for the last); a pending slot's address too."""
         stages = self.replicas[slot.replica]
         if slot.stage_index + 1 < len(stages):
-            return self.workers[stages[slot.stage_index + 1].worker_id].address
+            return self.addresses([stages[slot.stage_index + 1]])[0]
         return ""
 
     def ready(self) -> bool:
-        return bool(self.replicas) and not self._orphans and all(
-            s.worker_id in self.workers and self.workers[s.worker_id].loaded_epoch == self.epoch
-            for r in self.replicas for s in r
-        )
+        return bool(self.replicas) and all(self._loaded(r) for r in self.replicas)
+
+    def not_ready_reason(self) -> str:
+        """Why the plan is not ready, for `stagemesh status` and the gateway's errors ("" if ready)."""
+        cfg = self.config
+        if not self.replicas:
+            return (f"waiting for workers: {len(self.workers)} of {cfg.stages * cfg.replicas} registered "
+                    f"({cfg.replicas} replica(s) x {cfg.stages} stage(s))")
+        for r, slots in enumerate(self.replicas):
+            for s in slots:
+                where = f"replica {r} stage {s.stage_index} (layers [{s.layer_start},{s.layer_end}))"
+                if s.worker_id.startswith("pending:"):
+                    return (f"{where} waits for worker {s.worker_id.removeprefix('pending:')} to re-register "
+                            "after the coordinator restarted")
+                w = self.workers.get(s.worker_id)
+                if w is None:
+                    return f"{where} has no worker"
+                if w.loaded_epoch != self.epoch:
+                    return f"{where}: worker {w.worker_id} at {w.address} is loading its layers for epoch {self.epoch}"
+        return ""
+
+    def spares(self) -> list[Worker]:
+        """Registered workers outside the plan, in registration order."""
+        return self._spares()
 
     # -- internals -----------------------------------------------------------------------------
-    def _spare(self) -> Worker | None:
+    def _loaded(self, slots: list[StageSlot]) -> bool:
+        return all(s.worker_id in self.workers and self.workers[s.worker_id].loaded_epoch == self.epoch
+                   for s in slots)
+
+    def _spares(self) -> list[Worker]:
         in_plan = {s.worker_id for r in self.replicas for s in r}
-        for worker in self.workers.values():
-            if worker.worker_id not in in_plan:
-                return worker
-        return None
+        return [w for w in self.workers.values() if w.worker_id not in in_plan]
+
+    def _spare(self) -> Worker | None:
+        spares = self._spares()
+        return spares[0] if spares else None
 
     def _forget(self, worker_id: str) -> None:
         self.workers.pop(worker_id, None)
@@ -168,7 +256,7 @@ class Registry:
     def _maybe_plan(self) -> None:
         cfg = self.config
         needed = cfg.stages * cfg.replicas
-        if self.replicas or self._orphans or len(self.workers) < needed:
+        if self.replicas or len(self.workers) < needed:
             return
         ids = list(self.workers)[:needed]
         self.replicas = []
@@ -218,7 +306,7 @@ class Registry:
         if (replica, tuple(new)) in self._undone:  # tried, not loadable: don't churn on it again
             return None
         self.replicas[replica] = [replace(s, layer_start=a, layer_end=b) for s, (a, b) in zip(slots, new)]
-        self._moves[replica] = ([(s.layer_start, s.layer_end) for s in slots], self._addresses(slots),
+        self._moves[replica] = ([(s.layer_start, s.layer_end) for s in slots], self.addresses(slots),
                                 time.monotonic())
         self.epoch += 1
         self.rebalances += 1
@@ -239,7 +327,7 @@ class Registry:
             slots = self.replicas[replica]
             loaded = all(s.worker_id in self.workers and self.workers[s.worker_id].loaded_epoch == self.epoch
                          for s in slots)
-            if loaded or self._addresses(slots) != addresses:  # done, or a failover re-planned it since
+            if loaded or self.addresses(slots) != addresses:  # done, or a failover re-planned it since
                 del self._moves[replica]
                 self._save_state()
                 continue
@@ -248,9 +336,6 @@ class Registry:
             del self._moves[replica]
             self._undone.add((replica, tuple((s.layer_start, s.layer_end) for s in slots)))
             self.replicas[replica] = [replace(s, layer_start=a, layer_end=b) for s, (a, b) in zip(slots, before)]
-            for slot in self.replicas[replica]:
-                if slot.worker_id.startswith("pending:"):  # restored plan: its worker re-registers here
-                    self._orphans[slot.worker_id.removeprefix("pending:")] = slot
             self.epoch += 1
             self._save_state()
             reverted.append(replica)
@@ -259,7 +344,15 @@ class Registry:
                                  waited_s=round(now - when, 1))
         return reverted
 
-    def _addresses(self, slots: list[StageSlot]) -> list[str]:
+    def _new_id(self) -> str:
+        self._next_id += 1
+        return f"w{self._next_id - 1}"
+
+    def _instance_of(self, slot: StageSlot) -> str:
+        w = self.workers.get(slot.worker_id)
+        return w.instance_id if w else self._instances.get(slot.worker_id.removeprefix("pending:"), "")
+
+    def addresses(self, slots: list[StageSlot]) -> list[str]:
         """Where each slot's worker listens (a restored plan's slot names it until it re-registers)."""
         return [self.workers[s.worker_id].address if s.worker_id in self.workers
                 else s.worker_id.removeprefix("pending:") for s in slots]
@@ -270,7 +363,10 @@ class Registry:
             return
         state = {
             "epoch": self.epoch,
-            "replicas": [[{**asdict(s), "address": self._addresses([s])[0]} for s in r] for r in self.replicas],
+            "replicas": [[{**asdict(s), "worker_id": self._held_ids.get(a, s.worker_id), "address": a,
+                           "instance_id": self._instance_of(s)}
+                          for s, a in zip(r, self.addresses(r))] for r in self.replicas],
+            "next_id": self._next_id,
             "moves": {str(r): {"ranges": before, "addresses": addrs} for r, (before, addrs, _) in self._moves.items()},
         }
         tmp = f"{path}.tmp"
@@ -287,11 +383,16 @@ class Registry:
         for r in state["replicas"]:
             slots = []
             for s in r:
-                slot = StageSlot(f"pending:{s['address']}", s["replica"], s["stage_index"], s["layer_start"], s["layer_end"])
-                self._orphans[s["address"]] = slot
-                slots.append(slot)
+                slots.append(StageSlot(f"pending:{s['address']}", s["replica"], s["stage_index"],
+                                       s["layer_start"], s["layer_end"]))
+                if s.get("instance_id"):
+                    self._instances[s["address"]] = s["instance_id"]
+                if not s["worker_id"].startswith("pending:"):
+                    self._held_ids[s["address"]] = s["worker_id"]
             self.replicas.append(slots)
         for r, move in state.get("moves", {}).items():  # a move in progress: its clock starts again
             self._moves[int(r)] = ([tuple(x) for x in move["ranges"]], move["addresses"], time.monotonic())
+        self._next_id = max(int(state.get("next_id", 1)), self._next_id)
+        self.restored_at = time.monotonic()
         if self.log:
-            self.log.info("plan_restored", epoch=self.epoch, stages=len(self._orphans), moves=len(self._moves))
+            self.log.info("plan_restored", epoch=self.epoch, stages=len(self.pending()), moves=len(self._moves))

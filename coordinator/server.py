@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from stagemesh import metrics
+from stagemesh import membership, metrics
 from stagemesh import security
 from stagemesh.errors import grpc_errors
 from stagemesh.proc import wait_for_signal
@@ -28,12 +29,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.registry = Registry(config, log)
         self.log = log
         self._epoch_seen = 0  # for the rebalance counter
+        self._not_ready_since: float | None = None  # event-loop time the plan last stopped being ready
 
     @grpc_errors
     async def Register(self, request, context):
         worker = self.registry.register(request.address, request.device, request.memory_bytes,
                                         decode_ms_per_layer=request.profile.decode_ms_per_layer,
-                                        bytes_per_layer=request.profile.bytes_per_layer)
+                                        bytes_per_layer=request.profile.bytes_per_layer,
+                                        instance_id=request.instance_id)
         self.log.info("worker_registered", worker_id=worker.worker_id, address=request.address, device=request.device)
         return pb.RegisterResponse(worker_id=worker.worker_id, heartbeat_interval_ms=self.config.heartbeat_interval_ms)
 
@@ -44,8 +47,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if worker is None:
             return pb.HeartbeatResponse(reregister=True)
         slot = self.registry.slot_of(worker.worker_id)
-        if slot is None:
-            return pb.HeartbeatResponse()
+        if slot is None:  # a spare once the plan is built: what it still holds belongs to nobody
+            return pb.HeartbeatResponse(spare=bool(self.registry.replicas))
         return pb.HeartbeatResponse(
             assignment=pb.Assignment(
                 epoch=self.registry.epoch,
@@ -64,11 +67,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if request.epoch != reg.epoch or not 0 <= request.replica < len(reg.replicas):
             return pb.ReportFailureResponse()
         slots = list(reg.replicas[request.replica])
-        alive = await asyncio.gather(*[_probe(reg.workers[s.worker_id].address, self.config.tls) for s in slots
-                                       if s.worker_id in reg.workers])
+        # Every slot, a restored plan's pending ones included (probed at the address they wait on).
+        alive = await asyncio.gather(*[_probe(a, self.config.tls) for a in reg.addresses(slots)])
         dead = [s.worker_id for s, ok in zip(slots, alive) if not ok]
-        for worker_id in dead:
-            reg.fail(worker_id)
+        for worker_id in dead:  # the plan may have changed while probing: each call checks its slot
+            if worker_id.startswith("pending:"):
+                reg.fail_pending(worker_id.removeprefix("pending:"), "reported by a gateway, unreachable")
+            else:
+                reg.fail(worker_id)
         self.log.info("failure_reported", replica=request.replica, detail=request.detail[:200], dead=dead)
         return pb.ReportFailureResponse(dead_worker_ids=dead)
 
@@ -76,8 +82,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def GetPlan(self, request, context):
         self._count_epoch_changes()
         reg = self.registry
+        ready = reg.ready()
+        now = asyncio.get_running_loop().time()
+        self._not_ready_since = None if ready else (self._not_ready_since or now)
         plan = pb.Plan(
-            epoch=reg.epoch, ready=reg.ready(), num_layers_total=self.config.num_layers, block_size=self.config.block_size
+            epoch=reg.epoch, ready=ready, num_layers_total=self.config.num_layers, block_size=self.config.block_size,
+            not_ready_reason="" if ready else reg.not_ready_reason(),
+            not_ready_ms=0 if ready else int((now - self._not_ready_since) * 1000),
+            spares=[pb.SpareWorker(worker_id=w.worker_id, address=w.address) for w in reg.spares()],
         )
         for replica in reg.replicas:
             rp = plan.replicas.add()
@@ -87,6 +99,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 rp.stages.add(
                     worker_id=slot.worker_id, address=w.address if w else slot.worker_id.removeprefix("pending:"),
                     layer_start=slot.layer_start, layer_end=slot.layer_end, num_blocks=blocks,
+                    loaded=bool(w and w.loaded_epoch == reg.epoch),
                 )
             rp.num_blocks = min(s.num_blocks for s in rp.stages)
         return plan
@@ -104,7 +117,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
 
 async def serve(config: CoordinatorConfig, log) -> None:
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server = grpc.aio.server(options=GRPC_OPTIONS,  # mesh members only (stagemesh/membership.py)
+                             interceptors=membership.server_interceptors(config.host, config.tls, "coordinator"))
     service = CoordinatorService(config, log)
     pb_grpc.add_CoordinatorServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
@@ -164,9 +178,34 @@ async def _probe(address: str, tls=None, timeout_s: float = 0.5) -> bool:
 
 
 async def _expire_loop(registry: Registry, config: CoordinatorConfig) -> None:
-    """Declare silent workers dead (a killed or frozen process stops heartbeating)."""
+    """Declare silent workers dead (a killed or frozen process stops heartbeating), judge the
+    restored plan's pending slots, and fold spares back into replicas short of stages."""
     while True:
         await asyncio.sleep(config.heartbeat_interval_ms / 4000)
         registry.expire(config.dead_after_s)
+        await _judge_pending(registry, config)
+        registry.fold_in_spares()
+
+
+async def _judge_pending(registry: Registry, config: CoordinatorConfig) -> None:
+    """Slots of a restored plan whose worker has not re-registered within the grace (a live worker
+    does at its next heartbeat): an unreachable one is dead and fails over; one that answers but
+    still has not re-registered after restore_wait_s is taken as lost too (it serves someone else,
+    or cannot reach this coordinator), so the plan never waits forever."""
+    if registry.restored_at is None:
+        return
+    waited = time.monotonic() - registry.restored_at
+    if waited < config.restore_grace_s:
+        return
+    addresses = registry.pending()
+    if not addresses:
+        registry.restored_at = None  # every slot is settled: nothing left to judge
+        return
+    alive = await asyncio.gather(*[_probe(a, config.tls) for a in addresses])
+    for address, ok in zip(addresses, alive):
+        if not ok:
+            registry.fail_pending(address, "unreachable after the coordinator restarted")
+        elif waited >= config.restore_wait_s:
+            registry.fail_pending(address, f"answers but did not re-register within {config.restore_wait_s:g}s")
 
 

@@ -79,17 +79,33 @@ class ReplicaPlan:
     num_stages: int
 
 
+_last_order = 0
+
+
+def next_lease_order() -> int:
+    """Strictly increasing within this process and, through the wall clock, across its restarts:
+    a restarted gateway's leases supersede the ones of the process before it."""
+    global _last_order
+    _last_order = max(time.time_ns(), _last_order + 1)
+    return _last_order
+
+
 class ReplicaEngine:
     def __init__(self, plan: ReplicaPlan, model_id: str, sched_config: SchedulerConfig, log,
                  forward_timeout_s: float = 120.0, on_cache_events=None, on_stale_epoch=None,
-                 on_stage_failure=None, tls=None):
+                 on_stage_failure=None, tls=None, owner: str = ""):
         self.plan = plan
         self.tls = tls  # TlsConfig of the link to the first stage (mutual TLS); None: plaintext
         self.model_id = model_id
         self.log = log.bind(replica=plan.index)
         self.forward_timeout_s = forward_timeout_s
         self.sched_config = sched_config
-        self.lease_id = uuid.uuid4().hex[:12]
+        # KV on the stages belongs to a lease: a new one per chain generation, owned by this
+        # gateway's stable identity and replica, so a stage drops the older generations' (and an
+        # earlier process's) sequences as soon as it sees the newer lease (stage_worker/executor.py).
+        self.owner = f"{owner or uuid.uuid4().hex[:12]}/r{plan.index}"
+        self.lease_id = ""
+        self.lease_order = 0
         self.sinks: dict[int, TokenSink] = {}
         self._on_cache_events = on_cache_events
         self._on_stale_epoch = on_stale_epoch
@@ -170,6 +186,18 @@ class ReplicaEngine:
         self._wakeup.set()
         return live
 
+    def stalled_s(self) -> float:
+        """How long this replica has gone without a good step while it has work (0: it is not stalled)."""
+        return 0.0 if self._stall_start is None else time.perf_counter() - self._stall_start
+
+    def fail_all(self, reason: str) -> int:
+        """End every live sequence with `reason` (its stream ends with that finish reason)."""
+        live = list(self.scheduler.running) + list(self.scheduler.waiting_sequences())
+        for seq in live:
+            self._finish(seq, reason)
+        self._wakeup.set()
+        return len(live)
+
     def adopt(self, seqs_and_sinks) -> None:
         """Take over sequences of a replica that left the plan (re-prefilled here)."""
         for seq, sink in seqs_and_sinks:
@@ -185,8 +213,10 @@ class ReplicaEngine:
     def _install(self, plan: ReplicaPlan, keep: Scheduler | None = None) -> None:
         self.plan = plan
         self.generation += 1
+        self.lease_id, self.lease_order = uuid.uuid4().hex[:12], next_lease_order()
         self._channel = secure_channel(plan.first_address, self.tls, options=GRPC_OPTIONS)
         self._stub = pb_grpc.StageStub(self._channel)
+        self._announce()
         mode = self.sched_config.async_scheduling
         lookahead = mode == "on" or (mode == "auto" and plan.num_stages == 1)
         separate = lookahead and plan.num_stages > 1
@@ -205,6 +235,24 @@ class ReplicaEngine:
         self.scheduler = Scheduler(config, bm)
         for seq in keep.drain_live():
             self.scheduler.add_front(seq)
+
+    def _announce(self) -> None:
+        """Tell the new chain's stages about the new lease at once (its first Forward would too, but
+        an idle replica sends none): each frees this owner's older leases, e.g. the KV of a chain
+        generation this replaced, or of this gateway's previous process."""
+        req = pb.ReleaseRequest(lease_id=self.lease_id, lease_owner=self.owner, lease_order=self.lease_order,
+                                supersede_only=True, epoch=self.plan.epoch, replica=self.plan.index)
+
+        async def send(stub=self._stub):
+            try:
+                await stub.Release(req, timeout=10)
+            except grpc.aio.AioRpcError as exc:  # a chain that is not up yet: Forwards carry the lease too
+                self.log.info("lease_announce_failed", code=exc.code().name)
+
+        try:
+            asyncio.get_running_loop().create_task(send())
+        except RuntimeError:  # no event loop (a unit test builds the engine outside one)
+            pass
 
     async def _loop(self) -> None:
         while not self._closed:
@@ -230,7 +278,9 @@ class ReplicaEngine:
         if self._debug:
             self.log.debug("step_sent", lease_id=self.lease_id, step_id=self._step_id, epoch=self.plan.epoch,
                            request_ids=[c.seq.request_id for c in plan.chunks])
-        return build_forward_request(plan, self.plan.epoch, self.lease_id, self._step_id, self.plan.index)
+        req = build_forward_request(plan, self.plan.epoch, self.lease_id, self._step_id, self.plan.index)
+        req.lease_owner, req.lease_order = self.owner, self.lease_order
+        return req
 
     async def _run_step(self, plan: StepPlan, req: pb.ForwardRequest, generation: int,
                         prev: asyncio.Future | None, applied: asyncio.Future) -> None:

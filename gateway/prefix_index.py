@@ -4,7 +4,9 @@ Block-manager events are queued here and published in one Publish call per flush
 When cache_service or Redis is unreachable, events are dropped, matching falls back to local
 knowledge (Match answers None), and the link keeps trying; once the index answers again, each
 replica's entries are cleared and re-published from the block managers' current state, so the
-index is repopulated without replaying lost events.
+index is repopulated without replaying lost events. A Redis that comes back empty between two
+calls raises no error: the link polls the index's epoch (a token kept in Redis, gone with its
+data) every `epoch_interval_s` and republishes the same way when it changes.
 
 Runs on the gateway's event loop only.
 """
@@ -20,11 +22,15 @@ Snapshot = Callable[[], list[tuple[str, list[bytes]]]]
 
 
 class PrefixIndexLink:
-    def __init__(self, target: str, log, flush_interval_s: float = 0.02, retry_interval_s: float = 1.0, tls=None):
+    def __init__(self, target: str, log, flush_interval_s: float = 0.02, retry_interval_s: float = 1.0, tls=None,
+                 epoch_interval_s: float = 0.5):
         self.client = CacheIndexClient(target, tls=tls)
         self.log = log
         self.flush_interval_s = flush_interval_s
         self.retry_interval_s = retry_interval_s
+        self.epoch_interval_s = epoch_interval_s
+        self._epoch: str | None = None  # the index's epoch as last seen
+        self.resyncs = 0  # full republishes done (the first one included)
         self.available = True
         self._stale = True  # nothing published yet: start with a clear + full sync
         self._stored: list[tuple[str, bytes]] = []
@@ -60,13 +66,31 @@ class PrefixIndexLink:
             return None
 
     async def _run(self, snapshot: Snapshot) -> None:
+        loop = asyncio.get_running_loop()
+        next_probe = 0.0
         while True:
+            if loop.time() >= next_probe:
+                next_probe = loop.time() + self.epoch_interval_s
+                await self._probe_epoch()
             if self._stale:
                 await self._resync(snapshot)
                 await asyncio.sleep(self.retry_interval_s if self._stale else self.flush_interval_s)
                 continue
             await self._flush()
             await asyncio.sleep(self.flush_interval_s)
+
+    async def _probe_epoch(self) -> None:
+        """A changed epoch: Redis lost the index (restarted empty, flushed): republish it all."""
+        try:
+            epoch = await self.client.epoch()
+        except IndexUnavailable as exc:
+            self._mark_down(exc)
+            return
+        if self._epoch is not None and epoch != self._epoch and not self._stale:
+            self.log.warning("prefix_index_lost", old_epoch=self._epoch, epoch=epoch)
+            self._stale = True
+            self._stored, self._removed = [], []
+        self._epoch = epoch
 
     async def _flush(self) -> None:
         if not (self._stored or self._removed or self._cleared):
@@ -89,6 +113,7 @@ class PrefixIndexLink:
             return
         self._cleared, self._stored, self._removed = [], [], []
         self._stale = False
+        self.resyncs += 1
         if not self.available:
             self.log.info("prefix_index_back", replicas=len(state), blocks=len(stored))
         self.available = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -27,9 +28,10 @@ from gateway.auth import ApiKeyAuth
 from gateway.config import GatewayConfig
 from gateway.engine import ReplicaEngine, ReplicaPlan
 from gateway.prefix_index import PrefixIndexLink
+from gateway.readiness import NOT_READY, Readiness
 from gateway.router import Router
 from gateway.sequence import Sequence
-from gateway.text import Detokenizer, load_tokenizer
+from gateway.text import Detokenizer, TokenizerPool, load_tokenizer
 from gateway.validation import ModelLimits, validate_request
 
 
@@ -106,12 +108,14 @@ class Gateway:
         self.log = log
         self.model = ModelConfig.from_dir(config.model_dir)
         self.tokenizer = load_tokenizer(config.model_dir)
+        self.tokenizer_pool = TokenizerPool(self.tokenizer) if self.tokenizer is not None else None
         self.model_id = config.model_id or _default_model_id(config.model_dir)
         self.engines: list[ReplicaEngine] = []
         self.epoch = 0
         self._seq_ids = itertools.count(1)
         self._connect_coordinator(config.coordinator)
-        auth = ApiKeyAuth(config.api_keys, config.rate_limit_rps, config.rate_limit_burst)
+        auth = ApiKeyAuth(config.api_keys, config.rate_limit_rps, config.rate_limit_burst,
+                          max_failures=config.auth_max_failures, lockout_s=config.auth_lockout_s)
         self.auth = auth if auth.enabled else None  # API keys / rate limit of both front ends
         self._refresh_lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
@@ -121,6 +125,10 @@ class Gateway:
         self.index = PrefixIndexLink(config.cache_service, log, tls=config.tls) if config.cache_service else None
         self.router: Router | None = None
         self._chains: list[tuple] = []
+        self.readiness = Readiness(config.plan_wait_s, config.coordinator)  # health status, not-ready errors
+        # Owner of this gateway's KV leases on the stages, stable across its restarts on this
+        # host and port: a restarted gateway's first lease frees the old process's KV at once.
+        self.identity = f"{socket.gethostname()}:{config.port}" if config.port else uuid.uuid4().hex[:12]
 
     async def start(self) -> None:
         plan = await self._wait_for_plan()
@@ -136,6 +144,8 @@ class Gateway:
             await self.index.close()
         for engine in self.engines:
             await engine.close()
+        if self.tokenizer_pool is not None:
+            self.tokenizer_pool.close()
         await self._coord_channel.close()
 
     def set_coordinator(self, address: str) -> None:
@@ -153,8 +163,14 @@ class Gateway:
         self._coord_channel = secure_channel(address, tls)
         self._coord = pb_grpc.CoordinatorStub(self._coord_channel)
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+    async def tokenize(self, text: str, max_tokens: int, add_special_tokens: bool = True) -> list[int]:
+        """Off the event loop; OutOfRange as soon as the text has more than max_tokens tokens."""
+        return await self.tokenizer_pool.encode(text, max_tokens, add_special_tokens)
+
+    @property
+    def ready(self) -> bool:
+        """Whether a request can be served now: a ready plan has been applied."""
+        return self.limits is not None and bool(self.engines)
 
     def _on_cache_events(self, replica: int, events) -> None:
         if self.index is not None:
@@ -170,8 +186,12 @@ class Gateway:
         pipeline failed it). Raises StagemeshError subclasses for bad input or a full queue.
         Closing the generator early (client gone) cancels the sequence and frees its KV.
         """
+        if self.limits is None:
+            raise Unavailable(self.readiness.message(starting=True))
+        if self._outage():
+            raise Unavailable(self.readiness.message())
         tokenize = self.tokenize if self.tokenizer is not None else None
-        prompt_ids, max_tokens, sampling = validate_request(request, self.limits, tokenize)
+        prompt_ids, max_tokens, sampling = await validate_request(request, self.limits, tokenize)
         seq = Sequence(
             seq_id=next(self._seq_ids), prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling,
             priority=int(request.priority), request_id=request.request_id or uuid.uuid4().hex[:16],
@@ -188,6 +208,8 @@ class Gateway:
         try:
             while True:
                 msg = coalesce(await stream.queue.get(), stream.queue)
+                if msg.finish_reason == NOT_READY:
+                    raise Unavailable(self.readiness.message())
                 yield msg
                 if msg.finish_reason:
                     return
@@ -233,21 +255,41 @@ class Gateway:
             self._poke.clear()
             try:
                 plan = await self._coord.GetPlan(pb.GetPlanRequest(), timeout=2)
-            except grpc.aio.AioRpcError:
+                self.readiness.saw_plan(plan)
+            except grpc.aio.AioRpcError as exc:
+                self.readiness.saw_error(exc)
+                await self._check_outage()
                 continue  # coordinator restarting: keep serving on the plan we have
+            await self._check_outage()
             if plan.epoch != self.epoch and _servable(plan):
                 async with self._refresh_lock:
                     if plan.epoch != self.epoch:
                         self._apply_plan(plan)
+
+    def _outage(self) -> bool:
+        """The plan has been not ready past the bound and no replica gets a step through."""
+        return self.readiness.past_bound() and all(e.stalled_s() > 0 for e in self.engines)
+
+    async def _check_outage(self) -> None:
+        """Fail what waits on a mesh that stays broken (UNAVAILABLE, saying why); health follows."""
+        outage = self._outage()
+        if outage:
+            failed = sum(e.fail_all(NOT_READY) for e in self.engines)
+            if failed:
+                self.log.warning("plan_not_ready_requests_failed", requests=failed, reason=self.readiness.reason,
+                                 unready_s=round(self.readiness.unready_s(), 1))
+        await self.readiness.set_serving(self.ready and not outage)
 
     async def _wait_for_plan(self) -> pb.Plan:
         deadline = asyncio.get_running_loop().time() + self.config.plan_wait_s
         while True:
             try:
                 plan = await self._coord.GetPlan(pb.GetPlanRequest(), timeout=5)
+                self.readiness.saw_plan(plan)
                 if _servable(plan):
                     return plan
             except grpc.aio.AioRpcError as exc:
+                self.readiness.saw_error(exc)
                 self.log.info("waiting_for_coordinator", code=exc.code().name)
             if asyncio.get_running_loop().time() > deadline:
                 raise Unavailable("no ready plan from the coordinator in time")
@@ -255,7 +297,9 @@ class Gateway:
 
     def _apply_plan(self, plan: pb.Plan) -> None:
         self.epoch = plan.epoch
-        chains = [tuple((st.address, st.layer_start, st.layer_end) for st in r.stages) for r in plan.replicas]
+        # The worker id too: a new process at an old address (its KV gone) is a changed chain.
+        chains = [tuple((st.worker_id, st.address, st.layer_start, st.layer_end) for st in r.stages)
+                  for r in plan.replicas]
         specs = [
             ReplicaPlan(index=i, epoch=plan.epoch, first_address=r.stages[0].address, num_blocks=r.num_blocks,
                         block_size=plan.block_size, num_stages=len(r.stages))
@@ -266,6 +310,7 @@ class Gateway:
                 ReplicaEngine(spec, self.model_id, self.config.scheduler, self.log,
                               forward_timeout_s=self.config.forward_timeout_s, on_stale_epoch=self.refresh_plan,
                               on_cache_events=self._on_cache_events, on_stage_failure=self.stage_failed,
+                              owner=self.identity,
                               tls=self.config.tls)
                 for spec in specs
             ]
@@ -281,6 +326,7 @@ class Gateway:
             model_id=self.model_id, vocab_size=self.model.vocab_size,
             max_model_len=self.model.max_position_embeddings, kv_capacity_tokens=capacity,
             default_max_tokens=self.config.default_max_tokens, max_stop_strings=self.config.max_stop_strings,
+            max_prompt_bytes=self.config.max_prompt_bytes,
         )
         self.log.info("plan_applied", epoch=plan.epoch, replicas=len(specs), kv_tokens=capacity)
 

@@ -2,7 +2,10 @@
 
 The executor keeps, per (lease, sequence), the block table and sampling spec the gateway sent
 once (deltas afterwards). It validates a request completely before changing any state, so a bad
-request is refused with INVALID_ARGUMENT and leaves every other sequence untouched.
+request is refused with INVALID_ARGUMENT and leaves every other sequence untouched. A lease names
+its owner (a gateway's replica) and its order: a newer lease of an owner frees the older ones'
+sequences here at once (a re-planned chain, a restarted gateway), also on a stage whose own
+assignment did not change, so no block is kept that nobody owns.
 
 On CUDA, micro-batches replay a captured CUDA graph (cuda_graphs.py): decode-only ones a graph
 per batch bucket, mixed ones (with prefill chunks) a graph per token bucket; what fits neither
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stagemesh import wire
-from stagemesh.errors import InvalidArgument
+from stagemesh.errors import FailedPrecondition, InvalidArgument
 from stagemesh.v1 import stagemesh_pb2 as pb
 
 from stage_worker.attention import AttnMetadata
@@ -70,6 +73,8 @@ class StageExecutor:
         self.samples = SampleBook()  # where each greedy sequence's newest sample is (async scheduling)
         self.slowdown = 1.0
         self._lease_seen: dict[str, float] = {}  # lease id -> last Forward (monotonic s)
+        self._newest: dict[str, tuple[int, str]] = {}  # lease owner -> (order, lease id) of its newest lease
+        self._owner_of: dict[str, str] = {}  # lease id -> its owner
         self.steps = 0
         self._launches = 0  # launches run ahead of `steps` (counted when finished)
         self.compute_us_total = 0
@@ -93,17 +98,40 @@ class StageExecutor:
         self.seqs.clear()
         self.samples.clear()
 
+    def claim(self, lease_id: str, owner: str, order: int, strict: bool = True) -> int:
+        """A lease of `owner` with `order` is in use: drop every sequence of the owner's older
+        leases. Returns the sequences dropped. A lease older than the owner's newest is refused
+        (FAILED_PRECONDITION: a step of a superseded chain generation, still on its way) when
+        strict, else ignored (a Release of it has nothing left to free)."""
+        if not owner:
+            return 0
+        newest = self._newest.get(owner)
+        if newest is not None and (order, lease_id) < newest:
+            if strict:
+                raise FailedPrecondition(f"lease {lease_id} of {owner} is superseded by lease {newest[1]}")
+            return 0
+        if newest is not None and newest[1] == lease_id:
+            return 0
+        self._newest[owner] = (order, lease_id)
+        self._owner_of[lease_id] = owner
+        old = {lease for lease, o in self._owner_of.items() if o == owner and lease != lease_id}
+        return self._drop_leases(old)
+
+    def _drop_leases(self, leases: set[str]) -> int:
+        keys = [k for k in self.seqs if k[0] in leases]
+        for key in keys:
+            del self.seqs[key]
+        self.samples.drop_leases(leases)
+        for lease in leases:
+            self._lease_seen.pop(lease, None)
+            self._owner_of.pop(lease, None)
+        return len(keys)
+
     def expire_leases(self, ttl_s: float) -> int:
         """Drop sequences of leases not heard from for ttl_s (their gateway died); returns count."""
         now = time.monotonic()
         dead = {lease for lease, seen in self._lease_seen.items() if now - seen > ttl_s}
-        keys = [k for k in self.seqs if k[0] in dead]
-        for key in keys:
-            del self.seqs[key]
-        self.samples.drop_leases(dead)
-        for lease in dead:
-            del self._lease_seen[lease]
-        return len(keys)
+        return self._drop_leases(dead)
 
     def blocks_in_use(self) -> int:
         return len({b for s in self.seqs.values() for b in s.block_table})
@@ -126,6 +154,7 @@ class StageExecutor:
             self._profiler.step_begin(self._launches - 1)
         t0 = time.perf_counter()
         try:
+            self._check_lease(req)
             # A chain's first stage; nothing is left when a TP stage's launch ran it before broadcasting.
             self.resolve_host_follows(req)
             done = self._launch(req, t0, hidden)
@@ -264,6 +293,7 @@ class StageExecutor:
         if total > MAX_BATCH_TOKENS:
             raise InvalidArgument(f"micro-batch of {total} tokens exceeds the limit of {MAX_BATCH_TOKENS}")
         # Commit.
+        self.claim(lease, req.lease_owner, req.lease_order)
         for sid in finished:
             self.seqs.pop((lease, sid), None)
             self.samples.forget(lease, [sid])
@@ -272,6 +302,12 @@ class StageExecutor:
         for sid, table in tables.items():
             self.seqs[(lease, sid)].block_table = table
         return tables
+
+    def _check_lease(self, req: pb.ForwardRequest) -> None:
+        """Refuse a step of a superseded lease before it changes anything (claim commits later)."""
+        newest = self._newest.get(req.lease_owner) if req.lease_owner else None
+        if newest is not None and (req.lease_order, req.lease_id) < newest:
+            raise FailedPrecondition(f"lease {req.lease_id} of {req.lease_owner} is superseded by lease {newest[1]}")
 
     def _check_blocks(self, block_ids, what: str) -> None:
         for b in block_ids:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 import concurrent.futures
 from dataclasses import dataclass
 
@@ -34,6 +35,9 @@ from stagemesh.model_config import ModelConfig
 
 
 SAMPLE_WAIT_S = 5.0  # how long a step waits for the step whose sample it follows
+# This process, for the coordinator: a slot of a restored plan goes back only to the process that
+# held it (whose KV is intact), never to a new one at the same address.
+INSTANCE_ID = uuid.uuid4().hex
 
 
 @dataclass
@@ -58,7 +62,16 @@ def add_stage_service(service: "StageService", server: grpc.aio.Server) -> None:
             ("SetSlowdown", pb.SetSlowdownRequest.FromString, pb.SetSlowdownResponse),
         )
     }
+    if not service.config.test_controls:  # a test knob: off the production service
+        handlers["SetSlowdown"] = grpc.unary_unary_rpc_method_handler(
+            _test_controls_off, request_deserializer=pb.SetSlowdownRequest.FromString,
+            response_serializer=pb.SetSlowdownResponse.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("stagemesh.v1.Stage", handlers),))
+
+
+async def _test_controls_off(_request, context):
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "SetSlowdown is a test control; this worker was not "
+                        "started with --enable-test-controls")
 
 
 class StageService(pb_grpc.StageServicer):
@@ -175,9 +188,14 @@ class StageService(pb_grpc.StageServicer):
     @grpc_errors
     async def Release(self, request, context):
         if self.loaded is not None:
-            await asyncio.get_running_loop().run_in_executor(
-                self._compute, self.loaded.executor.release, request.lease_id, list(request.seq_ids)
-            )
+            ex = self.loaded.executor
+            if request.lease_owner:  # a newer lease of this owner frees its older ones here
+                await asyncio.get_running_loop().run_in_executor(
+                    self._compute, ex.claim, request.lease_id, request.lease_owner, request.lease_order, False)
+            if not request.supersede_only:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._compute, ex.release, request.lease_id, list(request.seq_ids)
+                )
             if self.loaded.next_stub is not None:
                 await self.loaded.next_stub.Release(request, timeout=context.time_remaining())
         return pb.ReleaseResponse()
@@ -301,7 +319,7 @@ async def heartbeat_loop(service: StageService, config: WorkerConfig, address: s
         try:
             if not worker_id:
                 reg = await coord.Register(pb.RegisterRequest(address=address, device=config.device, memory_bytes=memory,
-                                                               profile=profile), timeout=5)
+                                                               profile=profile, instance_id=INSTANCE_ID), timeout=5)
                 worker_id, interval = reg.worker_id, reg.heartbeat_interval_ms / 1000
                 log.info("registered", worker_id=worker_id)
             loaded = service.loaded
@@ -313,6 +331,9 @@ async def heartbeat_loop(service: StageService, config: WorkerConfig, address: s
             if hb.reregister:
                 worker_id = ""
                 continue
+            if hb.spare and ex is not None and ex.seqs:  # out of the plan: nobody owns these any more
+                await asyncio.get_running_loop().run_in_executor(service._compute, ex.reset)
+                log.warning("spare_dropped_sequences", epoch=loaded.assignment.epoch)
             if hb.HasField("assignment") and (loaded is None or hb.assignment.epoch != loaded.assignment.epoch):
                 if loading is None or loading.done():
                     failed_epoch = _load_failure(loading, loading_epoch, service, log, failed_epoch)

@@ -7,7 +7,7 @@ StageService whose executor first broadcasts every state-changing call to the fo
 
     ("load", layer_start, layer_end)  then ("kv", num_blocks)   new assignment: load + shard + pool
     ("run", ForwardRequest bytes)                                one micro-batch (hidden included)
-    ("release", lease_id, seq_ids) / ("drop", [lease_id]) / ("reset",)
+    ("release", lease_id, seq_ids) / ("drop", [lease_id]) / ("reset",) / ("claim", lease_id, owner, order)
 
 Every rank then runs its own StageExecutor on the same request in lockstep (the executor's state
 changes are deterministic, and it validates before any collective, so a refused request is
@@ -128,6 +128,11 @@ class TPExecutor:
         self.group.send("reset")
         self.inner.reset()
 
+    def claim(self, lease_id: str, owner: str, order: int, strict: bool = True) -> int:
+        dropped = self.inner.claim(lease_id, owner, order, strict)  # raises before telling anyone
+        self.group.send("claim", lease_id, owner, order)
+        return dropped
+
     def expire_leases(self, ttl_s: float) -> int:
         before = set(self.inner.seqs)
         dropped = self.inner.expire_leases(ttl_s)  # rank 0's clock decides, followers follow
@@ -203,6 +208,8 @@ def follow(group: TPGroup, model_dir: str, block_size: int) -> None:
                 executor.release(lease)
         elif op == "reset":
             executor.reset()
+        elif op == "claim":
+            executor.claim(cmd[1], cmd[2], cmd[3], strict=False)
         elif op == "stop":
             return
 

@@ -1,8 +1,9 @@
 """`stagemesh status`: the coordinator's plan, and each stage worker's load and KV use.
 
-Reads `Coordinator.GetPlan`, then asks every worker of the plan for `Stage.Stats` concurrently. A
-worker that does not answer is shown as unreachable; the command still succeeds, since a
-half-broken mesh is exactly when a person runs it.
+Reads `Coordinator.GetPlan`, then asks every worker of the plan, and every spare, for
+`Stage.Stats` concurrently. A worker that does not answer is shown as unreachable; the command
+still succeeds, since a half-broken mesh is exactly when a person runs it. A plan that is not
+ready says why (e.g. which slot waits for which worker) and for how long.
 """
 
 from __future__ import annotations
@@ -26,16 +27,19 @@ async def collect(coordinator: str, timeout_s: float = 5.0) -> dict:
     for r_index, replica in enumerate(plan.replicas):
         stages = [
             {"stage": i, "worker_id": s.worker_id, "address": s.address, "layer_start": s.layer_start,
-             "layer_end": s.layer_end, "num_blocks": s.num_blocks}
+             "layer_end": s.layer_end, "num_blocks": s.num_blocks, "loaded": s.loaded}
             for i, s in enumerate(replica.stages)
         ]
         replicas.append({"replica": r_index, "num_blocks": replica.num_blocks, "stages": stages})
-    every_stage = [s for r in replicas for s in r["stages"]]
-    stats = await asyncio.gather(*(_stats(s["address"], timeout_s) for s in every_stage))
-    for stage, st in zip(every_stage, stats):
-        stage.update(st)
+    spares = [{"worker_id": w.worker_id, "address": w.address} for w in plan.spares]
+    every_worker = [s for r in replicas for s in r["stages"]] + spares
+    stats = await asyncio.gather(*(_stats(s["address"], timeout_s) for s in every_worker))
+    for worker, st in zip(every_worker, stats):
+        worker.update(st)
     return {"coordinator": coordinator, "epoch": plan.epoch, "ready": plan.ready,
-            "num_layers": plan.num_layers_total, "block_size": plan.block_size, "replicas": replicas}
+            "not_ready_reason": plan.not_ready_reason, "not_ready_s": round(plan.not_ready_ms / 1e3, 1),
+            "num_layers": plan.num_layers_total, "block_size": plan.block_size, "replicas": replicas,
+            "spares": spares}
 
 
 async def _stats(address: str, timeout_s: float) -> dict:
@@ -56,6 +60,8 @@ def render(status: dict) -> str:
     lines = [f"coordinator {status['coordinator']}: plan epoch {status['epoch']} "
              f"({'ready' if status['ready'] else 'not ready'}), {status['num_layers']} layers, "
              f"{len(status['replicas'])} replica(s), block size {status['block_size']}"]
+    if not status["ready"]:
+        lines.append(f"not ready for {status['not_ready_s']:.1f}s: {status['not_ready_reason']}")
     for r in status["replicas"]:
         lines.append(f"replica {r['replica']}: {r['num_blocks']} KV blocks")
         lines.append(f"  {'stage':>5}  {'worker':<8} {'address':<22} {'layers':<10} {'seqs':>5} {'steps':>8} "
@@ -68,8 +74,14 @@ def render(status: dict) -> str:
                 continue
             total = s["kv_blocks_total"]
             pct = 100.0 * s["kv_blocks_used"] / total if total else 0.0
+            loading = "" if s["loaded"] else "  (loading)"
             lines.append(f"{head} {s['live_sequences']:>5} {s['steps']:>8} {s['mean_step_ms']:>8.2f}  "
-                         f"{s['kv_blocks_used']}/{total} ({pct:.0f}%)")
+                         f"{s['kv_blocks_used']}/{total} ({pct:.0f}%){loading}")
+    lines.append(f"spares: {len(status['spares'])}" if status["spares"] else "spares: none")
+    for w in status["spares"]:
+        state = (f"reachable, {w['kv_blocks_used']}/{w['kv_blocks_total']} KV blocks used" if w["reachable"]
+                 else f"unreachable ({w['error']})")
+        lines.append(f"  {w['worker_id']:<8} {w['address']:<22} {state}")
     return "\n".join(lines)
 
 

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cstagemesh/v1/stagemesh.proto\x12\x0cstagemesh.v1\"n\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\xfc\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nprompt_ids\x18\x03 \x03(\x05\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.stagemesh.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12(\n\x08priority\x18\x08 \x01(\x0e\x32\x16.stagemesh.v1.Priority\x12\x12\n\nrequest_id\x18\t \x01(\tB\r\n\x0b_max_tokens\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\x82\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.stagemesh.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"B\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.stagemesh.v1.ModelInfo\"$\n\x12SetSlowdownRequest\x12\x0e\n\x06\x66\x61\x63tor\x18\x01 \x01(\x01\"\x15\n\x13SetSlowdownResponse\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"`\n\x0bNewSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\tblock_ids\x18\x02 \x03(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.stagemesh.v1.SamplingParams\"\x9b\x01\n\rSequenceChunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\tstart_pos\x18\x02 \x01(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x15\n\rnew_block_ids\x18\x04 \x03(\x05\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12\x14\n\x0coutput_index\x18\x06 \x01(\x05\x12\x16\n\x0e\x66ollows_sample\x18\x07 \x01(\x08\"\xaf\x02\n\x0e\x46orwardRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\x12\x30\n\rnew_sequences\x18\x04 \x03(\x0b\x32\x19.stagemesh.v1.NewSequence\x12+\n\x06\x63hunks\x18\x05 \x03(\x0b\x32\x1b.stagemesh.v1.SequenceChunk\x12\x18\n\x10\x66inished_seq_ids\x18\x06 \x03(\x04\x12\x11\n\ttoken_ids\x18\x07 \x03(\x05\x12$\n\x06hidden\x18\x08 \x01(\x0b\x32\x14.stagemesh.v1.Tensor\x12\x0f\n\x07replica\x18\t \x01(\x05\x12\x13\n\x0blease_owner\x18\n \x01(\t\x12\x13\n\x0blease_order\x18\x0b \x01(\x04\"0\n\x0cSampledToken\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\x05\"X\n\x0f\x46orwardResponse\x12+\n\x07samples\x18\x01 \x03(\x0b\x32\x1a.stagemesh.v1.SampledToken\x12\x18\n\x10stage_compute_us\x18\x02 \x03(\x03\"}\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0f\n\x07seq_ids\x18\x02 \x03(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07replica\x18\x04 \x01(\x05\x12\x13\n\x0blease_owner\x18\x05 \x01(\t\x12\x13\n\x0blease_order\x18\x06 \x01(\x04\"\x11\n\x0fReleaseResponse\"\x0e\n\x0cStatsRequest\"\xe3\x01\n\rStatsResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\x12\x15\n\rblocks_in_use\x18\x02 \x01(\x05\x12\x16\n\x0elive_sequences\x18\x03 \x01(\x05\x12\r\n\x05steps\x18\x04 \x01(\x03\x12\x14\n\x0cmean_step_us\x18\x05 \x01(\x01\x12\x13\n\x0blayer_start\x18\x06 \x01(\x05\x12\x11\n\tlayer_end\x18\x07 \x01(\x05\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\x12\x18\n\x10\x63ompute_us_total\x18\t \x01(\x03\x12\x19\n\x11gpu_wait_us_total\x18\n \x01(\x03\"F\n\x14ReportFailureRequest\x12\x0f\n\x07replica\x18\x01 \x01(\x05\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"0\n\x15ReportFailureResponse\x12\x17\n\x0f\x64\x65\x61\x64_worker_ids\x18\x01 \x03(\t\"\x8a\x01\n\x0fRegisterRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12+\n\x07profile\x18\x04 \x01(\x0b\x32\x1a.stagemesh.v1.LayerProfile\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\"\x88\x01\n\x0cLayerProfile\x12\x1b\n\x13\x64\x65\x63ode_ms_per_layer\x18\x01 \x01(\x01\x12\x1c\n\x14prefill_ms_per_layer\x18\x02 \x01(\x01\x12\x17\n\x0f\x62ytes_per_layer\x18\x03 \x01(\x03\x12$\n\x1ckv_bytes_per_block_per_layer\x18\x04 \x01(\x03\"D\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\"\x99\x01\n\nAssignment\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0f\n\x07replica\x18\x02 \x01(\x05\x12\x13\n\x0bstage_index\x18\x03 \x01(\x05\x12\x13\n\x0blayer_start\x18\x04 \x01(\x05\x12\x11\n\tlayer_end\x18\x05 \x01(\x05\x12\x18\n\x10num_layers_total\x18\x06 \x01(\x05\x12\x14\n\x0cnext_address\x18\x07 \x01(\t\"e\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0cloaded_epoch\x18\x02 \x01(\x04\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x14\n\x0cmean_step_us\x18\x04 \x01(\x01\"d\n\x11HeartbeatResponse\x12,\n\nassignment\x18\x01 \x01(\x0b\x32\x18.stagemesh.v1.Assignment\x12\x12\n\nreregister\x18\x02 \x01(\x08\x12\r\n\x05spare\x18\x03 \x01(\x08\"\x10\n\x0eGetPlanRequest\"{\n\tStagePlan\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x0e\n\x06loaded\x18\x06 \x01(\x08\"1\n\x0bSpareWorker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"J\n\x0bReplicaPlan\x12\'\n\x06stages\x18\x01 \x03(\x0b\x32\x17.stagemesh.v1.StagePlan\x12\x12\n\nnum_blocks\x18\x02 \x01(\x05\"\xda\x01\n\x04Plan\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12+\n\x08replicas\x18\x02 \x03(\x0b\x32\x19.stagemesh.v1.ReplicaPlan\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x18\n\x10num_layers_total\x18\x04 \x01(\x05\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x18\n\x10not_ready_reason\x18\x06 \x01(\t\x12\x14\n\x0cnot_ready_ms\x18\x07 \x01(\x04\x12)\n\x06spares\x18\x08 \x03(\x0b\x32\x19.stagemesh.v1.SpareWorker*8\n\x08Priority\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x00\x12\x12\n\x0ePRIORITY_BATCH\x10\x01\x32\xaa\x01\n\nGeneration\x12K\n\x08Generate\x12\x1d.stagemesh.v1.GenerateRequest\x1a\x1e.stagemesh.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.stagemesh.v1.ListModelsRequest\x1a .stagemesh.v1.ListModelsResponse2\xad\x02\n\x05Stage\x12\x46\n\x07\x46orward\x12\x1c.stagemesh.v1.ForwardRequest\x1a\x1d.stagemesh.v1.ForwardResponse\x12\x46\n\x07Release\x12\x1c.stagemesh.v1.ReleaseRequest\x1a\x1d.stagemesh.v1.ReleaseResponse\x12@\n\x05Stats\x12\x1a.stagemesh.v1.StatsRequest\x1a\x1b.stagemesh.v1.StatsResponse\x12R\n\x0bSetSlowdown\x12 .stagemesh.v1.SetSlowdownRequest\x1a!.stagemesh.v1.SetSlowdownResponse2\xbd\x02\n\x0b\x43oordinator\x12I\n\x08Register\x12\x1d.stagemesh.v1.RegisterRequest\x1a\x1e.stagemesh.v1.RegisterResponse\x12L\n\tHeartbeat\x12\x1e.stagemesh.v1.HeartbeatRequest\x1a\x1f.stagemesh.v1.HeartbeatResponse\x12;\n\x07GetPlan\x12\x1c.stagemesh.v1.GetPlanRequest\x1a\x12.stagemesh.v1.Plan\x12X\n\rReportFailure\x12\".stagemesh.v1.ReportFailureRequest\x1a#.stagemesh.v1.ReportFailureResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cstagemesh/v1/stagemesh.proto\x12\x0cstagemesh.v1\"n\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\xfc\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nprompt_ids\x18\x03 \x03(\x05\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.stagemesh.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12(\n\x08priority\x18\x08 \x01(\x0e\x32\x16.stagemesh.v1.Priority\x12\x12\n\nrequest_id\x18\t \x01(\tB\r\n\x0b_max_tokens\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\x82\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.stagemesh.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"B\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.stagemesh.v1.ModelInfo\"$\n\x12SetSlowdownRequest\x12\x0e\n\x06\x66\x61\x63tor\x18\x01 \x01(\x01\"\x15\n\x13SetSlowdownResponse\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"`\n\x0bNewSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\tblock_ids\x18\x02 \x03(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.stagemesh.v1.SamplingParams\"\x9b\x01\n\rSequenceChunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\tstart_pos\x18\x02 \x01(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x15\n\rnew_block_ids\x18\x04 \x03(\x05\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12\x14\n\x0coutput_index\x18\x06 \x01(\x05\x12\x16\n\x0e\x66ollows_sample\x18\x07 \x01(\x08\"\xaf\x02\n\x0e\x46orwardRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\x12\x30\n\rnew_sequences\x18\x04 \x03(\x0b\x32\x19.stagemesh.v1.NewSequence\x12+\n\x06\x63hunks\x18\x05 \x03(\x0b\x32\x1b.stagemesh.v1.SequenceChunk\x12\x18\n\x10\x66inished_seq_ids\x18\x06 \x03(\x04\x12\x11\n\ttoken_ids\x18\x07 \x03(\x05\x12$\n\x06hidden\x18\x08 \x01(\x0b\x32\x14.stagemesh.v1.Tensor\x12\x0f\n\x07replica\x18\t \x01(\x05\x12\x13\n\x0blease_owner\x18\n \x01(\t\x12\x13\n\x0blease_order\x18\x0b \x01(\x04\"0\n\x0cSampledToken\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\x05\"X\n\x0f\x46orwardResponse\x12+\n\x07samples\x18\x01 \x03(\x0b\x32\x1a.stagemesh.v1.SampledToken\x12\x18\n\x10stage_compute_us\x18\x02 \x03(\x03\"\x95\x01\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0f\n\x07seq_ids\x18\x02 \x03(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07replica\x18\x04 \x01(\x05\x12\x13\n\x0blease_owner\x18\x05 \x01(\t\x12\x13\n\x0blease_order\x18\x06 \x01(\x04\x12\x16\n\x0esupersede_only\x18\x07 \x01(\x08\"\x11\n\x0fReleaseResponse\"\x0e\n\x0cStatsRequest\"\xe3\x01\n\rStatsResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\x12\x15\n\rblocks_in_use\x18\x02 \x01(\x05\x12\x16\n\x0elive_sequences\x18\x03 \x01(\x05\x12\r\n\x05steps\x18\x04 \x01(\x03\x12\x14\n\x0cmean_step_us\x18\x05 \x01(\x01\x12\x13\n\x0blayer_start\x18\x06 \x01(\x05\x12\x11\n\tlayer_end\x18\x07 \x01(\x05\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\x12\x18\n\x10\x63ompute_us_total\x18\t \x01(\x03\x12\x19\n\x11gpu_wait_us_total\x18\n \x01(\x03\"F\n\x14ReportFailureRequest\x12\x0f\n\x07replica\x18\x01 \x01(\x05\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"0\n\x15ReportFailureResponse\x12\x17\n\x0f\x64\x65\x61\x64_worker_ids\x18\x01 \x03(\t\"\x8a\x01\n\x0fRegisterRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12+\n\x07profile\x18\x04 \x01(\x0b\x32\x1a.stagemesh.v1.LayerProfile\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\"\x88\x01\n\x0cLayerProfile\x12\x1b\n\x13\x64\x65\x63ode_ms_per_layer\x18\x01 \x01(\x01\x12\x1c\n\x14prefill_ms_per_layer\x18\x02 \x01(\x01\x12\x17\n\x0f\x62ytes_per_layer\x18\x03 \x01(\x03\x12$\n\x1ckv_bytes_per_block_per_layer\x18\x04 \x01(\x03\"D\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\"\x99\x01\n\nAssignment\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0f\n\x07replica\x18\x02 \x01(\x05\x12\x13\n\x0bstage_index\x18\x03 \x01(\x05\x12\x13\n\x0blayer_start\x18\x04 \x01(\x05\x12\x11\n\tlayer_end\x18\x05 \x01(\x05\x12\x18\n\x10num_layers_total\x18\x06 \x01(\x05\x12\x14\n\x0cnext_address\x18\x07 \x01(\t\"e\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0cloaded_epoch\x18\x02 \x01(\x04\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x14\n\x0cmean_step_us\x18\x04 \x01(\x01\"d\n\x11HeartbeatResponse\x12,\n\nassignment\x18\x01 \x01(\x0b\x32\x18.stagemesh.v1.Assignment\x12\x12\n\nreregister\x18\x02 \x01(\x08\x12\r\n\x05spare\x18\x03 \x01(\x08\"\x10\n\x0eGetPlanRequest\"{\n\tStagePlan\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x0e\n\x06loaded\x18\x06 \x01(\x08\"1\n\x0bSpareWorker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"J\n\x0bReplicaPlan\x12\'\n\x06stages\x18\x01 \x03(\x0b\x32\x17.stagemesh.v1.StagePlan\x12\x12\n\nnum_blocks\x18\x02 \x01(\x05\"\xda\x01\n\x04Plan\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12+\n\x08replicas\x18\x02 \x03(\x0b\x32\x19.stagemesh.v1.ReplicaPlan\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x18\n\x10num_layers_total\x18\x04 \x01(\x05\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x18\n\x10not_ready_reason\x18\x06 \x01(\t\x12\x14\n\x0cnot_ready_ms\x18\x07 \x01(\x04\x12)\n\x06spares\x18\x08 \x03(\x0b\x32\x19.stagemesh.v1.SpareWorker*8\n\x08Priority\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x00\x12\x12\n\x0ePRIORITY_BATCH\x10\x01\x32\xaa\x01\n\nGeneration\x12K\n\x08Generate\x12\x1d.stagemesh.v1.GenerateRequest\x1a\x1e.stagemesh.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.stagemesh.v1.ListModelsRequest\x1a .stagemesh.v1.ListModelsResponse2\xad\x02\n\x05Stage\x12\x46\n\x07\x46orward\x12\x1c.stagemesh.v1.ForwardRequest\x1a\x1d.stagemesh.v1.ForwardResponse\x12\x46\n\x07Release\x12\x1c.stagemesh.v1.ReleaseRequest\x1a\x1d.stagemesh.v1.ReleaseResponse\x12@\n\x05Stats\x12\x1a.stagemesh.v1.StatsRequest\x1a\x1b.stagemesh.v1.StatsResponse\x12R\n\x0bSetSlowdown\x12 .stagemesh.v1.SetSlowdownRequest\x1a!.stagemesh.v1.SetSlowdownResponse2\xbd\x02\n\x0b\x43oordinator\x12I\n\x08Register\x12\x1d.stagemesh.v1.RegisterRequest\x1a\x1e.stagemesh.v1.RegisterResponse\x12L\n\tHeartbeat\x12\x1e.stagemesh.v1.HeartbeatRequest\x1a\x1f.stagemesh.v1.HeartbeatResponse\x12;\n\x07GetPlan\x12\x1c.stagemesh.v1.GetPlanRequest\x1a\x12.stagemesh.v1.Plan\x12X\n\rReportFailure\x12\".stagemesh.v1.ReportFailureRequest\x1a#.stagemesh.v1.ReportFailureResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stagemesh.v1.stagemesh_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIORITY']._serialized_start=3313
-  _globals['_PRIORITY']._serialized_end=3369
+  _globals['_PRIORITY']._serialized_start=3338
+  _globals['_PRIORITY']._serialized_end=3394
   _globals['_SAMPLINGPARAMS']._serialized_start=46
   _globals['_SAMPLINGPARAMS']._serialized_end=156
   _globals['_GENERATEREQUEST']._serialized_start=159
@@ -63,44 +63,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLEDTOKEN']._serialized_end=1505
   _globals['_FORWARDRESPONSE']._serialized_start=1507
   _globals['_FORWARDRESPONSE']._serialized_end=1595
-  _globals['_RELEASEREQUEST']._serialized_start=1597
-  _globals['_RELEASEREQUEST']._serialized_end=1722
-  _globals['_RELEASERESPONSE']._serialized_start=1724
-  _globals['_RELEASERESPONSE']._serialized_end=1741
-  _globals['_STATSREQUEST']._serialized_start=1743
-  _globals['_STATSREQUEST']._serialized_end=1757
-  _globals['_STATSRESPONSE']._serialized_start=1760
-  _globals['_STATSRESPONSE']._serialized_end=1987
-  _globals['_REPORTFAILUREREQUEST']._serialized_start=1989
-  _globals['_REPORTFAILUREREQUEST']._serialized_end=2059
-  _globals['_REPORTFAILURERESPONSE']._serialized_start=2061
-  _globals['_REPORTFAILURERESPONSE']._serialized_end=2109
-  _globals['_REGISTERREQUEST']._serialized_start=2112
-  _globals['_REGISTERREQUEST']._serialized_end=2250
-  _globals['_LAYERPROFILE']._serialized_start=2253
-  _globals['_LAYERPROFILE']._serialized_end=2389
-  _globals['_REGISTERRESPONSE']._serialized_start=2391
-  _globals['_REGISTERRESPONSE']._serialized_end=2459
-  _globals['_ASSIGNMENT']._serialized_start=2462
-  _globals['_ASSIGNMENT']._serialized_end=2615
-  _globals['_HEARTBEATREQUEST']._serialized_start=2617
-  _globals['_HEARTBEATREQUEST']._serialized_end=2718
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2720
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2820
-  _globals['_GETPLANREQUEST']._serialized_start=2822
-  _globals['_GETPLANREQUEST']._serialized_end=2838
-  _globals['_STAGEPLAN']._serialized_start=2840
-  _globals['_STAGEPLAN']._serialized_end=2963
-  _globals['_SPAREWORKER']._serialized_start=2965
-  _globals['_SPAREWORKER']._serialized_end=3014
-  _globals['_REPLICAPLAN']._serialized_start=3016
-  _globals['_REPLICAPLAN']._serialized_end=3090
-  _globals['_PLAN']._serialized_start=3093
-  _globals['_PLAN']._serialized_end=3311
-  _globals['_GENERATION']._serialized_start=3372
-  _globals['_GENERATION']._serialized_end=3542
-  _globals['_STAGE']._serialized_start=3545
-  _globals['_STAGE']._serialized_end=3846
-  _globals['_COORDINATOR']._serialized_start=3849
-  _globals['_COORDINATOR']._serialized_end=4166
+  _globals['_RELEASEREQUEST']._serialized_start=1598
+  _globals['_RELEASEREQUEST']._serialized_end=1747
+  _globals['_RELEASERESPONSE']._serialized_start=1749
+  _globals['_RELEASERESPONSE']._serialized_end=1766
+  _globals['_STATSREQUEST']._serialized_start=1768
+  _globals['_STATSREQUEST']._serialized_end=1782
+  _globals['_STATSRESPONSE']._serialized_start=1785
+  _globals['_STATSRESPONSE']._serialized_end=2012
+  _globals['_REPORTFAILUREREQUEST']._serialized_start=2014
+  _globals['_REPORTFAILUREREQUEST']._serialized_end=2084
+  _globals['_REPORTFAILURERESPONSE']._serialized_start=2086
+  _globals['_REPORTFAILURERESPONSE']._serialized_end=2134
+  _globals['_REGISTERREQUEST']._serialized_start=2137
+  _globals['_REGISTERREQUEST']._serialized_end=2275
+  _globals['_LAYERPROFILE']._serialized_start=2278
+  _globals['_LAYERPROFILE']._serialized_end=2414
+  _globals['_REGISTERRESPONSE']._serialized_start=2416
+  _globals['_REGISTERRESPONSE']._serialized_end=2484
+  _globals['_ASSIGNMENT']._serialized_start=2487
+  _globals['_ASSIGNMENT']._serialized_end=2640
+  _globals['_HEARTBEATREQUEST']._serialized_start=2642
+  _globals['_HEARTBEATREQUEST']._serialized_end=2743
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2745
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2845
+  _globals['_GETPLANREQUEST']._serialized_start=2847
+  _globals['_GETPLANREQUEST']._serialized_end=2863
+  _globals['_STAGEPLAN']._serialized_start=2865
+  _globals['_STAGEPLAN']._serialized_end=2988
+  _globals['_SPAREWORKER']._serialized_start=2990
+  _globals['_SPAREWORKER']._serialized_end=3039
+  _globals['_REPLICAPLAN']._serialized_start=3041
+  _globals['_REPLICAPLAN']._serialized_end=3115
+  _globals['_PLAN']._serialized_start=3118
+  _globals['_PLAN']._serialized_end=3336
+  _globals['_GENERATION']._serialized_start=3397
+  _globals['_GENERATION']._serialized_end=3567
+  _globals['_STAGE']._serialized_start=3570
+  _globals['_STAGE']._serialized_end=3871
+  _globals['_COORDINATOR']._serialized_start=3874
+  _globals['_COORDINATOR']._serialized_end=4191
 # @@protoc_insertion_point(module_scope)

@@ -183,20 +183,22 @@ class ForwardResponse(_message.Message):
     def __init__(self, samples: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., stage_compute_us: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("lease_id", "seq_ids", "epoch", "replica", "lease_owner", "lease_order")
+    __slots__ = ("lease_id", "seq_ids", "epoch", "replica", "lease_owner", "lease_order", "supersede_only")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     LEASE_OWNER_FIELD_NUMBER: _ClassVar[int]
     LEASE_ORDER_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDE_ONLY_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     seq_ids: _containers.RepeatedScalarFieldContainer[int]
     epoch: int
     replica: int
     lease_owner: str
     lease_order: int
-    def __init__(self, lease_id: _Optional[str] = ..., seq_ids: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., replica: _Optional[int] = ..., lease_owner: _Optional[str] = ..., lease_order: _Optional[int] = ...) -> None: ...
+    supersede_only: bool
+    def __init__(self, lease_id: _Optional[str] = ..., seq_ids: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., replica: _Optional[int] = ..., lease_owner: _Optional[str] = ..., lease_order: _Optional[int] = ..., supersede_only: _Optional[bool] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
     __slots__ = ()
