@@ -9,15 +9,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 import structlog
 
 from stagemesh import discovery
+from stagemesh.membership import REDIS_URL_ENV
 from stagemesh.security import add_tls_flags, tls_from_args
 
 from cache_service.config import CacheServiceConfig, IndexConfig
 from cache_service.server import serve
+
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[CacheServiceConfig, str]:
@@ -25,8 +30,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[CacheServiceConfig, str
     parser = argparse.ArgumentParser(prog="python -m cache_service", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to bind")
     parser.add_argument("--port", type=int, default=50070, help="gRPC port; 0 picks a free one")
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0",
-                        help="Redis URL of the index; password and TLS: rediss://:PASSWORD@HOST:PORT/DB")
+    parser.add_argument("--redis", default="",
+                        help="Redis URL of the index; password and TLS: rediss://:PASSWORD@HOST:PORT/DB "
+                             f"(default: ${REDIS_URL_ENV}, keeping a password off the command line, "
+                             f"else {DEFAULT_REDIS})")
     parser.add_argument("--block-ttl-s", type=int, default=3600, help="expiry of a block entry, refreshed on use")
     parser.add_argument("--key-prefix", default="sm:v1:", help="namespace of every Redis key written")
     parser.add_argument("--redis-timeout-s", type=float, default=1.0, help="Redis connect/read timeout")
@@ -37,7 +44,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[CacheServiceConfig, str
     discovery.add_arguments(parser)
     args = parser.parse_args(argv)
     index = IndexConfig(
-        redis_url=args.redis,
+        redis_url=args.redis or os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS,
         block_ttl_s=args.block_ttl_s,
         key_prefix=args.key_prefix,
         redis_timeout_s=args.redis_timeout_s,

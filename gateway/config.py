@@ -18,6 +18,9 @@ class GatewayConfig:
     model_id: str = ""  # defaults to the checkpoint directory's name
     default_max_tokens: int = 16
     max_stop_strings: int = 16
+    # Prompt text above this is refused before tokenizing (RESOURCE_EXHAUSTED / HTTP 413); the
+    # gRPC message and HTTP body limits follow from it (gateway/validation.py).
+    max_prompt_bytes: int = 4 << 20
     forward_timeout_s: float = 120.0
     plan_wait_s: float = 300.0
     http_port: int = 0  # OpenAI-compatible HTTP API; 0: off
@@ -34,6 +37,9 @@ class GatewayConfig:
     api_keys: tuple[str, ...] = ()  # empty: no API key needed
     rate_limit_rps: float = 0.0  # Generate requests per second per API key; 0: unlimited
     rate_limit_burst: float = 0.0  # bucket size; 0: max(1, rate)
+    # Wrong API keys from one peer: this many within a minute lock it out for auth_lockout_s (0: off).
+    auth_max_failures: int = 10
+    auth_lockout_s: float = 30.0
 
     def __post_init__(self):
         if not self.coordinator:
@@ -42,3 +48,5 @@ class GatewayConfig:
             raise ValueError(f"--routing must be cache_aware or round_robin, not {self.routing!r}")
         if self.default_max_tokens < 1:
             raise ValueError("default_max_tokens must be >= 1")
+        if self.max_prompt_bytes < 1:
+            raise ValueError("--max-prompt-bytes must be >= 1")

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from stagemesh import discovery
 from stagemesh import log as logging_setup
 from stagemesh.errors import CheckpointError
+from stagemesh.membership import server_interceptors
 from stagemesh.metrics import start_metrics_server
 from stagemesh.net import GRPC_OPTIONS
 from stagemesh.proc import wait_for_signal
@@ -38,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--kv-blocks", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--slowdown", type=float, default=1.0, help="test/demo: compute this many times slower")
+    p.add_argument("--enable-test-controls", action="store_true",
+                   help="serve Stage.SetSlowdown (tests and benchmarks; off in production)")
     p.add_argument("--tp-size", type=int, default=0,
                    help="tensor parallel inside this stage over N processes/GPUs (deepspeed.comm); 0: off")
     p.add_argument("--lease-ttl-s", type=float, default=60.0, help="drop a silent gateway's sequences after this")
@@ -53,7 +56,7 @@ def parse_args(argv=None):
     cfg = WorkerConfig(model_dir=a.model, coordinator=a.coordinator, host=a.host, port=a.port, device=a.device,
                        advertise=a.advertise, block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, kv_blocks=a.kv_blocks,
                        threads=a.threads, metrics_port=a.metrics_port, lease_ttl_s=a.lease_ttl_s,
-                       slowdown=a.slowdown, tls=tls_from_args(a), coordinator_plaintext=a.coordinator_plaintext,
+                       slowdown=a.slowdown, test_controls=a.enable_test_controls, tls=tls_from_args(a), coordinator_plaintext=a.coordinator_plaintext,
                        tp_size=a.tp_size)
     return cfg, a.log_level, discovery.config_from_args(a)
 
@@ -69,7 +72,8 @@ async def serve(config: WorkerConfig, log, consul: discovery.ConsulConfig | None
         service = TPStageService(config, log)
     else:
         service = StageService(config, log)
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server = grpc.aio.server(options=GRPC_OPTIONS,  # mesh members only (stagemesh/membership.py)
+                             interceptors=server_interceptors(config.host, config.tls, "stage worker"))
     add_stage_service(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -23,6 +23,7 @@ class WorkerConfig:
     gpu_memory_fraction: float = 0.85
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     slowdown: float = 1.0  # test/demo knob: compute this many times slower
+    test_controls: bool = False  # serve Stage.SetSlowdown (tests and benchmarks only)
     lease_ttl_s: float = 60.0  # a gateway silent this long is gone: its sequences' KV is dropped
     metrics_port: int = 0  # Prometheus /metrics; 0: off
     tls: TlsConfig | None = None  # mutual TLS on our port and on links to the next stage/coordinator

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -36,7 +37,10 @@ def _add_up(sub) -> None:
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--spares", type=int, default=0, help="idle workers kept for failover")
     p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--redis", default="", help="redis://HOST:PORT/DB for the global prefix index")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address every port binds (default loopback: this host only); another exposes the mesh")
+    p.add_argument("--redis", default="", help="redis://HOST:PORT/DB for the global prefix index "
+                                               "(a password in it reaches cache_service in its environment)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     p.add_argument("--kv-cache-bytes", type=int, default=0)
     p.add_argument("--kv-blocks", type=int, default=0)
@@ -52,9 +56,15 @@ def _add_up(sub) -> None:
                         "worker i BASE+10+i (0: off)")
     p.add_argument("--tls-dir", default="",
                    help="certificates from `stagemesh certs DIR`: mutual TLS inside the mesh, TLS on --port")
-    p.add_argument("--api-key", action="append", default=[], help="gateway API key (repeatable)")
+    p.add_argument("--tls-require-client-cert", action="store_true",
+                   help="with --tls-dir: the gateway's public port refuses clients without a certificate "
+                        "signed by the CA (default: optional)")
+    p.add_argument("--api-key", action="append", default=[],
+                   help="gateway API key (repeatable; $STAGEMESH_API_KEYS or --api-keys-file keep keys out of "
+                        "this command line too)")
     p.add_argument("--api-keys-file", default="", help="file of gateway API keys, one per line")
     p.add_argument("--rate-limit-rps", type=float, default=0.0, help="Generate requests/s per API key (0: off)")
+    p.add_argument("--rate-limit-burst", type=float, default=0.0, help="burst per API key (0: max(1, rps))")
     p.add_argument("--inflight", type=int, default=0,
                    help="micro-batches in flight per replica (0: 3 on a single stage with async scheduling, "
                         "stages + 2 on a chain with it, else max(2, stages)); more hides longer hops")
@@ -96,11 +106,11 @@ def _run_up(args) -> int:
         if args.stages > model.num_hidden_layers:
             raise ValueError(f"--stages {args.stages} exceeds the model's {model.num_hidden_layers} layers")
         config = MeshConfig(model_dir=args.model, stages=args.stages, replicas=args.replicas, spares=args.spares,
-                            port=args.port, redis=args.redis, device=args.device, kv_cache_bytes=args.kv_cache_bytes,
+                            port=args.port, host=args.host, redis=args.redis, device=args.device, kv_cache_bytes=args.kv_cache_bytes,
                             kv_blocks=args.kv_blocks, max_batched_tokens=args.max_batched_tokens,
                             threads=args.threads, log_level=args.log_level, routing=args.routing, routing_weight=args.routing_weight,
                             http_port=args.http_port, max_running=args.max_running,
-                            metrics_port=args.metrics_port, tls_dir=args.tls_dir,
+                            metrics_port=args.metrics_port, tls_dir=args.tls_dir, api_keys=_api_keys(args),
                             extra_gateway_args=[*_gateway_auth_args(args),
                                                 "--async-scheduling", args.async_scheduling],
                             plan=args.plan,
@@ -115,6 +125,7 @@ def _run_up(args) -> int:
     except (CheckpointError, ValueError) as exc:
         print(f"stagemesh up: {exc}", file=sys.stderr)
         return 2
+    _warn_if_exposed(args)
     mesh = Mesh(config)
     # Children are started and restarted from this (main) thread: PR_SET_PDEATHSIG follows the
     # forking thread. A signal only sets the event; the loops below notice it within 0.1 s.
@@ -137,12 +148,31 @@ def _run_up(args) -> int:
 
 
 def _gateway_auth_args(args) -> list[str]:
-    out = [a for key in args.api_key for a in ("--api-key", key)]
-    if args.api_keys_file:
-        out += ["--api-keys-file", args.api_keys_file]
+    """The gateway's auth flags. Not the keys themselves: they go in its environment (_api_keys)."""
+    out = ["--api-keys-file", args.api_keys_file] if args.api_keys_file else []
     if args.rate_limit_rps:
         out += ["--rate-limit-rps", str(args.rate_limit_rps)]
+    if args.rate_limit_burst:
+        out += ["--rate-limit-burst", str(args.rate_limit_burst)]
+    if args.tls_require_client_cert:
+        out.append("--tls-require-client-cert")
     return out
+
+
+def _api_keys(args) -> tuple[str, ...]:
+    from stagemesh.membership import API_KEYS_ENV
+
+    return (*args.api_key, *os.environ.get(API_KEYS_ENV, "").split())
+
+
+def _warn_if_exposed(args) -> None:
+    from stagemesh.membership import is_loopback
+
+    if args.tls_dir or is_loopback(args.host):
+        return
+    print(f"stagemesh up: warning: --host {args.host} exposes the mesh's ports, internal ones included, without "
+          "TLS: the cluster token that guards them, API keys and prompts cross the network in plaintext "
+          "(give --tls-dir from `stagemesh certs`)", file=sys.stderr, flush=True)
 
 
 # -- generate ------------------------------------------------------------------------------------

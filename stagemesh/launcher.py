@@ -18,6 +18,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 
+from stagemesh import membership
 from stagemesh.net import free_port
 from stagemesh.supervisor import RestartPolicy, Supervisor
 
@@ -55,6 +56,11 @@ class MeshConfig:
     # gateway's public port (client certificate optional). The coordinator link stays plaintext
     # until coordinator/server.py binds its port through stagemesh.security.add_port.
     tls_dir: str = ""
+    # Secrets, handed to the children in their environment, never on their command lines
+    # (stagemesh/membership.py): the gateway's API keys, and the cluster token every internal
+    # service demands (empty: $STAGEMESH_CLUSTER_TOKEN if set, else a fresh one per run).
+    api_keys: tuple[str, ...] = ()
+    cluster_token: str = ""
     # Where `up` keeps its files (the coordinator's state file); empty: a temp dir removed at exit.
     run_dir: str = ""
     # The coordinator's plan, so a restarted coordinator keeps it; empty: RUN_DIR/coordinator-state.json,
@@ -82,6 +88,7 @@ class Mesh:
         self.run_dir = ""
         self.state_file = ""
         self._own_run_dir = False
+        self.cluster_token = config.cluster_token or membership.cluster_token() or membership.new_token()
 
     def start(self, stop: threading.Event | None = None) -> str | None:
         """Start every process; the gateway address once it serves, None if `stop` was set first.
@@ -101,14 +108,15 @@ class Mesh:
                 "--port", str(coord_port), "--log-level", cfg.log_level, "--plan", cfg.plan,
                 "--state-file", self.state_file, "--dead-after-s", str(cfg.dead_after_s),
                 *([] if cfg.rebalance else ["--no-rebalance"]), *self._metrics_args(1), *tls],
-                stop, note=coord):
+                stop, note=coord, env=self._secrets()):
             return None
         cache_args: list[str] = []
         if cfg.redis:
             cache_port = free_port()
             if not self._spawn("cache_service", [
-                    py, "-m", "cache_service", "--host", cfg.host, "--port", str(cache_port), "--redis", cfg.redis,
-                    "--log-level", cfg.log_level, *self._metrics_args(2), *tls], stop, note=f"{cfg.host}:{cache_port}"):
+                    py, "-m", "cache_service", "--host", cfg.host, "--port", str(cache_port),
+                    "--log-level", cfg.log_level, *self._metrics_args(2), *tls], stop, note=f"{cfg.host}:{cache_port}",
+                    env=self._secrets(**{membership.REDIS_URL_ENV: cfg.redis})):
                 return None
             cache_args = ["--cache-service", f"{cfg.host}:{cache_port}"]
         n_workers = cfg.stages * cfg.replicas + cfg.spares
@@ -121,7 +129,8 @@ class Mesh:
             # A fixed port: a restarted worker comes back at the address the (persisted) plan names.
             port = free_port()
             self._spawn(f"worker{i}", [*worker_cmd, "--host", cfg.host, "--port", str(port),
-                                       *self._metrics_args(10 + i)], stop, wait=False, note=f"{cfg.host}:{port}")
+                                       *self._metrics_args(10 + i)], stop, wait=False, note=f"{cfg.host}:{port}",
+                        env=self._secrets())
         gw_cmd = [py, "-m", "gateway", "--model", cfg.model_dir, "--coordinator", coord, "--host", cfg.host,
                   "--port", str(cfg.port), "--inflight", str(cfg.inflight),
                   "--max-batched-tokens", str(cfg.max_batched_tokens), "--max-running", str(cfg.max_running),
@@ -129,7 +138,8 @@ class Mesh:
                   "--routing", cfg.routing, "--routing-weight", str(cfg.routing_weight), "--http-port", str(cfg.http_port), "--log-level", cfg.log_level,
                   *cache_args, *self._metrics_args(0), *tls,
                   *cfg.extra_gateway_args]
-        if not self._spawn("gateway", gw_cmd, stop, note=f"{cfg.host}:{cfg.port}"):
+        keys = {membership.API_KEYS_ENV: "\n".join(cfg.api_keys)} if cfg.api_keys else {}
+        if not self._spawn("gateway", gw_cmd, stop, note=f"{cfg.host}:{cfg.port}", env=self._secrets(**keys)):
             return None
         return f"{cfg.host}:{cfg.port}"
 
@@ -148,6 +158,10 @@ class Mesh:
         self.state_file = cfg.state_file or os.path.join(self.run_dir, STATE_FILE_NAME)
         if not cfg.state_file and os.path.exists(self.state_file):
             os.remove(self.state_file)  # a previous run's plan names workers on ports of that run
+
+    def _secrets(self, **extra: str) -> dict[str, str]:
+        """A child's extra environment: the cluster token and `extra` secrets (kept off argv)."""
+        return {membership.TOKEN_ENV: self.cluster_token, **extra}
 
     def _tls_args(self) -> list[str]:
         d = self.config.tls_dir

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 
+from stagemesh.membership import MEMBER_URI, client_interceptors, intercept_sync
 from stagemesh.net import GRPC_OPTIONS
 
 
@@ -87,17 +88,20 @@ def _options(tls: TlsConfig | None, options) -> list:
 
 
 def channel(target: str, tls: TlsConfig | None, options=None) -> grpc.aio.Channel:
-    """An asyncio channel to `target`: mutual TLS with our certificate when configured."""
+    """An asyncio channel to `target`: mutual TLS with our certificate when configured; every
+    call carries this process's cluster token when it has one (stagemesh.membership)."""
+    interceptors = client_interceptors()
     if tls is None:
-        return grpc.aio.insecure_channel(target, options=_options(None, options))
-    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=_options(tls, options))
+        return grpc.aio.insecure_channel(target, options=_options(None, options), interceptors=interceptors)
+    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=_options(tls, options),
+                                   interceptors=interceptors)
 
 
 def sync_channel(target: str, tls: TlsConfig | None, options=None) -> grpc.Channel:
     """The blocking twin of `channel` (CLI, tests)."""
     if tls is None:
-        return grpc.insecure_channel(target, options=_options(None, options))
-    return grpc.secure_channel(target, tls.channel_credentials(), options=_options(tls, options))
+        return intercept_sync(grpc.insecure_channel(target, options=_options(None, options)))
+    return intercept_sync(grpc.secure_channel(target, tls.channel_credentials(), options=_options(tls, options)))
 
 
 # -- command-line flags ----------------------------------------------------------------------------
@@ -163,13 +167,16 @@ def make_dev_certs(out_dir: str | Path, names: tuple[str, ...] = DEV_NAMES, days
         except ValueError:
             sans.append(x509.DNSName(n))
     for role in ("server", "client"):
+        # server.pem is a mesh member's (URI SAN MEMBER_URI: internal services accept it);
+        # client.pem, the one handed to users, carries no role and opens the public API only.
+        role_sans = [x509.UniformResourceIdentifier(MEMBER_URI)] if role == "server" else []
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"stagemesh {role}")]))
                 .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
                 .not_valid_before(now - datetime.timedelta(minutes=5))
                 .not_valid_after(now + datetime.timedelta(days=days))
-                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                .add_extension(x509.SubjectAlternativeName([*sans, *role_sans]), critical=False)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                                       ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)

@@ -43,7 +43,8 @@ def live_rebalance_mesh(model_dir, *coord_args: str):
     wports = [new_port() for _ in range(2)]
     cmds = [coordinator_cmd(model_dir, cport, 2, "--plan", "uniform", "--rebalance-window-s", "0.5",
                             "--rebalance-min-interval-s", "0", *coord_args)]
-    cmds += [worker_cmd(model_dir, coord, p) for p in wports]
+    # The tests slow a worker down mid-run with Stage.SetSlowdown, a test control.
+    cmds += [worker_cmd(model_dir, coord, p, 64, "--enable-test-controls") for p in wports]
     cmds.append(gateway_cmd(model_dir, coord, gport))
     return coord, gport, wports, cmds
 
