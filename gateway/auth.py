@@ -26,6 +26,7 @@ import json
 import math
 import os
 import time
+import urllib.parse
 from pathlib import Path
 
 import grpc
@@ -212,10 +213,12 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
 
 def peer_of(grpc_peer: str) -> str:
-    """`ipv4:10.0.0.1:5555` -> `ipv4:10.0.0.1` (a client's every connection is one peer)."""
-    if grpc_peer.startswith(("ipv4:", "ipv6:")):
-        return grpc_peer.rpartition(":")[0]
-    return grpc_peer
+    """`ipv4:10.0.0.1:5555` -> `10.0.0.1`, `ipv6:[::1]:5555` -> `::1`: a client's every connection
+    is one peer, and the same one that the HTTP API sees (its ASGI `client` address)."""
+    peer = urllib.parse.unquote(grpc_peer)
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer[5:].rpartition(":")[0].strip("[]")
+    return peer
 
 
 async def abort(context, exc: StagemeshError) -> None:
