@@ -29,6 +29,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from stagemesh.errors import CheckpointError, InvalidArgument
 
+RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
@@ -98,13 +99,24 @@ class ChatTemplate:
             raise CheckpointError(f"{model_dir}: the chat template does not compile ({exc})") from exc
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """Render a conversation; raises InvalidArgument when the template rejects it."""
-        variables = {**self.special_tokens, **kwargs}
+        """Render a conversation; raises InvalidArgument when the template rejects it.
+
+        `kwargs` (a request's chat_template_kwargs) may not replace the conversation itself.
+        """
+        reserved = sorted(set(kwargs) & RESERVED)
+        if reserved:
+            raise InvalidArgument(f"chat_template_kwargs may not set {', '.join(reserved)}: they are request fields")
+        variables = {**self.special_tokens, **kwargs, "messages": messages, "tools": None, "documents": None,
+                     "add_generation_prompt": add_generation_prompt}
         try:
-            return self._template.render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **variables)
+            return self._template.render(**variables)
         except jinja2.exceptions.TemplateError as exc:  # raise_exception(...) in the template, sandbox errors
             raise InvalidArgument(f"the chat template rejected the messages: {exc}") from exc
+        except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as exc:
+            # The template's own code tripped over a message shape it did not expect (a number as
+            # content, a missing key): that is this request's input, not a server fault.
+            raise InvalidArgument(f"the chat template cannot render these messages: {type(exc).__name__}: {exc}") \
+                from exc
 
 
 def _template_source(value, config_path: Path) -> str | None:

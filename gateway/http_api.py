@@ -3,14 +3,18 @@
     GET  /v1/models             the served model
     POST /v1/completions        prompt: text or token ids -> text
     POST /v1/chat/completions   messages -> the checkpoint's chat template -> text
+    GET  /health                200 when the gateway can serve, else 503 (no API key needed)
+    GET  /openapi.json          this API's OpenAPI document (bodies: gateway/http_schema.py)
 
 Each request becomes one `GenerateRequest` and goes through `Gateway.generate`, the same path as
 the gRPC API, so validation, queueing, prefix caching and cancellation are shared. We await the
 first delta before answering: input errors and a full queue then get a real HTTP status (400,
-404, 429, 503) in OpenAI's error shape `{"error": {"message", "type", "param", "code"}}`, even
+404, 413, 429, 503) in OpenAI's error shape `{"error": {"message", "type", "param", "code"}}`, even
 for `stream: true`. Streams are server-sent events in OpenAI's chunk format, ending with
 `data: [DONE]`; a failure after the stream has started is sent as one `data: {"error": ...}`
-event. A client that disconnects cancels its sequence (its KV blocks are freed).
+event. A client that disconnects cancels its sequence (its KV blocks are freed). A body over the
+limit that --max-prompt-bytes implies is a 413 before any of it is read (gateway/http_guard.py);
+every number is range-checked by gateway/validation.py before it becomes a GenerateRequest.
 
 Differences from OpenAI, all deliberate:
   - `n` and `best_of` must be 1; a list of several prompts is refused (send one request each:
@@ -34,22 +38,24 @@ import socket
 import ssl
 import time
 import uuid
-from typing import Any, Union
 
 import grpc
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stagemesh.client import Completion, build_request
-from stagemesh.errors import StagemeshError
+from stagemesh.errors import StagemeshError, Unavailable
 
-from gateway.auth import ApiKeyMiddleware
+from gateway import validation
 from gateway.chat_template import ChatTemplate
+from gateway.http_guard import BodyLimit, PublicPaths
+from gateway.http_schema import (ERRORS, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                 CompletionResponse, Health, ModelCard, ModelList, _Params, generation_responses,
+                                 openapi)
 
 # --- errors ------------------------------------------------------------------------------------
 
@@ -58,15 +64,16 @@ class ApiError(Exception):
     """An error answered in OpenAI's shape; `status` is the HTTP status."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 # The one mapping from the gateway's typed errors to HTTP.
@@ -81,53 +88,13 @@ _STATUS = {
 
 
 def api_error(exc: StagemeshError) -> ApiError:
+    if isinstance(exc, validation.PromptTooLarge):
+        return ApiError(413, str(exc), param="prompt", code="request_too_large")
     status, type_, code = _STATUS.get(exc.code, (500, "server_error", "internal_error"))
-    return ApiError(status, str(exc), type_, code=code)
+    return ApiError(status, str(exc), type_, param=getattr(exc, "field", None), code=code)
 
 
-# --- request bodies ----------------------------------------------------------------------------
-
-
-class _Params(BaseModel):
-    """Fields common to both endpoints. Unknown fields are accepted and ignored (OpenAI clients
-    send e.g. `user`, `metadata`); fields that would change the answer and that we do not
-    implement are refused in `_refuse_unsupported`."""
-
-    model_config = ConfigDict(extra="allow")
-
-    model: str = ""
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    stop: Union[str, list[str], None] = None
-    n: int | None = None
-    stream: bool | None = False
-    stream_options: dict | None = None
-    ignore_eos: bool = False
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict | None = None
-
-
-class CompletionRequest(_Params):
-    prompt: Union[str, list[int], list[str], list[list[int]]]
-    best_of: int | None = None
-    echo: bool | None = None
-    logprobs: int | None = None
-    suffix: str | None = None
-
-
-class ChatCompletionRequest(_Params):
-    messages: list[dict[str, Any]]
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list | None = None
-    response_format: dict | None = None
-    add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
+# --- request bodies (gateway/http_schema.py) ------------------------------------------------------
 
 
 def _refuse_unsupported(req: _Params) -> None:
@@ -183,7 +150,7 @@ class OpenAIFrontend:
         return self._build(req, prompt_ids=list(prompt), max_tokens=req.max_tokens)
 
     # /v1/chat/completions
-    def chat_request(self, req: ChatCompletionRequest):
+    async def chat_request(self, req: ChatCompletionRequest):
         self.check(req)
         if self.template is None:
             raise ApiError(400, f"model {self.gw.model_id!r} has no chat template (no `chat_template` in "
@@ -193,24 +160,29 @@ class OpenAIFrontend:
             raise ApiError(400, "this checkpoint ships no tokenizer.json: chat needs one", param="messages")
         if not req.messages:
             raise ApiError(400, "messages must not be empty", param="messages")
-        messages = [_flatten_message(m, i) for i, m in enumerate(req.messages)]
+        limits = self._limits()
+        messages = [_flatten_message(m.model_dump(exclude_unset=True), i) for i, m in enumerate(req.messages)]
         try:
             text = self.template.render(messages, add_generation_prompt=req.add_generation_prompt,
                                         **(req.chat_template_kwargs or {}))
         except StagemeshError as exc:
             raise ApiError(400, str(exc), param="messages") from exc
+        validation.check_prompt_bytes(text, limits)
         # The template wrote the special tokens itself (as transformers' apply_chat_template).
-        prompt_ids = self.gw.tokenizer.encode(text, add_special_tokens=False).ids
+        prompt_ids = await self.gw.tokenize(text, limits.max_model_len, add_special_tokens=False)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
             max_tokens = self._room_left(len(prompt_ids))
         return self._build(req, prompt_ids=prompt_ids, max_tokens=max_tokens)
 
+    def _limits(self) -> validation.ModelLimits:
+        if self.gw.limits is None:
+            raise Unavailable("the gateway has no ready plan yet; retry shortly")
+        return self.gw.limits
+
     def _room_left(self, prompt_len: int) -> int | None:
         """Chat default: as many tokens as fit (None -> the gateway's default, or its error)."""
-        limits = self.gw.limits
-        if limits is None:
-            return None
+        limits = self._limits()
         room = min(limits.max_model_len, limits.kv_capacity_tokens) - prompt_len
         return room if room >= 1 else None
 
@@ -222,10 +194,14 @@ class OpenAIFrontend:
         top_k = req.top_k or 0
         if top_k == -1:  # vLLM's spelling of "no limit"
             top_k = 0
-        if req.seed is not None and not 0 <= req.seed < 2**63:
-            raise ApiError(400, f"seed must be in [0, 2**63), got {req.seed}", param="seed")
-        return build_request(prompt=prompt, prompt_ids=prompt_ids, max_tokens=max_tokens,
-                             temperature=1.0 if req.temperature is None else req.temperature,
+        temperature = 1.0 if req.temperature is None else req.temperature
+        # JSON numbers are unbounded: range-check them before protobuf sees them (it would raise).
+        limits = self._limits()
+        validation.check_fields(validation.Fields(max_tokens=max_tokens, temperature=temperature, top_p=req.top_p,
+                                                  top_k=top_k, seed=req.seed, stop=tuple(stop)), limits)
+        if prompt_ids is not None:
+            validation.check_prompt_ids(prompt_ids, limits)
+        return build_request(prompt=prompt, prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=temperature,
                              top_p=req.top_p, top_k=top_k, seed=req.seed, stop=stop,
                              ignore_eos=req.ignore_eos, model=self.gw.model_id)
 
@@ -373,9 +349,13 @@ def create_app(gateway, chat_template: ChatTemplate | None = None) -> FastAPI:
     if chat_template is None:
         chat_template = ChatTemplate.from_dir(gateway.config.model_dir)
     front = OpenAIFrontend(gateway, chat_template)
-    app = FastAPI(title="stagemesh", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="stagemesh", version="1", description=__doc__, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
+    app.openapi = lambda: openapi(app)
+    app.add_middleware(BodyLimit, limit=validation.http_body_limit(gateway.config.max_prompt_bytes,
+                                                                   gateway.model.max_position_embeddings))
     if getattr(gateway, "auth", None) is not None:  # API keys (401) and per-key rate limit (429)
-        app.add_middleware(ApiKeyMiddleware, auth=gateway.auth)
+        app.add_middleware(PublicPaths, auth=gateway.auth)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request, exc: ApiError):
@@ -395,24 +375,33 @@ def create_app(gateway, chat_template: ChatTemplate | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, exc: StarletteHTTPException):
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return ApiError(exc.status_code, str(exc.detail), type_).response()
+        # 405 keeps Starlette's `Allow` header (RFC 9110 requires it).
+        return ApiError(exc.status_code, str(exc.detail), type_, headers=exc.headers).response()
 
-    @app.get("/v1/models")
+    @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "not serving"}})
+    async def health():
+        """200 when the gateway can serve (a ready plan), else 503. No API key needed."""
+        if gateway.serving:
+            return {"status": "serving"}
+        return JSONResponse({"status": "not_serving"}, status_code=503)
+
+    @app.get("/v1/models", response_model=ModelList, responses={401: ERRORS[401], 429: ERRORS[429]})
     async def list_models():
         return front.models()
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", response_model=ModelCard,
+             responses={401: ERRORS[401], 404: ERRORS[404], 429: ERRORS[429]})
     async def get_model(model: str):
         front.check_model(model)
         return front.models()["data"][0]
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=generation_responses(CompletionResponse))
     async def completions(body: CompletionRequest, request: Request):
         return await _serve(request, "text", body, front.completion_request(body))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=generation_responses(ChatCompletionResponse))
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await _serve(request, "chat", body, front.chat_request(body))
+        return await _serve(request, "chat", body, await front.chat_request(body))
 
     async def _serve(request: Request, kind: str, body: _Params, grpc_request):
         deltas, first = await front.start(grpc_request)

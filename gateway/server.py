@@ -172,6 +172,11 @@ class Gateway:
         """Whether a request can be served now: a ready plan has been applied."""
         return self.limits is not None and bool(self.engines)
 
+    @property
+    def serving(self) -> bool:
+        """What the health checks report (gRPC health, HTTP /health): ready, and not in an outage."""
+        return self.ready and not self._outage()
+
     def _on_cache_events(self, replica: int, events) -> None:
         if self.index is not None:
             self.index.publish(self.engines[replica].replica_id, events.stored, events.removed)

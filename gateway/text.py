@@ -1,16 +1,25 @@
 """Tokenization and incremental detokenization with the checkpoint's tokenizer.json.
 
+`TokenizerPool` encodes prompt text off the event loop: `Tokenizer.encode` holds the GIL for the
+whole call (tokenizers 0.23; a 2 MB prompt stalled every other request for ~2 s), while
+`encode_batch` releases it, so worker threads suffice. Short prompts and long ones have separate
+threads, so a long prompt never queues a short one. A long text is encoded chunk by chunk and
+refused as soon as it certainly has more tokens than the context holds: the work for a prompt is
+bounded by the context, not by its size in bytes (that bound is gateway/validation.py's).
+
 `Detokenizer` turns a growing list of output ids into text deltas and applies stop strings,
 holding back text that may still become a stop string or an incomplete UTF-8 character.
 """
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from stagemesh.errors import CheckpointError
+from stagemesh.errors import CheckpointError, OutOfRange, ResourceExhausted
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer | None:
@@ -22,6 +31,66 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer | None:
         return Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises plain Exception subclasses
         raise CheckpointError(f"{path}: cannot be loaded as a tokenizers file ({exc})") from exc
+
+
+SHORT_CHARS = 1 << 14  # prompts up to this many characters go to the short lane, in one piece
+CHUNK_CHARS = 1 << 16  # a long prompt is counted in pieces of about this size
+CHUNK_SLACK_TOKENS = 2  # a cut may change the tokens at it: a few per cut, counted in the refusal's favour
+
+
+class TokenizerPool:
+    """Encodes text in worker threads. Called from the event loop; the tokenizer is shared (it is
+    immutable after loading, and encode_batch is safe from several threads)."""
+
+    def __init__(self, tokenizer: Tokenizer, max_long_waiting: int = 8):
+        self.tokenizer = tokenizer
+        self._short = ThreadPoolExecutor(1, thread_name_prefix="tokenize-short")
+        self._long = ThreadPoolExecutor(1, thread_name_prefix="tokenize-long")
+        self._long_waiting = 0
+        self.max_long_waiting = max_long_waiting
+
+    async def encode(self, text: str, max_tokens: int, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of text; OutOfRange once it certainly has more than max_tokens tokens."""
+        loop = asyncio.get_running_loop()
+        if len(text) <= SHORT_CHARS:
+            return await loop.run_in_executor(self._short, self._encode, text, add_special_tokens)
+        if self._long_waiting >= self.max_long_waiting:
+            raise ResourceExhausted(f"{self._long_waiting} long prompts are being tokenized already; retry shortly")
+        self._long_waiting += 1
+        try:
+            return await loop.run_in_executor(self._long, self._encode_bounded, text, max_tokens, add_special_tokens)
+        finally:
+            self._long_waiting -= 1
+
+    def close(self) -> None:
+        self._short.shutdown(wait=False, cancel_futures=True)
+        self._long.shutdown(wait=False, cancel_futures=True)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    def _encode_bounded(self, text: str, max_tokens: int, add_special_tokens: bool) -> list[int]:
+        if len(text) > CHUNK_CHARS:
+            counted = 0
+            for cuts, piece in enumerate(_pieces(text, CHUNK_CHARS), start=1):
+                counted += len(self.tokenizer.encode_batch([piece], add_special_tokens=False)[0].ids)
+                if counted > max_tokens + CHUNK_SLACK_TOKENS * cuts:
+                    raise OutOfRange(f"the prompt has more than {max_tokens} tokens; the model's context is "
+                                     f"{max_tokens} tokens")
+        return self._encode(text, add_special_tokens)  # not too long: the exact ids, in one piece
+
+
+def _pieces(text: str, size: int):
+    """Consecutive pieces of about `size` characters, cut before whitespace where there is some
+    (a byte-level BPE attaches a space to the word after it, so such a cut changes no token)."""
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
+            end = cut if cut > start else end
+        yield text[start:end]
+        start = end
 
 
 class Detokenizer:

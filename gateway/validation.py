@@ -1,14 +1,43 @@
-"""Checks a GenerateRequest against the served model; raises typed errors with actionable text."""
+"""Checks a request against the served model before any heavy work; raises typed errors with actionable text.
+
+Both front ends go through here: the gRPC API with a `GenerateRequest`, the HTTP API with the
+plain values of its JSON body (`check_fields`, `check_prompt_ids`) before it builds one, so that a
+number beyond its protobuf field (2**31 tokens, a top_k of 1e20) is a 400 naming the field and not
+a ValueError inside protobuf. Every range lives in this file, once.
+
+Order matters for cost: the cheap limits (prompt bytes, prompt id count) come before anything that
+scales with the input (scanning ids, tokenizing text), and tokenizing stops early once the text
+has more tokens than the context holds (gateway/text.py).
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from stagemesh.errors import InvalidArgument, OutOfRange
+from stagemesh.errors import InvalidArgument, OutOfRange, ResourceExhausted
 from stagemesh.sampling import SamplingSpec
 from stagemesh.v1 import stagemesh_pb2 as pb
 
+INT32_MAX = 2**31 - 1
+UINT64_MAX = 2**64 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+PRIORITIES = frozenset(pb.Priority.values())
+MAX_STOP_CHARS = 512  # a stop string holds back that much streamed text; longer ones are a mistake
+MAX_REQUEST_ID_CHARS = 256  # it goes into every log line of the request
+DEFAULT_MAX_PROMPT_BYTES = 4 << 20
+
+
+class FieldError(InvalidArgument):
+    """A bad value of one request field; `field` names it (HTTP puts it in `param`)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class PromptTooLarge(ResourceExhausted):
+    """The prompt text is over the gateway's byte limit (HTTP 413): refused before tokenizing."""
 
 
 @dataclass(frozen=True)
@@ -19,65 +48,143 @@ class ModelLimits:
     kv_capacity_tokens: int  # tokens one sequence may hold on the smallest replica
     default_max_tokens: int = 16
     max_stop_strings: int = 16
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
 
 
-def validate_request(req: pb.GenerateRequest, limits: ModelLimits, tokenize) -> tuple[list[int], int, SamplingSpec]:
-    """Returns (prompt ids, max_tokens, sampling) or raises InvalidArgument / OutOfRange."""
-    if req.model and req.model != limits.model_id:
-        raise InvalidArgument(f"unknown model {req.model!r}: this gateway serves {limits.model_id!r}")
-    prompt_ids = _prompt_ids(req, limits, tokenize)
-    max_tokens = req.max_tokens if req.HasField("max_tokens") else limits.default_max_tokens
-    if max_tokens <= 0:
-        raise InvalidArgument(f"max_tokens must be >= 1, got {max_tokens}")
-    if len(prompt_ids) >= limits.max_model_len:
-        raise OutOfRange(
-            f"the prompt has {len(prompt_ids)} tokens; the model's context is {limits.max_model_len} tokens"
-        )
-    total = len(prompt_ids) + max_tokens
+@dataclass(frozen=True)
+class Fields:
+    """The numbers and strings of one request as plain Python values (protobuf or JSON)."""
+
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    priority: int = 0
+    request_id: str = ""
+
+    @classmethod
+    def of(cls, req: pb.GenerateRequest) -> Fields:
+        sp = req.sampling
+        return cls(max_tokens=req.max_tokens if req.HasField("max_tokens") else None,
+                   temperature=sp.temperature, top_p=sp.top_p if sp.HasField("top_p") else None,
+                   top_k=sp.top_k, seed=sp.seed if sp.HasField("seed") else None, stop=tuple(req.stop),
+                   priority=int(req.priority), request_id=req.request_id)
+
+
+def grpc_message_limit(max_prompt_bytes: int, max_model_len: int) -> int:
+    """The largest GenerateRequest worth reading: prompt text at its limit, or ids for a whole
+    context (5 bytes each at most), plus stop strings and the small fields."""
+    return max_prompt_bytes + 5 * max_model_len + (1 << 20)
+
+
+def http_body_limit(max_prompt_bytes: int, max_model_len: int) -> int:
+    """The same for a JSON body: escapes (`\\u00e9`) up to double the text, ids in decimal."""
+    return 2 * max_prompt_bytes + 12 * max_model_len + (1 << 20)
+
+
+def check_prompt_bytes(prompt: str, limits: ModelLimits) -> None:
+    limit = limits.max_prompt_bytes
+    # len() counts characters, each at least one UTF-8 byte: only near the limit is encoding needed.
+    if len(prompt) > limit or (4 * len(prompt) > limit and len(prompt.encode("utf-8", "surrogatepass")) > limit):
+        raise PromptTooLarge(f"the prompt text is over this gateway's limit of {limit} bytes "
+                             f"(--max-prompt-bytes); shorten it")
+
+
+def check_prompt_ids(ids, limits: ModelLimits) -> list[int]:
+    """Length first (cheap), then every id in the vocabulary (also catches ids >= 2**31 from JSON)."""
+    if len(ids) >= limits.max_model_len:
+        raise OutOfRange(f"the prompt has {len(ids)} tokens; the model's context is {limits.max_model_len} tokens")
+    bad = [t for t in ids if not 0 <= t < limits.vocab_size]
+    if bad:
+        raise FieldError("prompt", f"prompt_ids contains {len(bad)} id(s) outside the vocabulary "
+                                   f"[0, {limits.vocab_size}), e.g. {bad[0]}")
+    return list(ids)
+
+
+def check_fields(f: Fields, limits: ModelLimits) -> tuple[int, SamplingSpec]:
+    """Every number and string beside the prompt; returns (max_tokens, sampling)."""
+    max_tokens = limits.default_max_tokens if f.max_tokens is None else f.max_tokens
+    if not 1 <= max_tokens <= INT32_MAX:
+        raise FieldError("max_tokens", f"max_tokens must be in [1, {INT32_MAX}], got {max_tokens}")
+    _check_stop(f.stop, limits)
+    if f.priority not in PRIORITIES:
+        raise FieldError("priority", f"priority must be one of {sorted(PRIORITIES)} (Priority enum), got {f.priority}")
+    if len(f.request_id) > MAX_REQUEST_ID_CHARS:
+        raise FieldError("request_id", f"request_id is at most {MAX_REQUEST_ID_CHARS} characters, "
+                                       f"got {len(f.request_id)}")
+    return max_tokens, _sampling(f)
+
+
+def _check_stop(stop, limits: ModelLimits) -> None:
+    if len(stop) > limits.max_stop_strings:
+        raise FieldError("stop", f"at most {limits.max_stop_strings} stop strings, got {len(stop)}")
+    for s in stop:
+        if not s:
+            raise FieldError("stop", "stop strings must not be empty (an empty one would end every request at once)")
+        if len(s) > MAX_STOP_CHARS:
+            raise FieldError("stop", f"a stop string is at most {MAX_STOP_CHARS} characters, got {len(s)}")
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x) and abs(x) <= FLOAT32_MAX  # a float field on the wire is 32-bit
+
+
+def _sampling(f: Fields) -> SamplingSpec:
+    if not (_finite(f.temperature) and f.temperature >= 0):
+        raise FieldError("temperature", f"temperature must be a finite number >= 0 (0 = greedy), got {f.temperature}")
+    top_p = 1.0 if f.top_p is None else f.top_p
+    if not (_finite(top_p) and 0.0 < top_p <= 1.0):
+        raise FieldError("top_p", f"top_p must be in (0, 1], got {top_p}")
+    if not 0 <= f.top_k <= INT32_MAX:
+        raise FieldError("top_k", f"top_k must be in [0, {INT32_MAX}] (0 = no limit), got {f.top_k}")
+    if f.seed is not None and not 0 <= f.seed <= UINT64_MAX:
+        raise FieldError("seed", f"seed must be in [0, 2**64), got {f.seed}")
+    return SamplingSpec(temperature=float(f.temperature), top_p=float(top_p), top_k=int(f.top_k), seed=f.seed)
+
+
+def check_max_tokens_fit(prompt_len: int, max_tokens: int, limits: ModelLimits) -> None:
+    if prompt_len >= limits.max_model_len:
+        raise OutOfRange(f"the prompt has {prompt_len} tokens; the model's context is {limits.max_model_len} tokens")
+    total = prompt_len + max_tokens
     if total > limits.max_model_len:
         raise OutOfRange(
-            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) = {total} exceeds the model's "
-            f"context of {limits.max_model_len} tokens; lower max_tokens to at most {limits.max_model_len - len(prompt_ids)}"
+            f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} exceeds the model's context of "
+            f"{limits.max_model_len} tokens; lower max_tokens to at most {limits.max_model_len - prompt_len}"
         )
     if total > limits.kv_capacity_tokens:
-        raise OutOfRange(
-            f"prompt + max_tokens = {total} tokens exceeds the KV cache of a replica "
-            f"({limits.kv_capacity_tokens} tokens); shorten the request"
-        )
-    if len(req.stop) > limits.max_stop_strings:
-        raise InvalidArgument(f"at most {limits.max_stop_strings} stop strings, got {len(req.stop)}")
-    return prompt_ids, max_tokens, _sampling(req.sampling)
+        raise OutOfRange(f"prompt + max_tokens = {total} tokens exceeds the KV cache of a replica "
+                         f"({limits.kv_capacity_tokens} tokens); shorten the request")
 
 
-def _prompt_ids(req: pb.GenerateRequest, limits: ModelLimits, tokenize) -> list[int]:
+async def validate_request(req: pb.GenerateRequest, limits: ModelLimits, tokenize) -> tuple[list[int], int, SamplingSpec]:
+    """Returns (prompt ids, max_tokens, sampling) or raises a StagemeshError.
+
+    `tokenize(text, max_tokens=...)` is awaited (it runs off the event loop) and raises OutOfRange
+    once the text is certainly longer than the context; None when the checkpoint has no tokenizer.
+    """
+    if req.model and req.model != limits.model_id:
+        raise FieldError("model", f"unknown model {req.model!r}: this gateway serves {limits.model_id!r}")
     if req.prompt and req.prompt_ids:
-        raise InvalidArgument("set either prompt or prompt_ids, not both")
-    if req.prompt_ids:
-        ids = list(req.prompt_ids)
-        bad = [t for t in ids if t < 0 or t >= limits.vocab_size]
-        if bad:
-            raise InvalidArgument(
-                f"prompt_ids contains {len(bad)} id(s) outside the vocabulary [0, {limits.vocab_size}), e.g. {bad[0]}"
-            )
-        return ids
-    if not req.prompt:
-        raise InvalidArgument("the prompt is empty: set prompt (text) or prompt_ids")
+        raise FieldError("prompt", "set either prompt or prompt_ids, not both")
+    if req.prompt:
+        check_prompt_bytes(req.prompt, limits)
+    else:
+        prompt_ids = check_prompt_ids(req.prompt_ids, limits)
+    max_tokens, sampling = check_fields(Fields.of(req), limits)
+    if req.prompt:
+        prompt_ids = await _tokenized(req.prompt, limits, tokenize)
+    elif not prompt_ids:
+        raise FieldError("prompt", "the prompt is empty: set prompt (text) or prompt_ids")
+    check_max_tokens_fit(len(prompt_ids), max_tokens, limits)
+    return prompt_ids, max_tokens, sampling
+
+
+async def _tokenized(prompt: str, limits: ModelLimits, tokenize) -> list[int]:
     if tokenize is None:
-        raise InvalidArgument("this checkpoint ships no tokenizer.json: send prompt_ids instead of prompt")
-    ids = tokenize(req.prompt)
+        raise FieldError("prompt", "this checkpoint ships no tokenizer.json: send prompt_ids instead of prompt")
+    ids = await tokenize(prompt, max_tokens=limits.max_model_len)
     if not ids:
-        raise InvalidArgument("the prompt tokenizes to zero tokens")
+        raise FieldError("prompt", "the prompt tokenizes to zero tokens")
     return ids
-
-
-def _sampling(sp: pb.SamplingParams) -> SamplingSpec:
-    temperature = sp.temperature
-    if math.isnan(temperature) or temperature < 0:
-        raise InvalidArgument(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    top_p = sp.top_p if sp.HasField("top_p") else 1.0
-    if math.isnan(top_p) or not 0.0 < top_p <= 1.0:
-        raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
-    if sp.top_k < 0:
-        raise InvalidArgument(f"top_k must be >= 0 (0 = no limit), got {sp.top_k}")
-    seed = sp.seed if sp.HasField("seed") else None
-    return SamplingSpec(temperature=float(temperature), top_p=float(top_p), top_k=int(sp.top_k), seed=seed)

@@ -1,0 +1,205 @@
+"""The HTTP API's bodies as pydantic models, and the OpenAPI document served at /openapi.json.
+
+The models say what the endpoints really take: strict JSON types (a string is not a number), and
+the ranges of gateway/validation.py written into the schema (`minimum`, `maximum`, ...) but not
+enforced here: validation.py checks every number once, for both APIs, with messages that name the
+field. Fields we refuse unless they are off (`n`, `logprobs`, penalties...) are described with the
+one value we take. Unknown fields are accepted and ignored (OpenAI clients send e.g. `user`).
+
+Errors are 400 (never FastAPI's 422) in OpenAI's shape; `openapi()` documents that.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.validation import FLOAT32_MAX, INT32_MAX, MAX_STOP_CHARS, UINT64_MAX
+
+
+def _range(lo=None, hi=None, description: str = "", **extra) -> Any:
+    """A field documented with its valid range (checked in validation.py, not by pydantic)."""
+    schema = {k: v for k, v in (("minimum", lo), ("maximum", hi)) if v is not None}
+    return Field(None, description=description or None, json_schema_extra={**schema, **extra})
+
+
+StopString = Field(json_schema_extra={"minLength": 1, "maxLength": MAX_STOP_CHARS})
+
+
+class _Params(BaseModel):
+    """Fields common to both endpoints."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str = Field("", description="the served model's id; empty: the served model")
+    max_tokens: int | None = _range(1, INT32_MAX, "tokens to generate; prompt + max_tokens must fit the context")
+    temperature: float | None = _range(0, FLOAT32_MAX, "0 = greedy; default 1")
+    top_p: float | None = _range(None, 1, "nucleus mass in (0, 1]", exclusiveMinimum=0)
+    top_k: int | None = _range(-1, INT32_MAX, "keep the k most likely tokens; 0 or -1 = no limit")
+    seed: int | None = _range(0, UINT64_MAX, "reproducible sampling")
+    stop: Union[str, list[str], None] = Field(
+        None, description="stop strings (not included in the output); at most 16, none empty",
+        json_schema_extra={"anyOf": [{"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+                                     {"type": "array", "maxItems": 16,
+                                      "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}},
+                                     {"type": "null"}]})
+    n: int | None = _range(1, 1, "choices per request: 1 only")
+    stream: bool | None = False
+    stream_options: dict | None = Field(None, description="{'include_usage': true} adds a usage chunk")
+    ignore_eos: bool = False
+    presence_penalty: float | None = _range(0, 0, "not supported: 0 or absent")
+    frequency_penalty: float | None = _range(0, 0, "not supported: 0 or absent")
+    logit_bias: dict | None = Field(None, description="not supported: empty or absent",
+                                    json_schema_extra={"maxProperties": 0})
+
+
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": INT32_MAX}}
+
+
+class CompletionRequest(_Params):
+    prompt: Union[str, list[int], list[str], list[list[int]]] = Field(
+        description="text, or token ids (each below the model's vocabulary size); a list of one of either",
+        json_schema_extra={"anyOf": [{"type": "string", "minLength": 1}, _TOKEN_IDS,
+                                     {"type": "array", "minItems": 1, "maxItems": 1,
+                                      "items": {"type": "string", "minLength": 1}},
+                                     {"type": "array", "minItems": 1, "maxItems": 1, "items": _TOKEN_IDS}]})
+    best_of: int | None = _range(1, 1, "1 only")
+    echo: bool | None = Field(None, description="not supported: false or absent", json_schema_extra={"enum": [False, None]})
+    logprobs: int | None = _range(0, 0, "not supported: 0 or absent")
+    suffix: str | None = Field(None, description="not supported: empty or absent", json_schema_extra={"maxLength": 0})
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    role: str
+    content: Union[str, list[dict[str, Any]], None] = Field(
+        None, description="text, or a list of {'type': 'text', 'text': ...} parts")
+
+
+class ChatCompletionRequest(_Params):
+    messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
+    max_completion_tokens: int | None = _range(1, INT32_MAX, "as max_tokens; default: what fits the context")
+    logprobs: bool | None = Field(None, description="not supported: false or absent",
+                                  json_schema_extra={"enum": [False, None]})
+    top_logprobs: int | None = None
+    tools: list | None = Field(None, description="not supported: empty or absent", json_schema_extra={"maxItems": 0})
+    response_format: dict | None = Field(None, description="{'type': 'text'} only")
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="extra variables for the chat template")
+
+
+# --- answers (documentation; the handlers build plain dicts) ----------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class CachedTokens(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: CachedTokens
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["serving", "not_serving"]
+
+
+def _error(description: str) -> dict:
+    return {"model": ErrorResponse, "description": description}
+
+
+ERRORS = {
+    400: _error("invalid request: the message says what to change, `param` names the field"),
+    401: _error("missing or unknown API key (when the gateway has keys)"),
+    404: _error("no such model"),
+    413: _error("the request body or the prompt text is over the gateway's limit"),
+    429: _error("rate limit or a full queue; retry later"),
+    503: _error("no ready pipeline, or the request failed in the pipeline"),
+}
+SSE = {"text/event-stream": {"schema": {"type": "string"},
+                             "example": 'data: {"choices": [...]}\n\ndata: [DONE]\n\n'}}
+
+
+def generation_responses(model: type[BaseModel]) -> dict:
+    """200 as JSON (`stream` false) or server-sent events (`stream` true), and the errors."""
+    return {200: {"model": model, "content": SSE, "description": "the completion, or its stream"}, **ERRORS}
+
+
+def openapi(app) -> dict:
+    """FastAPI's document without the 422 it adds for bodies: ours are 400s, documented above."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for op in path.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
