@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose"
 SINGLE = COMPOSE / "docker-compose.yml"
 HOST_WORKER = COMPOSE / "host-worker.yml"
-ALL_PROFILES = ("gpus4", "gpus8")
+ALL_PROFILES = ("gpus4", "gpus8", "consul")
 ENV = {"MODEL_DIR": "/srv/models/m", "STAGES": "8", "REPLICAS": "1"}
 MULTI_ENV = {"MODEL_DIR": "/srv/models/m", "HOST_IP": "10.0.0.6", "HEAD_IP": "10.0.0.5"}
 
@@ -112,6 +112,12 @@ def compose_config(path: Path, env: dict[str, str], tmp_path: Path,
 
 def _services(cfg: dict) -> dict[str, dict]:
     return cfg["services"]
+
+
+def _active(cfg: dict, profiles: tuple[str, ...]) -> dict[str, dict]:
+    """The services `up` starts with these profiles on (Compose v1's `config` lists them all)."""
+    return {name: svc for name, svc in _services(cfg).items()
+            if not svc.get("profiles") or set(svc["profiles"]) & set(profiles)}
 
 
 def _workers(cfg: dict) -> dict[int, dict]:
@@ -330,6 +336,41 @@ def test_depends_on_exists_and_is_acyclic(single, multi):
     assert services["cache_service"]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
+def test_default_up_starts_no_consul_and_every_dependency(tmp_path):
+    for path, env in ((SINGLE, ENV), (HOST_WORKER, MULTI_ENV)):
+        for profiles in ((), ("gpus4",), ALL_PROFILES):
+            active = _active(compose_config(path, env, tmp_path, profiles), profiles)
+            if path == SINGLE and not profiles:
+                assert {"redis", "coordinator", "cache_service", "gateway", "prometheus", "grafana"} <= set(active)
+            assert ("consul" in profiles) == bool({"consul", "consul-agent"} & set(active)), (path.name, profiles)
+            for name, svc in active.items():
+                for dep in svc.get("depends_on") or {}:
+                    assert dep in active, f"{path.name} {profiles}: {name} depends on {dep}, which does not run"
+            workers = sorted(n for n in active if n.startswith("worker"))
+            expect = 8 if "gpus8" in profiles else 4 if "gpus4" in profiles else 2
+            assert workers == [f"worker{i}" for i in range(expect)], (path.name, profiles)
+
+
+def test_coordinator_keeps_its_plan_on_a_named_volume(single):
+    coordinator = _services(single)["coordinator"]
+    state = Path(_flags(coordinator)["--state-file"])
+    mounts = [m for m in _volume_mounts(coordinator) if state.is_relative_to(m[1])]
+    assert len(mounts) == 1, _volume_mounts(coordinator)
+    source, target, read_only = mounts[0]
+    assert source in single["volumes"] and not read_only, mounts  # named (survives the container), writable
+    assert state != Path(target), "the state file is a file inside the volume, not the mount point"
+    # The unprivileged user of the image owns that directory, so a new volume is writable by it.
+    docker = (COMPOSE / "Dockerfile").read_text()
+    assert re.search(rf"chown stagemesh:stagemesh {re.escape(target)}\b", docker), target
+
+
+def test_gateway_serves_the_configured_model_name(tmp_path):
+    default = compose_config(SINGLE, ENV, tmp_path)
+    assert _flags(_services(default)["gateway"])["--served-model-name"] == "model"
+    named = compose_config(SINGLE, {**ENV, "STAGEMESH_MODEL_NAME": "llama-3-8b"}, tmp_path)
+    assert _flags(_services(named)["gateway"])["--served-model-name"] == "llama-3-8b"
+
+
 def test_checkpoint_volume_is_mounted_read_only(single, multi):
     for cfg in (single, multi):
         vol = cfg["volumes"]["checkpoint"]
@@ -350,8 +391,10 @@ def test_consul_cluster_is_joined_by_every_host(single, multi):
     assert "-server" not in cmd
     assert f"-retry-join={MULTI_ENV['HEAD_IP']}" in cmd
     assert f"-advertise={MULTI_ENV['HOST_IP']}" in cmd and agent["network_mode"] == "host"
-    for i, svc in _workers(multi).items():
-        assert svc["depends_on"]["consul-agent"]["condition"] == "service_healthy", f"worker{i}"
+    # Consul is opt-in: only the consul profile runs it, and no stagemesh service waits for it
+    # (Compose refuses to start a service whose dependency its profiles leave out).
+    assert _services(single)["consul"]["profiles"] == ["consul"]
+    assert agent["profiles"] == ["consul"]
 
 
 def test_services_accept_every_flag_compose_passes(single, multi):
@@ -377,8 +420,15 @@ def test_services_accept_every_flag_compose_passes(single, multi):
 def test_dockerfile_installs_every_package_on_a_cuda_pytorch_base(single):
     text = (COMPOSE / "Dockerfile").read_text()
     base = re.search(r"^ARG BASE_IMAGE=(\S+)", text, re.M).group(1)
-    assert re.fullmatch(r"pytorch/pytorch:2\.\d+\.\d+-cuda12\.\d+-cudnn9-(runtime|devel)", base), base
-    assert "pip install --no-build-isolation ." in text
+    torch = re.search(r"^ARG TORCH_VERSION=(\S+)", text, re.M).group(1)
+    # A devel base: Triton needs a C compiler at a kernel's first launch, which runtime images lack.
+    assert re.fullmatch(rf"pytorch/pytorch:{re.escape(torch)}-cuda1\d\.\d+-cudnn9-devel", base), base
+    assert re.search(r"apt-get install [^\n]*build-essential", text)
+    # torch is pinned to the version the GPU results were measured with, and pip is held to it.
+    measured = re.findall(r"^## Results.*PyTorch (\d+\.\d+)", (ROOT / "benchmarks/README_gpu.md").read_text(), re.M)
+    assert measured and torch.startswith(measured[-1] + "."), (torch, measured)
+    assert 'pip install --no-build-isolation . "torch==${TORCH_VERSION}"' in text
+    assert "assert v == '${TORCH_VERSION}'" in text
     # Every package that pyproject installs is copied into the image and not excluded by the
     # Dockerfile's own .dockerignore (compose/Dockerfile.dockerignore, BuildKit).
     include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
@@ -452,13 +502,12 @@ def test_grafana_provisioning_matches_compose_mounts(single):
     assert mounts[dash_target].endswith("grafana/stagemesh-dashboard.json")
 
 
-def test_env_example_covers_every_required_variable():
+def test_env_example_covers_every_variable():
     example = dict(line.split("=", 1) for line in (COMPOSE / ".env.example").read_text().splitlines()
                    if line and not line.startswith("#"))
     for path in (SINGLE, HOST_WORKER):
-        for name, op, _ in _VAR.findall(path.read_text()):
-            if op == "?":
-                assert name in example, f"{name} (required by {path.name}) missing from .env.example"
+        for name, _, _ in _VAR.findall(path.read_text()):
+            assert name in example, f"{name} (used by {path.name}) missing from .env.example"
 
 
 # --- stagemesh.healthcheck against real gRPC health servers -------------------------------------
