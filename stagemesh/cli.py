@@ -102,6 +102,7 @@ def _run_up(args) -> int:
     from stagemesh.supervisor import GaveUp
 
     try:
+        _check_ports_free(args)  # before any child starts: one line, not a child's traceback later
         model = validate_checkpoint(args.model)
         if args.stages > model.num_hidden_layers:
             raise ValueError(f"--stages {args.stages} exceeds the model's {model.num_hidden_layers} layers")
@@ -145,6 +146,31 @@ def _run_up(args) -> int:
         return 1
     finally:
         mesh.stop()
+
+
+def _check_ports_free(args) -> None:
+    """ValueError naming the first fixed port of `up` that is taken or not a port at all."""
+    import socket
+
+    ports = [("--port", args.port), ("--http-port", args.http_port)]
+    if args.metrics_port:  # the layout --metrics-port's help describes
+        workers = args.stages * args.replicas + args.spares
+        ports += [("--metrics-port", args.metrics_port + k) for k in (0, 1, 2)]
+        ports += [("--metrics-port", args.metrics_port + 10 + i) for i in range(workers)]
+    host = getattr(args, "host", "127.0.0.1")
+    for flag, port in ports:
+        if port == 0:
+            continue  # off, or (--port) any free port
+        if not 0 < port < 65536:
+            raise ValueError(f"{flag} {port} is not a port number (1-65535)")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no conflict
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise ValueError(f"{flag}: port {port} on {host} is not free ({exc.strerror}); stop what listens "
+                                 f"there or choose another port") from None
 
 
 def _gateway_auth_args(args) -> list[str]:
@@ -199,7 +225,7 @@ def _add_generate(sub) -> None:
 
 
 def _run_generate(args) -> int:
-    from stagemesh.client import Client, Completion
+    from stagemesh.client import Client, Completion, FieldRangeError, build_request
 
     try:
         ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()] if args.prompt_ids is not None else None
@@ -208,6 +234,22 @@ def _run_generate(args) -> int:
         return 2
     kwargs = dict(prompt=args.prompt, prompt_ids=ids, max_tokens=args.max_tokens, temperature=args.temperature,
                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    # Flags that cannot make a request at all are named here; what values mean, the gateway checks.
+    try:
+        if not 0 < args.timeout < 1e9:  # NaN fails too; gRPC takes an infinite deadline as already past
+            raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
+        for flag, text in [("--prompt", args.prompt or ""), *(("--stop", s) for s in args.stop)]:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{flag} is not valid UTF-8 text") from None
+        build_request(**kwargs)
+    except FieldRangeError as exc:
+        print(f"stagemesh generate: --{exc.field.replace('_', '-')}: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"stagemesh generate: {exc}", file=sys.stderr)
+        return 2
     out = Completion()
     try:
         from stagemesh.security import TlsConfig
@@ -283,9 +325,24 @@ def _add_demo_model(sub) -> None:
 
 
 def _run_demo_model(args) -> int:
+    from pathlib import Path
+
     from stagemesh.demo_model import write_demo_model
 
-    path = write_demo_model(args.dir, num_layers=args.layers, seed=args.seed)
+    if not 1 <= args.layers <= 1024 or not 0 <= args.seed < 2**63:
+        print(f"stagemesh demo-model: --layers must be in [1, 1024] and --seed in [0, 2**63), "
+              f"got {args.layers} and {args.seed}", file=sys.stderr)
+        return 2
+    try:
+        out = Path(args.dir)
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(20, "it is a file, not a directory")
+        out.mkdir(parents=True, exist_ok=True)  # fail on a bad path now, before training the tokenizer
+        path = write_demo_model(out, num_layers=args.layers, seed=args.seed)
+    except OSError as exc:
+        print(f"stagemesh demo-model: cannot write a checkpoint to {args.dir}: "
+              f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}", file=sys.stderr)
+        return 2
     print(f"wrote a demo checkpoint to {path}")
     return 0
 

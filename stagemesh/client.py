@@ -41,10 +41,34 @@ class Completion:
         }
 
 
+INT32 = (-2**31, 2**31 - 1)
+UINT64 = (0, 2**64 - 1)
+
+
+class FieldRangeError(ValueError):
+    """A value that its GenerateRequest field cannot hold (protobuf would raise a bare ValueError);
+    `field` names it. The gateway checks what the values mean; this only checks that they fit."""
+
+    def __init__(self, field: str, value: int, bounds: tuple[int, int]):
+        super().__init__(f"{field} {value} does not fit the request field (range [{bounds[0]}, {bounds[1]}])")
+        self.field = field
+
+
+def _fits(field: str, values, bounds: tuple[int, int]) -> None:
+    for v in values:
+        if v is not None and not bounds[0] <= v <= bounds[1]:
+            raise FieldRangeError(field, v, bounds)
+
+
 def build_request(prompt: str | None = None, prompt_ids: list[int] | None = None, max_tokens: int | None = None,
                   temperature: float = 0.0, top_p: float | None = None, top_k: int = 0, seed: int | None = None,
                   stop: list[str] | None = None, ignore_eos: bool = False, model: str = "",
                   priority: int = 0, request_id: str = "") -> pb.GenerateRequest:
+    """One GenerateRequest; FieldRangeError when an integer does not fit its field."""
+    for field, values, bounds in (("prompt_ids", prompt_ids or (), INT32), ("max_tokens", (max_tokens,), INT32),
+                                  ("top_k", (top_k,), INT32), ("seed", (seed,), UINT64),
+                                  ("priority", (priority,), INT32)):
+        _fits(field, values, bounds)
     req = pb.GenerateRequest(prompt=prompt or "", prompt_ids=prompt_ids or [], stop=stop or [],
                              ignore_eos=ignore_eos, model=model, priority=priority, request_id=request_id)
     if max_tokens is not None:
@@ -62,7 +86,7 @@ class Client:
     """Blocking client. `stream()` yields deltas; `generate()` collects them."""
 
     def __init__(self, target: str = "127.0.0.1:50051", tls: TlsConfig | None = None, api_key: str = ""):
-        self._channel = sync_channel(target, tls, options=GRPC_OPTIONS)
+        self._channel = sync_channel(target, tls, options=GRPC_OPTIONS, member=False)  # no cluster token
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._metadata = _auth_metadata(api_key)
 
@@ -89,7 +113,7 @@ class AsyncClient:
     """asyncio client; one channel shared by many concurrent calls."""
 
     def __init__(self, target: str = "127.0.0.1:50051", tls: TlsConfig | None = None, api_key: str = ""):
-        self._channel = channel(target, tls, options=GRPC_OPTIONS)
+        self._channel = channel(target, tls, options=GRPC_OPTIONS, member=False)  # no cluster token
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._metadata = _auth_metadata(api_key)
 
