@@ -87,21 +87,24 @@ def _options(tls: TlsConfig | None, options) -> list:
     return opts
 
 
-def channel(target: str, tls: TlsConfig | None, options=None) -> grpc.aio.Channel:
+def channel(target: str, tls: TlsConfig | None, options=None, member: bool = True) -> grpc.aio.Channel:
     """An asyncio channel to `target`: mutual TLS with our certificate when configured; every
-    call carries this process's cluster token when it has one (stagemesh.membership)."""
-    interceptors = client_interceptors()
+    call carries this process's cluster token when it has one (stagemesh.membership), unless
+    `member` is False: a public client never hands the token to a gateway it was pointed at."""
+    interceptors = client_interceptors() if member else []
     if tls is None:
         return grpc.aio.insecure_channel(target, options=_options(None, options), interceptors=interceptors)
     return grpc.aio.secure_channel(target, tls.channel_credentials(), options=_options(tls, options),
                                    interceptors=interceptors)
 
 
-def sync_channel(target: str, tls: TlsConfig | None, options=None) -> grpc.Channel:
+def sync_channel(target: str, tls: TlsConfig | None, options=None, member: bool = True) -> grpc.Channel:
     """The blocking twin of `channel` (CLI, tests)."""
     if tls is None:
-        return intercept_sync(grpc.insecure_channel(target, options=_options(None, options)))
-    return intercept_sync(grpc.secure_channel(target, tls.channel_credentials(), options=_options(tls, options)))
+        ch = grpc.insecure_channel(target, options=_options(None, options))
+    else:
+        ch = grpc.secure_channel(target, tls.channel_credentials(), options=_options(tls, options))
+    return intercept_sync(ch) if member else ch
 
 
 # -- command-line flags ----------------------------------------------------------------------------
