@@ -11,6 +11,8 @@ import sys
 import threading
 import time
 
+import psutil
+
 from stagemesh.net import free_port
 
 
@@ -25,6 +27,50 @@ class RunningMesh:
         self.address = address
         self.ready_line = ready_line
         self.stderr_lines: list[str] = []
+
+    @property
+    def coordinator(self) -> str:
+        """HOST:PORT of the coordinator, from the end of the ready line (a DESIGN.md contract)."""
+        return self.ready_line.split("coordinator")[-1].strip()
+
+    def children(self, module: str) -> list[psutil.Process]:
+        """The running children of `up` started as `python -m module` (not zombies)."""
+        out = []
+        for child in psutil.Process(self.proc.pid).children():
+            try:
+                cmd = child.cmdline()
+                if child.status() != psutil.STATUS_ZOMBIE and "-m" in cmd and cmd[cmd.index("-m") + 1] == module:
+                    out.append(child)
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, IndexError):
+                pass
+        return out
+
+    def pid_at(self, module: str, address: str) -> int:
+        """PID of the child of `module` listening at `address` (`up` gives each child a fixed --port)."""
+        port = address.rsplit(":", 1)[1]
+        for child in self.children(module):
+            cmd = child.cmdline()
+            if "--port" in cmd and cmd[cmd.index("--port") + 1] == port:
+                return child.pid
+        raise LookupError(f"no running {module} child of up at {address}")
+
+    def wait_child(self, module: str, address: str = "", not_pid: int = 0, timeout_s: float = 60) -> int:
+        """Until `up` has a running child of `module` (at `address`) other than `not_pid`; its PID."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                pids = [self.pid_at(module, address)] if address else [c.pid for c in self.children(module)]
+                pids = [p for p in pids if p != not_pid]
+                if pids:
+                    return pids[0]
+            except (LookupError, psutil.NoSuchProcess):
+                pass
+            assert self.proc.poll() is None, f"up exited {self.proc.returncode}: {self.stderr_tail()}"
+            assert time.monotonic() < deadline, f"up did not restart {module} {address}: {self.stderr_tail()}"
+            time.sleep(0.05)
+
+    def stderr_tail(self, n: int = 30) -> str:
+        return "".join(self.stderr_lines[-n:])
 
 
 @contextlib.contextmanager
