@@ -52,9 +52,9 @@ class MeshConfig:
     inflight: int = 0  # micro-batches in flight per replica; 0: the gateway's default (engine.inflight_for)
     plan: str = "measured"  # coordinator --plan: measured (profiles, min-max) or uniform
     rebalance: bool = True  # coordinator moves layer boundaries while serving
-    # Certificates written by `stagemesh certs DIR`: mutual TLS on every internal link, TLS on the
-    # gateway's public port (client certificate optional). The coordinator link stays plaintext
-    # until coordinator/server.py binds its port through stagemesh.security.add_port.
+    # Certificates written by `stagemesh certs DIR`: mutual TLS on every internal link (server.pem,
+    # the member role, on every process), TLS on the gateway's public port (client certificate
+    # optional unless --tls-require-client-cert).
     tls_dir: str = ""
     # Secrets, handed to the children in their environment, never on their command lines
     # (stagemesh/membership.py): the gateway's API keys, and the cluster token every internal
