@@ -5,6 +5,8 @@ random field values, wrong dtypes, shapes that do not match the bytes, unknown s
 out-of-pool block ids and stale epochs. Every answer must be OK or a clear client-side status
 (never INTERNAL / UNKNOWN / UNAVAILABLE), no process may die, and once a fuzz lease is released
 every stage holds zero blocks again. `STATUS_COUNTS` is printed at the end (README figures).
+The cases of issue #21 (non-finite floats, an enum value out of range, an empty stop string, ids
+and max_tokens past int32 on the wire, oversize prompts) are also asserted one by one.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 from tests.procs import manual_mesh
 
 KV_BLOCKS, BLOCK = 64, 4
+MAX_PROMPT_BYTES = 1 << 20  # the gateway's --max-prompt-bytes here (default 4 MiB): big cases stay quick
 CLEAR_GENERATE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE,
                   grpc.StatusCode.RESOURCE_EXHAUSTED}
 CLEAR_FORWARD = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
@@ -34,7 +37,8 @@ STATUS_COUNTS: dict[str, collections.Counter] = collections.defaultdict(collecti
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
     model_dir = write_demo_model(tmp_path_factory.mktemp("fuzz") / "demo", num_layers=2, max_positions=256)
-    with manual_mesh(model_dir, stages=2, kv_blocks=KV_BLOCKS) as m:
+    with manual_mesh(model_dir, stages=2, kv_blocks=KV_BLOCKS,
+                     gateway_args=("--max-prompt-bytes", str(MAX_PROMPT_BYTES))) as m:
         chans = {a: grpc.insecure_channel(a) for a in [m["gateway"], *m["workers"]]}
         stages = sorted(((pb_grpc.StageStub(chans[a]).Stats(pb.StatsRequest(), timeout=5), a)
                          for a in m["workers"]), key=lambda sa: sa[0].layer_start)
@@ -99,7 +103,7 @@ def generate_requests(draw):
         req.sampling.seed = draw(st.integers(0, 2**64 - 1))
     req.stop.extend(draw(st.lists(st.text(max_size=8), max_size=20)))
     req.model = draw(st.sampled_from(["", "demo", "other"]) | st.text(max_size=10))
-    req.priority = draw(st.integers(-5, 5))
+    req.priority = draw(st.integers(-5, 5) | int32)
     req.ignore_eos = draw(st.booleans())
     req.request_id = draw(st.text(max_size=300))
     return req
@@ -130,6 +134,83 @@ def test_oversize_generate_is_refused_clearly(mesh):
     assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
     STATUS_COUNTS["Generate"][err.value.code().name] += 1
     _alive(mesh)
+
+
+def _refusal(m, req) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        list(m["gen"].Generate(req, timeout=60))
+    STATUS_COUNTS["Generate issue #21"][err.value.code().name] += 1
+    return err.value
+
+
+def _sampling(**kw) -> pb.GenerateRequest:
+    return pb.GenerateRequest(prompt_ids=[5, 6], max_tokens=2, sampling=pb.SamplingParams(**kw))
+
+
+ISSUE_21 = [  # (request, status, the field the message must name)
+    (_sampling(temperature=math.inf), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    (_sampling(temperature=1e309), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),  # inf in float32
+    (_sampling(temperature=math.nan), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    (_sampling(temperature=1.0, top_p=math.inf), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    (_sampling(temperature=1.0, top_p=math.nan), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    (_sampling(top_k=-2**31), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+    (pb.GenerateRequest(prompt_ids=[5], priority=99), grpc.StatusCode.INVALID_ARGUMENT, "priority"),
+    (pb.GenerateRequest(prompt_ids=[5], priority=-1), grpc.StatusCode.INVALID_ARGUMENT, "priority"),
+    (pb.GenerateRequest(prompt_ids=[5], stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+    (pb.GenerateRequest(prompt_ids=[5], stop=["ok", ""]), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+    (pb.GenerateRequest(prompt_ids=[5], stop=["x" * 513]), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+    (pb.GenerateRequest(prompt_ids=[5], max_tokens=2**31 - 1), grpc.StatusCode.OUT_OF_RANGE, "max_tokens"),
+    (pb.GenerateRequest(prompt_ids=[5], request_id="r" * 300), grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
+    (pb.GenerateRequest(prompt="word " * (MAX_PROMPT_BYTES // 5 + 1)), grpc.StatusCode.RESOURCE_EXHAUSTED,
+     "--max-prompt-bytes"),
+    # Under the byte limit, far past the 256-token context: refused after a few chunks are counted.
+    (pb.GenerateRequest(prompt="word " * (MAX_PROMPT_BYTES // 6)), grpc.StatusCode.OUT_OF_RANGE, "context"),
+]
+
+
+@pytest.mark.parametrize("req,code,words", ISSUE_21, ids=[f"{c.name}-{w}-{i}" for i, (_, c, w) in enumerate(ISSUE_21)])
+def test_issue_21_cases_are_refused_naming_the_field(mesh, req, code, words):
+    err = _refusal(mesh, req)
+    assert (err.code(), words in err.details()) == (code, True), (err.code(), err.details())
+    ok = list(mesh["gen"].Generate(pb.GenerateRequest(prompt_ids=[5, 6], max_tokens=2), timeout=60))
+    assert sum(len(m.token_ids) for m in ok) == 2
+    _alive(mesh)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+@pytest.mark.parametrize("field", ["prompt_ids", "max_tokens"])
+def test_values_past_int32_on_the_wire_are_refused(mesh, field):
+    """A client with its own encoder can put 2**31 (or 2**40) in an int32 field; protobuf keeps the
+    low 32 bits (-2**31), which must be refused, not taken as a token id or a length."""
+    ids = b"".join(_varint(v) for v in (5, 2**31, 2**40 + 7))
+    body = bytes([0x1A, len(ids)]) + ids if field == "prompt_ids" else \
+        bytes([0x1A, 1, 5, 0x20]) + _varint(2**31)  # prompt_ids [5], max_tokens (field 4) 2**31
+    generate = grpc.insecure_channel(mesh["gateway"]).unary_stream(
+        "/stagemesh.v1.Generation/Generate", request_serializer=lambda b: b,
+        response_deserializer=pb.GenerateResponse.FromString)
+    with pytest.raises(grpc.RpcError) as err:
+        list(generate(body, timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert field in err.value.details()
+    _alive(mesh)
+
+
+def test_a_100_mb_prompt_is_refused_unread(mesh):
+    """Past the gateway's gRPC message limit (derived from --max-prompt-bytes): gRPC refuses it
+    before parsing, the gateway's memory does not hold it."""
+    err = _refusal(mesh, pb.GenerateRequest(prompt="x" * (100 << 20), max_tokens=1))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+    assert "SERVER: Received message larger than max" in err.details()  # the gateway's limit, not ours
+    _alive(mesh)
+    assert _held(mesh) == [(0, 0), (0, 0)]
 
 
 # -- Stage.Forward ----------------------------------------------------------------------------------
