@@ -240,3 +240,13 @@ def test_unreachable_service_is_index_unavailable():
 
     with pytest.raises(IndexUnavailable):
         asyncio.run(go())
+
+
+def test_epoch_is_stable_and_changes_when_redis_comes_back_empty(service, redis_server, rdb):  # noqa: F811
+    first = call(service, "epoch")
+    assert first and call(service, "epoch") == first  # stable while Redis keeps its data
+    assert rdb.get(PREFIX + "epoch") == first.encode()
+    redis_server.restart()  # empty: no persistence
+    again = call(service, "epoch")
+    assert again and again != first
+    assert call(service, "epoch") == again

@@ -49,7 +49,8 @@ def test_reuse_equals_transformers_incl_mid_block_concurrent_and_evicted(model_d
 
 
 def _index_keys(url: str) -> int:
-    return len(redis.Redis.from_url(url).keys("*"))
+    """Block entries of the index (not its epoch key, which the gateway's poll sets by itself)."""
+    return len(redis.Redis.from_url(url).keys("*:b:*"))
 
 
 def _wait(pred, timeout_s=10.0):
@@ -82,3 +83,19 @@ def test_two_replicas_route_by_cache_and_survive_redis_outage(model_dir, redis_s
             finally:
                 redis_server.restart()
             _wait(lambda: _index_keys(redis_server.url) > 0, timeout_s=15)  # repopulated
+
+
+def test_index_republished_after_redis_restarts_empty_between_calls(model_dir, redis_server):  # noqa: F811
+    """No request runs while Redis is down, so no call fails: only the epoch poll can notice."""
+    prefix = random_prompts(51, [48], 320)[0]
+    with mesh(model_dir, stages=1, extra=["--redis", redis_server.url]) as m:
+        with Client(m.address) as client:
+            client.generate(prompt_ids=prefix + [7], max_tokens=2, timeout=60)
+        _wait(lambda: _index_keys(redis_server.url) > 0)
+        before = _index_keys(redis_server.url)
+        redis_server.restart()  # terminated and started again on the same port, empty
+        assert _index_keys(redis_server.url) == 0
+        _wait(lambda: _index_keys(redis_server.url) >= before, timeout_s=15)  # republished, no request sent
+        with Client(m.address) as client:
+            out = client.generate(prompt_ids=prefix + [9, 9], max_tokens=NEW, timeout=60)
+        assert out.cached_tokens == 48 and out.token_ids == hf_greedy(model_dir, prefix + [9, 9], NEW)
