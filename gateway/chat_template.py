@@ -98,11 +98,13 @@ class ChatTemplate:
         except jinja2.exceptions.TemplateSyntaxError as exc:
             raise CheckpointError(f"{model_dir}: the chat template does not compile ({exc})") from exc
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, kwargs: dict | None = None) -> str:
         """Render a conversation; raises InvalidArgument when the template rejects it.
 
-        `kwargs` (a request's chat_template_kwargs) may not replace the conversation itself.
+        `kwargs` (a request's chat_template_kwargs, a dict so that no key of it can collide with
+        a parameter here) may not replace the conversation itself.
         """
+        kwargs = kwargs or {}
         reserved = sorted(set(kwargs) & RESERVED)
         if reserved:
             raise InvalidArgument(f"chat_template_kwargs may not set {', '.join(reserved)}: they are request fields")

@@ -164,7 +164,7 @@ class OpenAIFrontend:
         messages = [_flatten_message(m.model_dump(exclude_unset=True), i) for i, m in enumerate(req.messages)]
         try:
             text = self.template.render(messages, add_generation_prompt=req.add_generation_prompt,
-                                        **(req.chat_template_kwargs or {}))
+                                        kwargs=req.chat_template_kwargs)
         except StagemeshError as exc:
             raise ApiError(400, str(exc), param="messages") from exc
         validation.check_prompt_bytes(text, limits)

@@ -14,6 +14,7 @@ import json
 import grpc
 import openai
 import pytest
+import requests
 
 from gateway.chat_template import ChatTemplate
 from stagemesh.client import Client
@@ -56,6 +57,7 @@ def mesh(model_dir):
     with manual_mesh(model_dir, stages=2, kv_blocks=96, gateway_args=("--http-port", str(http_port))) as m:
         m["client"] = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0,
                                     timeout=30)
+        m["base"] = f"http://127.0.0.1:{http_port}"
         with grpc.insecure_channel(m["gateway"]) as ch:
             m["model"] = pb_grpc.GenerationStub(ch).ListModels(pb.ListModelsRequest(), timeout=5).models[0].id
         yield m
@@ -192,6 +194,72 @@ def test_malformed_body_is_a_400_not_a_422(mesh):
     assert "prompt" in info.value.body["message"]
 
 
+# Bodies that parse as JSON (Python's parser takes Infinity and NaN, and 1e309 is inf) with a
+# number no field can hold: a 400 naming the field, never a 500. Issue #21.
+RAW_BAD = [
+    ('{"prompt": "hi", "temperature": Infinity}', "temperature"),
+    ('{"prompt": "hi", "temperature": 1e309}', "temperature"),
+    ('{"prompt": "hi", "temperature": NaN}', "temperature"),
+    ('{"prompt": "hi", "temperature": 1e39}', "temperature"),  # finite, past float32
+    ('{"prompt": "hi", "top_p": -Infinity}', "top_p"),
+    ('{"prompt": "hi", "max_tokens": 2147483648}', "max_tokens"),
+    ('{"prompt": "hi", "max_tokens": 100000000000000000000000}', "max_tokens"),
+    ('{"prompt": [1, 2147483648]}', "prompt"),
+    ('{"prompt": [[1, -1]]}', "prompt"),
+    ('{"prompt": "hi", "top_k": 1099511627776}', "top_k"),
+    ('{"prompt": "hi", "top_k": -2}', "top_k"),
+    ('{"prompt": "hi", "seed": 18446744073709551616}', "seed"),
+    ('{"prompt": "hi", "seed": -1}', "seed"),
+    ('{"prompt": "hi", "n": 4294967296}', "n"),
+    ('{"prompt": "hi", "stop": [""]}', "stop"),
+    ('{"prompt": "hi", "stop": ""}', "stop"),
+    ('{"prompt": "hi", "max_tokens": "5"}', "max_tokens"),  # strict: a string is not a number
+    ('{"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2147483648}', "max_tokens"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"messages": []}}', "messages"),
+    ('{"messages": [{"content": "hi"}]}', "role"),
+]
+
+
+@pytest.mark.parametrize("body,field", RAW_BAD, ids=[f"{f}-{i}" for i, (_, f) in enumerate(RAW_BAD)])
+def test_numbers_beyond_their_field_are_400_naming_it(mesh, body, field):
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    r = requests.post(mesh["base"] + path, data=body, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400, (r.status_code, r.text)
+    error = r.json()["error"]
+    assert field in error["message"] or field in (error["param"] or ""), error
+
+
+def test_oversize_bodies_are_413_before_being_read(mesh):
+    big = b'{"prompt": "' + b"word " * (20 << 20) + b'"}'  # 100 MB, Content-Length declared
+    r = requests.post(mesh["base"] + "/v1/completions", data=big, headers={"content-type": "application/json"},
+                      timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+
+    def chunked():  # no Content-Length: counted as it arrives
+        yield b'{"prompt": "'
+        for _ in range(40):
+            yield b"word " * (1 << 18)
+        yield b'"}'
+
+    r = requests.post(mesh["base"] + "/v1/completions", data=chunked(), headers={"content-type": "application/json"},
+                      timeout=60)
+    assert r.status_code == 413, r.text
+    # Under the body limit, over the prompt's byte limit (4 MiB by default): 413 naming the flag.
+    r = requests.post(mesh["base"] + "/v1/completions", json={"prompt": "word " * (1 << 20)}, timeout=60)
+    assert r.status_code == 413 and "--max-prompt-bytes" in r.json()["error"]["message"], r.text
+    ok = mesh["client"].completions.create(model=mesh["model"], prompt=PROMPT, max_tokens=2, temperature=0)
+    assert ok.usage.completion_tokens == 2
+
+
+def test_health_and_schema_need_no_key(mesh):
+    assert requests.get(mesh["base"] + "/health", timeout=10).json() == {"status": "serving"}
+    schema = requests.get(mesh["base"] + "/openapi.json", timeout=10).json()
+    ops = schema["paths"]["/v1/completions"]["post"]
+    assert "422" not in ops["responses"] and {"200", "400", "413"} <= set(ops["responses"])
+    r = requests.delete(mesh["base"] + "/v1/completions", timeout=10)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
 # 360 tokens take ~2.5 s here; freeing the KV well before that shows that the request was cancelled.
 LONG = dict(prompt=PROMPT, max_tokens=360, temperature=0, extra_body={"ignore_eos": True})
 
@@ -251,8 +319,11 @@ def test_template_sources(tmp_path):
 
 def test_error_statuses():
     from gateway.http_api import api_error
+    from gateway.validation import FieldError, PromptTooLarge
 
     assert api_error(InvalidArgument("x")).status == 400
     assert api_error(OutOfRange("x")).status == 400
     assert api_error(ResourceExhausted("queue full")).status == 429
+    assert api_error(PromptTooLarge("x")).status == 413
+    assert api_error(FieldError("top_k", "x")).param == "top_k"
     assert api_error(Unavailable("x")).status == 503
