@@ -132,3 +132,26 @@ def test_redis_password_redacted_in_logs():
     assert redact_url("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
     assert redact_url("rediss://user:pw@h/0") == "rediss://user:***@h/0"
     assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_exposed_without_tls_warns(capsys, monkeypatch):
+    import argparse
+
+    from stagemesh.cli import _warn_if_exposed
+    from stagemesh.membership import MemberInterceptor, server_interceptors
+
+    for host, tls_dir, warned in (("0.0.0.0", "", True), ("10.1.2.3", "", True), ("127.0.0.1", "", False),
+                                  ("localhost", "", False), ("0.0.0.0", "certs", False)):
+        _warn_if_exposed(argparse.Namespace(host=host, tls_dir=tls_dir))
+        assert ("warning: --host" in capsys.readouterr().err) == warned, host
+    # A hand-started internal service: open (trusted-network mode) without TLS or token, and it
+    # says so when it binds beyond loopback; with a token it checks it.
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    monkeypatch.delenv(TOKEN_FILE_ENV, raising=False)
+    assert server_interceptors("127.0.0.1", None, "stage worker") == []
+    assert capsys.readouterr().err == ""
+    assert server_interceptors("0.0.0.0", None, "stage worker") == []
+    assert "anyone who reaches it controls this stage worker" in capsys.readouterr().err
+    monkeypatch.setenv(TOKEN_ENV, "t0k")
+    (interceptor,) = server_interceptors("0.0.0.0", None, "stage worker")
+    assert isinstance(interceptor, MemberInterceptor) and interceptor.token == "t0k" and not interceptor.tls
