@@ -127,3 +127,35 @@ def test_deltas_waiting_behind_one_go_out_as_one_message():
     assert queue.qsize() == 1
     alone = coalesce(pb.GenerateResponse(token_ids=[5], text="e"), asyncio.Queue())
     assert (list(alone.token_ids), alone.text, alone.finish_reason) == ([5], "e", "")
+
+
+def test_tokenizer_pool_gives_encode_s_ids_and_refuses_only_what_is_too_long():
+    """Long text is counted piece by piece (cut before whitespace, else anywhere) and refused once it
+    is certainly past the limit; otherwise the ids are exactly those of one `encode`."""
+    import asyncio
+    import random
+
+    from gateway.text import CHUNK_CHARS, TokenizerPool
+    from stagemesh.demo_model import train_tokenizer
+    from stagemesh.errors import OutOfRange
+
+    tok = train_tokenizer(768)
+    rng = random.Random(0)
+    words = ["the", "river", "mill", "  stood", "\n\nold", "Ünïcode", "✓", "  ", "gateway,", "x" * 40]
+    texts = [" ".join(rng.choice(words) for _ in range(20_000)), "y" * (2 * CHUNK_CHARS + 5), "short text"]
+    pool = TokenizerPool(tok)
+
+    async def check():
+        for text in texts:
+            exact = tok.encode(text).ids
+            assert await pool.encode(text, max_tokens=len(exact)) == exact
+            assert await pool.encode(text, max_tokens=len(exact), add_special_tokens=False) == \
+                tok.encode(text, add_special_tokens=False).ids
+            if len(text) > CHUNK_CHARS:
+                with pytest.raises(OutOfRange, match="more than"):
+                    await pool.encode(text, max_tokens=len(exact) // 2)
+
+    try:
+        asyncio.run(check())
+    finally:
+        pool.close()
