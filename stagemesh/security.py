@@ -8,7 +8,9 @@ The gateway's public port uses the same files with client certificates optional.
 config, ports and channels are plaintext (loopback development).
 
 `make_dev_certs` writes a development CA and a server and a client certificate (SAN 127.0.0.1,
-localhost) for `stagemesh certs DIR`; production deployments bring their own PKI.
+localhost) for `stagemesh certs DIR`; production deployments bring their own PKI. The server
+certificate carries the member role (stagemesh.membership.MEMBER_URI) that the internal services
+demand on top of the CA's signature; the client certificate, the users', does not.
 """
 
 from __future__ import annotations
@@ -133,8 +135,9 @@ DEV_NAMES = ("127.0.0.1", "localhost")
 def make_dev_certs(out_dir: str | Path, names: tuple[str, ...] = DEV_NAMES, days: int = 365) -> dict[str, Path]:
     """Write ca.pem/ca.key, server.pem/server.key, client.pem/client.key into out_dir.
 
-    The server and client certificates both carry SANs `names` and both extended key usages, so
-    either can serve an internal port and call another service. Keys are EC P-256, files 0600.
+    The server and client certificates both carry SANs `names` and both extended key usages; only
+    the server certificate carries the member role (URI SAN MEMBER_URI), so only it can call the
+    internal services' control rpcs. Keys are EC P-256, files 0600.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
