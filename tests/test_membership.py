@@ -57,7 +57,8 @@ def redis_with_password():
 def running(ckpt_dir, redis_with_password):
     port, _ = redis_with_password
     model_dir = ckpt_dir("llama", num_layers=2)
-    extra = ["--kv-blocks", "64", "--api-key", API_KEY, "--redis", f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0"]
+    extra = ["--kv-blocks", "64", "--api-key", API_KEY, "--redis", f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0",
+             "--rate-limit-rps", "1000", "--rate-limit-burst", "500"]
     with mesh(model_dir, stages=1, extra=extra) as m:
         children = {mod: m.children(mod) for mod in MODULES}
         assert all(children.values()), children
@@ -165,4 +166,6 @@ def test_no_secret_on_any_child_command_line(running):
             assert child.environ()[TOKEN_ENV] == running.token  # it got there another way
             seen += 1
     assert seen == len(MODULES)
+    gateway_cmd = running.children("gateway")[0].cmdline()  # what up passes on, as the gateway takes it
+    assert gateway_cmd[gateway_cmd.index("--rate-limit-burst") + 1] == "500.0"
     assert running.proc.poll() is None and not running.stderr_tail().count("Traceback")
