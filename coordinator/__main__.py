@@ -26,6 +26,11 @@ def main(argv=None) -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--dead-after-s", type=float, default=1.5, help="silence after which a worker is dead")
     p.add_argument("--state-file", default="", help="persist the plan here (survives a coordinator restart)")
+    p.add_argument("--restore-grace-s", type=float, default=3.0,
+                   help="after a restart from the state file, probe the slots whose worker has not re-registered "
+                        "by then; an unreachable one fails over")
+    p.add_argument("--restore-wait-s", type=float, default=30.0,
+                   help="a restored slot whose worker answers but never re-registers fails over after this")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
     p.add_argument("--plan", default="measured", choices=["measured", "uniform"],
                    help="measured: split layers by the workers' profiles to minimise the slowest stage")
@@ -50,7 +55,8 @@ def main(argv=None) -> None:
             num_layers=model.num_hidden_layers, stages=args.stages, replicas=args.replicas,
             metrics_port=args.metrics_port,
             block_size=args.block_size, host=args.host, port=args.port, dead_after_s=args.dead_after_s,
-            state_file=args.state_file, plan=args.plan, tls=security.tls_from_args(args),
+            state_file=args.state_file, restore_grace_s=args.restore_grace_s, restore_wait_s=args.restore_wait_s,
+            plan=args.plan, tls=security.tls_from_args(args),
             split=tuple(int(x) for x in args.split.split(",") if x.strip()),
             rebalance=not args.no_rebalance, rebalance_threshold=args.rebalance_threshold,
             rebalance_window_s=args.rebalance_window_s, rebalance_min_interval_s=args.rebalance_min_interval_s,
