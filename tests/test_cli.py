@@ -53,10 +53,21 @@ def test_generate_reports_a_bad_request_as_json(demo_dir):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_up_stops_every_child_on_signal(demo_dir, sig):
-    with mesh(demo_dir, stages=2) as m:
+def test_up_stops_every_child_on_signal(demo_dir, sig, tmp_path):
+    state = tmp_path / "plan.json"
+    flags = {"--max-waiting": "7", "--dead-after-s": "2.5", "--lease-ttl-s": "30", "--state-file": str(state)}
+    with mesh(demo_dir, stages=2, extra=[a for kv in flags.items() for a in kv]) as m:
         children = psutil.Process(m.proc.pid).children(recursive=True)
         assert len(children) == 4  # coordinator, 2 workers, gateway
+        # up's flags reach the service that takes each one
+        takers = {"--max-waiting": "gateway", "--dead-after-s": "coordinator", "--lease-ttl-s": "stage_worker",
+                  "--state-file": "coordinator"}
+        for flag, module in takers.items():
+            for child in m.children(module):
+                cmd = child.cmdline()
+                given, passed = flags[flag], cmd[cmd.index(flag) + 1]
+                assert passed == given or float(passed) == float(given), (flag, cmd)
+        assert json.loads(state.read_text())["replicas"], "the coordinator keeps its plan in --state-file"
         m.proc.send_signal(sig)
         assert m.proc.wait(timeout=30) == 0
     gone, alive = psutil.wait_procs(children, timeout=10)
@@ -64,7 +75,12 @@ def test_up_stops_every_child_on_signal(demo_dir, sig):
 
 
 def test_children_die_with_a_killed_launcher(demo_dir):
+    """...those restarted by up included (they are forked by its main thread, which PR_SET_PDEATHSIG follows)."""
     with mesh(demo_dir, stages=1) as m:
+        old = m.children("stage_worker")[0].pid
+        os.kill(old, signal.SIGKILL)
+        m.wait_child("stage_worker", not_pid=old)
+        assert any("restarted worker0" in line for line in m.stderr_lines)
         children = psutil.Process(m.proc.pid).children(recursive=True)
         m.proc.kill()
         m.proc.wait()

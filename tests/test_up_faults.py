@@ -10,7 +10,8 @@ checks that
 - KV goes back to 0 blocks / 0 sequences on every worker (`stagemesh status` and each worker's Stats),
 - the fault landed mid-stream: at the fault moment some requests had tokens and were not finished,
   and those got more tokens after it,
-- the mesh is whole again afterwards (plan ready, the restarted child back, a spare registered).
+- the mesh is whole again afterwards (plan ready, the restarted child back on its address, a spare
+  registered).
 A scenario that leaves the mesh broken fails; the next one then starts on a fresh mesh.
 """
 
@@ -378,6 +379,25 @@ def test_redis_restarted_empty(up, expected, redis_server):  # noqa: F811
         assert time.monotonic() < deadline, (
             f"{len(missing)} of {len(seen['keys'])} block keys still missing 20s after Redis came back empty")
         time.sleep(0.2)
+
+
+def test_cache_service_killed(up, expected):
+    """kill -9 of cache_service: the gateway matches prefixes locally meanwhile; up restarts it on
+    the same port."""
+    (proc,) = up.children("cache_service")
+    cmd = proc.cmdline()
+    address = f"{cmd[cmd.index('--host') + 1]}:{cmd[cmd.index('--port') + 1]}"
+    seen = {}
+
+    async def fault(run: Run):
+        seen["mid"] = await run.until_mid_stream(MID_STREAM)
+        seen["counts"] = run.counts()
+        os.kill(proc.pid, signal.SIGKILL)
+
+    run = Run(workload())
+    asyncio.run(run.drive(up.address, fault))
+    check_landed(run, seen["mid"], seen["counts"])
+    finish(up, run, expected, restarted=("cache_service", address, proc.pid))
 
 
 def test_gateway_killed_and_restarted(up, expected):
