@@ -49,8 +49,9 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--routing", default="cache_aware", choices=["cache_aware", "round_robin"])
     p.add_argument("--routing-weight", type=float, default=2.0)
     p.add_argument("--plan-wait-s", type=float, default=300.0,
-                   help="how long to wait for a ready plan at start; while serving, requests on a stalled "
-                        "replica fail UNAVAILABLE (saying why) once the plan has been not ready this long")
+                   help="while serving, requests on a stalled replica fail UNAVAILABLE (saying why) once the "
+                        "plan has been not ready this long (at start the gateway waits for a plan without limit, "
+                        "NOT_SERVING meanwhile)")
     p.add_argument("--http-port", type=int, default=0, help="also serve the OpenAI-compatible HTTP API here")
     p.add_argument("--max-prompt-bytes", type=int, default=4 << 20,
                    help="prompt text above this is refused before tokenizing (RESOURCE_EXHAUSTED / HTTP 413); "

@@ -131,7 +131,13 @@ class Gateway:
         self.identity = f"{socket.gethostname()}:{config.port}" if config.port else uuid.uuid4().hex[:12]
 
     async def start(self) -> None:
-        plan = await self._wait_for_plan()
+        while True:  # no deadline: meanwhile health says NOT_SERVING and requests get UNAVAILABLE saying why
+            try:
+                plan = await self._wait_for_plan()
+                break
+            except Unavailable:
+                self.log.warning("still_waiting_for_plan", reason=self.readiness.reason,
+                                 waited_s=round(self.readiness.unready_s(), 1))
         self._apply_plan(plan)
         if self.index is not None:
             self.index.start(self._index_snapshot)

@@ -74,11 +74,14 @@ def _health(address: str) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def test_gateway_not_serving_until_a_plan_is_ready(model_dir, prompts):
+def test_gateway_health_and_errors_follow_the_plan(model_dir, prompts):
+    """NOT_SERVING and UNAVAILABLE (saying why) before the first plan; SERVING once it is ready;
+    in-flight requests fail UNAVAILABLE, never hang, when the plan stays not ready past the bound
+    (--plan-wait-s); SERVING again once a worker comes back."""
     cport, gport, wport = new_port(), new_port(), new_port()
     coord, gw = f"127.0.0.1:{cport}", f"127.0.0.1:{gport}"
     with processes(coordinator_cmd(model_dir, cport, 1)):
-        gateway = subprocess.Popen(gateway_cmd(model_dir, coord, gport), stdout=subprocess.PIPE,
+        gateway = subprocess.Popen(gateway_cmd(model_dir, coord, gport, "--plan-wait-s", "2"), stdout=subprocess.PIPE,
                                    stderr=subprocess.DEVNULL, text=True)
         try:
             _until(lambda: _try(_health, gw) == "NOT_SERVING", what="gateway health NOT_SERVING")
@@ -86,12 +89,27 @@ def test_gateway_not_serving_until_a_plan_is_ready(model_dir, prompts):
                 client.generate(prompt_ids=prompts[0], max_tokens=4, timeout=10)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "waiting for workers: 0 of 1 registered" in err.value.details()
-            with processes(worker_cmd(model_dir, coord, wport, 64)):
+            with processes(worker_cmd(model_dir, coord, wport, 64)) as (worker,):
                 _wait_ready(gateway, "gateway")
                 assert _health(gw) == "SERVING"
                 with Client(gw) as client:
                     out = client.generate(prompt_ids=prompts[0], max_tokens=4, timeout=30)
                 assert out.token_ids == hf_greedy(model_dir, prompts[0], 4)
+
+                async def kill_only_worker():
+                    worker.kill()
+
+                outs, in_flight = asyncio.run(stream_with_fault(gw, prompts, kill_only_worker))
+            assert in_flight == N
+            for o in outs:  # no spare, no survivor: the plan waits for a worker; nobody hangs
+                assert isinstance(o, grpc.aio.AioRpcError) and o.code() == grpc.StatusCode.UNAVAILABLE, o
+                assert "not ready" in o.details() and "waiting for workers: 0 of 1 registered" in o.details()
+            _until(lambda: _health(gw) == "NOT_SERVING", what="gateway health NOT_SERVING in the outage")
+            with processes(worker_cmd(model_dir, coord, new_port(), 64)):
+                _until(lambda: _health(gw) == "SERVING", what="gateway health SERVING again")
+                with Client(gw) as client:
+                    out = client.generate(prompt_ids=prompts[2], max_tokens=4, timeout=30)
+                assert out.token_ids == hf_greedy(model_dir, prompts[2], 4)
         finally:
             gateway.terminate()
             gateway.wait(timeout=10)
