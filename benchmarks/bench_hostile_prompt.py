@@ -98,10 +98,10 @@ def _send_huge(kind: str, mb: int, target: str, base: str, go, stop, busy, resul
             busy.value -= 1
 
 
-def hostile(target: str, base: str, go, stop, busy, results) -> None:
-    """The hostile client, in its own process: four senders at once."""
+def hostile(target: str, base: str, sizes_mb, go, stop, busy, results) -> None:
+    """The hostile client, in its own process: one sender per API and size, all at once."""
     threads = [threading.Thread(target=_send_huge, args=(kind, mb, target, base, go, stop, busy, results))
-               for kind in ("grpc", "http") for mb in HUGE_MB]
+               for kind in ("grpc", "http") for mb in sizes_mb]
     for th in threads:
         th.start()
     for th in threads:
@@ -167,7 +167,7 @@ def gateway_pid(up_pid: int) -> int:
     raise LookupError("no gateway child of up")
 
 
-def run(n: int, rounds: int) -> dict:
+def run(n: int, rounds: int, sizes_mb=HUGE_MB) -> dict:
     """`rounds` times: n small requests per API idle, then n beside the huge prompts."""
     model_dir = write_demo_model(Path(tempfile.mkdtemp()) / "demo", num_layers=4)
     http_port = free_port()
@@ -180,9 +180,9 @@ def run(n: int, rounds: int) -> dict:
         watch = RssWatch(gateway_pid(m.proc.pid))
         small_latencies(m.address, base, 5)  # warm up both paths
         rss_before = watch.now_mb()
-        sender = ctx.Process(target=hostile, args=(m.address, base, go, stop, busy, results))
+        sender = ctx.Process(target=hostile, args=(m.address, base, sizes_mb, go, stop, busy, results))
         sender.start()
-        for _ in range(len(HUGE_MB) * 2):
+        for _ in range(len(sizes_mb) * 2):
             results.get(timeout=300)  # every sender has its message built
         cpu = CpuShare(gateway=watch.proc, huge_prompt_sender=psutil.Process(sender.pid))
         with watch:
@@ -236,13 +236,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=20, help="small requests per API, phase and round")
     ap.add_argument("--rounds", type=int, default=4, help="idle / beside-huge-prompts alternations")
+    ap.add_argument("--sizes-mb", default=",".join(map(str, HUGE_MB)), help="huge prompt sizes, MB")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
-    result = run(args.requests, args.rounds)
+    result = run(args.requests, args.rounds, tuple(int(x) for x in args.sizes_mb.split(",")))
     print(json.dumps(result, indent=2))
     for api in ("grpc", "http"):
         print(f"{api}: small request median {result['idle'][api]['median_ms']} ms idle, "
-              f"{result['beside_huge_prompts'][api]['median_ms']} ms beside 20 MB + 100 MB prompts: "
+              f"{result['beside_huge_prompts'][api]['median_ms']} ms beside {args.sizes_mb} MB prompts: "
               f"ratio {result['ratio_median'][api]}x (p90 {result['ratio_p90'][api]}x; target <= 2x)")
     print(f"gateway RSS: {result['gateway_rss_mb']}")
     print(f"CPU cores busy (of {result['machine_cores']}): {result['cpu_cores_busy']}")
