@@ -250,7 +250,7 @@ class ReplicaEngine:
                 self.log.info("lease_announce_failed", code=exc.code().name)
 
         try:
-            asyncio.get_running_loop().create_task(send())
+            self._announcing = asyncio.get_running_loop().create_task(send())  # held: a bare task may be collected
         except RuntimeError:  # no event loop (a unit test builds the engine outside one)
             pass
 
