@@ -327,3 +327,58 @@ def test_error_statuses():
     assert api_error(PromptTooLarge("x")).status == 413
     assert api_error(FieldError("top_k", "x")).param == "top_k"
     assert api_error(Unavailable("x")).status == 503
+
+
+def _asgi(app, method: str, path: str, headers=(), chunks=(b"",)) -> tuple[int, bytes]:
+    """One request through an ASGI app; the body arrives in `chunks`. Returns (status, body)."""
+    import asyncio
+
+    async def go():
+        sent, pending = [], [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+                             for i, c in enumerate(chunks)]
+
+        async def receive():
+            return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": method, "path": path, "client": ("127.0.0.1", 1),
+                 "headers": [(k.encode(), v.encode()) for k, v in headers]}
+        await app(scope, receive, send)
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    return asyncio.run(go())
+
+
+async def _echo_body(scope, receive, send):
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_health_and_schema_pass_the_api_key_check_and_nothing_else_does():
+    from gateway.auth import ApiKeyAuth
+    from gateway.http_guard import PublicPaths
+
+    app = PublicPaths(_echo_body, ApiKeyAuth(keys=("sk-right",)))
+    assert _asgi(app, "GET", "/health")[0] == 200
+    assert _asgi(app, "GET", "/openapi.json")[0] == 200
+    assert _asgi(app, "GET", "/v1/models")[0] == 401
+    assert _asgi(app, "GET", "/health/../v1/models")[0] == 401  # exact paths only
+    assert _asgi(app, "GET", "/v1/models", headers=[("authorization", "Bearer sk-right")])[0] == 200
+
+
+def test_body_limit_counts_declared_and_chunked_bodies():
+    from gateway.http_guard import BodyLimit
+
+    app = BodyLimit(_echo_body, limit=10)
+    assert _asgi(app, "POST", "/v1/completions", headers=[("content-length", "11")], chunks=[b"x" * 11])[0] == 413
+    assert _asgi(app, "POST", "/v1/completions", chunks=[b"x" * 6, b"y" * 6])[0] == 413  # no length: counted
+    assert _asgi(app, "POST", "/v1/completions", chunks=[b"ab", b"cd", b""]) == (200, b"abcd")  # handed on whole
+    assert _asgi(app, "POST", "/v1/completions", headers=[("content-length", "4")], chunks=[b"abcd"]) == (200, b"abcd")
