@@ -88,6 +88,7 @@ def test_two_replicas_route_by_cache_and_survive_redis_outage(model_dir, redis_s
 def test_index_republished_after_redis_restarts_empty_between_calls(model_dir, redis_server):  # noqa: F811
     """No request runs while Redis is down, so no call fails: only the epoch poll can notice."""
     prefix = random_prompts(51, [48], 320)[0]
+    redis.Redis.from_url(redis_server.url).flushall()  # only this mesh's entries (the module shares Redis)
     with mesh(model_dir, stages=1, extra=["--redis", redis_server.url]) as m:
         with Client(m.address) as client:
             client.generate(prompt_ids=prefix + [7], max_tokens=2, timeout=60)
