@@ -77,12 +77,14 @@ class Shared:
             self._cm = None
 
     def healthy(self, timeout_s: float):
+        """Whole and holding no KV, so that a scenario fails only for what its own fault did."""
         if self.m is None or self.m.proc.poll() is not None:
             return False
         try:
             wait_whole(self.m, timeout_s)
+            wait_kv_zero(self.m, timeout_s=5)
             return True
-        except AssertionError:
+        except (AssertionError, grpc.RpcError):
             return False
 
 
@@ -244,17 +246,20 @@ def wait_whole(m, timeout_s: float = RECOVER_S) -> pb.Plan:
 
 
 def kv_held(m) -> list:
-    """(address, blocks, sequences) of every stage that still holds KV: the plan's stages as
-    `stagemesh status --json` reports them, and every worker process of `up` (spares too)."""
+    """(source, address, blocks, sequences) of every stage that still holds KV: the plan's stages
+    as `stagemesh status --json` reports them, and every worker process of `up` (spares too)."""
     status = asyncio.run(collect(m.coordinator))
-    held = [(s["address"], s.get("kv_blocks_used", "?"), s.get("live_sequences", "?"))
+    held = [("status", s["address"], s.get("kv_blocks_used", "?"), s.get("live_sequences", "?"))
             for r in status["replicas"] for s in r["stages"]
             if not s["reachable"] or s["kv_blocks_used"] or s["live_sequences"]]
+    plan = {s["address"] for r in status["replicas"] for s in r["stages"]}
     for address in worker_addresses(m):
+        if address in plan:
+            continue  # status asked it already
         with grpc.insecure_channel(address) as ch:
             st = pb_grpc.StageStub(ch).Stats(pb.StatsRequest(), timeout=5)
         if st.blocks_in_use or st.live_sequences:
-            held.append((address, st.blocks_in_use, st.live_sequences))
+            held.append(("spare", address, st.blocks_in_use, st.live_sequences))
     return held
 
 
@@ -267,7 +272,7 @@ def wait_kv_zero(m, timeout_s: float = 30) -> None:
             held = [f"unreachable: {exc.code().name}"]
         if not held:
             return
-        assert time.monotonic() < deadline, f"KV still held after {timeout_s}s (address, blocks, seqs): {held}"
+        assert time.monotonic() < deadline, f"KV still held after {timeout_s}s (source, address, blocks, seqs): {held}"
         time.sleep(0.2)
 
 
