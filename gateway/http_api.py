@@ -53,9 +53,9 @@ from stagemesh.errors import StagemeshError, Unavailable
 from gateway import validation
 from gateway.chat_template import ChatTemplate
 from gateway.http_guard import BodyLimit, PublicPaths
-from gateway.http_schema import (ERRORS, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                                 CompletionResponse, Health, ModelCard, ModelList, _Params, generation_responses,
-                                 openapi)
+from gateway.http_schema import (ERRORS, ChatCompletionRequest, ChatCompletionResponse, CommonParams,
+                                 CompletionRequest, CompletionResponse, Health, ModelCard, ModelList,
+                                 generation_responses, openapi)
 
 # --- errors ------------------------------------------------------------------------------------
 
@@ -97,7 +97,7 @@ def api_error(exc: StagemeshError) -> ApiError:
 # --- request bodies (gateway/http_schema.py) ------------------------------------------------------
 
 
-def _refuse_unsupported(req: _Params) -> None:
+def _refuse_unsupported(req: CommonParams) -> None:
     if req.n not in (None, 1):
         raise ApiError(400, f"n must be 1 (one choice per request), got {req.n}", param="n")
     checks = [
@@ -186,7 +186,7 @@ class OpenAIFrontend:
         room = min(limits.max_model_len, limits.kv_capacity_tokens) - prompt_len
         return room if room >= 1 else None
 
-    def _build(self, req: _Params, prompt: str | None = None, prompt_ids: list[int] | None = None,
+    def _build(self, req: CommonParams, prompt: str | None = None, prompt_ids: list[int] | None = None,
                max_tokens: int | None = None):
         if isinstance(prompt_ids, list) and not prompt_ids and prompt is None:
             raise ApiError(400, "the prompt is empty", param="prompt")
@@ -205,7 +205,7 @@ class OpenAIFrontend:
                              top_p=req.top_p, top_k=top_k, seed=req.seed, stop=stop,
                              ignore_eos=req.ignore_eos, model=self.gw.model_id)
 
-    def check(self, req: _Params) -> None:
+    def check(self, req: CommonParams) -> None:
         self.check_model(req.model)
         _refuse_unsupported(req)
 
@@ -403,7 +403,7 @@ def create_app(gateway, chat_template: ChatTemplate | None = None) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await _serve(request, "chat", body, await front.chat_request(body))
 
-    async def _serve(request: Request, kind: str, body: _Params, grpc_request):
+    async def _serve(request: Request, kind: str, body: CommonParams, grpc_request):
         deltas, first = await front.start(grpc_request)
         model = gateway.model_id
         if body.stream:

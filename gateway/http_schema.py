@@ -27,7 +27,7 @@ def _range(lo=None, hi=None, description: str = "", **extra) -> Any:
 StopString = Field(json_schema_extra={"minLength": 1, "maxLength": MAX_STOP_CHARS})
 
 
-class _Params(BaseModel):
+class CommonParams(BaseModel):
     """Fields common to both endpoints."""
 
     model_config = ConfigDict(extra="allow", strict=True)
@@ -57,7 +57,7 @@ class _Params(BaseModel):
 _TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": INT32_MAX}}
 
 
-class CompletionRequest(_Params):
+class CompletionRequest(CommonParams):
     prompt: Union[str, list[int], list[str], list[list[int]]] = Field(
         description="text, or token ids (each below the model's vocabulary size); a list of one of either",
         json_schema_extra={"anyOf": [{"type": "string", "minLength": 1}, _TOKEN_IDS,
@@ -78,7 +78,7 @@ class ChatMessage(BaseModel):
         None, description="text, or a list of {'type': 'text', 'text': ...} parts")
 
 
-class ChatCompletionRequest(_Params):
+class ChatCompletionRequest(CommonParams):
     messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
     max_completion_tokens: int | None = _range(1, INT32_MAX, "as max_tokens; default: what fits the context")
     logprobs: bool | None = Field(None, description="not supported: false or absent",
