@@ -91,6 +91,9 @@ def _add_up(sub) -> None:
     p.add_argument("--start-timeout-s", type=float, default=300.0,
                    help="each child must print its ready line within this long of its (re)start (the gateway's "
                         "includes the workers loading their layers)")
+    p.add_argument("--max-start-failures", type=int, default=5,
+                   help="stop the mesh when one child fails at start this many times in a row (exits before "
+                        "ready, misses --start-timeout-s, or dies within 10 s of ready)")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=_run_up)
 
@@ -118,7 +121,7 @@ def _run_up(args) -> int:
                             rebalance=not args.no_rebalance, inflight=args.inflight,
                             run_dir=args.run_dir, state_file=args.state_file, max_waiting=args.max_waiting,
                             dead_after_s=args.dead_after_s, lease_ttl_s=args.lease_ttl_s,
-                            start_timeout_s=args.start_timeout_s)
+                            start_timeout_s=args.start_timeout_s, max_start_failures=args.max_start_failures)
         if args.tls_dir:
             from stagemesh.security import dev_tls
 

@@ -70,12 +70,15 @@ class MeshConfig:
     dead_after_s: float = 1.5  # coordinator: a worker silent this long is dead
     lease_ttl_s: float = 60.0  # workers: a silent gateway's KV is dropped after this
     start_timeout_s: float = 300.0  # each child, from its (re)start to its ready line
+    max_start_failures: int = 5  # failed starts of one child in a row before up gives up
 
     def __post_init__(self):
         if self.stages < 1 or self.replicas < 1 or self.spares < 0:
             raise ValueError("--stages and --replicas must be >= 1, --spares >= 0")
         if self.max_waiting < 1 or self.dead_after_s <= 0 or self.lease_ttl_s <= 0 or self.start_timeout_s <= 0:
             raise ValueError("--max-waiting must be >= 1; --dead-after-s, --lease-ttl-s, --start-timeout-s > 0")
+        if self.max_start_failures < 1:
+            raise ValueError("--max-start-failures must be >= 1")
 
 
 class Mesh:
@@ -83,7 +86,8 @@ class Mesh:
 
     def __init__(self, config: MeshConfig):
         self.config = config
-        self.supervisor = Supervisor(RestartPolicy(start_timeout_s=config.start_timeout_s))
+        self.supervisor = Supervisor(RestartPolicy(start_timeout_s=config.start_timeout_s,
+                                                   max_start_failures=config.max_start_failures))
         self.coordinator_address = ""
         self.run_dir = ""
         self.state_file = ""
