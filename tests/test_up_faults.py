@@ -333,6 +333,37 @@ def test_sigstop_plan_worker(up, expected):
     finish(up, run, expected)
 
 
+def test_two_workers_killed_with_one_spare(up, expected):
+    """Two plan workers killed at once, one spare: one replica takes the spare, the other runs
+    spread over its survivor; the workers up restarts fold it back to full stages."""
+    plan0 = get_plan(up)
+    victims = [plan0.replicas[0].stages[0].address, plan0.replicas[1].stages[1].address]
+    pids = [up.pid_at("stage_worker", a) for a in victims]
+    seen = {}
+
+    async def fault(run: Run):
+        seen["mid"] = await run.until_mid_stream(MID_STREAM)
+        seen["counts"] = run.counts()
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + RECOVER_S
+        while True:  # the spread: a replica with fewer stages than asked, while requests stream
+            shape = sorted(len(r.stages) for r in get_plan(up).replicas)
+            if shape == [1, STAGES]:
+                break
+            assert time.monotonic() < deadline, f"no replica ran spread over its survivor: stages {shape}"
+            await asyncio.sleep(0.05)
+        seen["spread_mid"] = run.mid_stream()
+
+    run = Run(workload())
+    asyncio.run(run.drive(up.address, fault))
+    check_landed(run, seen["mid"], seen["counts"])
+    assert seen["spread_mid"], "every request had finished before the replica ran spread"
+    for address, pid in zip(victims, pids):
+        up.wait_child("stage_worker", address, not_pid=pid)
+    finish(up, run, expected)  # wait_whole: STAGES stages per replica again, and a spare
+
+
 def test_cancellations_during_a_failover(up, expected):
     """Requests cancelled at the kill and during the replay after it: the rest unaffected, no KV kept."""
     address = get_plan(up).replicas[0].stages[1].address
