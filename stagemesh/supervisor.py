@@ -112,6 +112,8 @@ class Supervisor:
         for child in self.children:
             if child.ready.is_set() and not child.ready_at:
                 child.ready_at = now
+                if child.restarts:
+                    self.say(f"{child.name} pid {child.pid} ready again after {now - child.started_at:.1f}s")
             if child.ready_at and now - child.ready_at >= self.policy.stable_after_s:
                 child.failures = 0
             if child.restart_at:

@@ -29,7 +29,7 @@ def test_a_child_that_exits_is_restarted_with_the_same_command():
         first = child.pid
         assert psutil.Process(first).environ().get("SUPERVISED_MARK") == "1"
         os.kill(first, signal.SIGKILL)
-        while child.pid == first or not child.ready.is_set():
+        while child.pid == first or not child.ready_at:
             sup.poll()
             stop.wait(0.02)
         assert child.running() and child.restarts == 1
@@ -39,6 +39,7 @@ def test_a_child_that_exits_is_restarted_with_the_same_command():
     assert not child.running()
     log = out.getvalue()
     assert f"svc pid {first} was killed by SIGKILL" in log and f"restarted svc pid {child.pid}" in log
+    assert f"svc pid {child.pid} ready again" in log
 
 
 def test_a_child_that_keeps_failing_at_start_makes_it_give_up_with_its_output():
