@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
 
 from gateway.validation import FLOAT32_MAX, INT32_MAX, MAX_STOP_CHARS, UINT64_MAX
 
@@ -181,13 +182,64 @@ ERRORS = {
     429: _error("rate limit or a full queue; retry later"),
     503: _error("no ready pipeline, or the request failed in the pipeline"),
 }
-SSE = {"text/event-stream": {"schema": {"type": "string"},
-                             "example": 'data: {"choices": [...]}\n\ndata: [DONE]\n\n'}}
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length", None]
+
+
+class CompletionChunk(BaseModel):
+    """One event of a streamed completion; with include_usage, a last one with no choices."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: Literal["stop", "length", None]
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+STREAM_CHUNKS = {CompletionResponse: CompletionChunk, ChatCompletionResponse: ChatCompletionChunk}
+
+
+def _sse(chunk: type[BaseModel]) -> dict:
+    """Each server-sent event: `data` is a chunk as JSON, an error object (a failure after the
+    stream started), or `[DONE]` last (Open API < 3.2: `schema` describes one event)."""
+    json_data = {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"anyOf": [{"$ref": f"#/components/schemas/{chunk.__name__}"},
+                                             {"$ref": "#/components/schemas/ErrorResponse"}]}}
+    return {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}, "event": {"type": "string"},
+                       "id": {"type": "string"}, "retry": {"type": "integer"}}}}}
 
 
 def generation_responses(model: type[BaseModel]) -> dict:
     """200 as JSON (`stream` false) or server-sent events (`stream` true), and the errors."""
-    return {200: {"model": model, "content": SSE, "description": "the completion, or its stream"}, **ERRORS}
+    return {200: {"model": model, "content": _sse(STREAM_CHUNKS[model]), "description": "the completion, or its stream"},
+            **ERRORS}
 
 
 def openapi(app) -> dict:
@@ -199,7 +251,11 @@ def openapi(app) -> dict:
         for path in schema.get("paths", {}).values():
             for op in path.values():
                 op.get("responses", {}).pop("422", None)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
-            schema.get("components", {}).get("schemas", {}).pop(name, None)
+            components.pop(name, None)
+        _, defs = models_json_schema([(m, "serialization") for m in STREAM_CHUNKS.values()],
+                                     ref_template="#/components/schemas/{model}")
+        components.update(defs["$defs"])  # the chunks the event stream schemas refer to
         app.openapi_schema = schema
     return app.openapi_schema

@@ -71,6 +71,23 @@ def test_http_api_conforms_to_its_schema(http_mesh, api_schema, mode):
     print("\nanswers by status:", {k: dict(v) for k, v in sorted(STATUSES.items())})
 
 
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "The old mill", "max_tokens": 6, "stream": True,
+                         "stream_options": {"include_usage": True}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6, "stream": True,
+                              "stream_options": {"include_usage": True}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6}),
+])
+def test_answers_conform_event_by_event(http_mesh, api_schema, path, body):
+    """Streams too, whatever the random cases above drew: each event's JSON against its chunk schema."""
+    case = api_schema[path]["POST"].Case(body=body, media_type="application/json")
+    response = case.call_and_validate(base_url=http_mesh["base"], timeout=60,
+                                      excluded_checks=[positive_data_acceptance])
+    assert response.status_code == 200, response.text
+    if body.get("stream"):
+        assert response.text.rstrip().endswith("data: [DONE]") and response.text.count("data: ") >= 3
+
+
 def test_undocumented_methods_are_405_with_allow(http_mesh, api_schema):
     for path, operations in api_schema.raw_schema["paths"].items():
         url = http_mesh["base"] + path.replace("{model}", "demo")
