@@ -58,7 +58,6 @@ def running(ckpt_dir, redis_server):  # noqa: F811
              "--log-level", "info"]
     with mesh(model_dir, stages=2, extra=extra) as m:
         m.metrics_base = base
-        m.coordinator = re.search(r"coordinator (\S+)", m.ready_line).group(1)
         yield m
 
 
