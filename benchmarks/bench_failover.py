@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpc  # noqa: E402
 
 from stagemesh.client import AsyncClient  # noqa: E402
-from stagemesh.demo_model import write_demo_model  # noqa: E402
+from stagemesh.cli.demo_model import write_demo_model  # noqa: E402
 from stagemesh.v1 import stagemesh_pb2 as pb  # noqa: E402
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc  # noqa: E402
 from tests.mesh import mesh  # noqa: E402

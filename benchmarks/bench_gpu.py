@@ -442,7 +442,7 @@ def _stop_util_sampler(proc):
 
 async def _stage_busy(coordinator: str) -> list[tuple[int, float, float]]:
     """(steps, compute seconds, seconds the GPU waited between steps) of every stage so far."""
-    from stagemesh.status import collect
+    from stagemesh.cli.status import collect
 
     status = await collect(coordinator)
     return [(s["steps"], s["compute_s_total"], s["gpu_wait_s_total"]) for r in status["replicas"] for s in r["stages"]]

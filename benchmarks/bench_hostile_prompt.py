@@ -38,7 +38,7 @@ import psutil  # noqa: E402
 import requests  # noqa: E402
 
 from stagemesh.client import Client  # noqa: E402
-from stagemesh.demo_model import write_demo_model  # noqa: E402
+from stagemesh.cli.demo_model import write_demo_model  # noqa: E402
 from stagemesh.net import free_port  # noqa: E402
 from stagemesh.v1 import stagemesh_pb2 as pb  # noqa: E402
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc  # noqa: E402

@@ -34,7 +34,7 @@ from stage_worker.executor import StageExecutor  # noqa: E402
 from stage_worker.loader import load_stage  # noqa: E402
 from stagemesh import wire  # noqa: E402
 from stagemesh.client import AsyncClient  # noqa: E402
-from stagemesh.demo_model import write_demo_model  # noqa: E402
+from stagemesh.cli.demo_model import write_demo_model  # noqa: E402
 from stagemesh.net import GRPC_OPTIONS, free_port  # noqa: E402
 from stagemesh.v1 import stagemesh_pb2 as pb  # noqa: E402
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc  # noqa: E402

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stagemesh.client import AsyncClient  # noqa: E402
-from stagemesh.demo_model import write_demo_model  # noqa: E402
+from stagemesh.cli.demo_model import write_demo_model  # noqa: E402
 from tests.mesh import mesh  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 

@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stagemesh.client import AsyncClient  # noqa: E402
-from stagemesh.demo_model import write_demo_model  # noqa: E402
+from stagemesh.cli.demo_model import write_demo_model  # noqa: E402
 from tests.procs import _wait_ready, coordinator_cmd, gateway_cmd, new_port, worker_cmd  # noqa: E402
 from tests.test_rebalance import get_plan, wait_ready  # noqa: E402
 

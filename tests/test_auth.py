@@ -137,7 +137,7 @@ def test_redis_password_redacted_in_logs():
 def test_exposed_without_tls_warns(capsys, monkeypatch):
     import argparse
 
-    from stagemesh.cli import _warn_if_exposed
+    from stagemesh.cli.commands import _warn_if_exposed
     from stagemesh.membership import MemberInterceptor, server_interceptors
 
     for host, tls_dir, warned in (("0.0.0.0", "", True), ("10.1.2.3", "", True), ("127.0.0.1", "", False),

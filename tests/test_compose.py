@@ -518,7 +518,7 @@ def _probe(address: str, *extra: str) -> subprocess.CompletedProcess:
 
 
 def test_healthcheck_serving_coordinator(tmp_path):
-    from stagemesh.demo_model import write_demo_model
+    from stagemesh.cli.demo_model import write_demo_model
 
     write_demo_model(tmp_path / "m", num_layers=2)
     port = free_port()

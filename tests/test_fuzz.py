@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stagemesh.demo_model import write_demo_model
+from stagemesh.cli.demo_model import write_demo_model
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 from tests.procs import manual_mesh

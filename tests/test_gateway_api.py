@@ -136,7 +136,7 @@ def test_tokenizer_pool_gives_encode_s_ids_and_refuses_only_what_is_too_long():
     import random
 
     from gateway.text import CHUNK_CHARS, TokenizerPool
-    from stagemesh.demo_model import train_tokenizer
+    from stagemesh.cli.demo_model import train_tokenizer
     from stagemesh.errors import OutOfRange
 
     tok = train_tokenizer(768)

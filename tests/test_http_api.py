@@ -18,7 +18,7 @@ import requests
 
 from gateway.chat_template import ChatTemplate
 from stagemesh.client import Client
-from stagemesh.demo_model import write_demo_model
+from stagemesh.cli.demo_model import write_demo_model
 from stagemesh.errors import InvalidArgument, OutOfRange, ResourceExhausted, Unavailable
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc

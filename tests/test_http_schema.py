@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
-from stagemesh.demo_model import write_demo_model
+from stagemesh.cli.demo_model import write_demo_model
 from stagemesh.net import free_port
 from tests.mesh import mesh as running_mesh
 from tests.mesh import stagemesh_cmd

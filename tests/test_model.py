@@ -17,7 +17,7 @@ from stage_worker.attention import AttnMetadata
 from stage_worker.kv_cache import PagedKVCache
 from stage_worker.loader import load_stage
 from stage_worker.sampler import SamplingSpec, sample
-from stagemesh.demo_model import write_demo_model
+from stagemesh.cli.demo_model import write_demo_model
 from stagemesh.errors import CheckpointError, InvalidArgument
 from tests.checkpoints import make_hf_checkpoint
 

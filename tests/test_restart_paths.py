@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stagemesh.client import Client
-from stagemesh.status import collect, render
+from stagemesh.cli.status import collect, render
 from tests.procs import (
     _wait_ready, coordinator_cmd, gateway_cmd, manual_mesh, new_port, processes, wait_kv_free, worker_cmd,
 )

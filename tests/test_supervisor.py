@@ -1,4 +1,4 @@
-"""stagemesh.supervisor with real child processes (tiny Python commands), and `up` giving up."""
+"""stagemesh.cli.supervisor with real child processes (tiny Python commands), and `up` giving up."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import threading
 import psutil
 import pytest
 
-from stagemesh.supervisor import GaveUp, RestartPolicy, Supervisor
+from stagemesh.cli.supervisor import GaveUp, RestartPolicy, Supervisor
 from tests.test_cli import run_cli
 
 FAST = RestartPolicy(start_timeout_s=30, initial_backoff_s=0.05, max_backoff_s=0.2, stable_after_s=0.5,

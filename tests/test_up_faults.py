@@ -29,7 +29,7 @@ import pytest
 import redis
 
 from stagemesh.client import AsyncClient
-from stagemesh.status import collect
+from stagemesh.cli.status import collect
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 from tests.mesh import mesh

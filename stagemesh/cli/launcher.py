@@ -1,7 +1,7 @@
 """`stagemesh up`: the whole mesh on this host as separate processes on loopback.
 
 Starts the coordinator, then stages x replicas stage workers, then the gateway; prints one line
-containing `ready` when the gateway serves. From then on it supervises (stagemesh.supervisor): a
+containing `ready` when the gateway serves. From then on it supervises (stagemesh.cli.supervisor): a
 child that exits is started again with the same command, so on the same address: the coordinator
 from its state file (kept in the run directory unless --state-file names one), a worker
 registering again, cache_service and the gateway on their ports. It stops on SIGINT/SIGTERM, or
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from stagemesh import membership
 from stagemesh.net import free_port
-from stagemesh.supervisor import RestartPolicy, Supervisor
+from stagemesh.cli.supervisor import RestartPolicy, Supervisor
 
 STATE_FILE_NAME = "coordinator-state.json"
 
@@ -82,7 +82,7 @@ class MeshConfig:
 
 
 class Mesh:
-    """The children of `stagemesh up`. Driven from one thread (see stagemesh.supervisor)."""
+    """The children of `stagemesh up`. Driven from one thread (see stagemesh.cli.supervisor)."""
 
     def __init__(self, config: MeshConfig):
         self.config = config

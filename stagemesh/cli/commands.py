@@ -101,8 +101,8 @@ def _add_up(sub) -> None:
 def _run_up(args) -> int:
     from stagemesh.checkpoint import validate_checkpoint
     from stagemesh.errors import CheckpointError
-    from stagemesh.launcher import Mesh, MeshConfig
-    from stagemesh.supervisor import GaveUp
+    from stagemesh.cli.launcher import Mesh, MeshConfig
+    from stagemesh.cli.supervisor import GaveUp
 
     try:
         _check_ports_free(args)  # before any child starts: one line, not a child's traceback later
@@ -293,7 +293,7 @@ def _add_status(sub) -> None:
 
 
 def _run_status(args) -> int:
-    from stagemesh.status import run
+    from stagemesh.cli.status import run
 
     return run(args.coordinator, args.json, args.timeout)
 
@@ -313,7 +313,7 @@ def _add_bench(sub) -> None:
 
 
 def _run_bench(args) -> int:
-    from stagemesh.bench import run
+    from stagemesh.cli.bench import run
 
     return run(args)
 
@@ -330,7 +330,7 @@ def _add_demo_model(sub) -> None:
 def _run_demo_model(args) -> int:
     from pathlib import Path
 
-    from stagemesh.demo_model import write_demo_model
+    from stagemesh.cli.demo_model import write_demo_model
 
     if not 1 <= args.layers <= 1024 or not 0 <= args.seed < 2**63:
         print(f"stagemesh demo-model: --layers must be in [1, 1024] and --seed in [0, 2**63), "
@@ -368,6 +368,3 @@ def _run_certs(args) -> int:
     print(f"use: stagemesh up --tls-dir {args.dir} ...  |  stagemesh generate --tls-ca {files['ca.pem']} ...")
     return 0
 
-
-if __name__ == "__main__":
-    main()
