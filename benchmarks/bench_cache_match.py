@@ -39,7 +39,7 @@ import redis.asyncio as aioredis
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cache_service.client import CacheIndexClient  # noqa: E402
+from stagemesh.cache_client import CacheIndexClient  # noqa: E402
 from cache_service.config import IndexConfig  # noqa: E402
 from cache_service.index import PrefixIndex, pack  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-from cache_service.client import CacheIndexClient, IndexUnavailable
+from stagemesh.cache_client import CacheIndexClient, IndexUnavailable
 
 Snapshot = Callable[[], list[tuple[str, list[bytes]]]]
 

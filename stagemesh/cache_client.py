@@ -1,4 +1,5 @@
-"""`CacheIndexClient`: the gateway's handle on cache_service.
+"""`CacheIndexClient`: the gateway's handle on cache_service. It lives on the ground floor
+because services meet only through `stagemesh` and the wire (tests/test_layers.py).
 
 The global index is a routing hint, so the gateway must keep serving without it: every call has
 a short deadline, and an unreachable cache_service, a Redis it cannot reach, or a missed

@@ -19,7 +19,7 @@ import grpc
 import pytest
 import redis
 
-from cache_service.client import CacheIndexClient, IndexUnavailable
+from stagemesh.cache_client import CacheIndexClient, IndexUnavailable
 from stagemesh.v1 import cache_pb2, cache_pb2_grpc
 from tests.redis_server import redis_server  # noqa: F401  (pytest fixture)
 
