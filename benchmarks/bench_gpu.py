@@ -166,7 +166,7 @@ def check_unified_attention(device: str = "cuda") -> list[float]:
     """The unified (mixed-batch) Triton kernel against a float64 reference on fresh random data."""
     import numpy as np
     import torch
-    from stage_worker.unified_attention import block_q, max_tiles, tile_plan, unified_attention
+    from stage_worker.kernels.unified_attention import block_q, max_tiles, tile_plan, unified_attention
 
     errs = []
     for chunks in ([(0, 512)], [(300, 1), (0, 700), (64, 33), (1000, 1)], [(i * 37, 1 + i % 3 * 90) for i in range(20)]):
@@ -193,7 +193,7 @@ def bench_inproc(model_dir: Path) -> dict:
     import torch
     from stage_worker.executor import StageExecutor
     from stage_worker.loader import load_stage
-    from stage_worker.paged_decode import paged_decode, paged_decode_torch
+    from stage_worker.kernels.paged_decode import paged_decode, paged_decode_torch
     from stagemesh.v1 import stagemesh_pb2 as pb
 
     res = {}

@@ -1,4 +1,4 @@
-"""Correctness check of stage_worker/fused_ops.py: Triton kernels vs their torch references.
+"""Correctness check of stage_worker/kernels/fused_ops.py: Triton kernels vs their torch references.
 
 Runs on a CUDA device as is, or on CPU through Triton's interpreter:
 
@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stage_worker import fused_ops as fo  # noqa: E402
+from stage_worker.kernels import fused_ops as fo  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ULP_BITS = {torch.float32: (torch.int32, 0x7FFFFFFF), torch.bfloat16: (torch.int16, 0x7FFF),

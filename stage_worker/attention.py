@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stage_worker.paged_decode import choose_splits, paged_decode
-from stage_worker.unified_attention import tile_plan, unified_attention
+from stage_worker.kernels.paged_decode import choose_splits, paged_decode
+from stage_worker.kernels.unified_attention import tile_plan, unified_attention
 from stagemesh.errors import InvalidArgument
 
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from stage_worker.attention import AttnMetadata, _num_sms, token_slots
-from stage_worker.paged_decode import choose_splits
-from stage_worker.unified_attention import max_tiles, tile_plan
+from stage_worker.kernels.paged_decode import choose_splits
+from stage_worker.kernels.unified_attention import max_tiles, tile_plan
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 # Token counts of mixed micro-batches (prefill chunks + decode tokens), at most ~1/4 padding. Larger

@@ -16,8 +16,8 @@ from stage_worker.cuda_graphs import DecodeGraphs, MixedGraphs
 from stage_worker.executor import StageExecutor
 from stage_worker.kv_cache import PagedKVCache
 from stage_worker.loader import load_stage
-from stage_worker.paged_decode import choose_splits, paged_decode, paged_decode_torch
-from stage_worker.unified_attention import max_tiles, tile_plan
+from stage_worker.kernels.paged_decode import choose_splits, paged_decode, paged_decode_torch
+from stage_worker.kernels.unified_attention import max_tiles, tile_plan
 from stagemesh.errors import InvalidArgument
 from stagemesh.v1 import stagemesh_pb2 as pb
 from tests.checkpoints import make_hf_checkpoint

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stage_worker import fused_ops
+from stage_worker.kernels import fused_ops
 from stage_worker.attention import AttnMetadata, attend, paged_attention
 from stage_worker.kv_cache import PagedKVCache
 from stage_worker.models.base import PipelineStage
-from stage_worker.unified_attention import block_q
+from stage_worker.kernels.unified_attention import block_q
 from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
 

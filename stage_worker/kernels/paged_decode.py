@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from stage_worker.fused_ops import combine_splits
+from stage_worker.kernels.fused_ops import combine_splits
 
 try:  # Triton is optional: CPU-only installs never import it.
     import triton

@@ -1,0 +1,12 @@
+"""The stage's Triton kernels, each beside its plain-torch reference (STYLE.md item 14).
+
+- `fused_ops`: RMSNorm (+ residual add), SiLU * up, rotary + K/V write, flash-decoding combine.
+- `paged_decode`: decode rows reading K/V through block tables (flash decoding, splits).
+- `unified_attention`: mixed micro-batches (prefill chunks and decode rows) in one launch.
+- `softmax`: the online-softmax step both attention kernels run over each block of keys.
+
+Every public op dispatches to Triton on CUDA when Triton imports (`use_triton=None`) and to its
+`*_torch` reference elsewhere; `use_triton=True` forces the kernel, which under
+`TRITON_INTERPRET=1` runs on CPU tensors (tests/test_kernels.py checks each against its reference
+that way). Triton is optional: a CPU-only install never needs it.
+"""
