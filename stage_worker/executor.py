@@ -32,7 +32,7 @@ from stagemesh.v1 import stagemesh_pb2 as pb
 from stage_worker.attention import AttnMetadata
 from stage_worker.cuda_graphs import DecodeGraphs, MixedGraphs
 from stage_worker.kv_cache import PagedKVCache
-from stage_worker.profile import StepProfiler
+from stage_worker.step_profiler import StepProfiler
 from stage_worker.sampler import SamplingSpec, sample
 from stage_worker.samples import Sample, SampleBook, SampleNotReady, follow_rows, put_samples
 
