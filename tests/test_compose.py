@@ -28,15 +28,16 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from stagemesh.net import free_port
-from tests.procs import coordinator_cmd, processes
+from stagemesh.cli.harness import coordinator_cmd, processes
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose"
 SINGLE = COMPOSE / "docker-compose.yml"
 HOST_WORKER = COMPOSE / "host-worker.yml"
 ALL_PROFILES = ("gpus4", "gpus8", "consul")
-ENV = {"MODEL_DIR": "/srv/models/m", "STAGES": "8", "REPLICAS": "1"}
-MULTI_ENV = {"MODEL_DIR": "/srv/models/m", "HOST_IP": "10.0.0.6", "HEAD_IP": "10.0.0.5"}
+ENV = {"MODEL_DIR": "/srv/models/m", "STAGES": "8", "REPLICAS": "1", "STAGEMESH_CLUSTER_TOKEN": "t0ken"}
+MULTI_ENV = {"MODEL_DIR": "/srv/models/m", "HOST_IP": "10.0.0.6", "HEAD_IP": "10.0.0.5",
+             "STAGEMESH_CLUSTER_TOKEN": "t0ken"}
 
 STAGEMESH_SERVICES = {"coordinator", "cache_service", "gateway"}  # plus worker<i>
 GRPC_PORT = {"gateway": 50051, "coordinator": 7000, "cache_service": 7100}
@@ -202,6 +203,30 @@ def test_compose_files_validate_and_require_model_dir(tmp_path):
         proc = subprocess.run(args, capture_output=True, text=True, timeout=120,
                               env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/"), **missing})
         assert proc.returncode != 0 and "MODEL_DIR" in proc.stderr, proc.stderr
+
+
+def test_every_stagemesh_service_gets_the_cluster_token_and_none_starts_without_it(tmp_path, single, multi):
+    # Internal calls are members-only (stagemesh/membership.py): without TLS every stagemesh process
+    # must hold the same token, from the environment (never argv), or the mesh refuses its own calls.
+    for cfg in (single, multi):
+        for name, svc in cfg["services"].items():
+            if "stagemesh" not in str(svc.get("image", "")):
+                continue
+            env = svc.get("environment") or {}
+            if isinstance(env, list):
+                env = dict(e.split("=", 1) for e in env)
+            assert env.get("STAGEMESH_CLUSTER_TOKEN") == "t0ken", name
+            assert not any("t0ken" in str(a) for a in svc.get("command") or []), name
+    for path, env in ((SINGLE, ENV), (HOST_WORKER, MULTI_ENV)):
+        missing = {k: v for k, v in env.items() if k != "STAGEMESH_CLUSTER_TOKEN"}
+        if CLI is None:
+            with pytest.raises(ValueError, match="STAGEMESH_CLUSTER_TOKEN"):
+                _interpolate(yaml.safe_load(path.read_text()), missing)
+            continue
+        args = [*CLI, "--env-file", str(_env_file(tmp_path)), "-f", str(path), "config"]
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=120,
+                              env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/"), **missing})
+        assert proc.returncode != 0 and "STAGEMESH_CLUSTER_TOKEN" in proc.stderr, proc.stderr
 
 
 def test_multihost_requires_head_and_host_addresses(tmp_path):

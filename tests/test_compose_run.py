@@ -29,7 +29,7 @@ import yaml
 from stagemesh.net import free_port
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
-from tests.procs import coordinator_cmd, gateway_cmd, processes, worker_cmd
+from stagemesh.cli.harness import coordinator_cmd, gateway_cmd, processes, worker_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "compose" / "docker-compose.yml"
@@ -164,7 +164,8 @@ def test_compose_up_for_real(docker_engine, ckpt_dir, tmp_path):
     project = f"smtest{os.getpid()}"
     ports = {"grpc": free_port(), "http": free_port(), "coordinator": free_port()}
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "MODEL_DIR": str(model),
-           "STAGES": "2", "REPLICAS": "1", "STAGEMESH_MODEL_NAME": "e2e-model"}
+           "STAGES": "2", "REPLICAS": "1", "STAGEMESH_MODEL_NAME": "e2e-model",
+           "STAGEMESH_CLUSTER_TOKEN": "e2e-token"}
     (tmp_path / "empty.env").write_text("")
     resolved = subprocess.run(["docker-compose", "--env-file", str(tmp_path / "empty.env"), "-f", str(COMPOSE_FILE),
                                "config"], capture_output=True, text=True, env=env, check=True).stdout
