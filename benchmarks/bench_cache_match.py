@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 from stagemesh.cache_client import CacheIndexClient  # noqa: E402
 from cache_service.config import IndexConfig  # noqa: E402
 from cache_service.index import PrefixIndex, pack  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
+from stagemesh.cli.harness import RedisServer  # noqa: E402
 
 CHAIN_BLOCKS = 64
 REPLICAS = [f"gw0/r{i}@epoch1" for i in range(4)]

@@ -35,7 +35,7 @@ from stagemesh.client import AsyncClient  # noqa: E402
 from stagemesh.cli.demo_model import write_demo_model  # noqa: E402
 from stagemesh.v1 import stagemesh_pb2 as pb  # noqa: E402
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc  # noqa: E402
-from tests.mesh import mesh  # noqa: E402
+from stagemesh.cli.harness import mesh  # noqa: E402
 
 
 def get_plan(m) -> pb.Plan:

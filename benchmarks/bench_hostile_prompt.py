@@ -42,7 +42,7 @@ from stagemesh.cli.demo_model import write_demo_model  # noqa: E402
 from stagemesh.net import free_port  # noqa: E402
 from stagemesh.v1 import stagemesh_pb2 as pb  # noqa: E402
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc  # noqa: E402
-from tests.mesh import mesh  # noqa: E402
+from stagemesh.cli.harness import mesh  # noqa: E402
 
 SMALL = "The old mill"
 HUGE_MB = (20, 100)

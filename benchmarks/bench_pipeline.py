@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.block_manager import BlockManager  # noqa: E402
 from gateway.engine import build_forward_request  # noqa: E402
-from gateway.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from gateway.scheduler import Scheduler, SchedulerConfig, StepShape  # noqa: E402
 from gateway.sequence import Sequence  # noqa: E402
 from stage_worker.executor import StageExecutor  # noqa: E402
 from stage_worker.loader import load_stage  # noqa: E402
@@ -38,8 +38,8 @@ from stagemesh.cli.demo_model import write_demo_model  # noqa: E402
 from stagemesh.net import GRPC_OPTIONS, free_port  # noqa: E402
 from stagemesh.v1 import stagemesh_pb2 as pb  # noqa: E402
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc  # noqa: E402
-from tests.mesh import mesh  # noqa: E402
-from tests.procs import coordinator_cmd, processes, worker_cmd  # noqa: E402
+from stagemesh.cli.harness import mesh  # noqa: E402
+from stagemesh.cli.harness import coordinator_cmd, processes, worker_cmd  # noqa: E402
 
 BLOCK = 16
 
@@ -61,8 +61,8 @@ def in_process(model_dir: Path, ps: list[list[int]], new: int, stages: int, thre
     for a, b in zip(bounds, bounds[1:]):
         model, _ = load_stage(model_dir, a, b)
         executors.append(StageExecutor(model, model.make_kv_cache(2048, BLOCK), BLOCK))
-    sched = Scheduler(SchedulerConfig(max_batched_tokens=512, inflight_target=1),
-                      BlockManager(2048, BLOCK, "bench", enable_prefix_cache=False))
+    sched = Scheduler(SchedulerConfig(max_batched_tokens=512),
+                      BlockManager(2048, BLOCK, "bench", enable_prefix_cache=False), StepShape(inflight_target=1))
     seqs = [Sequence(seq_id=i, prompt_ids=p, max_tokens=new) for i, p in enumerate(ps)]
     for s in seqs:
         sched.add(s)

@@ -25,8 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stagemesh.client import AsyncClient  # noqa: E402
 from stagemesh.cli.demo_model import write_demo_model  # noqa: E402
-from tests.mesh import mesh  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
+from stagemesh.cli.harness import RedisServer, mesh  # noqa: E402
 
 PREFIX = 2048
 VOCAB = 760

@@ -35,8 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stagemesh.client import AsyncClient  # noqa: E402
 from stagemesh.cli.demo_model import write_demo_model  # noqa: E402
-from tests.procs import _wait_ready, coordinator_cmd, gateway_cmd, new_port, worker_cmd  # noqa: E402
-from tests.test_rebalance import get_plan, wait_ready  # noqa: E402
+from stagemesh.cli.harness import (  # noqa: E402
+    coordinator_cmd, gateway_cmd, get_plan, new_port, wait_plan_ready, wait_ready_line, worker_cmd,
+)
 
 
 class Mesh:
@@ -53,8 +54,8 @@ class Mesh:
             for cmd in cmds:
                 proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=fh, text=True)
                 self.procs.append(proc)
-                _wait_ready(proc, cmd[2])
-        wait_ready(self.coord)
+                wait_ready_line(proc, cmd[2])
+        wait_plan_ready(self.coord)
 
     def ranges(self):
         return [(s.layer_start, s.layer_end) for s in get_plan(self.coord).replicas[0].stages]

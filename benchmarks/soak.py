@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stagemesh.client import AsyncClient  # noqa: E402
 from stagemesh.cli.demo_model import write_demo_model  # noqa: E402
-from tests.procs import manual_mesh  # noqa: E402
+from stagemesh.cli.harness import manual_mesh  # noqa: E402
 
 
 def rss(procs) -> list[float]:

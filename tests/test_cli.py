@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from tests.mesh import mesh, stagemesh_cmd
+from stagemesh.cli.harness import mesh, stagemesh_cmd
 
 
 def run_cli(*args, timeout=120) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from stagemesh.cli import main
-from tests.mesh import stagemesh_cmd
+from stagemesh.cli.harness import stagemesh_cmd
 
 NOBODY = "127.0.0.1:1"
 

@@ -11,7 +11,7 @@ import asyncio
 import pytest
 
 from stagemesh.client import AsyncClient
-from tests.mesh import mesh
+from stagemesh.cli.harness import mesh
 from tests.reference import hf_greedy, random_prompts
 
 LENGTHS = [3, 17, 40, 71, 9]

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from stagemesh.cli.demo_model import write_demo_model
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
-from tests.procs import manual_mesh
+from stagemesh.cli.harness import manual_mesh
 
 KV_BLOCKS, BLOCK = 64, 4
 MAX_PROMPT_BYTES = 1 << 20  # the gateway's --max-prompt-bytes here (default 4 MiB): big cases stay quick

@@ -13,7 +13,7 @@ import pytest
 from stagemesh.client import Client, build_request
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
-from tests.procs import blocks_in_use, manual_mesh, wait_kv_free
+from stagemesh.cli.harness import blocks_in_use, manual_mesh, wait_kv_free
 
 VOCAB = 320
 MAX_LEN = 256  # max_position_embeddings of the test checkpoints

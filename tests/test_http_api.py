@@ -22,7 +22,7 @@ from stagemesh.cli.demo_model import write_demo_model
 from stagemesh.errors import InvalidArgument, OutOfRange, ResourceExhausted, Unavailable
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
-from tests.procs import manual_mesh, new_port, wait_kv_free
+from stagemesh.cli.harness import manual_mesh, new_port, wait_kv_free
 
 CHATML = (
     "{{ bos_token }}"

@@ -27,8 +27,8 @@ from schemathesis.checks import positive_data_acceptance
 
 from stagemesh.cli.demo_model import write_demo_model
 from stagemesh.net import free_port
-from tests.mesh import mesh as running_mesh
-from tests.mesh import stagemesh_cmd
+from stagemesh.cli.harness import mesh as running_mesh
+from stagemesh.cli.harness import stagemesh_cmd
 from tests.test_http_api import _with_template
 
 STATUSES: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)

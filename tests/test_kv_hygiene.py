@@ -17,7 +17,7 @@ import pytest
 from stagemesh.client import AsyncClient, Client
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
-from tests.procs import _wait_ready, manual_mesh, wait_kv_free
+from stagemesh.cli.harness import get_plan, manual_mesh, wait_kv_free, wait_ready_line
 from tests.reference import hf_greedy, random_prompts
 
 N, NEW = 12, 40
@@ -31,11 +31,6 @@ def model_dir(ckpt_dir):
 @pytest.fixture(scope="module")
 def prompts():
     return random_prompts(71, [5 + 3 * i for i in range(N)], 320)
-
-
-def get_plan(coordinator: str) -> pb.Plan:
-    with grpc.insecure_channel(coordinator) as ch:
-        return pb_grpc.CoordinatorStub(ch).GetPlan(pb.GetPlanRequest(), timeout=5)
 
 
 async def stream_with_fault(address: str, prompts, strike) -> tuple[list, int]:
@@ -100,7 +95,7 @@ def test_gateway_started_over_frees_its_old_lease_at_once(model_dir, prompts):
         assert any(held), "the killed gateway's sequences should still be on the stages"
         new = subprocess.Popen(m["cmds"][-1], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         m["procs"][-1] = new
-        _wait_ready(new, "gateway")
+        wait_ready_line(new, "gateway")
         wait_kv_free(m, timeout_s=15, sequences=True)  # freed by the new process's lease, not by expiry
         with Client(m["gateway"]) as client:
             out = client.generate(prompt_ids=prompts[0], max_tokens=NEW, ignore_eos=True, timeout=60)
@@ -109,6 +104,6 @@ def test_gateway_started_over_frees_its_old_lease_at_once(model_dir, prompts):
 
 
 def _stats(m):
-    from tests.procs import stage_stats
+    from stagemesh.cli.harness import stage_stats
 
     return stage_stats(m)

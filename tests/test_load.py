@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from stagemesh.client import AsyncClient
-from tests.procs import manual_mesh, wait_kv_free
+from stagemesh.cli.harness import manual_mesh, wait_kv_free
 
 STREAMS = int(os.environ.get("STAGEMESH_LOAD_STREAMS", "1000"))
 RSS_SLACK_MB = 150

@@ -25,7 +25,7 @@ from stagemesh.net import free_port
 from stagemesh.v1 import cache_pb2, cache_pb2_grpc
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
-from tests.mesh import mesh
+from stagemesh.cli.harness import mesh
 
 API_KEY = "sk-membership-test-key-0123456789"
 REDIS_PASSWORD = "redis-pw-membership-0123456789"

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stagemesh.client import build_request
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
-from tests.mesh import mesh, stagemesh_cmd
+from stagemesh.cli.harness import mesh, stagemesh_cmd
 from tests.redis_server import redis_server  # noqa: F401  (fixture)
 
 NUM_LAYERS = 4

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from stagemesh.client import AsyncClient, Client
-from tests.mesh import mesh
+from stagemesh.cli.harness import mesh
 from tests.redis_server import redis_server  # noqa: F401  (fixture)
 from tests.reference import hf_greedy, random_prompts
 

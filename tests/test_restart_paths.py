@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stagemesh.client import Client
 from stagemesh.cli.status import collect, render
-from tests.procs import (
-    _wait_ready, coordinator_cmd, gateway_cmd, manual_mesh, new_port, processes, wait_kv_free, worker_cmd,
+from stagemesh.cli.harness import (
+    wait_ready_line, coordinator_cmd, gateway_cmd, manual_mesh, new_port, processes, wait_kv_free, worker_cmd,
 )
 from tests.reference import hf_greedy, random_prompts
 from tests.test_kv_hygiene import NEW, get_plan, stream_with_fault
@@ -56,7 +56,7 @@ def test_worker_dies_while_coordinator_is_down(model_dir, prompts, tmp_path):
             await asyncio.sleep(1.0)
             new = subprocess.Popen(m["cmds"][0], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             m["procs"][0] = new
-            await asyncio.get_running_loop().run_in_executor(None, _wait_ready, new, "coordinator")
+            await asyncio.get_running_loop().run_in_executor(None, wait_ready_line, new, "coordinator")
 
         outs, in_flight = asyncio.run(stream_with_fault(m["gateway"], prompts, strike))
         assert in_flight == N
@@ -90,7 +90,7 @@ def test_gateway_health_and_errors_follow_the_plan(model_dir, prompts):
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "waiting for workers: 0 of 1 registered" in err.value.details()
             with processes(worker_cmd(model_dir, coord, wport, 64)) as (worker,):
-                _wait_ready(gateway, "gateway")
+                wait_ready_line(gateway, "gateway")
                 assert _health(gw) == "SERVING"
                 with Client(gw) as client:
                     out = client.generate(prompt_ids=prompts[0], max_tokens=4, timeout=30)

@@ -33,7 +33,7 @@ from stagemesh.security import TlsConfig, dev_tls, make_dev_certs, sync_channel
 from stagemesh.v1 import cache_pb2, cache_pb2_grpc
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
-from tests.procs import coordinator_cmd, gateway_cmd, new_port, processes, worker_cmd
+from stagemesh.cli.harness import coordinator_cmd, gateway_cmd, new_port, processes, worker_cmd
 
 KEY, KEY2 = "sk-test-one", "sk-test-two"
 RPS, BURST = 5, 40

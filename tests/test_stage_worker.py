@@ -15,7 +15,7 @@ import torch
 from stagemesh import wire
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
-from tests.procs import coordinator_cmd, new_port, processes, worker_cmd
+from stagemesh.cli.harness import coordinator_cmd, new_port, processes, worker_cmd
 from tests.reference import hf_greedy, random_prompts
 
 

@@ -19,7 +19,7 @@ from stage_worker.tensor_parallel import shard_stage
 from stagemesh.client import AsyncClient
 from stagemesh.errors import CheckpointError
 from stagemesh.net import free_port
-from tests.procs import coordinator_cmd, gateway_cmd, new_port, processes, worker_cmd
+from stagemesh.cli.harness import coordinator_cmd, gateway_cmd, new_port, processes, worker_cmd
 from tests.reference import hf_greedy, random_prompts
 
 PROMPT = [5, 9, 33, 100, 7, 250, 3]

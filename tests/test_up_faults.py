@@ -32,7 +32,7 @@ from stagemesh.client import AsyncClient
 from stagemesh.cli.status import collect
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
-from tests.mesh import mesh
+from stagemesh.cli.harness import mesh
 from tests.redis_server import redis_server  # noqa: F401 (module fixture)
 from tests.reference import random_prompts
 
