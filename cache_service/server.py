@@ -2,7 +2,7 @@
 
 The servicer stays thin on purpose: Match is on every gateway's scheduling tick, so each rpc
 does one validation pass, one Redis call and one response build. Errors become status codes in
-one place, `stagemesh.errors.grpc_errors` (UNAVAILABLE when Redis is down, INVALID_ARGUMENT for
+one place, `stagemesh.grpc_status.grpc_errors` (UNAVAILABLE when Redis is down, INVALID_ARGUMENT for
 bad input); the process itself never exits because Redis went away.
 """
 
@@ -18,7 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cache_service.config import CacheServiceConfig
 from cache_service.index import BlockEvent, BlockRemoved, BlockStored, PrefixIndex, ReplicaCleared
-from stagemesh.errors import InvalidArgument, grpc_errors
+from stagemesh.errors import InvalidArgument
+from stagemesh.grpc_status import grpc_errors
 from stagemesh.membership import redact_url, server_interceptors
 from stagemesh.metrics import start_metrics_server
 from stagemesh.reflection import enable_reflection

@@ -10,7 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from stagemesh import membership, metrics
 from stagemesh import security
-from stagemesh.errors import grpc_errors
+from stagemesh.grpc_status import grpc_errors
 from stagemesh.proc import wait_for_signal
 from stagemesh.net import GRPC_OPTIONS
 from stagemesh.reflection import enable_reflection

@@ -34,6 +34,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from stagemesh.errors import ResourceExhausted, StagemeshError, Unauthenticated
+from stagemesh.grpc_status import status_code
 from stagemesh.membership import API_KEYS_ENV
 
 ANONYMOUS = "-"
@@ -224,8 +225,9 @@ def peer_of(grpc_peer: str) -> str:
 async def abort(context, exc: StagemeshError) -> None:
     """Abort with `exc`'s status; a retry delay also goes into the status details (RetryInfo)."""
     delay = getattr(exc, "retry_after_s", None)
-    trailing = () if delay is None else retry_info_metadata(exc.code, str(exc), delay)
-    await context.abort(exc.code, str(exc), trailing_metadata=trailing)
+    code = status_code(exc)
+    trailing = () if delay is None else retry_info_metadata(code, str(exc), delay)
+    await context.abort(code, str(exc), trailing_metadata=trailing)
 
 
 def retry_info_metadata(code: grpc.StatusCode, message: str, delay_s: float) -> tuple:

@@ -39,7 +39,6 @@ import ssl
 import time
 import uuid
 
-import grpc
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -48,7 +47,7 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stagemesh.client import Completion, build_request
-from stagemesh.errors import StagemeshError, Unavailable
+from stagemesh.errors import ErrorKind, StagemeshError, Unavailable
 
 from gateway import validation
 from gateway.chat_template import ChatTemplate
@@ -78,19 +77,19 @@ class ApiError(Exception):
 
 # The one mapping from the gateway's typed errors to HTTP.
 _STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", "invalid_argument"),
-    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error", "context_length_exceeded"),
-    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "not_found"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "queue_full"),
-    grpc.StatusCode.UNAVAILABLE: (503, "server_error", "unavailable"),
-    grpc.StatusCode.FAILED_PRECONDITION: (503, "server_error", "unavailable"),
+    ErrorKind.INVALID_ARGUMENT: (400, "invalid_request_error", "invalid_argument"),
+    ErrorKind.OUT_OF_RANGE: (400, "invalid_request_error", "context_length_exceeded"),
+    ErrorKind.NOT_FOUND: (404, "invalid_request_error", "not_found"),
+    ErrorKind.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "queue_full"),
+    ErrorKind.UNAVAILABLE: (503, "server_error", "unavailable"),
+    ErrorKind.FAILED_PRECONDITION: (503, "server_error", "unavailable"),
 }
 
 
 def api_error(exc: StagemeshError) -> ApiError:
     if isinstance(exc, validation.PromptTooLarge):
         return ApiError(413, str(exc), param="prompt", code="request_too_large")
-    status, type_, code = _STATUS.get(exc.code, (500, "server_error", "internal_error"))
+    status, type_, code = _STATUS.get(exc.kind, (500, "server_error", "internal_error"))
     return ApiError(status, str(exc), type_, param=getattr(exc, "field", None), code=code)
 
 

@@ -18,7 +18,8 @@ import grpc
 from structlog.contextvars import bound_contextvars
 
 from stagemesh import metrics
-from stagemesh.errors import Unavailable, grpc_errors
+from stagemesh.errors import Unavailable
+from stagemesh.grpc_status import grpc_errors
 from stagemesh.model_config import ModelConfig
 from stagemesh.security import channel as secure_channel
 from stagemesh.v1 import stagemesh_pb2 as pb

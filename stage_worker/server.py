@@ -20,7 +20,8 @@ import torch
 from structlog.contextvars import bound_contextvars
 
 from stagemesh import metrics, wire
-from stagemesh.errors import Aborted, InvalidArgument, FailedPrecondition, StagemeshError, Unavailable, grpc_errors
+from stagemesh.errors import Aborted, InvalidArgument, FailedPrecondition, StagemeshError, Unavailable
+from stagemesh.grpc_status import grpc_errors
 from stagemesh.net import GRPC_OPTIONS
 from stagemesh.security import channel as secure_channel
 from stagemesh.v1 import stagemesh_pb2 as pb

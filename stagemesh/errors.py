@@ -1,87 +1,75 @@
-"""Typed errors and their one mapping to gRPC status codes.
+"""Typed errors, each with a plain `kind` (no grpc here: the pure core raises these).
 
-Services raise these; `grpc_errors` (a decorator on servicer methods) turns them into a status
-with the message unchanged, so callers see a sentence they can act on, never INTERNAL for input.
+Services raise these; the edge (`stagemesh/grpc_status.py`: the `grpc_errors` decorator on
+servicer methods, and the HTTP API's table) turns a kind into a status with the message unchanged,
+so callers see a sentence they can act on, never INTERNAL for input. The kinds are named after
+the gRPC status codes they become, so the two tables read side by side.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
+import enum
 
-import grpc
+
+class ErrorKind(str, enum.Enum):
+    """What went wrong, in the caller's terms; each maps to exactly one gRPC status at the edge."""
+
+    INTERNAL = "internal"
+    INVALID_ARGUMENT = "invalid_argument"
+    OUT_OF_RANGE = "out_of_range"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    UNAVAILABLE = "unavailable"
+    FAILED_PRECONDITION = "failed_precondition"
+    ABORTED = "aborted"
+    UNAUTHENTICATED = "unauthenticated"
+    NOT_FOUND = "not_found"
 
 
 class StagemeshError(Exception):
-    """Base class; `code` is the gRPC status the caller receives."""
+    """Base class; `kind` says which status the caller receives."""
 
-    code = grpc.StatusCode.INTERNAL
+    kind = ErrorKind.INTERNAL
 
 
 class InvalidArgument(StagemeshError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    kind = ErrorKind.INVALID_ARGUMENT
 
 
 class OutOfRange(StagemeshError):
-    code = grpc.StatusCode.OUT_OF_RANGE
+    kind = ErrorKind.OUT_OF_RANGE
 
 
 class ResourceExhausted(StagemeshError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    kind = ErrorKind.RESOURCE_EXHAUSTED
 
 
 class Unavailable(StagemeshError):
-    code = grpc.StatusCode.UNAVAILABLE
+    kind = ErrorKind.UNAVAILABLE
 
 
 class FailedPrecondition(StagemeshError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    kind = ErrorKind.FAILED_PRECONDITION
 
 
 class Aborted(StagemeshError):
     """A step that depended on an earlier one that failed: run it again."""
 
-    code = grpc.StatusCode.ABORTED
+    kind = ErrorKind.ABORTED
 
 
 class Unauthenticated(StagemeshError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    kind = ErrorKind.UNAUTHENTICATED
 
 
 class NotFound(StagemeshError):
-    code = grpc.StatusCode.NOT_FOUND
+    kind = ErrorKind.NOT_FOUND
 
 
 class CheckpointError(StagemeshError):
     """A missing or malformed checkpoint file; the message names the file."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    kind = ErrorKind.FAILED_PRECONDITION
 
 
 class NoFreeBlocks(ResourceExhausted):
     """The block allocator cannot satisfy a request (typed, never None)."""
-
-
-def grpc_errors(method):
-    """Map StagemeshError to the call's status for unary and server-streaming aio handlers."""
-
-    if inspect.isasyncgenfunction(method):
-
-        @functools.wraps(method)
-        async def stream_wrapper(self, request, context):
-            try:
-                async for item in method(self, request, context):
-                    yield item
-            except StagemeshError as exc:
-                await context.abort(exc.code, str(exc))
-
-        return stream_wrapper
-
-    @functools.wraps(method)
-    async def unary_wrapper(self, request, context):
-        try:
-            return await method(self, request, context)
-        except StagemeshError as exc:
-            await context.abort(exc.code, str(exc))
-
-    return unary_wrapper
