@@ -1,11 +1,9 @@
-"""Executes one micro-batch on this stage's layers: block-table deltas in, hidden/samples out.
+"""Executes one micro-batch on this stage's layers: a decoded step in, hidden/samples out.
 
-The executor keeps, per (lease, sequence), the block table and sampling spec the gateway sent
-once (deltas afterwards). It validates a request completely before changing any state, so a bad
-request is refused with INVALID_ARGUMENT and leaves every other sequence untouched. A lease names
-its owner (a gateway's replica) and its order: a newer lease of an owner frees the older ones'
-sequences here at once (a re-planned chain, a restarted gateway), also on a stage whose own
-assignment did not change, so no block is kept that nobody owns.
+A step arrives as a StepInput (step_input.py: the wire decoded and checked once, at the edge);
+the executor checks it against the sequences it holds (lease_table.py) before changing any
+state, so a refused step leaves every other sequence untouched, then routes it, launches it and
+finishes it. It never sees a protobuf.
 
 On CUDA, micro-batches replay a captured CUDA graph (cuda_graphs.py): decode-only ones a graph
 per batch bucket, mixed ones (with prefill chunks) a graph per token bucket; what fits neither
@@ -13,8 +11,9 @@ runs eagerly with the same paged GPU attention. The only host synchronisation in
 result out of the GPU: the sampled ids (last stage) or the hidden states into pinned memory. A chunk
 may follow a sample the gateway has not seen yet (async scheduling): samples.py keeps where each is.
 
-Runs on the worker's single compute thread (one micro-batch at a time); only note_samples and
-refused, on a chain's first stage, are called from the event loop (samples.py says why that is safe).
+Runs on the worker's single compute thread (one micro-batch at a time), `finish` on the finish
+thread; only note_samples and refused, on a chain's first stage, are called from the event loop
+(samples.py says why that is safe).
 """
 
 from __future__ import annotations
@@ -25,25 +24,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stagemesh import wire
-from stagemesh.errors import FailedPrecondition, InvalidArgument
-from stagemesh.v1 import stagemesh_pb2 as pb
-
 from stage_worker.attention import AttnMetadata
 from stage_worker.cuda_graphs import DecodeGraphs, MixedGraphs
 from stage_worker.kv_cache import PagedKVCache
 from stage_worker.step_profiler import StepProfiler
-from stage_worker.sampler import SamplingSpec, sample
-from stage_worker.samples import Sample, SampleBook, SampleNotReady, follow_rows, put_samples
-
-MAX_BATCH_TOKENS = 1 << 16
-
-
-@dataclass
-class SeqState:
-    block_table: list[int]
-    sampling: SamplingSpec
-
+from stage_worker.lease_table import LeaseTable
+from stage_worker.sampler import sample
+from stage_worker.samples import Sample, SampleNotReady, put_samples
+from stage_worker.step_input import StageShape, StepInput
 
 @dataclass
 class StepOutput:
@@ -69,12 +57,11 @@ class StageExecutor:
         self.tile_q = model.attention_tile_q if self.device.type == "cuda" else None
         self.mixed_graphs = (MixedGraphs(model, kv, block_size)
                              if cuda_graphs and model.attention_tile_q is not None else None)
-        self.seqs: dict[tuple[str, int], SeqState] = {}
-        self.samples = SampleBook()  # where each greedy sequence's newest sample is (async scheduling)
+        self.shape = StageShape(model.is_first, model.is_last, model.cfg.vocab_size, model.cfg.hidden_size,
+                                self.num_blocks, block_size, self.device.type)
+        self.leases = LeaseTable(block_size)
+        self.on_accept = None  # called with a step that passed every check, before it changes anything (TP)
         self.slowdown = 1.0
-        self._lease_seen: dict[str, float] = {}  # lease id -> last Forward (monotonic s)
-        self._newest: dict[str, tuple[int, str]] = {}  # lease owner -> (order, lease id) of its newest lease
-        self._owner_of: dict[str, str] = {}  # lease id -> its owner
         self.steps = 0
         self._launches = 0  # launches run ahead of `steps` (counted when finished)
         self.compute_us_total = 0
@@ -84,114 +71,80 @@ class StageExecutor:
         self._profiler = StepProfiler.from_env(self.device)
         self._side_stream = None  # finish(): sampling off the compute stream (CUDA)
 
-    # -- state ---------------------------------------------------------------------------------
+    # -- the lease table's writes (a TP stage's rank 0 mirrors these to its followers) ----------
     def release(self, lease_id: str, seq_ids=()) -> None:
-        if seq_ids:
-            for sid in seq_ids:
-                self.seqs.pop((lease_id, sid), None)
-        else:
-            for key in [k for k in self.seqs if k[0] == lease_id]:
-                del self.seqs[key]
-        self.samples.forget(lease_id, seq_ids)
+        self.leases.release(lease_id, seq_ids)
 
     def reset(self) -> None:
-        self.seqs.clear()
-        self.samples.clear()
+        self.leases.reset()
 
     def claim(self, lease_id: str, owner: str, order: int, strict: bool = True) -> int:
-        """A lease of `owner` with `order` is in use: drop every sequence of the owner's older
-        leases. Returns the sequences dropped. A lease older than the owner's newest is refused
-        (FAILED_PRECONDITION: a step of a superseded chain generation, still on its way) when
-        strict, else ignored (a Release of it has nothing left to free)."""
-        if not owner:
-            return 0
-        newest = self._newest.get(owner)
-        if newest is not None and (order, lease_id) < newest:
-            if strict:
-                raise FailedPrecondition(f"lease {lease_id} of {owner} is superseded by lease {newest[1]}")
-            return 0
-        if newest is not None and newest[1] == lease_id:
-            return 0
-        self._newest[owner] = (order, lease_id)
-        self._owner_of[lease_id] = owner
-        old = {lease for lease, o in self._owner_of.items() if o == owner and lease != lease_id}
-        return self._drop_leases(old)
-
-    def _drop_leases(self, leases: set[str]) -> int:
-        keys = [k for k in self.seqs if k[0] in leases]
-        for key in keys:
-            del self.seqs[key]
-        self.samples.drop_leases(leases)
-        for lease in leases:
-            self._lease_seen.pop(lease, None)
-            self._owner_of.pop(lease, None)
-        return len(keys)
+        return self.leases.claim(lease_id, owner, order, strict)
 
     def expire_leases(self, ttl_s: float) -> int:
         """Drop sequences of leases not heard from for ttl_s (their gateway died); returns count."""
-        now = time.monotonic()
-        dead = {lease for lease, seen in self._lease_seen.items() if now - seen > ttl_s}
-        return self._drop_leases(dead)
-
-    def blocks_in_use(self) -> int:
-        return len({b for s in self.seqs.values() for b in s.block_table})
+        return self.leases.drop_leases(self.leases.stale(ttl_s))
 
     def mean_step_us(self) -> float:
         return sum(self._recent_us) / len(self._recent_us) if self._recent_us else 0.0
 
     # -- execution -----------------------------------------------------------------------------
-    def run(self, req: pb.ForwardRequest, hidden=None) -> StepOutput:
+    def run(self, step: StepInput) -> StepOutput:
         """One micro-batch start to finish (launch, then finish)."""
-        return self.finish(self.launch(req, hidden))
+        return self.finish(self.launch(step))
 
-    def launch(self, req: pb.ForwardRequest, hidden=None) -> "Launched":
-        """Validate, apply the deltas, and queue the step's GPU work (forward, logits, argmax or the
-        copy of the hidden states to pinned memory); returns before the GPU is done, so the server
-        can launch the next micro-batch while this one runs. On the CPU the work is done here.
-        hidden: the hidden states as received (wire.parse_forward); None: `req.hidden`."""
+    def launch(self, step: StepInput) -> "Launched":
+        """Check the step against the lease table, commit it, and queue its GPU work (forward,
+        logits, argmax or the copy of the hidden states to pinned memory); returns before the GPU
+        is done, so the server can launch the next micro-batch while this one runs. On the CPU the
+        work is done here."""
         self._launches += 1
         if self._profiler is not None:
             self._profiler.step_begin(self._launches - 1)
         t0 = time.perf_counter()
         try:
-            self._check_lease(req)
-            # A chain's first stage; nothing is left when a TP stage's launch ran it before broadcasting.
-            self.resolve_host_follows(req)
-            done = self._launch(req, t0, hidden)
+            done = self._launch(step, t0)
         except SampleNotReady:
             self._launches -= 1  # not a step: it is launched again after the next one
             raise
         except Exception:
-            self.refused(req)
+            self.refused(step.lease_id, step.outputs)
             raise
         done.launch_s = time.perf_counter() - t0
         if self.slowdown > 1.0:  # test/demo knob: a device `slowdown` times slower holds this thread longer
             time.sleep(done.launch_s * (self.slowdown - 1.0))
         return done
 
-    def _launch(self, req: pb.ForwardRequest, t0: float, hidden) -> "Launched":
-        if any(c.num_tokens <= 0 for c in req.chunks):
-            raise InvalidArgument("every chunk needs num_tokens >= 1")
-        # Check the payload before the deltas are committed: a refused request changes nothing.
-        num_tokens = sum(c.num_tokens for c in req.chunks)
-        input_ids, hidden = self._inputs(req, num_tokens, hidden)
-        follows = self._follows(req)
-        tables = self._apply_deltas(req)
-        done = Launched(t0, "none", num_tokens)
-        if not req.chunks:
+    def _accept(self, step: StepInput) -> tuple[dict[int, list[int]], list[tuple[int, Sample]]]:
+        """Every check that needs this stage's state, then the commit: (block table of each
+        chunk's sequence, (token row, device sample) of each chunk that follows one)."""
+        self.leases.check_lease(step)
+        self.resolve_host_follows(step)  # a chain's first stage (a TP stage's ran before broadcasting)
+        follows = self._follows(step)
+        tables = self.leases.plan(step)
+        if self.on_accept is not None:
+            self.on_accept(step)
+        self.leases.commit(step, tables)
+        return tables, follows
+
+    def _launch(self, step: StepInput, t0: float) -> "Launched":
+        tables, follows = self._accept(step)
+        input_ids, hidden = self._inputs(step)
+        done = Launched(t0, "none", step.num_tokens)
+        if not step.chunks:
             done.hidden = None if self.model.is_last else torch.empty(0, self.model.cfg.hidden_size)
             return done
-        chunks = [(c.start_pos, c.num_tokens, tables[c.seq_id]) for c in req.chunks]
+        chunks = [(c.start_pos, c.num_tokens, tables[c.seq_id]) for c in step.chunks]
         if self.device.type == "cuda":  # the stream reaches it once the step before is done
             done.start = torch.cuda.Event(enable_timing=True)
             done.start.record(torch.cuda.current_stream(self.device))
         patch = (lambda ids: put_samples(follows, ids)) if follows else None
         if self.graphs is not None and self.graphs.accepts(chunks):
-            ids = list(req.token_ids) if self.model.is_first else None
+            ids = step.token_ids if self.model.is_first else None
             out = self.graphs.run(chunks, ids, hidden, patch)  # [B, H]; row i = chunk i
             last_rows, done.route = list(range(len(chunks))), "decode_graph"
         elif self.mixed_graphs is not None and self.mixed_graphs.accepts(chunks):
-            ids = list(req.token_ids) if self.model.is_first else None
+            ids = step.token_ids if self.model.is_first else None
             out, last_rows = self.mixed_graphs.run(chunks, ids, hidden, patch)  # [T, H]
             done.route = "mixed_graph"
         else:
@@ -206,7 +159,7 @@ class StageExecutor:
             out = self.model(input_ids, hidden, meta, self.kv)  # [T, H]
             last_rows = meta.last_rows
         if self.model.is_last:
-            self._launch_sample(req, last_rows, out, done)
+            self._launch_sample(step, last_rows, out, done)
         else:
             done.hidden = _to_host_async(out)
         if self.device.type == "cuda":
@@ -257,93 +210,23 @@ class StageExecutor:
         with torch.cuda.stream(self._side_stream):
             return sample(done.logits, done.specs, outputs)
 
-    def _apply_deltas(self, req: pb.ForwardRequest) -> dict[int, list[int]]:
-        """Validate everything first, then commit: new sequences, appended blocks, drops."""
-        lease = req.lease_id
-        self._lease_seen[lease] = time.monotonic()
-        finished = set(req.finished_seq_ids)
-        new = {}
-        for ns in req.new_sequences:
-            self._check_blocks(ns.block_ids, f"sequence {ns.seq_id}")
-            if len(set(ns.block_ids)) != len(ns.block_ids):
-                raise InvalidArgument(f"sequence {ns.seq_id}: a block id appears twice in its table")
-            new[ns.seq_id] = SeqState(list(ns.block_ids), _spec(ns.sampling))
-        tables: dict[int, list[int]] = {}
-        seen = set()
-        total = 0
-        for c in req.chunks:
-            if c.seq_id in seen:
-                raise InvalidArgument(f"sequence {c.seq_id} appears twice in one micro-batch")
-            seen.add(c.seq_id)
-            state = new.get(c.seq_id) or (None if c.seq_id in finished else self.seqs.get((lease, c.seq_id)))
-            if state is None:
-                raise InvalidArgument(f"unknown sequence {c.seq_id} for lease {lease!r}: send it in new_sequences first")
-            if c.num_tokens <= 0 or c.start_pos < 0:
-                raise InvalidArgument(f"sequence {c.seq_id}: num_tokens must be >= 1 and start_pos >= 0")
-            self._check_blocks(c.new_block_ids, f"sequence {c.seq_id}")
-            table = state.block_table + list(c.new_block_ids)
-            if c.new_block_ids and len(set(table)) != len(table):  # a sequence's blocks are its own
-                raise InvalidArgument(f"sequence {c.seq_id}: a block id appears twice in its table")
-            if len(table) * self.block_size < c.start_pos + c.num_tokens:
-                raise InvalidArgument(
-                    f"sequence {c.seq_id}: {len(table)} blocks cannot hold {c.start_pos + c.num_tokens} tokens"
-                )
-            tables[c.seq_id] = table
-            total += c.num_tokens
-        if total > MAX_BATCH_TOKENS:
-            raise InvalidArgument(f"micro-batch of {total} tokens exceeds the limit of {MAX_BATCH_TOKENS}")
-        # Commit.
-        self.claim(lease, req.lease_owner, req.lease_order)
-        for sid in finished:
-            self.seqs.pop((lease, sid), None)
-            self.samples.forget(lease, [sid])
-        for sid, state in new.items():
-            self.seqs[(lease, sid)] = state
-        for sid, table in tables.items():
-            self.seqs[(lease, sid)].block_table = table
-        return tables
-
-    def _check_lease(self, req: pb.ForwardRequest) -> None:
-        """Refuse a step of a superseded lease before it changes anything (claim commits later)."""
-        newest = self._newest.get(req.lease_owner) if req.lease_owner else None
-        if newest is not None and (req.lease_order, req.lease_id) < newest:
-            raise FailedPrecondition(f"lease {req.lease_id} of {req.lease_owner} is superseded by lease {newest[1]}")
-
-    def _check_blocks(self, block_ids, what: str) -> None:
-        for b in block_ids:
-            if not 0 <= b < self.num_blocks:
-                raise InvalidArgument(f"{what}: block id {b} outside this stage's pool [0, {self.num_blocks})")
-
-    def _inputs(self, req: pb.ForwardRequest, num_tokens: int, hidden):
+    def _inputs(self, step: StepInput):
+        """The step's token ids (first stage) or hidden states, on the host: the eager route moves
+        them to the device, the graph routes copy them into their buffers."""
         if self.model.is_first:
-            if len(req.token_ids) != num_tokens:
-                raise InvalidArgument(f"{len(req.token_ids)} token ids for {num_tokens} scheduled tokens")
-            ids = torch.tensor(req.token_ids, dtype=torch.long)
-            vocab = self.model.cfg.vocab_size
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-                raise InvalidArgument(f"token ids must be in [0, {vocab})")
-            return ids, None  # on the host: run() moves it (or the graph path copies it)
-        if num_tokens == 0:
-            return None, None
-        if hidden is None:
-            if not req.HasField("hidden"):
-                raise InvalidArgument("this stage is not the first: the request must carry hidden states")
-            hidden = req.hidden
-        hidden = wire.decode(hidden, aligned=self.device.type == "cpu")
-        expect = (num_tokens, self.model.cfg.hidden_size)
-        if tuple(hidden.shape) != expect:
-            raise InvalidArgument(f"hidden states of shape {tuple(hidden.shape)}, expected {expect}")
-        if self.device.type == "cuda":
+            return torch.tensor(step.token_ids, dtype=torch.long), None
+        hidden = step.hidden
+        if hidden is not None and self.device.type == "cuda":
             # A copy from pageable memory waits for the GPU work queued before it (the driver
             # stages it through a small pinned buffer): from pinned memory the step launches ahead.
             hidden = hidden.pin_memory()
-        return None, hidden  # on the host: run() moves it (or the graph path copies it)
+        return None, hidden
 
-    def _launch_sample(self, req: pb.ForwardRequest, last_rows: list[int], out: torch.Tensor,
+    def _launch_sample(self, step: StepInput, last_rows: list[int], out: torch.Tensor,
                        done: "Launched") -> None:
         """Queue the logits of the rows to sample and, when some row is greedy, their argmax (which
         later chunks that follow a sample read on the device); record where each sample is."""
-        done.picks = [(i, c) for i, c in enumerate(req.chunks) if c.sample]
+        done.picks = [(i, c) for i, c in enumerate(step.chunks) if c.sample]
         if not done.picks:
             return
         rows = [last_rows[i] for i, _ in done.picks]
@@ -351,7 +234,7 @@ class StageExecutor:
             index = torch.tensor(rows, pin_memory=out.is_cuda).to(out.device, non_blocking=True)
             out = out.index_select(0, index)
         logits = self.model.compute_logits(out)  # [S, V] float32
-        done.specs = [self.seqs[(req.lease_id, c.seq_id)].sampling for _, c in done.picks]
+        done.specs = [self.leases.get(step.lease_id, c.seq_id).sampling for _, c in done.picks]
         greedy = [spec.greedy for spec in done.specs]
         if any(greedy):
             done.greedy = torch.argmax(logits, dim=-1)  # ties -> first, as HF (sampler.sample)
@@ -361,38 +244,42 @@ class StageExecutor:
         if not self.model.is_first:
             return  # a chain's last stage: the first one notes the samples from its answer
         for row, ((_, c), is_greedy) in enumerate(zip(done.picks, greedy)):
-            self.samples.record(req.lease_id, c.seq_id,
-                                Sample(c.output_index, done.greedy, row) if is_greedy else None)
+            self.leases.samples.record(step.lease_id, c.seq_id,
+                                       Sample(c.output_index, done.greedy, row) if is_greedy else None)
 
-    def _follows(self, req: pb.ForwardRequest) -> list[tuple[int, Sample]]:
+    def _follows(self, step: StepInput) -> list[tuple[int, Sample]]:
         """(token row, sample on the device) of each chunk that follows a sample of this stage (a
         single stage embeds what it sampled; samples.py). Later stages of a chain take hidden
-        states and ignore the flag; a chain's first stage resolved it already (resolve_host_follows)."""
+        states (decode drops the flag); a chain's first stage resolved it already (resolve_host_follows)."""
         if not (self.model.is_first and self.model.is_last):
             return []
-        return [(row, self.samples.followed(req, c, self.seqs, device=True)) for row, c in follow_rows(req)]
+        book, leases = self.leases.samples, self.leases
+        return [(c.row, book.followed(step, c, leases.get(step.lease_id, c.seq_id), device=True))
+                for c in step.follows]
 
-    def resolve_host_follows(self, req: pb.ForwardRequest) -> None:
+    def resolve_host_follows(self, step: StepInput) -> None:
         """The first stage of a chain: put each followed sample, noted from the answer of the step
-        that drew it (note_samples), in its place in req.token_ids and clear the flag. Runs before
-        a TP stage broadcasts the request, so every rank runs the same ids. Chunks resolved before
-        a raise (SampleBook.followed) stay resolved, correctly."""
+        that drew it (note_samples), in its place in step.token_ids. Runs before a TP stage
+        broadcasts the step, so every rank runs the same ids. Chunks resolved before a raise
+        (SampleBook.followed) stay resolved, correctly."""
         if not self.model.is_first or self.model.is_last:
             return
-        for row, c in follow_rows(req):
-            rec = self.samples.followed(req, c, self.seqs, device=False)
-            if row >= len(req.token_ids):
-                raise InvalidArgument(f"{len(req.token_ids)} token ids for more scheduled tokens")
-            req.token_ids[row] = rec.token
+        while step.follows:
+            c = step.follows[0]
+            rec = self.leases.samples.followed(step, c, self.leases.get(step.lease_id, c.seq_id), device=False)
+            step.token_ids[c.row] = rec.token
             c.follows_sample = False
+            step.follows.pop(0)
 
-    def note_samples(self, req: pb.ForwardRequest, samples) -> None:
-        """The first stage of a chain: the answer to `req` came back through it with `samples`."""
-        self.samples.note(req, samples, self.seqs)
+    def note_samples(self, step: StepInput, samples) -> None:
+        """The first stage of a chain: the answer to `step` came back through it with `samples`
+        ((seq_id, token_id) each)."""
+        self.leases.samples.note(step, samples, self.leases)
 
-    def refused(self, req: pb.ForwardRequest) -> None:
-        """A micro-batch failed here or further down the chain: steps that follow it fail at once."""
-        self.samples.refused(req, self.seqs)
+    def refused(self, lease_id: str, outputs) -> None:
+        """A micro-batch failed here or further down the chain: steps that follow its samples
+        ((seq_id, output_index) each) fail at once."""
+        self.leases.samples.refused(lease_id, outputs, self.leases)
 
 
 @dataclass
@@ -423,11 +310,3 @@ def _to_host_async(t: torch.Tensor) -> torch.Tensor:
     host.copy_(t, non_blocking=True)
     return host
 
-
-def _spec(sp: pb.SamplingParams) -> SamplingSpec:
-    top_p = sp.top_p if sp.HasField("top_p") else 1.0
-    try:
-        return SamplingSpec(temperature=sp.temperature, top_p=top_p, top_k=sp.top_k,
-                            seed=sp.seed if sp.HasField("seed") else None)
-    except ValueError as exc:
-        raise InvalidArgument(str(exc)) from exc

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from stagemesh.errors import Aborted, InvalidArgument
-from stagemesh.v1 import stagemesh_pb2 as pb
+
+from stage_worker.step_input import Chunk, StepInput
 
 
 class SampleNotReady(Exception):
@@ -55,34 +56,32 @@ class SampleBook:
         else:
             self._by_seq[(lease, seq_id)] = sample
 
-    def note(self, req: pb.ForwardRequest, samples, known) -> None:
-        """A chain's first stage: the answer to `req` passed back with `samples` (seq_id, token_id)."""
-        index = {c.seq_id: c.output_index for c in req.chunks if c.sample}
-        for s in samples:
-            if s.seq_id in index and (req.lease_id, s.seq_id) in known:
-                self.record(req.lease_id, s.seq_id, Sample(index[s.seq_id], token=s.token_id))
+    def note(self, step: StepInput, samples, known) -> None:
+        """A chain's first stage: the answer to `step` passed back with `samples` (seq_id, token_id);
+        `known`: the lease table (a sequence gone meanwhile gets no entry)."""
+        index = {c.seq_id: c.output_index for c in step.chunks if c.sample}
+        for seq_id, token in samples:
+            if seq_id in index and (step.lease_id, seq_id) in known:
+                self.record(step.lease_id, seq_id, Sample(index[seq_id], token=token))
 
-    def refused(self, req: pb.ForwardRequest, known) -> None:
-        """`req` failed here or further down: the samples it would draw will never come."""
-        for c in req.chunks:
-            if c.sample and (req.lease_id, c.seq_id) in known:
-                self.record(req.lease_id, c.seq_id, Sample(c.output_index))
+    def refused(self, lease_id: str, outputs, known) -> None:
+        """A step failed here or further down: the samples it would draw, (seq_id, output_index)
+        of each, will never come."""
+        for seq_id, output_index in outputs:
+            if (lease_id, seq_id) in known:
+                self.record(lease_id, seq_id, Sample(output_index))
 
-    def followed(self, req: pb.ForwardRequest, c, seqs, device: bool) -> Sample:
-        """The sample chunk c follows (`seqs`: the executor's sequence states), on the device or
-        as an id; raises SampleNotReady, Aborted or InvalidArgument (module docstring)."""
-        key = (req.lease_id, c.seq_id)
-        state = seqs.get(key)
-        new = any(ns.seq_id == c.seq_id for ns in req.new_sequences)
-        if c.num_tokens != 1 or c.output_index < 1:
-            raise InvalidArgument(f"sequence {c.seq_id}: a chunk that follows a sample is one token "
-                                  "with output_index >= 1")
+    def followed(self, step: StepInput, c: Chunk, state, device: bool) -> Sample:
+        """The sample chunk c follows (`state`: its sequence's SeqState, None if the lease does
+        not hold it yet), on the device or as an id; raises SampleNotReady, Aborted or
+        InvalidArgument (module docstring)."""
+        new = c.seq_id in step.new
         if state is None and not new:  # announced by the step it follows
-            raise SampleNotReady(f"sequence {c.seq_id} unknown for lease {req.lease_id!r} yet")
+            raise SampleNotReady(f"sequence {c.seq_id} unknown for lease {step.lease_id!r} yet")
         if state is not None and not state.sampling.greedy and not new:
             raise InvalidArgument(f"sequence {c.seq_id}: follows_sample needs greedy sampling "
                                   "(sampled tokens are drawn on the host)")
-        rec = self._by_seq.get(key)
+        rec = self._by_seq.get((step.lease_id, c.seq_id))
         if rec is None or rec.output_index < c.output_index - 1:
             raise SampleNotReady(f"sequence {c.seq_id}: output {c.output_index - 1} not sampled yet")
         if rec.output_index != c.output_index - 1 or (rec.ids if device else rec.token) is None:
@@ -104,15 +103,6 @@ class SampleBook:
 
     def clear(self) -> None:
         self._by_seq.clear()
-
-
-def follow_rows(req: pb.ForwardRequest):
-    """(token row, chunk) of each chunk that follows a sample."""
-    row = 0
-    for c in req.chunks:
-        if c.follows_sample:
-            yield row, c
-        row += c.num_tokens
 
 
 def put_samples(follows: list[tuple[int, Sample]], ids: torch.Tensor) -> None:

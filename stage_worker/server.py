@@ -32,6 +32,7 @@ from stage_worker.executor import StageExecutor
 from stage_worker.loader import load_stage
 from stage_worker.profile import profile_layer
 from stage_worker.samples import SampleNotReady
+from stage_worker.step_input import decode, outputs as step_outputs
 from stagemesh.model_config import ModelConfig
 
 
@@ -118,7 +119,8 @@ class StageService(pb_grpc.StageServicer):
             raise FailedPrecondition(
                 f"stale plan epoch {request.epoch}: this stage serves epoch {loaded.assignment.epoch}; refresh the plan"
             )
-        launched = await self._launch(loaded.executor, request, hidden, context)
+        step = self._decode(loaded.executor, request, hidden)
+        launched = await self._launch(loaded.executor, step, context)
         loop = asyncio.get_running_loop()
         out, nxt = await loop.run_in_executor(self._finish, self._finish_step, loaded, launched, request)
         metrics.STAGE_STEP.labels(str(loaded.assignment.stage_index)).observe(out.compute_us / 1e6)
@@ -136,17 +138,27 @@ class StageService(pb_grpc.StageServicer):
             resp = await loaded.next_forward(nxt, timeout=remaining)
         except grpc.aio.AioRpcError as exc:
             if first:
-                loaded.executor.refused(request)  # steps that follow its samples fail at once
+                loaded.executor.refused(step.lease_id, step.outputs)  # steps that follow its samples fail at once
                 self._tick()
             code = exc.code()
             if code == grpc.StatusCode.UNKNOWN or code == grpc.StatusCode.INTERNAL:
                 code = grpc.StatusCode.UNAVAILABLE
             await context.abort(code, f"next stage {loaded.assignment.next_address}: {exc.details()}")
         if first:  # steps that follow these samples (async scheduling) may launch now
-            loaded.executor.note_samples(request, resp.samples)
+            loaded.executor.note_samples(step, [(s.seq_id, s.token_id) for s in resp.samples])
             self._tick()
         resp.stage_compute_us.insert(0, out.compute_us)
         return resp
+
+    def _decode(self, executor, request: pb.ForwardRequest, hidden):
+        """The request as the executor takes it (step_input.py: checked, no protobuf). A refused
+        one's samples will never come: steps that follow them fail at once."""
+        try:
+            return decode(request, executor.shape, hidden)
+        except StagemeshError:
+            executor.refused(request.lease_id, step_outputs(request))
+            self._tick()
+            raise
 
     def _finish_step(self, loaded: Loaded, launched, request: pb.ForwardRequest):
         """On the finish thread: wait for the step, and serialise the next stage's request (the
@@ -154,10 +166,10 @@ class StageService(pb_grpc.StageServicer):
         out = loaded.executor.finish(launched)
         if loaded.next_forward is None:
             return out, None
-        request.ClearField("token_ids")  # the executor is done with the request
+        request.ClearField("token_ids")  # the next stage takes the hidden states
         return out, wire.forward_bytes(request, out.hidden)
 
-    async def _launch(self, executor, request, hidden, context):
+    async def _launch(self, executor, step, context):
         """Launch on the compute thread. A step that follows a sample not there yet (two steps
         of one gateway taken out of order; on a chain's first stage, the answer of the step before
         still on its way back) waits for the next launch or answer and tries again; after
@@ -167,7 +179,7 @@ class StageService(pb_grpc.StageServicer):
         while True:
             before = self._ticks
             try:
-                return await loop.run_in_executor(self._compute, executor.launch, request, hidden)
+                return await loop.run_in_executor(self._compute, executor.launch, step)
             except SampleNotReady as exc:
                 if loop.time() >= deadline:
                     raise Aborted(f"{exc}: the step that samples it never came") from None
@@ -218,7 +230,7 @@ class StageService(pb_grpc.StageServicer):
             return pb.StatsResponse()
         ex, a = loaded.executor, loaded.assignment
         return pb.StatsResponse(
-            num_blocks=ex.num_blocks, blocks_in_use=ex.blocks_in_use(), live_sequences=len(ex.seqs),
+            num_blocks=ex.num_blocks, blocks_in_use=ex.leases.blocks_in_use(), live_sequences=len(ex.leases),
             steps=ex.steps, mean_step_us=ex.mean_step_us(), compute_us_total=ex.compute_us_total,
             gpu_wait_us_total=int(ex.gpu_wait_us_total),
             layer_start=a.layer_start, layer_end=a.layer_end, epoch=a.epoch,
@@ -332,7 +344,7 @@ async def heartbeat_loop(service: StageService, config: WorkerConfig, address: s
             if hb.reregister:
                 worker_id = ""
                 continue
-            if hb.spare and ex is not None and ex.seqs:  # out of the plan: nobody owns these any more
+            if hb.spare and ex is not None and len(ex.leases):  # out of the plan: nobody owns these any more
                 await asyncio.get_running_loop().run_in_executor(service._compute, ex.reset)
                 log.warning("spare_dropped_sequences", epoch=loaded.assignment.epoch)
             if hb.HasField("assignment") and (loaded is None or hb.assignment.epoch != loaded.assignment.epoch):

@@ -6,13 +6,14 @@ the CPU, NCCL on GPUs, rank r on cuda:(i+r)), and serves through `TPStageService
 StageService whose executor first broadcasts every state-changing call to the followers:
 
     ("load", layer_start, layer_end)  then ("kv", num_blocks)   new assignment: load + shard + pool
-    ("run", ForwardRequest bytes)                                one micro-batch (hidden included)
+    ("run", StepInput)                                           one micro-batch (hidden included)
     ("release", lease_id, seq_ids) / ("drop", [lease_id]) / ("reset",) / ("claim", lease_id, owner, order)
 
-Every rank then runs its own StageExecutor on the same request in lockstep (the executor's state
-changes are deterministic, and it validates before any collective, so a refused request is
-refused on every rank without a collective); the all-reduces inside the layers meet. Only rank
-0's output is used. Control messages go over a gloo group (`broadcast_object_list`), all on
+Rank 0 decodes and checks a step; only a step that passed every check (step_input.py, the lease
+table, the samples it follows: `StageExecutor.on_accept`) goes to the followers, so a refused one
+is refused on rank 0 alone, before any collective. Every rank then runs its own StageExecutor on
+the same step in lockstep (the executor's state changes are deterministic); the all-reduces
+inside the layers meet. Only rank 0's output is used. Control messages go over a gloo group (`broadcast_object_list`), all on
 rank 0's single compute thread, so they never interleave with a micro-batch's all-reduces.
 """
 
@@ -24,11 +25,11 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from datetime import timedelta
 
 import torch
 
-from stagemesh import wire
 from stagemesh.net import free_port
 from stagemesh.v1 import stagemesh_pb2 as pb
 
@@ -101,24 +102,14 @@ class TPExecutor:
 
     def __init__(self, inner: StageExecutor, group: TPGroup):
         self.__dict__.update(inner=inner, group=group)
+        # Host follows resolved: the followers get the ids, not the flags.
+        inner.on_accept = lambda step: group.send("run", step)
 
-    def __getattr__(self, name):  # num_blocks, seqs, steps, blocks_in_use, mean_step_us, ...
+    def __getattr__(self, name):  # launch, finish, shape, leases, steps, mean_step_us, ...
         return getattr(self.inner, name)
 
     def __setattr__(self, name, value):  # slowdown
         setattr(self.inner, name, value)
-
-    def run(self, req: pb.ForwardRequest, hidden=None):
-        return self.finish(self.launch(req, hidden))
-
-    def launch(self, req: pb.ForwardRequest, hidden=None):
-        self.inner.resolve_host_follows(req)  # the followers get the ids, not the flags
-        # Hidden states as received: every rank checks them in its own launch (and refuses alike).
-        self.group.send("run", req.SerializeToString() if hidden is None else wire.forward_bytes(req, hidden))
-        return self.inner.launch(req, hidden)
-
-    def finish(self, launched):
-        return self.inner.finish(launched)
 
     def release(self, lease_id: str, seq_ids=()) -> None:
         self.group.send("release", lease_id, list(seq_ids))
@@ -134,12 +125,10 @@ class TPExecutor:
         return dropped
 
     def expire_leases(self, ttl_s: float) -> int:
-        before = set(self.inner.seqs)
-        dropped = self.inner.expire_leases(ttl_s)  # rank 0's clock decides, followers follow
-        gone = sorted({key[0] for key in before - set(self.inner.seqs)})
-        if gone:
-            self.group.send("drop", gone)
-        return dropped
+        dead = self.inner.leases.stale(ttl_s)  # rank 0's clock decides, followers follow
+        if dead:
+            self.group.send("drop", sorted(dead))
+        return self.inner.leases.drop_leases(dead)
 
 
 class TPStageService(StageService):
@@ -197,15 +186,13 @@ def follow(group: TPGroup, model_dir: str, block_size: int) -> None:
             executor = make_executor(model, num_blocks, block_size)
         elif op == "run":
             try:
-                received = wire.parse_forward(cmd[1])  # rank 0's own bytes: never an error
-                executor.run(received.request, received.hidden)
-            except Exception:  # noqa: BLE001 - rank 0 refused it too (validation runs first)
-                pass
+                executor.run(cmd[1])  # rank 0 checked it against the same state: it passes here too
+            except Exception:  # noqa: BLE001 - not expected: say so, and keep mirroring
+                traceback.print_exc()
         elif op == "release":
             executor.release(cmd[1], cmd[2])
         elif op == "drop":
-            for lease in cmd[1]:
-                executor.release(lease)
+            executor.leases.drop_leases(set(cmd[1]))
         elif op == "reset":
             executor.reset()
         elif op == "claim":

@@ -16,6 +16,7 @@ from stage_worker.cuda_graphs import DecodeGraphs, MixedGraphs
 from stage_worker.executor import StageExecutor
 from stage_worker.kv_cache import PagedKVCache
 from stage_worker.loader import load_stage
+from stage_worker.step_input import decode
 from stage_worker.kernels.paged_decode import choose_splits, paged_decode, paged_decode_torch
 from stage_worker.kernels.unified_attention import max_tiles, tile_plan
 from stagemesh.errors import InvalidArgument
@@ -229,11 +230,11 @@ def test_executor_with_graph_path_samples_the_same_tokens(stage):
         for sid, (blocks, n) in enumerate([([0, 1], 4), ([2, 3], 3)]):
             req.new_sequences.add(seq_id=sid, block_ids=blocks)
             req.chunks.add(seq_id=sid, start_pos=0, num_tokens=n, sample=True)
-        first = ex.run(req).samples
+        first = ex.run(decode(req, ex.shape)).samples
         req = pb.ForwardRequest(lease_id="l", token_ids=[t for _, t in first])
         for sid, (pos, _) in enumerate([(4, 0), (3, 0)]):
             req.chunks.add(seq_id=sid, start_pos=pos, num_tokens=1, sample=True, output_index=1)
-        tokens.append((first, ex.run(req).samples))
+        tokens.append((first, ex.run(decode(req, ex.shape)).samples))
     assert tokens[0] == tokens[1]
 
 
@@ -255,9 +256,10 @@ def test_steps_that_follow_samples_on_the_graph_routes_equal_steps_given_the_tok
             req.new_sequences.add(seq_id=sid, block_ids=blocks[sid])
             req.chunks.add(seq_id=sid, start_pos=0, num_tokens=len(prompts[sid]), sample=True)
             req.token_ids.extend(prompts[sid])
-        return req
+        return decode(req, shape)
 
     plain = StageExecutor(stage, stage.make_kv_cache(8, BLOCK, scratch_blocks=1), BLOCK, cuda_graphs=False)
+    shape = plain.shape
     s1 = dict(plain.run(step({}, False, new=(0, 1))).samples)
     s2 = dict(plain.run(step({0: (4, 1, s1[0]), 1: (3, 1, s1[1])}, False)).samples)
     s3 = dict(plain.run(step({0: (5, 2, s2[0]), 1: (4, 2, s2[1])}, False, new=(2,))).samples)
