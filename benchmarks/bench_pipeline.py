@@ -70,7 +70,7 @@ def in_process(model_dir: Path, ps: list[list[int]], new: int, stages: int, thre
     while any(len(s.output_ids) < new for s in seqs):
         plan = sched.schedule()
         step += 1
-        req = build_forward_request(plan, 1, "bench", step, 0)
+        req = build_forward_request(plan, 1, "bench", step)
         out = executors[0].run(req)
         for ex in executors[1:]:
             nxt = pb.ForwardRequest()

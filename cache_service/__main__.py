@@ -14,7 +14,7 @@ import sys
 
 import structlog
 
-from stagemesh import discovery
+from stagemesh import config_cli, discovery
 from stagemesh.membership import REDIS_URL_ENV
 from stagemesh.security import add_tls_flags, tls_from_args
 
@@ -22,50 +22,24 @@ from cache_service.config import CacheServiceConfig, IndexConfig
 from cache_service.server import serve
 
 
-DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
-
-
 def parse_config(argv: list[str] | None = None) -> tuple[CacheServiceConfig, str]:
     """The validated config and the log level (logging is process set-up, not service config)."""
+    default_redis = config_cli.default_of(IndexConfig, "redis_url")
     parser = argparse.ArgumentParser(prog="python -m cache_service", description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
-    parser.add_argument("--port", type=int, default=50070, help="gRPC port; 0 picks a free one")
+    config_cli.add_flags(parser, CacheServiceConfig)
     parser.add_argument("--redis", default="",
                         help="Redis URL of the index; password and TLS: rediss://:PASSWORD@HOST:PORT/DB "
                              f"(default: ${REDIS_URL_ENV}, keeping a password off the command line, "
-                             f"else {DEFAULT_REDIS})")
-    parser.add_argument("--block-ttl-s", type=int, default=3600, help="expiry of a block entry, refreshed on use")
-    parser.add_argument("--key-prefix", default="sm:v1:", help="namespace of every Redis key written")
-    parser.add_argument("--redis-timeout-s", type=float, default=1.0, help="Redis connect/read timeout")
-    parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
-    parser.add_argument("--redis-tls-ca", default="", help="CA that verifies a rediss:// server (default: system)")
+                             f"else {default_redis})")
+    config_cli.add_flags(parser, IndexConfig)
     parser.add_argument("--log-level", default="info")
     add_tls_flags(parser)
     discovery.add_arguments(parser)
     args = parser.parse_args(argv)
-    index = IndexConfig(
-        redis_url=args.redis or os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS,
-        block_ttl_s=args.block_ttl_s,
-        key_prefix=args.key_prefix,
-        redis_timeout_s=args.redis_timeout_s,
-        redis_tls_ca=args.redis_tls_ca,
-    )
-    config = CacheServiceConfig(host=args.host, port=args.port, index=index, metrics_port=args.metrics_port,
-                                tls=tls_from_args(args))
+    index = config_cli.from_args(IndexConfig, args,
+                                 redis_url=args.redis or os.environ.get(REDIS_URL_ENV) or default_redis)
+    config = config_cli.from_args(CacheServiceConfig, args, index=index, tls=tls_from_args(args))
     return config, args.log_level, discovery.config_from_args(args)
-
-
-def configure_logging(level: str) -> None:
-    """JSON lines on stderr; stdout is kept for the ready line."""
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
+from stagemesh.config_cli import knob
 from stagemesh.security import TlsConfig
 
 
@@ -17,19 +18,17 @@ class IndexConfig:
     """Redis connection and schema settings of the global prefix index."""
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    """Where the index lives; `redis://host:port/db` (plain TCP or unix://)."""
-    block_ttl_s: int = 3600
-    """Expiry of a block entry, refreshed whenever it is stored or matched; bounds how long the
-    entry of a replica that vanished without a ClearReplica lingers."""
-    key_prefix: str = "sm:v1:"
-    """Namespace of every key this service writes; lets tests and deployments share a Redis."""
-    redis_timeout_s: float = 1.0
-    """Socket connect/read timeout; a Redis slower than this counts as unavailable."""
+    """Where the index lives; `redis://host:port/db` (plain TCP or unix://). Its flag, --redis, is
+    cache_service's own (it falls back to $STAGEMESH_REDIS_URL, keeping a password off argv)."""
+    # Bounds how long the entry of a replica that vanished without a ClearReplica lingers.
+    block_ttl_s: int = knob(3600, "expiry of a block entry, refreshed whenever it is stored or matched")
+    # Lets tests and deployments share a Redis.
+    key_prefix: str = knob("sm:v1:", "namespace of every Redis key written")
+    redis_timeout_s: float = knob(1.0, "Redis connect/read timeout; a Redis slower than this counts as unavailable")
     max_connections: int = 64
     """Connection pool size; one connection per rpc in flight."""
-    redis_tls_ca: str = ""
-    """CA bundle that verifies a rediss:// server (empty: the system's). A password goes in the
-    URL: `rediss://:PASSWORD@host:6380/0` (or `redis://user:PASSWORD@...` for ACL users)."""
+    # A password goes in the URL: `rediss://:PASSWORD@host:6380/0` (or `redis://user:PASSWORD@...`).
+    redis_tls_ca: str = knob("", "CA that verifies a rediss:// server (default: the system's)")
 
     @property
     def refresh_interval_s(self) -> int:
@@ -55,10 +54,8 @@ class IndexConfig:
 class CacheServiceConfig:
     """Everything `python -m cache_service` needs."""
 
-    host: str = "127.0.0.1"
-    """Address the gRPC server binds."""
-    port: int = 50070
-    """gRPC port; 0 picks a free one (printed on the ready line)."""
+    host: str = knob("127.0.0.1", "address to bind")
+    port: int = knob(50070, "gRPC port; 0 picks a free one (printed on the ready line)")
     index: IndexConfig = field(default_factory=IndexConfig)
     """Redis and schema settings, handed to PrefixIndex."""
     max_chains_per_match: int = 1024
@@ -67,8 +64,7 @@ class CacheServiceConfig:
     """Upper bound on block hashes in one Match or Publish, for the same reason."""
     grace_s: float = 2.0
     """How long in-flight rpcs may finish after SIGTERM/SIGINT."""
-    metrics_port: int = 0
-    """Prometheus /metrics port on `host`; 0: off."""
+    metrics_port: int = knob(0, "serve Prometheus /metrics here (0: off)")
     tls: TlsConfig | None = None
     """Mutual TLS on the gRPC port: callers need a client certificate signed by the CA."""
 

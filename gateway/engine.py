@@ -28,7 +28,7 @@ from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
 from gateway.block_manager import BlockManager, CacheEvents
-from gateway.scheduler import Scheduler, SchedulerConfig, StepPlan
+from gateway.scheduler import Scheduler, SchedulerConfig, StepPlan, StepShape
 from gateway.sequence import Sequence, Status
 
 
@@ -107,6 +107,8 @@ class ReplicaEngine:
         self.lease_id = ""
         self.lease_order = 0
         self.sinks: dict[int, TokenSink] = {}
+        # KV blocks each queued request is expected to add here (the router's estimate, for load).
+        self._expected_blocks: dict[int, int] = {}
         self._on_cache_events = on_cache_events
         self._on_stale_epoch = on_stale_epoch
         self._on_stage_failure = on_stage_failure  # nudges the plan watcher to poll now
@@ -135,9 +137,11 @@ class ReplicaEngine:
             await asyncio.gather(self._task, return_exceptions=True)
         await self._channel.close()
 
-    def submit(self, seq: Sequence, sink: TokenSink) -> None:
+    def submit(self, seq: Sequence, sink: TokenSink, expected_blocks: int = 0) -> None:
+        """Queue `seq`; `expected_blocks`: the KV blocks the router expects it to add here."""
         self.scheduler.add(seq)  # raises ResourceExhausted when the queue is full
         self.sinks[seq.seq_id] = sink
+        self._expected_blocks[seq.seq_id] = expected_blocks
         self._wakeup.set()
 
     def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
@@ -156,9 +160,8 @@ class ReplicaEngine:
         not "loaded" by them.
         """
         sched = self.scheduler
-        bs = sched.bm.block_size
-        running = sum(s.num_uncomputed + max(0, s.max_tokens - len(s.output_ids)) for s in sched.running)
-        return -(-running // bs) + sum(s.expected_new_blocks for s in sched.waiting_sequences())
+        waiting = sum(self._expected_blocks.get(s.seq_id, 0) for s in sched.waiting_sequences())
+        return -(-sched.tokens_to_run() // sched.bm.block_size) + waiting
 
     @property
     def replica_id(self) -> str:
@@ -177,7 +180,7 @@ class ReplicaEngine:
         are only ever appended, so the client sees no gap and no duplicate.
         """
         old_channel = self._channel
-        live = len(self.scheduler.running) + self.scheduler.num_waiting
+        live = self.scheduler.num_running + self.scheduler.num_waiting
         if self._stall_start is None and live:  # the pause runs until the first step on the new chain
             self._stall_start = time.perf_counter()
         self._install(plan, keep=self.scheduler)
@@ -192,22 +195,25 @@ class ReplicaEngine:
 
     def fail_all(self, reason: str) -> int:
         """End every live sequence with `reason` (its stream ends with that finish reason)."""
-        live = list(self.scheduler.running) + list(self.scheduler.waiting_sequences())
+        live = self.scheduler.running_sequences() + list(self.scheduler.waiting_sequences())
         for seq in live:
             self._finish(seq, reason)
         self._wakeup.set()
         return len(live)
 
-    def adopt(self, seqs_and_sinks) -> None:
-        """Take over sequences of a replica that left the plan (re-prefilled here)."""
-        for seq, sink in seqs_and_sinks:
+    def adopt(self, handed_over) -> None:
+        """Take over sequences of a replica that left the plan (re-prefilled here), as `surrender`
+        hands them: (sequence, sink, expected blocks)."""
+        for seq, sink, expected in handed_over:
             self.scheduler.add_front(seq)
             self.sinks[seq.seq_id] = sink
+            self._expected_blocks[seq.seq_id] = expected
         self._wakeup.set()
 
     def surrender(self):
-        """Hand every live sequence (and its sink) over; this engine is being retired."""
-        return [(seq, self.sinks.pop(seq.seq_id)) for seq in self.scheduler.drain_live() if seq.seq_id in self.sinks]
+        """Hand every live sequence (with its sink and expected blocks) over; this engine is being retired."""
+        return [(seq, self.sinks.pop(seq.seq_id), self._expected_blocks.pop(seq.seq_id, 0))
+                for seq in self.scheduler.drain_live() if seq.seq_id in self.sinks]
 
     # -- internals -----------------------------------------------------------------------------
     def _install(self, plan: ReplicaPlan, keep: Scheduler | None = None) -> None:
@@ -220,19 +226,17 @@ class ReplicaEngine:
         mode = self.sched_config.async_scheduling
         lookahead = mode == "on" or (mode == "auto" and plan.num_stages == 1)
         separate = lookahead and plan.num_stages > 1
-        inflight = inflight_for(self.sched_config.inflight_target, plan.num_stages, lookahead, separate)
-        depth = lookahead_depth_for(inflight, plan.num_stages)
-        config = SchedulerConfig(**{**self.sched_config.__dict__, "inflight_target": inflight,
-                                    "lookahead": lookahead, "lookahead_depth": depth,
-                                    "separate_decodes": separate})
+        inflight = inflight_for(self.sched_config.inflight, plan.num_stages, lookahead, separate)
+        shape = StepShape(inflight_target=inflight, lookahead=lookahead,
+                          lookahead_depth=lookahead_depth_for(inflight, plan.num_stages), separate_decodes=separate)
         self._last_sent = None  # a new chain's answers need not wait for the old one's
         bm = BlockManager(plan.num_blocks, plan.block_size, self.model_id)
         self._preemptions_seen = 0  # a new scheduler counts from zero
         if keep is None:
-            self.scheduler = Scheduler(config, bm)
+            self.scheduler = Scheduler(self.sched_config, bm, shape)
             return
-        metrics.REPLAYS.inc(len(keep.running))  # their KV is gone: re-prefilled from their history
-        self.scheduler = Scheduler(config, bm)
+        metrics.REPLAYS.inc(keep.num_running)  # their KV is gone: re-prefilled from their history
+        self.scheduler = Scheduler(self.sched_config, bm, shape)
         for seq in keep.drain_live():
             self.scheduler.add_front(seq)
 
@@ -241,7 +245,7 @@ class ReplicaEngine:
         an idle replica sends none): each frees this owner's older leases, e.g. the KV of a chain
         generation this replaced, or of this gateway's previous process."""
         req = pb.ReleaseRequest(lease_id=self.lease_id, lease_owner=self.owner, lease_order=self.lease_order,
-                                supersede_only=True, epoch=self.plan.epoch, replica=self.plan.index)
+                                supersede_only=True)
 
         async def send(stub=self._stub):
             try:
@@ -257,7 +261,7 @@ class ReplicaEngine:
     async def _loop(self) -> None:
         while not self._closed:
             self._wakeup.clear()
-            while self._inflight.get(self.generation, 0) < self.scheduler.config.inflight_target:
+            while self._inflight.get(self.generation, 0) < self.scheduler.shape.inflight_target:
                 plan = self.scheduler.schedule()
                 for seq in self.scheduler.rejected:
                     self._finish(seq, seq.finish_reason or "error")
@@ -278,7 +282,7 @@ class ReplicaEngine:
         if self._debug:
             self.log.debug("step_sent", lease_id=self.lease_id, step_id=self._step_id, epoch=self.plan.epoch,
                            request_ids=[c.seq.request_id for c in plan.chunks])
-        req = build_forward_request(plan, self.plan.epoch, self.lease_id, self._step_id, self.plan.index)
+        req = build_forward_request(plan, self.plan.epoch, self.lease_id, self._step_id)
         req.lease_owner, req.lease_order = self.owner, self.lease_order
         return req
 
@@ -327,7 +331,7 @@ class ReplicaEngine:
         the stages refuse as malformed fails its requests."""
         if generation != self.generation:
             return
-        self.scheduler.abort_in_flight(plan)
+        self.scheduler.update(plan, None)  # its sequences become runnable again
         if self._stall_start is None:
             self._stall_start = time.perf_counter()
         code = exc.code()
@@ -349,6 +353,7 @@ class ReplicaEngine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
+        self._expected_blocks.pop(seq.seq_id, None)
         sink = self.sinks.pop(seq.seq_id, None)
         if sink:
             sink.on_finish(seq)
@@ -361,7 +366,7 @@ class ReplicaEngine:
         metrics.HOP.observe(max(0.0, rtt_s - compute_s) / max(1, self.plan.num_stages))
         sched, replica = self.scheduler, str(self.plan.index)
         metrics.QUEUE_DEPTH.labels(replica).set(sched.num_waiting)
-        metrics.RUNNING.labels(replica).set(len(sched.running))
+        metrics.RUNNING.labels(replica).set(sched.num_running)
         metrics.KV_USED.labels(replica).set(sched.bm.num_blocks - sched.bm.num_free)
         metrics.KV_FREE.labels(replica).set(sched.bm.num_free)
         if sched.num_preemptions > self._preemptions_seen:
@@ -377,11 +382,11 @@ class ReplicaEngine:
             self._on_cache_events(self.plan.index, events)
 
 
-def build_forward_request(plan: StepPlan, epoch: int, lease_id: str, step_id: int, replica: int) -> pb.ForwardRequest:
+def build_forward_request(plan: StepPlan, epoch: int, lease_id: str, step_id: int) -> pb.ForwardRequest:
     """The wire form of a micro-batch: token ids, block-table deltas, sampling of new sequences."""
     req = pb.ForwardRequest(
         epoch=epoch, lease_id=lease_id, step_id=step_id, finished_seq_ids=plan.finished_wire_ids,
-        token_ids=plan.token_ids(), replica=replica,
+        token_ids=plan.token_ids(),
     )
     for c in plan.chunks:
         if c.is_new:
@@ -389,7 +394,7 @@ def build_forward_request(plan: StepPlan, epoch: int, lease_id: str, step_id: in
             sampling = pb.SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
             if s.seed is not None:
                 sampling.seed = s.seed
-            req.new_sequences.add(seq_id=c.wire_id, block_ids=c.seq.block_table, sampling=sampling)
+            req.new_sequences.add(seq_id=c.wire_id, block_ids=c.admission.block_table, sampling=sampling)
         req.chunks.add(
             seq_id=c.wire_id, start_pos=c.start_pos, num_tokens=c.num_tokens,
             new_block_ids=c.new_block_ids, sample=c.sample, output_index=c.output_index,

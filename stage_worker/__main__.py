@@ -11,7 +11,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from stagemesh import discovery
+from stagemesh import config_cli, discovery
 from stagemesh import log as logging_setup
 from stagemesh.errors import CheckpointError
 from stagemesh.membership import server_interceptors
@@ -23,41 +23,20 @@ from stagemesh.security import add_port, add_tls_flags, tls_from_args
 from stagemesh.v1 import stagemesh_pb2 as pb
 
 from stage_worker.config import WorkerConfig
+from stage_worker.device import resolve_device
 from stage_worker.server import StageService, add_stage_service, heartbeat_loop, lease_expiry_loop
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m stage_worker")
-    p.add_argument("--model", required=True)
-    p.add_argument("--coordinator", default="", help="HOST:PORT; with --consul and without it: the leader in Consul")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--advertise", default="", help="HOST:PORT others reach this worker at (default: --host:port)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-bytes", type=int, default=0)
-    p.add_argument("--kv-blocks", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--slowdown", type=float, default=1.0, help="test/demo: compute this many times slower")
-    p.add_argument("--enable-test-controls", action="store_true",
-                   help="serve Stage.SetSlowdown (tests and benchmarks; off in production)")
-    p.add_argument("--tp-size", type=int, default=0,
-                   help="tensor parallel inside this stage over N processes/GPUs (deepspeed.comm); 0: off")
-    p.add_argument("--lease-ttl-s", type=float, default=60.0, help="drop a silent gateway's sequences after this")
-    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
+    config_cli.add_flags(p, WorkerConfig)
     p.add_argument("--log-level", default="info")
     add_tls_flags(p)
-    p.add_argument("--coordinator-plaintext", action="store_true",
-                   help="reach the coordinator without TLS even when --tls-* is set")
     discovery.add_arguments(p)
     a = p.parse_args(argv)
     if not a.coordinator and not a.consul:
         p.error("--coordinator HOST:PORT is required (or --consul URL to find the coordinator in Consul)")
-    cfg = WorkerConfig(model_dir=a.model, coordinator=a.coordinator, host=a.host, port=a.port, device=a.device,
-                       advertise=a.advertise, block_size=a.block_size, kv_cache_bytes=a.kv_cache_bytes, kv_blocks=a.kv_blocks,
-                       threads=a.threads, metrics_port=a.metrics_port, lease_ttl_s=a.lease_ttl_s,
-                       slowdown=a.slowdown, test_controls=a.enable_test_controls, tls=tls_from_args(a), coordinator_plaintext=a.coordinator_plaintext,
-                       tp_size=a.tp_size)
+    cfg = config_cli.from_args(WorkerConfig, a, device=resolve_device(a.device), tls=tls_from_args(a))
     return cfg, a.log_level, discovery.config_from_args(a)
 
 

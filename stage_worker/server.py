@@ -28,6 +28,7 @@ from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
 from stage_worker.config import WorkerConfig
+from stage_worker.device import free_memory_bytes
 from stage_worker.executor import StageExecutor
 from stage_worker.loader import load_stage
 from stage_worker.profile import profile_layer
@@ -319,7 +320,7 @@ async def heartbeat_loop(service: StageService, config: WorkerConfig, address: s
                              options=GRPC_OPTIONS)
     coord = pb_grpc.CoordinatorStub(channel)
     worker_id, interval = "", 0.5
-    memory = config.memory_bytes()
+    memory = free_memory_bytes(config.device)
     profile = await asyncio.get_running_loop().run_in_executor(
         service._compute, profile_layer, ModelConfig.from_dir(config.model_dir), config.device, config.block_size,
         service.slowdown)

@@ -19,6 +19,10 @@ LLAMA_FAMILY = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 DEEPSEEK_FAMILY = {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"}
 SUPPORTED_ARCHITECTURES = LLAMA_FAMILY | DEEPSEEK_FAMILY
 
+# Tokens per KV block, the mesh's one default: the coordinator plans with it (the plan hands it
+# to the gateway) and every worker sizes its cache by it, so the two must agree.
+KV_BLOCK_SIZE = 16
+
 
 @dataclass(frozen=True)
 class ModelConfig:

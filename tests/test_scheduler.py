@@ -3,14 +3,16 @@
 import pytest
 
 from gateway.block_manager import BlockManager
-from gateway.scheduler import Scheduler, SchedulerConfig
+from gateway.scheduler import Scheduler, SchedulerConfig, StepShape
 from gateway.sequence import Sequence, Status
 from stagemesh.errors import ResourceExhausted
 
 
 def create_scheduler(num_blocks=64, block_size=4, **kw):
-    cfg = SchedulerConfig(**{"max_batched_tokens": 8, "inflight_target": 1, **kw})
-    return Scheduler(cfg, BlockManager(num_blocks, block_size, "m", enable_prefix_cache=True))
+    shape = {k: kw.pop(k) for k in ("inflight_target", "lookahead", "lookahead_depth", "separate_decodes") if k in kw}
+    cfg = SchedulerConfig(**{"max_batched_tokens": 8, **kw})
+    return Scheduler(cfg, BlockManager(num_blocks, block_size, "m", enable_prefix_cache=True),
+                     StepShape(**{"inflight_target": 1, **shape}))
 
 
 def seq(i, n, max_tokens=4, priority=0):
@@ -26,11 +28,11 @@ def test_chunked_prefill_respects_budget_and_samples_only_at_the_end():
     a = seq(1, 20)
     s.add(a)
     sizes = []
-    while a.num_uncomputed > 1 or not a.output_ids:
+    while not a.output_ids:
         plan = s.schedule()
         sizes.append(plan.num_tokens)
         assert plan.num_tokens <= 8
-        assert [c.sample for c in plan.chunks] == [a.num_computed + plan.num_tokens == 20]
+        assert [c.sample for c in plan.chunks] == [s.admission(a).num_computed + plan.num_tokens == 20]
         run_step(s, plan)
     assert sizes == [8, 8, 4]
     assert a.output_ids == [7]
@@ -89,9 +91,10 @@ def test_finish_frees_blocks_and_tells_stages():
     a = seq(1, 6)
     s.add(a)
     run_step(s, s.schedule())
+    wire_id = s.admission(a).wire_id
     s.finish(a, "stop")
-    assert s.bm.num_free == 8
-    assert s.schedule().finished_wire_ids == [a.wire_id]
+    assert s.bm.num_free == 8 and s.admission(a) is None and s.bm.num_tracked == 0
+    assert s.schedule().finished_wire_ids == [wire_id]
 
 
 def test_finish_while_in_flight_defers_the_free():
@@ -115,10 +118,11 @@ def test_failed_step_re_announces_its_sequences_and_still_releases_cancelled_one
     run_step(s, s.schedule())  # both announced, a finished its prompt
     plan = s.schedule()
     assert any(not c.is_new for c in plan.chunks)
+    b_wire_id = s.admission(b).wire_id
     s.finish(b, "cancelled")  # while the step is in flight
-    s.abort_in_flight(plan)  # the step failed
+    assert s.update(plan, None) == []  # the step failed
     nxt = s.schedule()
-    assert b.wire_id in nxt.finished_wire_ids and s.bm.num_free == 16 - len(a.block_table)
+    assert b_wire_id in nxt.finished_wire_ids and s.bm.num_free == 16 - len(s.admission(a).block_table)
     assert [c.seq for c in nxt.chunks] == [a] and nxt.chunks[0].is_new  # full table again
 
 
@@ -135,7 +139,28 @@ def test_preemption_requeues_and_recomputes_from_history():
         run_step(s, plan)
     assert s.num_preemptions >= 1
     victim = b if b.status == Status.WAITING else a
-    assert victim.num_computed == 0 and victim.output_ids  # keeps its history
+    assert s.admission(victim) is None and victim.output_ids  # keeps its history, not its admission
+
+
+def test_readmission_after_preemption_starts_a_fresh_admission():
+    """A preempted sequence comes back with a new wire id, announced again with its full block
+    table and recomputed from position 0; the stages drop the old wire id."""
+    s = create_scheduler(num_blocks=2, block_size=4, max_batched_tokens=16)
+    a, b = seq(1, 3, max_tokens=8), Sequence(seq_id=2, prompt_ids=[11, 12, 13], max_tokens=8)
+    s.add(a)
+    s.add(b)
+    run_step(s, s.schedule())  # one block each, none free
+    old = {q.seq_id: s.admission(q).wire_id for q in (a, b)}
+    run_step(s, s.schedule())  # both decode: token 4 still fits their blocks
+    plan = s.schedule()  # a needs a second block: b, the newest, is preempted
+    assert s.num_preemptions == 1 and b.status == Status.WAITING and s.admission(b) is None
+    assert plan.finished_wire_ids == [old[2]] and [c.seq for c in plan.chunks] == [a]
+    run_step(s, plan)
+    s.finish(a, "stop")
+    again = s.schedule()
+    [chunk] = [c for c in again.chunks if c.seq is b]
+    assert chunk.is_new and chunk.start_pos == 0 and chunk.num_tokens == b.num_tokens
+    assert chunk.wire_id not in old.values() and s.admission(b).wire_id == chunk.wire_id
 
 
 def test_request_sharing_a_prefix_in_progress_waits_and_then_reuses_it():
@@ -156,7 +181,7 @@ def test_request_sharing_a_prefix_in_progress_waits_and_then_reuses_it():
     while plan and b.status != Status.RUNNING:
         run_step(s, plan)
         plan = s.schedule()
-    assert b.num_cached_tokens == 16
+    assert b.num_cached_tokens == 16 and s.admission(b).num_computed >= 16
 
 
 def test_random_workload_keeps_invariants():
@@ -190,7 +215,7 @@ def test_random_workload_keeps_invariants():
         if not s.has_work() and not inflight:
             break
     assert all(q.status == Status.FINISHED for q in seqs)
-    assert s.bm.num_free == 12
+    assert s.bm.num_free == 12 and s.bm.num_tracked == 0  # no blocks, no hashing state left
 
 
 def test_token_slice_equals_slicing_the_history():
@@ -210,7 +235,7 @@ def test_lookahead_decodes_a_sequence_again_while_its_sample_is_in_flight():
     first = s.schedule()  # the prompt; samples output 0
     second = s.schedule()
     assert [(c.start_pos, c.num_tokens, c.output_index, c.follows) for c in second.chunks] == [(5, 1, 1, True)]
-    assert second.token_ids() == [0] and len(a.block_table) * 4 >= 6
+    assert second.token_ids() == [0] and len(s.admission(a).block_table) * 4 >= 6
     assert s.schedule() is None  # one follow at a time
     run_step(s, first, token=7)
     third = s.schedule()
@@ -218,7 +243,7 @@ def test_lookahead_decodes_a_sequence_again_while_its_sample_is_in_flight():
     run_step(s, second, token=8)
     assert s.schedule() is None  # output 2 is the last one max_tokens allows
     run_step(s, third, token=9)
-    assert a.output_ids == [7, 8, 9] and a.num_computed == 7
+    assert a.output_ids == [7, 8, 9] and s.admission(a).num_computed == 7
 
 
 def test_lookahead_two_deep_follows_the_newest_sample_in_flight():
@@ -230,7 +255,7 @@ def test_lookahead_two_deep_follows_the_newest_sample_in_flight():
     first, second, third = s.schedule(), s.schedule(), s.schedule()
     assert [(c.start_pos, c.output_index, c.follows) for c in second.chunks] == [(5, 1, True)]
     assert [(c.start_pos, c.output_index, c.follows) for c in third.chunks] == [(6, 2, True)]
-    assert len(a.block_table) * 4 >= 7
+    assert len(s.admission(a).block_table) * 4 >= 7
     assert s.schedule() is None  # two deep at most
     run_step(s, first, token=7)
     fourth = s.schedule()
@@ -238,7 +263,7 @@ def test_lookahead_two_deep_follows_the_newest_sample_in_flight():
     assert s.schedule() is None  # output 3 is the last one max_tokens allows
     for plan, token in ((second, 8), (third, 9), (fourth, 10)):
         run_step(s, plan, token=token)
-    assert a.output_ids == [7, 8, 9, 10] and a.num_computed == 8
+    assert a.output_ids == [7, 8, 9, 10] and s.admission(a).num_computed == 8
 
 
 def test_two_deep_followers_of_a_failed_step_are_dropped():
@@ -246,11 +271,11 @@ def test_two_deep_followers_of_a_failed_step_are_dropped():
     a = seq(1, 5, max_tokens=8)
     s.add(a)
     first, second, third = s.schedule(), s.schedule(), s.schedule()
-    s.abort_in_flight(first)
+    s.update(first, None)
     assert s.schedule() is None
     run_step(s, second, token=8)
     run_step(s, third, token=9)
-    assert a.output_ids == [] and a.num_computed == 0
+    assert a.output_ids == [] and s.admission(a).num_computed == 0
     assert [(c.start_pos, c.num_tokens, c.is_new) for c in s.schedule().chunks] == [(0, 5, True)]
 
 
@@ -259,10 +284,10 @@ def test_a_chunk_that_followed_a_failed_step_is_dropped_and_the_sequence_runs_ag
     a = seq(1, 5, max_tokens=8)
     s.add(a)
     first, second = s.schedule(), s.schedule()
-    s.abort_in_flight(first)
+    s.update(first, None)
     assert s.schedule() is None  # the follow is still out: nothing may follow a lost sample
     run_step(s, second, token=8)  # the stage ran it anyway: its answer is not used
-    assert a.output_ids == [] and a.num_computed == 0
+    assert a.output_ids == [] and s.admission(a).num_computed == 0
     again = s.schedule()
     assert [(c.start_pos, c.num_tokens, c.is_new, c.follows) for c in again.chunks] == [(0, 5, True, False)]
 

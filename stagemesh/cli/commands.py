@@ -7,6 +7,7 @@ JSON fields stay stable.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -14,6 +15,8 @@ import sys
 import threading
 
 import grpc
+
+from stagemesh import config_cli
 
 
 def main(argv=None) -> None:
@@ -30,32 +33,30 @@ def main(argv=None) -> None:
 
 
 # -- up ------------------------------------------------------------------------------------------
+# The flags `up` passes through to a service: that service's own config fields (flag, default and
+# help come from there, config_cli); up restates none of them.
+def _pass_through() -> dict[str, list[tuple[type, tuple[str, ...]]]]:
+    from coordinator.config import CoordinatorConfig
+    from gateway.config import GatewayConfig
+    from gateway.scheduler import SchedulerConfig
+    from stage_worker.config import WorkerConfig
+
+    return {"coordinator": [(CoordinatorConfig, ("plan", "rebalance", "dead_after_s"))],
+            "worker": [(WorkerConfig, ("device", "kv_cache_bytes", "kv_blocks", "lease_ttl_s"))],
+            "gateway": [(GatewayConfig, ("port", "http_port", "routing", "routing_weight", "rate_limit_rps",
+                                         "rate_limit_burst")),
+                        (SchedulerConfig, ("max_batched_tokens", "max_running", "max_waiting", "inflight",
+                                           "async_scheduling"))]}
+
+
 def _add_up(sub) -> None:
+    from stagemesh.cli.launcher import MeshConfig
+
     p = sub.add_parser("up", help="run the whole mesh on this host")
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    p.add_argument("--stages", type=int, default=1)
-    p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--spares", type=int, default=0, help="idle workers kept for failover")
-    p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address every port binds (default loopback: this host only); another exposes the mesh")
-    p.add_argument("--redis", default="", help="redis://HOST:PORT/DB for the global prefix index "
-                                               "(a password in it reaches cache_service in its environment)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
-    p.add_argument("--kv-cache-bytes", type=int, default=0)
-    p.add_argument("--kv-blocks", type=int, default=0)
-    p.add_argument("--max-batched-tokens", type=int, default=512)
-    p.add_argument("--max-running", type=int, default=256, help="sequences holding KV at once, per replica")
-    p.add_argument("--routing", default="cache_aware", choices=["cache_aware", "round_robin"])
-    p.add_argument("--routing-weight", type=float, default=2.0,
-                   help="w in cost = w * blocks to prefill + load (higher: follow the cache harder)")
-    p.add_argument("--http-port", type=int, default=0, help="also serve the OpenAI-compatible HTTP API")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
-    p.add_argument("--metrics-port", type=int, default=0,
-                   help="Prometheus /metrics: gateway BASE, coordinator BASE+1, cache_service BASE+2, "
-                        "worker i BASE+10+i (0: off)")
-    p.add_argument("--tls-dir", default="",
-                   help="certificates from `stagemesh certs DIR`: mutual TLS inside the mesh, TLS on --port")
+    config_cli.add_flags(p, MeshConfig)
+    for service, parts in _pass_through().items():
+        for cls, names in parts:
+            config_cli.add_flags(p, cls, names, help_suffix=f" [{service}]")
     p.add_argument("--tls-require-client-cert", action="store_true",
                    help="with --tls-dir: the gateway's public port refuses clients without a certificate "
                         "signed by the CA (default: optional)")
@@ -63,65 +64,42 @@ def _add_up(sub) -> None:
                    help="gateway API key (repeatable; $STAGEMESH_API_KEYS or --api-keys-file keep keys out of "
                         "this command line too)")
     p.add_argument("--api-keys-file", default="", help="file of gateway API keys, one per line")
-    p.add_argument("--rate-limit-rps", type=float, default=0.0, help="Generate requests/s per API key (0: off)")
-    p.add_argument("--rate-limit-burst", type=float, default=0.0, help="burst per API key (0: max(1, rps))")
-    p.add_argument("--inflight", type=int, default=0,
-                   help="micro-batches in flight per replica (0: 3 on a single stage with async scheduling, "
-                        "stages + 2 on a chain with it, else max(2, stages)); more hides longer hops")
-    p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
-                   help="send a greedy decode before the sample it follows is back: auto on single-stage "
-                        "replicas, on on every replica (chains: lower batch-1 latency, lower throughput), "
-                        "off never")
-    p.add_argument("--plan", default="measured", choices=["measured", "uniform"],
-                   help="layer split: from the workers' measured profiles (min-max), or even")
-    p.add_argument("--no-rebalance", action="store_true",
-                   help="never move layer boundaries while serving (e.g. several stages sharing one GPU, "
-                        "where a move changes no stage's speed)")
-    p.add_argument("--run-dir", default="",
-                   help="directory for up's files (the coordinator's state file); default: a temp dir removed at exit")
-    p.add_argument("--state-file", default="",
-                   help="the coordinator's plan, kept across its restarts (default: RUN_DIR/coordinator-state.json, "
-                        "cleared at start)")
-    p.add_argument("--max-waiting", type=int, default=1024,
-                   help="gateway queue bound; past it requests get RESOURCE_EXHAUSTED")
-    p.add_argument("--dead-after-s", type=float, default=1.5,
-                   help="coordinator: a worker silent this long is dead and its layers move")
-    p.add_argument("--lease-ttl-s", type=float, default=60.0,
-                   help="workers: drop the KV of a gateway silent this long")
-    p.add_argument("--start-timeout-s", type=float, default=300.0,
-                   help="each child must print its ready line within this long of its (re)start (the gateway's "
-                        "includes the workers loading their layers)")
-    p.add_argument("--max-start-failures", type=int, default=5,
-                   help="stop the mesh when one child fails at start this many times in a row (exits before "
-                        "ready, misses --start-timeout-s, or dies within 10 s of ready)")
-    p.add_argument("--log-level", default="warning")
     p.set_defaults(func=_run_up)
+
+
+def _mesh_config(args, num_layers: int):
+    """up's MeshConfig; each service's pass-through values validated by building its config here,
+    so a bad one is one line now rather than a child failing at start again and again."""
+    from stagemesh.cli.launcher import MeshConfig
+
+    chosen = vars(args)
+    argv: dict[str, list[str]] = {}
+    for service, parts in _pass_through().items():
+        argv[service] = []
+        for cls, names in parts:
+            values = config_cli.values(cls, args, names)
+            required = {"model_dir": args.model_dir, "coordinator": "up", "num_layers": num_layers,
+                        "stages": args.stages}
+            fields = {f.name for f in dataclasses.fields(cls)}
+            cls(**{k: v for k, v in required.items() if k in fields}, **values)
+            argv[service] += config_cli.to_argv(cls, chosen, names)
+    return MeshConfig(**config_cli.values(MeshConfig, args), port=args.port, device=args.device,
+                      api_keys=_api_keys(args), coordinator_args=argv["coordinator"], worker_args=argv["worker"],
+                      gateway_args=[*argv["gateway"], *_gateway_auth_args(args)])
 
 
 def _run_up(args) -> int:
     from stagemesh.checkpoint import validate_checkpoint
-    from stagemesh.errors import CheckpointError
-    from stagemesh.cli.launcher import Mesh, MeshConfig
+    from stagemesh.cli.launcher import Mesh
     from stagemesh.cli.supervisor import GaveUp
+    from stagemesh.errors import CheckpointError
 
     try:
         _check_ports_free(args)  # before any child starts: one line, not a child's traceback later
-        model = validate_checkpoint(args.model)
+        model = validate_checkpoint(args.model_dir)
         if args.stages > model.num_hidden_layers:
             raise ValueError(f"--stages {args.stages} exceeds the model's {model.num_hidden_layers} layers")
-        config = MeshConfig(model_dir=args.model, stages=args.stages, replicas=args.replicas, spares=args.spares,
-                            port=args.port, host=args.host, redis=args.redis, device=args.device, kv_cache_bytes=args.kv_cache_bytes,
-                            kv_blocks=args.kv_blocks, max_batched_tokens=args.max_batched_tokens,
-                            threads=args.threads, log_level=args.log_level, routing=args.routing, routing_weight=args.routing_weight,
-                            http_port=args.http_port, max_running=args.max_running,
-                            metrics_port=args.metrics_port, tls_dir=args.tls_dir, api_keys=_api_keys(args),
-                            extra_gateway_args=[*_gateway_auth_args(args),
-                                                "--async-scheduling", args.async_scheduling],
-                            plan=args.plan,
-                            rebalance=not args.no_rebalance, inflight=args.inflight,
-                            run_dir=args.run_dir, state_file=args.state_file, max_waiting=args.max_waiting,
-                            dead_after_s=args.dead_after_s, lease_ttl_s=args.lease_ttl_s,
-                            start_timeout_s=args.start_timeout_s, max_start_failures=args.max_start_failures)
+        config = _mesh_config(args, model.num_hidden_layers)
         if args.tls_dir:
             from stagemesh.security import dev_tls
 
@@ -140,7 +118,7 @@ def _run_up(args) -> int:
         address = mesh.start(stop)
         if address is None:
             return 0
-        print(f"stagemesh ready on {address} (model {args.model}, {args.stages} stage(s), "
+        print(f"stagemesh ready on {address} (model {args.model_dir}, {args.stages} stage(s), "
               f"{args.replicas} replica(s)) coordinator {mesh.coordinator_address}", flush=True)
         mesh.supervise(stop)
         return 0
@@ -179,10 +157,6 @@ def _check_ports_free(args) -> None:
 def _gateway_auth_args(args) -> list[str]:
     """The gateway's auth flags. Not the keys themselves: they go in its environment (_api_keys)."""
     out = ["--api-keys-file", args.api_keys_file] if args.api_keys_file else []
-    if args.rate_limit_rps:
-        out += ["--rate-limit-rps", str(args.rate_limit_rps)]
-    if args.rate_limit_burst:
-        out += ["--rate-limit-burst", str(args.rate_limit_burst)]
     if args.tls_require_client_cert:
         out.append("--tls-require-client-cert")
     return out

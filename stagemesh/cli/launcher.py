@@ -18,65 +18,64 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 
+from gateway.config import GatewayConfig
+from stage_worker.config import WorkerConfig
 from stagemesh import membership
-from stagemesh.net import free_port
 from stagemesh.cli.supervisor import RestartPolicy, Supervisor
+from stagemesh.config_cli import default_of, knob
+from stagemesh.net import free_port
 
 STATE_FILE_NAME = "coordinator-state.json"
 
 
 @dataclass
 class MeshConfig:
-    model_dir: str
-    stages: int = 1
-    replicas: int = 1
-    spares: int = 0
-    port: int = 50051
-    host: str = "127.0.0.1"
-    redis: str = ""
-    device: str = "auto"
-    block_size: int = 16
-    kv_cache_bytes: int = 0
-    kv_blocks: int = 0
-    max_batched_tokens: int = 512
-    threads: int = 0
-    log_level: str = "warning"
-    routing: str = "cache_aware"
-    routing_weight: float = 2.0
-    http_port: int = 0
-    max_running: int = 256
-    # Prometheus /metrics ports, 0: off. Else gateway BASE, coordinator BASE+1, cache_service BASE+2,
-    # worker i BASE+10+i (the layout of compose/prometheus.yml, shifted to BASE).
-    metrics_port: int = 0
-    extra_gateway_args: list[str] = field(default_factory=list)
-    inflight: int = 0  # micro-batches in flight per replica; 0: the gateway's default (engine.inflight_for)
-    plan: str = "measured"  # coordinator --plan: measured (profiles, min-max) or uniform
-    rebalance: bool = True  # coordinator moves layer boundaries while serving
+    """`up`'s own settings (its flags, built by config_cli) and the flags it passes through to each
+    service, composed from that service's config fields (stagemesh/cli/commands.py), so a
+    service's default lives once, in its config."""
+
+    model_dir: str = knob(help="Hugging Face checkpoint directory", flag="--model")
+    stages: int = knob(1, "pipeline stages per replica")
+    replicas: int = knob(1, "replicas of the whole model")
+    spares: int = knob(0, "idle workers kept for failover")
+    host: str = knob(default_of(GatewayConfig, "host"),
+                     "address every port binds (default loopback: this host only); another exposes the mesh")
+    redis: str = knob("", "redis://HOST:PORT/DB for the global prefix index (a password in it reaches "
+                          "cache_service in its environment)")
+    threads: int = knob(0, "torch threads per worker (0: cores / workers on the CPU, 1 on a GPU)")
+    # The layout of compose/prometheus.yml, shifted to BASE.
+    metrics_port: int = knob(0, "Prometheus /metrics: gateway BASE, coordinator BASE+1, cache_service BASE+2, "
+                                "worker i BASE+10+i (0: off)")
     # Certificates written by `stagemesh certs DIR`: mutual TLS on every internal link (server.pem,
-    # the member role, on every process), TLS on the gateway's public port (client certificate
-    # optional unless --tls-require-client-cert).
-    tls_dir: str = ""
+    # the member role, on every process), TLS on the gateway's public port.
+    tls_dir: str = knob("", "certificates from `stagemesh certs DIR`: mutual TLS inside the mesh, TLS on --port")
+    run_dir: str = knob("", "directory for up's files (the coordinator's state file); default: a temp dir "
+                            "removed at exit")
+    # Worker ports are new each run, so an old plan names nobody: the default file is cleared.
+    state_file: str = knob("", "the coordinator's plan, kept across its restarts (default: "
+                               "RUN_DIR/coordinator-state.json, cleared at start)")
+    start_timeout_s: float = knob(300.0, "each child must print its ready line within this long of its (re)start "
+                                         "(the gateway's includes the workers loading their layers)")
+    max_start_failures: int = knob(5, "stop the mesh when one child fails at start this many times in a row "
+                                      "(exits before ready, misses --start-timeout-s, or dies within 10 s of ready)")
+    log_level: str = knob("warning", "every child's log level")
+    port: int = default_of(GatewayConfig, "port")  # the gateway's --port (a pass-through flag of up)
+    device: str = default_of(WorkerConfig, "device")  # the workers' --device (threads follow it)
     # Secrets, handed to the children in their environment, never on their command lines
     # (stagemesh/membership.py): the gateway's API keys, and the cluster token every internal
     # service demands (empty: $STAGEMESH_CLUSTER_TOKEN if set, else a fresh one per run).
     api_keys: tuple[str, ...] = ()
     cluster_token: str = ""
-    # Where `up` keeps its files (the coordinator's state file); empty: a temp dir removed at exit.
-    run_dir: str = ""
-    # The coordinator's plan, so a restarted coordinator keeps it; empty: RUN_DIR/coordinator-state.json,
-    # cleared at start (worker ports are new each run, so an old plan names nobody).
-    state_file: str = ""
-    max_waiting: int = 1024  # gateway: queue bound, past it RESOURCE_EXHAUSTED
-    dead_after_s: float = 1.5  # coordinator: a worker silent this long is dead
-    lease_ttl_s: float = 60.0  # workers: a silent gateway's KV is dropped after this
-    start_timeout_s: float = 300.0  # each child, from its (re)start to its ready line
-    max_start_failures: int = 5  # failed starts of one child in a row before up gives up
+    # Pass-through flags of each service (config_cli.to_argv of its own config fields).
+    coordinator_args: list[str] = field(default_factory=list)
+    worker_args: list[str] = field(default_factory=list)
+    gateway_args: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.stages < 1 or self.replicas < 1 or self.spares < 0:
             raise ValueError("--stages and --replicas must be >= 1, --spares >= 0")
-        if self.max_waiting < 1 or self.dead_after_s <= 0 or self.lease_ttl_s <= 0 or self.start_timeout_s <= 0:
-            raise ValueError("--max-waiting must be >= 1; --dead-after-s, --lease-ttl-s, --start-timeout-s > 0")
+        if self.start_timeout_s <= 0:
+            raise ValueError("--start-timeout-s must be > 0")
         if self.max_start_failures < 1:
             raise ValueError("--max-start-failures must be >= 1")
 
@@ -108,10 +107,9 @@ class Mesh:
         tls = self._tls_args()
         if not self._spawn("coordinator", [
                 py, "-m", "coordinator", "--model", cfg.model_dir, "--stages", str(cfg.stages),
-                "--replicas", str(cfg.replicas), "--block-size", str(cfg.block_size), "--host", cfg.host,
-                "--port", str(coord_port), "--log-level", cfg.log_level, "--plan", cfg.plan,
-                "--state-file", self.state_file, "--dead-after-s", str(cfg.dead_after_s),
-                *([] if cfg.rebalance else ["--no-rebalance"]), *self._metrics_args(1), *tls],
+                "--replicas", str(cfg.replicas), "--host", cfg.host, "--port", str(coord_port),
+                "--log-level", cfg.log_level, "--state-file", self.state_file, *cfg.coordinator_args,
+                *self._metrics_args(1), *tls],
                 stop, note=coord, env=self._secrets()):
             return None
         cache_args: list[str] = []
@@ -126,9 +124,7 @@ class Mesh:
         n_workers = cfg.stages * cfg.replicas + cfg.spares
         threads = cfg.threads or _default_threads(cfg.device, n_workers)
         worker_cmd = [py, "-m", "stage_worker", "--model", cfg.model_dir, "--coordinator", coord,
-                      "--device", cfg.device, "--block-size", str(cfg.block_size), "--threads", str(threads),
-                      "--kv-cache-bytes", str(cfg.kv_cache_bytes), "--kv-blocks", str(cfg.kv_blocks),
-                      "--lease-ttl-s", str(cfg.lease_ttl_s), "--log-level", cfg.log_level, *tls]
+                      "--threads", str(threads), "--log-level", cfg.log_level, *cfg.worker_args, *tls]
         for i in range(n_workers):
             # A fixed port: a restarted worker comes back at the address the (persisted) plan names.
             port = free_port()
@@ -136,12 +132,7 @@ class Mesh:
                                        *self._metrics_args(10 + i)], stop, wait=False, note=f"{cfg.host}:{port}",
                         env=self._secrets())
         gw_cmd = [py, "-m", "gateway", "--model", cfg.model_dir, "--coordinator", coord, "--host", cfg.host,
-                  "--port", str(cfg.port), "--inflight", str(cfg.inflight),
-                  "--max-batched-tokens", str(cfg.max_batched_tokens), "--max-running", str(cfg.max_running),
-                  "--max-waiting", str(cfg.max_waiting),
-                  "--routing", cfg.routing, "--routing-weight", str(cfg.routing_weight), "--http-port", str(cfg.http_port), "--log-level", cfg.log_level,
-                  *cache_args, *self._metrics_args(0), *tls,
-                  *cfg.extra_gateway_args]
+                  "--log-level", cfg.log_level, *cfg.gateway_args, *cache_args, *self._metrics_args(0), *tls]
         keys = {membership.API_KEYS_ENV: "\n".join(cfg.api_keys)} if cfg.api_keys else {}
         if not self._spawn("gateway", gw_cmd, stop, note=f"{cfg.host}:{cfg.port}", env=self._secrets(**keys)):
             return None
