@@ -8,6 +8,10 @@ with h_{-1} derived from the model id and a fixed seed, so every gateway compute
 in every process and after restarts. Freed blocks keep their hash and stay reusable, in LRU order,
 until they are reallocated (evicted). Stored/removed hashes are queued as events for the global
 index (cache_service). Pure Python: no torch, no grpc.
+
+Block tables belong to the scheduler (its `Admission`): this class hands out block ids and takes
+them back. What it keeps per sequence is hashing state (`_SeqHashes`, keyed by seq_id), from the
+first question about a sequence until `free(seq)`.
 """
 
 from __future__ import annotations
@@ -55,6 +59,18 @@ class Block:
 
 
 @dataclass
+class _SeqHashes:
+    """Prefix-cache state of one sequence on this replica."""
+
+    # Chained hashes of the full blocks of the sequence's history, extended as tokens arrive.
+    hashes: list[bytes] = field(default_factory=list)
+    # Leading blocks of its table whose hashes are registered (sealed), this admission.
+    sealed: int = 0
+    # Leading blocks whose hashes this admission announced as being computed (in `_computing`).
+    computing_upto: int = 0
+
+
+@dataclass
 class CacheEvents:
     """Index changes since the last drain, for cache_service."""
 
@@ -77,6 +93,7 @@ class BlockManager:
         self._by_hash: dict[bytes, int] = {}
         # Hashes of full blocks that running sequences are computing now (hash -> how many).
         self._computing: dict[bytes, int] = {}
+        self._seqs: dict[int, _SeqHashes] = {}  # seq_id -> hashing state, until free(seq)
         self.events = CacheEvents()
         self._root = root_hash(model_id)
 
@@ -98,17 +115,18 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def hashes_of(self, seq: Sequence) -> list[bytes]:
-        """seq's full-block chain hashes, memoised on the sequence and extended as it grows."""
+        """seq's full-block chain hashes, memoised per sequence and extended as it grows."""
+        hashes = self._state(seq).hashes
         bs = self.block_size
         full = seq.num_tokens // bs
-        if len(seq.hashes) >= full:  # every step of every sequence asks: no copy of its history then
-            return seq.hashes
+        if len(hashes) >= full:  # every step of every sequence asks: no copy of its history then
+            return hashes
         ids = seq.all_ids
-        parent = seq.hashes[-1] if seq.hashes else self._root
-        for i in range(len(seq.hashes), full):
+        parent = hashes[-1] if hashes else self._root
+        for i in range(len(hashes), full):
             parent = hash_block(parent, ids[i * bs : (i + 1) * bs])
-            seq.hashes.append(parent)
-        return seq.hashes
+            hashes.append(parent)
+        return hashes
 
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids of the longest cached prefix, leaving at least one token to compute."""
@@ -143,11 +161,10 @@ class BlockManager:
         return need <= self.num_free - reclaimable
 
     # -- allocation ----------------------------------------------------------------------------
-    def allocate(self, seq: Sequence) -> int:
-        """Give `seq` blocks for its whole token history, reusing the cached prefix.
-
-        Returns the number of tokens reused. Raises NoFreeBlocks (and changes nothing) when the
-        blocks are not there.
+    def allocate(self, seq: Sequence) -> tuple[list[int], int]:
+        """Blocks for `seq`'s whole token history, reusing the cached prefix: (block table,
+        number of tokens reused). Raises NoFreeBlocks (and changes nothing) when the blocks are
+        not there. The caller owns the table and gives it back with `free`.
         """
         if not self.can_allocate(seq):
             raise NoFreeBlocks(f"need {self.blocks_needed(seq.num_tokens)} KV blocks, {self.num_free} free")
@@ -155,59 +172,57 @@ class BlockManager:
         for block_id in hits:
             self._take(block_id)
         fresh = [self._pop_free() for _ in range(self.blocks_needed(seq.num_tokens) - len(hits))]
-        seq.block_table = hits + fresh
-        seq.num_computed = len(hits) * self.block_size
-        seq.sealed = len(hits)
-        seq.computing_upto = len(hits)
+        state = self._state(seq)
+        assert state.computing_upto == 0, f"sequence {seq.seq_id} allocated twice without free"
+        state.sealed = state.computing_upto = len(hits)
         if self.enable_prefix_cache:
             pending = self.hashes_of(seq)[len(hits) :]
             for h in pending:
                 self._computing[h] = self._computing.get(h, 0) + 1
-            seq.computing_upto += len(pending)
-        return seq.num_computed
+            state.computing_upto += len(pending)
+        return hits + fresh, len(hits) * self.block_size
 
-    def append_slots(self, seq: Sequence, num_new_tokens: int, start: int | None = None) -> list[int]:
-        """Ensure blocks for `num_new_tokens` more tokens from position `start` (default: the
-        computed ones); returns the block ids appended."""
-        start = seq.num_computed if start is None else start
-        need = self.blocks_needed(start + num_new_tokens) - len(seq.block_table)
+    def append_slots(self, block_table: list[int], num_tokens: int) -> list[int]:
+        """Block ids to append to `block_table` so that it holds `num_tokens` tokens (none when
+        it does already). Raises NoFreeBlocks (and changes nothing) when they are not there."""
+        need = self.blocks_needed(num_tokens) - len(block_table)
         if need > self.num_free:
             raise NoFreeBlocks(f"need {need} more KV blocks, {self.num_free} free")
-        new = [self._pop_free() for _ in range(max(0, need))]
-        seq.block_table.extend(new)
-        return new
+        return [self._pop_free() for _ in range(max(0, need))]
 
-    def seal_computed_blocks(self, seq: Sequence) -> None:
+    def seal_computed_blocks(self, seq: Sequence, block_table: list[int], num_computed: int) -> None:
         """Register hashes of blocks that became full and computed (call after a step returns)."""
         if not self.enable_prefix_cache:
             return
-        full = seq.num_computed // self.block_size
+        full = num_computed // self.block_size
         hashes = self.hashes_of(seq)
-        for i in range(seq.sealed, full):
-            block = self.blocks[seq.block_table[i]]
+        state = self._seqs[seq.seq_id]
+        for i in range(state.sealed, full):
+            block = self.blocks[block_table[i]]
             h = hashes[i]
-            if i < seq.computing_upto:
+            if i < state.computing_upto:
                 self._done_computing(h)
             if block.block_hash is None and h not in self._by_hash:
                 block.block_hash = h
                 self._by_hash[h] = block.block_id
                 self.events.stored.append(h)
-        seq.sealed = max(seq.sealed, full)
+        state.sealed = max(state.sealed, full)
 
-    def free(self, seq: Sequence) -> None:
-        """Drop `seq`'s references; blocks that reach zero stay cached, newest freed last."""
-        if self.enable_prefix_cache:
-            for h in seq.hashes[seq.sealed : seq.computing_upto]:
+    def free(self, seq: Sequence, block_table: list[int] | None = None) -> None:
+        """Forget `seq` (its hashing state) and drop its references to `block_table`; blocks that
+        reach zero stay cached, newest freed last. Call it whenever a sequence leaves the replica,
+        admitted or not (a waiting one may have been hashed)."""
+        state = self._seqs.pop(seq.seq_id, None)
+        if state is not None and self.enable_prefix_cache:
+            for h in state.hashes[state.sealed : state.computing_upto]:
                 self._done_computing(h)
-        seq.sealed = seq.computing_upto = 0
         # Free in reverse so a sequence's tail blocks are evicted before its shared head.
-        for block_id in reversed(seq.block_table):
+        for block_id in reversed(block_table or ()):
             block = self.blocks[block_id]
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {block_id} freed twice"
             if block.ref_count == 0:
                 self._free[block_id] = None
-        seq.block_table = []
 
     def drain_events(self) -> CacheEvents:
         events, self.events = self.events, CacheEvents()
@@ -221,7 +236,18 @@ class BlockManager:
                 block.block_hash = None
         self._by_hash.clear()
 
+    @property
+    def num_tracked(self) -> int:
+        """Sequences this manager holds hashing state for (0 once every one was freed)."""
+        return len(self._seqs)
+
     # -- internals -----------------------------------------------------------------------------
+    def _state(self, seq: Sequence) -> _SeqHashes:
+        state = self._seqs.get(seq.seq_id)
+        if state is None:
+            state = self._seqs[seq.seq_id] = _SeqHashes()
+        return state
+
     def _done_computing(self, h: bytes) -> None:
         n = self._computing.get(h, 0)
         if n > 1:

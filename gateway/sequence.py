@@ -1,19 +1,18 @@
-"""A request's state inside the gateway: its token history, blocks and progress.
+"""A request inside the gateway: its ids, token history, sampling, status and timing.
 
 Pure Python (no torch, no grpc). The token history (`prompt_ids + output_ids`) is the source of
-truth: after a preemption or a failover the sequence is re-prefilled from it.
+truth: after a preemption or a failover the sequence is re-prefilled from it. What a replica holds
+of a sequence while it runs there belongs to that replica's components, keyed by `seq_id`: the
+scheduler's `Admission` (wire id, block table, progress) and the block manager's hashing state.
 """
 
 from __future__ import annotations
 
 import enum
-import itertools
 import time
 from dataclasses import dataclass, field
 
 from stagemesh.sampling import SamplingSpec
-
-_wire_ids = itertools.count(1)
 
 
 class Status(enum.Enum):
@@ -24,7 +23,9 @@ class Status(enum.Enum):
 
 @dataclass
 class Sequence:
-    """One request. Owned by one replica's scheduler; mutated from the gateway's event loop only."""
+    """One request. Owned by one replica's scheduler at a time; mutated from the gateway's event
+    loop only. `seq_id` is unique within the gateway process (the replica's components key their
+    state by it)."""
 
     seq_id: int
     prompt_ids: list[int]
@@ -36,30 +37,14 @@ class Sequence:
 
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
-    # Tokens whose KV is in the replica's cache (computed or reused from the prefix cache).
-    num_computed: int = 0
-    # Prompt tokens reused from the prefix cache at the first admission (reported in usage).
-    num_cached_tokens: int = 0
-    block_table: list[int] = field(default_factory=list)
-    # The id stages know this admission by; a fresh one per (re-)admission so a re-prefill never
-    # collides with a stale table still on a stage.
-    wire_id: int = 0
-    # Whether the stages have been told about this admission (NewSequence sent).
-    announced: bool = False
-    # Micro-batches holding this sequence (two when a decode follows a sample still in flight).
-    in_flight: int = 0
-    # output_index of the newest sampling chunk sent (-1: none this admission).
-    last_sample_index: int = -1
     finish_reason: str | None = None
-    admitted_once: bool = False
-    # Chained hashes of the full blocks of all_ids, extended as tokens arrive (see block_manager).
-    hashes: list[bytes] = field(default_factory=list, repr=False)
-    # KV blocks this request is expected to add on its replica (router's estimate, for load).
-    expected_new_blocks: int = 0
-    # Leading blocks of block_table whose hashes are registered (sealed) this admission.
-    sealed: int = 0
-    # Leading blocks whose hashes this admission announced as being computed (block_manager).
-    computing_upto: int = 0
+    # Prompt tokens reused from the prefix cache at the first admission (reported in usage);
+    # None until the first admission (a readmission recomputes, but the usage keeps the first).
+    first_cached_tokens: int | None = None
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return self.first_cached_tokens or 0
 
     @property
     def all_ids(self) -> list[int]:
@@ -77,19 +62,3 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def num_uncomputed(self) -> int:
-        return self.num_tokens - self.num_computed
-
-    @property
-    def is_prefilling(self) -> bool:
-        return self.num_uncomputed > 1
-
-    def new_admission(self) -> None:
-        """Start a fresh admission (first time, after preemption or after a failover)."""
-        self.wire_id = next(_wire_ids)
-        self.announced = False
-        self.num_computed = 0
-        self.block_table = []
-        self.last_sample_index = -1

@@ -210,8 +210,8 @@ class Gateway:
         )
         stream = RequestStream(seq, Detokenizer(self.tokenizer, list(request.stop)), set(self.model.eos_token_ids),
                                request.ignore_eos)
-        engine, seq.expected_new_blocks = await self.router.route(prompt_ids, max_tokens)
-        engine.submit(seq, stream)
+        engine, expected_blocks = await self.router.route(prompt_ids, max_tokens)
+        engine.submit(seq, stream, expected_blocks)
         # Bound only around log calls, never across a yield: the generator may be resumed or closed
         # from another context (HTTP front end), where a contextvar reset would fail.
         with bound_contextvars(request_id=seq.request_id):
