@@ -48,6 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stagemesh.client import Completion, build_request
 from stagemesh.errors import ErrorKind, StagemeshError, Unavailable
+from stagemesh.finish import finish_text
 
 from gateway import validation
 from gateway.chat_template import ChatTemplate
@@ -242,8 +243,8 @@ def _flatten_message(message: dict, index: int) -> dict:
 
 
 def _pipeline_failed(msg) -> ApiError | None:
-    if msg.finish_reason.startswith("error:"):
-        return ApiError(503, f"request {msg.request_id} failed in the pipeline ({msg.finish_reason})",
+    if finish_text(msg).startswith("error:"):
+        return ApiError(503, f"request {msg.request_id} failed in the pipeline ({finish_text(msg)})",
                         "server_error", code="unavailable")
     return None
 
@@ -326,7 +327,7 @@ class _Stream:
                     yield _json(err.body())
                     break
                 totals.add(msg)
-                finish = _finish(msg.finish_reason) if msg.finish_reason else None
+                finish = _finish(finish_text(msg)) if msg.finish_reason else None
                 if msg.text or finish:
                     yield self.chunk([self.choice(msg.text, finish)])
                 if finish:

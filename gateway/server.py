@@ -19,6 +19,7 @@ from structlog.contextvars import bound_contextvars
 
 from stagemesh import metrics
 from stagemesh.errors import Unavailable
+from stagemesh.finish import copy_finish, finish_text, set_finish
 from stagemesh.grpc_status import grpc_errors
 from stagemesh.model_config import ModelConfig
 from stagemesh.security import channel as secure_channel
@@ -82,10 +83,9 @@ class RequestStream:
             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
             cached_tokens=seq.num_cached_tokens,
         )
-        self.queue.put_nowait(
-            pb.GenerateResponse(text=self.detok.flush(), finish_reason=seq.finish_reason or "stop",
-                                usage=usage, request_id=seq.request_id)
-        )
+        last = pb.GenerateResponse(text=self.detok.flush(), usage=usage, request_id=seq.request_id)
+        set_finish(last, seq.finish_reason or "stop")
+        self.queue.put_nowait(last)
 
 
 def coalesce(msg: pb.GenerateResponse, queue: asyncio.Queue) -> pb.GenerateResponse:
@@ -95,7 +95,7 @@ def coalesce(msg: pb.GenerateResponse, queue: asyncio.Queue) -> pb.GenerateRespo
         nxt = queue.get_nowait()
         msg.token_ids.extend(nxt.token_ids)
         msg.text += nxt.text
-        msg.finish_reason = nxt.finish_reason
+        copy_finish(msg, nxt)
         if nxt.HasField("usage"):
             msg.usage.CopyFrom(nxt.usage)
     return msg
@@ -194,8 +194,8 @@ class Gateway:
     async def generate(self, request: pb.GenerateRequest):
         """Validate, queue and stream one request; shared by the gRPC and HTTP front ends.
 
-        Yields GenerateResponse deltas; the last one has finish_reason ("error:..." when the
-        pipeline failed it). Raises StagemeshError subclasses for bad input or a full queue.
+        Yields GenerateResponse deltas; the last one has finish_reason (FINISH_REASON_ERROR when
+        the pipeline failed it). Raises StagemeshError subclasses for bad input or a full queue.
         Closing the generator early (client gone) cancels the sequence and frees its KV.
         """
         if self.limits is None:
@@ -220,7 +220,7 @@ class Gateway:
         try:
             while True:
                 msg = coalesce(await stream.queue.get(), stream.queue)
-                if msg.finish_reason == NOT_READY:
+                if finish_text(msg) == NOT_READY:
                     raise Unavailable(self.readiness.message())
                 yield msg
                 if msg.finish_reason:
@@ -374,9 +374,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         # This rpc runs in its own task (context), so the binding covers every line it logs.
         with bound_contextvars(request_id=request.request_id):
             async for msg in self.gw.generate(request):
-                if msg.finish_reason.startswith("error:"):
+                if finish_text(msg).startswith("error:"):
                     await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                        f"request {msg.request_id} failed in the pipeline ({msg.finish_reason})")
+                                        f"request {msg.request_id} failed in the pipeline ({finish_text(msg)})")
                 yield msg
 
     @grpc_errors

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from stagemesh.finish import finish_text
 from stagemesh.net import GRPC_OPTIONS
 from stagemesh.security import TlsConfig, channel, sync_channel
 from stagemesh.v1 import stagemesh_pb2 as pb
@@ -22,8 +23,8 @@ class Completion:
     def add(self, msg: pb.GenerateResponse) -> None:
         self.token_ids.extend(msg.token_ids)
         self.text += msg.text
-        if msg.finish_reason:
-            self.finish_reason = msg.finish_reason
+        if finish := finish_text(msg):
+            self.finish_reason = finish
             self.prompt_tokens = msg.usage.prompt_tokens
             self.completion_tokens = msg.usage.completion_tokens
             self.cached_tokens = msg.usage.cached_tokens

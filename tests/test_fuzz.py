@@ -241,7 +241,6 @@ def forward_requests(draw, epoch: int, first: bool, hidden: int, vocab: int):
     req = pb.ForwardRequest(
         epoch=epoch if draw(st.integers(0, 9)) < 8 else draw(st.sampled_from([epoch + 1, 0]) | st.integers(0, 2**64 - 1)),
         lease_id="fuzz-" + draw(st.text(max_size=6)), step_id=draw(st.integers(0, 2**64 - 1)),
-        replica=draw(st.integers(-2, 2)),
     )
     for sid in draw(st.lists(seq_ids, max_size=3)):
         ns = req.new_sequences.add(seq_id=sid, block_ids=draw(block_ids))
@@ -283,7 +282,7 @@ def test_fuzz_forward(mesh, stage):
             assert exc.details(), "an error status needs a message"
         finally:  # release the lease on both stages (stage 0 relays Release down the chain)
             for s in mesh["stage_stubs"]:
-                s.Release(pb.ReleaseRequest(lease_id=req.lease_id, epoch=req.epoch), timeout=10)
+                s.Release(pb.ReleaseRequest(lease_id=req.lease_id), timeout=10)
         STATUS_COUNTS[f"Forward stage {stage}"][code.name] += 1
         assert code in CLEAR_FORWARD, (code, req)
         assert _held(mesh) == [(0, 0), (0, 0)]

@@ -115,18 +115,21 @@ def test_deltas_waiting_behind_one_go_out_as_one_message():
     import asyncio
 
     from gateway.server import coalesce
+    from stagemesh.finish import finish_text, set_finish
 
     queue = asyncio.Queue()
     for ids, text in (([2], "b"), ([3, 4], "cd")):
         queue.put_nowait(pb.GenerateResponse(token_ids=ids, text=text, request_id="r"))
-    queue.put_nowait(pb.GenerateResponse(text="!", finish_reason="length", usage=pb.Usage(completion_tokens=4)))
+    last = pb.GenerateResponse(text="!", usage=pb.Usage(completion_tokens=4))
+    set_finish(last, "length")
+    queue.put_nowait(last)
     queue.put_nowait(pb.GenerateResponse(token_ids=[9], text="never"))  # nothing follows a finish
     msg = coalesce(pb.GenerateResponse(token_ids=[1], text="a", request_id="r"), queue)
-    assert (list(msg.token_ids), msg.text, msg.finish_reason, msg.usage.completion_tokens) == (
+    assert (list(msg.token_ids), msg.text, finish_text(msg), msg.usage.completion_tokens) == (
         [1, 2, 3, 4], "abcd!", "length", 4)
     assert queue.qsize() == 1
     alone = coalesce(pb.GenerateResponse(token_ids=[5], text="e"), asyncio.Queue())
-    assert (list(alone.token_ids), alone.text, alone.finish_reason) == ([5], "e", "")
+    assert (list(alone.token_ids), alone.text, finish_text(alone)) == ([5], "e", "")
 
 
 def test_tokenizer_pool_gives_encode_s_ids_and_refuses_only_what_is_too_long():
