@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 
-import structlog
-
 from stagemesh import config_cli, discovery
+from stagemesh import log as logging_setup
 from stagemesh.membership import REDIS_URL_ENV
 from stagemesh.security import add_tls_flags, tls_from_args
 
@@ -47,33 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         config, log_level, consul = parse_config(argv)
     except ValueError as exc:
         sys.exit(f"cache_service: invalid configuration: {exc}")
-    configure_logging(log_level)
-    asyncio.run(_serve(config, consul))
-
-
-async def _serve(config: CacheServiceConfig, consul: discovery.ConsulConfig | None) -> None:
-    """serve(), registered in Consul as stagemesh-cache while it runs when --consul is given."""
-    registry = discovery.Discovery(consul) if consul else None
-    registered: list[tuple[asyncio.Task, str]] = []
-
-    def on_ready(port: int) -> None:
-        print(f"cache_service ready port={port}", flush=True)
-        if registry is not None:
-            service_id = discovery.service_id("cache", f"{config.host}:{port}")
-            registered.append((asyncio.get_running_loop().create_task(
-                registry.register(discovery.SERVICE_NAMES["cache"], service_id, config.host, port)), service_id))
-
-    try:
-        await serve(config, on_ready=on_ready)
-    finally:
-        if registry is not None:
-            for task, service_id in registered:
-                try:
-                    await task
-                    await registry.deregister(service_id)
-                except discovery.CONSUL_ERRORS:
-                    pass
-            await registry.close()
+    logging_setup.configure("cache_service", log_level)  # JSON lines on stderr; stdout keeps the ready line
+    asyncio.run(serve(config, consul))
 
 
 if __name__ == "__main__":

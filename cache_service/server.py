@@ -8,22 +8,15 @@ bad input); the process itself never exits because Redis went away.
 
 from __future__ import annotations
 
-import asyncio
-import signal
-from typing import Callable, Optional
-
-import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cache_service.config import CacheServiceConfig
 from cache_service.index import BlockEvent, BlockRemoved, BlockStored, PrefixIndex, ReplicaCleared
+from stagemesh import discovery
 from stagemesh.errors import InvalidArgument
 from stagemesh.grpc_status import grpc_errors
-from stagemesh.membership import redact_url, server_interceptors
-from stagemesh.metrics import start_metrics_server
-from stagemesh.reflection import enable_reflection
-from stagemesh.security import add_port
+from stagemesh.membership import redact_url
+from stagemesh.service import ServiceSpec, run_service
 from stagemesh.v1 import cache_pb2, cache_pb2_grpc
 
 log = structlog.get_logger(service="cache_service")
@@ -86,37 +79,19 @@ def _chain_match(overlaps: dict[str, int]) -> cache_pb2.ChainMatch:
     )
 
 
-async def serve(config: CacheServiceConfig, on_ready: Optional[Callable[[int], None]] = None) -> None:
+async def serve(config: CacheServiceConfig, consul: discovery.ConsulConfig | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain in-flight rpcs for `config.grace_s` and close Redis.
 
-    `on_ready(port)` is called once the port is bound (the actual port when config.port is 0).
+    Prints `cache_service ready port=<P>` once serving (the actual port when config.port is 0);
+    registered in Consul (given `consul`) while it runs.
     Redis is not contacted at start-up: a Redis that is down yields UNAVAILABLE per rpc.
     """
     index = PrefixIndex(config.index)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],  # mesh members only (stagemesh/membership.py)
-                             interceptors=server_interceptors(config.host, config.tls, "cache_service"))
-    cache_pb2_grpc.add_CacheIndexServicer_to_server(CacheIndexServicer(index, config), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    enable_reflection(server, cache_pb2.DESCRIPTOR, "CacheIndex")
-    port = add_port(server, f"{config.host}:{config.port}", config.tls)  # OSError if it cannot bind
-    await server.start()
-    start_metrics_server(config.metrics_port, config.host)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    stop = _stop_event_on_signals()
-    log.info("cache_service ready", host=config.host, port=port, redis_url=redact_url(config.index.redis_url),
-             metrics_port=config.metrics_port or None)
-    if on_ready is not None:
-        on_ready(port)
-    await stop.wait()
-    log.info("stopping", grace_s=config.grace_s)
-    await server.stop(config.grace_s)
-    await index.close()
-
-
-def _stop_event_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
+    servicer = CacheIndexServicer(index, config)
+    await run_service(ServiceSpec(
+        name="cache_service", host=config.host, port=config.port, tls=config.tls, log=log,
+        metrics_port=config.metrics_port, descriptor=cache_pb2.DESCRIPTOR, services=("CacheIndex",),
+        add_servicers=lambda server: cache_pb2_grpc.add_CacheIndexServicer_to_server(servicer, server),
+        options=[("grpc.so_reuseport", 0)], ready_line="cache_service ready port={port}",
+        ready_fields={"redis_url": redact_url(config.index.redis_url)},
+        consul=discovery.Discovery(consul) if consul else None, consul_kind="cache", grace_s=config.grace_s, stop=index.close))

@@ -6,14 +6,12 @@ import asyncio
 import time
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from stagemesh import membership, metrics
+from stagemesh import metrics
 from stagemesh import security
 from stagemesh.grpc_status import grpc_errors
-from stagemesh.proc import wait_for_signal
-from stagemesh.net import GRPC_OPTIONS
-from stagemesh.reflection import enable_reflection
+from stagemesh.service import ServiceSpec, run_service
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
@@ -117,26 +115,19 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
 
 async def serve(config: CoordinatorConfig, log) -> None:
-    server = grpc.aio.server(options=GRPC_OPTIONS,  # mesh members only (stagemesh/membership.py)
-                             interceptors=membership.server_interceptors(config.host, config.tls, "coordinator"))
     service = CoordinatorService(config, log)
-    pb_grpc.add_CoordinatorServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    enable_reflection(server, pb.DESCRIPTOR, "Coordinator")
-    port = security.add_port(server, f"{config.host}:{config.port}", config.tls)
-    await server.start()
-    metrics.start_metrics_server(config.metrics_port, config.host)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    watchers = [asyncio.create_task(_expire_loop(service.registry, config))]
-    if config.rebalance:
-        watchers.append(asyncio.create_task(_rebalance_loop(service.registry, config)))
-    log.info("coordinator ready", address=f"{config.host}:{port}")
-    print(f"coordinator ready on {config.host}:{port}", flush=True)
-    await wait_for_signal()
-    for task in watchers:
-        task.cancel()
-    await server.stop(grace=1.0)
+
+    def watchers(_running) -> list[asyncio.Task]:
+        tasks = [asyncio.create_task(_expire_loop(service.registry, config))]
+        if config.rebalance:
+            tasks.append(asyncio.create_task(_rebalance_loop(service.registry, config)))
+        return tasks
+
+    await run_service(ServiceSpec(
+        name="coordinator", host=config.host, port=config.port, tls=config.tls, log=log,
+        metrics_port=config.metrics_port, descriptor=pb.DESCRIPTOR, services=("Coordinator",),
+        add_servicers=lambda server: pb_grpc.add_CoordinatorServicer_to_server(service, server),
+        tasks=watchers))
 
 
 async def _rebalance_loop(registry: Registry, config: CoordinatorConfig) -> None:

@@ -6,17 +6,12 @@ import argparse
 import asyncio
 import sys
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
 from stagemesh import config_cli, discovery
 from stagemesh import log as logging_setup
 from stagemesh.errors import CheckpointError
-from stagemesh.metrics import start_metrics_server
 from stagemesh.net import GRPC_OPTIONS
-from stagemesh.proc import wait_for_signal
-from stagemesh.reflection import enable_reflection
-from stagemesh.security import add_port, add_tls_flags, tls_from_args
+from stagemesh.service import ServiceSpec, run_service
+from stagemesh.security import add_tls_flags, tls_from_args
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
@@ -74,53 +69,42 @@ async def _follow_leader(gateway: Gateway, registry: discovery.Discovery, curren
 async def serve(config: GatewayConfig, log, consul: discovery.ConsulConfig | None = None,
                 follow: bool = False) -> None:
     gateway = Gateway(config, log)
-    interceptors = [ApiKeyInterceptor(gateway.auth)] if gateway.auth is not None else []
+    registry = discovery.Discovery(consul) if consul else None
+    http = []  # the HTTP frontend once started
+
+    async def start(running) -> None:
+        gateway.readiness.health = running.health  # NOT_SERVING whenever the plan is not ready
+        await gateway.start()
+        if config.http_port:
+            from gateway.http_api import HttpFrontend
+
+            http.append(HttpFrontend(gateway, config.host, config.http_port))
+            await http[0].start()  # OSError if the port is taken; listening when it returns
+
+    def tasks(_running) -> list[asyncio.Task]:
+        if registry is None or not follow:
+            return []
+        return [asyncio.create_task(_follow_leader(gateway, registry, config.coordinator, log))]
+
+    async def stop() -> None:
+        for frontend in http:
+            await frontend.stop()
+
     # A request bigger than any valid one is refused by gRPC itself (RESOURCE_EXHAUSTED): its bytes
     # are dropped as they arrive, never parsed or held whole (a 100 MB one: RSS +10 MB at most).
     options = {**dict(GRPC_OPTIONS), "grpc.max_receive_message_length":
                grpc_message_limit(config.max_prompt_bytes, gateway.model.max_position_embeddings)}
-    server = grpc.aio.server(options=list(options.items()), interceptors=interceptors)
-    pb_grpc.add_GenerationServicer_to_server(GenerationService(gateway), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    # NOT_SERVING until a plan is ready (the servicer starts out SERVING); the plan watcher keeps it true.
-    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-    gateway.readiness.health = health_servicer
-    enable_reflection(server, pb.DESCRIPTOR, "Generation")
-    port = add_port(server, f"{config.host}:{config.port}", config.tls)
-    await server.start()
-    start_metrics_server(config.metrics_port, config.host)
-    await gateway.start()
-    http = None
-    if config.http_port:
-        from gateway.http_api import HttpFrontend
-
-        http = HttpFrontend(gateway, config.host, config.http_port)
-        await http.start()  # OSError if the port is taken; listening when it returns
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    log.info("gateway ready", address=f"{config.host}:{port}", model=gateway.model_id,
-             metrics_port=config.metrics_port or None, http_port=config.http_port or None)
-    print(f"gateway ready on {config.host}:{port}", flush=True)
-    registry = discovery.Discovery(consul) if consul else None
-    following = None
-    if registry is not None:
-        service_id = discovery.service_id("gateway", f"{config.host}:{port}")
-        await registry.register(discovery.SERVICE_NAMES["gateway"], service_id, config.host, port)
-        if follow:
-            following = asyncio.create_task(_follow_leader(gateway, registry, config.coordinator, log))
-    await wait_for_signal()
-    if registry is not None:
-        if following is not None:
-            following.cancel()
-        try:
-            await registry.deregister(service_id)
-        except discovery.CONSUL_ERRORS:
-            pass
-        await registry.close()
-    if http is not None:
-        await http.stop()
-    await server.stop(grace=2.0)
-    await gateway.close()
+    try:
+        await run_service(ServiceSpec(
+            name="gateway", host=config.host, port=config.port, tls=config.tls, log=log,
+            metrics_port=config.metrics_port, descriptor=pb.DESCRIPTOR, services=("Generation",),
+            add_servicers=lambda server: pb_grpc.add_GenerationServicer_to_server(GenerationService(gateway), server),
+            interceptors=[ApiKeyInterceptor(gateway.auth)] if gateway.auth is not None else [],  # a public port
+            options=list(options.items()), consul=registry, consul_kind="gateway", grace_s=2.0,
+            ready_fields={"model": gateway.model_id, "http_port": config.http_port or None},
+            start=start, tasks=tasks, stop=stop))
+    finally:
+        await gateway.close()
 
 
 def main(argv=None) -> None:

@@ -7,19 +7,13 @@ import asyncio
 import dataclasses
 import sys
 
-import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from stagemesh import config_cli, discovery
 from stagemesh import log as logging_setup
 from stagemesh.errors import CheckpointError
-from stagemesh.membership import server_interceptors
-from stagemesh.metrics import start_metrics_server
-from stagemesh.net import GRPC_OPTIONS
-from stagemesh.proc import wait_for_signal
-from stagemesh.reflection import enable_reflection
-from stagemesh.security import add_port, add_tls_flags, tls_from_args
+from stagemesh.service import ServiceSpec, run_service
+from stagemesh.security import add_tls_flags, tls_from_args
 from stagemesh.v1 import stagemesh_pb2 as pb
 
 from stage_worker.config import WorkerConfig
@@ -51,37 +45,18 @@ async def serve(config: WorkerConfig, log, consul: discovery.ConsulConfig | None
         service = TPStageService(config, log)
     else:
         service = StageService(config, log)
-    server = grpc.aio.server(options=GRPC_OPTIONS,  # mesh members only (stagemesh/membership.py)
-                             interceptors=server_interceptors(config.host, config.tls, "stage worker"))
-    add_stage_service(service, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    enable_reflection(server, pb.DESCRIPTOR, "Stage")
-    port = add_port(server, f"{config.host}:{config.port}", config.tls)
-    await server.start()
-    start_metrics_server(config.metrics_port, config.host)
-    address = config.advertise or f"{config.host}:{port}"
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    log.info("stage worker listening", address=address, device=config.device,
-             metrics_port=config.metrics_port or None)
-    print(f"stage worker ready on {address}", flush=True)
-    if registry is not None:
-        await registry.register(discovery.SERVICE_NAMES["worker"], discovery.service_id("worker", address),
-                                *discovery.split_address(address))
-    beat = asyncio.create_task(_heartbeats(service, config, address, log, registry if follow else None))
-    expiry = asyncio.create_task(lease_expiry_loop(service, config.lease_ttl_s))
-    stop = asyncio.create_task(wait_for_signal())
-    done, _ = await asyncio.wait({beat, stop}, return_when=asyncio.FIRST_COMPLETED)
-    if beat in done and beat.exception():
-        log.error("worker_failed", error=str(beat.exception()))
-        print(f"stage worker: {beat.exception()}", file=sys.stderr, flush=True)
-    beat.cancel()
-    expiry.cancel()
-    if registry is not None:
-        await _deregister(registry, discovery.service_id("worker", address))
-    await server.stop(grace=1.0)
-    if beat in done and beat.exception():
-        sys.exit(1)
+
+    def tasks(running) -> list[asyncio.Task]:
+        # The heartbeats ending ends the worker (exit 1 when they failed: the supervisor restarts it).
+        return [asyncio.create_task(_heartbeats(service, config, running.address, log, registry if follow else None)),
+                asyncio.create_task(lease_expiry_loop(service, config.lease_ttl_s))]
+
+    await run_service(ServiceSpec(
+        name="stage worker", host=config.host, port=config.port, tls=config.tls, log=log,
+        metrics_port=config.metrics_port, descriptor=pb.DESCRIPTOR, services=("Stage",),
+        add_servicers=lambda server: add_stage_service(service, server), advertise=config.advertise,
+        ready_event="stage worker listening", ready_fields={"device": config.device},
+        consul=registry, consul_kind="worker", tasks=tasks))
 
 
 async def _heartbeats(service, config: WorkerConfig, address: str, log, registry=None) -> None:
@@ -98,14 +73,6 @@ async def _heartbeats(service, config: WorkerConfig, address: str, log, registry
         beat.cancel()
         log.info("coordinator_moved", coordinator=moved.result())
         config = dataclasses.replace(config, coordinator=moved.result())
-
-
-async def _deregister(registry, service_id: str) -> None:
-    try:
-        await registry.deregister(service_id)
-    except discovery.CONSUL_ERRORS:
-        pass  # Consul drops it once its check has been critical long enough
-    await registry.close()
 
 
 def main(argv=None) -> None:
