@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 from stagemesh.config_cli import knob
-from stagemesh.security import TlsConfig
+from stagemesh.tls import TlsConfig
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from stagemesh.config_cli import knob
-from stagemesh.security import TlsConfig
+from stagemesh.tls import TlsConfig
 
 from gateway.scheduler import SchedulerConfig
 

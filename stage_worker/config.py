@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from stagemesh.config_cli import knob
 from stagemesh.model_config import KV_BLOCK_SIZE
-from stagemesh.security import TlsConfig
+from stagemesh.tls import TlsConfig
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Transport security in one place: gRPC server ports and client channels from a `TlsConfig`.
+"""Transport security in one place: gRPC server ports and client channels from a `TlsConfig`
+(stagemesh/tls.py, plain data that service configs hold).
 
 Every service builds its listening port with `add_port` and every outgoing link with `channel`,
 so a deployment turns TLS on by giving each process `--tls-cert --tls-key --tls-ca` (see
@@ -18,57 +19,26 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from stagemesh.membership import MEMBER_URI, client_interceptors, intercept_sync
 from stagemesh.net import GRPC_OPTIONS
+from stagemesh.tls import TlsConfig
 
 
-@dataclass(frozen=True)
-class TlsConfig:
-    """PEM paths of this process's identity and of the CA it trusts, both ways.
+def _server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    cert, key, ca = tls.read()
+    if cert is None:
+        raise ValueError("a TLS port needs --tls-cert and --tls-key")
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=tls.require_client_cert)
 
-    cert/key: presented as server certificate on our port and as client certificate on our
-    outgoing links (one identity per process; the dev certs carry both key usages).
-    ca: verifies the peers (servers we call; clients that call us).
-    require_client_cert: refuse callers without a valid client certificate (mutual TLS).
-    server_name: expected name in the server's certificate when it is not the target's host.
-    """
 
-    cert: str  # empty (with key) for a client that only verifies the server
-    key: str
-    ca: str
-    require_client_cert: bool = True
-    server_name: str = ""
-
-    def __post_init__(self):
-        if not self.ca:
-            raise ValueError("TLS needs --tls-ca (give --tls-cert, --tls-key and --tls-ca together)")
-        if bool(self.cert) != bool(self.key):
-            raise ValueError("--tls-cert and --tls-key go together")
-        for what, path in (("--tls-cert", self.cert), ("--tls-key", self.key), ("--tls-ca", self.ca)):
-            if path and not Path(path).is_file():
-                raise ValueError(f"{what} {path}: no such file")
-
-    def _read(self) -> tuple[bytes | None, bytes | None, bytes]:
-        cert = Path(self.cert).read_bytes() if self.cert else None
-        key = Path(self.key).read_bytes() if self.key else None
-        return cert, key, Path(self.ca).read_bytes()
-
-    def server_credentials(self) -> grpc.ServerCredentials:
-        cert, key, ca = self._read()
-        if cert is None:
-            raise ValueError("a TLS port needs --tls-cert and --tls-key")
-        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                           require_client_auth=self.require_client_cert)
-
-    def channel_credentials(self) -> grpc.ChannelCredentials:
-        """Server verified by the CA; our certificate presented when we have one (mutual TLS)."""
-        cert, key, ca = self._read()
-        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+def _channel_credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
+    """Server verified by the CA; our certificate presented when we have one (mutual TLS)."""
+    cert, key, ca = tls.read()
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
 def add_port(server, address: str, tls: TlsConfig | None) -> int:
@@ -76,7 +46,7 @@ def add_port(server, address: str, tls: TlsConfig | None) -> int:
     if tls is None:
         port = server.add_insecure_port(address)
     else:
-        port = server.add_secure_port(address, tls.server_credentials())
+        port = server.add_secure_port(address, _server_credentials(tls))
     if port == 0:
         raise OSError(f"cannot bind {address}")
     return port
@@ -96,7 +66,7 @@ def channel(target: str, tls: TlsConfig | None, options=None, member: bool = Tru
     interceptors = client_interceptors() if member else []
     if tls is None:
         return grpc.aio.insecure_channel(target, options=_options(None, options), interceptors=interceptors)
-    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=_options(tls, options),
+    return grpc.aio.secure_channel(target, _channel_credentials(tls), options=_options(tls, options),
                                    interceptors=interceptors)
 
 
@@ -105,7 +75,7 @@ def sync_channel(target: str, tls: TlsConfig | None, options=None, member: bool 
     if tls is None:
         ch = grpc.insecure_channel(target, options=_options(None, options))
     else:
-        ch = grpc.secure_channel(target, tls.channel_credentials(), options=_options(tls, options))
+        ch = grpc.secure_channel(target, _channel_credentials(tls), options=_options(tls, options))
     return intercept_sync(ch) if member else ch
 
 
