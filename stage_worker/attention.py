@@ -3,8 +3,8 @@
 A micro-batch is a flat token axis `[T]` that concatenates, per sequence, a run of new tokens: a
 prefill chunk (possibly starting mid-prompt, chunked prefill) or a single decode token.
 `AttnMetadata.build` turns (start_pos, num_tokens, block_table) per sequence into the index
-tensors every layer reuses; `paged_attention` writes the new K/V at `slot_mapping`, then attends
-each query to its sequence's whole context read back from the pool. Decode sequences share one
+tensors every layer reuses; the layer writes the new K/V at `slot_mapping` (fused_ops.rotary_and_cache),
+then `attend` attends each query to its sequence's whole context read back from the pool. Decode sequences share one
 padded SDPA call (their cost is dominated by call overhead); prefill chunks run one call each.
 
 On a GPU the metadata is *paged* (`build(..., paged=True)`, the default there): index arrays are
@@ -231,24 +231,9 @@ def _pack(parts: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
     return [v[: len(p)] for v, p in zip(views, parts)]
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    layer_kv: tuple[torch.Tensor, torch.Tensor], meta: AttnMetadata,
-                    scale: float) -> torch.Tensor:
-    """Attention of new queries over each sequence's full cached context.
-
-    q: [T, Hq, D]; k, v: [T, Hkv, D] (already rotated); layer_kv: ([N, Hkv, D], [N, Hkv, D]).
-    Mutates the cache: the new k/v are written at meta.slot_mapping before reading.
-    Returns [T, Hq, D] in q's dtype.
-    """
-    k_cache, v_cache = layer_kv
-    k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-    v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
-    return attend(q, layer_kv, meta, scale)
-
-
 def attend(q: torch.Tensor, layer_kv: tuple[torch.Tensor, torch.Tensor], meta: AttnMetadata,
            scale: float) -> torch.Tensor:
-    """paged_attention after the new K/V are in the pool (fused_ops.rotary_and_cache wrote them)."""
+    """q: [T, Hq, D] over each sequence's cached context (the new K/V already in the pool) -> [T, Hq, D]."""
     k_cache, v_cache = layer_kv
     if meta.unified:
         return unified_attention(q, k_cache, v_cache, meta.seq_tables, meta.seq_lens, meta.qsl,

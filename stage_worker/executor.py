@@ -48,9 +48,6 @@ class StageExecutor:
         self.block_size = block_size
         self.num_blocks = kv.num_blocks
         self.device = next(model.parameters()).device
-        if self.device.type == "cuda" and hasattr(model, "fuse_projections"):
-            model.fuse_projections()  # before capture: graphs bake in the fused weights
-            torch.cuda.empty_cache()
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and kv.scratch_block is not None
         self.graphs = DecodeGraphs(model, kv, block_size) if cuda_graphs else None

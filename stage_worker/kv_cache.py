@@ -5,7 +5,7 @@ they index (physical KV), as nano-vllm's `ModelRunner.allocate_kv_cache`. Each l
 and a v tensor laid out as flat *slots*, `slot = block_id * block_size + offset`, so that writing
 new tokens is one `index_copy_` and reading a sequence's context is one `index_select`.
 
-Not thread-safe: one micro-batch executes at a time on a stage, and `paged_attention` writes here.
+Not thread-safe: one micro-batch executes at a time on a stage, and its layers write here.
 """
 
 from __future__ import annotations

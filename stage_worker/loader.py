@@ -2,7 +2,9 @@
 
 Partitioning is a transform (gpt-fast `apply_tp`, nano-vllm `utils/loader.py`): the stage module
 is built for its layer range, and exactly its tensors are read, memory-mapped, from only the shard
-files that hold them. A 70B stage serving 10 layers thus touches ~1/8 of the checkpoint.
+files that hold them. So is fusion: each checkpoint tensor is copied into the view of the stage's
+tensor it belongs to (q/k/v into rows of qkv_proj, an expert's gate/up/down into its slices of
+the stacked expert weights; `PipelineStage.checkpoint_tensors`), so a stage has one layout. A 70B stage serving 10 layers thus touches ~1/8 of the checkpoint.
 Every failure is a CheckpointError whose one-line message names the offending file.
 
 FP8 block-quantized checkpoints (DeepSeek-V3's `quantization_config: {"quant_method": "fp8",
@@ -53,7 +55,9 @@ def load_stage(model_dir: str | Path, layer_start: int, layer_end: int,
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     model = build_model_on_device(cfg, layer_start, layer_end, device, dtype)
-    params = dict(model.named_parameters())  # tied head appears once, as embed_tokens
+    # Checkpoint name -> the tensor (or the row slice of a merged one) it fills; a tied head
+    # appears once, as embed_tokens.
+    params = model.checkpoint_tensors()
     locations = _tensor_locations(model_dir)
     wanted = {_hf_name(n): n for n in params}
     tied_head = model.is_last and (cfg.tie_word_embeddings or HEAD not in locations)

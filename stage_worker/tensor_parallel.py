@@ -4,7 +4,8 @@ A TP stage is a group of `world` processes on one host, one per device (or, on t
 processes over gloo/loopback). Every rank loads the same layer range, then `shard_stage` slices it
 in place (gpt-fast `tp.py: apply_tp` style):
 
-- column-parallel q/k/v and gate/up: rank r keeps its rows, i.e. query heads
+- column-parallel q/k/v and gate/up (merged matmuls: each part is split, then re-merged,
+  `MergedLinear.shard_rows`): rank r keeps its rows, i.e. query heads
   [r*Hq/k, (r+1)*Hq/k) and KV heads [r*Hkv/k, (r+1)*Hkv/k) (GQA groups stay whole on one rank),
   and intermediate columns [r*I/k, (r+1)*I/k);
 - row-parallel o_proj and down_proj: rank r keeps the matching input columns, and the partial
@@ -53,21 +54,9 @@ def all_reduce(t: torch.Tensor, group=None) -> None:
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
 
 
-def _rows(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    n = t.shape[0] // world
-    return t[rank * n:(rank + 1) * n].clone()  # clone: drop the rest of the full tensor
-
-
 def _cols(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     n = t.shape[1] // world
     return t[:, rank * n:(rank + 1) * n].contiguous().clone()
-
-
-def _shard_column(lin: nn.Linear, rank: int, world: int) -> None:
-    lin.weight = nn.Parameter(_rows(lin.weight.data, rank, world), requires_grad=False)
-    if lin.bias is not None:
-        lin.bias = nn.Parameter(_rows(lin.bias.data, rank, world), requires_grad=False)
-    lin.out_features = lin.weight.shape[0]
 
 
 def _row_parallel(lin: nn.Linear, rank: int, world: int, group) -> RowParallelLinear:
@@ -83,10 +72,7 @@ def check_divisible(cfg, world: int) -> None:
 
 @torch.no_grad()
 def shard_stage(model, rank: int, world: int, group=None):
-    """Shard a loaded Llama-family stage in place for rank `rank` of `world`; returns it.
-
-    Call before fuse_projections (the executor fuses on CUDA after this, on the local shards).
-    """
+    """Shard a loaded Llama-family stage in place for rank `rank` of `world`; returns it."""
     from stage_worker.models.llama import LlamaStage
 
     if not isinstance(model, LlamaStage):
@@ -97,10 +83,8 @@ def shard_stage(model, rank: int, world: int, group=None):
     check_divisible(cfg, world)
     for layer in model.layers.values():
         attn, mlp = layer.self_attn, layer.mlp
-        if attn.qkv_proj is not None or mlp.gate_up_proj is not None:
-            raise ValueError("shard_stage needs the checkpoint layout: shard before fuse_projections")
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            _shard_column(lin, rank, world)
+        for merged in (attn.qkv_proj, mlp.gate_up_proj):  # each part's rows, then re-merged
+            merged.shard_rows(rank, world)
         attn.o_proj = _row_parallel(attn.o_proj, rank, world, group)
         mlp.down_proj = _row_parallel(mlp.down_proj, rank, world, group)
         attn.n_heads //= world

@@ -274,19 +274,24 @@ def test_steps_that_follow_samples_on_the_graph_routes_equal_steps_given_the_tok
     assert (a1, dict(ahead.finish(second).samples), dict(ahead.finish(third).samples)) == (s1, s2, s3)
 
 
-def test_fused_projections_compute_the_same_function(tmp_path):
-    """fuse_projections (the GPU layout) must not change outputs; checked on the CPU in float32."""
+def test_merged_projections_hold_the_checkpoint_tensors_and_shard_by_part(tmp_path):
+    """One layout on every device: the loader fills q/k/v (with Qwen2's biases) and gate/up into
+    the merged matmuls' row slices; a tensor-parallel shard keeps each part's rows, re-merged."""
+    from safetensors.torch import load_file
+
     path = make_hf_checkpoint(tmp_path, "qwen2")  # with q/k/v biases
-    model, _ = load_stage(path, 0, 4)
-    meta = AttnMetadata.build([(0, 5, [0, 1]), (0, 3, [2])], BLOCK, "cpu")
-    step = AttnMetadata.build([(5, 1, [0, 1]), (3, 2, [2, 3])], BLOCK, "cpu")  # decode + chunk
-    ids, step_ids = torch.tensor([3, 4, 5, 6, 7, 8, 9, 10]), torch.tensor([11, 12, 13])
-    outs = []
-    for fused in (False, True):
-        if fused:
-            model.fuse_projections()
-            assert model.layers["0"].self_attn.qkv_proj is not None and model.fused
-        kv = model.make_kv_cache(4, BLOCK)
-        outs.append((model(ids, None, meta, kv), model(step_ids, None, step, kv), kv.k_caches[1].clone()))
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    model, cfg = load_stage(path, 0, 2)
+    ckpt = load_file(path / "model.safetensors")
+    attn, mlp = model.layers["1"].self_attn, model.layers["1"].mlp
+    w = "model.layers.1.self_attn.{}_proj.{}"
+    for kind in ("weight", "bias"):
+        merged = torch.cat([ckpt[w.format(p, kind)] for p in "qkv"])
+        assert torch.equal(getattr(attn.qkv_proj, kind), merged.to(model.dtype))
+    gate_up = torch.cat([ckpt[f"model.layers.1.mlp.{p}_proj.weight"] for p in ("gate", "up")])
+    assert torch.equal(mlp.gate_up_proj.weight, gate_up.to(model.dtype))
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    attn.qkv_proj.shard_rows(1, 2)  # rank 1 of 2: the second half of each part's heads
+    expect = torch.cat([ckpt[w.format("q", "bias")][hq * d // 2:], ckpt[w.format("k", "bias")][hkv * d // 2:],
+                        ckpt[w.format("v", "bias")][hkv * d // 2:]])
+    assert torch.equal(attn.qkv_proj.bias, expect.to(model.dtype))
+    assert attn.qkv_proj.parts == {"q_proj": hq * d // 2, "k_proj": hkv * d // 2, "v_proj": hkv * d // 2}

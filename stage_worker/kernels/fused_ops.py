@@ -93,7 +93,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Reference: exactly models/llama.py's RMSNorm.forward."""
+    """Reference: exactly models/layers.py's RMSNorm.forward."""
     dtype = x.dtype
     if x.is_cuda:
         return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(dtype)
@@ -147,7 +147,7 @@ def silu_and_mul(gate_up: torch.Tensor, use_triton: bool | None = None) -> torch
 
 
 def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
-    """Reference: models/llama.py's LlamaMLP (fused layout)."""
+    """Reference: chunk(2) of the merged gate/up output, silu(gate) * up."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -197,7 +197,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotary_and_cache_torch(qkv, cos, sin, n_q, n_kv, k_cache, v_cache, slot_mapping):
-    """Reference: models/llama.py's apply_rotary + attention.py's paged_attention cache write."""
+    """Reference: rotate_half rotary of q and k (transformers' apply_rotary_pos_emb), then index_copy_ of k, v."""
     qk = qkv[:, : n_q + n_kv]
     qk = qk * cos[:, None, :] + _rotate_half(qk) * sin[:, None, :]
     q, k, v = qk[:, :n_q], qk[:, n_q:], qkv[:, n_q + n_kv:]

@@ -1,8 +1,8 @@
 """What every model family's stage shares: the embed -> layers -> (norm, head) walk.
 
-A family's stage class builds `embed_tokens` (first stage), `layers` (a ModuleDict keyed by the
-global layer index), `norm` and `lm_head` (last stage), and supplies `rotary(positions, dtype)`
-and `make_kv_cache(...)`; the data flow through a stage is the same for every family.
+A family's stage class calls `_build_range` with its decoder layer, then sets `inv_freq`,
+`attention_scaling`, `kv_cache_cls` and `kv_dims()`; the walk, the rotary tables, the KV pool and
+the checkpoint names (`checkpoint_tensors`) are the same code for every family.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from stage_worker.attention import AttnMetadata
+from stage_worker.models.layers import RMSNorm, checkpoint_tensors
+from stagemesh.model_config import ModelConfig
 
 
 class PipelineStage(nn.Module):
@@ -28,14 +30,74 @@ class PipelineStage(nn.Module):
     # Query tokens per tile of unified_attention for mixed micro-batches on a GPU; None: this
     # family's attention has no unified kernel (mixed micro-batches use its own paged path).
     attention_tile_q: int | None = None
+    # Rotary tables: [T, D] as cat(freqs, freqs) (rotate_half layout, Llama), or [T, D/2] (DeepSeek).
+    rotary_duplicate: bool = True
+    kv_cache_cls: type  # PagedKVCache or MLAKVCache: block_bytes(layers, block_size, *kv_dims(), dtype)
+    inv_freq: torch.Tensor  # [D/2] float32 on the stage's device, not a parameter
+    attention_scaling: float = 1.0
+
+    def _build_range(self, cfg: ModelConfig, layer_start: int, layer_end: int, make_layer,
+                     dtype: torch.dtype, device) -> None:
+        """embed_tokens (first stage), layers[str(global index)], norm and lm_head (last stage).
+
+        Built on the meta device and materialised empty: weights come from the checkpoint, so
+        random init of a multi-GB range would be wasted time.
+        """
+        if not 0 <= layer_start < layer_end <= cfg.num_hidden_layers:
+            raise ValueError(f"bad layer range [{layer_start}, {layer_end}) for "
+                             f"{cfg.num_hidden_layers} layers")
+        self.cfg, self.layer_start, self.layer_end = cfg, layer_start, layer_end
+        self.is_first, self.is_last = layer_start == 0, layer_end == cfg.num_hidden_layers
+        with torch.device("meta"):
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.is_first else None
+            self.layers = nn.ModuleDict({str(i): make_layer(i) for i in range(layer_start, layer_end)})
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.is_last else None
+            self.lm_head = (nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+                            if self.is_last else None)
+        self.to_empty(device=device).to(dtype)
+        if self.is_first and self.is_last and cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     @property
     def num_local_layers(self) -> int:
         return self.layer_end - self.layer_start
 
     @property
+    def _first_norm(self) -> torch.Tensor:
+        """A weight in the stage's dtype on its device (some parameters stay float32)."""
+        return self.layers[str(self.layer_start)].input_layernorm.weight
+
+    @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return self._first_norm.dtype
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Checkpoint name (minus `model.`) -> the tensor (or view) the loader copies it into."""
+        return checkpoint_tensors(self)
+
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin: [T, D] or [T, D/2] (rotary_duplicate), in float32 then cast, as transformers."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        if self.rotary_duplicate:
+            freqs = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+    def kv_dims(self) -> tuple[int, int]:
+        """The pool's per-slot shape arguments after (num_layers, num_blocks, block_size)."""
+        raise NotImplementedError
+
+    def kv_block_bytes(self, block_size: int) -> int:
+        """Bytes one KV block costs on this stage (sizes the pool without allocating one)."""
+        return self.kv_cache_cls.block_bytes(self.num_local_layers, block_size, *self.kv_dims(), self.dtype)
+
+    def make_kv_cache(self, num_blocks: int, block_size: int, dtype=None, device=None,
+                      scratch_blocks: int | None = None):
+        """A pool shaped for this stage's layers; scratch_blocks None: the pool's default."""
+        p = self._first_norm
+        extra = {} if scratch_blocks is None else {"scratch_blocks": scratch_blocks}
+        return self.kv_cache_cls(self.num_local_layers, num_blocks, block_size, *self.kv_dims(),
+                                 dtype or p.dtype, device or p.device, **extra)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor | None, hidden: torch.Tensor | None,

@@ -1,8 +1,9 @@
 """DeepSeek V2 / V2-Lite / V3 / R1 decoders as plain modules, built for a layer range.
 
 Same stage contract as models/llama.py (first stage embeds, last owns the final norm and head,
-parameter names are the Hugging Face names minus `model.` with *global* layer indices, so the
-loader maps them 1:1 and a stage reads only its layers' tensors, experts included).
+checkpoint names are the Hugging Face names minus `model.` with *global* layer indices, so a
+stage reads only its layers' tensors, experts included; gate/up are merged and the routed experts
+stacked, filled in place by the loader, models/layers.py).
 
 Per layer: RMSNorm -> Multi-head Latent Attention -> residual -> RMSNorm -> dense SwiGLU MLP
 (the first `first_k_dense_replace` layers) or a mixture of experts (shared experts + routed
@@ -29,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from stage_worker.attention import AttnMetadata
-from stage_worker.models.base import PipelineStage
 from stage_worker.mla_cache import MLAKVCache
-from stage_worker.models.llama import RMSNorm
+from stage_worker.models.base import PipelineStage
+from stage_worker.models.layers import MergedLinear, RMSNorm
 from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
 
@@ -260,16 +261,16 @@ def _paged_decode_slots(meta: AttnMetadata) -> tuple[torch.Tensor, torch.Tensor]
 
 # -- feed-forward -------------------------------------------------------------------------------
 class DeepseekMLP(nn.Module):
-    """SwiGLU MLP: the dense layers, each routed expert, and the shared experts (fused)."""
+    """SwiGLU MLP (the dense layers and the shared experts, merged): gate/up as one matmul."""
 
     def __init__(self, hidden: int, inter: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
-        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.gate_up_proj = MergedLinear(hidden, {"gate_proj": inter, "up_proj": inter}, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MoEGate(nn.Module):
@@ -341,47 +342,40 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torc
 class DeepseekMoE(nn.Module):
     """Shared experts (every token) + routed top-k experts (sorted by expert, two grouped GEMMs).
 
-    The per-expert parameters keep their checkpoint names and shapes (experts.{e}.gate_proj.weight,
-    ...), so the loader and FP8 dequant are unchanged. On the first forward they are re-pointed into
-    two stacked buffers, [E, 2I, H] (gate rows then up rows) and [E, H, I], which the grouped GEMMs
-    read; the per-expert parameters stay views of them, so no memory is duplicated. Rebuilt only if
-    the parameters were moved or replaced since (weights are frozen after loading).
+    The routed experts are held stacked, w_gate_up [E, 2I, H] (gate rows then up rows) and
+    w_down [E, H, I], the layout the grouped GEMMs read; `checkpoint_views` maps each expert's
+    checkpoint tensors (experts.{e}.gate_proj.weight, ...) to its slices, so the loader and FP8
+    dequant fill them in place.
     """
 
     def __init__(self, cfg: ModelConfig, d: DeepseekDims):
         super().__init__()
-        h, i, b = cfg.hidden_size, d.moe_intermediate_size, cfg.mlp_bias
+        h, i, e = cfg.hidden_size, d.moe_intermediate_size, d.n_routed_experts
         self.gate = MoEGate(h, d)
-        self.experts = nn.ModuleList(DeepseekMLP(h, i, b) for _ in range(d.n_routed_experts))
-        self.shared_experts = DeepseekMLP(h, i * d.n_shared_experts, b) if d.n_shared_experts else None
-        self._stacked: tuple | None = None  # (w_gate_up, w_down, b_gate_up, b_down), not in state_dict
+        self.w_gate_up = nn.Parameter(torch.empty(e, 2 * i, h), requires_grad=False)
+        self.w_down = nn.Parameter(torch.empty(e, h, i), requires_grad=False)
+        self.b_gate_up = self.b_down = None
+        if cfg.mlp_bias:
+            self.b_gate_up = nn.Parameter(torch.empty(e, 2 * i), requires_grad=False)
+            self.b_down = nn.Parameter(torch.empty(e, h), requires_grad=False)
+        self.shared_experts = DeepseekMLP(h, i * d.n_shared_experts, cfg.mlp_bias) if d.n_shared_experts else None
 
-    def _stack(self) -> tuple:
-        """The stacked expert weights; built once (and again only if a parameter no longer aliases them)."""
-        st, ex = self._stacked, self.experts
-        if (st is not None and ex[0].gate_proj.weight.data_ptr() == st[0].data_ptr()
-                and ex[-1].down_proj.weight.data_ptr() == st[1][-1].data_ptr()):
-            return st
-        inter = ex[0].gate_proj.out_features
-        with torch.inference_mode(False), torch.no_grad():  # plain tensors: they back parameters
-            w_gu = torch.stack([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in ex])  # [E, 2I, H]
-            w_d = torch.stack([m.down_proj.weight for m in ex])  # [E, H, I]
-            b_gu = b_d = None
-            if ex[0].gate_proj.bias is not None:
-                b_gu = torch.stack([torch.cat([m.gate_proj.bias, m.up_proj.bias]) for m in ex])  # [E, 2I]
-                b_d = torch.stack([m.down_proj.bias for m in ex])  # [E, H]
-            for e, m in enumerate(ex):  # the parameters become views: the old storage is freed
-                m.gate_proj.weight.data, m.up_proj.weight.data = w_gu[e, :inter], w_gu[e, inter:]
-                m.down_proj.weight.data = w_d[e]
-                if b_gu is not None:
-                    m.gate_proj.bias.data, m.up_proj.bias.data = b_gu[e, :inter], b_gu[e, inter:]
-                    m.down_proj.bias.data = b_d[e]
-        self._stacked = (w_gu, w_d, b_gu, b_d)
-        return self._stacked
+    def checkpoint_views(self, path: str) -> dict[str, torch.Tensor]:
+        """experts.{e}.{gate,up,down}_proj.{weight,bias} -> slices of the stacks (own parameters only)."""
+        inter, views, root = self.w_down.shape[2], {}, path + "." if path else ""
+        stacks = [("weight", self.w_gate_up, self.w_down), ("bias", self.b_gate_up, self.b_down)]
+        for e in range(self.w_down.shape[0]):
+            for kind, gu, down in stacks:
+                if gu is None:
+                    continue
+                pre = f"{root}experts.{e}."
+                views[pre + "gate_proj." + kind], views[pre + "up_proj." + kind] = gu[e, :inter], gu[e, inter:]
+                views[pre + "down_proj." + kind] = down[e]
+        return views
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
         weights, ids = self.gate(x)  # [T, k] float32, [T, k]
-        w_gu, w_d, b_gu, b_d = self._stack()
+        w_gu, w_d, b_gu, b_d = self.w_gate_up, self.w_down, self.b_gate_up, self.b_down
         t, k = ids.shape
         flat_ids, order = torch.sort(ids.reshape(-1), stable=True)  # [S = T*k], grouped by expert
         offs = torch.searchsorted(flat_ids, torch.arange(w_gu.shape[0], device=x.device),
@@ -424,54 +418,23 @@ class DeepseekStage(PipelineStage):
     tokens' latents there). Not thread-safe: run one micro-batch at a time.
     """
 
+    kv_cache_cls = MLAKVCache  # no scratch block by default: no CUDA graphs for MLA yet
+    rotary_duplicate = False  # cos, sin: [T, Dr/2] (apply_rope pairs the halves itself)
+
     def __init__(self, cfg: ModelConfig, layer_start: int, layer_end: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         super().__init__()
-        if not 0 <= layer_start < layer_end <= cfg.num_hidden_layers:
-            raise ValueError(f"bad layer range [{layer_start}, {layer_end}) for "
-                             f"{cfg.num_hidden_layers} layers")
-        self.cfg, self.layer_start, self.layer_end = cfg, layer_start, layer_end
-        self.is_first, self.is_last = layer_start == 0, layer_end == cfg.num_hidden_layers
         self.dims = d = DeepseekDims.from_config(cfg)
         inv_freq, self.attention_scaling, softmax_mult = deepseek_rope(cfg, d.qk_rope_head_dim)
-        with torch.device("meta"):  # weights come from the checkpoint: no random init
-            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.is_first else None
-            self.layers = nn.ModuleDict({str(i): DeepseekDecoderLayer(cfg, d, i, softmax_mult)
-                                         for i in range(layer_start, layer_end)})
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.is_last else None
-            self.lm_head = (nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-                            if self.is_last else None)
-        self.to_empty(device=device).to(dtype)
+        self._build_range(cfg, layer_start, layer_end,
+                          lambda i: DeepseekDecoderLayer(cfg, d, i, softmax_mult), dtype, device)
         for m in self.modules():  # router bias stays float32 whatever the stage dtype
             if isinstance(m, MoEGate) and hasattr(m, "e_score_correction_bias"):
                 m.e_score_correction_bias.data = m.e_score_correction_bias.data.float()
         self.inv_freq = inv_freq.to(device)  # [Dr/2] float32, not a parameter
-        if self.is_first and self.is_last and cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.layers[str(self.layer_start)].input_layernorm.weight.dtype
-
-    def rotary(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos, sin: [T, Dr/2], computed in float32 then cast, as transformers does."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, Dr/2]
-        cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
-        return cos.to(dtype), sin.to(dtype)
-
-
-    def kv_block_bytes(self, block_size: int) -> int:
-        """Bytes one latent block costs on this stage (sizes the pool without allocating one)."""
-        return MLAKVCache.block_bytes(self.num_local_layers, block_size, self.dims.kv_lora_rank,
-                                      self.dims.qk_rope_head_dim, self.dtype)
-
-    def make_kv_cache(self, num_blocks: int, block_size: int, dtype=None, device=None,
-                      scratch_blocks: int | None = None) -> MLAKVCache:
-        """A latent pool shaped for this stage's layers (no scratch block: no CUDA graphs yet)."""
-        p = self.layers[str(self.layer_start)].input_layernorm.weight
-        return MLAKVCache(self.num_local_layers, num_blocks, block_size, self.dims.kv_lora_rank,
-                          self.dims.qk_rope_head_dim, dtype or p.dtype, device or p.device,
-                          scratch_blocks or 0)
+    def kv_dims(self) -> tuple[int, int]:
+        return self.dims.kv_lora_rank, self.dims.qk_rope_head_dim
 
 
 def layer_profile(cfg: ModelConfig, layer_idx: int, dtype_bytes: int = 2) -> dict[str, float]:

@@ -1,0 +1,93 @@
+"""Layers both model families build from: RMSNorm and merged projections, with their checkpoint names.
+
+A stage holds ONE layout on every device: q/k/v and gate/up are single matmuls (`MergedLinear`),
+a MoE's experts are stacked tensors. The checkpoint keeps its own names and shapes
+(`q_proj.weight`, `experts.3.up_proj.weight`, ...), so `checkpoint_tensors` maps each checkpoint
+name to the *view* of the stage's tensor it fills; the loader copies into those views (the load
+hook of gpt-fast's `wqkv`, done on the loader's side so nothing is concatenated or held twice).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
+        dtype = x.dtype
+        if x.is_cuda:  # one fused kernel for the float32 statistics, same formula
+            return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(dtype)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class MergedLinear(nn.Linear):
+    """Several projections of one input as one matmul: the output rows are `parts` in order.
+
+    parts: checkpoint name (a sibling of this module, e.g. "q_proj") -> its output rows. The
+    checkpoint's tensors land in row slices (`checkpoint_views`); a column-parallel shard keeps
+    each part's slice of rows (`shard_rows`), so a fused layout splits by heads like the separate one.
+    """
+
+    def __init__(self, in_features: int, parts: dict[str, int], bias: bool):
+        super().__init__(in_features, sum(parts.values()), bias=bias)
+        self.parts = dict(parts)
+
+    def split(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """t: [out, ...] (weight or bias) -> one view per part, along dim 0."""
+        return t.split(list(self.parts.values()))
+
+    def checkpoint_views(self, path: str) -> dict[str, torch.Tensor]:
+        parent = path.rpartition(".")[0]
+        prefix = parent + "." if parent else ""
+        views = {}
+        for name, w in zip(self.parts, self.split(self.weight)):
+            views[f"{prefix}{name}.weight"] = w
+        if self.bias is not None:
+            for name, b in zip(self.parts, self.split(self.bias)):
+                views[f"{prefix}{name}.bias"] = b
+        return views
+
+    @torch.no_grad()
+    def shard_rows(self, rank: int, world: int) -> None:
+        """Keep rows [rank/world, (rank+1)/world) of every part (tensor parallelism), re-merged."""
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([p[rank * (p.shape[0] // world):(rank + 1) * (p.shape[0] // world)]
+                              for p in self.split(t)])
+
+        w = keep(self.weight.data)
+        b = keep(self.bias.data) if self.bias is not None else None
+        self.parts = {name: rows // world for name, rows in self.parts.items()}
+        self.weight = nn.Parameter(w, requires_grad=False)
+        if b is not None:
+            self.bias = nn.Parameter(b, requires_grad=False)
+        self.out_features = w.shape[0]
+
+
+def checkpoint_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Checkpoint-layout name (module-relative, global layer indices) -> the tensor it fills.
+
+    A module with `checkpoint_views(path)` names its own parameters; every other parameter keeps
+    its name. A tied parameter appears once, under the first module that holds it.
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for path, m in module.named_modules():
+        own = list(m.named_parameters(recurse=False))
+        if hasattr(m, "checkpoint_views"):
+            out.update(m.checkpoint_views(path))
+            seen.update(id(p) for _, p in own)
+            continue
+        for name, p in own:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out[f"{path}.{name}" if path else name] = p
+    return out
