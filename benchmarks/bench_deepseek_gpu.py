@@ -31,17 +31,17 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_gpu as bg  # noqa: E402  (Mesh, mixed_workload, utilisation sampler)
+from benchmarks.gpu import probes  # noqa: E402
+from benchmarks.gpu.checkpoint import ShardWriter  # noqa: E402
+from benchmarks.gpu.common import Vocab, log, mixed_workload, rand_prompt  # noqa: E402
+from benchmarks.gpu.mesh import start_mesh  # noqa: E402
 
 T0 = time.time()
-log = bg.log
 
 
 # -- checkpoint ------------------------------------------------------------------------------------
@@ -74,94 +74,75 @@ def v2_lite_config(tiny: bool = False):
 
 def write_checkpoint(path: Path, tiny: bool) -> Path:
     """Random bf16 weights (std 0.02; norms 1 + N(0, 0.05)) drawn on the GPU, sharded safetensors + index."""
-    import torch
-    from safetensors.torch import save_file
-
     if (path / "config.json").is_file():
         return path
     t0 = time.time()
     path.mkdir(parents=True, exist_ok=True)
     cfg = v2_lite_config(tiny)
     cfg.save_pretrained(path)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    gen = torch.Generator(device=dev).manual_seed(0)
     h, v, nh = cfg.hidden_size, cfg.vocab_size, cfg.num_attention_heads
     qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-
-    def rnd(*shape, std=0.02):
-        return (torch.randn(*shape, generator=gen, device=dev, dtype=torch.float32) * std).to(torch.bfloat16)
-
-    def norm(n):
-        return (1 + rnd(n, std=0.05)).contiguous()
-
-    weight_map, shard, pool, futs = {}, {}, ThreadPoolExecutor(4), []
-
-    def flush(name):
-        if shard:
-            host = {k: t.cpu() for k, t in shard.items()}  # off the GPU now, written in the background
-            futs.append(pool.submit(save_file, host, str(path / name), {"format": "pt"}))
-            weight_map.update({k: name for k in host})
-            shard.clear()
-
-    shard["model.embed_tokens.weight"] = rnd(v, h)
-    flush("model-embed.safetensors")
+    w = ShardWriter(path)
+    w["model.embed_tokens.weight"] = w.rnd(v, h)
+    w.flush("model-embed.safetensors")
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
-        shard[p + "input_layernorm.weight"] = norm(h)
-        shard[p + "post_attention_layernorm.weight"] = norm(h)
+        w[p + "input_layernorm.weight"] = w.norm(h)
+        w[p + "post_attention_layernorm.weight"] = w.norm(h)
         a = p + "self_attn."
-        shard[a + "q_proj.weight"] = rnd(nh * qk, h)
-        shard[a + "kv_a_proj_with_mqa.weight"] = rnd(cfg.kv_lora_rank + cfg.qk_rope_head_dim, h)
-        shard[a + "kv_a_layernorm.weight"] = norm(cfg.kv_lora_rank)
-        shard[a + "kv_b_proj.weight"] = rnd(nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
-        shard[a + "o_proj.weight"] = rnd(h, nh * cfg.v_head_dim)
-        m = p + "mlp."
-        if layer < cfg.first_k_dense_replace:
-            i = cfg.intermediate_size
-            shard[m + "gate_proj.weight"], shard[m + "up_proj.weight"] = rnd(i, h), rnd(i, h)
-            shard[m + "down_proj.weight"] = rnd(h, i)
-        else:
-            i = cfg.moe_intermediate_size
-            shard[m + "gate.weight"] = rnd(cfg.n_routed_experts, h)
-            for e in range(cfg.n_routed_experts):
-                x = f"{m}experts.{e}."
-                shard[x + "gate_proj.weight"], shard[x + "up_proj.weight"] = rnd(i, h), rnd(i, h)
-                shard[x + "down_proj.weight"] = rnd(h, i)
-            si = i * cfg.n_shared_experts
-            shard[m + "shared_experts.gate_proj.weight"] = rnd(si, h)
-            shard[m + "shared_experts.up_proj.weight"] = rnd(si, h)
-            shard[m + "shared_experts.down_proj.weight"] = rnd(h, si)
+        w[a + "q_proj.weight"] = w.rnd(nh * qk, h)
+        w[a + "kv_a_proj_with_mqa.weight"] = w.rnd(cfg.kv_lora_rank + cfg.qk_rope_head_dim, h)
+        w[a + "kv_a_layernorm.weight"] = w.norm(cfg.kv_lora_rank)
+        w[a + "kv_b_proj.weight"] = w.rnd(nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
+        w[a + "o_proj.weight"] = w.rnd(h, nh * cfg.v_head_dim)
+        _mlp(w, cfg, layer, p + "mlp.")
         if layer % 2 == 1 or layer == cfg.num_hidden_layers - 1:
-            flush(f"model-layers-{layer // 2:02d}.safetensors")
-    shard["model.norm.weight"] = norm(h)
-    shard["lm_head.weight"] = rnd(v, h)
-    flush("model-head.safetensors")
-    for f in futs:
-        f.result()
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    if dev == "cuda":
-        torch.cuda.empty_cache()
+            w.flush(f"model-layers-{layer // 2:02d}.safetensors")
+    w["model.norm.weight"] = w.norm(h)
+    w["lm_head.weight"] = w.rnd(v, h)
+    w.flush("model-head.safetensors")
+    w.close()
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    log(f"checkpoint: {len(weight_map)} tensors, {size / 1e9:.2f} GB, written to {path} in {time.time() - t0:.1f}s")
+    log(f"checkpoint: {len(w.weight_map)} tensors, {size / 1e9:.2f} GB, written to {path} in {time.time() - t0:.1f}s")
     return path
 
 
+def _mlp(w: ShardWriter, cfg, layer: int, m: str) -> None:
+    """A dense MLP on the first layers, routed + shared experts after."""
+    h = cfg.hidden_size
+    if layer < cfg.first_k_dense_replace:
+        i = cfg.intermediate_size
+        w[m + "gate_proj.weight"], w[m + "up_proj.weight"] = w.rnd(i, h), w.rnd(i, h)
+        w[m + "down_proj.weight"] = w.rnd(h, i)
+        return
+    i = cfg.moe_intermediate_size
+    w[m + "gate.weight"] = w.rnd(cfg.n_routed_experts, h)
+    for e in range(cfg.n_routed_experts):
+        x = f"{m}experts.{e}."
+        w[x + "gate_proj.weight"], w[x + "up_proj.weight"] = w.rnd(i, h), w.rnd(i, h)
+        w[x + "down_proj.weight"] = w.rnd(h, i)
+    si = i * cfg.n_shared_experts
+    w[m + "shared_experts.gate_proj.weight"] = w.rnd(si, h)
+    w[m + "shared_experts.up_proj.weight"] = w.rnd(si, h)
+    w[m + "shared_experts.down_proj.weight"] = w.rnd(h, si)
+
+
 # -- stagemesh ------------------------------------------------------------------------------------
-async def _mesh_mixed(target, sizes, deadline, res):
+async def _mesh_mixed(target, sizes, deadline, res, vocab: Vocab):
     from stagemesh.client import AsyncClient
 
     async with AsyncClient(target) as client:
         t0 = time.perf_counter()
         for _ in range(2):  # warm-up: prefill shapes, decode batch shapes, sampler
-            await asyncio.gather(*[client.generate(prompt_ids=bg.rand_prompt(300 + 50 * k, 100 + k), max_tokens=16,
+            await asyncio.gather(*[client.generate(prompt_ids=rand_prompt(300 + 50 * k, 100 + k, vocab), max_tokens=16,
                                                    ignore_eos=True, timeout=600) for k in range(8)])
         log(f"  warm-up {time.perf_counter() - t0:.1f}s")
         for n in sizes:
             if time.time() > deadline:
                 log(f"  mixed {n}: skipped (deadline)")
                 break
-            work = bg.mixed_workload(n)
-            smi = bg._start_util_sampler()
+            work = mixed_workload(n, vocab=vocab)
+            smi = probes.start_util_sampler()
             count = [0]  # output tokens streamed so far, finished requests or not
 
             async def one(p, o):
@@ -180,7 +161,7 @@ async def _mesh_mixed(target, sizes, deadline, res):
                 log(f"  mixed {n}: {time.perf_counter() - t0:.0f}s, {len(tasks) - len(pending)}/{n} done, "
                     f"{count[0]} tokens streamed")
             wall = time.perf_counter() - t0
-            util = bg._stop_util_sampler(smi)
+            util = probes.stop_util_sampler(smi)
             if pending:  # deadline: keep the partial rate (tokens streamed so far / time)
                 for t in pending:
                     t.cancel()
@@ -199,18 +180,18 @@ async def _mesh_mixed(target, sizes, deadline, res):
 
 def bench_stagemesh(model_dir, sizes, kv_bytes, mbt, out_dir, device, deadline, save) -> dict:
     res = {"max_batched_tokens": mbt, "kv_cache_bytes": kv_bytes, "stages": 1}
-    mesh = bg.Mesh(model_dir, 1, 52000, kv_bytes, mbt, out_dir / "mesh_deepseek.log", device)
+    mesh = start_mesh(model_dir, 1, 52000, kv_bytes, mbt, out_dir / "mesh_deepseek.log", device)
     try:
-        up = mesh.wait(max(60, deadline - time.time()))
+        up = mesh.wait_ready(max(60, deadline - time.time()))
         res["startup_s"] = up
         log(f"stagemesh ready after {up:.0f}s")
-        asyncio.run(asyncio.wait_for(_mesh_mixed(mesh.target, sizes, deadline, res),
+        asyncio.run(asyncio.wait_for(_mesh_mixed(mesh.address, sizes, deadline, res, Vocab.of(model_dir)),
                                      timeout=max(60, deadline - time.time() + 90)))
     except BaseException as exc:  # keep what finished, and the reference still runs
         log(f"  stagemesh FAILED: {exc!r}")
         res["error"] = repr(exc)
     finally:
-        mesh.stop()
+        mesh.stop(60)
     return res
 
 
@@ -219,6 +200,7 @@ def hf_child(model_dir: Path, sizes: list[int], batch: int, result_path: Path, p
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    vocab = Vocab.of(model_dir)
     cuda = torch.cuda.is_available()
     dev = "cuda:0" if cuda else "cpu"
     res = {}
@@ -254,7 +236,7 @@ def hf_child(model_dir: Path, sizes: list[int], batch: int, result_path: Path, p
         logging.getLogger(name).addHandler(_Keep())
     probe = {}
     try:
-        outs = model.generate_batch(inputs=[bg.rand_prompt(200, 7), bg.rand_prompt(100, 8)],
+        outs = model.generate_batch(inputs=[rand_prompt(200, 7, vocab), rand_prompt(100, 8, vocab)],
                                     generation_config=cfg, max_new_tokens=8)
         got = [len(o.generated_tokens) for o in outs.values()]
         probe = {"generated": got, "ok": got == [8, 8]}
@@ -267,7 +249,7 @@ def hf_child(model_dir: Path, sizes: list[int], batch: int, result_path: Path, p
     save()
     if probe.get("ok"):
         for n in sizes:
-            work = bg.mixed_workload(n)
+            work = mixed_workload(n, vocab=vocab)
             cfg = GenerationConfig(max_new_tokens=256, do_sample=False, pad_token_id=0)
             sync()
             t0 = time.perf_counter()
@@ -300,7 +282,7 @@ def hf_child(model_dir: Path, sizes: list[int], batch: int, result_path: Path, p
         gc.collect()
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa",
                                                      device_map=dev if cuda else None).eval()
-    work = bg.mixed_workload(max(sizes))
+    work = mixed_workload(max(sizes), vocab=vocab)
 
     def run_batch(reqs):
         plen = max(len(p) for p, _ in reqs)
@@ -318,7 +300,7 @@ def hf_child(model_dir: Path, sizes: list[int], batch: int, result_path: Path, p
         assert out.shape[1] == plen + new
         return time.perf_counter() - t0
 
-    run_batch([(bg.rand_prompt(128, 9), 4)] * 2)  # warm-up
+    run_batch([(rand_prompt(128, 9, vocab), 4)] * 2)  # warm-up
     walls = []
     for b in range(0, len(work), batch):
         reqs = work[b:b + batch]
@@ -402,8 +384,6 @@ def main():
     sizes = [int(s) for s in args.sizes.split(",")]
     model_dir = Path(args.model_dir)
     if args.hf_child:
-        mcfg = json.loads((model_dir / "config.json").read_text())
-        bg.VOCAB, bg.MAXPOS = mcfg["vocab_size"], mcfg["max_position_embeddings"]
         hf_child(model_dir, sizes, args.hf_batch, Path(args.hf_result), probe_only_cb=True)
         return
     import torch
@@ -425,7 +405,6 @@ def main():
     res["checkpoint_s"] = time.time() - T0
     res["checkpoint_gb"] = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 1e9
     mcfg = json.loads((model_dir / "config.json").read_text())
-    bg.VOCAB, bg.MAXPOS = mcfg["vocab_size"], mcfg["max_position_embeddings"]
     res["model_config"] = {k: mcfg.get(k) for k in (
         "num_hidden_layers", "hidden_size", "num_attention_heads", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim",
         "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok", "n_shared_experts",

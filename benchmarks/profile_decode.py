@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes, against what reading its bytes once would take (GPU only).
 
-Builds the Llama-3.1-8B-shaped checkpoint of bench_gpu.py, loads it as one stage, registers B
+Builds the Llama-3.1-8B-shaped checkpoint of bench_gpu.py (benchmarks/gpu/checkpoint.py), loads it as one stage, registers B
 sequences with a context of C tokens each (the K/V pool's contents do not change the time) and
 profiles decode steps replayed from the CUDA graphs. Prints, per (B, C), the step time, each
 kernel class's time (matrix products, paged attention, the rest) and the bandwidth it reached on
@@ -20,9 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_gpu import write_checkpoint  # noqa: E402
+from benchmarks.gpu.checkpoint import write_llama8b  # noqa: E402
 
 
 def kernel_class(name: str) -> str:
@@ -40,6 +39,7 @@ def main():
 
     from stage_worker.executor import StageExecutor
     from stage_worker.loader import load_stage
+    from stage_worker.step_input import decode
     from stagemesh.v1 import stagemesh_pb2 as pb
 
     ap = argparse.ArgumentParser()
@@ -49,7 +49,7 @@ def main():
     ap.add_argument("--device", default="cuda:0", help="cpu: a smoke test of the script (with --model-dir)")
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    model_dir = write_checkpoint(Path(args.model_dir))
+    model_dir = write_llama8b(Path(args.model_dir))
     model, cfg = load_stage(str(model_dir), 0, cfg_layers(model_dir), device=args.device)
     blocks_needed = max(b * (-(-(c + 32) // 16)) for b, c in shapes)
     kv = model.make_kv_cache(blocks_needed + 64, 16)
@@ -70,7 +70,7 @@ def main():
                 if first:
                     req.new_sequences.add(seq_id=sid, block_ids=list(range(sid * nb, (sid + 1) * nb)))
                 req.chunks.add(seq_id=sid, start_pos=pos[0], num_tokens=1, sample=True, output_index=1)
-            ex.run(req)
+            ex.run(decode(req, ex.shape))
             pos[0] += 1
 
         step(first=True)

@@ -1,0 +1,62 @@
+"""The table bench_gpu.py prints, and its files: the summary (OUT/bench_gpu.json, what results
+files keep) and, only when asked, the raw data (per-request tokens and latencies, profiler
+tables) in a folder outside the source tree."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+IN_PROCESS_ROWS = ("prefill_512_ms", "prefill_2048_ms", "decode_step_b1_graph_ms", "decode_step_b1_ahead_ms",
+                   "decode_step_b1_eager_ms", "decode_step_b64_graph_ms", "decode_step_b128_graph_ms")
+
+
+def _fmt(v, fmt="{:.0f}"):
+    return fmt.format(v) if isinstance(v, (int, float)) else "-"
+
+
+def table(res: dict, device: str) -> str:
+    rows = [("system", "mixed tok/s", "x gen_batch", "b1 decode tok/s", "TTFT 512 ms", "TTFT 2048 ms")]
+    base = res.get("hf_generate_batch", {}).get("mixed_tok_s")
+    meshes = [k for k, v in res.items() if k.startswith("stagemesh_") and isinstance(v, dict) and "error" not in v]
+    for key in (*meshes, "hf_dynamic", "hf_static", "hf_generate_batch"):
+        r = res.get(key)
+        if not r:
+            continue
+        m = r.get("mixed_tok_s")
+        rows.append((key, _fmt(m), _fmt(m / base, "{:.1f}x") if m and base else "-",
+                     _fmt(r.get("decode_b1_tok_s"), "{:.1f}"), _fmt(r.get("ttft_512_ms"), "{:.1f}"),
+                     _fmt(r.get("ttft_2048_ms"), "{:.1f}")))
+    lines = [f"device: {device}"]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    one = res.get("stagemesh_1", {})
+    for key in meshes:
+        m = res[key].get("mixed_tok_s")
+        if m and one.get("mixed_tok_s") and key != "stagemesh_1":
+            lines.append(f"{key} / stagemesh_1 (mixed): {m / one['mixed_tok_s']:.2f}")
+    for key in meshes:
+        other = res[key].get("decode_b1_tokens_sha") if key != "stagemesh_1" else None
+        if one.get("decode_b1_tokens_sha") and other:
+            lines.append(f"batch-1 greedy tokens of {key} equal stagemesh_1's: {other == one['decode_b1_tokens_sha']}")
+    inproc = res.get("inproc", {})
+    lines += [f"in-process {k}: {inproc[k]:.2f}" for k in IN_PROCESS_ROWS if k in inproc]
+    return "\n".join(lines)
+
+
+def raw_dir(path: str) -> Path | None:
+    """--raw DIR, refused inside the source tree (results files there hold summaries only)."""
+    if not path:
+        return None
+    out = Path(path).resolve()
+    if out == ROOT or ROOT in out.parents:
+        raise SystemExit(f"--raw {path}: inside the source tree {ROOT}; give a folder outside it")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def save(out: Path, res: dict, raw: dict, raw_to: Path | None) -> None:
+    (out / "bench_gpu.json").write_text(json.dumps(res, indent=1))
+    if raw_to is not None:
+        (raw_to / "bench_gpu_raw.json").write_text(json.dumps(raw, indent=1))
