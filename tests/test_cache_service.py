@@ -206,15 +206,25 @@ def test_expiry_refreshed_by_match(redis_server, rdb):  # noqa: F811
     try:
         used, unused = chain("ttl-used", 3), chain("ttl-unused", 3)
         call(svc, "publish", stored=[("ttl/a", x) for x in used + unused])
-        assert 0 < rdb.pttl(PREFIX.encode() + b"b:" + used[0]) <= 2000
-        time.sleep(1.2)
+        keys = [PREFIX.encode() + b"b:" + h for h in used + unused]
+        assert 0 < rdb.pttl(keys[0]) <= 2000
+        _until(lambda: all(0 <= rdb.pttl(k) < 1000 for k in keys), "half the TTL gone")
         assert call(svc, "match", [used]) == [{"ttl/a": 3}]
         assert rdb.pttl(PREFIX.encode() + b"b:" + used[2]) > 1500
         assert rdb.pttl(PREFIX + "r:ttl/a") > 1500, "the reverse index outlives its blocks"
-        time.sleep(1.2)
+        _until(lambda: not any(rdb.exists(k) for k in keys[len(used):]), "the unmatched chain expired")
+        assert all(rdb.exists(k) for k in keys[:len(used)]), "the matched chain expired with it"
         assert call(svc, "match", [used, unused]) == [{"ttl/a": 3}, {}]
     finally:
         assert svc.stop() == 0
+
+
+def _until(pred, what: str, timeout_s: float = 10.0) -> None:
+    """Poll a Redis-side condition (key TTLs) instead of sleeping a guessed time."""
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s}s"
+        time.sleep(0.02)
 
 
 def test_redis_outage_is_unavailable_then_recovers(service, redis_server):  # noqa: F811

@@ -82,7 +82,12 @@ def test_decodes_that_follow_samples_in_flight_match_transformers_even_sent_out_
                                    timeout=30)
 
     early = follow(1)
-    time.sleep(0.3)  # the worker holds it until the prompt's step is launched
+    # A step of another sequence, sent after it on the same channel: once it is answered, the
+    # worker's one compute thread has tried the early follower (handlers and launches run in
+    # arrival order), and that follower is still held, waiting for the prompt's step.
+    _forward(stub, epoch, new_sequences=[pb.NewSequence(seq_id=17, block_ids=[8])],
+             chunks=[pb.SequenceChunk(seq_id=17, start_pos=0, num_tokens=2)], token_ids=[5, 6])
+    assert not early.done(), "the follower was answered before the step it follows was sent"
     head = stub.Forward.future(pb.ForwardRequest(
         epoch=epoch, lease_id="t", new_sequences=[pb.NewSequence(seq_id=7, block_ids=[0, 1, 2, 3])],
         chunks=[pb.SequenceChunk(seq_id=7, start_pos=0, num_tokens=len(prompt), sample=True)], token_ids=prompt),
@@ -92,7 +97,7 @@ def test_decodes_that_follow_samples_in_flight_match_transformers_even_sent_out_
     for i in range(2, 5):
         calls.append(follow(i))
     assert [c.result().samples[0].token_id for c in calls] == expected
-    _forward(stub, epoch, finished_seq_ids=[7])
+    _forward(stub, epoch, finished_seq_ids=[7, 17])
 
 
 def test_a_decode_that_follows_a_refused_step_is_aborted_at_once(stage):
