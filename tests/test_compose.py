@@ -483,15 +483,22 @@ def test_prometheus_scrapes_every_metrics_port(single):
     assert mounts["/etc/prometheus/prometheus.yml"].endswith("prometheus.yml")
 
 
-def test_prometheus_config_passes_promtool_when_installed():
-    # yaml-level checks above always run; promtool (Debian `prometheus`) adds Prometheus' own parser.
+def test_prometheus_config_has_scrape_jobs():
     prom = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
     assert prom["global"]["scrape_interval"]
     assert all(job["job_name"] for job in prom["scrape_configs"])
-    if shutil.which("promtool"):
-        out = subprocess.run(["promtool", "check", "config", "--syntax-only", str(COMPOSE / "prometheus.yml")],
-                             capture_output=True, text=True)
-        assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_prometheus_config_passes_promtool():
+    """Prometheus' own parser (promtool, Debian's `prometheus` package; scripts/test.sh installs it
+    and sets STAGEMESH_REQUIRE_PROMTOOL=1, so there a missing promtool fails instead of skipping)."""
+    if not shutil.which("promtool"):
+        if os.environ.get("STAGEMESH_REQUIRE_PROMTOOL") == "1":
+            pytest.fail("promtool not installed (apt-get install prometheus)")
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    out = subprocess.run(["promtool", "check", "config", "--syntax-only", str(COMPOSE / "prometheus.yml")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def _dashboard_exprs(dash: dict) -> list[str]:
