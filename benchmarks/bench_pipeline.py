@@ -152,7 +152,7 @@ def stage_hop_ms(model_dir: Path, batch: int, n: int) -> tuple[float, int]:
     cport, w0, w1 = free_port(), free_port(), free_port()
     coord = f"127.0.0.1:{cport}"
     cmds = [coordinator_cmd(model_dir, cport, 2), worker_cmd(model_dir, coord, w0, 512), worker_cmd(model_dir, coord, w1, 512)]
-    # tests.procs uses block size 4 for its workers and coordinator.
+    # the harness (stagemesh/cli/harness.py) uses block size 4 for its workers and coordinator.
     with processes(*cmds):
         stub_c = pb_grpc.CoordinatorStub(grpc.insecure_channel(coord))
         while not stub_c.GetPlan(pb.GetPlanRequest()).ready:
