@@ -2,7 +2,7 @@
 
 Runs on a CUDA device as is, or on CPU through Triton's interpreter:
 
-    TRITON_INTERPRET=1 PYTHONPATH=/tmp/tri:. .venv/bin/python benchmarks/check_fused_ops.py
+    TRITON_INTERPRET=1 .venv/bin/python benchmarks/check_fused_ops.py   # triton: the test extra
     python benchmarks/check_fused_ops.py            # on a GPU host
 
 Every case draws fresh random inputs (seeded), runs the Triton path (use_triton=True) and the

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from stage_worker.kernels.fused_ops import combine_splits
+from stage_worker.kernels.softmax import online_softmax_block
 
 try:  # Triton is optional: CPU-only installs never import it.
     import triton
@@ -116,19 +117,8 @@ if triton is not None:
         for it in range(0, n_iter):
             t = lo + it * BLOCK_N + tl.arange(0, BLOCK_N)
             valid = t < hi
-            blk = tl.load(BT + bid * s_bt + t // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-            slot = blk * BLOCK_SIZE + (t % BLOCK_SIZE)
-            kv_off = slot[:, None] * s_kn + hk * s_kh + d[None, :]
-            k = tl.load(K + kv_off, mask=valid[:, None], other=0.0)  # [N, D]
-            v = tl.load(V + kv_off, mask=valid[:, None], other=0.0)
-            qk = tl.dot(q, tl.trans(k)) * scale  # [G, N] fp32
-            qk = tl.where(valid[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_block(q, K, V, BT + bid * s_bt, t, valid, valid[None, :], hk * s_kh,
+                                                 s_kn, d, m_i, l_i, acc, scale, BLOCK_SIZE)
         nonempty = l_i > 0
         out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
         lse = tl.where(nonempty, m_i + tl.log(tl.where(nonempty, l_i, 1.0)), float("-inf"))

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stage_worker.kernels.softmax import online_softmax_block
+
 try:  # Triton is optional: CPU-only installs never import it.
     import triton
     import triton.language as tl
@@ -162,20 +164,9 @@ if triton is not None:
         for start in range(0, kv_hi, BLOCK_N):
             t = start + tl.arange(0, BLOCK_N)
             in_ctx = t < kv_hi
-            blk = tl.load(BT + seq * s_bt + t // BLOCK_SIZE, mask=in_ctx, other=0).to(tl.int64)
-            slot = blk * BLOCK_SIZE + (t % BLOCK_SIZE)
-            kv_off = slot[:, None] * s_kn + hk * s_kh + d[None, :]
-            k = tl.load(K + kv_off, mask=in_ctx[:, None], other=0.0)  # [N, D]
-            v = tl.load(V + kv_off, mask=in_ctx[:, None], other=0.0)
-            qk = tl.dot(qv, tl.trans(k)) * scale  # [M, N] fp32
             see = (t[None, :] <= qpos[:, None]) & in_ctx[None, :]
-            qk = tl.where(see, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_block(qv, K, V, BT + seq * s_bt, t, in_ctx, see, hk * s_kh,
+                                                 s_kn, d, m_i, l_i, acc, scale, BLOCK_SIZE)
         out = acc / l_i[:, None]
         o_ptr = O + row.to(tl.int64)[:, None] * s_ot + qh[:, None] * s_oh + d[None, :]
         tl.store(o_ptr, out.to(O.dtype.element_ty), mask=valid[:, None])

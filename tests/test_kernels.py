@@ -1,0 +1,119 @@
+"""Every Triton kernel in stage_worker/kernels/ against its torch reference, on the CPU through
+Triton's interpreter (TRITON_INTERPRET=1), float32, small shapes (the interpreter runs each
+program in numpy: seconds, not minutes).
+
+Triton reads TRITON_INTERPRET once, when it is imported (its own library functions, tl.sum
+included, are decorated then), and other test modules of a pytest run import it first. So in a
+run without the variable this file is one test that runs this file again in a fresh interpreter
+process with TRITON_INTERPRET=1, where the kernel tests below run (and any failure fails it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if not INTERPRETED:
+    def test_kernels_in_an_interpreter_process():
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        root = Path(__file__).resolve().parents[1]
+        run = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", __file__],
+                             cwd=root, env=env, capture_output=True, text=True, timeout=240)
+        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+        summary = run.stdout.strip().splitlines()[-1]  # e.g. "7 passed in 5.1s": none skipped
+        assert " passed" in summary and "skipped" not in summary, run.stdout[-2000:]
+
+
+@pytest.fixture(scope="module")
+def k():
+    import triton  # noqa: F401 - in the test extra; imported here so a plain run needs it only above
+
+    return {name: importlib.import_module(f"stage_worker.kernels.{name}")
+            for name in ("fused_ops", "paged_decode", "unified_attention")}
+
+
+if INTERPRETED:  # the kernel tests: collected only in the interpreter process (above)
+    def _pool(gen, blocks: int, bs: int, hkv: int, d: int):
+        kc = torch.randn(blocks * bs, hkv, d, generator=gen)
+        return kc, torch.randn(blocks * bs, hkv, d, generator=gen)
+
+    def test_rms_norm_and_fused_add(k):
+        fo, gen = k["fused_ops"], torch.Generator().manual_seed(0)
+        x, r, w = torch.randn(5, 48, generator=gen), torch.randn(5, 48, generator=gen), torch.randn(48, generator=gen)
+        torch.testing.assert_close(fo.rms_norm(x, w, 1e-6, use_triton=True), fo.rms_norm_torch(x, w, 1e-6))
+        got = fo.fused_add_rms_norm(x, r, w, 1e-6, use_triton=True)
+        for a, b in zip(got, fo.fused_add_rms_norm_torch(x, r, w, 1e-6)):
+            torch.testing.assert_close(a, b)
+
+
+    def test_silu_and_mul(k):
+        fo, gen = k["fused_ops"], torch.Generator().manual_seed(1)
+        gu = torch.randn(4, 2 * 40, generator=gen)
+        torch.testing.assert_close(fo.silu_and_mul(gu, use_triton=True), fo.silu_and_mul_torch(gu))
+
+
+    def test_rotary_and_cache(k):
+        fo, gen = k["fused_ops"], torch.Generator().manual_seed(2)
+        t, n_q, n_kv, d = 3, 4, 2, 16
+        qkv = torch.randn(t, n_q + 2 * n_kv, d, generator=gen)
+        ang = torch.randn(t, d // 2, generator=gen)
+        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+        slots = torch.tensor([5, 0, 9])
+        caches = [torch.full((12, n_kv, d), float("nan")) for _ in range(4)]
+        q = fo.rotary_and_cache(qkv, cos, sin, n_q, n_kv, caches[0], caches[1], slots, use_triton=True)
+        q_ref = fo.rotary_and_cache_torch(qkv, cos, sin, n_q, n_kv, caches[2], caches[3], slots)
+        torch.testing.assert_close(q, q_ref)
+        for got, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
+            torch.testing.assert_close(got, ref, equal_nan=True)  # written slots equal, the rest untouched
+
+
+    def test_combine_splits(k):
+        fo, gen = k["fused_ops"], torch.Generator().manual_seed(3)
+        part, lse = torch.randn(2, 3, 4, 16, generator=gen), torch.randn(2, 3, 4, generator=gen)
+        lse[0, 1, 2] = float("-inf")  # an empty split weighs nothing
+        torch.testing.assert_close(fo.combine_splits(part, lse, torch.float32, use_triton=True),
+                                   fo.combine_splits_torch(part, lse, torch.float32))
+
+
+    @pytest.mark.parametrize("splits", [1, 3])
+    def test_paged_decode(k, splits):
+        """GQA group of 2, contexts inside one block, across blocks, and shorter than the splits."""
+        pd, gen = k["paged_decode"], torch.Generator().manual_seed(4)
+        bs, hq, hkv, d = 4, 4, 2, 16
+        kc, vc = _pool(gen, 24, bs, hkv, d)
+        ctx = torch.tensor([3, 70, 9])
+        tables = torch.stack([torch.randperm(24, generator=gen)[:18] for _ in range(3)])
+        q = torch.randn(3, hq, d, generator=gen)
+        got = pd.paged_decode(q, kc, vc, tables, ctx, 0.25, bs, num_splits=splits, use_triton=True)
+        torch.testing.assert_close(got, pd.paged_decode_torch(q, kc, vc, tables, ctx, 0.25, bs), atol=1e-5, rtol=1e-5)
+
+
+    def test_unified_attention(k):
+        """A prefill chunk from 0, one starting mid-context (longer than BLOCK_N keys), decode rows,
+        and padding tiles (tile_seq -1) that must leave nothing written."""
+        ua, gen = k["unified_attention"], torch.Generator().manual_seed(5)
+        bs, hq, hkv, d = 4, 4, 2, 16
+        kc, vc = _pool(gen, 40, bs, hkv, d)
+        chunks = [(0, 6), (68, 3), (10, 1), (0, 1)]  # (start, new tokens) per sequence
+        ns = np.array([n for _, n in chunks])
+        qsl = np.concatenate([[0], np.cumsum(ns)]).astype(np.int64)
+        seq_lens = torch.tensor([s + n for s, n in chunks])
+        tables = torch.stack([torch.randperm(40, generator=gen)[:18] for _ in chunks])
+        bq = ua.block_q(hq, hkv)
+        tile_seq, tile_row = ua.tile_plan(qsl, bq, size=ua.max_tiles(int(qsl[-1]), len(chunks), bq) + 2)
+        q = torch.randn(int(qsl[-1]), hq, d, generator=gen)
+        args = (tables, seq_lens, torch.from_numpy(qsl), torch.from_numpy(tile_seq), torch.from_numpy(tile_row),
+                0.3, bs)
+        got = ua.unified_attention(q, kc, vc, *args, use_triton=True)
+        ref = ua.unified_attention(q, kc, vc, *args, use_triton=False)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
