@@ -12,7 +12,7 @@ shapes and addresses, so:
   `max_context / block_size`) lives in one device int64 buffer, filled per step from one pinned
   host buffer with one async copy; non-first stages also copy the hidden states into a static
   buffer;
-- attention reads K/V through the block tables (Triton paged decode, `paged_decode.py`), so the
+- attention reads K/V through the block tables (Triton paged decode, `kernels/paged_decode.py`), so the
   context length varies without changing the graph.
 
 Off CUDA the same padding and buffers run eagerly (`capture=False`), which is how the CPU tests

@@ -15,7 +15,7 @@ Each function here does one of those groups in one Triton kernel:
 - `combine_splits(part, lse, dtype)`: the flash-decoding split combine of paged_decode.py.
 
 Each has a plain-torch reference (`*_torch`, used on CPU or when Triton is missing) with the
-formula of the code it replaces in models/llama.py and paged_decode.py; the dispatcher picks
+formula the model code had before the kernel (models/llama.py, paged_decode.py); the dispatcher picks
 Triton when the tensor is on CUDA and Triton imports (`use_triton=None`), or as forced (the Triton
 interpreter runs the kernels on CPU tensors: TRITON_INTERPRET=1 with use_triton=True).
 Everything is shape-static and free of host synchronisation, so it can be captured in a CUDA
