@@ -1,7 +1,7 @@
 """End to end: `stagemesh up` as subprocesses, greedy tokens equal transformers' generate.
 
 Concurrent requests of different lengths, prompts longer than the prefill budget (chunked
-prefill), 1/2/3 stages, a Qwen2-style (attention bias) and a tied-embedding checkpoint.
+prefill), 1/2/3 stages, and a tied-embedding checkpoint.
 """
 
 from __future__ import annotations
@@ -25,11 +25,14 @@ async def _generate_all(address: str, prompts: list[list[int]], max_tokens: int,
         ])
 
 
+# Each checkpoint kind (qwen2's biases, llama3's rope scaling, sharded files, tied embeddings) is
+# checked against transformers' logits at 1, 2 and 3 stages in process (test_model.py); the mesh
+# has no kind-specific code, so here the stage counts and one other kind go through `up`.
 @pytest.mark.parametrize(
     "kind,stages,extra",
-    [("llama", 1, ()), ("llama", 2, ()), ("llama", 3, ()), ("qwen2", 2, ()),
+    [("llama", 1, ()), ("llama", 2, ()), ("llama", 3, ()),
      ("tied", 3, ("--inflight", "2")),  # fewer micro-batches in flight than stages (stages sharing a GPU)
-     ("llama3", 2, ()), ("sharded", 2, ())],
+     ],
 )
 def test_greedy_equals_transformers(ckpt_dir, kind, stages, extra):
     model_dir = ckpt_dir(kind, num_layers=4)

@@ -1,23 +1,21 @@
 """KV hygiene after faults: once the requests are done, no stage keeps a sequence or a block that
-nobody owns, including a stage whose assignment a failover left unchanged, a frozen worker that
-came back as a spare, and the stages of a gateway that was killed and started over. Every check
-waits well under the stages' lease TTL (60 s), so what frees the KV is the fix, not the expiry."""
+nobody owns, including a stage whose assignment a failover left unchanged (asserted: the case
+test_up_faults' SIGSTOP scenario runs without checking it) and a frozen worker that came back as a
+spare. Every check waits well under the stages' lease TTL (60 s), so what frees the KV is the fix,
+not the expiry. A gateway killed and started over is test_up_faults::test_gateway_killed_and_restarted
+(fault mid-stream, same tokens, KV back to 0 within 30 s under the same TTL)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
-import subprocess
 import time
 
-import grpc
 import pytest
 
-from stagemesh.client import AsyncClient, Client
-from stagemesh.v1 import stagemesh_pb2 as pb
-from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
-from stagemesh.cli.harness import get_plan, manual_mesh, wait_kv_free, wait_ready_line
+from stagemesh.client import AsyncClient
+from stagemesh.cli.harness import get_plan, manual_mesh, wait_kv_free
 from tests.reference import hf_greedy, random_prompts
 
 N, NEW = 12, 40
@@ -79,31 +77,3 @@ def test_failover_frees_superseded_generation_on_unchanged_stage(model_dir, prom
         assert after.epoch > before.epoch and first not in chain
         assert chain[-1] == last  # the last stage kept its assignment (and, before the fix, the old KV)
         wait_kv_free(m, timeout_s=15, sequences=True)  # every worker, the thawed one (a spare now) too
-
-
-def test_gateway_started_over_frees_its_old_lease_at_once(model_dir, prompts):
-    with manual_mesh(model_dir, stages=2, kv_blocks=256) as m:
-        gw = m["procs"][-1]
-
-        async def kill_gateway():
-            gw.kill()
-            gw.wait()
-
-        outs, in_flight = asyncio.run(stream_with_fault(m["gateway"], prompts, kill_gateway))
-        assert in_flight == N and all(isinstance(o, grpc.aio.AioRpcError) for o in outs)
-        held = [s.live_sequences for s in _stats(m)]
-        assert any(held), "the killed gateway's sequences should still be on the stages"
-        new = subprocess.Popen(m["cmds"][-1], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        m["procs"][-1] = new
-        wait_ready_line(new, "gateway")
-        wait_kv_free(m, timeout_s=15, sequences=True)  # freed by the new process's lease, not by expiry
-        with Client(m["gateway"]) as client:
-            out = client.generate(prompt_ids=prompts[0], max_tokens=NEW, ignore_eos=True, timeout=60)
-        assert out.token_ids == hf_greedy(model_dir, prompts[0], NEW, ignore_eos=True)
-        wait_kv_free(m, timeout_s=15, sequences=True)
-
-
-def _stats(m):
-    from stagemesh.cli.harness import stage_stats
-
-    return stage_stats(m)

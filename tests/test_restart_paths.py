@@ -14,10 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from stagemesh.client import Client
 from stagemesh.cli.status import collect, render
 from stagemesh.cli.harness import (
-    wait_ready_line, coordinator_cmd, gateway_cmd, manual_mesh, new_port, processes, wait_kv_free, worker_cmd,
+    coordinator_cmd, gateway_cmd, get_plan, manual_mesh, new_port, processes, wait_kv_free, wait_ready_line, worker_cmd,
 )
 from tests.reference import hf_greedy, random_prompts
-from tests.test_kv_hygiene import NEW, get_plan, stream_with_fault
+from tests.test_kv_hygiene import NEW, stream_with_fault
 
 N = 10
 
