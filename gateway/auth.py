@@ -35,7 +35,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from stagemesh.errors import ResourceExhausted, StagemeshError, Unauthenticated
 from stagemesh.grpc_status import status_code
-from stagemesh.membership import API_KEYS_ENV
+from stagemesh.membership import API_KEYS_ENV, guarded
 
 ANONYMOUS = "-"
 
@@ -210,7 +210,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             except StagemeshError as exc:
                 await abort(context, exc)
 
-        return _checked(handler, check)
+        return guarded(handler, check)
 
 
 def peer_of(grpc_peer: str) -> str:
@@ -239,24 +239,6 @@ def retry_info_metadata(code: grpc.StatusCode, message: str, delay_s: float) -> 
     detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail])
     return (("grpc-status-details-bin", status.SerializeToString()),)
-
-
-def _checked(handler, check):
-    """The same handler, with `check(context)` first (it aborts the call to refuse it)."""
-    if handler.unary_stream:
-        async def unary_stream(request, context):
-            await check(context)
-            async for item in handler.unary_stream(request, context):
-                yield item
-        return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer,
-                                                    handler.response_serializer)
-    if handler.unary_unary:
-        async def unary_unary(request, context):
-            await check(context)
-            return await handler.unary_unary(request, context)
-        return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
-                                                   handler.response_serializer)
-    raise TypeError("ApiKeyInterceptor guards unary requests only")  # the Generation service has no others
 
 
 # -- HTTP (pure ASGI: leaves streaming responses and disconnect detection untouched) ---------------

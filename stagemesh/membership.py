@@ -143,11 +143,11 @@ class MemberInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not is_guarded(details.method):
             return handler
         if self.tls:
-            return _wrap(handler, _check_cert)
+            return guarded(handler, _check_cert)
         try:
             check_token(self.token, details.invocation_metadata)
         except _Refused as exc:
-            return _wrap(handler, _refuse_with(exc))
+            return guarded(handler, _refuse_with(exc))
         return handler
 
 
@@ -161,8 +161,9 @@ def _refuse_with(exc: _Refused):
     return refuse
 
 
-def _wrap(handler, check):
-    """The same handler, `check(context)` first; a refusal aborts with its status."""
+def guarded(handler, check):
+    """The same handler, `check(context)` first; a refusal (`_Refused`, or `check` aborting the call
+    itself) ends the call with its status. Serves the member check here and the gateway's API keys."""
     async def guard(context) -> None:
         try:
             await check(context)
