@@ -233,8 +233,7 @@ class StageServicer:
     def SetSlowdown(self, request, context):
         """SetSlowdown makes this worker's compute `factor` times slower (a test and demo knob that
         stands in for a slower GPU or a noisy neighbour); 1 restores full speed. Off in production:
-        served only by a worker started with `--enable-test-controls` (else UNIMPLEMENTED), and like
-        every Stage rpc only to mesh members.
+        served only by a worker started with `--enable-test-controls` (else UNIMPLEMENTED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
