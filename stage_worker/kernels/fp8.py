@@ -1,0 +1,255 @@
+"""Block-scaled FP8 (e4m3) GEMM for DeepSeek-V3-style weights, and the activation quant it needs.
+
+Data flow of one FP8 linear, y = x @ W^T (models/quant.py holds W and calls `fp8_gemm`):
+
+  x [M, K] bf16/fp32 --per_token_group_quant_fp8--> xq [M, K] e4m3, xs [M, ceil(K/128)] fp32
+  W  [N, K] e4m3 with ws [ceil(N/group_n), ceil(K/128)] fp32 (the checkpoint's `weight_scale_inv`)
+  y[m, n] = sum over k-blocks b of (xq[m, b] . W[n, b]) * xs[m, b] * ws[n // group_n, b]
+
+`ws` is the dequantization multiplier (DeepSeek's `weight_dequant` computes `w_fp8 * s`).
+group_n is 128 for every real checkpoint; a merged weight whose parts are not 128-row aligned
+(tiny test models) repeats each part's scale rows at a finer group_n (models/quant.py).
+
+- `per_token_group_quant_fp8(x)`: one program per (row, 1x128 group): amax in fp32, scale =
+  max(amax, eps) / 448, q = clamp(x / scale, +-448) as e4m3. K need not be a multiple of 128 (the
+  last group is partial); offsets are int64 (large M*K). Scales row-major [M, G], or column-major
+  (stride (1, M)), the layout torch._scaled_mm's blockwise recipe wants.
+- `w8a8_block_gemm(xq, xs, w, ws, group_n)`: Triton, BLOCK_K = 128 = the quant group, so each
+  K-step multiplies one fp32 partial dot by its two scales ("promotion" every 128 K, as DeepSeek's
+  kernel.py and DeepGEMM); masked for M, N, K not multiples of the tiles; grouped program order
+  (GROUP_M) for L2 reuse; tiles chosen per M bucket (`gemm_config`).
+- `scaled_mm_blockwise(...)`: torch._scaled_mm with the 1x128 x 128x128 recipe (cuBLASLt, SM90,
+  CUDA >= 12.9); needs N and K multiples of 128.
+- `fp8_gemm(x, w, ws, group_n, backend)`: quantizes x and runs one of the above, or the torch
+  reference (dequantize, fp32 matmul) for backend "torch".
+
+Every Triton op has a torch reference (`*_torch`) with the same formula; tests/test_fp8.py checks
+the kernels against them in Triton's CPU interpreter. Shape-static and sync-free (graph-capturable).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton is optional: CPU-only installs never import it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3fn; ROCm's fnuz would be 224 (vLLM's choice): not handled here
+GROUP_K = 128  # activation group and weight block along K (DeepSeek-V3's weight_block_size)
+EPS = 1e-10
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------- activation quant
+
+def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = GROUP_K, column_major_scales: bool = False,
+                              use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] -> (q [M, K] e4m3, scales [M, ceil(K/group)] fp32; column-major when asked).
+
+    x == q.float() * scale per group (up to e4m3 rounding). A zero group gets scale eps/448.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be [M, K], got {tuple(x.shape)}")
+    use = (triton is not None and x.is_cuda) if use_triton is None else use_triton
+    if not use:
+        q, s = per_token_group_quant_fp8_torch(x, group_size)
+        return q, (s.t().contiguous().t() if column_major_scales else s)
+    m, k = x.shape
+    g = cdiv(k, group_size)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    s = (torch.empty(g, m, dtype=torch.float32, device=x.device).t() if column_major_scales
+         else torch.empty(m, g, dtype=torch.float32, device=x.device))
+    if m == 0 or k == 0:
+        return q, s
+    block = triton.next_power_of_2(group_size)
+    _act_quant_kernel[(m * g,)](
+        x, q, s, k, g, x.stride(0), q.stride(0), s.stride(0), s.stride(1), EPS, FP8_MAX,
+        GROUP=group_size, BLOCK=block, num_warps=1 if block <= 256 else 4, num_stages=1)
+    return q, s
+
+
+def per_token_group_quant_fp8_torch(x: torch.Tensor, group_size: int = GROUP_K) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: x [M, K] -> (q [M, K] e4m3, scales [M, ceil(K/group)] fp32, row-major)."""
+    m, k = x.shape
+    g = cdiv(k, group_size)
+    xp = torch.zeros(m, g * group_size, dtype=torch.float32, device=x.device)
+    xp[:, :k] = x.float()
+    groups = xp.view(m, g, group_size)
+    s = groups.abs().amax(-1).clamp(min=EPS) / FP8_MAX  # [M, G]
+    q = (groups / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.view(m, g * group_size)[:, :k].contiguous(), s
+
+
+if triton is not None:
+    @triton.jit
+    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, G, stride_x, stride_q, stride_sm, stride_sg, eps, fp8_max,
+                          GROUP: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        row, grp = pid // G, pid % G
+        cols = grp * GROUP + tl.arange(0, BLOCK).to(tl.int64)
+        mask = (tl.arange(0, BLOCK) < GROUP) & (cols < K)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(x), axis=0), eps)
+        s = amax / fp8_max
+        q = tl.clamp(x / s, -fp8_max, fp8_max)
+        tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + row * stride_sm + grp * stride_sg, s)
+
+
+# ----------------------------------------------------------------------------- block-scaled GEMM
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per M bucket (largest bucket <= M wins). Picked by
+# benchmarks/gpu/bench_fp8.py on an H100 (see README); BLOCK_K is the quant group, 128.
+GEMM_CONFIGS: dict[int, tuple[int, int, int, int]] = {
+    1: (16, 64, 4, 4),
+    32: (32, 64, 4, 4),
+    64: (64, 64, 4, 3),
+    256: (64, 128, 4, 3),
+    1024: (128, 128, 8, 3),
+}
+
+
+def gemm_config(m: int) -> tuple[int, int, int, int]:
+    return GEMM_CONFIGS[max(b for b in GEMM_CONFIGS if b <= max(m, 1))]
+
+
+def w8a8_block_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,
+                    out_dtype: torch.dtype = torch.bfloat16, config: tuple[int, int, int, int] | None = None,
+                    ) -> torch.Tensor:
+    """xq [M, K] e4m3, xs [M, ceil(K/128)] fp32 (any strides), w [N, K] e4m3,
+    ws [ceil(N/group_n), ceil(K/128)] fp32 -> y [M, N] out_dtype (Triton)."""
+    m, k = xq.shape
+    n = w.shape[0]
+    _check_gemm_shapes(xq, xs, w, ws, group_n)
+    out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    if m == 0 or n == 0:
+        return out
+    bm, bn, warps, stages = config or gemm_config(m)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _block_gemm_kernel[grid](
+        xq, w, out, xs, ws, m, n, k, group_n,
+        xq.stride(0), xq.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+        xs.stride(0), xs.stride(1), ws.stride(0), ws.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=GROUP_K, GROUP_M=8, num_warps=warps, num_stages=stages)
+    return out
+
+
+def _check_gemm_shapes(xq, xs, w, ws, group_n) -> None:
+    m, k = xq.shape
+    n, kw = w.shape
+    if kw != k:
+        raise ValueError(f"x has K={k} but the weight has K={kw}")
+    if tuple(xs.shape) != (m, cdiv(k, GROUP_K)):
+        raise ValueError(f"activation scales {tuple(xs.shape)}, expected {(m, cdiv(k, GROUP_K))}")
+    if tuple(ws.shape) != (cdiv(n, group_n), cdiv(k, GROUP_K)):
+        raise ValueError(f"weight scales {tuple(ws.shape)}, expected {(cdiv(n, group_n), cdiv(k, GROUP_K))}")
+
+
+def w8a8_block_gemm_torch(xq, xs, w, ws, group_n: int = 128, out_dtype: torch.dtype = torch.bfloat16):
+    """Reference: dequantize both operands to fp32 and matmul."""
+    _check_gemm_shapes(xq, xs, w, ws, group_n)
+    return (dequant_act(xq, xs) @ dequant_weight(w, ws, group_n).t()).to(out_dtype)
+
+
+def dequant_act(xq: torch.Tensor, xs: torch.Tensor, group_size: int = GROUP_K) -> torch.Tensor:
+    """xq [M, K] e4m3, xs [M, G] -> fp32 [M, K]."""
+    k = xq.shape[1]
+    return xq.float() * xs.float().repeat_interleave(group_size, 1)[:, :k]
+
+
+def dequant_weight(w: torch.Tensor, ws: torch.Tensor, group_n: int = 128, group_k: int = GROUP_K) -> torch.Tensor:
+    """w [..., N, K] e4m3, ws [..., ceil(N/group_n), ceil(K/group_k)] -> fp32 [..., N, K]."""
+    n, k = w.shape[-2:]
+    scale = ws.float().repeat_interleave(group_n, -2)[..., :n, :].repeat_interleave(group_k, -1)[..., :k]
+    return w.float() * scale
+
+
+if triton is not None:
+    @triton.jit
+    def _block_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K, group_n,
+                           stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+                           stride_as_m, stride_as_k, stride_bs_n, stride_bs_k,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_n  # grouped order: GROUP_M row-tiles share each column of B in L2
+        first_m = (pid // per_group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % size_m
+        pid_n = (pid % per_group) // size_m
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m, mask_n = offs_m < M, offs_n < N
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BM, BK]
+        b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk  # [BK, BN]
+        as_ptrs = as_ptr + offs_m * stride_as_m
+        bs_ptrs = bs_ptr + (offs_n // group_n) * stride_bs_n
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            k_left = K - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+            a_s = tl.load(as_ptrs + kb * stride_as_k, mask=mask_m, other=0.0)
+            b_s = tl.load(bs_ptrs + kb * stride_bs_k, mask=mask_n, other=0.0)
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ----------------------------------------------------------------------------- torch._scaled_mm
+
+def scaled_mm_ok(n: int, k: int, group_n: int) -> bool:
+    """The shapes torch._scaled_mm's 1x128 x 128x128 recipe takes (full blocks only)."""
+    return group_n == 128 and n % 128 == 0 and k % 128 == 0
+
+
+def scaled_mm_weight_scale(ws: torch.Tensor) -> torch.Tensor:
+    """[N/128, K/128] -> the layout _scaled_mm reads for B = W^T: K-blocks padded to a multiple
+    of 4, passed transposed ([L4, N/128], stride (1, L4)). Built once at load."""
+    nb, kb = ws.shape
+    padded = torch.zeros(nb, cdiv(kb, 4) * 4, dtype=torch.float32, device=ws.device)
+    padded[:, :kb] = ws
+    return padded.t()
+
+
+def scaled_mm_blockwise(xq: torch.Tensor, xs_col: torch.Tensor, w: torch.Tensor, ws_mm: torch.Tensor,
+                        out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """xq [M, K] e4m3 with column-major scales [M, K/128]; w [N, K]; ws_mm from
+    scaled_mm_weight_scale -> [M, N] (cuBLASLt blockwise, SM90)."""
+    return torch._scaled_mm(xq, w.t(), scale_a=xs_col, scale_b=ws_mm, out_dtype=out_dtype)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+BACKENDS = ("triton", "scaled_mm", "torch")
+
+
+def fp8_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128, backend: str = "triton",
+             ws_mm: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [M, K] -> x @ dequant(w, ws)^T [M, N], activations quantized per token in 1x128 groups.
+
+    backend "triton" or "scaled_mm" (CUDA) or "torch" (the reference, any device); ws_mm is the
+    _scaled_mm copy of ws (required for "scaled_mm")."""
+    out_dtype = out_dtype or x.dtype
+    if backend == "scaled_mm":
+        xq, xs = per_token_group_quant_fp8(x, column_major_scales=True)
+        return scaled_mm_blockwise(xq, xs, w, ws_mm, out_dtype)
+    if backend == "triton":
+        xq, xs = per_token_group_quant_fp8(x)
+        return w8a8_block_gemm(xq, xs, w, ws, group_n, out_dtype)
+    if backend == "torch":
+        xq, xs = per_token_group_quant_fp8_torch(x)
+        return w8a8_block_gemm_torch(xq, xs, w, ws, group_n, out_dtype)
+    raise ValueError(f"unknown FP8 GEMM backend {backend!r} (known: {', '.join(BACKENDS)})")

@@ -1,0 +1,319 @@
+"""FP8 block-quantized weights: their layout on the stage, the linear layer that runs them, and
+how checkpoint tensors land in them. Both model families build their linears here (layers.py's
+`make_linear` / `make_merged_linear`), so a stage holds one layout whatever the checkpoint.
+
+Layout (DeepSeek-V3's checkpoint format, kept as is on the device):
+- dense weight `weight` float8_e4m3fn [N, K] (row n = output feature n), and
+  `weight_scale_inv` float32 [ceil(N/group_n), ceil(K/128)], the dequant multiplier:
+  W[n, k] = weight[n, k] * weight_scale_inv[n // group_n, k // 128].
+- stacked experts (the fused-MoE layout): weight [E, N, K] e4m3 and scale
+  [E, ceil(N/group_n), ceil(K/128)] float32, one such grid per expert (`fp8_expert_params`);
+  expert e's gate/up rows are its [0, I) / [I, 2I) rows, as the bf16 stacks.
+- group_n is 128 (the checkpoint's block) for every real model. A merged weight (q/k/v, gate/up)
+  whose parts do not start on 128-row boundaries (tiny test models) keeps each part's scales
+  exact by a finer row group: group_n = gcd(128, every part's first row), each checkpoint block's
+  scale repeated over its 128/group_n row groups (`Fp8Slot.load`). Kernels take group_n as an
+  argument (kernels/fp8.py indexes scales by `n // group_n`).
+- K is always grouped by 128: the activation quant's 1x128 groups line up with weight blocks.
+
+Where tensors come from (the loader hands each checkpoint tensor to its `Fp8Slot`):
+- an e4m3 checkpoint tensor with its `<name>_scale_inv` (quant_method "fp8", block [128, 128]):
+  copied as is;
+- a bf16/fp32 tensor when the stage quantizes at load (`--quantization fp8`,
+  `with_quantization`): quantized per 128x128 block (`quantize_blocks`, amax / 448), on the device;
+- dummy weights (`--load-format dummy`): drawn on the device (loader.py).
+
+Compute (`Fp8Linear.forward`): on a CUDA GPU with FP8 tensor cores (SM89+), activations are
+quantized per token in 1x128 groups and the GEMM is block-scaled (kernels/fp8.py: the Triton
+kernel, or torch._scaled_mm's blockwise recipe on SM90 where it measures faster, `gemm_backend`).
+Elsewhere (the CPU, pre-Ada GPUs) the weight is dequantized once, when the stage is prepared, to
+the stage dtype and a plain matmul runs: exactly the dequantized checkpoint's numbers; the loader
+logs one line saying so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stage_worker.kernels import fp8 as fp8k
+from stagemesh.errors import CheckpointError
+from stagemesh.model_config import ModelConfig
+
+BLOCK = 128  # weight block rows and columns (DeepSeek-V3's weight_block_size)
+FP8_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
+QUANTIZATIONS = ("", "fp8")  # --quantization values ("": the checkpoint's own format)
+
+
+# -- which stages are FP8 ----------------------------------------------------------------------
+def fp8_block(cfg: ModelConfig) -> tuple[int, int] | None:
+    """(rows, cols) of the checkpoint's FP8 blocks when config.json says FP8, else None."""
+    qc = cfg.raw.get("quantization_config") or {}
+    method = qc.get("quant_method")
+    if not method:
+        return None
+    if method != "fp8":
+        raise CheckpointError(f"config.json: quantization_config.quant_method {method!r} is not supported (fp8)")
+    size = qc.get("weight_block_size") or (BLOCK, BLOCK)
+    if len(size) != 2 or min(size) <= 0:
+        raise CheckpointError(f"config.json: bad quantization_config.weight_block_size {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def is_fp8(cfg: ModelConfig) -> bool:
+    """Build this stage's linears as Fp8Linear (block-scaled FP8 weights)?"""
+    return fp8_block(cfg) is not None
+
+
+def with_quantization(cfg: ModelConfig, quantization: str) -> ModelConfig:
+    """The config a stage is built from: `--quantization fp8` marks a bf16/fp32 checkpoint FP8
+    (quantized at load in 128x128 blocks); "" leaves it as the checkpoint says."""
+    if quantization not in QUANTIZATIONS:
+        raise CheckpointError(f"--quantization {quantization!r} is not supported (fp8)")
+    if not quantization or is_fp8(cfg):
+        return cfg
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+          "weight_block_size": [BLOCK, BLOCK], "quantized_at_load": True}
+    return dataclasses.replace(cfg, raw={**cfg.raw, "quantization_config": qc})
+
+
+def row_group(part_rows: list[int]) -> int:
+    """group_n of a weight made of parts of these row counts (128 unless a part starts mid-block)."""
+    g, start = BLOCK, 0
+    for rows in part_rows[:-1]:
+        start += rows
+        g = math.gcd(g, start)
+    return g
+
+
+# -- quantize / dequantize (torch, on the tensor's device) ----------------------------------------
+def quantize_blocks(w: torch.Tensor, block: tuple[int, int] = (BLOCK, BLOCK)) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (e4m3 [N, K], scale_inv fp32 [ceil(N/b0), ceil(K/b1)]), DeepSeek-V3's format:
+    each block's amax maps to 448."""
+    rows, cols = w.shape
+    b0, b1 = block
+    gr, gc = fp8k.cdiv(rows, b0), fp8k.cdiv(cols, b1)
+    padded = torch.zeros(gr * b0, gc * b1, dtype=torch.float32, device=w.device)
+    padded[:rows, :cols] = w.float()
+    tiles = padded.view(gr, b0, gc, b1)
+    scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / fp8k.FP8_MAX  # [gr, gc]
+    q = (tiles / scale[:, None, :, None]).clamp(-fp8k.FP8_MAX, fp8k.FP8_MAX).to(fp8k.FP8_DTYPE)
+    return q.view(gr * b0, gc * b1)[:rows, :cols].contiguous(), scale
+
+
+def dequantize_blocks(w: torch.Tensor, scale_inv: torch.Tensor, group_n: int = BLOCK,
+                      group_k: int = BLOCK) -> torch.Tensor:
+    """w [..., N, K] fp8, scale_inv [..., ceil(N/group_n), ceil(K/group_k)] -> float32 [..., N, K]."""
+    n, k = w.shape[-2:]
+    expect = (fp8k.cdiv(n, group_n), fp8k.cdiv(k, group_k))
+    if tuple(scale_inv.shape[-2:]) != expect:
+        raise ValueError(f"scale_inv of shape {tuple(scale_inv.shape)}, expected {expect} "
+                         f"for a {n}x{k} weight in {group_n}x{group_k} blocks")
+    return fp8k.dequant_weight(w, scale_inv, group_n, group_k)
+
+
+# -- where one checkpoint tensor lands -----------------------------------------------------------
+@dataclasses.dataclass
+class Fp8Slot:
+    """The rows of an FP8 weight that one checkpoint tensor fills, and their scale rows.
+
+    weight: [rows, K] e4m3 view; scale: [ceil(rows/group_n), ceil(K/128)] fp32 view.
+    """
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    group_n: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+    @torch.no_grad()
+    def load(self, tensor: torch.Tensor, scale_inv: torch.Tensor | None, block: tuple[int, int]) -> None:
+        """An e4m3 checkpoint tensor with its scale_inv (checkpoint blocks), or a float tensor
+        (quantized here in `block`s); ValueError names what does not fit."""
+        b0, b1 = block
+        if b1 != BLOCK or b0 % self.group_n:
+            raise ValueError(f"FP8 blocks of {b0}x{b1}: FP8 compute needs {BLOCK}-column blocks "
+                             f"and rows a multiple of {self.group_n}")
+        if tuple(tensor.shape) != tuple(self.weight.shape):
+            raise ValueError(f"shape {tuple(tensor.shape)}, expected {tuple(self.weight.shape)}")
+        tensor = tensor.to(self.weight.device)
+        if tensor.dtype in FP8_DTYPES:
+            if scale_inv is None:
+                raise ValueError("an FP8 tensor without its scale_inv")
+            expect = (fp8k.cdiv(tensor.shape[0], b0), fp8k.cdiv(tensor.shape[1], b1))
+            if tuple(scale_inv.shape) != expect:
+                raise ValueError(f"scale_inv of shape {tuple(scale_inv.shape)}, expected {expect}")
+            q, s = tensor.to(fp8k.FP8_DTYPE), scale_inv.to(self.scale.device, torch.float32)
+        else:
+            q, s = quantize_blocks(tensor, (b0, b1))
+        self.weight.copy_(q)
+        rows = self.scale.shape[0]
+        self.scale.copy_(s.repeat_interleave(b0 // self.group_n, 0)[:rows])
+
+
+# -- the linear layer ----------------------------------------------------------------------------
+class Fp8Linear(nn.Module):
+    """y = x @ W^T + b with W block-quantized (layout above); merged when `parts` is given.
+
+    parts: checkpoint name (a sibling of this module, e.g. "q_proj") -> its output rows, as
+    MergedLinear; None: one weight named after this module. Holds weight [N, K] e4m3,
+    weight_scale_inv [ceil(N/group_n), ceil(K/128)] fp32, bias [N] in the stage dtype.
+    `prepare()` (the loader calls it once the weights are in) picks the compute path for the
+    device; forward is then shape-static and sync-free (CUDA-graph capturable).
+    """
+
+    def __init__(self, in_features: int, out_features: int | None = None, bias: bool = False,
+                 parts: dict[str, int] | None = None):
+        super().__init__()
+        self.parts = dict(parts) if parts else None
+        n = sum(self.parts.values()) if self.parts else int(out_features)
+        self.in_features, self.out_features = in_features, n
+        self.group_n = row_group(list(self.parts.values())) if self.parts else BLOCK
+        gn, gk = fp8k.cdiv(n, self.group_n), fp8k.cdiv(in_features, BLOCK)
+        self.weight = nn.Parameter(torch.empty(n, in_features, dtype=fp8k.FP8_DTYPE), requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(torch.empty(gn, gk, dtype=torch.float32), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(n), requires_grad=False) if bias else None
+        self.compute_dtype = torch.get_default_dtype()
+        self.backend: str | None = None  # "dequant" | "fp8"; set by prepare()
+        self._dense: torch.Tensor | None = None  # dequantized weight (backend "dequant")
+        self._ws_mm: torch.Tensor | None = None  # weight scales in _scaled_mm's layout
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_n={self.group_n}, "
+                f"bias={self.bias is not None}, backend={self.backend}")
+
+    def fix_dtypes(self, dtype: torch.dtype) -> None:
+        """After the stage's `.to(dtype)` (on the meta device, before materialising): weight back
+        to e4m3, scales back to fp32; `dtype` is the compute (activation) dtype."""
+        self.weight.data = self.weight.data.to(fp8k.FP8_DTYPE)
+        self.weight_scale_inv.data = self.weight_scale_inv.data.float()
+        self.compute_dtype = dtype
+
+    def checkpoint_views(self, path: str) -> dict:
+        """Checkpoint name -> Fp8Slot (weights) or a bias view (what the loader fills)."""
+        if self.parts is None:
+            views = {f"{path}.weight": Fp8Slot(self.weight, self.weight_scale_inv, self.group_n)}
+            if self.bias is not None:
+                views[f"{path}.bias"] = self.bias
+            return views
+        parent = path.rpartition(".")[0]
+        prefix = parent + "." if parent else ""
+        views, start = {}, 0
+        for name, rows in self.parts.items():
+            views[f"{prefix}{name}.weight"] = fp8_slot(self.weight, self.weight_scale_inv, self.group_n, start, rows)
+            if self.bias is not None:
+                views[f"{prefix}{name}.bias"] = self.bias[start:start + rows]
+            start += rows
+        return views
+
+    @torch.no_grad()
+    def prepare(self) -> str:
+        """Pick the compute path for the weight's device (once, after loading); returns it."""
+        device = self.weight.device
+        if fp8_compute_available(device):
+            self.backend, self._dense = "fp8", None
+            if fp8k.scaled_mm_ok(self.out_features, self.in_features, self.group_n) and scaled_mm_available(device):
+                self._ws_mm = fp8k.scaled_mm_weight_scale(self.weight_scale_inv)
+        else:
+            self.backend = "dequant"
+            self._dense = self.dense_weight()
+        return self.backend
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dequantized weight [N, K] in the compute dtype (a new tensor)."""
+        return dequantize_blocks(self.weight, self.weight_scale_inv, self.group_n).to(self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K]
+        if self.backend is None:
+            self.prepare()
+        if self.backend == "dequant":
+            return F.linear(x, self._dense, self.bias)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        backend = gemm_backend(x2.shape[0], self.out_features, self.in_features, self._ws_mm is not None)
+        y = fp8k.fp8_gemm(x2, self.weight, self.weight_scale_inv, self.group_n, backend, self._ws_mm)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features)
+
+
+def fp8_slot(weight: torch.Tensor, scale: torch.Tensor, group_n: int, start: int, rows: int) -> Fp8Slot:
+    """The slot of rows [start, start + rows) of a [N, K] FP8 weight and its scale grid."""
+    if start % group_n:
+        raise ValueError(f"part starting at row {start} is not on a {group_n}-row group")
+    g0 = start // group_n
+    return Fp8Slot(weight[start:start + rows], scale[g0:g0 + fp8k.cdiv(rows, group_n)], group_n)
+
+
+# -- stacked experts -------------------------------------------------------------------------------
+def fp8_expert_params(experts: int, part_rows: list[int], k: int) -> tuple[nn.Parameter, nn.Parameter, int]:
+    """(weight [E, N, K] e4m3, scale [E, ceil(N/group_n), ceil(K/128)] fp32, group_n) of a stack
+    of experts whose rows are `part_rows` (gate, up: [I, I]; down: [H])."""
+    n = sum(part_rows)
+    gn = row_group(part_rows)
+    w = nn.Parameter(torch.empty(experts, n, k, dtype=fp8k.FP8_DTYPE), requires_grad=False)
+    s = nn.Parameter(torch.empty(experts, fp8k.cdiv(n, gn), fp8k.cdiv(k, BLOCK), dtype=torch.float32),
+                     requires_grad=False)
+    return w, s, gn
+
+
+# -- the device's FP8 compute --------------------------------------------------------------------
+def fp8_compute_available(device: torch.device) -> bool:
+    """FP8 tensor cores and Triton: CUDA SM89+ (Ada, Hopper, Blackwell)."""
+    return (device.type == "cuda" and fp8k.triton is not None
+            and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def scaled_mm_available(device: torch.device) -> bool:
+    """torch._scaled_mm's blockwise 1x128 x 128x128 recipe: SM90 with CUDA >= 12.9."""
+    cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0) and cuda >= (12, 9)
+
+
+# M at or above which torch._scaled_mm beats the Triton kernel (measured on the H100 by
+# benchmarks/gpu/bench_fp8.py, README); None: Triton at every M.
+SCALED_MM_MIN_M: int | None = None
+
+
+def gemm_backend(m: int, n: int, k: int, scaled_mm_ready: bool) -> str:
+    if scaled_mm_ready and SCALED_MM_MIN_M is not None and m >= SCALED_MM_MIN_M:
+        return "scaled_mm"
+    return "triton"
+
+
+def fp8_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module holding FP8 weights (Fp8Linear, FP8 expert stacks: `fp8_prepare` method)."""
+    return [m for m in model.modules() if isinstance(m, Fp8Linear) or hasattr(m, "fp8_prepare")]
+
+
+def fix_dtypes(model: nn.Module, dtype: torch.dtype) -> None:
+    for m in model.modules():
+        if hasattr(m, "fix_dtypes"):
+            m.fix_dtypes(dtype)
+
+
+def prepare(model: nn.Module) -> str | None:
+    """Choose every FP8 module's compute path after loading. Returns None (no FP8 weights),
+    "fp8" (FP8 GEMMs) or "dequant" (weights dequantized: no FP8 compute on this device)."""
+    paths = set()
+    for m in fp8_modules(model):
+        paths.add(m.prepare() if isinstance(m, Fp8Linear) else m.fp8_prepare())
+    if not paths:
+        return None
+    return "dequant" if "dequant" in paths else "fp8"
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the stage's parameters as held (FP8 weights count 1 byte, scales 4)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
