@@ -13,6 +13,12 @@ their context straight from the pool through block tables (`paged_decode`: a Tri
 flash-decoding kernel, no gather, no padding to the longest context, no host sync, so a decode
 step can be captured in a CUDA graph); prefill chunks use SDPA's fused kernels on the gathered
 context. The CPU path is unchanged (exactly equal to transformers in float32).
+
+The metadata is the same for every layer; what differs per layer is passed to `attend`: a
+sliding window (a query sees its last `window` keys, itself included, as transformers'
+`kv > q - window`; local layers of Gemma 2, Mistral-v0.1, Phi-3) and Gemma 2's attention-logit
+soft cap. Both hold on every path: the CPU masks, paged decode and unified attention (Triton and
+their references). The pool keeps every token's K/V; a window only narrows what is read.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from stage_worker.kernels.paged_decode import choose_splits, paged_decode
+from stage_worker.kernels.softmax import attention_torch
 from stage_worker.kernels.unified_attention import tile_plan, unified_attention
 from stagemesh.errors import InvalidArgument
 
@@ -232,12 +239,16 @@ def _pack(parts: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
 
 
 def attend(q: torch.Tensor, layer_kv: tuple[torch.Tensor, torch.Tensor], meta: AttnMetadata,
-           scale: float) -> torch.Tensor:
-    """q: [T, Hq, D] over each sequence's cached context (the new K/V already in the pool) -> [T, Hq, D]."""
+           scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """q: [T, Hq, D] over each sequence's cached context (the new K/V already in the pool) -> [T, Hq, D].
+
+    window: this layer's sliding window (None: full causal); softcap: its attention-logit cap.
+    """
     k_cache, v_cache = layer_kv
     if meta.unified:
         return unified_attention(q, k_cache, v_cache, meta.seq_tables, meta.seq_lens, meta.qsl,
-                                 meta.tile_seq, meta.tile_row, scale, meta.block_size)
+                                 meta.tile_seq, meta.tile_row, scale, meta.block_size,
+                                 window=window, softcap=softcap)
     out = torch.empty_like(q)
     for i in meta.prefill_ids:
         a, b = meta.query_start_loc[i], meta.query_start_loc[i + 1]
@@ -245,14 +256,17 @@ def attend(q: torch.Tensor, layer_kv: tuple[torch.Tensor, torch.Tensor], meta: A
         qi = q[a:b].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
         ki = k_cache[ctx_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
         vi = v_cache[ctx_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
-        oi = _sdpa(qi, ki, vi, meta.prefill_masks[i], scale)  # [1, Hq, n, D]
+        mask = meta.prefill_masks[i]
+        if window and window < meta.context_lens[i]:
+            mask = _chunk_mask(meta.start_pos[i], meta.context_lens[i], q.device, window)
+        oi = _sdpa(qi, ki, vi, mask, scale, softcap)  # [1, Hq, n, D]
         out[a:b] = oi[0].transpose(0, 1)
     if meta.paged and meta.decode_ids:
         qd = q if meta.decode_all else q[meta.decode_rows]  # [B, Hq, D]
         splits = meta.num_splits or choose_splits(qd.shape[0], k_cache.shape[1], meta.decode_max_ctx,
                                                   _num_sms(q.device))
         od = paged_decode(qd, k_cache, v_cache, meta.block_tables, meta.decode_ctx, scale,
-                          meta.block_size, splits, meta.decode_max_ctx)
+                          meta.block_size, splits, meta.decode_max_ctx, window=window, softcap=softcap)
         if meta.decode_all:
             return od
         out[meta.decode_rows] = od
@@ -261,21 +275,30 @@ def attend(q: torch.Tensor, layer_kv: tuple[torch.Tensor, torch.Tensor], meta: A
         qd = q[rows].unsqueeze(2)  # [B, Hq, 1, D]
         kd = k_cache[meta.decode_slots].to(q.dtype).transpose(1, 2)  # [B, Hkv, Lmax, D]
         vd = v_cache[meta.decode_slots].to(q.dtype).transpose(1, 2)
-        od = _sdpa(qd, kd, vd, meta.decode_mask, scale)  # [B, Hq, 1, D]
+        mask = meta.decode_mask
+        if window:  # the padded layout's key j is position j: keep the last `window` of each row
+            ctx = torch.tensor([meta.context_lens[i] for i in meta.decode_ids], device=q.device)
+            pos = torch.arange(mask.shape[-1], device=q.device)
+            mask = mask & (pos[None, :] >= ctx[:, None] - window).view(mask.shape)
+        od = _sdpa(qd, kd, vd, mask, scale, softcap)  # [B, Hq, 1, D]
         out[rows] = od.squeeze(2)
     return out
 
 
-def _chunk_mask(start: int, ctx: int, device) -> torch.Tensor | None:
-    """[1, 1, n, ctx] bool: query j (absolute position start+j) sees keys 0..start+j.
+def _chunk_mask(start: int, ctx: int, device, window: int | None = None) -> torch.Tensor | None:
+    """[1, 1, n, ctx] bool: query j (absolute position p = start+j) sees keys 0..p, or with a
+    sliding window keys p-window+1..p.
 
-    None for a chunk starting at 0, where plain `is_causal` lets SDPA pick a fused kernel.
+    None for a full-causal chunk starting at 0, where plain `is_causal` lets SDPA pick a fused kernel.
     """
-    if start == 0:
+    if start == 0 and not window:
         return None
     qpos = torch.arange(start, ctx, device=device)  # [n]
     kpos = torch.arange(ctx, device=device)  # [ctx]
-    return (kpos[None, :] <= qpos[:, None])[None, None]
+    mask = kpos[None, :] <= qpos[:, None]
+    if window:
+        mask &= kpos[None, :] > qpos[:, None] - window
+    return mask[None, None]
 
 
 @functools.lru_cache(maxsize=None)
@@ -285,13 +308,16 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _sdpa(q, k, v, mask, scale):
+def _sdpa(q, k, v, mask, scale, softcap=None):
     """SDPA with grouped KV heads; enable_gqa avoids materialising repeated K/V.
 
     mask None means causal with queries and keys aligned (a chunk from position 0).
     On CUDA the KV heads are repeated instead, so that the flash / memory-efficient kernels
-    apply (prefill is compute-bound; the repeat costs a few MB).
+    apply (prefill is compute-bound; the repeat costs a few MB). SDPA has no soft cap: with one,
+    the eager formula (kernels/softmax.attention_torch).
     """
+    if softcap:
+        return attention_torch(q, k, v, mask, scale, softcap)
     if q.is_cuda and q.shape[1] != k.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)

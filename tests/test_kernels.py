@@ -85,8 +85,13 @@ if INTERPRETED:  # the kernel tests: collected only in the interpreter process (
                                    fo.combine_splits_torch(part, lse, torch.float32))
 
 
+    # Sliding windows (5: starts mid-block; 66: one split of the 70-token context left empty) and
+    # Gemma 2's logit soft cap (scores here reach ~2-3, so a cap of 2 changes them).
+    WINDOW_CAP = [(None, None), (5, None), (None, 2.0), (66, 2.0)]
+
+    @pytest.mark.parametrize("window,softcap", WINDOW_CAP)
     @pytest.mark.parametrize("splits", [1, 3])
-    def test_paged_decode(k, splits):
+    def test_paged_decode(k, splits, window, softcap):
         """GQA group of 2, contexts inside one block, across blocks, and shorter than the splits."""
         pd, gen = k["paged_decode"], torch.Generator().manual_seed(4)
         bs, hq, hkv, d = 4, 4, 2, 16
@@ -94,11 +99,16 @@ if INTERPRETED:  # the kernel tests: collected only in the interpreter process (
         ctx = torch.tensor([3, 70, 9])
         tables = torch.stack([torch.randperm(24, generator=gen)[:18] for _ in range(3)])
         q = torch.randn(3, hq, d, generator=gen)
-        got = pd.paged_decode(q, kc, vc, tables, ctx, 0.25, bs, num_splits=splits, use_triton=True)
-        torch.testing.assert_close(got, pd.paged_decode_torch(q, kc, vc, tables, ctx, 0.25, bs), atol=1e-5, rtol=1e-5)
+        extra = dict(window=window, softcap=softcap)
+        got = pd.paged_decode(q, kc, vc, tables, ctx, 0.25, bs, num_splits=splits, use_triton=True, **extra)
+        ref = pd.paged_decode_torch(q, kc, vc, tables, ctx, 0.25, bs, **extra)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        if window or softcap:  # the options change the answer (the test would catch them ignored)
+            assert not torch.allclose(ref, pd.paged_decode_torch(q, kc, vc, tables, ctx, 0.25, bs), atol=1e-3)
 
 
-    def test_unified_attention(k):
+    @pytest.mark.parametrize("window,softcap", WINDOW_CAP)
+    def test_unified_attention(k, window, softcap):
         """A prefill chunk from 0, one starting mid-context (longer than BLOCK_N keys), decode rows,
         and padding tiles (tile_seq -1) that must leave nothing written."""
         ua, gen = k["unified_attention"], torch.Generator().manual_seed(5)
@@ -114,6 +124,9 @@ if INTERPRETED:  # the kernel tests: collected only in the interpreter process (
         q = torch.randn(int(qsl[-1]), hq, d, generator=gen)
         args = (tables, seq_lens, torch.from_numpy(qsl), torch.from_numpy(tile_seq), torch.from_numpy(tile_row),
                 0.3, bs)
-        got = ua.unified_attention(q, kc, vc, *args, use_triton=True)
-        ref = ua.unified_attention(q, kc, vc, *args, use_triton=False)
+        extra = dict(window=window, softcap=softcap)
+        got = ua.unified_attention(q, kc, vc, *args, use_triton=True, **extra)
+        ref = ua.unified_attention(q, kc, vc, *args, use_triton=False, **extra)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        if window or softcap:
+            assert not torch.allclose(ref, ua.unified_attention(q, kc, vc, *args, use_triton=False), atol=1e-3)

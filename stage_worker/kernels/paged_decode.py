@@ -12,15 +12,18 @@ scale, num_splits)`:
 
 block_tables: [B, W] long, row b lists sequence b's blocks (only the first ceil(ctx/bs) are read);
 ctx_lens: [B] long, >= 1. K/V slots are `block * block_size + offset` (see kv_cache.py).
+window: a sliding window (Mistral, Gemma 2's local layers): the query sees only its last `window`
+keys, itself included (transformers' `kv > q - window`); the kernel walks only those, so its
+splits cover the window, not the whole context. softcap: Gemma 2's `softcap * tanh(s / softcap)`
+of the scaled scores. 0 / None: off.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from stage_worker.kernels.fused_ops import combine_splits
-from stage_worker.kernels.softmax import online_softmax_block
+from stage_worker.kernels.softmax import attention_torch, online_softmax_block
 
 try:  # Triton is optional: CPU-only installs never import it.
     import triton
@@ -44,32 +47,37 @@ def choose_splits(batch: int, num_kv_heads: int, max_ctx: int | None = None, sms
 
 
 def paged_decode(q, k_cache, v_cache, block_tables, ctx_lens, scale: float, block_size: int,
-                 num_splits: int = 1, max_ctx: int | None = None, use_triton: bool | None = None):
+                 num_splits: int = 1, max_ctx: int | None = None, use_triton: bool | None = None,
+                 window: int | None = None, softcap: float | None = None):
     """q: [B, Hq, D]; k_cache, v_cache: [N, Hkv, D] -> out [B, Hq, D] in q's dtype."""
     if use_triton is None:
         use_triton = triton_available(q.device)
     if use_triton:
         return _paged_decode_triton(q, k_cache, v_cache, block_tables, ctx_lens, scale, block_size,
-                                    num_splits)
-    return paged_decode_torch(q, k_cache, v_cache, block_tables, ctx_lens, scale, block_size, max_ctx)
+                                    num_splits, window, softcap)
+    return paged_decode_torch(q, k_cache, v_cache, block_tables, ctx_lens, scale, block_size, max_ctx,
+                              window, softcap)
 
 
-def paged_decode_torch(q, k_cache, v_cache, block_tables, ctx_lens, scale, block_size, max_ctx=None):
+def paged_decode_torch(q, k_cache, v_cache, block_tables, ctx_lens, scale, block_size, max_ctx=None,
+                       window=None, softcap=None):
     """Reference: gather [B, Lmax] slots from the block tables, masked SDPA (needs a host sync)."""
     b = q.shape[0]
     lmax = int(max_ctx if max_ctx is not None else ctx_lens.max())
     pos = torch.arange(lmax, device=q.device)  # [L]
     blocks = block_tables[:, pos // block_size]  # [B, L]
     slots = blocks * block_size + pos % block_size  # [B, L]
-    mask = (pos[None, :] < ctx_lens[:, None]).view(b, 1, 1, lmax)
+    mask = pos[None, :] < ctx_lens[:, None]  # [B, L]
+    if window:
+        mask &= pos[None, :] >= ctx_lens[:, None] - window
     k = k_cache[slots].to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
     v = v_cache[slots].to(q.dtype).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale,
-                                       enable_gqa=q.shape[1] != k.shape[1])  # [B, Hq, 1, D]
+    o = attention_torch(q.unsqueeze(2), k, v, mask.view(b, 1, 1, lmax), scale, softcap)  # [B, Hq, 1, D]
     return o.squeeze(2)
 
 
-def _paged_decode_triton(q, k_cache, v_cache, block_tables, ctx_lens, scale, block_size, num_splits):
+def _paged_decode_triton(q, k_cache, v_cache, block_tables, ctx_lens, scale, block_size, num_splits,
+                         window=None, softcap=None):
     b, hq, d = q.shape
     hkv = k_cache.shape[1]
     group = hq // hkv
@@ -81,9 +89,10 @@ def _paged_decode_triton(q, k_cache, v_cache, block_tables, ctx_lens, scale, blo
         q, k_cache, v_cache, block_tables, ctx_lens, part, lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        scale,
+        scale, int(window or 0), float(softcap or 0.0),
         BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=d, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, num_warps=4, num_stages=2,
+        HEAD_DIM=d, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, SOFTCAP=bool(softcap),
+        num_warps=4, num_stages=2,
     )
     if num_splits == 1:
         return part[:, :, 0].to(q.dtype)
@@ -95,15 +104,18 @@ if triton is not None:
     @triton.jit
     def _decode_kernel(Q, K, V, BT, CL, O, LSE,
                        s_qb, s_qh, s_kn, s_kh, s_bt, s_ob, s_oh, s_os, s_lb, s_lh,
-                       scale,
+                       scale, window, softcap,
                        BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                       SOFTCAP: tl.constexpr):
         bid = tl.program_id(0)
         hk = tl.program_id(1)
         sp = tl.program_id(2)
         ctx = tl.load(CL + bid).to(tl.int32)
-        per = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        lo = sp * per
+        # The keys the query sees: [first, ctx), the last `window` of them when window > 0.
+        first = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
+        per = tl.cdiv(tl.cdiv(ctx - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = first + sp * per
         hi = tl.minimum(lo + per, ctx)
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_DIM)
@@ -118,7 +130,7 @@ if triton is not None:
             t = lo + it * BLOCK_N + tl.arange(0, BLOCK_N)
             valid = t < hi
             m_i, l_i, acc = online_softmax_block(q, K, V, BT + bid * s_bt, t, valid, valid[None, :], hk * s_kh,
-                                                 s_kn, d, m_i, l_i, acc, scale, BLOCK_SIZE)
+                                                 s_kn, d, m_i, l_i, acc, scale, softcap, BLOCK_SIZE, SOFTCAP)
         nonempty = l_i > 0
         out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
         lse = tl.where(nonempty, m_i + tl.log(tl.where(nonempty, l_i, 1.0)), float("-inf"))

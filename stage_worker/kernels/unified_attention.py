@@ -15,15 +15,17 @@ as vLLM's unified Triton attention, written for this pool (slots = block * block
 
 - `unified_attention(...)`: Triton on CUDA; the torch reference (gather + masked SDPA per
   sequence) elsewhere, which is also the reference the kernel is checked against.
+- `window` (sliding-window layers: a query sees its last `window` keys, itself included) and
+  `softcap` (Gemma 2's `softcap * tanh(score / softcap)`) as in paged_decode.py; a tile starts
+  its walk at the first key its first query's window reaches.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from stage_worker.kernels.softmax import online_softmax_block
+from stage_worker.kernels.softmax import attention_torch, online_softmax_block
 
 try:  # Triton is optional: CPU-only installs never import it.
     import triton
@@ -76,7 +78,8 @@ def tile_plan(query_start_loc: np.ndarray, bq: int, size: int | None = None) -> 
 
 
 def unified_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, tile_seq, tile_row,
-                      scale: float, block_size: int, use_triton: bool | None = None) -> torch.Tensor:
+                      scale: float, block_size: int, use_triton: bool | None = None,
+                      window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """q: [T, Hq, D]; k_cache, v_cache: [N, Hkv, D]; block_tables: [S, W]; seq_lens: [S] (context
     after this step); query_start_loc: [S+1]; tile_seq, tile_row: [G] (tile_plan) -> [T, Hq, D].
 
@@ -86,12 +89,13 @@ def unified_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_l
         use_triton = triton is not None and q.is_cuda
     if use_triton:
         return _unified_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, tile_seq,
-                               tile_row, scale, block_size)
+                               tile_row, scale, block_size, window, softcap)
     return unified_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                                   block_size)
+                                   block_size, window, softcap)
 
 
-def unified_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, block_size):
+def unified_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, block_size,
+                            window=None, softcap=None):
     """Reference: per sequence, gather its context through the block table and run masked SDPA."""
     out = torch.zeros_like(q)
     qsl = query_start_loc.tolist()
@@ -104,15 +108,16 @@ def unified_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, query_s
         k = k_cache[slots].to(q.dtype).transpose(0, 1)[None]  # [1, Hkv, L, D]
         v = v_cache[slots].to(q.dtype).transpose(0, 1)[None]
         qpos = torch.arange(ctx - (b - a), ctx, device=q.device)
-        mask = (pos[None, :] <= qpos[:, None])[None, None]  # [1, 1, n, L]
-        o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], k, v, attn_mask=mask, scale=scale,
-                                           enable_gqa=q.shape[1] != k.shape[1])
+        mask = pos[None, :] <= qpos[:, None]  # [n, L]
+        if window:
+            mask &= pos[None, :] > qpos[:, None] - window
+        o = attention_torch(q[a:b].transpose(0, 1)[None], k, v, mask[None, None], scale, softcap)
         out[a:b] = o[0].transpose(0, 1)
     return out
 
 
 def _unified_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, tile_seq, tile_row,
-                    scale, block_size):
+                    scale, block_size, window=None, softcap=None):
     t, hq, d = q.shape
     hkv = k_cache.shape[1]
     gp = group_pad(hq, hkv)
@@ -121,9 +126,9 @@ def _unified_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     _unified_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, tile_seq, tile_row, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
-        out.stride(0), out.stride(1), scale,
+        out.stride(0), out.stride(1), scale, int(window or 0), float(softcap or 0.0),
         BLOCK_SIZE=block_size, GROUP=hq // hkv, GROUP_PAD=gp, BLOCK_Q=block_q(hq, hkv), HEAD_DIM=d,
-        BLOCK_M=block_m(hq, hkv), BLOCK_N=BLOCK_N, num_warps=4, num_stages=2,
+        BLOCK_M=block_m(hq, hkv), BLOCK_N=BLOCK_N, SOFTCAP=bool(softcap), num_warps=4, num_stages=2,
     )
     return out
 
@@ -132,10 +137,10 @@ if triton is not None:
 
     @triton.jit
     def _unified_kernel(Q, K, V, BT, SL, QSL, TS, TR, O,
-                        s_qt, s_qh, s_kn, s_kh, s_bt, s_ot, s_oh, scale,
+                        s_qt, s_qh, s_kn, s_kh, s_bt, s_ot, s_oh, scale, window, softcap,
                         BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                         BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+                        BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr):
         tile = tl.program_id(0)
         hk = tl.program_id(1)
         seq = tl.load(TS + tile)
@@ -151,22 +156,25 @@ if triton is not None:
         g = m % GROUP_PAD
         row = row0 + qi
         valid = (g < GROUP) & (row < q_hi)
-        qpos = tl.where(valid, first_pos + row - q_lo, 0)  # invalid rows see key 0 only (finite)
+        qpos = tl.where(valid, first_pos + row - q_lo, 0)  # invalid rows see key 0 at most (never stored)
         d = tl.arange(0, HEAD_DIM)
         qh = hk * GROUP + g
         q_ptr = Q + row.to(tl.int64)[:, None] * s_qt + qh[:, None] * s_qh + d[None, :]
         qv = tl.load(q_ptr, mask=valid[:, None], other=0.0)
         last = tl.minimum(row0 + BLOCK_Q, q_hi) - 1
         kv_hi = first_pos + last - q_lo + 1  # keys visible to the tile's last query
+        # Sliding window: a query at p sees keys (p - window, p]; the tile's first query sees the lowest.
+        kv_lo = tl.where(window > 0, tl.maximum(first_pos + row0 - q_lo - window + 1, 0), 0)
+        win_lo = tl.where(window > 0, qpos - window + 1, 0)  # [BLOCK_M] lowest key each row sees
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        for start in range(0, kv_hi, BLOCK_N):
+        for start in range(kv_lo // BLOCK_N * BLOCK_N, kv_hi, BLOCK_N):
             t = start + tl.arange(0, BLOCK_N)
             in_ctx = t < kv_hi
-            see = (t[None, :] <= qpos[:, None]) & in_ctx[None, :]
+            see = (t[None, :] <= qpos[:, None]) & (t[None, :] >= win_lo[:, None]) & in_ctx[None, :]
             m_i, l_i, acc = online_softmax_block(qv, K, V, BT + seq * s_bt, t, in_ctx, see, hk * s_kh,
-                                                 s_kn, d, m_i, l_i, acc, scale, BLOCK_SIZE)
-        out = acc / l_i[:, None]
+                                                 s_kn, d, m_i, l_i, acc, scale, softcap, BLOCK_SIZE, SOFTCAP)
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # padding rows may see no key
         o_ptr = O + row.to(tl.int64)[:, None] * s_ot + qh[:, None] * s_oh + d[None, :]
         tl.store(o_ptr, out.to(O.dtype.element_ty), mask=valid[:, None])
