@@ -6,8 +6,9 @@ normalised `c_kv` [kv_lora_rank] (after kv_a_layernorm) and the shared rotary ke
 `[num_slots, kv_lora_rank + qk_rope_head_dim]`, so writing a step's new tokens is one
 `index_copy_` and reading a context is one `index_select` (the flat slot layout of
 kv_cache.PagedKVCache: `slot = block_id * block_size + offset`; the gateway's block tables index
-both pools the same way). Heads are re-created from the latent at attention time
-(models/deepseek.py), which is why the pool is ~57x smaller than full K/V for DeepSeek-V3.
+both pools the same way). Attention reads the latent rows in place, through the block tables
+(kernels/mla_decode.py, kernels/mla_prefill.py: absorbed weights, multi-query over the latent),
+never expanding per-head K/V, which is why the pool is ~57x smaller than full K/V for DeepSeek-V3.
 
 Not thread-safe: one micro-batch executes at a time on a stage, and the attention writes here.
 """
@@ -22,13 +23,17 @@ from stage_worker.kv_cache import SlotPool, slot_pool_bytes
 class MLAKVCache(SlotPool):
     """Latent tensors for local layers [0, num_layers) of this stage (indices are local)."""
 
+    num_kv_heads = 1  # attention is multi-query over the latent: one shared "head" per slot
+
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_lora_rank: int,
                  rope_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
-                 scratch_blocks: int = 0):
+                 scratch_blocks: int | None = None):
         if min(num_layers, num_blocks, block_size, kv_lora_rank, rope_dim) <= 0:
             raise ValueError("MLAKVCache dimensions must be positive")
-        # No scratch block by default: the CUDA-graph decode path (cuda_graphs.py) is written for
-        # PagedKVCache, and `scratch_block is None` is what keeps the executor off it.
+        # One scratch block past the gateway's range (block id `num_blocks`, never handed out):
+        # padded rows of a CUDA-graph step write and read their latent there. Default: CUDA only.
+        if scratch_blocks is None:
+            scratch_blocks = 1 if torch.device(device).type == "cuda" else 0
         self._init_slots(num_layers, num_blocks, block_size, dtype, device, scratch_blocks)
         self.kv_lora_rank, self.rope_dim = kv_lora_rank, rope_dim
         self.slot_width = kv_lora_rank + rope_dim  # c_kv | k_pe

@@ -12,10 +12,11 @@ top-k) -> residual.
 MLA data flow for T new tokens (H heads, R = kv_lora_rank, Dn/Dr = qk nope/rope dims, Dv):
   q  = q_proj(x) | q_b_proj(norm(q_a_proj(x)))              [T, H, Dn + Dr]
   latent = kv_a_layernorm(c_kv) | rope(k_pe)                   [T, R + Dr] -> written to the pool
-  prefill chunk: context latents -> kv_b_proj -> per-head K [L, H, Dn + Dr], V [L, H, Dv] -> SDPA
-  decode:  absorbed weights, attention runs in the latent space (never expands the context):
+  attention, absorbed weights, in the latent space (the context is never expanded per head):
            q_lat = q_nope @ W_UK [H, R]; score = q_lat . c_kv + q_pe . k_pe; o = (p @ c_kv) @ W_UV
-Both paths equal transformers (float32). Routing follows DeepSeek's reference code: V2 softmax
+           for every row of the micro-batch at once: prefill chunks and decode rows in one
+           kernels/mla_prefill launch, decode-only steps in kernels/mla_decode (GPU); one
+           padded SDPA call over all sequences (CPU). Equal to transformers (float32). Routing follows DeepSeek's reference code: V2 softmax
 scores with greedy or group-limited greedy top-k; V3 sigmoid scores, expert choice biased by
 `e_score_correction_bias` (weights are not), group-limited by the sum of each group's top-2.
 """
@@ -29,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stage_worker.attention import AttnMetadata
+from stage_worker.attention import AttnMetadata, _num_sms
+from stage_worker.kernels import mla_decode, mla_prefill
 from stage_worker.mla_cache import MLAKVCache
 from stage_worker.models.base import PipelineStage
 from stage_worker.models.layers import MergedLinear, RMSNorm
@@ -170,7 +172,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 # -- attention ----------------------------------------------------------------------------------
 class MLAttention(nn.Module):
-    """Multi-head Latent Attention over the latent pool (stage_worker/mla_cache.py)."""
+    """Multi-head Latent Attention over the latent pool (stage_worker/mla_cache.py).
+
+    `_expanded` (per-head K/V, the MHA form) and `_absorbed` (latent, one gathered context) are
+    the two textbook forms over a gathered context, kept as references: the tests check that
+    they agree, and the GPU benchmark times them as the old per-sequence path.
+    """
 
     def __init__(self, cfg: ModelConfig, d: DeepseekDims, softmax_mult: float):
         super().__init__()
@@ -189,6 +196,7 @@ class MLAttention(nn.Module):
                                    bias=False)
         self.o_proj = nn.Linear(self.n_heads * d.v_head_dim, h, bias=bias)
         self.scale = self.qk_head_dim ** -0.5 * softmax_mult
+        self.tile_q = mla_prefill.tile_q(self.n_heads)  # query tokens per tile of the mixed kernel
 
     def forward(self, x, cos, sin, meta: AttnMetadata, pool: torch.Tensor) -> torch.Tensor:
         d, t, nh = self.d, x.shape[0], self.n_heads  # x: [T, H]
@@ -203,23 +211,21 @@ class MLAttention(nn.Module):
         k_pe = apply_rope(k_pe[:, None, :], cos, sin, d.rope_interleave)[:, 0]  # [T, Dr]
         latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)  # [T, R + Dr]
         pool.index_copy_(0, meta.slot_mapping, latent.to(pool.dtype))
-        out = x.new_empty(t, nh, d.v_head_dim)  # [T, Hq, Dv]
-        for i in meta.prefill_ids:
-            a, b = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-            ctx = pool[meta.context_slots[i]].to(x.dtype)  # [L, R + Dr]
-            out[a:b] = self._expanded(q_nope[a:b], q_pe[a:b], ctx, meta.prefill_masks[i])
-        if meta.decode_ids:
-            if meta.paged:  # GPU layout: derive the padded slots from the block tables
-                slots, mask = _paged_decode_slots(meta)
-            else:
-                slots, mask = meta.decode_slots, meta.decode_mask
-            rows = meta.decode_rows
-            ctx = pool[slots].to(x.dtype)  # [B, Lmax, R + Dr]
-            out[rows] = self._absorbed(q_nope[rows], q_pe[rows], ctx, mask)
+        w_uk, w_uv = self._w_uk_uv()
+        q_lat = torch.einsum("thn,hnr->thr", q_nope, w_uk)  # [T, Hq, R]
+        q_cat = torch.cat([q_lat, q_pe], dim=-1).to(pool.dtype)  # [T, Hq, R + Dr]
+        o_lat = latent_attention(q_cat, pool, meta, self.scale, d.kv_lora_rank, self.tile_q)  # [T, Hq, R]
+        out = torch.einsum("thr,hvr->thv", o_lat.to(x.dtype), w_uv)  # [T, Hq, Dv]
         return self.o_proj(out.reshape(t, nh * d.v_head_dim))  # [T, H]
 
+    def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [Hq, Dn, R] and W_UV [Hq, Dv, R]: views of kv_b_proj's weight, per head."""
+        d = self.d
+        w = self.kv_b_proj.weight.view(self.n_heads, d.qk_nope_head_dim + d.v_head_dim, d.kv_lora_rank)
+        return w[:, : d.qk_nope_head_dim], w[:, d.qk_nope_head_dim:]
+
     def _expanded(self, q_nope, q_pe, ctx, mask) -> torch.Tensor:
-        """Prefill chunk: expand the context latents to per-head K/V. -> [n, Hq, Dv]."""
+        """Reference (MHA form): expand the context latents to per-head K/V. -> [n, Hq, Dv]."""
         d, nh = self.d, self.n_heads
         c_kv, k_pe = ctx.split([d.kv_lora_rank, d.qk_rope_head_dim], dim=-1)  # [L, R], [L, Dr]
         kv = self.kv_b_proj(c_kv).view(-1, nh, d.qk_nope_head_dim + d.v_head_dim)  # [L, Hq, Dn + Dv]
@@ -232,7 +238,7 @@ class MLAttention(nn.Module):
         return o[0].transpose(0, 1)
 
     def _absorbed(self, q_nope, q_pe, ctx, mask) -> torch.Tensor:
-        """Decode rows: attention in the latent space with W_UK / W_UV absorbed. -> [B, Hq, Dv].
+        """Reference (absorbed form, gathered context): W_UK / W_UV absorbed. -> [B, Hq, Dv].
 
         q_nope: [B, Hq, Dn]; q_pe: [B, Hq, Dr]; ctx: [B, L, R + Dr]; mask: [B, 1, 1, L] bool.
         One shared latent "head" (MQA) keyed by c_kv | k_pe, valued by c_kv.
@@ -249,14 +255,47 @@ class MLAttention(nn.Module):
         return torch.einsum("bhr,hvr->bhv", o_lat[:, :, 0], w_uv)  # [B, Hq, Dv]
 
 
-def _paged_decode_slots(meta: AttnMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, Lmax] slots and [B, 1, 1, Lmax] mask of the decode rows from paged block tables."""
-    lmax = int(meta.decode_max_ctx)
-    pos = torch.arange(lmax, device=meta.block_tables.device)  # [Lmax]
-    blocks = meta.block_tables[:, pos // meta.block_size]  # [B, Lmax]
-    slots = blocks * meta.block_size + pos % meta.block_size
-    valid = pos[None, :] < meta.decode_ctx[:, None]  # [B, Lmax]
-    return torch.where(valid, slots, torch.zeros_like(slots)), valid[:, None, None, :]
+def latent_attention(q: torch.Tensor, pool: torch.Tensor, meta: AttnMetadata, scale: float, kv_rank: int,
+                     tile_q: int) -> torch.Tensor:
+    """q: [T, Hq, R + Dr] latent queries over each sequence's latent context -> [T, Hq, R].
+
+    GPU layouts (no host sync, graph-capturable): a mixed micro-batch is one mla_prefill launch
+    (the unified tile plan, built with `tile_q` tokens per tile); a decode-only one is
+    mla_decode (split context, LSE merge). The CPU reference layout runs the same latent math
+    in torch, every sequence in one padded SDPA call; the paged layout without a tile plan
+    (a layer profiled at registration) takes the torch path for its prefill chunks.
+    """
+    if meta.unified:
+        return mla_prefill.mla_attention(q, pool, meta.seq_tables, meta.seq_lens, meta.qsl, meta.tile_seq,
+                                         meta.tile_row, scale, meta.block_size, kv_rank, tile_q)
+    if meta.paged and meta.decode_all:
+        return _decode(q, pool, meta, scale, kv_rank)
+    ids = meta.prefill_ids if meta.paged else range(len(meta.context_lens))
+    out = _padded_attention(q, pool, meta, list(ids), scale, kv_rank)
+    if meta.paged and meta.decode_ids:
+        out[meta.decode_rows] = _decode(q[meta.decode_rows], pool, meta, scale, kv_rank)
+    return out
+
+
+def _decode(q, pool, meta: AttnMetadata, scale: float, kv_rank: int) -> torch.Tensor:
+    """Decode rows q [B, Hq, R + Dr] through the block tables -> [B, Hq, R]."""
+    splits = mla_decode.num_splits(q.shape[0], q.shape[1], _num_sms(q.device), meta.decode_max_ctx)
+    return mla_decode.mla_decode(q, pool, meta.block_tables, meta.decode_ctx, scale, meta.block_size, kv_rank,
+                                 splits, max_ctx=meta.decode_max_ctx)
+
+
+def _padded_attention(q, pool, meta: AttnMetadata, ids: list[int], scale: float, kv_rank: int) -> torch.Tensor:
+    """Sequences `ids` (their context_slots in meta) in one padded torch call -> [T, Hq, R]
+    (rows of other sequences zero)."""
+    if not ids:
+        return q.new_zeros(q.shape[0], q.shape[1], kv_rank)
+    slots = nn.utils.rnn.pad_sequence([meta.context_slots[i] for i in ids], batch_first=True)  # [S, L]
+    qsl = meta.query_start_loc
+    dev = q.device
+    start = torch.tensor([qsl[i] for i in ids], device=dev)
+    count = torch.tensor([qsl[i + 1] - qsl[i] for i in ids], device=dev)
+    lens = torch.tensor([meta.context_lens[i] for i in ids], device=dev)
+    return mla_prefill.mla_attention_torch(q, pool, slots, lens, start, count, scale, kv_rank)
 
 
 # -- feed-forward -------------------------------------------------------------------------------
@@ -418,7 +457,7 @@ class DeepseekStage(PipelineStage):
     tokens' latents there). Not thread-safe: run one micro-batch at a time.
     """
 
-    kv_cache_cls = MLAKVCache  # no scratch block by default: no CUDA graphs for MLA yet
+    kv_cache_cls = MLAKVCache  # a scratch block on CUDA: decode and mixed CUDA graphs (cuda_graphs.py)
     rotary_duplicate = False  # cos, sin: [T, Dr/2] (apply_rope pairs the halves itself)
 
     def __init__(self, cfg: ModelConfig, layer_start: int, layer_end: int,
@@ -432,6 +471,8 @@ class DeepseekStage(PipelineStage):
             if isinstance(m, MoEGate) and hasattr(m, "e_score_correction_bias"):
                 m.e_score_correction_bias.data = m.e_score_correction_bias.data.float()
         self.inv_freq = inv_freq.to(device)  # [Dr/2] float32, not a parameter
+        # Mixed micro-batches on a GPU: one mla_prefill launch over tiles of this many tokens.
+        self.attention_tile_q = mla_prefill.tile_q(cfg.num_attention_heads)
 
     def kv_dims(self) -> tuple[int, int]:
         return self.dims.kv_lora_rank, self.dims.qk_rope_head_dim
