@@ -95,7 +95,9 @@ class Registry:
             # The process of the persisted plan is back, KV intact: same slot, same worker id, same
             # epoch (its first heartbeat, right after this, says which epoch it has loaded).
             self._set_slot(replace(slot, worker_id=worker.worker_id))
-            self._save_state()
+        # Saved before the worker learns its id: a restarted coordinator never hands an id out
+        # twice (a spare heartbeating with it would otherwise pass for the newcomer).
+        self._save_state()
         self._maybe_plan()
         self.fold_in_spares()
         return worker

@@ -135,3 +135,15 @@ def test_not_ready_reason_before_the_plan_is_built(tmp_path):
     reg = Registry(_config(tmp_path, stages=2))
     reg.register("h:0", "cpu", 1 << 30)
     assert reg.not_ready_reason().startswith("waiting for workers: 1 of 2 registered")
+
+
+def test_worker_ids_never_repeat_across_a_restart(tmp_path):
+    """A spare registered after the plan was last saved keeps heartbeating the restarted
+    coordinator with its old id; a newcomer must never be handed that id, or the two processes
+    would share one registry entry (the spare lost, its heartbeats keeping the newcomer alive)."""
+    old = _serving(tmp_path, spares=1)
+    spare_id = old.spares()[0].worker_id
+    reg = Registry(old.config)  # the coordinator restarts
+    newcomer = reg.register("h:9", "cpu", 1 << 30, instance_id="p9")
+    assert newcomer.worker_id != spare_id
+    assert reg.heartbeat(spare_id, 0, 0, 0.0) is None  # so the spare is told to re-register
