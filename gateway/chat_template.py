@@ -28,6 +28,7 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from stagemesh.errors import CheckpointError, InvalidArgument
+from stagemesh.gguf_file import gguf_chat_template, is_gguf
 
 RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -78,7 +79,10 @@ class ChatTemplate:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ChatTemplate | None:
-        """The checkpoint's template, or None when it ships none."""
+        """The checkpoint's template, or None when it ships none (a .gguf file: its metadata's)."""
+        if is_gguf(model_dir):
+            source, special = gguf_chat_template(model_dir)
+            return cls(source, special) if source is not None else None
         model_dir = Path(model_dir)
         config_path = model_dir / "tokenizer_config.json"
         config = {}

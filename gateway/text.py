@@ -20,10 +20,15 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from stagemesh.errors import CheckpointError, OutOfRange, ResourceExhausted
+from stagemesh.gguf_file import is_gguf
+from stagemesh.gguf_tokenizer import gguf_tokenizer
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer | None:
-    """The checkpoint's tokenizer, or None when it ships none (then only prompt_ids work)."""
+    """The checkpoint's tokenizer, or None when it ships none (then only prompt_ids work).
+    A .gguf file's is built from its metadata (stagemesh/gguf_tokenizer.py)."""
+    if is_gguf(model_dir):
+        return gguf_tokenizer(str(model_dir))
     path = Path(model_dir) / "tokenizer.json"
     if not path.exists():
         return None

@@ -6,6 +6,8 @@ files that hold them. So is fusion: each checkpoint tensor is copied into the vi
 tensor it belongs to (q/k/v into rows of qkv_proj, an expert's gate/up/down into its slices of
 the stacked expert weights; `PipelineStage.checkpoint_tensors`), so a stage has one layout. A 70B stage serving 10 layers thus touches ~1/8 of the checkpoint.
 Every failure is a CheckpointError whose one-line message names the offending file.
+A GGUF file (stage_worker/gguf.py: dequantized per tensor) or a directory of PyTorch .bin shards
+(stage_worker/torch_bin.py) is another source of the same named tensors, copied the same way.
 
 FP8 block-quantized checkpoints (DeepSeek-V3's `quantization_config: {"quant_method": "fp8",
 "weight_block_size": [128, 128]}`): a float8 weight with a sibling `<name>_scale_inv` [ceil(out/128),
@@ -24,7 +26,10 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from stage_worker.models import MODEL_REGISTRY
+from stage_worker.gguf import GGUFTensors
+from stage_worker.torch_bin import BinTensors, is_bin_checkpoint
 from stagemesh.errors import CheckpointError
+from stagemesh.gguf_file import is_gguf
 from stagemesh.model_config import ModelConfig
 
 SINGLE_FILE = "model.safetensors"
@@ -58,7 +63,10 @@ def load_stage(model_dir: str | Path, layer_start: int, layer_end: int,
     # Checkpoint name -> the tensor (or the row slice of a merged one) it fills; a tied head
     # appears once, as embed_tokens.
     params = model.checkpoint_tensors()
-    locations = _tensor_locations(model_dir)
+    other = _other_source(model_dir, cfg)  # a GGUF file or .bin shards; None: safetensors
+    locations = _Locations(other.locations()) if other else _tensor_locations(model_dir)
+    if other:
+        locations.source = model_dir
     wanted = {_hf_name(n): n for n in params}
     tied_head = model.is_last and (cfg.tie_word_embeddings or HEAD not in locations)
     if tied_head and not model.is_first:
@@ -77,11 +85,35 @@ def load_stage(model_dir: str | Path, layer_start: int, layer_end: int,
                file=sys.stderr, disable=None, leave=False, dynamic_ncols=True)
     with torch.no_grad(), bar:
         for path, names in sorted(by_file.items()):
+            if other:
+                _copy_tensors(other.tensors(path, names), path, wanted, params, on_tensor=bar.update)
+                continue
             _copy_from_file(path, names, wanted, params, on_tensor=bar.update,
                             locations=locations, block=block)
     if tied_head and model.is_first:
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval(), cfg
+
+
+def _other_source(model_path: Path, cfg: ModelConfig):
+    """The tensor source of a checkpoint not in safetensors (stage_worker/gguf.py, torch_bin.py)."""
+    if is_gguf(model_path):
+        return GGUFTensors(model_path, cfg.num_attention_heads, cfg.num_key_value_heads)
+    if is_bin_checkpoint(model_path):
+        return BinTensors(model_path)
+    return None
+
+
+def _copy_tensors(tensors, path: Path, wanted: dict, params: dict, on_tensor=None) -> None:
+    """Copy (checkpoint name, tensor) pairs from another source into the model's parameters."""
+    for hf_name, tensor in tensors:
+        target = params[wanted[hf_name]]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(f"{path}: tensor {hf_name} has shape "
+                                  f"{tuple(tensor.shape)}, expected {tuple(target.shape)}")
+        target.copy_(tensor)
+        if on_tensor is not None:
+            on_tensor(1)
 
 
 def _hf_name(param_name: str) -> str:

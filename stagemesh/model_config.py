@@ -58,6 +58,11 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+        """From `model_dir`/config.json, or from the metadata of a .gguf file (stagemesh/gguf_file.py)."""
+        if str(model_dir).lower().endswith(".gguf"):
+            from stagemesh.gguf_file import gguf_config
+
+            return cls.from_dict(gguf_config(model_dir), source=str(model_dir))
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise CheckpointError(f"{path}: no config.json in the checkpoint directory")
