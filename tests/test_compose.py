@@ -6,8 +6,7 @@ against the Compose schema and prints the resolved model, on which the invariant
 asserted. Without a CLI, the files are parsed with PyYAML (merge keys resolved, `${VAR:-default}`
 and `${VAR:?msg}` interpolated here) and the same invariants run on that.
 
-`stagemesh.healthcheck` is tested against real gRPC health servers: the coordinator process, and a
-small in-test server that reports NOT_SERVING.
+`stagemesh.healthcheck` itself is tested in test_healthcheck.py.
 """
 
 from __future__ import annotations
@@ -19,16 +18,11 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 import pytest
 import yaml
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from stagemesh.net import free_port
-from stagemesh.cli.harness import coordinator_cmd, processes
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose"
@@ -189,20 +183,25 @@ def multi(tmp_path_factory) -> dict:
 
 # --- validation by the Compose CLI ---------------------------------------------------------------
 
+def _assert_refused_without(var: str, path: Path, env: dict[str, str], tmp_path: Path) -> None:
+    """The file refuses to resolve when `var` is unset, and says which variable is missing."""
+    missing = {k: v for k, v in env.items() if k != var}
+    if CLI is None:
+        with pytest.raises(ValueError, match=var):
+            _interpolate(yaml.safe_load(path.read_text()), missing)
+        return
+    args = [*CLI, "--env-file", str(_env_file(tmp_path)), "-f", str(path), "config"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120,
+                          env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/"), **missing})
+    assert proc.returncode != 0 and var in proc.stderr, proc.stderr
+
+
 def test_compose_files_validate_and_require_model_dir(tmp_path):
     # Both files resolve (the fixtures' path), and each refuses to start without a checkpoint dir.
     for path, env in ((SINGLE, ENV), (HOST_WORKER, MULTI_ENV)):
         cfg = compose_config(path, env, tmp_path)
         assert cfg["services"], path
-        missing = {k: v for k, v in env.items() if k != "MODEL_DIR"}
-        if CLI is None:
-            with pytest.raises(ValueError, match="MODEL_DIR"):
-                _interpolate(yaml.safe_load(path.read_text()), missing)
-            continue
-        args = [*CLI, "--env-file", str(_env_file(tmp_path)), "-f", str(path), "config"]
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=120,
-                              env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/"), **missing})
-        assert proc.returncode != 0 and "MODEL_DIR" in proc.stderr, proc.stderr
+        _assert_refused_without("MODEL_DIR", path, env, tmp_path)
 
 
 def test_every_stagemesh_service_gets_the_cluster_token_and_none_starts_without_it(tmp_path, single, multi):
@@ -218,28 +217,12 @@ def test_every_stagemesh_service_gets_the_cluster_token_and_none_starts_without_
             assert env.get("STAGEMESH_CLUSTER_TOKEN") == "t0ken", name
             assert not any("t0ken" in str(a) for a in svc.get("command") or []), name
     for path, env in ((SINGLE, ENV), (HOST_WORKER, MULTI_ENV)):
-        missing = {k: v for k, v in env.items() if k != "STAGEMESH_CLUSTER_TOKEN"}
-        if CLI is None:
-            with pytest.raises(ValueError, match="STAGEMESH_CLUSTER_TOKEN"):
-                _interpolate(yaml.safe_load(path.read_text()), missing)
-            continue
-        args = [*CLI, "--env-file", str(_env_file(tmp_path)), "-f", str(path), "config"]
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=120,
-                              env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/"), **missing})
-        assert proc.returncode != 0 and "STAGEMESH_CLUSTER_TOKEN" in proc.stderr, proc.stderr
+        _assert_refused_without("STAGEMESH_CLUSTER_TOKEN", path, env, tmp_path)
 
 
 def test_multihost_requires_head_and_host_addresses(tmp_path):
     for var in ("HEAD_IP", "HOST_IP"):
-        env = {k: v for k, v in MULTI_ENV.items() if k != var}
-        if CLI is None:
-            with pytest.raises(ValueError, match=var):
-                _interpolate(yaml.safe_load(HOST_WORKER.read_text()), env)
-            continue
-        args = [*CLI, "--env-file", str(_env_file(tmp_path)), "-f", str(HOST_WORKER), "config"]
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=120,
-                              env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/"), **env})
-        assert proc.returncode != 0 and var in proc.stderr, proc.stderr
+        _assert_refused_without(var, HOST_WORKER, MULTI_ENV, tmp_path)
 
 
 # --- single host ---------------------------------------------------------------------------------
@@ -540,41 +523,3 @@ def test_env_example_covers_every_variable():
     for path in (SINGLE, HOST_WORKER):
         for name, _, _ in _VAR.findall(path.read_text()):
             assert name in example, f"{name} (used by {path.name}) missing from .env.example"
-
-
-# --- stagemesh.healthcheck against real gRPC health servers -------------------------------------
-
-def _probe(address: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stagemesh.healthcheck", address, *extra],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
-
-
-def test_healthcheck_serving_coordinator(tmp_path):
-    from stagemesh.cli.demo_model import write_demo_model
-
-    write_demo_model(tmp_path / "m", num_layers=2)
-    port = free_port()
-    with processes(coordinator_cmd(tmp_path / "m", port)):
-        ok = _probe(f"127.0.0.1:{port}")
-        assert ok.returncode == 0, ok.stderr
-        assert "SERVING" in ok.stdout
-        unknown = _probe(f"127.0.0.1:{port}", "--service", "no.such.Service")
-        assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
-
-
-def test_healthcheck_not_serving_and_unreachable():
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        down = _probe(f"127.0.0.1:{port}")
-        assert down.returncode == 1 and "NOT_SERVING" in down.stderr
-        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        assert _probe(f"127.0.0.1:{port}").returncode == 0
-    finally:
-        server.stop(None)
-    closed = _probe(f"127.0.0.1:{free_port()}", "--timeout", "1")
-    assert closed.returncode == 1 and "UNAVAILABLE" in closed.stderr
