@@ -130,8 +130,8 @@ class BlockManager:
 
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids of the longest cached prefix, leaving at least one token to compute."""
-        if not self.enable_prefix_cache:
-            return []
+        if not self.enable_prefix_cache or seq.sampling.prompt_logprobs is not None:
+            return []  # prompt log-probabilities need every prompt position computed
         usable = (seq.num_tokens - 1) // self.block_size
         hits = []
         for h in self.hashes_of(seq)[:usable]:
@@ -146,7 +146,7 @@ class BlockManager:
 
         Admitting seq now would compute the same blocks twice; waiting a step lets it reuse them.
         """
-        if not self.enable_prefix_cache:
+        if not self.enable_prefix_cache or seq.sampling.prompt_logprobs is not None:
             return False
         usable = (seq.num_tokens - 1) // self.block_size
         for h in self.hashes_of(seq)[:usable]:

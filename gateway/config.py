@@ -19,6 +19,9 @@ class GatewayConfig:
     model_id: str = knob("", "the model name the APIs serve (/v1/models, ListModels, responses) and requests must "
                              "name; default: the checkpoint directory's name",
                          flag="--served-model-name", aliases=("--model-id",))
+    max_model_len: int = knob(0, "longest sequence (prompt + output) served; 0: the model's max_position_embeddings. "
+                                 "/v1/models and ListModels report the smaller of this and what a replica's KV "
+                                 "cache holds")
     default_max_tokens: int = 16
     max_stop_strings: int = 16
     # The gRPC message and HTTP body limits follow from it (gateway/validation.py).
@@ -53,6 +56,8 @@ class GatewayConfig:
             raise ValueError("the gateway needs --coordinator HOST:PORT")
         if self.routing not in ("cache_aware", "round_robin"):
             raise ValueError(f"--routing must be cache_aware or round_robin, not {self.routing!r}")
+        if self.max_model_len < 0:
+            raise ValueError("--max-model-len must be >= 0 (0: the model's own)")
         if self.default_max_tokens < 1:
             raise ValueError("default_max_tokens must be >= 1")
         if self.max_prompt_bytes < 1:

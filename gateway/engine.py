@@ -23,6 +23,7 @@ import grpc
 
 from stagemesh import metrics
 from stagemesh.net import GRPC_OPTIONS
+from stagemesh.sampling import SamplingSpec
 from stagemesh.security import channel as secure_channel
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
@@ -317,6 +318,7 @@ class ReplicaEngine:
             self._stall_start = None
             self.log.info("replica_resumed", pause_ms=round(pause_ms, 1), epoch=self.plan.epoch)
         sampled = {s.seq_id: s.token_id for s in resp.samples}
+        keep_logprobs(plan, resp)  # before update: a sequence may finish on the token they go with
         for seq in self.scheduler.update(plan, sampled):
             sink = self.sinks.get(seq.seq_id)
             reason = sink.on_tokens(seq) if sink else None
@@ -382,6 +384,59 @@ class ReplicaEngine:
             self._on_cache_events(self.plan.index, events)
 
 
+def keep_logprobs(plan: StepPlan, resp: pb.ForwardResponse) -> None:
+    """Log-probabilities of a returned step onto its sequences: a sampled token's goes with the
+    output id it belongs to (appended by Scheduler.update right after), prompt ones into their
+    positions (a re-prefill after a fault writes the same values again)."""
+    by_wire = {c.wire_id: c for c in plan.chunks}
+    for s in resp.samples:
+        c = by_wire.get(s.seq_id)
+        if c is None or not s.HasField("logprob") or c.output_index != len(c.seq.output_ids):
+            continue
+        del c.seq.output_logprobs[c.output_index:]
+        c.seq.output_logprobs.append(s.logprob)
+    for p in resp.prompt_logprobs:
+        c = by_wire.get(p.seq_id)
+        if c is None or c.seq.prompt_logprobs is None:
+            continue
+        slots = c.seq.prompt_logprobs
+        for i, entry in enumerate(p.logprobs):
+            if 0 < p.start_pos + i < len(slots):
+                slots[p.start_pos + i] = entry
+
+
+def sampling_params(s: SamplingSpec) -> pb.SamplingParams:
+    """A SamplingSpec on a stage's wire. Its stop tokens (the gateway added EOS to them) go only
+    with min_tokens: the stage masks them, the gateway stops on them."""
+    sp = pb.SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
+                           presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+                           min_tokens=s.min_tokens, logit_bias=dict(s.logit_bias),
+                           stop_token_ids=s.stop_token_ids if s.min_tokens else ())
+    for name in ("seed", "logprobs", "prompt_logprobs"):
+        if getattr(s, name) is not None:
+            setattr(sp, name, getattr(s, name))
+    if s.repetition_penalty != 1.0:
+        sp.repetition_penalty = s.repetition_penalty
+    if s.grammar is not None:
+        s.grammar.to_wire(sp.grammar)
+    return sp
+
+
+def _new_sequence(req: pb.ForwardRequest, c) -> None:
+    seq, s = c.seq, c.seq.sampling
+    sampling = sampling_params(s)
+    if s.prompt_logprobs is not None and (seq.prompt_logprobs is None or None in seq.prompt_logprobs[1:]):
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [None] * len(seq.prompt_ids)
+    else:
+        sampling.ClearField("prompt_logprobs")  # computed already (a readmission): not again
+    ns = req.new_sequences.add(seq_id=c.wire_id, block_ids=c.admission.block_table, sampling=sampling)
+    # A replayed constrained sequence: the last stage advances its grammar over the outputs.
+    if s.needs_history or sampling.HasField("prompt_logprobs") or (s.grammar is not None and seq.output_ids):
+        ns.history_ids.extend(seq.all_ids)
+        ns.num_prompt_tokens = len(seq.prompt_ids)
+
+
 def build_forward_request(plan: StepPlan, epoch: int, lease_id: str, step_id: int) -> pb.ForwardRequest:
     """The wire form of a micro-batch: token ids, block-table deltas, sampling of new sequences."""
     req = pb.ForwardRequest(
@@ -390,11 +445,7 @@ def build_forward_request(plan: StepPlan, epoch: int, lease_id: str, step_id: in
     )
     for c in plan.chunks:
         if c.is_new:
-            s = c.seq.sampling
-            sampling = pb.SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
-            if s.seed is not None:
-                sampling.seed = s.seed
-            req.new_sequences.add(seq_id=c.wire_id, block_ids=c.admission.block_table, sampling=sampling)
+            _new_sequence(req, c)
         req.chunks.add(
             seq_id=c.wire_id, start_pos=c.start_pos, num_tokens=c.num_tokens,
             new_block_ids=c.new_block_ids, sample=c.sample, output_index=c.output_index,

@@ -4,6 +4,7 @@
     POST /v1/completions        prompt: text or token ids -> text
     POST /v1/chat/completions   messages -> the checkpoint's chat template -> text
     GET  /health                200 when the gateway can serve, else 503 (no API key needed)
+    GET  /version, POST /tokenize, POST /detokenize, GET /metrics   as vLLM's server (http_utility.py)
     GET  /openapi.json          this API's OpenAPI document (bodies: gateway/http_schema.py)
 
 Each request becomes one `GenerateRequest` and goes through `Gateway.generate`, the same path as
@@ -16,12 +17,15 @@ event. A client that disconnects cancels its sequence (its KV blocks are freed).
 limit that --max-prompt-bytes implies is a 413 before any of it is read (gateway/http_guard.py);
 every number is range-checked by gateway/validation.py before it becomes a GenerateRequest.
 
+`n`, `best_of`, several prompts, `logprobs` / `top_logprobs`, `echo`, penalties, `logit_bias` and
+vLLM's sampling extras are mapped, and the answers built, in gateway/openai_compat.py.
+
 Differences from OpenAI, all deliberate:
-  - `n` and `best_of` must be 1; a list of several prompts is refused (send one request each:
-    the gateway batches concurrent requests anyway); `logprobs`, `echo`, `suffix`, `tools`,
-    penalties and `logit_bias` are refused with a 400 rather than silently ignored.
-  - extensions (as in vLLM): `top_k` (0 or -1 = no limit), `ignore_eos`, `add_generation_prompt`
-    and `chat_template_kwargs` for chat.
+  - `suffix`, `tools` and `response_format` other than text are refused with a 400 rather than
+    silently ignored.
+  - extensions (as in vLLM): `top_k` (0 or -1 = no limit), `min_p`, `repetition_penalty`,
+    `min_tokens`, `stop_token_ids`, `ignore_eos`, `add_generation_prompt` and
+    `chat_template_kwargs` for chat.
   - `temperature` defaults to 1.0 (OpenAI's default); `max_tokens` defaults to 16 for completions
     (OpenAI's default) and, for chat, to whatever fits in the context and the KV cache.
   - chat without a template in the checkpoint is a 400 naming the missing file (see chat_template.py).
@@ -33,11 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import socket
 import ssl
-import time
-import uuid
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -46,13 +47,14 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from stagemesh.client import Completion, build_request
+from stagemesh.client import build_request
 from stagemesh.errors import ErrorKind, StagemeshError, Unavailable
-from stagemesh.finish import finish_text
 
 from gateway import validation
 from gateway.chat_template import ChatTemplate
 from gateway.http_guard import BodyLimit, PublicPaths
+from gateway.http_utility import add_utility_routes
+from gateway.openai_compat import Answer, Job, Refused, Shape, TokenText, apply_extra_fields, collect, extra_fields
 from gateway.http_schema import (ERRORS, ChatCompletionRequest, ChatCompletionResponse, CommonParams,
                                  CompletionRequest, CompletionResponse, Health, ModelCard, ModelList,
                                  generation_responses, openapi)
@@ -98,17 +100,9 @@ def api_error(exc: StagemeshError) -> ApiError:
 
 
 def _refuse_unsupported(req: CommonParams) -> None:
-    if req.n not in (None, 1):
-        raise ApiError(400, f"n must be 1 (one choice per request), got {req.n}", param="n")
     checks = [
-        ("best_of", getattr(req, "best_of", None) not in (None, 1), "best_of must be 1"),
-        ("echo", bool(getattr(req, "echo", None)), "echo is not supported"),
         ("suffix", bool(getattr(req, "suffix", None)), "suffix is not supported"),
-        ("logprobs", bool(getattr(req, "logprobs", None)), "logprobs are not supported"),
         ("tools", bool(getattr(req, "tools", None)), "tools are not supported"),
-        ("presence_penalty", bool(req.presence_penalty), "presence_penalty is not supported (send 0 or omit it)"),
-        ("frequency_penalty", bool(req.frequency_penalty), "frequency_penalty is not supported (send 0 or omit it)"),
-        ("logit_bias", bool(req.logit_bias), "logit_bias is not supported"),
     ]
     rf = getattr(req, "response_format", None)
     checks.append(("response_format", rf is not None and rf.get("type") != "text",
@@ -127,27 +121,33 @@ class OpenAIFrontend:
     def __init__(self, gateway, chat_template: ChatTemplate | None):
         self.gw = gateway
         self.template = chat_template
+        self.tokens = TokenText(gateway.tokenizer)  # logprobs' token strings
 
     # /v1/models
     def models(self) -> dict:
         gw = self.gw
         return {"object": "list", "data": [{
             "id": gw.model_id, "object": "model", "created": 0, "owned_by": "stagemesh",
-            "max_model_len": gw.model.max_position_embeddings,
+            "max_model_len": gw.max_model_len,
         }]}
 
     # /v1/completions
-    def completion_request(self, req: CompletionRequest):
+    def completion_request(self, req: CompletionRequest) -> list[Job]:
+        """One Job per prompt (text, token ids, or a list of either)."""
         self.check(req)
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                raise ApiError(400, f"a list of {len(prompt)} prompts is not supported: send one prompt per "
-                                    "request (concurrent requests are batched by the server)", param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            return self._build(req, prompt=prompt, max_tokens=req.max_tokens)
-        return self._build(req, prompt_ids=list(prompt), max_tokens=req.max_tokens)
+        prompts = req.prompt
+        if not isinstance(prompts, list) or not prompts or isinstance(prompts[0], int):
+            prompts = [prompts]
+        if len(prompts) > validation.MAX_PROMPTS:
+            raise ApiError(400, f"at most {validation.MAX_PROMPTS} prompts in one request, got {len(prompts)}",
+                           param="prompt")
+        jobs = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                jobs.append(Job(self._build(req, prompt=prompt, max_tokens=req.max_tokens), prompt))
+            else:
+                jobs.append(Job(self._build(req, prompt_ids=list(prompt), max_tokens=req.max_tokens)))
+        return jobs
 
     # /v1/chat/completions
     async def chat_request(self, req: ChatCompletionRequest):
@@ -173,7 +173,7 @@ class OpenAIFrontend:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
             max_tokens = self._room_left(len(prompt_ids))
-        return self._build(req, prompt_ids=prompt_ids, max_tokens=max_tokens)
+        return [Job(self._build(req, prompt_ids=prompt_ids, max_tokens=max_tokens, kind="chat"))]
 
     def _limits(self) -> validation.ModelLimits:
         if self.gw.limits is None:
@@ -187,7 +187,7 @@ class OpenAIFrontend:
         return room if room >= 1 else None
 
     def _build(self, req: CommonParams, prompt: str | None = None, prompt_ids: list[int] | None = None,
-               max_tokens: int | None = None):
+               max_tokens: int | None = None, kind: str = "text"):
         if isinstance(prompt_ids, list) and not prompt_ids and prompt is None:
             raise ApiError(400, "the prompt is empty", param="prompt")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -197,13 +197,19 @@ class OpenAIFrontend:
         temperature = 1.0 if req.temperature is None else req.temperature
         # JSON numbers are unbounded: range-check them before protobuf sees them (it would raise).
         limits = self._limits()
-        validation.check_fields(validation.Fields(max_tokens=max_tokens, temperature=temperature, top_p=req.top_p,
-                                                  top_k=top_k, seed=req.seed, stop=tuple(stop)), limits)
+        try:
+            fields = validation.Fields(max_tokens=max_tokens, temperature=temperature, top_p=req.top_p, top_k=top_k,
+                                       seed=req.seed, stop=tuple(stop), **extra_fields(req, kind))
+        except Refused as exc:
+            raise ApiError(400, str(exc), param=exc.param) from exc
+        validation.check_fields(fields, limits)
         if prompt_ids is not None:
             validation.check_prompt_ids(prompt_ids, limits)
-        return build_request(prompt=prompt, prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=temperature,
-                             top_p=req.top_p, top_k=top_k, seed=req.seed, stop=stop,
-                             ignore_eos=req.ignore_eos, model=self.gw.model_id)
+        grpc_request = build_request(prompt=prompt, prompt_ids=prompt_ids, max_tokens=max_tokens,
+                                     temperature=temperature, top_p=req.top_p, top_k=top_k, seed=req.seed, stop=stop,
+                                     ignore_eos=req.ignore_eos, model=self.gw.model_id)
+        apply_extra_fields(grpc_request, fields)
+        return grpc_request
 
     def check(self, req: CommonParams) -> None:
         self.check_model(req.model)
@@ -214,15 +220,19 @@ class OpenAIFrontend:
             raise ApiError(404, f"the model {model!r} does not exist: this server serves {self.gw.model_id!r}",
                            param="model", code="model_not_found")
 
-    async def start(self, grpc_request):
-        """Submit and wait for the first delta, so that errors surface before any response."""
-        deltas = self.gw.generate(grpc_request)
-        try:
-            first = await deltas.__anext__()
-        except StagemeshError as exc:
-            await deltas.aclose()
-            raise api_error(exc) from exc
-        return deltas, first
+    async def start(self, jobs: list[Job]):
+        """Submit every job and wait for the first delta of each, so that errors surface before any
+        response: [(deltas, first delta)] in job order."""
+        gens = [self.gw.generate(job.request) for job in jobs]
+        firsts = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
+        failed = next((f for f in firsts if isinstance(f, BaseException)), None)
+        if failed is not None:
+            for g in gens:
+                await g.aclose()
+            if isinstance(failed, StagemeshError):
+                raise api_error(failed) from failed
+            raise failed
+        return list(zip(gens, firsts))
 
 
 def _flatten_message(message: dict, index: int) -> dict:
@@ -240,28 +250,6 @@ def _flatten_message(message: dict, index: int) -> dict:
             texts.append(str(part.get("text", "")))
         message = {**message, "content": "\n".join(texts)}
     return message
-
-
-def _pipeline_failed(msg) -> ApiError | None:
-    if finish_text(msg).startswith("error:"):
-        return ApiError(503, f"request {msg.request_id} failed in the pipeline ({finish_text(msg)})",
-                        "server_error", code="unavailable")
-    return None
-
-
-async def _collect(deltas, first) -> Completion:
-    out = Completion()
-    msg = first
-    try:
-        while True:
-            if (err := _pipeline_failed(msg)) is not None:
-                raise err
-            out.add(msg)
-            if msg.finish_reason:
-                return out
-            msg = await deltas.__anext__()
-    finally:
-        await deltas.aclose()
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -282,66 +270,6 @@ async def _unless_disconnected(request: Request, coro):
             with contextlib.suppress(asyncio.CancelledError):
                 await work
     return None if work.cancelled() else work.result()
-
-
-def _usage(c: Completion) -> dict:
-    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-            "total_tokens": c.prompt_tokens + c.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": c.cached_tokens}}
-
-
-def _finish(reason: str) -> str:
-    return reason if reason in ("stop", "length") else "stop"
-
-
-class _Stream:
-    """SSE events of one streamed request, in OpenAI's chunk format."""
-
-    def __init__(self, kind: str, model: str, include_usage: bool):
-        self.chat = kind == "chat"
-        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
-        self.object = "chat.completion.chunk" if self.chat else "text_completion"
-        self.model, self.include_usage, self.created = model, include_usage, int(time.time())
-
-    def chunk(self, choices: list, usage: dict | None = None) -> str:
-        body = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices}
-        if self.include_usage:
-            body["usage"] = usage
-        return _json(body)
-
-    def choice(self, text: str | None, finish: str | None, first: bool = False) -> dict:
-        if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-
-    async def events(self, deltas, first):
-        totals = Completion()
-        try:
-            if self.chat:
-                yield self.chunk([self.choice(None, None, first=True)])
-            msg = first
-            while True:
-                if (err := _pipeline_failed(msg)) is not None:
-                    yield _json(err.body())
-                    break
-                totals.add(msg)
-                finish = _finish(finish_text(msg)) if msg.finish_reason else None
-                if msg.text or finish:
-                    yield self.chunk([self.choice(msg.text, finish)])
-                if finish:
-                    if self.include_usage:
-                        yield self.chunk([], _usage(totals))
-                    break
-                msg = await deltas.__anext__()
-            yield "[DONE]"
-        finally:
-            await deltas.aclose()
-
-
-def _json(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
 def create_app(gateway, chat_template: ChatTemplate | None = None) -> FastAPI:
@@ -403,32 +331,23 @@ def create_app(gateway, chat_template: ChatTemplate | None = None) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await _serve(request, "chat", body, await front.chat_request(body))
 
-    async def _serve(request: Request, kind: str, body: CommonParams, grpc_request):
-        deltas, first = await front.start(grpc_request)
-        model = gateway.model_id
+    async def _serve(request: Request, kind: str, body: CommonParams, jobs: list[Job]):
+        shape = Shape.of(body, kind)
+        streams = await front.start(jobs)
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        answer = Answer(shape, gateway.model_id, front.tokens, jobs, include_usage)
         if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            stream = _Stream(kind, model, include_usage)
-            return EventSourceResponse(stream.events(deltas, first), sep="\n", ping=15)
-        done = await _unless_disconnected(request, _collect(deltas, first))
+            return EventSourceResponse(answer.events(streams), sep="\n", ping=15)
+        try:
+            done = await _unless_disconnected(request, collect(streams, shape.samples))
+        except StagemeshError as exc:
+            raise ApiError(503, str(exc), "server_error", code="unavailable") from exc
         if done is None:
             return Response(status_code=499)  # nobody reads it
-        return _final_body(kind, model, done)
+        return answer.final(done)
 
+    add_utility_routes(app, front)
     return app
-
-
-def _final_body(kind: str, model: str, c: Completion) -> dict:
-    finish = _finish(c.finish_reason)
-    if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
-                  "finish_reason": finish}
-        rid, obj = "chatcmpl-", "chat.completion"
-    else:
-        choice = {"index": 0, "text": c.text, "logprobs": None, "finish_reason": finish}
-        rid, obj = "cmpl-", "text_completion"
-    return {"id": rid + uuid.uuid4().hex, "object": obj, "created": int(time.time()), "model": model,
-            "choices": [choice], "usage": _usage(c)}
 
 
 # --- serving -----------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 The models say what the endpoints really take: strict JSON types (a string is not a number), and
 the ranges of gateway/validation.py written into the schema (`minimum`, `maximum`, ...) but not
 enforced here: validation.py checks every number once, for both APIs, with messages that name the
-field. Fields we refuse unless they are off (`n`, `logprobs`, penalties...) are described with the
-one value we take. Unknown fields are accepted and ignored (OpenAI clients send e.g. `user`).
+field. Fields we refuse unless they are off (`suffix`, `tools`) are described with the one value we
+take. Unknown fields are accepted and ignored (OpenAI clients send e.g. `user`).
 
 Errors are 400 (never FastAPI's 422) in OpenAI's shape; `openapi()` documents that.
 """
@@ -16,7 +16,10 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from gateway.validation import FLOAT32_MAX, INT32_MAX, MAX_STOP_CHARS, UINT64_MAX
+from stagemesh.sampling import MAX_LOGPROBS
+
+from gateway.validation import (FLOAT32_MAX, INT32_MAX, MAX_LOGIT_BIAS, MAX_N, MAX_PROMPTS, MAX_STOP_CHARS,
+                                MAX_STOP_TOKEN_IDS, UINT64_MAX)
 
 
 def _range(lo=None, hi=None, description: str = "", **extra) -> Any:
@@ -45,14 +48,27 @@ class CommonParams(BaseModel):
                                      {"type": "array", "maxItems": 16,
                                       "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}},
                                      {"type": "null"}]})
-    n: int | None = _range(1, 1, "choices per request: 1 only")
+    n: int | None = _range(1, MAX_N, "choices per prompt (samples sharing the prompt's KV blocks)")
     stream: bool | None = False
     stream_options: dict | None = Field(None, description="{'include_usage': true} adds a usage chunk")
     ignore_eos: bool = False
-    presence_penalty: float | None = _range(0, 0, "not supported: 0 or absent")
-    frequency_penalty: float | None = _range(0, 0, "not supported: 0 or absent")
-    logit_bias: dict | None = Field(None, description="not supported: empty or absent",
-                                    json_schema_extra={"maxProperties": 0})
+    presence_penalty: float | None = _range(-2, 2, "subtracted from the logits of tokens the output contains")
+    frequency_penalty: float | None = _range(-2, 2, "subtracted once per occurrence in the output")
+    logit_bias: dict | None = Field(None, description="token id (as a string) -> bias added to its logit",
+                                    json_schema_extra={"maxProperties": MAX_LOGIT_BIAS,
+                                                       "additionalProperties": {"type": "number", "minimum": -100,
+                                                                                "maximum": 100}})
+    # vLLM's extras
+    min_p: float | None = _range(0, 1, "keep tokens at least min_p times as likely as the most likely one")
+    repetition_penalty: float | None = _range(None, 100, "divides (or multiplies, when negative) the logits of "
+                                                         "tokens seen in prompt or output; 1 = off",
+                                              exclusiveMinimum=0)
+    min_tokens: int | None = _range(0, INT32_MAX, "no stop token or stop string before this many tokens "
+                                                  "(at most max_tokens)")
+    stop_token_ids: list[int] | None = Field(None, description="token ids that end the generation",
+                                             json_schema_extra={"maxItems": MAX_STOP_TOKEN_IDS,
+                                                                "items": {"type": "integer", "minimum": 0,
+                                                                          "maximum": INT32_MAX}})
 
 
 _TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": INT32_MAX}}
@@ -60,14 +76,16 @@ _TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "mini
 
 class CompletionRequest(CommonParams):
     prompt: Union[str, list[int], list[str], list[list[int]]] = Field(
-        description="text, or token ids (each below the model's vocabulary size); a list of one of either",
+        description="text, or token ids (each below the model's vocabulary size); or a list of several of either",
         json_schema_extra={"anyOf": [{"type": "string", "minLength": 1}, _TOKEN_IDS,
-                                     {"type": "array", "minItems": 1, "maxItems": 1,
+                                     {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS,
                                       "items": {"type": "string", "minLength": 1}},
-                                     {"type": "array", "minItems": 1, "maxItems": 1, "items": _TOKEN_IDS}]})
-    best_of: int | None = _range(1, 1, "1 only")
-    echo: bool | None = Field(None, description="not supported: false or absent", json_schema_extra={"enum": [False, None]})
-    logprobs: int | None = _range(0, 0, "not supported: 0 or absent")
+                                     {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": _TOKEN_IDS}]})
+    best_of: int | None = _range(1, MAX_N, "samples drawn per prompt, the n most likely returned (>= n; "
+                                           "not with stream unless equal to n)")
+    echo: bool | None = Field(None, description="the prompt before the completion (with logprobs: its logprobs too)")
+    logprobs: int | None = _range(0, MAX_LOGPROBS, "log-probabilities of the chosen tokens and of this many "
+                                                   "most likely ones at each position")
     suffix: str | None = Field(None, description="not supported: empty or absent", json_schema_extra={"maxLength": 0})
 
 
@@ -82,9 +100,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(CommonParams):
     messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
     max_completion_tokens: int | None = _range(1, INT32_MAX, "as max_tokens; default: what fits the context")
-    logprobs: bool | None = Field(None, description="not supported: false or absent",
-                                  json_schema_extra={"enum": [False, None]})
-    top_logprobs: int | None = None
+    logprobs: bool | None = Field(None, description="log-probabilities of the chosen tokens")
+    top_logprobs: int | None = _range(0, MAX_LOGPROBS, "with logprobs: this many most likely tokens at each position")
     tools: list | None = Field(None, description="not supported: empty or absent", json_schema_extra={"maxItems": 0})
     response_format: dict | None = Field(None, description="{'type': 'text'} only")
     add_generation_prompt: bool = True
@@ -119,7 +136,7 @@ class Usage(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -140,7 +157,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -185,7 +202,7 @@ ERRORS = {
 class CompletionChunkChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: Literal["stop", "length", None]
 
 
@@ -208,7 +225,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: Literal["stop", "length", None]
 
 

@@ -368,7 +368,7 @@ class Scheduler:
         seq = adm.seq
         return (1 <= adm.in_flight <= self.shape.lookahead_depth
                 and adm.last_sample_index == len(seq.output_ids) + adm.in_flight - 1 and adm.announced
-                and seq.sampling.greedy and adm.last_sample_index + 1 < seq.max_tokens)
+                and seq.sampling.plain_greedy and adm.last_sample_index + 1 < seq.max_tokens)
 
     def _schedule_follow(self, plan: StepPlan, adm: Admission) -> bool:
         """Decode the token that adm's newest micro-batch in flight is sampling (module docstring)."""

@@ -36,6 +36,11 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
 
     output_ids: list[int] = field(default_factory=list)
+    # With sampling.logprobs: one entry per output id (stagemesh.v1 TokenLogprob, as the last stage
+    # sent it). With sampling.prompt_logprobs: one per prompt position (None until computed; the
+    # first prompt token never has one).
+    output_logprobs: list = field(default_factory=list)
+    prompt_logprobs: list | None = None
     status: Status = Status.WAITING
     finish_reason: str | None = None
     # Prompt tokens reused from the prefix cache at the first admission (reported in usage);

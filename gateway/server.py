@@ -29,6 +29,7 @@ from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 from gateway.auth import ApiKeyAuth
 from gateway.config import GatewayConfig
 from gateway.engine import ReplicaEngine, ReplicaPlan
+from gateway.outputs import add_logprobs, sample_specs, stop_reason
 from gateway.prefix_index import PrefixIndexLink
 from gateway.readiness import NOT_READY, Readiness
 from gateway.router import Router
@@ -40,26 +41,31 @@ from gateway.validation import ModelLimits, validate_request
 class RequestStream:
     """TokenSink of one request: turns sequence progress into GenerateResponse deltas."""
 
-    def __init__(self, seq: Sequence, detok: Detokenizer, eos_ids: set[int], ignore_eos: bool):
+    def __init__(self, seq: Sequence, detok: Detokenizer, queue: asyncio.Queue | None = None, index: int = 0):
+        """seq.sampling.stop_token_ids hold the EOS ids (unless ignore_eos: outputs.sample_specs);
+        several samples of one request (n) share `queue`, each with its `index`."""
         self.seq = seq
         self.detok = detok
-        self.eos_ids = set() if ignore_eos else eos_ids
-        self.queue: asyncio.Queue[pb.GenerateResponse] = asyncio.Queue()
+        self.index = index
+        self.queue: asyncio.Queue[pb.GenerateResponse] = asyncio.Queue() if queue is None else queue
+        self._stops: list[str] = []
+        if seq.sampling.min_tokens:  # stop strings are not checked before min_tokens (vLLM)
+            self._stops, detok.stop = detok.stop, []
         self._sent_ids = 0
         self.first_token_s: float | None = None  # seconds from arrival to the first output token
         self._last_token_at = 0.0
 
     def on_tokens(self, seq: Sequence) -> str | None:
-        new_ids = seq.output_ids[self._sent_ids :]
+        start, new_ids = self._sent_ids, seq.output_ids[self._sent_ids :]
         self._sent_ids = len(seq.output_ids)
         self._observe_tokens(seq, len(new_ids))
+        if self._stops and len(seq.output_ids) >= seq.sampling.min_tokens:
+            self.detok.stop, self._stops = self._stops, []
         text, stop_hit = self.detok.update(seq.output_ids)
-        self.queue.put_nowait(pb.GenerateResponse(token_ids=new_ids, text=text, request_id=seq.request_id))
-        if stop_hit or (new_ids and new_ids[-1] in self.eos_ids):
-            return "stop"
-        if len(seq.output_ids) >= seq.max_tokens:
-            return "length"
-        return None
+        msg = pb.GenerateResponse(token_ids=new_ids, text=text, request_id=seq.request_id, index=self.index)
+        add_logprobs(msg, seq, start, len(seq.output_ids))
+        self.queue.put_nowait(msg)
+        return stop_reason(seq, new_ids, stop_hit)
 
     def _observe_tokens(self, seq: Sequence, count: int) -> None:
         if not count:
@@ -83,7 +89,7 @@ class RequestStream:
             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
             cached_tokens=seq.num_cached_tokens,
         )
-        last = pb.GenerateResponse(text=self.detok.flush(), usage=usage, request_id=seq.request_id)
+        last = pb.GenerateResponse(text=self.detok.flush(), usage=usage, request_id=seq.request_id, index=self.index)
         set_finish(last, seq.finish_reason or "stop")
         self.queue.put_nowait(last)
 
@@ -94,6 +100,7 @@ def coalesce(msg: pb.GenerateResponse, queue: asyncio.Queue) -> pb.GenerateRespo
     while not msg.finish_reason and not queue.empty():
         nxt = queue.get_nowait()
         msg.token_ids.extend(nxt.token_ids)
+        msg.logprobs.extend(nxt.logprobs)
         msg.text += nxt.text
         copy_finish(msg, nxt)
         if nxt.HasField("usage"):
@@ -108,6 +115,9 @@ class Gateway:
         self.config = config
         self.log = log
         self.model = ModelConfig.from_dir(config.model_dir)
+        if config.max_model_len > self.model.max_position_embeddings:
+            raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's context of "
+                             f"{self.model.max_position_embeddings} tokens (max_position_embeddings)")
         self.tokenizer = load_tokenizer(config.model_dir)
         self.tokenizer_pool = TokenizerPool(self.tokenizer) if self.tokenizer is not None else None
         self.model_id = config.model_id or _default_model_id(config.model_dir)
@@ -175,6 +185,16 @@ class Gateway:
         return await self.tokenizer_pool.encode(text, max_tokens, add_special_tokens)
 
     @property
+    def configured_max_len(self) -> int:
+        """--max-model-len, else the model's own context."""
+        return self.config.max_model_len or self.model.max_position_embeddings
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence served: the configured length, capped by what a replica's KV holds."""
+        return self.limits.max_model_len if self.limits is not None else self.configured_max_len
+
+    @property
     def ready(self) -> bool:
         """Whether a request can be served now: a ready plan has been applied."""
         return self.limits is not None and bool(self.engines)
@@ -204,34 +224,44 @@ class Gateway:
             raise Unavailable(self.readiness.message())
         tokenize = self.tokenize if self.tokenizer is not None else None
         prompt_ids, max_tokens, sampling = await validate_request(request, self.limits, tokenize)
-        seq = Sequence(
-            seq_id=next(self._seq_ids), prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling,
-            priority=int(request.priority), request_id=request.request_id or uuid.uuid4().hex[:16],
-        )
-        stream = RequestStream(seq, Detokenizer(self.tokenizer, list(request.stop)), set(self.model.eos_token_ids),
-                               request.ignore_eos)
-        engine, expected_blocks = await self.router.route(prompt_ids, max_tokens)
-        engine.submit(seq, stream, expected_blocks)
-        # Bound only around log calls, never across a yield: the generator may be resumed or closed
-        # from another context (HTTP front end), where a contextvar reset would fail.
-        with bound_contextvars(request_id=seq.request_id):
-            self.log.info("request_queued", replica=engine.plan.index, seq_id=seq.seq_id,
-                          prompt_tokens=len(prompt_ids), max_tokens=max_tokens)
+        request_id = request.request_id or uuid.uuid4().hex[:16]
+        specs = sample_specs(sampling, request.n if request.HasField("n") else 1, self.model.eos_token_ids,
+                             request.ignore_eos)
+        queue: asyncio.Queue[pb.GenerateResponse] = asyncio.Queue()  # every sample's deltas (index)
+        running = []
+        for index, spec in enumerate(specs):
+            seq = Sequence(seq_id=next(self._seq_ids), prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=spec,
+                           priority=int(request.priority), request_id=request_id)
+            stream = RequestStream(seq, Detokenizer(self.tokenizer, list(request.stop)), queue, index)
+            engine, expected_blocks = await self.router.route(prompt_ids, max_tokens)
+            engine.submit(seq, stream, expected_blocks)
+            running.append((engine, seq, stream))
+            # Bound only around log calls, never across a yield: the generator may be resumed or closed
+            # from another context (HTTP front end), where a contextvar reset would fail.
+            with bound_contextvars(request_id=seq.request_id):
+                self.log.info("request_queued", replica=engine.plan.index, seq_id=seq.seq_id, index=index,
+                              prompt_tokens=len(prompt_ids), max_tokens=max_tokens)
+        unfinished = len(running)
         try:
-            while True:
-                msg = coalesce(await stream.queue.get(), stream.queue)
+            while unfinished:
+                msg = await queue.get()
+                if len(running) == 1:
+                    msg = coalesce(msg, queue)
                 if finish_text(msg) == NOT_READY:
                     raise Unavailable(self.readiness.message())
+                unfinished -= bool(msg.finish_reason)
                 yield msg
-                if msg.finish_reason:
-                    return
         finally:
-            engine.cancel(seq)
-            with bound_contextvars(request_id=seq.request_id):
-                self.log.info("request_finished", finish_reason=seq.finish_reason, prompt_tokens=len(prompt_ids),
-                              completion_tokens=len(seq.output_ids), cached_tokens=seq.num_cached_tokens,
-                              ttft_ms=None if stream.first_token_s is None else round(stream.first_token_s * 1e3, 2),
-                              e2e_ms=round((time.monotonic() - seq.arrival) * 1e3, 2))
+            for engine, seq, stream in running:
+                engine.cancel(seq)
+                self._log_finished(seq, stream)
+
+    def _log_finished(self, seq: Sequence, stream: RequestStream) -> None:
+        with bound_contextvars(request_id=seq.request_id):
+            self.log.info("request_finished", finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
+                          completion_tokens=len(seq.output_ids), cached_tokens=seq.num_cached_tokens,
+                          ttft_ms=None if stream.first_token_s is None else round(stream.first_token_s * 1e3, 2),
+                          e2e_ms=round((time.monotonic() - seq.arrival) * 1e3, 2))
 
     async def refresh_plan(self) -> None:
         """Called when a stage answers FAILED_PRECONDITION: take the coordinator's newer plan."""
@@ -336,7 +366,7 @@ class Gateway:
         capacity = min(s.num_blocks for s in specs) * plan.block_size
         self.limits = ModelLimits(
             model_id=self.model_id, vocab_size=self.model.vocab_size,
-            max_model_len=self.model.max_position_embeddings, kv_capacity_tokens=capacity,
+            max_model_len=min(self.configured_max_len, capacity), kv_capacity_tokens=capacity,
             default_max_tokens=self.config.default_max_tokens, max_stop_strings=self.config.max_stop_strings,
             max_prompt_bytes=self.config.max_prompt_bytes,
         )
@@ -383,7 +413,7 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def ListModels(self, request, context):
         gw = self.gw
         return pb.ListModelsResponse(models=[
-            pb.ModelInfo(id=gw.model_id, max_model_len=gw.model.max_position_embeddings, vocab_size=gw.model.vocab_size)
+            pb.ModelInfo(id=gw.model_id, max_model_len=gw.max_model_len, vocab_size=gw.model.vocab_size)
         ])
 
 

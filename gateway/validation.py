@@ -16,8 +16,11 @@ import math
 from dataclasses import dataclass
 
 from stagemesh.errors import InvalidArgument, OutOfRange, ResourceExhausted
-from stagemesh.sampling import SamplingSpec
+from stagemesh.grammar import GrammarSpec
+from stagemesh.sampling import MAX_LOGPROBS, SamplingSpec
 from stagemesh.v1 import stagemesh_pb2 as pb
+
+from gateway import structured_output
 
 INT32_MAX = 2**31 - 1
 UINT64_MAX = 2**64 - 1
@@ -25,6 +28,10 @@ FLOAT32_MAX = 3.4028234663852886e38
 PRIORITIES = frozenset(pb.Priority.values())
 MAX_STOP_CHARS = 512  # a stop string holds back that much streamed text; longer ones are a mistake
 MAX_REQUEST_ID_CHARS = 256  # it goes into every log line of the request
+MAX_N = 16  # samples of one prompt (n, best_of)
+MAX_PROMPTS = 64  # prompts in one completions request
+MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI: at most 300)
+MAX_STOP_TOKEN_IDS = 64
 DEFAULT_MAX_PROMPT_BYTES = 4 << 20
 
 
@@ -63,14 +70,32 @@ class Fields:
     stop: tuple[str, ...] = ()
     priority: int = 0
     request_id: str = ""
+    # vLLM's extras (stagemesh/sampling.py); None or the default: off.
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    n: int = 1
+    grammar: GrammarSpec | None = None  # structured output (gateway/structured_output.py checks it)
 
     @classmethod
     def of(cls, req: pb.GenerateRequest) -> Fields:
         sp = req.sampling
-        return cls(max_tokens=req.max_tokens if req.HasField("max_tokens") else None,
-                   temperature=sp.temperature, top_p=sp.top_p if sp.HasField("top_p") else None,
-                   top_k=sp.top_k, seed=sp.seed if sp.HasField("seed") else None, stop=tuple(req.stop),
-                   priority=int(req.priority), request_id=req.request_id)
+        opt = lambda msg, name: getattr(msg, name) if msg.HasField(name) else None  # noqa: E731
+        return cls(max_tokens=opt(req, "max_tokens"), temperature=sp.temperature, top_p=opt(sp, "top_p"),
+                   top_k=sp.top_k, seed=opt(sp, "seed"), stop=tuple(req.stop),
+                   priority=int(req.priority), request_id=req.request_id, min_p=sp.min_p,
+                   repetition_penalty=opt(sp, "repetition_penalty"), presence_penalty=sp.presence_penalty,
+                   frequency_penalty=sp.frequency_penalty, min_tokens=sp.min_tokens,
+                   logit_bias=tuple(sorted(sp.logit_bias.items())), stop_token_ids=tuple(sp.stop_token_ids),
+                   logprobs=opt(sp, "logprobs"), prompt_logprobs=opt(sp, "prompt_logprobs"),
+                   n=1 if opt(req, "n") is None else req.n,
+                   grammar=GrammarSpec.from_wire(sp.grammar) if sp.HasField("grammar") else None)
 
 
 def grpc_message_limit(max_prompt_bytes: int, max_model_len: int) -> int:
@@ -114,7 +139,46 @@ def check_fields(f: Fields, limits: ModelLimits) -> tuple[int, SamplingSpec]:
     if len(f.request_id) > MAX_REQUEST_ID_CHARS:
         raise FieldError("request_id", f"request_id is at most {MAX_REQUEST_ID_CHARS} characters, "
                                        f"got {len(f.request_id)}")
+    if not 1 <= f.n <= MAX_N:
+        raise FieldError("n", f"n must be in [1, {MAX_N}], got {f.n}")
+    if not 0 <= f.min_tokens <= max_tokens:
+        raise FieldError("min_tokens", f"min_tokens must be in [0, max_tokens = {max_tokens}], got {f.min_tokens}")
+    _check_token_lists(f, limits)
     return max_tokens, _sampling(f)
+
+
+def _check_token_lists(f: Fields, limits: ModelLimits) -> None:
+    if len(f.logit_bias) > MAX_LOGIT_BIAS:
+        raise FieldError("logit_bias", f"logit_bias has at most {MAX_LOGIT_BIAS} entries, got {len(f.logit_bias)}")
+    for token, bias in f.logit_bias:
+        if not 0 <= token < limits.vocab_size:
+            raise FieldError("logit_bias", f"logit_bias: token id {token} outside the vocabulary [0, {limits.vocab_size})")
+        if not (_finite(bias) and -100 <= bias <= 100):
+            raise FieldError("logit_bias", f"logit_bias: the bias of token {token} must be in [-100, 100], got {bias}")
+    if len(f.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise FieldError("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(f.stop_token_ids)}")
+    bad = [t for t in f.stop_token_ids if not 0 <= t < limits.vocab_size]
+    if bad:
+        raise FieldError("stop_token_ids", f"stop_token_ids: {bad[0]} outside the vocabulary [0, {limits.vocab_size})")
+    for name in ("logprobs", "prompt_logprobs"):
+        k = getattr(f, name)
+        if k is not None and not 0 <= k <= MAX_LOGPROBS:
+            raise FieldError(name, f"{name} must be in [0, {MAX_LOGPROBS}], got {k}")
+
+
+def parse_logit_bias(raw) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias ({"token id as a string": bias}) as sorted (id, bias) pairs; a key that
+    is not an integer is a FieldError (ranges are check_fields')."""
+    pairs = []
+    for key, value in (raw or {}).items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise FieldError("logit_bias", f"logit_bias keys are token ids, got {key!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise FieldError("logit_bias", f"logit_bias: the bias of token {key} must be a number, got {value!r}")
+        pairs.append((token, float(value)))
+    return tuple(sorted(pairs))
 
 
 def _check_stop(stop, limits: ModelLimits) -> None:
@@ -141,7 +205,29 @@ def _sampling(f: Fields) -> SamplingSpec:
         raise FieldError("top_k", f"top_k must be in [0, {INT32_MAX}] (0 = no limit), got {f.top_k}")
     if f.seed is not None and not 0 <= f.seed <= UINT64_MAX:
         raise FieldError("seed", f"seed must be in [0, 2**64), got {f.seed}")
-    return SamplingSpec(temperature=float(f.temperature), top_p=float(top_p), top_k=int(f.top_k), seed=f.seed)
+    if not (_finite(f.min_p) and 0.0 <= f.min_p <= 1.0):
+        raise FieldError("min_p", f"min_p must be in [0, 1], got {f.min_p}")
+    rep = 1.0 if f.repetition_penalty is None else f.repetition_penalty
+    if not (_finite(rep) and 0.0 < rep <= 100.0):
+        raise FieldError("repetition_penalty", f"repetition_penalty must be in (0, 100] (1 = off), got {rep}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(f, name)
+        if not (_finite(value) and -2.0 <= value <= 2.0):
+            raise FieldError(name, f"{name} must be in [-2, 2], got {value}")
+    return SamplingSpec(temperature=float(f.temperature), top_p=float(top_p), top_k=int(f.top_k), seed=f.seed,
+                        min_p=float(f.min_p), repetition_penalty=float(rep), presence_penalty=float(f.presence_penalty),
+                        frequency_penalty=float(f.frequency_penalty), min_tokens=int(f.min_tokens),
+                        logit_bias=tuple((int(t), float(b)) for t, b in f.logit_bias),
+                        stop_token_ids=tuple(int(t) for t in f.stop_token_ids), logprobs=f.logprobs,
+                        prompt_logprobs=f.prompt_logprobs, grammar=_grammar(f))
+
+
+def _grammar(f: Fields) -> GrammarSpec | None:
+    if f.grammar is not None:
+        structured_output.check(f.grammar, "sampling.grammar")
+        if f.min_tokens:  # a complete answer allows only end-of-sequence, which min_tokens forbids
+            raise FieldError("min_tokens", "min_tokens cannot be combined with structured output")
+    return f.grammar
 
 
 def check_max_tokens_fit(prompt_len: int, max_tokens: int, limits: ModelLimits) -> None:

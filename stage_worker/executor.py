@@ -29,7 +29,8 @@ from stage_worker.cuda_graphs import DecodeGraphs, MixedGraphs
 from stage_worker.kv_cache import PagedKVCache
 from stage_worker.step_profiler import StepProfiler
 from stage_worker.lease_table import LeaseTable
-from stage_worker.sampler import sample
+from stage_worker import logprobs
+from stage_worker.sampler import Row, sample_rows
 from stage_worker.samples import Sample, SampleNotReady, put_samples
 from stage_worker.step_input import StageShape, StepInput
 
@@ -38,6 +39,8 @@ class StepOutput:
     hidden: torch.Tensor | None  # [T, H] for the next stage; None on the last stage
     samples: list[tuple[int, int]]  # (seq_id, token) on the last stage
     compute_us: int
+    logprobs: list = field(default_factory=list)  # per sample: sampler.TokenLogprobs or None
+    prompt_logprobs: list = field(default_factory=list)  # (seq_id, start_pos, [TokenLogprobs]) (logprobs.py)
 
 
 class StageExecutor:
@@ -67,6 +70,12 @@ class StageExecutor:
         self._recent_us: deque[int] = deque(maxlen=64)
         self._profiler = StepProfiler.from_env(self.device)
         self._side_stream = None  # finish(): sampling off the compute stream (CUDA)
+        # Last stage: a per-row additive bias on the logits before sampling (structured output's
+        # token masks: -inf where a token is not allowed), called at launch while the forward runs:
+        # fn(step, picks, specs) -> [S, V] tensor or None. A row it may constrain must not be
+        # plain_greedy (SamplingSpec): those take the device arg-max without it.
+        self.logits_bias = None
+        self.grammar = None  # last stage: grammar.GrammarBook (structured output), set by grammar.attach
 
     # -- the lease table's writes (a TP stage's rank 0 mirrors these to its followers) ----------
     def release(self, lease_id: str, seq_ids=()) -> None:
@@ -156,6 +165,8 @@ class StageExecutor:
             out = self.model(input_ids, hidden, meta, self.kv)  # [T, H]
             last_rows = meta.last_rows
         if self.model.is_last:
+            states = {c.seq_id: self.leases.get(step.lease_id, c.seq_id) for c in step.chunks}
+            done.prompt = logprobs.plan(self.model, out, step, states, done.route == "decode_graph")
             self._launch_sample(step, last_rows, out, done)
         else:
             done.hidden = _to_host_async(out)
@@ -174,8 +185,14 @@ class StageExecutor:
             if done.logits is None:  # every row greedy: the argmax ran on the device, copied at launch
                 tokens = done.greedy_host.tolist()
             else:
-                tokens = self._sample_after(done)
+                drawn = self._sample_after(done)
+                tokens, result.logprobs = drawn.tokens, drawn.logprobs
+                _note_history(done, tokens)
+                if self.grammar is not None:  # constrained rows: advance, start their next masks now
+                    self.grammar.advance(done.picks, tokens)
             result.samples = [(c.seq_id, t) for (_, c), t in zip(done.picks, tokens)]
+        if done.prompt:
+            result.prompt_logprobs = logprobs.collect(done.prompt)
         if done.route == "none":
             return result
         if done.start is not None:  # finish runs in launch order, which is the stream's order
@@ -194,18 +211,19 @@ class StageExecutor:
             self._profiler.step_end(done.route, result.compute_us, done.tokens)
         return result
 
-    def _sample_after(self, done: "Launched") -> list[int]:
-        """Draw the tokens of a step with sampled rows. On CUDA this runs on a side stream that
-        waits for this step only: on the compute stream its copies would queue behind the step
-        launched after it, and its answer would come back a step late."""
-        outputs = [c.output_index for _, c in done.picks]
+    def _sample_after(self, done: "Launched"):
+        """Draw the tokens of a step with sampled rows (sampler.Drawn). On CUDA this runs on a side
+        stream that waits for this step only: on the compute stream its copies would queue behind
+        the step launched after it, and its answer would come back a step late."""
+        rows = [Row(spec, c.output_index, st.history if spec.needs_history else None, st.num_prompt)
+                for spec, st, (_, c) in zip(done.specs, done.states, done.picks)]
         if done.event is None:
-            return sample(done.logits, done.specs, outputs)
+            return sample_rows(done.logits, rows, done.bias)
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream(self.device)
         self._side_stream.wait_event(done.event)
         with torch.cuda.stream(self._side_stream):
-            return sample(done.logits, done.specs, outputs)
+            return sample_rows(done.logits, rows, done.bias)
 
     def _inputs(self, step: StepInput):
         """The step's token ids (first stage) or hidden states, on the host: the eager route moves
@@ -231,13 +249,16 @@ class StageExecutor:
             index = torch.tensor(rows, pin_memory=out.is_cuda).to(out.device, non_blocking=True)
             out = out.index_select(0, index)
         logits = self.model.compute_logits(out)  # [S, V] float32
-        done.specs = [self.leases.get(step.lease_id, c.seq_id).sampling for _, c in done.picks]
-        greedy = [spec.greedy for spec in done.specs]
+        done.states = [self.leases.get(step.lease_id, c.seq_id) for _, c in done.picks]
+        done.specs = [st.sampling for st in done.states]
+        greedy = [spec.plain_greedy for spec in done.specs]
         if any(greedy):
             done.greedy = torch.argmax(logits, dim=-1)  # ties -> first, as HF (sampler.sample)
             done.greedy_host = _to_host_async(done.greedy)
         if not all(greedy):
-            done.logits = logits  # drawn on the host in finish()
+            done.logits = logits  # processed and drawn in finish()
+            if self.logits_bias is not None:
+                done.bias = self.logits_bias(step, done.picks, done.specs)
         if not self.model.is_first:
             return  # a chain's last stage: the first one notes the samples from its answer
         for row, ((_, c), is_greedy) in enumerate(zip(done.picks, greedy)):
@@ -289,12 +310,24 @@ class Launched:
     hidden: torch.Tensor | None = None  # non-last stage: pinned host copy, valid after the event
     picks: list = field(default_factory=list)  # (chunk index, chunk) of the rows to sample
     specs: list = field(default_factory=list)
+    states: list = field(default_factory=list)  # their sequences' SeqState (penalties' history)
+    bias: torch.Tensor | None = None  # [S, V] added to the logits before sampling (StageExecutor.logits_bias)
+    prompt: list = field(default_factory=list)  # logprobs.PromptScores of the step's prompt rows
     greedy: torch.Tensor | None = None  # [S] argmax ids on the device (some row greedy)
     greedy_host: torch.Tensor | None = None  # their pinned host copy, valid after the event
     logits: torch.Tensor | None = None  # [S, V] when some row samples (drawn on the host)
     event: torch.cuda.Event | None = None  # the end of the step's GPU work
     start: torch.cuda.Event | None = None  # its start (what came before it on the stream is done)
     launch_s: float = 0.0
+
+
+def _note_history(done: Launched, tokens: list[int]) -> None:
+    """Penalties: each sequence's history gets the token it drew, in its place (a step run again
+    after a lost answer overwrites, never appends twice)."""
+    for spec, st, (_, c), tok in zip(done.specs, done.states, done.picks, tokens):
+        if spec.needs_history and st is not None:
+            del st.history[st.num_prompt + c.output_index:]
+            st.history.append(tok)
 
 
 def _to_host_async(t: torch.Tensor) -> torch.Tensor:

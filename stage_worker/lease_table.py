@@ -14,7 +14,7 @@ in `samples` and goes with the sequence.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stagemesh.errors import FailedPrecondition, InvalidArgument
 from stagemesh.sampling import SamplingSpec
@@ -27,6 +27,8 @@ from stage_worker.step_input import StepInput
 class SeqState:
     block_table: list[int]
     sampling: SamplingSpec
+    history: list[int] = field(default_factory=list)  # last stage: tokens so far (penalties, prompt logprobs)
+    num_prompt: int = 0  # how many of `history` are the prompt
 
 
 class LeaseTable:
@@ -89,7 +91,7 @@ class LeaseTable:
             self.seqs.pop((lease, sid), None)
             self.samples.forget(lease, [sid])
         for sid, ns in step.new.items():
-            self.seqs[(lease, sid)] = SeqState(list(ns.block_ids), ns.sampling)
+            self.seqs[(lease, sid)] = SeqState(list(ns.block_ids), ns.sampling, list(ns.history), ns.num_prompt)
         for sid, table in tables.items():
             self.seqs[(lease, sid)].block_table = table
 

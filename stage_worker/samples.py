@@ -78,9 +78,9 @@ class SampleBook:
         new = c.seq_id in step.new
         if state is None and not new:  # announced by the step it follows
             raise SampleNotReady(f"sequence {c.seq_id} unknown for lease {step.lease_id!r} yet")
-        if state is not None and not state.sampling.greedy and not new:
-            raise InvalidArgument(f"sequence {c.seq_id}: follows_sample needs greedy sampling "
-                                  "(sampled tokens are drawn on the host)")
+        if state is not None and not state.sampling.plain_greedy and not new:
+            raise InvalidArgument(f"sequence {c.seq_id}: follows_sample needs plain greedy sampling "
+                                  "(sampled or processed tokens are drawn on the host)")
         rec = self._by_seq.get((step.lease_id, c.seq_id))
         if rec is None or rec.output_index < c.output_index - 1:
             raise SampleNotReady(f"sequence {c.seq_id}: output {c.output_index - 1} not sampled yet")

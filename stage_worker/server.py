@@ -33,6 +33,7 @@ from stage_worker.executor import StageExecutor
 from stage_worker.loader import load_stage
 from stage_worker.profile import profile_layer
 from stage_worker.samples import SampleNotReady
+from stage_worker import grammar, logprobs
 from stage_worker.step_input import decode, outputs as step_outputs
 from stagemesh.model_config import ModelConfig
 
@@ -129,10 +130,7 @@ class StageService(pb_grpc.StageServicer):
             self.log.debug("forward", tokens=sum(c.num_tokens for c in request.chunks), seqs=len(request.chunks),
                            compute_us=out.compute_us)
         if loaded.next_stub is None:
-            return pb.ForwardResponse(
-                samples=[pb.SampledToken(seq_id=s, token_id=t) for s, t in out.samples],
-                stage_compute_us=[out.compute_us],
-            )
+            return logprobs.forward_response(out)
         remaining = context.time_remaining()
         first = loaded.executor.model.is_first
         try:
@@ -276,6 +274,7 @@ class StageService(pb_grpc.StageServicer):
         kv = model.make_kv_cache(num_blocks, cfg.block_size)
         executor = StageExecutor(model, kv, cfg.block_size)
         executor.slowdown = self.slowdown
+        grammar.attach(executor, cfg.model_dir)  # structured output, on the last stage
         return executor
 
     def _kv_budget(self, model) -> int:

@@ -16,6 +16,7 @@ import torch
 
 from stagemesh import wire
 from stagemesh.errors import InvalidArgument
+from stagemesh.grammar import GrammarSpec
 from stagemesh.sampling import SamplingSpec
 from stagemesh.v1 import stagemesh_pb2 as pb
 
@@ -54,6 +55,8 @@ class NewSequence:
     seq_id: int
     block_ids: list[int]
     sampling: SamplingSpec
+    history: list[int] = field(default_factory=list)  # token history (penalties, prompt logprobs)
+    num_prompt: int = 0  # how many of `history` are the prompt
 
 
 @dataclass
@@ -129,7 +132,14 @@ def _new_sequences(request: pb.ForwardRequest, shape: StageShape) -> dict[int, N
         _check_blocks(ns.block_ids, f"sequence {ns.seq_id}", shape)
         if len(set(ns.block_ids)) != len(ns.block_ids):
             raise InvalidArgument(f"sequence {ns.seq_id}: a block id appears twice in its table")
-        new[ns.seq_id] = NewSequence(ns.seq_id, list(ns.block_ids), _spec(ns.sampling))
+        history = list(ns.history_ids)
+        if history and (min(history) < 0 or max(history) >= shape.vocab_size):
+            raise InvalidArgument(f"sequence {ns.seq_id}: history_ids must be in [0, {shape.vocab_size})")
+        if not 0 <= ns.num_prompt_tokens <= len(history):
+            raise InvalidArgument(f"sequence {ns.seq_id}: num_prompt_tokens {ns.num_prompt_tokens} outside "
+                                  f"[0, {len(history)}] (the history sent)")
+        new[ns.seq_id] = NewSequence(ns.seq_id, list(ns.block_ids), spec_of(ns.sampling), history,
+                                     ns.num_prompt_tokens)
     return new
 
 
@@ -160,10 +170,17 @@ def _hidden(request: pb.ForwardRequest, hidden, num_tokens: int, shape: StageSha
     return hidden  # on the host: the executor moves it (or the graph path copies it)
 
 
-def _spec(sp: pb.SamplingParams) -> SamplingSpec:
+def spec_of(sp: pb.SamplingParams) -> SamplingSpec:
+    """The wire's SamplingParams as a SamplingSpec; InvalidArgument when a value is out of range."""
     top_p = sp.top_p if sp.HasField("top_p") else 1.0
     try:
-        return SamplingSpec(temperature=sp.temperature, top_p=top_p, top_k=sp.top_k,
-                            seed=sp.seed if sp.HasField("seed") else None)
+        return SamplingSpec(
+            temperature=sp.temperature, top_p=top_p, top_k=sp.top_k, seed=sp.seed if sp.HasField("seed") else None,
+            min_p=sp.min_p, repetition_penalty=sp.repetition_penalty if sp.HasField("repetition_penalty") else 1.0,
+            presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty, min_tokens=sp.min_tokens,
+            logit_bias=tuple(sorted(sp.logit_bias.items())), stop_token_ids=tuple(sp.stop_token_ids),
+            logprobs=sp.logprobs if sp.HasField("logprobs") else None,
+            prompt_logprobs=sp.prompt_logprobs if sp.HasField("prompt_logprobs") else None,
+            grammar=GrammarSpec.from_wire(sp.grammar) if sp.HasField("grammar") else None)
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from exc

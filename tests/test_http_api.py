@@ -154,16 +154,16 @@ def test_seeded_sampling_is_reproducible(mesh):
 
 
 ERRORS = [
-    ("completions", dict(n=2), openai.BadRequestError, "n must be 1"),
+    ("completions", dict(n=17), openai.BadRequestError, "n must be in"),
     ("completions", dict(model="no-such-model"), openai.NotFoundError, "does not exist"),
     ("completions", dict(max_tokens=5000), openai.BadRequestError, "context"),
     ("completions", dict(max_tokens=0), openai.BadRequestError, "max_tokens"),
     ("completions", dict(temperature=-1), openai.BadRequestError, "temperature"),
-    ("completions", dict(prompt=["a", "b"]), openai.BadRequestError, "one prompt per request"),
+    ("completions", dict(prompt=["a"] * 65), openai.BadRequestError, "at most 64 prompts"),
     ("completions", dict(prompt=[0, 99999]), openai.BadRequestError, "vocabulary"),
-    ("completions", dict(logprobs=2), openai.BadRequestError, "logprobs"),
+    ("completions", dict(logprobs=21), openai.BadRequestError, "logprobs"),
     ("completions", dict(max_tokens=5000, stream=True), openai.BadRequestError, "context"),
-    ("chat", dict(n=3), openai.BadRequestError, "n must be 1"),
+    ("chat", dict(n=0), openai.BadRequestError, "n must be in"),
     ("chat", dict(model="no-such-model", stream=True), openai.NotFoundError, "does not exist"),
     ("chat", dict(max_completion_tokens=5000), openai.BadRequestError, "context"),
     ("chat", dict(messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]),
