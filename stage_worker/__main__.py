@@ -12,6 +12,7 @@ import torch
 from stagemesh import config_cli, discovery
 from stagemesh import log as logging_setup
 from stagemesh.errors import CheckpointError
+from stagemesh.model_config import ModelConfig
 from stagemesh.service import ServiceSpec, run_service
 from stagemesh.security import add_tls_flags, tls_from_args
 from stagemesh.v1 import stagemesh_pb2 as pb
@@ -86,6 +87,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(1)
     log = logging_setup.configure("stage_worker", level)
     try:
+        ModelConfig.from_dir(config.model_dir)  # an unsupported architecture: one line, before serving
         asyncio.run(serve(config, log, consul))
     except (CheckpointError, OSError) as exc:
         sys.exit(f"stage_worker: {exc}")
