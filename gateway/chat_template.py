@@ -102,7 +102,8 @@ class ChatTemplate:
         except jinja2.exceptions.TemplateSyntaxError as exc:
             raise CheckpointError(f"{model_dir}: the chat template does not compile ({exc})") from exc
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, kwargs: dict | None = None) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, kwargs: dict | None = None,
+               tools: list[dict] | None = None) -> str:
         """Render a conversation; raises InvalidArgument when the template rejects it.
 
         `kwargs` (a request's chat_template_kwargs, a dict so that no key of it can collide with
@@ -112,7 +113,7 @@ class ChatTemplate:
         reserved = sorted(set(kwargs) & RESERVED)
         if reserved:
             raise InvalidArgument(f"chat_template_kwargs may not set {', '.join(reserved)}: they are request fields")
-        variables = {**self.special_tokens, **kwargs, "messages": messages, "tools": None, "documents": None,
+        variables = {**self.special_tokens, **kwargs, "messages": messages, "tools": tools, "documents": None,
                      "add_generation_prompt": add_generation_prompt}
         try:
             return self._template.render(**variables)

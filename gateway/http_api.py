@@ -18,11 +18,12 @@ limit that --max-prompt-bytes implies is a 413 before any of it is read (gateway
 every number is range-checked by gateway/validation.py before it becomes a GenerateRequest.
 
 `n`, `best_of`, several prompts, `logprobs` / `top_logprobs`, `echo`, penalties, `logit_bias` and
-vLLM's sampling extras are mapped, and the answers built, in gateway/openai_compat.py.
+vLLM's sampling extras are mapped, and the answers built, in gateway/openai_compat.py; structured
+output (`response_format`, `guided_*`, `structured_outputs`) in gateway/structured_output.py, `tools`
+and `tool_choice` in gateway/tool_calls.py.
 
 Differences from OpenAI, all deliberate:
-  - `suffix`, `tools` and `response_format` other than text are refused with a 400 rather than
-    silently ignored.
+  - `suffix` is refused with a 400 rather than silently ignored.
   - extensions (as in vLLM): `top_k` (0 or -1 = no limit), `min_p`, `repetition_penalty`,
     `min_tokens`, `stop_token_ids`, `ignore_eos`, `add_generation_prompt` and
     `chat_template_kwargs` for chat.
@@ -50,11 +51,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from stagemesh.client import build_request
 from stagemesh.errors import ErrorKind, StagemeshError, Unavailable
 
-from gateway import validation
+from gateway import structured_output, tool_calls, validation
 from gateway.chat_template import ChatTemplate
 from gateway.http_guard import BodyLimit, PublicPaths
 from gateway.http_utility import add_utility_routes
-from gateway.openai_compat import Answer, Job, Refused, Shape, TokenText, apply_extra_fields, collect, extra_fields
+from gateway.openai_compat import Job, Refused, Shape, TokenText, apply_extra_fields, collect, extra_fields
 from gateway.http_schema import (ERRORS, ChatCompletionRequest, ChatCompletionResponse, CommonParams,
                                  CompletionRequest, CompletionResponse, Health, ModelCard, ModelList,
                                  generation_responses, openapi)
@@ -102,11 +103,7 @@ def api_error(exc: StagemeshError) -> ApiError:
 def _refuse_unsupported(req: CommonParams) -> None:
     checks = [
         ("suffix", bool(getattr(req, "suffix", None)), "suffix is not supported"),
-        ("tools", bool(getattr(req, "tools", None)), "tools are not supported"),
     ]
-    rf = getattr(req, "response_format", None)
-    checks.append(("response_format", rf is not None and rf.get("type") != "text",
-                   "response_format other than {'type': 'text'} is not supported"))
     for param, refused, message in checks:
         if refused:
             raise ApiError(400, message, param=param)
@@ -141,12 +138,14 @@ class OpenAIFrontend:
         if len(prompts) > validation.MAX_PROMPTS:
             raise ApiError(400, f"at most {validation.MAX_PROMPTS} prompts in one request, got {len(prompts)}",
                            param="prompt")
+        grammar, _ = structured_output.from_request(req.model_dump(exclude_unset=True))  # guided_* (vLLM)
         jobs = []
         for prompt in prompts:
             if isinstance(prompt, str):
-                jobs.append(Job(self._build(req, prompt=prompt, max_tokens=req.max_tokens), prompt))
+                jobs.append(Job(self._build(req, prompt=prompt, max_tokens=req.max_tokens, grammar=grammar), prompt))
             else:
-                jobs.append(Job(self._build(req, prompt_ids=list(prompt), max_tokens=req.max_tokens)))
+                jobs.append(Job(self._build(req, prompt_ids=list(prompt), max_tokens=req.max_tokens,
+                                            grammar=grammar)))
         return jobs
 
     # /v1/chat/completions
@@ -162,8 +161,11 @@ class OpenAIFrontend:
             raise ApiError(400, "messages must not be empty", param="messages")
         limits = self._limits()
         messages = [_flatten_message(m.model_dump(exclude_unset=True), i) for i, m in enumerate(req.messages)]
+        # response_format / guided_* / tools (structured output and tool calls: gateway/tool_calls.py)
+        grammar, tools = tool_calls.chat_constraints(req.model_dump(exclude_unset=True), self.template.source)
         try:
-            text = self.template.render(messages, add_generation_prompt=req.add_generation_prompt,
+            text = self.template.render(tool_calls.template_messages(messages), tools=tools.template_tools,
+                                        add_generation_prompt=req.add_generation_prompt,
                                         kwargs=req.chat_template_kwargs)
         except StagemeshError as exc:
             raise ApiError(400, str(exc), param="messages") from exc
@@ -173,7 +175,8 @@ class OpenAIFrontend:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
             max_tokens = self._room_left(len(prompt_ids))
-        return [Job(self._build(req, prompt_ids=prompt_ids, max_tokens=max_tokens, kind="chat"))]
+        return [Job(self._build(req, prompt_ids=prompt_ids, max_tokens=max_tokens, kind="chat", grammar=grammar),
+                    tools=tools)]
 
     def _limits(self) -> validation.ModelLimits:
         if self.gw.limits is None:
@@ -187,7 +190,7 @@ class OpenAIFrontend:
         return room if room >= 1 else None
 
     def _build(self, req: CommonParams, prompt: str | None = None, prompt_ids: list[int] | None = None,
-               max_tokens: int | None = None, kind: str = "text"):
+               max_tokens: int | None = None, kind: str = "text", grammar=None):
         if isinstance(prompt_ids, list) and not prompt_ids and prompt is None:
             raise ApiError(400, "the prompt is empty", param="prompt")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -199,7 +202,7 @@ class OpenAIFrontend:
         limits = self._limits()
         try:
             fields = validation.Fields(max_tokens=max_tokens, temperature=temperature, top_p=req.top_p, top_k=top_k,
-                                       seed=req.seed, stop=tuple(stop), **extra_fields(req, kind))
+                                       seed=req.seed, stop=tuple(stop), grammar=grammar, **extra_fields(req, kind))
         except Refused as exc:
             raise ApiError(400, str(exc), param=exc.param) from exc
         validation.check_fields(fields, limits)
@@ -209,6 +212,7 @@ class OpenAIFrontend:
                                      temperature=temperature, top_p=req.top_p, top_k=top_k, seed=req.seed, stop=stop,
                                      ignore_eos=req.ignore_eos, model=self.gw.model_id)
         apply_extra_fields(grpc_request, fields)
+        structured_output.attach(grpc_request, grammar)
         return grpc_request
 
     def check(self, req: CommonParams) -> None:
@@ -335,7 +339,7 @@ def create_app(gateway, chat_template: ChatTemplate | None = None) -> FastAPI:
         shape = Shape.of(body, kind)
         streams = await front.start(jobs)
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        answer = Answer(shape, gateway.model_id, front.tokens, jobs, include_usage)
+        answer = tool_calls.answer_type(jobs)(shape, gateway.model_id, front.tokens, jobs, include_usage)
         if body.stream:
             return EventSourceResponse(answer.events(streams), sep="\n", ping=15)
         try:

@@ -3,8 +3,8 @@
 The models say what the endpoints really take: strict JSON types (a string is not a number), and
 the ranges of gateway/validation.py written into the schema (`minimum`, `maximum`, ...) but not
 enforced here: validation.py checks every number once, for both APIs, with messages that name the
-field. Fields we refuse unless they are off (`suffix`, `tools`) are described with the one value we
-take. Unknown fields are accepted and ignored (OpenAI clients send e.g. `user`).
+field. Fields we refuse unless they are off (`suffix`) are described with the one value we take.
+Unknown fields are accepted and ignored (OpenAI clients send e.g. `user`).
 
 Errors are 400 (never FastAPI's 422) in OpenAI's shape; `openapi()` documents that.
 """
@@ -59,6 +59,14 @@ class CommonParams(BaseModel):
                                                        "additionalProperties": {"type": "number", "minimum": -100,
                                                                                 "maximum": 100}})
     # vLLM's extras
+    guided_json: Union[str, dict[str, Any], None] = Field(
+        None, description="structured output: a JSON schema the answer conforms to (gateway/structured_output.py)")
+    guided_regex: str | None = Field(None, description="structured output: a regex the whole answer matches")
+    guided_choice: list[str] | None = Field(None, description="structured output: the answer is one of these",
+                                            json_schema_extra={"minItems": 1})
+    guided_grammar: str | None = Field(None, description="structured output: a Lark or GBNF grammar")
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM's newer spelling: one of {json, regex, choice, grammar, json_object}")
     min_p: float | None = _range(0, 1, "keep tokens at least min_p times as likely as the most likely one")
     repetition_penalty: float | None = _range(None, 100, "divides (or multiplies, when negative) the logits of "
                                                          "tokens seen in prompt or output; 1 = off",
@@ -102,8 +110,16 @@ class ChatCompletionRequest(CommonParams):
     max_completion_tokens: int | None = _range(1, INT32_MAX, "as max_tokens; default: what fits the context")
     logprobs: bool | None = Field(None, description="log-probabilities of the chosen tokens")
     top_logprobs: int | None = _range(0, MAX_LOGPROBS, "with logprobs: this many most likely tokens at each position")
-    tools: list | None = Field(None, description="not supported: empty or absent", json_schema_extra={"maxItems": 0})
-    response_format: dict | None = Field(None, description="{'type': 'text'} only")
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="functions the model may call: {'type': 'function', 'function': {'name', 'description', "
+                          "'parameters' (a JSON schema)}} (gateway/tool_calls.py)")
+    tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = Field(
+        None, description="none, auto (default with tools: the template's tool-call format is parsed), required "
+                          "(constrained to the tools' schemas), or {'type': 'function', 'function': {'name': ...}}")
+    parallel_tool_calls: bool | None = Field(None, description="false: tool_choice required calls one tool")
+    response_format: dict[str, Any] | None = Field(
+        None, description="{'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': "
+                          "{'name', 'schema', 'strict'}}: the answer is constrained to it")
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="extra variables for the chat template")
 
@@ -149,16 +165,28 @@ class CompletionResponse(BaseModel):
     usage: Usage
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: dict[str, Any] | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class ChatCompletionResponse(BaseModel):
@@ -217,16 +245,21 @@ class CompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class ToolCallDelta(ToolCall):
+    index: int
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None  # whole calls, once the completion is done
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: dict[str, Any] | None = None
-    finish_reason: Literal["stop", "length", None]
+    finish_reason: Literal["stop", "length", "tool_calls", None]
 
 
 class ChatCompletionChunk(BaseModel):

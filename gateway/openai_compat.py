@@ -91,6 +91,7 @@ class Job:
 
     request: pb.GenerateRequest
     prompt_text: str | None = None
+    tools: object = None  # chat: gateway/tool_calls.ToolPlan (how the answer becomes tool_calls)
 
 
 @dataclass(frozen=True)

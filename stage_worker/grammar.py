@@ -76,6 +76,7 @@ class GrammarBook:
         self.leases = leases  # the executor's LeaseTable: each sequence's sampling (and grammar)
         self.device = device
         self._launched: dict[int, list[tuple[int, SeqGrammar]]] = {}  # id(picks) -> constrained rows
+        self._lock = threading.Lock()  # _launched: written at launch, read at finish
         self.vocab_size = vocab_size
         self.eos_ids = tuple(int(t) for t in eos_ids)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="grammar")
@@ -98,9 +99,10 @@ class GrammarBook:
                 owners.append((i, g))
         if not rows:
             return None
-        while len(self._launched) >= 64:  # steps that failed before finish(): forget the oldest
-            self._launched.pop(next(iter(self._launched)))
-        self._launched[id(picks)] = owners
+        with self._lock:
+            while len(self._launched) >= 64:  # steps that failed before finish(): forget the oldest
+                self._launched.pop(next(iter(self._launched)))
+            self._launched[id(picks)] = owners
         return bitmask_bias(torch.stack(masks), rows, len(picks), self.vocab_size, self.device)
 
     def prepare(self, step) -> None:
@@ -124,7 +126,9 @@ class GrammarBook:
     def advance(self, picks, tokens: list[int]) -> None:
         """The step's tokens are known: each constrained sequence consumes its own, and the mask for
         its next token starts at once, in a thread (overlapping the next steps' forwards)."""
-        for i, g in self._launched.pop(id(picks), ()):
+        with self._lock:
+            owners = self._launched.pop(id(picks), ())
+        for i, g in owners:
             g.future.result()  # the mask of this token (it was applied)
             g.consume(tokens[i])
             g.future, g.future_at = self._pool.submit(g.fill), g.accepted
