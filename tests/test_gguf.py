@@ -48,7 +48,8 @@ def write_gguf(hf_dir, out, qtype=None):
     vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
     tokens = [t for t, _ in vocab] + [f"[PAD{i}]" for i in range(len(vocab), cfg["vocab_size"])]
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-    w = gguf.GGUFWriter(str(out), "llama")
+    arch = cfg["model_type"]  # llama or qwen2: llama.cpp's names for them too
+    w = gguf.GGUFWriter(str(out), arch)
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
@@ -71,9 +72,9 @@ def write_gguf(hf_dir, out, qtype=None):
     w.add_chat_template("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
     for name, t in load_file(str(hf_dir / "model.safetensors")).items():
         data = t.float().numpy()
-        if ".q_proj." in name:
+        if ".q_proj." in name and arch == "llama":
             data = _permute(data, heads)
-        elif ".k_proj." in name:
+        elif ".k_proj." in name and arch == "llama":
             data = _permute(data, kv_heads)
         if qtype is not None and data.ndim == 2:
             w.add_tensor(gguf_name(name), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
@@ -125,6 +126,21 @@ def test_mesh_equals_transformers_on_the_gguf(ggufs, kind, stages):
         prompt_ids = gguf_tokenizer(str(path)).encode(PROMPT).ids
         assert got["usage"]["prompt_tokens"] == len(prompt_ids)
     assert got["token_ids"] == hf_reference(path, prompt_ids, 10)
+
+
+@pytest.mark.parametrize("kind", ["llama", "tied", "qwen2"])
+def test_f32_gguf_stages_equal_the_safetensors_stages(tmp_path, kind):
+    """Names, the Q/K un-permutation (llama only), biases (qwen2) and a tied head, exactly."""
+    from stage_worker.loader import load_stage
+
+    hf_dir = make_hf_checkpoint(tmp_path, kind, num_layers=2)
+    path = write_gguf(hf_dir, tmp_path / f"{kind}.gguf")
+    for layers in ((0, 1), (1, 2)):
+        want = load_stage(hf_dir, *layers)[0].state_dict()
+        got = load_stage(path, *layers)[0].state_dict()
+        assert got.keys() == want.keys()
+        for name, tensor in want.items():
+            assert torch.equal(got[name], tensor), (kind, layers, name)
 
 
 def test_stage_dequantizes_only_its_layers(ggufs, monkeypatch):
