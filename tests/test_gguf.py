@@ -173,3 +173,35 @@ def test_unsupported_gguf_architecture_is_named(tmp_path):
                         capture_output=True, text=True, timeout=60)
     assert up.returncode == 2 and "Traceback" not in up.stderr, up.stderr
     assert "GGUF architecture 'phi2' is not supported" in up.stderr and "LlamaForCausalLM" in up.stderr
+
+
+def test_sentencepiece_vocabulary_matches_transformers(tmp_path):
+    """A `tokenizer.ggml.model = llama` vocabulary (Llama 2, Mistral): no merges in the file, so
+    they are recovered from the scores; byte fallback for characters outside it; BOS added."""
+    from transformers import AutoTokenizer
+
+    pieces = ["▁", "t", "h", "e", "c", "a", "s", "▁t", "he", "▁the", "at", "▁c", "▁cat", "s", "▁s", "a▁"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + list(dict.fromkeys(pieces))
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(tokens) - 259)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(tokens) - 259)]
+    path = tmp_path / "sp.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores(scores)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = gguf_tokenizer(str(path))
+    ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in ["the cat sat", "  the  cats", "thé ca✓t", "</s> the"]:
+        ids = ours.encode(text).ids
+        assert ids == ref(text).input_ids, text
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True), text
