@@ -43,7 +43,8 @@ def build_model_on_device(cfg: ModelConfig, layer_start: int, layer_end: int,
     """An uninitialised stage module of the right family (weights are empty, not random)."""
     cls = MODEL_REGISTRY.get(cfg.architecture)
     if cls is None:
-        raise CheckpointError(f"config.json: no stage implementation for {cfg.architecture!r}")
+        raise CheckpointError(f"config.json: no stage implementation for {cfg.architecture!r} "
+                              f"(supported: {', '.join(sorted(MODEL_REGISTRY))})")
     return cls(cfg, layer_start, layer_end, dtype=dtype or checkpoint_dtype(cfg), device=device)
 
 
@@ -92,6 +93,8 @@ def load_stage(model_dir: str | Path, layer_start: int, layer_end: int,
                             locations=locations, block=block)
     if tied_head and model.is_first:
         model.lm_head.weight = model.embed_tokens.weight
+    with torch.no_grad():
+        model.after_load()  # a family's own weight conventions (Gemma 2's 1 + w norms)
     return model.eval(), cfg
 
 

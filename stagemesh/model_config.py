@@ -12,8 +12,10 @@ from pathlib import Path
 
 from stagemesh.errors import CheckpointError
 
-# Architectures whose decoder layers are Llama-shaped (RMSNorm, rotary, GQA, SwiGLU).
-LLAMA_FAMILY = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+# Architectures whose decoder layers are Llama-shaped (RMSNorm, rotary, GQA, gated MLP); the
+# newer ones with small hooks (stage_worker/models/qwen3.py, gemma2.py, phi3.py).
+LLAMA_FAMILY = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                "Gemma2ForCausalLM", "Phi3ForCausalLM"}
 # Multi-head Latent Attention + mixture of experts (stage_worker/models/deepseek.py reads the
 # DeepSeek-specific keys from `raw`).
 DEEPSEEK_FAMILY = {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"}
@@ -124,6 +126,10 @@ def _arch_from_model_type(model_type: str) -> str:
         "llama": "LlamaForCausalLM",
         "mistral": "MistralForCausalLM",
         "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+        "gemma2": "Gemma2ForCausalLM",
+        "phi3": "Phi3ForCausalLM",
+        "mixtral": "MixtralForCausalLM",
         "deepseek_v2": "DeepseekV2ForCausalLM",
         "deepseek_v3": "DeepseekV3ForCausalLM",
     }.get(model_type, model_type or "<none>")

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("llama", "tied", "qwen2", "llama3", "sharded", "mistral")
+KINDS = ("llama", "tied", "qwen2", "llama3", "sharded", "mistral", "qwen3", "gemma2", "phi3")
+# Kinds whose norm weights are randomised after init (transformers inits them to 1, or Gemma's to 0),
+# so that a norm applied in the wrong place, or Gemma's 1 + w read as w, changes the logits.
+NOISY_NORMS = ("qwen3", "gemma2", "phi3")
 
 
 def _config(kind: str, num_layers: int):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=320, hidden_size=64, intermediate_size=128,
                   num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
@@ -34,6 +37,18 @@ def _config(kind: str, num_layers: int):
         return Qwen2Config(**common, rope_theta=1000000.0)
     if kind == "mistral":
         return MistralConfig(**common, rope_theta=10000.0, sliding_window=None)
+    if kind == "qwen3":
+        return Qwen3Config(**common, head_dim=24, rope_theta=1000000.0)
+    if kind == "gemma2":  # window 6 < the test prompts; caps small enough to bite on random weights
+        return Gemma2Config(**{**common, "tie_word_embeddings": True}, head_dim=16, query_pre_attn_scalar=24,
+                            sliding_window=6, attn_logit_softcapping=3.0, final_logit_softcapping=2.0,
+                            rope_theta=10000.0)
+    if kind == "phi3":  # LongRoPE with short factors only inside 32 positions; a window on every layer
+        gen = torch.Generator().manual_seed(1)
+        short, long = (torch.rand(8, generator=gen) * 3 + 1).tolist(), (torch.rand(8, generator=gen) * 8 + 4).tolist()
+        return Phi3Config(**{**common, "max_position_embeddings": 512}, original_max_position_embeddings=32,
+                          sliding_window=10, rope_scaling={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                            "short_factor": short, "long_factor": long})
     raise ValueError(f"unknown checkpoint kind {kind!r} (known: {', '.join(KINDS)})")
 
 
@@ -50,6 +65,11 @@ def make_hf_model(kind: str = "llama", num_layers: int = 4, seed: int = 0):
             for name, p in model.named_parameters():
                 if name.endswith("bias"):
                     p.normal_(0, 0.1)
+    if kind in NOISY_NORMS:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(torch.randn_like(p) * 0.2)
     return model.eval()
 
 

@@ -35,6 +35,10 @@ class PipelineStage(nn.Module):
     kv_cache_cls: type  # PagedKVCache or MLAKVCache: block_bytes(layers, block_size, *kv_dims(), dtype)
     inv_freq: torch.Tensor  # [D/2] float32 on the stage's device, not a parameter
     attention_scaling: float = 1.0
+    # Gemma 2: token embeddings times sqrt(hidden) (in the activation dtype, as transformers), and
+    # the final logits capped as cap * tanh(logits / cap). None: off.
+    embed_scale: float | None = None
+    final_logit_softcap: float | None = None
 
     def _build_range(self, cfg: ModelConfig, layer_start: int, layer_end: int, make_layer,
                      dtype: torch.dtype, device) -> None:
@@ -75,13 +79,22 @@ class PipelineStage(nn.Module):
         """Checkpoint name (minus `model.`) -> the tensor (or view) the loader copies it into."""
         return checkpoint_tensors(self)
 
+    def after_load(self) -> None:
+        """Called once by the loader when every checkpoint tensor is in: a family whose checkpoint
+        stores a weight in another convention converts it here (Gemma 2's norms: 1 + w)."""
+
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos, sin: [T, D] or [T, D/2] (rotary_duplicate), in float32 then cast, as transformers."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        freqs = positions.float()[:, None] * self.inv_freq_at(positions)  # [T, D/2]
         if self.rotary_duplicate:
             freqs = torch.cat((freqs, freqs), dim=-1)  # [T, D]
         cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
         return cos.to(dtype), sin.to(dtype)
+
+    def inv_freq_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rotary frequencies [1, D/2] for all tokens, or [T, D/2] per token (Phi-3's LongRoPE
+        switches to its long factors past the original context)."""
+        return self.inv_freq[None, :]
 
     def kv_dims(self) -> tuple[int, int]:
         """The pool's per-slot shape arguments after (num_layers, num_blocks, block_size)."""
@@ -107,6 +120,8 @@ class PipelineStage(nn.Module):
             if input_ids is None:
                 raise ValueError("the first stage takes input_ids")
             x = self.embed_tokens(input_ids)  # [T, H]
+            if self.embed_scale is not None:
+                x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         else:
             if hidden is None:
                 raise ValueError("a non-first stage takes hidden states")
@@ -125,4 +140,8 @@ class PipelineStage(nn.Module):
         """hidden: [S, H] (rows to sample, pre-norm) -> logits [S, V] float32. Last stage only."""
         if not self.is_last:
             raise ValueError("compute_logits is only available on the last stage")
-        return self.lm_head(self.norm(hidden.to(self.dtype))).float()
+        logits = self.lm_head(self.norm(hidden.to(self.dtype)))
+        if self.final_logit_softcap:
+            cap = self.final_logit_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()

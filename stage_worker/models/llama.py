@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) as plain modules, built for a layer range.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, and with small hooks Qwen3, Gemma 2, Phi-3,
+Mixtral) as plain modules, built for a layer range.
 
 A stage is the same model code restricted to layers [layer_start, layer_end): the first stage
 also owns the token embedding, the last owns the final norm and LM head. Parameter names match
@@ -14,13 +15,22 @@ kernels/fused_ops (Triton on CUDA, the same formulas in torch elsewhere), so the
 the code the GPU runs.
 `compute_logits` applies the final norm and head only to the rows that will be sampled.
 Numerics follow transformers (float32 rotary tables and RMSNorm statistics).
+
+One decoder layer serves every Llama-shaped family. Where a family departs from Llama it says so
+in its `LayerTraits` (Qwen3's per-head q/k norms, Gemma 2's norms of the attention and MLP
+outputs, Mixtral's MoE block), or config.json does, read here alike for all: the MLP activation,
+a sliding window per layer (`sliding_window`), Gemma 2's attention scale (`query_pre_attn_scalar`)
+and logit soft cap. Stage-level hooks (embedding scale, final soft cap, checkpoint names, rotary
+scaling) live in each family's file (models/qwen3.py, gemma2.py, phi3.py, mixtral.py).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from stage_worker.attention import AttnMetadata, attend
@@ -67,11 +77,61 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, rope: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+@dataclass(frozen=True)
+class LayerTraits:
+    """Where a family's decoder layer departs from Llama's (the rest comes from config.json)."""
+
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim of every q and k head, before rotary
+    sandwich_norms: bool = False  # Gemma 2: RMSNorm of the attention output and of the MLP output too
+    mlp: type | None = None  # the MLP module, built as mlp(cfg) (None: LlamaMLP); Mixtral: its MoE
+
+
+def sliding_window(cfg: ModelConfig, layer: int) -> int | None:
+    """Keys a query of `layer` sees (itself included), or None for full causal attention.
+
+    As transformers reads config.json: `layer_types` where written (5.x: Gemma 2, Qwen2/3), else
+    Qwen's `use_sliding_window` + `max_window_layers`, Gemma 2's even layers, and every layer of
+    Mistral / Mixtral / Phi-3 when `sliding_window` is set.
+    """
+    raw = cfg.raw
+    window = raw.get("sliding_window")
+    if not window or raw.get("use_sliding_window") is False:
+        return None
+    types = raw.get("layer_types")
+    if types:
+        return int(window) if types[layer] == "sliding_attention" else None
+    if "max_window_layers" in raw:  # Qwen2 / Qwen3 written by transformers 4.x
+        return int(window) if layer >= int(raw["max_window_layers"]) else None
+    if cfg.architecture == "Gemma2ForCausalLM":
+        return int(window) if layer % 2 == 0 else None
+    return int(window)
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] -> gelu_tanh(gate) * up [T, I] (Gemma's gelu_pytorch_tanh; torch ops, no fused kernel)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def mlp_activation(cfg: ModelConfig):
+    """The MLP's act(gate) * up: SiLU (fused kernel) or Gemma's tanh GELU, as config.json names it."""
+    name = cfg.raw.get("hidden_activation") or cfg.raw.get("hidden_act") or "silu"
+    if name == "silu":
+        return fused_ops.silu_and_mul
+    if name == "gelu_pytorch_tanh":
+        return gelu_tanh_and_mul
+    raise CheckpointError(f"config.json: hidden activation {name!r} is not supported "
+                          f"(supported: silu, gelu_pytorch_tanh)")
+
+
 class LlamaAttention(nn.Module):
     """q/k/v as one matmul (qkv_proj), rotary of q and k plus the K/V write in one op, then
-    attention over the pool (fused_ops and attention.attend: Triton on CUDA, torch elsewhere)."""
+    attention over the pool (fused_ops and attention.attend: Triton on CUDA, torch elsewhere).
 
-    def __init__(self, cfg: ModelConfig):
+    Per layer: its sliding window (or None), Gemma 2's logit soft cap and query_pre_attn_scalar,
+    Qwen3's q/k norms (`traits.qk_norm`)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0, traits: LayerTraits = LayerTraits()):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
@@ -80,14 +140,28 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = MergedLinear(h, {"q_proj": self.n_heads * d, "k_proj": self.n_kv * d,
                                          "v_proj": self.n_kv * d}, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=o_bias)
-        self.scale = d ** -0.5
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if traits.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if traits.qk_norm else None
+        self.scale = float(cfg.raw.get("query_pre_attn_scalar") or d) ** -0.5
+        self.window = sliding_window(cfg, layer)
+        self.softcap = cfg.raw.get("attn_logit_softcapping") or None
 
     def forward(self, x, cos, sin, meta: AttnMetadata, layer_kv) -> torch.Tensor:
         t = x.shape[0]  # x: [T, H]
         qkv = self.qkv_proj(x).view(t, self.n_heads + 2 * self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            qkv = self._norm_qk(qkv)
         q = fused_ops.rotary_and_cache(qkv, cos, sin, self.n_heads, self.n_kv, *layer_kv, meta.slot_mapping)
-        o = attend(q, layer_kv, meta, self.scale)  # [T, Hq, D]
+        o = attend(q, layer_kv, meta, self.scale, self.window, self.softcap)  # [T, Hq, D]
         return self.o_proj(o.reshape(t, self.n_heads * self.head_dim))  # [T, H]
+
+    def _norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv: [T, Hq + 2 Hkv, D] -> the same with every q and k head RMS-normalised over D (Qwen3)."""
+        t, d = qkv.shape[0], self.head_dim
+        q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
+        q = fused_ops.rms_norm(q.reshape(-1, d), self.q_norm.weight, self.q_norm.eps).view(t, self.n_heads, d)
+        k = fused_ops.rms_norm(k.reshape(-1, d), self.k_norm.weight, self.k_norm.eps).view(t, self.n_kv, d)
+        return torch.cat([q, k, v], dim=1)
 
 
 class LlamaMLP(nn.Module):
@@ -96,18 +170,26 @@ class LlamaMLP(nn.Module):
         h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         self.gate_up_proj = MergedLinear(h, {"gate_proj": i, "up_proj": i}, bias=b)
         self.down_proj = nn.Linear(i, h, bias=b)
+        self.act_and_mul = mlp_activation(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
-        return self.down_proj(fused_ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0, traits: LayerTraits = LayerTraits()):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg)
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(h, eps)
+        self.self_attn = LlamaAttention(cfg, layer, traits)
+        # Llama's post_attention_layernorm is the MLP's input norm. Gemma 2's (same name, as in its
+        # checkpoint) normalises the attention output, and pre_feedforward_layernorm is the MLP's.
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.sandwich = traits.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(h, eps)
+            self.post_feedforward_layernorm = RMSNorm(h, eps)
+        self.mlp = (traits.mlp or LlamaMLP)(cfg)
 
     def forward(self, x, residual, cos, sin, meta, layer_kv):
         """One layer with the residual stream carried separately (vLLM's layout), so that each
@@ -122,8 +204,15 @@ class LlamaDecoderLayer(nn.Module):
         else:
             h, residual = fused_ops.fused_add_rms_norm(x, residual, ln1.weight, ln1.eps)
         h = self.self_attn(h, cos, sin, meta, layer_kv)
+        if self.sandwich:  # Gemma 2: the attention output is normalised before the residual add
+            h = fused_ops.rms_norm(h, ln2.weight, ln2.eps)
+            ln2 = self.pre_feedforward_layernorm
         h, residual = fused_ops.fused_add_rms_norm(h, residual, ln2.weight, ln2.eps)
-        return self.mlp(h), residual
+        h = self.mlp(h)
+        if self.sandwich:
+            ln3 = self.post_feedforward_layernorm
+            h = fused_ops.rms_norm(h, ln3.weight, ln3.eps)
+        return h, residual
 
 
 class LlamaStage(PipelineStage):
@@ -134,14 +223,20 @@ class LlamaStage(PipelineStage):
     """
 
     kv_cache_cls = PagedKVCache
+    traits = LayerTraits()  # a family's departures from Llama's layer (models/qwen3.py, gemma2.py, ...)
 
     def __init__(self, cfg: ModelConfig, layer_start: int, layer_end: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         super().__init__()
-        self._build_range(cfg, layer_start, layer_end, lambda i: LlamaDecoderLayer(cfg), dtype, device)
+        self._build_range(cfg, layer_start, layer_end, lambda i: LlamaDecoderLayer(cfg, i, self.traits),
+                          dtype, device)
         self.attention_tile_q = block_q(cfg.num_attention_heads, cfg.num_key_value_heads)
-        inv_freq, self.attention_scaling = rope_inv_freq(cfg)
+        inv_freq, self.attention_scaling = self.rope_init(cfg)
         self.inv_freq = inv_freq.to(device)  # float32 always, not a parameter or buffer
+
+    def rope_init(self, cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+        """(inv_freq [D/2] float32, cos/sin scaling); a family with its own rope scaling overrides it."""
+        return rope_inv_freq(cfg)
 
     def run_layers(self, x, cos, sin, meta, kv) -> torch.Tensor:
         residual = None
