@@ -19,6 +19,12 @@ Everything runs against a deadline (--deadline-s from the start of the script); 
 to OUT/bench_deepseek_gpu.json after every step, and the table is printed last.
 
     python benchmarks/bench_deepseek_gpu.py --out $OUT
+    python benchmarks/bench_deepseek_gpu.py --kernels --skip stagemesh,reference --out $OUT  # MLA kernels only
+
+--kernels first runs benchmarks/gpu/mla_kernels.py: the MLA decode and mixed-batch kernels
+checked against float32 references on the GPU (and a CUDA-graph replay), then timed against the
+old eager path (gather + SDPA decode, per-sequence MHA-form prefill) at V3 (128 heads) and
+V2-Lite (16 heads) widths; OUT/mla_kernels.json and a table.
     python benchmarks/bench_deepseek_gpu.py --tiny --mesh-device cpu --out /tmp/ds  # CPU smoke test
 """
 
@@ -377,6 +383,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--tiny", action="store_true", help="CPU-sized config (smoke test)")
     ap.add_argument("--mesh-device", default="cuda:0")
+    ap.add_argument("--kernels", action="store_true", help="MLA kernel checks and timings first")
+    ap.add_argument("--quick-kernels", action="store_true", help="no block-shape sweep")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: stagemesh,reference")
     ap.add_argument("--hf-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--hf-result", default="", help=argparse.SUPPRESS)
@@ -401,6 +409,14 @@ def main():
     def save():
         (out / "bench_deepseek_gpu.json").write_text(json.dumps(res, indent=1))
 
+    skip = args.skip.split(",")
+    if args.kernels:
+        from benchmarks.gpu import mla_kernels
+
+        res["mla_kernels_table"] = mla_kernels.table(mla_kernels.run(out, quick=args.quick_kernels)).splitlines()
+        save()
+        if "stagemesh" in skip and "reference" in skip:
+            return
     model_dir = write_checkpoint(model_dir, args.tiny)
     res["checkpoint_s"] = time.time() - T0
     res["checkpoint_gb"] = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 1e9
@@ -411,7 +427,6 @@ def main():
         "moe_intermediate_size", "intermediate_size", "first_k_dense_replace", "vocab_size", "rope_parameters",
         "rope_scaling", "topk_method", "n_group", "topk_group")}
     save()
-    skip = args.skip.split(",")
     if "stagemesh" not in skip:
         mesh_deadline = time.time() + (deadline - time.time()) * args.mesh_share
         res["stagemesh"] = bench_stagemesh(model_dir, sizes, args.kv_cache_bytes, args.max_batched_tokens, out,

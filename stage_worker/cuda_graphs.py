@@ -15,6 +15,12 @@ shapes and addresses, so:
 - attention reads K/V through the block tables (Triton paged decode, `kernels/paged_decode.py`), so the
   context length varies without changing the graph.
 
+Both model families run here: Llama's K/V pool (kv_cache.PagedKVCache) and DeepSeek's latent pool
+(mla_cache.MLAKVCache, `num_kv_heads` 1), whose attention is kernels/mla_decode (decode graphs:
+its split count is a function of the bucket's batch and heads) and kernels/mla_prefill (mixed
+graphs: the model's `attention_tile_q` sizes the tile plan). Padding rows write their latent to
+the scratch block, as Llama's write their K/V.
+
 Off CUDA the same padding and buffers run eagerly (`capture=False`), which is how the CPU tests
 check that padding changes no real row. Not thread-safe: the stage's compute thread only.
 """

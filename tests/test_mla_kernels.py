@@ -96,7 +96,7 @@ if not INTERPRETED:
 
 
 if INTERPRETED:
-    @pytest.mark.parametrize("heads,splits", [(4, 1), (20, 3)])
+    @pytest.mark.parametrize("heads,splits", [(4, 1), (20, 3), (64, 2)])
     def test_triton_decode(heads, splits):
         gen = torch.Generator().manual_seed(2)
         pool, ctx = _pool(gen, 40), torch.tensor([0, 1, 3, 4, 70, 9])

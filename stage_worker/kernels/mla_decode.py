@@ -37,12 +37,18 @@ try:  # Triton is optional: CPU-only installs never import it.
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-# Defaults measured on an H100 (benchmarks/bench_deepseek_gpu.py --kernels); overridable per call.
-BLOCK_H = 16  # heads per program (tl.dot needs >= 16 rows; fewer heads are masked)
 BLOCK_N = 32  # cache rows per inner iteration
-NUM_WARPS = 4
-NUM_STAGES = 2
 MAX_SPLITS = 16
+# Block shapes measured on an H100 (benchmarks/bench_deepseek_gpu.py --kernels, 7 shapes swept):
+# at 128 heads, 64 heads per program was fastest from batch 32 on (B=256, ctx 8192: 3.42 ms
+# against 5.63 with 16 heads per program); 16 heads (V2-Lite) fill a 16-head program exactly.
+WIDE = dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=2)
+NARROW = dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
+def decode_config(num_heads: int) -> dict:
+    """The Triton block shape for a model's head count (tl.dot needs >= 16 rows per program)."""
+    return WIDE if num_heads >= 64 else NARROW
 
 
 def triton_available(device: torch.device) -> bool:
@@ -50,9 +56,10 @@ def triton_available(device: torch.device) -> bool:
 
 
 def num_splits(batch: int, num_heads: int, sms: int, max_ctx: int | None = None,
-               block_h: int = BLOCK_H) -> int:
+               block_h: int | None = None) -> int:
     """Context splits per sequence so that ~2 programs run per SM; a function of the shapes only
     (max_ctx None: unknown, as inside a CUDA graph), so a captured graph keeps its grid."""
+    block_h = block_h or decode_config(num_heads)["BLOCK_H"]
     programs = max(1, batch * -(-num_heads // block_h))
     splits = max(1, min(MAX_SPLITS, -(-2 * sms // programs)))
     if max_ctx is not None:  # no split shorter than two blocks of rows
@@ -66,7 +73,7 @@ def mla_decode(q: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor, 
     """q: [B, H, R + Dr] latent queries; pool: [N, R + Dr] (c_kv | k_pe per slot); block_tables:
     [B, W] long; ctx_lens: [B] long (0 allowed) -> latent output [B, H, R] in q's dtype.
 
-    config: optional Triton block shape {BLOCK_H, BLOCK_N, num_warps, num_stages} (benchmarks).
+    config: Triton block shape {BLOCK_H, BLOCK_N, num_warps, num_stages}; default decode_config(H).
     """
     if use_triton is None:
         use_triton = triton_available(q.device)
@@ -103,7 +110,8 @@ def mla_decode_torch(q, pool, block_tables, ctx_lens, scale, block_size, kv_rank
 def _mla_decode_triton(q, pool, block_tables, ctx_lens, scale, block_size, kv_rank, splits, config):
     b, h, width = q.shape
     rope = width - kv_rank
-    bh = config.get("BLOCK_H", BLOCK_H)
+    config = {**decode_config(h), **config}
+    bh = config["BLOCK_H"]
     out = torch.empty(b, h, kv_rank, dtype=q.dtype, device=q.device)
     if b == 0:
         return out
@@ -118,8 +126,8 @@ def _mla_decode_triton(q, pool, block_tables, ctx_lens, scale, block_size, kv_ra
         scale, h,
         BLOCK_SIZE=block_size, R=kv_rank, DR=rope, BLOCK_R=triton.next_power_of_2(kv_rank),
         BLOCK_DR=max(16, triton.next_power_of_2(rope)), BLOCK_H=bh,
-        BLOCK_N=config.get("BLOCK_N", BLOCK_N), NUM_SPLITS=splits,
-        num_warps=config.get("num_warps", NUM_WARPS), num_stages=config.get("num_stages", NUM_STAGES),
+        BLOCK_N=config["BLOCK_N"], NUM_SPLITS=splits, num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )
     _mla_merge_kernel[(b * h,)](
         part, lse, out, h,
