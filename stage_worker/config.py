@@ -27,6 +27,11 @@ class WorkerConfig:
                                flag="--enable-test-controls")
     tp_size: int = knob(0, "tensor parallel inside this stage over N processes/GPUs (deepspeed.comm); 0: off")
     lease_ttl_s: float = knob(60.0, "drop the KV of a gateway silent this long")
+    quantization: str = knob("none", "fp8: quantize a bf16/fp32 checkpoint's linear and expert weights at load "
+                             "into FP8 128x128 blocks (block-scaled FP8 GEMMs on CUDA SM89+); none: as the "
+                             "checkpoint is (an FP8 checkpoint stays FP8)", choices=("none", "fp8"))
+    load_format: str = knob("auto", "dummy: random weights drawn on the device from config.json alone (benchmarks; "
+                            "tokens are meaningless); auto: read the checkpoint's weights", choices=("auto", "dummy"))
     metrics_port: int = knob(0, "serve Prometheus /metrics here (0: off)")
     tls: TlsConfig | None = None  # mutual TLS on our port and on links to the next stage/coordinator
     coordinator_plaintext: bool = knob(False, "reach the coordinator without TLS even when --tls-* is set")

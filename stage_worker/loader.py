@@ -10,9 +10,14 @@ A GGUF file (stage_worker/gguf.py: dequantized per tensor) or a directory of PyT
 (stage_worker/torch_bin.py) is another source of the same named tensors, copied the same way.
 
 FP8 block-quantized checkpoints (DeepSeek-V3's `quantization_config: {"quant_method": "fp8",
-"weight_block_size": [128, 128]}`): a float8 weight with a sibling `<name>_scale_inv` [ceil(out/128),
-ceil(in/128)] is dequantized at load, `w = fp8.float() * scale_inv` per 128x128 block, then cast
-to the stage dtype (bf16 compute; FP8 GEMMs are not used).
+"weight_block_size": [128, 128]}`): a float8 weight and its sibling `<name>_scale_inv`
+[ceil(out/128), ceil(in/128)] are copied as they are into the stage's FP8 layout (models/quant.py:
+Fp8Linear, FP8 expert stacks), so the weights stay FP8 on the GPU. `quantization="fp8"`
+(`--quantization fp8`) quantizes a bf16/fp32 checkpoint into the same layout at load. An FP8
+tensor whose target is a dense weight (MLA's kv_b_proj, absorbed into attention) is dequantized,
+`w = fp8.float() * scale_inv` per block. Once loaded, `quant.prepare` picks each FP8 layer's
+compute (block-scaled FP8 GEMMs on CUDA SM89+, else dequantized once: one log line says so).
+`load_format="dummy"` draws random weights on the device from config.json alone (dummy_weights.py).
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ import json
 import sys
 from pathlib import Path
 
+import structlog
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from stage_worker.models import MODEL_REGISTRY
+from stage_worker import dummy_weights
+from stage_worker.models import MODEL_REGISTRY, quant
 from stage_worker.gguf import GGUFTensors
 from stage_worker.torch_bin import BinTensors, is_bin_checkpoint
 from stagemesh.errors import CheckpointError
@@ -55,12 +62,25 @@ def checkpoint_dtype(cfg: ModelConfig) -> torch.dtype:
     return dtype
 
 
+LOAD_FORMATS = ("auto", "dummy")
+
+
 def load_stage(model_dir: str | Path, layer_start: int, layer_end: int,
-               device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
-    """(stage module with its weights, ModelConfig) for layers [layer_start, layer_end)."""
+               device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+               quantization: str = "", load_format: str = "auto"):
+    """(stage module with its weights, ModelConfig) for layers [layer_start, layer_end).
+
+    quantization "fp8": FP8 128x128 blocks quantized at load (see the module docstring);
+    load_format "dummy": random weights drawn on the device, no weight files read.
+    """
     model_dir = Path(model_dir)
-    cfg = ModelConfig.from_dir(model_dir)
+    if load_format not in LOAD_FORMATS:
+        raise CheckpointError(f"--load-format {load_format!r} is not supported ({', '.join(LOAD_FORMATS)})")
+    cfg = quant.with_quantization(ModelConfig.from_dir(model_dir), quantization)
     model = build_model_on_device(cfg, layer_start, layer_end, device, dtype)
+    if load_format == "dummy":
+        dummy_weights.init_weights(model, cfg)
+        return _prepared(model), cfg
     # Checkpoint name -> the tensor (or the row slice of a merged one) it fills; a tied head
     # appears once, as embed_tokens.
     params = model.checkpoint_tensors()
@@ -74,7 +94,7 @@ def load_stage(model_dir: str | Path, layer_start: int, layer_end: int,
         wanted[EMBED] = "lm_head.weight"
     if tied_head:
         wanted.pop(HEAD, None)
-    block = _fp8_block(cfg)
+    block = quant.fp8_block(cfg) or (quant.BLOCK, quant.BLOCK)
     by_file: dict[Path, list[str]] = {}
     for hf_name in wanted:
         if hf_name not in locations:
@@ -95,7 +115,23 @@ def load_stage(model_dir: str | Path, layer_start: int, layer_end: int,
         model.lm_head.weight = model.embed_tokens.weight
     with torch.no_grad():
         model.after_load()  # a family's own weight conventions (Gemma 2's 1 + w norms)
-    return model.eval(), cfg
+    return _prepared(model), cfg
+
+
+def _prepared(model):
+    """The stage in eval mode with its FP8 compute chosen; one log line when FP8 weights are
+    dequantized for want of FP8 compute on this device (models/quant.py)."""
+    path = quant.prepare(model)
+    if path is not None:
+        device = next(model.parameters()).device
+        fields = dict(device=str(device), weight_bytes=quant.weight_bytes(model), layers=model.num_local_layers)
+        if path == "dequant" and not quant.fp8_compute_available(device):
+            structlog.get_logger().warning(
+                "fp8_compute_unavailable", **fields, dtype=str(model.dtype).replace("torch.", ""),
+                detail="no FP8 compute on this device: FP8 weights are dequantized at load")
+        else:
+            structlog.get_logger().info("fp8_weights", **fields, compute=path)
+    return model.eval()
 
 
 def _other_source(model_path: Path, cfg: ModelConfig):
@@ -151,15 +187,6 @@ def _tensor_locations(model_dir: Path) -> _Locations:
     return locs
 
 
-def _fp8_block(cfg: ModelConfig) -> tuple[int, int]:
-    """(rows, cols) of a quantization block, from config.json (DeepSeek-V3: 128x128)."""
-    qc = cfg.raw.get("quantization_config") or {}
-    size = qc.get("weight_block_size") or (128, 128)
-    if len(size) != 2 or min(size) <= 0:
-        raise CheckpointError(f"config.json: bad quantization_config.weight_block_size {size!r}")
-    return int(size[0]), int(size[1])
-
-
 def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor,
                           block: tuple[int, int] = (128, 128)) -> torch.Tensor:
     """weight: [out, in] float8; scale_inv: [ceil(out/b0), ceil(in/b1)] -> float32 [out, in]."""
@@ -190,11 +217,13 @@ def _copy_from_file(path: Path, names: list[str], wanted: dict, params: dict, on
             target = params[wanted[hf_name]]
             tensor = f.get_tensor(hf_name)
             if tensor.dtype in _FP8_DTYPES:
-                tensor = _dequantize(path, f, present, hf_name, tensor, locations, block)
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise CheckpointError(f"{path}: tensor {hf_name} has shape "
-                                      f"{tuple(tensor.shape)}, expected {tuple(target.shape)}")
-            target.copy_(tensor)
+                scale = _scale_inv(path, f, present, hf_name, locations)
+                tensor = _fp8_into(target, tensor, scale, block, f"{path}: {hf_name}")
+            if tensor is not None:  # (None: copied as it is into an FP8 layer)
+                if tuple(tensor.shape) != tuple(target.shape):
+                    raise CheckpointError(f"{path}: tensor {hf_name} has shape "
+                                          f"{tuple(tensor.shape)}, expected {tuple(target.shape)}")
+                target.copy_(tensor)  # an Fp8Slot quantizes a float tensor (--quantization fp8)
             if on_tensor is not None:
                 on_tensor(1)
 
@@ -202,9 +231,19 @@ def _copy_from_file(path: Path, names: list[str], wanted: dict, params: dict, on
 _FP8_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
 
 
-def _dequantize(path: Path, f, present: set, hf_name: str, tensor: torch.Tensor,
-                locations: "_Locations | None", block: tuple[int, int]) -> torch.Tensor:
-    """The float32 value of an FP8 weight, from its `<name>_scale_inv` (this shard or another)."""
+def _fp8_into(target, tensor: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], where: str):
+    """An FP8 checkpoint tensor: into an FP8 layer as is (None returned), else its float32 value."""
+    try:
+        if isinstance(target, quant.Fp8Slot):
+            target.load(tensor, scale, block)
+            return None
+        return dequantize_fp8_blocks(tensor, scale, block)
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {exc}") from exc
+
+
+def _scale_inv(path: Path, f, present: set, hf_name: str, locations: "_Locations | None") -> torch.Tensor:
+    """An FP8 weight's `<name>_scale_inv` (this shard or another)."""
     scale_name = hf_name + "_scale_inv"  # x.weight -> x.weight_scale_inv (DeepSeek-V3 naming)
     if scale_name in present:
         scale = f.get_tensor(scale_name)
@@ -217,7 +256,4 @@ def _dequantize(path: Path, f, present: set, hf_name: str, tensor: torch.Tensor,
             raise CheckpointError(f"{other}: cannot read {scale_name} ({exc})") from exc
     else:
         raise CheckpointError(f"{path}: FP8 tensor {hf_name} has no {scale_name} to dequantize it")
-    try:
-        return dequantize_fp8_blocks(tensor, scale, block)
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: {hf_name}: {exc}") from exc
+    return scale

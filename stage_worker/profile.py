@@ -17,20 +17,21 @@ from stagemesh.model_config import ModelConfig
 from stagemesh.v1 import stagemesh_pb2 as pb
 
 from stage_worker.attention import AttnMetadata
+from stage_worker.dummy_weights import init_weights
 from stage_worker.loader import build_model_on_device
+from stage_worker.models import quant
 
 
 def profile_layer(cfg: ModelConfig, device: str, block_size: int, slowdown: float = 1.0,
                   dtype: torch.dtype | None = None) -> pb.LayerProfile:
     small = dataclasses.replace(cfg, num_hidden_layers=3)
     layer = build_model_on_device(small, 1, 2, device=device, dtype=dtype)  # a middle layer only
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.normal_(0.0, 0.02)
+    init_weights(layer, small)  # random, drawn on the device (FP8 layers included)
+    quant.prepare(layer)  # the compute path the served stage will take
     blocks_per_seq = -(-65 // block_size)
     kv = layer.make_kv_cache(8 * blocks_per_seq + 8, block_size)
     hidden_size = cfg.hidden_size
-    wdtype = next(layer.parameters()).dtype
+    wdtype = layer.dtype
 
     def timed(chunks, tokens) -> float:
         meta = AttnMetadata.build(chunks, block_size, device)

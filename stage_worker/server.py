@@ -31,6 +31,7 @@ from stage_worker.config import WorkerConfig
 from stage_worker.device import free_memory_bytes
 from stage_worker.executor import StageExecutor
 from stage_worker.loader import load_stage
+from stage_worker.models.quant import with_quantization
 from stage_worker.profile import profile_layer
 from stage_worker.samples import SampleNotReady
 from stage_worker import grammar, logprobs
@@ -267,7 +268,8 @@ class StageService(pb_grpc.StageServicer):
 
     def _load(self, a: pb.Assignment) -> StageExecutor:
         cfg = self.config
-        model, mcfg = load_stage(cfg.model_dir, a.layer_start, a.layer_end, device=cfg.device)
+        model, mcfg = load_stage(cfg.model_dir, a.layer_start, a.layer_end, device=cfg.device,
+                                 quantization=cfg.quantization, load_format=cfg.load_format)
         # The model's own pool type knows its size (PagedKVCache: 2*L*bs*Hkv*D; MLA: L*bs*(R+Dr)).
         per_block = model.kv_block_bytes(cfg.block_size)
         num_blocks = cfg.kv_blocks or max(1, self._kv_budget(model) // per_block)
@@ -320,9 +322,9 @@ async def heartbeat_loop(service: StageService, config: WorkerConfig, address: s
     coord = pb_grpc.CoordinatorStub(channel)
     worker_id, interval = "", 0.5
     memory = free_memory_bytes(config.device)
+    model_cfg = with_quantization(ModelConfig.from_dir(config.model_dir), config.quantization)
     profile = await asyncio.get_running_loop().run_in_executor(
-        service._compute, profile_layer, ModelConfig.from_dir(config.model_dir), config.device, config.block_size,
-        service.slowdown)
+        service._compute, profile_layer, model_cfg, config.device, config.block_size, service.slowdown)
     log.info("layer_profiled", decode_ms=round(profile.decode_ms_per_layer, 3),
              prefill_ms=round(profile.prefill_ms_per_layer, 3))
     loading: asyncio.Task | None = None  # weights load in the background; heartbeats go on

@@ -81,6 +81,10 @@ def shard_stage(model, rank: int, world: int, group=None):
         raise ValueError(f"rank {rank} outside world of {world}")
     cfg = model.cfg
     check_divisible(cfg, world)
+    from stage_worker.models import quant
+
+    if quant.is_fp8(cfg):
+        raise CheckpointError("tensor parallelism does not shard FP8 weights yet: serve FP8 stages without --tp-size")
     for layer in model.layers.values():
         attn, mlp = layer.self_attn, layer.mlp
         for merged in (attn.qkv_proj, mlp.gate_up_proj):  # each part's rows, then re-merged

@@ -133,3 +133,141 @@ if not INTERPRETED:
             slot.load(torch.zeros(31, 200), None, (128, 128))
         with pytest.raises(ValueError, match="scale_inv"):
             slot.load(torch.zeros(32, 200, dtype=torch.float8_e4m3fn), torch.ones(1, 1), (128, 128))
+
+
+# -- serving through the mesh ------------------------------------------------------------------------
+if not INTERPRETED:
+    import asyncio
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from stage_worker.loader import load_stage
+    from stagemesh.errors import CheckpointError
+    from tests.checkpoints import make_deepseek_checkpoint, make_hf_checkpoint
+    from tests.reference import hf_greedy, random_prompts
+    from tests.test_model import run_pipeline
+
+    V3_FP8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]}
+
+    def _is_linear(name: str, w: torch.Tensor) -> bool:
+        return ".layers." in name and name.endswith(("proj.weight", "proj_with_mqa.weight")) and w.ndim == 2
+
+    def _write(out: Path, tensors: dict, config: dict) -> Path:
+        out.mkdir()
+        save_file(tensors, out / "model.safetensors")
+        (out / "config.json").write_text(json.dumps(config))
+        return out
+
+    @pytest.fixture(scope="module")
+    def v3_fp8(tmp_path_factory):
+        """(FP8 checkpoint, its dequantized fp32 twin): every layer linear, routed and shared
+        experts and kv_b_proj included, as float8_e4m3fn + weight_scale_inv (DeepSeek-V3's format)."""
+        root = tmp_path_factory.mktemp("fp8")
+        src = make_deepseek_checkpoint(root, "v3")
+        tensors = load_file(src / "model.safetensors")
+        fp8, deq = dict(tensors), dict(tensors)
+        for name, w in tensors.items():
+            if _is_linear(name, w):
+                q, scale = quant.quantize_blocks(w)
+                fp8[name], fp8[name + "_scale_inv"] = q, scale
+                deq[name] = quant.dequantize_blocks(q, scale)
+        raw = json.loads((src / "config.json").read_text())
+        return (_write(root / "v3-fp8", fp8, {**raw, "quantization_config": V3_FP8}),
+                _write(root / "v3-deq", deq, raw))
+
+    async def _generate_all(address, prompts, max_tokens, **kw):
+        from stagemesh.client import AsyncClient
+
+        async with AsyncClient(address) as client:
+            return await asyncio.gather(*[client.generate(prompt_ids=p, max_tokens=max_tokens, timeout=120, **kw)
+                                          for p in prompts])
+
+    def test_v3_fp8_checkpoint_stays_fp8_and_equals_dequantized(v3_fp8):
+        """Loaded as e4m3 + scales (1 byte per weight), computing exactly the dequantized weights:
+        one stage in process (logits and greedy equal transformers on the dequantized checkpoint)."""
+        fp8_dir, deq_dir = v3_fp8
+        stage, _ = load_stage(fp8_dir, 0, 3)
+        lin = stage.layers["1"].self_attn.q_b_proj
+        moe = stage.layers["1"].mlp
+        assert isinstance(lin, quant.Fp8Linear) and lin.weight.dtype == torch.float8_e4m3fn
+        if hasattr(moe, "w_gate_up_scale_inv"):  # expert stacks in quant.py's FP8 layout (models/moe.py)
+            assert moe.w_gate_up.dtype == torch.float8_e4m3fn and moe.w_gate_up_scale_inv.dtype == torch.float32
+        assert stage.layers["1"].self_attn.kv_b_proj.weight.dtype == torch.float32  # dense (absorbed MLA)
+        dense, _ = load_stage(deq_dir, 0, 3)
+        assert lin.weight.element_size() == 1 and quant.weight_bytes(stage) < quant.weight_bytes(dense)
+        ref = dense.layers["1"].self_attn.q_b_proj.weight
+        assert torch.equal(lin.dense_weight(), ref)
+        prompts = random_prompts(seed=5, lengths=[11, 4], vocab=320)
+        tokens, rows = run_pipeline([stage], prompts, 5)
+        tokens_ref, rows_ref = run_pipeline([dense], prompts, 5)
+        assert tokens == tokens_ref and all(torch.equal(a, b) for a, b in zip(rows, rows_ref))
+        assert tokens == [hf_greedy(deq_dir, p, 5, ignore_eos=True) for p in prompts]
+
+    def test_v3_fp8_mesh_equals_transformers_dequantized(v3_fp8):
+        """Two stages through the real mesh (gRPC processes), chunked prefill: greedy tokens equal
+        transformers' on the dequantized fp32 checkpoint."""
+        from stagemesh.cli.harness import mesh
+
+        fp8_dir, deq_dir = v3_fp8
+        prompts = random_prompts(seed=7, lengths=[3, 17, 40], vocab=320)
+        expected = [hf_greedy(deq_dir, p, 8) for p in prompts]
+        with mesh(fp8_dir, stages=2, extra=["--max-batched-tokens", "16"]) as m:
+            outs = asyncio.run(_generate_all(m.address, prompts, 8))
+        assert [o.token_ids for o in outs] == expected
+
+    def test_missing_scale_names_the_tensor(v3_fp8, tmp_path):
+        fp8_dir, _ = v3_fp8
+        tensors = load_file(fp8_dir / "model.safetensors")
+        del tensors["model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"]
+        bad = _write(tmp_path / "bad", tensors, json.loads((fp8_dir / "config.json").read_text()))
+        with pytest.raises(CheckpointError, match="experts.3.up_proj.weight has no .*weight_scale_inv"):
+            load_stage(bad, 1, 2)
+        tensors = load_file(fp8_dir / "model.safetensors")
+        tensors["model.layers.0.self_attn.o_proj.weight_scale_inv"] = torch.ones(2, 1)
+        bad2 = _write(tmp_path / "bad2", tensors, json.loads((fp8_dir / "config.json").read_text()))
+        with pytest.raises(CheckpointError, match="o_proj.weight: scale_inv of shape"):
+            load_stage(bad2, 0, 1)
+
+    def test_quantization_fp8_llama_mesh(tmp_path):
+        """`--quantization fp8` on a bf16/fp32 Llama: quantized at load per checkpoint tensor in
+        128x128 blocks; the mesh's greedy tokens equal transformers' on those weights dequantized."""
+        from stagemesh.cli.harness import mesh
+
+        src = make_hf_checkpoint(tmp_path, "llama", num_layers=2)
+        tensors = load_file(src / "model.safetensors")
+        deq = {n: quant.dequantize_blocks(*quant.quantize_blocks(w)) if _is_linear(n, w) else w
+               for n, w in tensors.items()}
+        deq_dir = _write(tmp_path / "llama-deq", deq, json.loads((src / "config.json").read_text()))
+        stage, cfg = load_stage(src, 0, 2, quantization="fp8")
+        assert quant.is_fp8(cfg) and isinstance(stage.layers["0"].self_attn.qkv_proj, quant.Fp8Linear)
+        prompts = random_prompts(seed=3, lengths=[5, 21], vocab=320)
+        expected = [hf_greedy(deq_dir, p, 8) for p in prompts]
+        with mesh(src, stages=1, extra=["--quantization", "fp8"]) as m:
+            outs = asyncio.run(_generate_all(m.address, prompts, 8))
+        assert [o.token_ids for o in outs] == expected
+
+    def test_dummy_load_format_serves_without_weight_files(tmp_path):
+        """config.json + tokenizer only: `up --load-format dummy` (FP8 via --quantization) comes up,
+        the gateway tokenizes a text prompt, and N tokens come back (meaningless ones)."""
+        from stagemesh.cli.demo_model import write_demo_model
+        from stagemesh.cli.harness import mesh
+
+        demo = write_demo_model(tmp_path / "demo", num_layers=2)
+        (demo / "model.safetensors").unlink()
+        assert not list(demo.glob("*.safetensors"))
+        stage, _ = load_stage(demo, 0, 2, load_format="dummy", quantization="fp8")
+        w = stage.layers["1"].mlp.down_proj
+        assert w.weight.dtype == torch.float8_e4m3fn and 0 < w.dense_weight().std() < 0.1
+        again, _ = load_stage(demo, 1, 2, load_format="dummy", quantization="fp8")  # same weights, any split
+        assert torch.equal(again.layers["1"].mlp.down_proj.weight.view(torch.uint8), w.weight.view(torch.uint8))
+        with mesh(demo, stages=1, extra=["--load-format", "dummy", "--quantization", "fp8"]) as m:
+            out = asyncio.run(_dummy_generate(m.address))
+        assert out.completion_tokens == 6 and len(out.token_ids) == 6 and out.prompt_tokens > 1
+
+    async def _dummy_generate(address):
+        from stagemesh.client import AsyncClient
+
+        async with AsyncClient(address) as client:
+            return await client.generate(prompt="The gateway", max_tokens=6, ignore_eos=True, timeout=120)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from stage_worker.attention import AttnMetadata
+from stage_worker.models import quant
 from stage_worker.models.layers import RMSNorm, checkpoint_tensors
 from stagemesh.model_config import ModelConfig
 
@@ -58,7 +59,11 @@ class PipelineStage(nn.Module):
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.is_last else None
             self.lm_head = (nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
                             if self.is_last else None)
-        self.to_empty(device=device).to(dtype)
+        # The dtype is set on the meta device (free), FP8 weights and scales kept as they are,
+        # then materialised once: never a transient stage-dtype copy of FP8 weights.
+        self.to(dtype)
+        quant.fix_dtypes(self, dtype)
+        self.to_empty(device=device)
         if self.is_first and self.is_last and cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 

@@ -34,7 +34,8 @@ from stage_worker.attention import AttnMetadata, _num_sms
 from stage_worker.kernels import mla_decode, mla_prefill
 from stage_worker.mla_cache import MLAKVCache
 from stage_worker.models.base import PipelineStage
-from stage_worker.models.layers import MergedLinear, RMSNorm
+from stage_worker.models import quant
+from stage_worker.models.layers import RMSNorm, make_linear, make_merged_linear
 from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
 
@@ -184,17 +185,18 @@ class MLAttention(nn.Module):
         h, bias = cfg.hidden_size, cfg.attention_bias
         self.n_heads, self.d = cfg.num_attention_heads, d
         self.qk_head_dim = d.qk_nope_head_dim + d.qk_rope_head_dim
+        fp8 = quant.is_fp8(cfg)  # FP8 block-scaled GEMMs (kv_b_proj stays dense: absorbed into attention)
         if d.q_lora_rank is None:
-            self.q_proj = nn.Linear(h, self.n_heads * self.qk_head_dim, bias=False)
+            self.q_proj = make_linear(h, self.n_heads * self.qk_head_dim, False, fp8)
         else:
-            self.q_a_proj = nn.Linear(h, d.q_lora_rank, bias=bias)
+            self.q_a_proj = make_linear(h, d.q_lora_rank, bias, fp8)
             self.q_a_layernorm = RMSNorm(d.q_lora_rank, 1e-6)
-            self.q_b_proj = nn.Linear(d.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(h, d.kv_lora_rank + d.qk_rope_head_dim, bias=bias)
+            self.q_b_proj = make_linear(d.q_lora_rank, self.n_heads * self.qk_head_dim, False, fp8)
+        self.kv_a_proj_with_mqa = make_linear(h, d.kv_lora_rank + d.qk_rope_head_dim, bias, fp8)
         self.kv_a_layernorm = RMSNorm(d.kv_lora_rank, 1e-6)
         self.kv_b_proj = nn.Linear(d.kv_lora_rank, self.n_heads * (d.qk_nope_head_dim + d.v_head_dim),
                                    bias=False)
-        self.o_proj = nn.Linear(self.n_heads * d.v_head_dim, h, bias=bias)
+        self.o_proj = make_linear(self.n_heads * d.v_head_dim, h, bias, fp8)
         self.scale = self.qk_head_dim ** -0.5 * softmax_mult
         self.tile_q = mla_prefill.tile_q(self.n_heads)  # query tokens per tile of the mixed kernel
 
@@ -302,10 +304,10 @@ def _padded_attention(q, pool, meta: AttnMetadata, ids: list[int], scale: float,
 class DeepseekMLP(nn.Module):
     """SwiGLU MLP (the dense layers and the shared experts, merged): gate/up as one matmul."""
 
-    def __init__(self, hidden: int, inter: int, bias: bool = False):
+    def __init__(self, hidden: int, inter: int, bias: bool = False, fp8: bool = False):
         super().__init__()
-        self.gate_up_proj = MergedLinear(hidden, {"gate_proj": inter, "up_proj": inter}, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.gate_up_proj = make_merged_linear(hidden, {"gate_proj": inter, "up_proj": inter}, bias, fp8)
+        self.down_proj = make_linear(inter, hidden, bias, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
@@ -442,7 +444,7 @@ class DeepseekDecoderLayer(nn.Module):
         self.self_attn = MLAttention(cfg, d, softmax_mult)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = (DeepseekMoE(cfg, d) if d.is_moe(layer_idx)
-                    else DeepseekMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias))
+                    else DeepseekMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, quant.is_fp8(cfg)))
 
     def forward(self, x, cos, sin, meta, pool) -> torch.Tensor:  # x: [T, H]
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, pool)

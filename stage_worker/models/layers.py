@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stage_worker.models.quant import Fp8Linear
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -70,6 +72,21 @@ class MergedLinear(nn.Linear):
         if b is not None:
             self.bias = nn.Parameter(b, requires_grad=False)
         self.out_features = w.shape[0]
+
+
+def make_linear(in_features: int, out_features: int, bias: bool, fp8: bool = False) -> nn.Module:
+    """A projection of the stage: nn.Linear, or Fp8Linear when the stage's weights are FP8
+    (an FP8 checkpoint, or `--quantization fp8`; models/quant.py)."""
+    if fp8:
+        return Fp8Linear(in_features, out_features, bias=bias)
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+def make_merged_linear(in_features: int, parts: dict[str, int], bias: bool, fp8: bool = False) -> nn.Module:
+    """MergedLinear, or its FP8 form (same checkpoint names, one block-scaled GEMM)."""
+    if fp8:
+        return Fp8Linear(in_features, bias=bias, parts=parts)
+    return MergedLinear(in_features, parts, bias=bias)
 
 
 def checkpoint_tensors(module: nn.Module) -> dict[str, torch.Tensor]:

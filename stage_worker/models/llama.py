@@ -27,6 +27,7 @@ scaling) live in each family's file (models/qwen3.py, gemma2.py, phi3.py, mixtra
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,8 @@ from stage_worker.attention import AttnMetadata, attend
 from stage_worker.kernels import fused_ops
 from stage_worker.kv_cache import PagedKVCache
 from stage_worker.models.base import PipelineStage
-from stage_worker.models.layers import MergedLinear, RMSNorm
+from stage_worker.models.layers import RMSNorm, make_linear, make_merged_linear
+from stage_worker.models.quant import is_fp8
 from stage_worker.kernels.unified_attention import block_q
 from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
@@ -83,7 +85,7 @@ class LayerTraits:
 
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim of every q and k head, before rotary
     sandwich_norms: bool = False  # Gemma 2: RMSNorm of the attention output and of the MLP output too
-    mlp: type | None = None  # the MLP module, built as mlp(cfg) (None: LlamaMLP); Mixtral: its MoE
+    mlp: Callable[[ModelConfig], nn.Module] | None = None  # builds the MLP (None: LlamaMLP); Mixtral: its MoE
 
 
 def sliding_window(cfg: ModelConfig, layer: int) -> int | None:
@@ -137,9 +139,10 @@ class LlamaAttention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
         # Qwen2 has q/k/v biases but none on o_proj; Llama's attention_bias covers all four.
         o_bias = cfg.attention_bias and cfg.architecture != "Qwen2ForCausalLM"
-        self.qkv_proj = MergedLinear(h, {"q_proj": self.n_heads * d, "k_proj": self.n_kv * d,
-                                         "v_proj": self.n_kv * d}, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.n_heads * d, h, bias=o_bias)
+        fp8 = is_fp8(cfg)
+        self.qkv_proj = make_merged_linear(h, {"q_proj": self.n_heads * d, "k_proj": self.n_kv * d,
+                                               "v_proj": self.n_kv * d}, cfg.attention_bias, fp8)
+        self.o_proj = make_linear(self.n_heads * d, h, o_bias, fp8)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if traits.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if traits.qk_norm else None
         self.scale = float(cfg.raw.get("query_pre_attn_scalar") or d) ** -0.5
@@ -168,8 +171,9 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_up_proj = MergedLinear(h, {"gate_proj": i, "up_proj": i}, bias=b)
-        self.down_proj = nn.Linear(i, h, bias=b)
+        fp8 = is_fp8(cfg)
+        self.gate_up_proj = make_merged_linear(h, {"gate_proj": i, "up_proj": i}, b, fp8)
+        self.down_proj = make_linear(i, h, b, fp8)
         self.act_and_mul = mlp_activation(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]

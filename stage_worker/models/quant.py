@@ -46,7 +46,7 @@ from stagemesh.model_config import ModelConfig
 
 BLOCK = 128  # weight block rows and columns (DeepSeek-V3's weight_block_size)
 FP8_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
-QUANTIZATIONS = ("", "fp8")  # --quantization values ("": the checkpoint's own format)
+QUANTIZATIONS = ("none", "", "fp8")  # --quantization values (none / "": the checkpoint's own format)
 
 
 # -- which stages are FP8 ----------------------------------------------------------------------
@@ -71,10 +71,10 @@ def is_fp8(cfg: ModelConfig) -> bool:
 
 def with_quantization(cfg: ModelConfig, quantization: str) -> ModelConfig:
     """The config a stage is built from: `--quantization fp8` marks a bf16/fp32 checkpoint FP8
-    (quantized at load in 128x128 blocks); "" leaves it as the checkpoint says."""
+    (quantized at load in 128x128 blocks); "none" leaves it as the checkpoint says."""
     if quantization not in QUANTIZATIONS:
         raise CheckpointError(f"--quantization {quantization!r} is not supported (fp8)")
-    if not quantization or is_fp8(cfg):
+    if quantization in ("none", "") or is_fp8(cfg):
         return cfg
     qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
           "weight_block_size": [BLOCK, BLOCK], "quantized_at_load": True}
@@ -155,6 +155,11 @@ class Fp8Slot:
         self.weight.copy_(q)
         rows = self.scale.shape[0]
         self.scale.copy_(s.repeat_interleave(b0 // self.group_n, 0)[:rows])
+
+    def copy_(self, tensor: torch.Tensor) -> "Fp8Slot":
+        """A float tensor, quantized into the slot in 128x128 blocks (the loaders' copy_)."""
+        self.load(tensor, None, (BLOCK, BLOCK))
+        return self
 
 
 # -- the linear layer ----------------------------------------------------------------------------
@@ -254,7 +259,8 @@ def fp8_slot(weight: torch.Tensor, scale: torch.Tensor, group_n: int, start: int
 # -- stacked experts -------------------------------------------------------------------------------
 def fp8_expert_params(experts: int, part_rows: list[int], k: int) -> tuple[nn.Parameter, nn.Parameter, int]:
     """(weight [E, N, K] e4m3, scale [E, ceil(N/group_n), ceil(K/128)] fp32, group_n) of a stack
-    of experts whose rows are `part_rows` (gate, up: [I, I]; down: [H])."""
+    of experts whose rows are `part_rows` (gate, up: [I, I]; down: [H]); group_n is 128 for every
+    real model (`row_group`); `fp8_slot` gives each expert's checkpoint tensor its rows."""
     n = sum(part_rows)
     gn = row_group(part_rows)
     w = nn.Parameter(torch.empty(experts, n, k, dtype=fp8k.FP8_DTYPE), requires_grad=False)
@@ -288,7 +294,8 @@ def gemm_backend(m: int, n: int, k: int, scaled_mm_ready: bool) -> str:
 
 
 def fp8_modules(model: nn.Module) -> list[nn.Module]:
-    """Every module holding FP8 weights (Fp8Linear, FP8 expert stacks: `fp8_prepare` method)."""
+    """Every module that can hold FP8 weights (Fp8Linear, expert stacks: an `fp8_prepare` method
+    that returns None when its stacks are not FP8)."""
     return [m for m in model.modules() if isinstance(m, Fp8Linear) or hasattr(m, "fp8_prepare")]
 
 
@@ -301,9 +308,8 @@ def fix_dtypes(model: nn.Module, dtype: torch.dtype) -> None:
 def prepare(model: nn.Module) -> str | None:
     """Choose every FP8 module's compute path after loading. Returns None (no FP8 weights),
     "fp8" (FP8 GEMMs) or "dequant" (weights dequantized: no FP8 compute on this device)."""
-    paths = set()
-    for m in fp8_modules(model):
-        paths.add(m.prepare() if isinstance(m, Fp8Linear) else m.fp8_prepare())
+    paths = {m.prepare() if isinstance(m, Fp8Linear) else m.fp8_prepare() for m in fp8_modules(model)}
+    paths.discard(None)  # a module that could hold FP8 weights but does not
     if not paths:
         return None
     return "dequant" if "dequant" in paths else "fp8"

@@ -42,7 +42,8 @@ def _pass_through() -> dict[str, list[tuple[type, tuple[str, ...]]]]:
     from stage_worker.config import WorkerConfig
 
     return {"coordinator": [(CoordinatorConfig, ("plan", "rebalance", "dead_after_s"))],
-            "worker": [(WorkerConfig, ("device", "kv_cache_bytes", "kv_blocks", "lease_ttl_s"))],
+            "worker": [(WorkerConfig, ("device", "kv_cache_bytes", "kv_blocks", "lease_ttl_s", "quantization",
+                                       "load_format"))],
             "gateway": [(GatewayConfig, ("port", "http_port", "routing", "routing_weight", "rate_limit_rps",
                                          "rate_limit_burst", "model_id", "max_model_len")),
                         (SchedulerConfig, ("max_batched_tokens", "max_running", "max_waiting", "inflight",
@@ -93,10 +94,13 @@ def _run_up(args) -> int:
     from stagemesh.cli.launcher import Mesh
     from stagemesh.cli.supervisor import GaveUp
     from stagemesh.errors import CheckpointError
+    from stagemesh.model_config import ModelConfig
 
     try:
         _check_ports_free(args)  # before any child starts: one line, not a child's traceback later
-        model = validate_checkpoint(args.model_dir)
+        # --load-format dummy: config.json (and the tokenizer) alone, no weight files to check.
+        model = (ModelConfig.from_dir(args.model_dir) if args.load_format == "dummy"
+                 else validate_checkpoint(args.model_dir))
         if args.stages > model.num_hidden_layers:
             raise ValueError(f"--stages {args.stages} exceeds the model's {model.num_hidden_layers} layers")
         config = _mesh_config(args, model.num_hidden_layers)
