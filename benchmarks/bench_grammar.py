@@ -18,11 +18,19 @@ inside strings and numbers (many tokens allowed) are the expensive ones. Times a
 median / p90 / max over every step of --walks walks, single-threaded, on this machine's CPU.
 
     python benchmarks/bench_grammar.py [--walks 5] [--max-tokens 200] [--out benchmarks/results/cpu_bench_grammar.json]
+
+With --mesh (a checkpoint dir, or "demo"): the issue's throughput figure instead. `stagemesh up`
+serves it; rounds of --requests concurrent greedy requests of --gen-tokens tokens each (ignore_eos,
+so both sides generate the same tokens), unconstrained and with the JSON schema above, alternated;
+every constrained output is checked (complete and valid); prints json_schema / free of the median throughputs.
+
+    python benchmarks/bench_grammar.py --mesh demo [--stages 1] [--requests 16] [--gen-tokens 192]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import statistics
@@ -247,11 +255,93 @@ def measure(engine, kind: str, walks: int, max_tokens: int, eos: int) -> dict:
         accepts += a
         tokens.append(n)
     fills_us = sorted(x * 1e6 for x in fills)
+    per_request_ms = compile_ms + sum(fills) * 1e3 / walks  # what one request pays, compile + every mask
     return {"compile_ms": round(compile_ms, 2), "steps": len(fills), "tokens_per_walk": tokens,
+            "mask_us_mean": round(statistics.mean(fills_us), 1), "per_request_ms": round(per_request_ms, 2),
             "mask_us_median": round(statistics.median(fills_us), 1),
             "mask_us_p90": round(fills_us[int(0.9 * (len(fills_us) - 1))], 1),
             "mask_us_max": round(fills_us[-1], 1),
             "accept_us_median": round(statistics.median(accepts) * 1e6, 1) if accepts else None}
+
+
+# --- the mesh: constrained against unconstrained generation, same workload ---------------------------
+
+
+async def _drive(address: str, constrained: bool, args, vocab: int) -> tuple[float, int, list[str]]:
+    """args.requests concurrent greedy requests of args.gen_tokens tokens each (ignore_eos: a
+    completed grammar allows only EOS, so both modes generate the same number of tokens):
+    (seconds, tokens, texts)."""
+    import grpc
+
+    from stagemesh.client import build_request
+    from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
+
+    rng = random.Random(1)
+    reqs = []
+    for _ in range(args.requests):
+        req = build_request(prompt_ids=[rng.randrange(2, vocab) for _ in range(32)], max_tokens=args.gen_tokens,
+                            ignore_eos=True)
+        if constrained:
+            req.sampling.grammar.json_schema = json.dumps(SCHEMA)
+        reqs.append(req)
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = pb_grpc.GenerationStub(ch)
+
+        async def one(req):
+            text, n = "", 0
+            async for msg in stub.Generate(req, timeout=600):
+                text += msg.text
+                n += len(msg.token_ids)
+            return text, n
+
+        t0 = time.perf_counter()
+        done = await asyncio.gather(*(one(r) for r in reqs))
+        return time.perf_counter() - t0, sum(n for _, n in done), [t for t, _ in done]
+
+
+def _valid(text: str) -> bool:
+    """Whether a constrained output is complete JSON valid under SCHEMA (False: cut by --gen-tokens)."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), SCHEMA)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
+
+
+def mesh_throughput(args) -> None:
+    """`stagemesh up` on args.mesh (a checkpoint dir, or "demo"); rounds of free and json_schema
+    runs alternated; the ratio of their median throughputs (goal: >= 0.9 on a GPU)."""
+    from stagemesh.cli.demo_model import write_demo_model
+    from stagemesh.cli.harness import mesh
+    from stagemesh.model_config import ModelConfig
+
+    model_dir = args.mesh
+    if model_dir == "demo":
+        model_dir = write_demo_model(Path(tempfile.mkdtemp()) / "demo", num_layers=8, hidden_size=256)
+    vocab = ModelConfig.from_dir(model_dir).vocab_size
+    rows = []
+    with mesh(model_dir, stages=args.stages, extra=args.up_args.split()) as m:
+        asyncio.run(_drive(m.address, True, args, vocab))  # warm-up (and the grammar tokenizer's build)
+        for rnd in range(args.rounds):
+            for constrained in (False, True):
+                secs, tokens, texts = asyncio.run(_drive(m.address, constrained, args, vocab))
+                rows.append({"round": rnd, "mode": "json_schema" if constrained else "free", "seconds": round(secs, 3),
+                             "tokens": tokens, "tok_s": round(tokens / secs, 1),
+                             "valid": sum(map(_valid, texts)) if constrained else None})
+                print(rows[-1], flush=True)
+    free = statistics.median(r["tok_s"] for r in rows if r["mode"] == "free")
+    constrained = statistics.median(r["tok_s"] for r in rows if r["mode"] == "json_schema")
+    print(f"throughput json_schema / free: {constrained:.1f} / {free:.1f} tok/s = {constrained / free:.3f} "
+          f"({args.requests} requests x {args.gen_tokens} tokens, {args.stages} stage(s)); constrained outputs "
+          f"complete and valid: {sum(r['valid'] for r in rows if r['valid'] is not None)} of "
+          f"{args.requests * args.rounds}")
+    if args.out_mesh:
+        args.out_mesh.write_text(json.dumps({"model": str(model_dir), "stages": args.stages, "requests": args.requests,
+                                             "gen_tokens": args.gen_tokens, "rows": rows,
+                                             "ratio_json_schema_over_free": round(constrained / free, 3)},
+                                            indent=1) + "\n")
 
 
 def main() -> None:
@@ -260,7 +350,18 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=200)
     ap.add_argument("--tok128k", type=Path, default=Path(tempfile.gettempdir()) / "stagemesh-bench-bpe128k.json")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_bench_grammar.json")
+    ap.add_argument("--mesh", help="instead: throughput on `stagemesh up --model MESH` (a dir, or 'demo'), "
+                                   "json_schema-constrained against free")
+    ap.add_argument("--stages", type=int, default=1)
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--gen-tokens", type=int, default=192)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--up-args", default="", help="more `stagemesh up` flags, one string")
+    ap.add_argument("--out-mesh", type=Path, default=None, help="write the mesh run's rows here (JSON)")
     args = ap.parse_args()
+    if args.mesh:
+        mesh_throughput(args)
+        return
     vocabs = {"demo-768": (demo_tokenizer_json(), 1), "bpe-128k": (synthetic_128k_json(args.tok128k), 1)}
     results = []
     for vname, (tok_json, eos) in vocabs.items():
@@ -275,7 +376,8 @@ def main() -> None:
                 results.append(row)
                 print(f"{vname:9} {engine.name:10} {kind:11} compile {row['compile_ms']:8.2f} ms  mask/token "
                       f"median {row['mask_us_median']:8.1f} us p90 {row['mask_us_p90']:8.1f} max "
-                      f"{row['mask_us_max']:8.1f}  accept {row['accept_us_median']} us  steps {row['steps']}",
+                      f"{row['mask_us_max']:8.1f} mean {row['mask_us_mean']:7.1f}  accept {row['accept_us_median']} us"
+                      f"  per request {row['per_request_ms']:7.2f} ms",
                       flush=True)
     _ratios(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -287,12 +389,13 @@ def main() -> None:
 def _ratios(results: list[dict]) -> None:
     """xgrammar / llguidance per (vocabulary, workload): above 1, llguidance is faster."""
     by = {(r["vocab"], r["workload"], r["engine"]): r for r in results}
-    print("\nratio xgrammar / llguidance (median mask time; compile time)")
+    print("\nratio xgrammar / llguidance (median mask time; compile time; per request: compile + all masks)")
     for (vocab, kind, engine), r in by.items():
         if engine == "xgrammar":
             ll = by[(vocab, kind, "llguidance")]
             print(f"  {vocab:9} {kind:11} mask {r['mask_us_median'] / max(ll['mask_us_median'], 1e-9):6.2f}  "
-                  f"compile {r['compile_ms'] / max(ll['compile_ms'], 1e-9):6.2f}")
+                  f"compile {r['compile_ms'] / max(ll['compile_ms'], 1e-9):6.2f}  "
+                  f"per request {r['per_request_ms'] / max(ll['per_request_ms'], 1e-9):6.2f}")
 
 
 if __name__ == "__main__":

@@ -72,8 +72,8 @@ class StageExecutor:
         self._side_stream = None  # finish(): sampling off the compute stream (CUDA)
         # Last stage: a per-row additive bias on the logits before sampling (structured output's
         # token masks: -inf where a token is not allowed), called at launch while the forward runs:
-        # fn(step, picks, specs) -> [S, V] tensor or None. A row it may constrain must not be
-        # plain_greedy (SamplingSpec): those take the device arg-max without it.
+        # fn(step, picks, specs) -> [S, V] tensor or None; plain_greedy rows take the arg-max of the
+        # biased logits on the device, the others are processed and drawn with it (sampler.py).
         self.logits_bias = None
         self.grammar = None  # last stage: grammar.GrammarBook (structured output), set by grammar.attach
 
@@ -188,8 +188,8 @@ class StageExecutor:
                 drawn = self._sample_after(done)
                 tokens, result.logprobs = drawn.tokens, drawn.logprobs
                 _note_history(done, tokens)
-                if self.grammar is not None:  # constrained rows: advance, start their next masks now
-                    self.grammar.advance(done.picks, tokens)
+            if self.grammar is not None:  # constrained rows: advance, start their next masks now
+                self.grammar.advance(done.picks, tokens)
             result.samples = [(c.seq_id, t) for (_, c), t in zip(done.picks, tokens)]
         if done.prompt:
             result.prompt_logprobs = logprobs.collect(done.prompt)
@@ -252,13 +252,16 @@ class StageExecutor:
         done.states = [self.leases.get(step.lease_id, c.seq_id) for _, c in done.picks]
         done.specs = [st.sampling for st in done.states]
         greedy = [spec.plain_greedy for spec in done.specs]
+        # Structured output's masks (-inf where a grammar forbids a token), waited for here: on a GPU
+        # the forward queued above runs meanwhile. Greedy rows take the masked arg-max on the device.
+        bias = self.logits_bias(step, done.picks, done.specs) if self.logits_bias is not None else None
         if any(greedy):
-            done.greedy = torch.argmax(logits, dim=-1)  # ties -> first, as HF (sampler.sample)
+            scores = logits if bias is None else logits + bias
+            done.greedy = torch.argmax(scores, dim=-1)  # ties -> first, as HF (sampler.sample)
             done.greedy_host = _to_host_async(done.greedy)
         if not all(greedy):
             done.logits = logits  # processed and drawn in finish()
-            if self.logits_bias is not None:
-                done.bias = self.logits_bias(step, done.picks, done.specs)
+            done.bias = bias
         if not self.model.is_first:
             return  # a chain's last stage: the first one notes the samples from its answer
         for row, ((_, c), is_greedy) in enumerate(zip(done.picks, greedy)):

@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 
-from stagemesh.errors import InvalidArgument
+from stagemesh.errors import Aborted, InvalidArgument
 from stagemesh.grammar import GrammarSpec, llguidance_grammar
 
 
+FOLLOW_TIMEOUT_S = 30.0  # a follower waits this long for the sample it follows to be finished
 MAX_ROLLBACK = 16  # tokens a matcher may undo (a step sent again after its answer was lost: one)
 
 
@@ -77,6 +78,7 @@ class GrammarBook:
         self.device = device
         self._launched: dict[int, list[tuple[int, SeqGrammar]]] = {}  # id(picks) -> constrained rows
         self._lock = threading.Lock()  # _launched: written at launch, read at finish
+        self._cond = threading.Condition()  # a matcher advanced (finish) -> a follower waiting (launch)
         self.vocab_size = vocab_size
         self.eos_ids = tuple(int(t) for t in eos_ids)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="grammar")
@@ -130,8 +132,10 @@ class GrammarBook:
             owners = self._launched.pop(id(picks), ())
         for i, g in owners:
             g.future.result()  # the mask of this token (it was applied)
-            g.consume(tokens[i])
-            g.future, g.future_at = self._pool.submit(g.fill), g.accepted
+            with self._cond:
+                g.consume(tokens[i])
+                g.future, g.future_at = self._pool.submit(g.fill), g.accepted
+                self._cond.notify_all()
 
     # -- internals -------------------------------------------------------------------------------
     def _new(self, key, spec: GrammarSpec, new_seq) -> None:
@@ -159,6 +163,8 @@ class GrammarBook:
         return g.fill()
 
     def _mask_on_its_way(self, g: SeqGrammar, output_index: int) -> None:
+        if g.accepted < output_index:  # it follows a sample whose step is not finished (async scheduling)
+            self._wait_for_sample(g, output_index)
         if g.future_at == output_index:
             return
         g.future.result()  # nothing may run on the matcher while it moves
@@ -171,6 +177,15 @@ class GrammarBook:
                                   f"{output_index}: cannot move its grammar back there")
         g.accepted = output_index
         g.future, g.future_at = self._pool.submit(g.fill), output_index
+
+    def _wait_for_sample(self, g: SeqGrammar, output_index: int) -> None:
+        """A step that follows its sequence's previous sample (async scheduling) launched before
+        that sample's step finished: wait for finish() to advance the matcher over it. On a GPU
+        this runs after the forward was queued, so the device keeps working."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: g.accepted >= output_index, timeout=FOLLOW_TIMEOUT_S):
+                raise Aborted(f"constrained sequence: output {output_index - 1} was not sampled within "
+                              f"{FOLLOW_TIMEOUT_S} s (its step failed?); schedule it again")
 
     def _prune(self, leases) -> None:
         for key in [k for k in self.seqs if k not in leases]:

@@ -60,13 +60,13 @@ class SamplingSpec:
     def moves_argmax(self) -> bool:
         """Whether anything may change which token is the most likely (min_p, top-k and top-p
         never do: they only drop less likely ones)."""
-        return (self.needs_history or bool(self.logit_bias) or self.min_tokens > 0
-                or self.grammar is not None)
+        return self.needs_history or bool(self.logit_bias) or self.min_tokens > 0
 
     @property
     def plain_greedy(self) -> bool:
-        """The arg-max of the raw logits with nothing else to return: the stage takes it on the
-        device, and a decode may follow it before it is back (async scheduling)."""
+        """The arg-max of the raw logits (after the grammar's mask, with structured output) with
+        nothing else to return: the stage takes it on the device, and a decode may follow it before
+        it is back (async scheduling; the mask of the follower waits for this sample's)."""
         return self.greedy and not self.moves_argmax and self.logprobs is None
 
 
