@@ -18,6 +18,7 @@ A scenario that leaves the mesh broken fails; the next one then starts on a fres
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import random
 import signal
@@ -182,6 +183,27 @@ class Run:
         return self.mid_stream()
 
 
+def drive_faulted(m, act, retry_unavailable: bool = False) -> tuple[Run, dict]:
+    """Drive the workload and, once MID_STREAM requests are mid-stream, note which (seen["mid"],
+    seen["counts"]) and run `act(run, seen)`, plain or async: the fault."""
+    seen: dict = {}
+
+    async def fault(run: Run):
+        seen["mid"] = await run.until_mid_stream(MID_STREAM)
+        seen["counts"] = run.counts()
+        done = act(run, seen)
+        if inspect.isawaitable(done):
+            await done
+
+    run = Run(workload(), retry_unavailable)
+    asyncio.run(run.drive(m.address, fault))
+    return run, seen
+
+
+def kill(pid: int, sig: int = signal.SIGKILL):
+    return lambda run, seen: os.kill(pid, sig)
+
+
 def check_landed(run: Run, mid: list[int], counts_at_fault: list[int]) -> None:
     """The fault landed mid-stream: enough requests were, and they went on streaming after it."""
     assert len(mid) >= MID_STREAM, f"only {len(mid)} requests mid-stream at the fault"
@@ -293,15 +315,7 @@ def test_kill9_plan_worker(up, expected, victim):
     plan0 = get_plan(up)
     address = plan0.replicas[victim[0]].stages[victim[1]].address
     pid = up.pid_at("stage_worker", address)
-    seen = {}
-
-    async def fault(run: Run):
-        seen["mid"] = await run.until_mid_stream(MID_STREAM)
-        seen["counts"] = run.counts()
-        os.kill(pid, signal.SIGKILL)
-
-    run = Run(workload())
-    asyncio.run(run.drive(up.address, fault))
+    run, seen = drive_faulted(up, kill(pid))
     check_landed(run, seen["mid"], seen["counts"])
     finish(up, run, expected, restarted=("stage_worker", address, pid))
     epoch = get_plan(up).epoch
@@ -315,16 +329,8 @@ def test_sigstop_plan_worker(up, expected):
     plan0 = get_plan(up)
     address = plan0.replicas[1].stages[0].address
     pid = up.pid_at("stage_worker", address)
-    seen = {}
-
-    async def fault(run: Run):
-        seen["mid"] = await run.until_mid_stream(MID_STREAM)
-        seen["counts"] = run.counts()
-        os.kill(pid, signal.SIGSTOP)
-
-    run = Run(workload())
     try:
-        asyncio.run(run.drive(up.address, fault))
+        run, seen = drive_faulted(up, kill(pid, signal.SIGSTOP))
         moved = address not in plan_workers(up)
     finally:
         os.kill(pid, signal.SIGCONT)
@@ -339,11 +345,8 @@ def test_two_workers_killed_with_one_spare(up, expected):
     plan0 = get_plan(up)
     victims = [plan0.replicas[0].stages[0].address, plan0.replicas[1].stages[1].address]
     pids = [up.pid_at("stage_worker", a) for a in victims]
-    seen = {}
 
-    async def fault(run: Run):
-        seen["mid"] = await run.until_mid_stream(MID_STREAM)
-        seen["counts"] = run.counts()
+    async def act(run: Run, seen: dict):
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + RECOVER_S
@@ -355,8 +358,7 @@ def test_two_workers_killed_with_one_spare(up, expected):
             await asyncio.sleep(0.05)
         seen["spread_mid"] = run.mid_stream()
 
-    run = Run(workload())
-    asyncio.run(run.drive(up.address, fault))
+    run, seen = drive_faulted(up, act)
     check_landed(run, seen["mid"], seen["counts"])
     assert seen["spread_mid"], "every request had finished before the replica ran spread"
     for address, pid in zip(victims, pids):
@@ -370,11 +372,8 @@ def test_cancellations_during_a_failover(up, expected):
     pid = up.pid_at("stage_worker", address)
     at_kill = set(range(0, N, 6))  # cancelled at the kill moment
     in_replay = set(range(3, N, 6))  # cancelled at their first token after the kill
-    seen = {}
 
-    async def fault(run: Run):
-        seen["mid"] = await run.until_mid_stream(MID_STREAM)
-        seen["counts"] = run.counts()
+    async def act(run: Run, seen: dict):
         for i in in_replay:
             run.cancel_after[i] = time.monotonic()
         os.kill(pid, signal.SIGKILL)
@@ -383,8 +382,7 @@ def test_cancellations_during_a_failover(up, expected):
                 run.cancelled[i] = True
                 run.calls[i].cancel()
 
-    run = Run(workload())
-    asyncio.run(run.drive(up.address, fault))
+    run, seen = drive_faulted(up, act)
     check_landed(run, [i for i in seen["mid"] if i not in at_kill | in_replay], seen["counts"])
     assert sum(run.cancelled) >= 4, f"only {sum(run.cancelled)} requests were cancelled mid-stream"
     finish(up, run, expected, restarted=("stage_worker", address, pid))
@@ -393,17 +391,13 @@ def test_cancellations_during_a_failover(up, expected):
 def test_redis_restarted_empty(up, expected, redis_server):  # noqa: F811
     """Redis restarts empty mid-stream: serving goes on, and the gateway republishes its index."""
     r = redis.Redis.from_url(redis_server.url)
-    seen = {}
 
-    async def fault(run: Run):
-        seen["mid"] = await run.until_mid_stream(MID_STREAM)
-        seen["counts"] = run.counts()
+    async def act(run: Run, seen: dict):
         seen["keys"] = set(r.keys(b"sm:v1:b:*"))
         await asyncio.get_running_loop().run_in_executor(None, redis_server.restart)
         seen["after_restart"] = len(r.keys(b"sm:v1:b:*"))
 
-    run = Run(workload())
-    asyncio.run(run.drive(up.address, fault))
+    run, seen = drive_faulted(up, act)
     check_landed(run, seen["mid"], seen["counts"])
     assert seen["keys"], "the index was empty before the restart: nothing to lose"
     finish(up, run, expected)
@@ -423,15 +417,7 @@ def test_cache_service_killed(up, expected):
     (proc,) = up.children("cache_service")
     cmd = proc.cmdline()
     address = f"{cmd[cmd.index('--host') + 1]}:{cmd[cmd.index('--port') + 1]}"
-    seen = {}
-
-    async def fault(run: Run):
-        seen["mid"] = await run.until_mid_stream(MID_STREAM)
-        seen["counts"] = run.counts()
-        os.kill(proc.pid, signal.SIGKILL)
-
-    run = Run(workload())
-    asyncio.run(run.drive(up.address, fault))
+    run, seen = drive_faulted(up, kill(proc.pid))
     check_landed(run, seen["mid"], seen["counts"])
     finish(up, run, expected, restarted=("cache_service", address, proc.pid))
 
@@ -441,15 +427,7 @@ def test_gateway_killed_and_restarted(up, expected):
     restarts it on the same port and a client that retries gets exactly the same tokens. The old
     gateway's KV must not stay pinned on the stages."""
     pid = up.pid_at("gateway", up.address)
-    seen = {}
-
-    async def fault(run: Run):
-        seen["mid"] = await run.until_mid_stream(MID_STREAM)
-        seen["counts"] = run.counts()
-        os.kill(pid, signal.SIGKILL)
-
-    run = Run(workload(), retry_unavailable=True)
-    asyncio.run(run.drive(up.address, fault))
+    run, seen = drive_faulted(up, kill(pid), retry_unavailable=True)
     assert len(seen["mid"]) >= MID_STREAM, f"only {len(seen['mid'])} requests mid-stream at the kill"
     assert run.client_saw and set(run.client_saw) == {"UNAVAILABLE"}, run.client_saw
     print(f"gateway killed with {len(seen['mid'])}/{N} requests mid-stream; the client saw "
@@ -462,15 +440,7 @@ def test_coordinator_kill9(up, expected):
     state file, and the workers re-register under the same plan."""
     plan0 = get_plan(up)
     pid = up.pid_at("coordinator", up.coordinator)
-    seen = {}
-
-    async def fault(run: Run):
-        seen["mid"] = await run.until_mid_stream(MID_STREAM)
-        seen["counts"] = run.counts()
-        os.kill(pid, signal.SIGKILL)
-
-    run = Run(workload())
-    asyncio.run(run.drive(up.address, fault))
+    run, seen = drive_faulted(up, kill(pid))
     check_landed(run, seen["mid"], seen["counts"])
     finish(up, run, expected, restarted=("coordinator", up.coordinator, pid))
     plan = get_plan(up)
@@ -483,19 +453,15 @@ def test_worker_killed_while_the_coordinator_is_down(up, expected):
     address = get_plan(up).replicas[1].stages[1].address
     wpid = up.pid_at("stage_worker", address)
     cpid = up.pid_at("coordinator", up.coordinator)
-    seen = {}
 
-    async def fault(run: Run):
-        seen["mid"] = await run.until_mid_stream(MID_STREAM)
-        seen["counts"] = run.counts()
+    async def act(run: Run, seen: dict):
         os.kill(cpid, signal.SIGKILL)
         psutil.Process(cpid).wait(5)
         os.kill(wpid, signal.SIGKILL)
         seen["coordinator_down"] = not _answers(up.coordinator)
         seen["mid_at_worker_kill"] = run.mid_stream()
 
-    run = Run(workload())
-    asyncio.run(run.drive(up.address, fault))
+    run, seen = drive_faulted(up, act)
     assert seen["coordinator_down"], "the coordinator was back before the worker died"
     check_landed(run, seen["mid_at_worker_kill"], seen["counts"])
     finish(up, run, expected, restarted=("stage_worker", address, wpid))
