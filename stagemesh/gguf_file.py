@@ -20,7 +20,7 @@ from stagemesh.errors import CheckpointError
 
 # llama.cpp's `general.architecture` -> the transformers class whose layers it holds. llama.cpp
 # writes Mistral checkpoints as "llama" too (same layers, same Q/K row permutation).
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # Architectures whose converter (convert_hf_to_gguf.py, LlamaModel.modify_tensors) permutes the
 # rows of q_proj/k_proj (weight and bias) for llama.cpp's rotary layout; the loader undoes it.
 PERMUTED_QK = {"llama"}
@@ -30,6 +30,7 @@ _LAYER = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",  # Qwen3's per-head norms
 }
 _GGUF_TOP = {v: k for k, v in _TOP.items()}
 _GGUF_LAYER = {v: k for k, v in _LAYER.items()}
@@ -112,6 +113,10 @@ def gguf_config(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: GGUF metadata lacks or garbles a model key ({exc!r})") from exc
     if key("rope.dimension_count") is not None and arch == "llama":
         raw["head_dim"] = int(key("rope.dimension_count"))
+    if key("attention.key_length") is not None and arch == "qwen3":
+        # Qwen3's heads are not hidden/heads wide (Qwen3-0.6B: 1024 / 16 heads of 128); llama.cpp
+        # writes the width here (transformers' GGUF loader takes Qwen3Config's default, 128).
+        raw["head_dim"] = int(key("attention.key_length"))
     return raw
 
 

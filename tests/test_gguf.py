@@ -48,7 +48,7 @@ def write_gguf(hf_dir, out, qtype=None):
     vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
     tokens = [t for t, _ in vocab] + [f"[PAD{i}]" for i in range(len(vocab), cfg["vocab_size"])]
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-    arch = cfg["model_type"]  # llama or qwen2: llama.cpp's names for them too
+    arch = cfg["model_type"]  # llama, qwen2 or qwen3: llama.cpp's names for them too
     w = gguf.GGUFWriter(str(out), arch)
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     w.add_block_count(cfg["num_hidden_layers"])
@@ -59,7 +59,10 @@ def write_gguf(hf_dir, out, qtype=None):
     w.add_head_count_kv(kv_heads)
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_freq_base(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])
-    w.add_rope_dimension_count(cfg["hidden_size"] // heads)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    w.add_rope_dimension_count(head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_vocab_size(cfg["vocab_size"])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
@@ -128,13 +131,21 @@ def test_mesh_equals_transformers_on_the_gguf(ggufs, kind, stages):
     assert got["token_ids"] == hf_reference(path, prompt_ids, 10)
 
 
-@pytest.mark.parametrize("kind", ["llama", "tied", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "tied", "qwen2", "qwen3"])
 def test_f32_gguf_stages_equal_the_safetensors_stages(tmp_path, kind):
-    """Names, the Q/K un-permutation (llama only), biases (qwen2) and a tied head, exactly."""
+    """Names, the Q/K un-permutation (llama only), biases (qwen2), q/k norms and a head width of
+    its own (qwen3) and a tied head, exactly; and the config the stage is built from."""
     from stage_worker.loader import load_stage
 
     hf_dir = make_hf_checkpoint(tmp_path, kind, num_layers=2)
     path = write_gguf(hf_dir, tmp_path / f"{kind}.gguf")
+    from stagemesh.model_config import ModelConfig
+
+    want_cfg, got_cfg = ModelConfig.from_dir(hf_dir), ModelConfig.from_dir(path)
+    for key in ("architecture", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "attention_bias", "rope"):
+        assert getattr(got_cfg, key) == getattr(want_cfg, key), key
+    assert got_cfg.rms_norm_eps == pytest.approx(want_cfg.rms_norm_eps, rel=1e-6)  # stored as float32
     for layers in ((0, 1), (1, 2)):
         want = load_stage(hf_dir, *layers)[0].state_dict()
         got = load_stage(path, *layers)[0].state_dict()
