@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.request
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from stagemesh.cli.demo_model import train_tokenizer
 from stagemesh.cli.harness import mesh
 from stagemesh.client import Client
 from stagemesh.errors import CheckpointError
+from stagemesh.net import free_port
 from stagemesh.gguf_file import gguf_name
 from stagemesh.gguf_tokenizer import gguf_tokenizer
 from tests.checkpoints import make_hf_checkpoint
@@ -123,12 +125,28 @@ def test_tokenizer_matches_transformers(ggufs):
 
 @pytest.mark.parametrize("kind,stages", [("F32", 1), ("Q8_0", 2)])
 def test_mesh_equals_transformers_on_the_gguf(ggufs, kind, stages):
-    path = ggufs[kind]
-    with mesh(path, stages=stages, extra=["--plan", "uniform", "--no-rebalance"]) as m, Client(m.address) as client:
+    path, http_port = ggufs[kind], free_port()
+    extra = ["--plan", "uniform", "--no-rebalance", "--http-port", str(http_port)]
+    with mesh(path, stages=stages, extra=extra) as m, Client(m.address) as client:
         got = client.generate(prompt=PROMPT, max_tokens=10, ignore_eos=True, timeout=120).to_json()
-        prompt_ids = gguf_tokenizer(str(path)).encode(PROMPT).ids
-        assert got["usage"]["prompt_tokens"] == len(prompt_ids)
+        chat = _chat(http_port, [{"role": "user", "content": PROMPT}])
+    prompt_ids = gguf_tokenizer(str(path)).encode(PROMPT).ids
+    assert got["usage"]["prompt_tokens"] == len(prompt_ids)
     assert got["token_ids"] == hf_reference(path, prompt_ids, 10)
+    # the chat template and its special tokens come from the file's metadata, as transformers reads them
+    from transformers import AutoTokenizer
+
+    ref = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    rendered = ref.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=True)["input_ids"]
+    assert chat["usage"]["prompt_tokens"] == len(rendered)
+
+
+def _chat(port: int, messages: list[dict]) -> dict:
+    body = json.dumps({"messages": messages, "max_tokens": 4, "temperature": 0}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body,
+                                 {"Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(req, timeout=120))
 
 
 @pytest.mark.parametrize("kind", ["llama", "tied", "qwen2", "qwen3"])
