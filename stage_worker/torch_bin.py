@@ -10,6 +10,7 @@ are never opened. A directory with safetensors is read from those instead (as tr
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -52,8 +53,9 @@ class BinTensors:
         if not path.is_file():
             raise CheckpointError(f"{path}: shard file is missing")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # UnpicklingError for a non-tensor object, RuntimeError for a bad zip
+            # torch < 1.6 wrote a format that cannot be mapped: read it whole (such files are small)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except Exception as exc:  # UnpicklingError for a non-tensor object, RuntimeError for a bad file
             raise CheckpointError(f"{path}: not a readable PyTorch weights file ({exc})") from exc
         if not isinstance(state, dict):
             raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")

@@ -30,9 +30,11 @@ def validate_checkpoint(model_dir: str | Path) -> ModelConfig:
     cfg = ModelConfig.from_dir(model_dir)
     files = _weight_files(model_dir)
     names: set[str] = set()
+    legacy = [f for f in files if f.suffix == ".bin" and not zipfile.is_zipfile(f)]
     for f in files:
         names |= _bin_names(f) if f.suffix == ".bin" else _header_names(f)
-    _check_names(cfg, names, files[0] if len(files) == 1 else model_dir)
+    if not legacy:  # torch < 1.6's .bin format is one pickle stream: its names need torch (the worker checks)
+        _check_names(cfg, names, files[0] if len(files) == 1 else model_dir)
     tok = model_dir / "tokenizer.json"
     if tok.exists():
         try:
@@ -118,7 +120,9 @@ class _KeysOnly(pickle.Unpickler):
 
 
 def _bin_names(path: Path) -> set[str]:
-    """Tensor names of a torch.save (zip) state dict, read from its data.pkl."""
+    """Tensor names of a torch.save (zip) state dict, read from its data.pkl (none: legacy format)."""
+    if path.is_file() and not zipfile.is_zipfile(path):
+        return set()
     try:
         with zipfile.ZipFile(path) as z:
             pkl = next(n for n in z.namelist() if n.endswith("data.pkl"))

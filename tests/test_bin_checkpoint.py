@@ -62,6 +62,19 @@ def test_bin_stage_equals_safetensors_stage(ckpts, kind, layers):
             assert torch.equal(got[name], tensor), (path.name, name)
 
 
+def test_legacy_bin_format_loads(ckpts, tmp_path):
+    """torch < 1.6's format (not a zip: cannot be memory-mapped) is read whole."""
+    src = ckpts["llama"][0]
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    shutil.copy(src / "config.json", legacy / "config.json")
+    torch.save(load_file(str(src / "model.safetensors")), legacy / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)
+    assert validate_checkpoint(legacy).num_hidden_layers == 4
+    want, got = load_stage(src, 2, 4)[0].state_dict(), load_stage(legacy, 2, 4)[0].state_dict()
+    assert all(torch.equal(got[name], tensor) for name, tensor in want.items())
+
+
 def test_up_check_reads_bin_names_without_running_the_pickle(ckpts, tmp_path):
     src, single, sharded = ckpts["llama"]
     assert validate_checkpoint(single).num_hidden_layers == 4
