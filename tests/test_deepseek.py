@@ -182,7 +182,7 @@ def test_grouped_moe_equals_per_expert_loop(bias):
 
 
 def test_grouped_linear_fallback_equals_kernel(monkeypatch):
-    import stage_worker.models.deepseek as ds
+    import stage_worker.models.moe as ds
     gen = torch.Generator().manual_seed(1)
     x, w = torch.randn(10, 8, generator=gen), torch.randn(4, 6, 8, generator=gen)
     offs = torch.tensor([3, 3, 9, 10], dtype=torch.int32)

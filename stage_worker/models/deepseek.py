@@ -19,6 +19,7 @@ MLA data flow for T new tokens (H heads, R = kv_lora_rank, Dn/Dr = qk nope/rope 
            padded SDPA call over all sequences (CPU). Equal to transformers (float32). Routing follows DeepSeek's reference code: V2 softmax
 scores with greedy or group-limited greedy top-k; V3 sigmoid scores, expert choice biased by
 `e_score_correction_bias` (weights are not), group-limited by the sum of each group's top-2.
+The MoE layer is models/moe.py's SparseMoE (fused Triton kernels on CUDA, grouped GEMMs elsewhere).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from stage_worker.mla_cache import MLAKVCache
 from stage_worker.models.base import PipelineStage
 from stage_worker.models import quant
 from stage_worker.models.layers import RMSNorm, make_linear, make_merged_linear
+from stage_worker.models.moe import MoESpec, Router, RouterSpec, SparseMoE, grouped_linear  # noqa: F401
 from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
 
@@ -314,127 +316,29 @@ class DeepseekMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-class MoEGate(nn.Module):
+def router_spec(d: DeepseekDims) -> RouterSpec:
+    """DeepSeek's routing (models/moe.py `route`) from its config fields."""
+    return RouterSpec(n_experts=d.n_routed_experts, top_k=d.num_experts_per_tok, scoring=d.scoring_func,
+                      topk_method=d.topk_method, n_group=d.n_group, topk_group=d.topk_group,
+                      norm_topk_prob=d.norm_topk_prob, scaling=d.routed_scaling_factor)
+
+
+class MoEGate(Router):
     """Router: per token, the top-k routed experts and their weights (float32)."""
 
     def __init__(self, hidden: int, d: DeepseekDims):
-        super().__init__()
-        self.d = d
-        self.weight = nn.Parameter(torch.empty(d.n_routed_experts, hidden))
-        if d.topk_method == "noaux_tc":
-            # A loaded parameter (not a buffer) so the loader fills it; kept float32 (as HF).
-            self.e_score_correction_bias = nn.Parameter(torch.empty(d.n_routed_experts),
-                                                        requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [T, H] -> (weights [T, k] float32, expert ids [T, k] long)."""
-        d, e = self.d, self.d.n_routed_experts
-        logits = F.linear(x.float(), self.weight.float())  # [T, E]
-        scores = logits.sigmoid() if d.scoring_func == "sigmoid" else logits.softmax(-1)
-        if d.topk_method == "greedy":
-            weights, ids = torch.topk(scores, d.num_experts_per_tok, dim=-1, sorted=False)
-        else:
-            choice = scores
-            if d.topk_method == "noaux_tc":
-                choice = scores + self.e_score_correction_bias.float()
-            grouped = choice.view(-1, d.n_group, e // d.n_group)  # [T, G, E/G]
-            if d.topk_method == "noaux_tc":
-                group_scores = grouped.topk(2, dim=-1)[0].sum(-1)  # [T, G]
-            else:
-                group_scores = grouped.max(dim=-1).values
-            keep = torch.topk(group_scores, d.topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
-            group_mask = torch.zeros_like(group_scores).scatter_(1, keep, 1).bool()
-            expert_mask = group_mask[:, :, None].expand(-1, -1, e // d.n_group).reshape(-1, e)
-            fill = float("-inf") if d.topk_method == "noaux_tc" else 0.0
-            ids = torch.topk(choice.masked_fill(~expert_mask, fill), d.num_experts_per_tok,
-                             dim=-1, sorted=False)[1]
-            weights = scores.gather(1, ids)  # the bias picks experts, never weighs them
-        if d.norm_topk_prob and d.num_experts_per_tok > 1:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * d.routed_scaling_factor, ids
+        super().__init__(hidden, router_spec(d))
 
 
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-def _grouped_mm_ok(w: torch.Tensor) -> bool:
-    """torch's grouped GEMM kernel: CPU (torch >= 2.9) or CUDA SM80+."""
-    if _GROUPED_MM is None:
-        return False
-    if w.device.type == "cuda":
-        return torch.cuda.get_device_capability(w.device) >= (8, 0)
-    return w.device.type == "cpu"
-
-
-def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """x: [S, in] sorted by group; w: [G, out, in]; offs: [G] int32 cumulative row ends.
-    Row r of the result is x[r] @ w[g].T for the group g holding r. No host sync on the fast path."""
-    if _grouped_mm_ok(w):
-        return _GROUPED_MM(x, w.transpose(1, 2), offs=offs)
-    out = x.new_empty(x.shape[0], w.shape[1])  # fallback: one host sync, one GEMM per group
-    start = 0
-    for g, end in enumerate(offs.tolist()):
-        if end > start:
-            torch.mm(x[start:end], w[g].t(), out=out[start:end])
-        start = end
-    return out
-
-
-class DeepseekMoE(nn.Module):
-    """Shared experts (every token) + routed top-k experts (sorted by expert, two grouped GEMMs).
-
-    The routed experts are held stacked, w_gate_up [E, 2I, H] (gate rows then up rows) and
-    w_down [E, H, I], the layout the grouped GEMMs read; `checkpoint_views` maps each expert's
-    checkpoint tensors (experts.{e}.gate_proj.weight, ...) to its slices, so the loader and FP8
-    dequant fill them in place.
-    """
+class DeepseekMoE(SparseMoE):
+    """Shared experts (every token) + routed top-k experts: models/moe.py's SparseMoE with
+    DeepSeek's routing, the stacked experts in the stage's layout (FP8 when the stage is), and
+    the shared experts as one dense MLP of width n_shared * moe_intermediate_size."""
 
     def __init__(self, cfg: ModelConfig, d: DeepseekDims):
-        super().__init__()
-        h, i, e = cfg.hidden_size, d.moe_intermediate_size, d.n_routed_experts
-        self.gate = MoEGate(h, d)
-        self.w_gate_up = nn.Parameter(torch.empty(e, 2 * i, h), requires_grad=False)
-        self.w_down = nn.Parameter(torch.empty(e, h, i), requires_grad=False)
-        self.b_gate_up = self.b_down = None
-        if cfg.mlp_bias:
-            self.b_gate_up = nn.Parameter(torch.empty(e, 2 * i), requires_grad=False)
-            self.b_down = nn.Parameter(torch.empty(e, h), requires_grad=False)
-        self.shared_experts = DeepseekMLP(h, i * d.n_shared_experts, cfg.mlp_bias) if d.n_shared_experts else None
-
-    def checkpoint_views(self, path: str) -> dict[str, torch.Tensor]:
-        """experts.{e}.{gate,up,down}_proj.{weight,bias} -> slices of the stacks (own parameters only)."""
-        inter, views, root = self.w_down.shape[2], {}, path + "." if path else ""
-        stacks = [("weight", self.w_gate_up, self.w_down), ("bias", self.b_gate_up, self.b_down)]
-        for e in range(self.w_down.shape[0]):
-            for kind, gu, down in stacks:
-                if gu is None:
-                    continue
-                pre = f"{root}experts.{e}."
-                views[pre + "gate_proj." + kind], views[pre + "up_proj." + kind] = gu[e, :inter], gu[e, inter:]
-                views[pre + "down_proj." + kind] = down[e]
-        return views
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
-        weights, ids = self.gate(x)  # [T, k] float32, [T, k]
-        w_gu, w_d, b_gu, b_d = self.w_gate_up, self.w_down, self.b_gate_up, self.b_down
-        t, k = ids.shape
-        flat_ids, order = torch.sort(ids.reshape(-1), stable=True)  # [S = T*k], grouped by expert
-        offs = torch.searchsorted(flat_ids, torch.arange(w_gu.shape[0], device=x.device),
-                                  right=True).to(torch.int32)  # [E] cumulative row ends
-        xs = x.index_select(0, order // k)  # [S, H]
-        gu = grouped_linear(xs, w_gu, offs)  # [S, 2I]
-        if b_gu is not None:
-            gu = gu + b_gu[flat_ids]
-        inter = w_d.shape[2]
-        y = grouped_linear(F.silu(gu[:, :inter]) * gu[:, inter:], w_d, offs)  # [S, H]
-        if b_d is not None:
-            y = y + b_d[flat_ids]
-        y = y.float() * weights.reshape(-1)[order, None]  # [S, H] float32
-        routed = torch.empty_like(y).index_copy_(0, order, y)  # back to token-major order
-        out = routed.view(t, k, -1).sum(1).to(x.dtype)  # [T, H]
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+        h, i, fp8 = cfg.hidden_size, d.moe_intermediate_size, quant.is_fp8(cfg)
+        shared = DeepseekMLP(h, i * d.n_shared_experts, cfg.mlp_bias, fp8) if d.n_shared_experts else None
+        super().__init__(MoESpec(h, i, router_spec(d), bias=cfg.mlp_bias), shared, fp8)
 
 
 class DeepseekDecoderLayer(nn.Module):
@@ -469,9 +373,9 @@ class DeepseekStage(PipelineStage):
         inv_freq, self.attention_scaling, softmax_mult = deepseek_rope(cfg, d.qk_rope_head_dim)
         self._build_range(cfg, layer_start, layer_end,
                           lambda i: DeepseekDecoderLayer(cfg, d, i, softmax_mult), dtype, device)
-        for m in self.modules():  # router bias stays float32 whatever the stage dtype
-            if isinstance(m, MoEGate) and hasattr(m, "e_score_correction_bias"):
-                m.e_score_correction_bias.data = m.e_score_correction_bias.data.float()
+        for m in self.modules():  # the router's weight and bias stay float32 whatever the stage dtype
+            if isinstance(m, Router):
+                m.fix_dtypes(dtype)
         self.inv_freq = inv_freq.to(device)  # [Dr/2] float32, not a parameter
         # Mixed micro-batches on a GPU: one mla_prefill launch over tiles of this many tokens.
         self.attention_tile_q = mla_prefill.tile_q(cfg.num_attention_heads)
