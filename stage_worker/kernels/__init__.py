@@ -4,6 +4,8 @@
 - `paged_decode`: decode rows reading K/V through block tables (flash decoding, splits).
 - `unified_attention`: mixed micro-batches (prefill chunks and decode rows) in one launch.
 - `softmax`: the online-softmax step both attention kernels run over each block of keys.
+- `moe_align`: a routed batch's (token, slot) pairs sorted by expert, padded per expert, on the device.
+- `fused_moe`: the routed experts as two grouped GEMM launches (bf16/fp16/fp32 or block-FP8 stacks).
 
 Every public op dispatches to Triton on CUDA when Triton imports (`use_triton=None`) and to its
 `*_torch` reference elsewhere; `use_triton=True` forces the kernel, which under
