@@ -1,0 +1,160 @@
+"""Qwen3, Gemma 2 and Phi-3 beyond test_model's per-kind table (which checks each against
+transformers' logits at 1-3 stages): each family served by `stagemesh up` (real gRPC processes,
+chunked prefill), the GPU layouts (paged decode, unified attention, padded CUDA-graph buffers run
+eagerly) holding Gemma 2's sliding window and soft caps, Phi-3's LongRoPE switching to its long
+factors past the original context, and the errors a checkpoint of something else gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+
+from stage_worker.attention import AttnMetadata
+from stage_worker.cuda_graphs import DecodeGraphs, MixedGraphs
+from stage_worker.loader import load_stage
+from stagemesh.errors import CheckpointError
+from stagemesh.model_config import ModelConfig
+from tests.checkpoints import make_hf_checkpoint
+from tests.reference import hf_greedy, random_prompts
+from tests.test_model import hf_model, run_pipeline
+
+BLOCK = 4
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("families")
+
+
+# -- through the mesh --------------------------------------------------------------------------
+async def _generate_all(address: str, prompts: list[list[int]], max_tokens: int):
+    from stagemesh.client import AsyncClient
+
+    async with AsyncClient(address) as client:
+        return await asyncio.gather(*[client.generate(prompt_ids=p, max_tokens=max_tokens, timeout=120)
+                                      for p in prompts])
+
+
+# Each family once, the stage counts spread over them. Prompts longer than Gemma 2's 6-key window,
+# Phi-3's 10-key window and the 16-token prefill budget (chunked); prompt + continuation stay
+# inside Phi-3's original context of 32 (past it, see test_phi3_longrope_past_original_context).
+@pytest.mark.parametrize("kind,stages", [("qwen3", 2), ("gemma2", 3), ("phi3", 1)])
+def test_mesh_greedy_equals_transformers(root, kind, stages):
+    from stagemesh.cli.harness import mesh
+
+    model_dir = make_hf_checkpoint(root, kind)
+    prompts = random_prompts(seed=stages, lengths=[3, 17, 24, 9], vocab=320)
+    expected = [hf_greedy(model_dir, p, 8) for p in prompts]
+    with mesh(model_dir, stages=stages, extra=["--max-batched-tokens", "16"]) as m:
+        outs = asyncio.run(_generate_all(m.address, prompts, 8))
+    for prompt, exp, out in zip(prompts, expected, outs):
+        assert out.token_ids == exp, f"{kind}: prompt of {len(prompt)} tokens diverged"
+        assert out.prompt_tokens == len(prompt) and out.completion_tokens == len(exp)
+
+
+# -- Gemma 2 on the GPU's layouts ---------------------------------------------------------------
+def _steps():
+    """Three steps of two sequences: A prefills 9 (past the window), then A decodes while B
+    prefills 11 from 0, then both decode. (chunks, token ids) per step."""
+    ta, tb = [5, 1, 7, 3], [0, 6, 2, 4]
+    a, b = [(3 * j) % 300 + 5 for j in range(11)], [(7 * j) % 300 + 9 for j in range(12)]
+    return [([(0, 9, ta)], a[:9]),
+            ([(9, 1, ta), (0, 11, tb)], a[9:10] + b[:11]),
+            ([(10, 1, ta), (11, 1, tb)], a[10:11] + b[11:12])]
+
+
+def _run_steps(stage, route: str) -> list[torch.Tensor]:
+    """The steps through one route: "cpu" (reference layout), "paged" (unified attention for mixed
+    steps, paged decode for decode-only ones), "graphs" (the CUDA-graph buffers, run eagerly)."""
+    kv = stage.make_kv_cache(8, BLOCK, scratch_blocks=1)
+    graphs = mixed = None
+    if route == "graphs":
+        graphs = DecodeGraphs(stage, kv, BLOCK, buckets=(1, 2, 4), max_context=32, capture=False)
+        mixed = MixedGraphs(stage, kv, BLOCK, buckets=(16,), max_seqs=4, max_context=32, capture=False)
+    outs = []
+    for chunks, ids in _steps():
+        if graphs is not None and graphs.accepts(chunks):
+            out = graphs.run(chunks, ids, None)
+        elif mixed is not None and mixed.accepts(chunks):
+            out = mixed.run(chunks, ids, None)[0]
+        else:
+            meta = AttnMetadata.build(chunks, BLOCK, "cpu", paged=route == "paged", tile_q=stage.attention_tile_q)
+            out = stage(torch.tensor(ids), None, meta, kv)
+        outs.append(out.clone())
+    return outs
+
+
+def test_gemma2_window_and_caps_hold_on_every_layout(root):
+    """The paged and graph layouts (the kernels' torch references, with window and soft cap) give
+    the reference layout's hidden states; the window and both caps are live on these inputs."""
+    stage, cfg = load_stage(make_hf_checkpoint(root, "gemma2"), 0, 4)
+    windows = [layer.self_attn.window for layer in stage.layers.values()]
+    assert windows == [6, None, 6, None] and stage.layers["0"].self_attn.softcap == 3.0
+    ref = _run_steps(stage, "cpu")
+    for route in ("paged", "graphs"):
+        for got, want in zip(_run_steps(stage, route), ref):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    logits = stage.compute_logits(ref[1])
+    assert logits.abs().max() <= cfg.raw["final_logit_softcapping"]
+    stage.final_logit_softcap = None
+    assert logits.abs().max() < stage.compute_logits(ref[1]).abs().max()  # the final cap bit
+    for layer in stage.layers.values():
+        layer.self_attn.window = None
+    assert not torch.allclose(_run_steps(stage, "cpu")[1], ref[1], atol=1e-3)  # the window bit
+    for layer in stage.layers.values():
+        layer.self_attn.softcap = None
+    assert not torch.allclose(_run_steps(stage, "paged")[1], ref[1], atol=1e-3)
+
+
+# -- Phi-3 LongRoPE past the original context ---------------------------------------------------
+def test_phi3_longrope_past_original_context(root):
+    """A 26-token prompt (inside the original 32 positions: short factors) decoding 14 tokens: from
+    position 32 on, each new token is rotated with the long factors, as transformers' Phi-3
+    forward does for it with a KV cache; every step's logits equal transformers' at that step.
+
+    (transformers' `generate` goes further at the crossing: Phi-3's prepare_inputs_for_generation
+    drops the cache once and re-encodes the whole sequence with the long factors. A stage never
+    re-encodes a prefix, so past the original context its tokens can differ from `generate`'s.)"""
+    path = make_hf_checkpoint(root, "phi3")
+    stages = [load_stage(path, a, b)[0] for a, b in ((0, 2), (2, 4))]
+    assert stages[0].original_max_position_embeddings == 32 and stages[0].attention_scaling > 1.0
+    per_token = stages[0].inv_freq_at(torch.tensor([31, 32]))
+    assert torch.equal(per_token[0], stages[0].inv_freq) and torch.equal(per_token[1], stages[0].long_inv_freq)
+    prompt = random_prompts(seed=3, lengths=[26], vocab=320)[0]
+    tokens, rows = run_pipeline(stages, [prompt], 14)
+    hf, ids, cache, steps = hf_model(path), torch.tensor([prompt]), None, []
+    with torch.no_grad():  # greedy decoding by hand, one forward per token over the KV cache
+        for j in range(14):
+            out = hf(ids, past_key_values=cache, use_cache=True,
+                     position_ids=torch.arange(26 + j - ids.shape[1], 26 + j)[None])
+            cache, logits = out.past_key_values, out.logits[0, -1]
+            steps.append(logits)
+            ids = logits.argmax()[None, None]
+    assert tokens[0] == [int(s.argmax()) for s in steps]
+    torch.testing.assert_close(rows[0][25:], torch.stack(steps), atol=1e-4, rtol=1e-4)  # row 25 + j: token j
+
+
+# -- what a checkpoint of something else gets ---------------------------------------------------
+def _config(tmp_path, **changes) -> None:
+    raw = dict(architectures=["LlamaForCausalLM"], vocab_size=320, hidden_size=64, intermediate_size=128,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, torch_dtype="float32")
+    (tmp_path / "config.json").write_text(json.dumps({**raw, **changes}))
+
+
+def test_unsupported_checkpoints_are_named(tmp_path):
+    _config(tmp_path, architectures=["GPTNeoXForCausalLM"])
+    with pytest.raises(CheckpointError) as err:
+        ModelConfig.from_dir(tmp_path)
+    for name in ("GPTNeoXForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM",
+                 "Qwen3ForCausalLM", "LlamaForCausalLM", "DeepseekV3ForCausalLM"):
+        assert name in str(err.value)
+    _config(tmp_path, architectures=["Phi3ForCausalLM"], partial_rotary_factor=0.75)
+    with pytest.raises(CheckpointError, match="partial_rotary_factor=0.75"):
+        load_stage(tmp_path, 0, 1)
+    _config(tmp_path, hidden_act="relu2")
+    with pytest.raises(CheckpointError, match="hidden activation 'relu2'"):
+        load_stage(tmp_path, 0, 1)
