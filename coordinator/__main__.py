@@ -18,7 +18,7 @@ from coordinator.server import serve
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m coordinator")
-    p.add_argument("--model", required=True, help="checkpoint directory (its config.json gives the layer count)")
+    p.add_argument("--model", required=True, help="checkpoint directory or .gguf file (its config gives the layer count)")
     config_cli.add_flags(p, CoordinatorConfig)
     discovery.add_arguments(p)
     p.add_argument("--consul-session-ttl-s", type=float, default=discovery.ConsulConfig.session_ttl_s,

@@ -12,7 +12,7 @@ from gateway.scheduler import SchedulerConfig
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    model_dir: str = knob(help="checkpoint directory (config.json, tokenizer.json)", flag="--model")
+    model_dir: str = knob(help="checkpoint directory (config.json, tokenizer.json) or .gguf file", flag="--model")
     coordinator: str = knob("", "HOST:PORT of the coordinator; with --consul and without it: the leader in Consul")
     host: str = knob("127.0.0.1", "address the gateway's ports bind")
     port: int = knob(50051, "gRPC port of the public Generation API")

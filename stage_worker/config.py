@@ -11,7 +11,8 @@ from stagemesh.tls import TlsConfig
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    model_dir: str = knob(help="checkpoint directory (the worker loads only its layers from it)", flag="--model")
+    model_dir: str = knob(help="checkpoint directory or .gguf file (the worker loads only its layers from it)",
+                          flag="--model")
     coordinator: str = knob("", "HOST:PORT of the coordinator; with --consul and without it: the leader in Consul")
     host: str = knob("127.0.0.1", "address to bind")
     port: int = knob(0, "gRPC port; 0 picks a free one (printed on the ready line)")

@@ -34,7 +34,7 @@ class MeshConfig:
     service, composed from that service's config fields (stagemesh/cli/commands.py), so a
     service's default lives once, in its config."""
 
-    model_dir: str = knob(help="Hugging Face checkpoint directory", flag="--model")
+    model_dir: str = knob(help="Hugging Face checkpoint directory, or a .gguf file", flag="--model")
     stages: int = knob(1, "pipeline stages per replica")
     replicas: int = knob(1, "replicas of the whole model")
     spares: int = knob(0, "idle workers kept for failover")
