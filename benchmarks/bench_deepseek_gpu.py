@@ -21,7 +21,8 @@ to OUT/bench_deepseek_gpu.json after every step, and the table is printed last.
     python benchmarks/bench_deepseek_gpu.py --out $OUT
     python benchmarks/bench_deepseek_gpu.py --kernels --skip stagemesh,reference --out $OUT  # MLA kernels only
 
---kernels first runs benchmarks/gpu/mla_kernels.py: the MLA decode and mixed-batch kernels
+--graphs runs benchmarks/gpu/mla_graphs.py (a V2-Lite-shaped stage in process: decode and mixed
+steps eager vs replayed from their CUDA graphs, outputs compared). --kernels first runs benchmarks/gpu/mla_kernels.py: the MLA decode and mixed-batch kernels
 checked against float32 references on the GPU (and a CUDA-graph replay), then timed against the
 old eager path (gather + SDPA decode, per-sequence MHA-form prefill) at V3 (128 heads) and
 V2-Lite (16 heads) widths; OUT/mla_kernels.json and a table.
@@ -385,6 +386,8 @@ def main():
     ap.add_argument("--mesh-device", default="cuda:0")
     ap.add_argument("--kernels", action="store_true", help="MLA kernel checks and timings first")
     ap.add_argument("--quick-kernels", action="store_true", help="no block-shape sweep")
+    ap.add_argument("--graphs", action="store_true",
+                    help="a V2-Lite-shaped stage in process (random weights): eager vs CUDA-graph steps")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: stagemesh,reference")
     ap.add_argument("--hf-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--hf-result", default="", help=argparse.SUPPRESS)
@@ -415,6 +418,15 @@ def main():
 
         res["mla_kernels_table"] = mla_kernels.table(mla_kernels.run(out, quick=args.quick_kernels)).splitlines()
         save()
+    if args.graphs:
+        from benchmarks.gpu import mla_graphs
+
+        raw = v2_lite_config(args.tiny).to_dict()
+        res["graphs"] = mla_graphs.run(raw, "cpu" if args.tiny else "cuda:0", layers=3 if args.tiny else 27,
+                                       batch=8 if args.tiny else 64, ctx=40 if args.tiny else 512,
+                                       prefill=(2, 12) if args.tiny else (4, 96), reps=3 if args.tiny else 20)
+        save()
+    if args.kernels or args.graphs:
         if "stagemesh" in skip and "reference" in skip:
             return
     model_dir = write_checkpoint(model_dir, args.tiny)

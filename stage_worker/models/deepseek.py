@@ -282,8 +282,12 @@ def latent_attention(q: torch.Tensor, pool: torch.Tensor, meta: AttnMetadata, sc
 
 
 def _decode(q, pool, meta: AttnMetadata, scale: float, kv_rank: int) -> torch.Tensor:
-    """Decode rows q [B, Hq, R + Dr] through the block tables -> [B, Hq, R]."""
-    splits = mla_decode.num_splits(q.shape[0], q.shape[1], _num_sms(q.device), meta.decode_max_ctx)
+    """Decode rows q [B, Hq, R + Dr] through the block tables -> [B, Hq, R].
+
+    The split count depends on the shapes only, never on the contexts, so a decode row gives the
+    same bits on the eager route and replayed from a CUDA graph (where the contexts are unknown).
+    """
+    splits = mla_decode.num_splits(q.shape[0], q.shape[1], _num_sms(q.device))
     return mla_decode.mla_decode(q, pool, meta.block_tables, meta.decode_ctx, scale, meta.block_size, kv_rank,
                                  splits, max_ctx=meta.decode_max_ctx)
 
