@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 
 from stagemesh.errors import Aborted, InvalidArgument
+from stagemesh.gguf_file import is_gguf
+from stagemesh.gguf_tokenizer import gguf_tokenizer
 from stagemesh.grammar import GrammarSpec, llguidance_grammar
 
 
@@ -197,16 +199,25 @@ class GrammarBook:
             if self._tokenizer is None:
                 import llguidance
 
-                path = self.model_dir / "tokenizer.json"
-                if not path.is_file():
-                    raise InvalidArgument(f"structured output needs the checkpoint's tokenizer.json ({path})")
-                text = path.read_text()
+                text = _tokenizer_json(self.model_dir)
                 vocab = max(self.vocab_size, _tokenizer_size(text))
                 self._tokenizer = llguidance.LLTokenizer(text, n_vocab=vocab, eos_token=list(self.eos_ids))
             return self._tokenizer
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _tokenizer_json(model_dir: Path) -> str:
+    """The checkpoint's tokenizer as tokenizers JSON: tokenizer.json, or built from a .gguf file's
+    metadata (as the gateway builds it)."""
+    if is_gguf(model_dir):
+        tok = gguf_tokenizer(str(model_dir))
+        if tok is not None:
+            return tok.to_str()
+    elif (model_dir / "tokenizer.json").is_file():
+        return (model_dir / "tokenizer.json").read_text()
+    raise InvalidArgument(f"structured output needs the checkpoint's tokenizer ({model_dir} has none)")
 
 
 def _tokenizer_size(text: str) -> int:
