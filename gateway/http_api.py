@@ -146,6 +146,7 @@ class OpenAIFrontend:
             else:
                 jobs.append(Job(self._build(req, prompt_ids=list(prompt), max_tokens=req.max_tokens,
                                             grammar=grammar)))
+        validation.check_sequences(len(jobs), jobs[0].request.n if jobs[0].request.HasField("n") else 1)
         return jobs
 
     # /v1/chat/completions

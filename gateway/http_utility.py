@@ -73,11 +73,13 @@ def add_utility_routes(app, front) -> None:
             raise ApiError(400, "this checkpoint ships no tokenizer.json", param="tokenizer")
         return gw.tokenizer
 
-    @app.get("/version", response_model=Version)
+    @app.get("/version", response_model=Version, responses={401: ERRORS[401], 429: ERRORS[429]})
     async def version() -> dict[str, Any]:
         return {"version": _version()}
 
-    @app.post("/tokenize", response_model=TokenizeResponse, responses={400: ERRORS[400], 401: ERRORS[401]})
+    errors = {code: ERRORS[code] for code in (400, 401, 404, 413, 429, 503)}
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=errors)
     async def tokenize(body: TokenizeRequest):
         front.check_model(body.model)
         tokenizer()
@@ -99,7 +101,7 @@ def add_utility_routes(app, front) -> None:
         ids = await gw.tokenize(text, limits.max_model_len, add_special_tokens=special)
         return {"count": len(ids), "max_model_len": limits.max_model_len, "tokens": ids}
 
-    @app.post("/detokenize", response_model=DetokenizeResponse, responses={400: ERRORS[400], 401: ERRORS[401]})
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=errors)
     async def detokenize(body: DetokenizeRequest):
         front.check_model(body.model)
         limits = front._limits()
@@ -108,7 +110,7 @@ def add_utility_routes(app, front) -> None:
             raise ApiError(400, f"tokens: {bad[0]} is outside the vocabulary [0, {limits.vocab_size})", param="tokens")
         return {"prompt": tokenizer().decode(body.tokens, skip_special_tokens=False)}
 
-    @app.get("/metrics", response_class=Response)
+    @app.get("/metrics", response_class=Response, responses={401: ERRORS[401], 429: ERRORS[429]})
     async def prometheus_metrics():
         """The gateway's Prometheus metrics, text format."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

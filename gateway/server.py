@@ -229,12 +229,15 @@ class Gateway:
                              request.ignore_eos)
         queue: asyncio.Queue[pb.GenerateResponse] = asyncio.Queue()  # every sample's deltas (index)
         running = []
+        # One replica for every sample: the later ones reuse the prompt blocks the first computes.
+        engine, expected_blocks = await self.router.route(prompt_ids, max_tokens)
         for index, spec in enumerate(specs):
             seq = Sequence(seq_id=next(self._seq_ids), prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=spec,
                            priority=int(request.priority), request_id=request_id)
             stream = RequestStream(seq, Detokenizer(self.tokenizer, list(request.stop)), queue, index)
-            engine, expected_blocks = await self.router.route(prompt_ids, max_tokens)
-            engine.submit(seq, stream, expected_blocks)
+            # The later samples add only their own tails (the prompt's full blocks are shared).
+            tail = -(-max_tokens // engine.plan.block_size) + 1
+            engine.submit(seq, stream, expected_blocks if index == 0 else min(expected_blocks, tail))
             running.append((engine, seq, stream))
             # Bound only around log calls, never across a yield: the generator may be resumed or closed
             # from another context (HTTP front end), where a contextvar reset would fail.

@@ -30,6 +30,7 @@ MAX_STOP_CHARS = 512  # a stop string holds back that much streamed text; longer
 MAX_REQUEST_ID_CHARS = 256  # it goes into every log line of the request
 MAX_N = 16  # samples of one prompt (n, best_of)
 MAX_PROMPTS = 64  # prompts in one completions request
+MAX_SEQUENCES = 64  # prompts x samples (n, best_of) of one request
 MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI: at most 300)
 MAX_STOP_TOKEN_IDS = 64
 DEFAULT_MAX_PROMPT_BYTES = 4 << 20
@@ -164,6 +165,13 @@ def _check_token_lists(f: Fields, limits: ModelLimits) -> None:
         k = getattr(f, name)
         if k is not None and not 0 <= k <= MAX_LOGPROBS:
             raise FieldError(name, f"{name} must be in [0, {MAX_LOGPROBS}], got {k}")
+
+
+def check_sequences(prompts: int, samples: int) -> None:
+    """A request's prompts times its samples per prompt (n, or best_of) stay within MAX_SEQUENCES."""
+    if prompts * samples > MAX_SEQUENCES:
+        raise FieldError("n", f"{prompts} prompt(s) x {samples} sample(s) = {prompts * samples} sequences; "
+                              f"one request runs at most {MAX_SEQUENCES} (send several requests)")
 
 
 def parse_logit_bias(raw) -> tuple[tuple[int, float], ...]:

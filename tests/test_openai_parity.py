@@ -305,13 +305,14 @@ HTTP_ERRORS = [
     (dict(presence_penalty=3), "presence_penalty"),
     (dict(extra_body={"stop_token_ids": [10 ** 6]}), "stop_token_ids"),
     (dict(best_of=2, stream=True), "best_of"),
+    (dict(prompt=["a"] * 5, n=16), "n"),  # 80 sequences in one request
 ]
 
 
 @pytest.mark.parametrize("kwargs,field", HTTP_ERRORS, ids=[f for _, f in HTTP_ERRORS])
 def test_bad_values_are_400_naming_the_field(mesh, kwargs, field):
     with pytest.raises(openai.BadRequestError) as info:
-        mesh["client"].completions.create(model=mesh["model"], prompt="hi", max_tokens=4, **kwargs)
+        mesh["client"].completions.create(**{"model": mesh["model"], "prompt": "hi", "max_tokens": 4, **kwargs})
     assert field in info.value.body["message"] and info.value.body["param"] == field
 
 
