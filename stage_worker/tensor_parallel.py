@@ -75,8 +75,8 @@ def shard_stage(model, rank: int, world: int, group=None):
     """Shard a loaded Llama-family stage in place for rank `rank` of `world`; returns it."""
     from stage_worker.models.llama import LlamaStage
 
-    if not isinstance(model, LlamaStage):
-        raise CheckpointError(f"tensor parallelism supports Llama-family stages, not {type(model).__name__}")
+    if not isinstance(model, LlamaStage) or model.traits.mlp is not None:  # Mixtral's MoE: no TP split
+        raise CheckpointError(f"tensor parallelism supports dense Llama-family stages, not {type(model).__name__}")
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside world of {world}")
     cfg = model.cfg

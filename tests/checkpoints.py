@@ -11,14 +11,15 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("llama", "tied", "qwen2", "llama3", "sharded", "mistral", "qwen3", "gemma2", "phi3")
+KINDS = ("llama", "tied", "qwen2", "llama3", "sharded", "mistral", "qwen3", "gemma2", "phi3", "mixtral")
 # Kinds whose norm weights are randomised after init (transformers inits them to 1, or Gemma's to 0),
 # so that a norm applied in the wrong place, or Gemma's 1 + w read as w, changes the logits.
-NOISY_NORMS = ("qwen3", "gemma2", "phi3")
+NOISY_NORMS = ("qwen3", "gemma2", "phi3", "mixtral")
 
 
 def _config(kind: str, num_layers: int):
-    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import (Gemma2Config, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
+                              Qwen3Config)
 
     common = dict(vocab_size=320, hidden_size=64, intermediate_size=128,
                   num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
@@ -49,6 +50,9 @@ def _config(kind: str, num_layers: int):
         return Phi3Config(**{**common, "max_position_embeddings": 512}, original_max_position_embeddings=32,
                           sliding_window=10, rope_scaling={"rope_type": "longrope", "rope_theta": 10000.0,
                                                             "short_factor": short, "long_factor": long})
+    if kind == "mixtral":  # 4 experts, top 2, of width 64
+        return MixtralConfig(**{**common, "intermediate_size": 64}, num_local_experts=4, num_experts_per_tok=2,
+                             rope_theta=1000000.0, sliding_window=None)
     raise ValueError(f"unknown checkpoint kind {kind!r} (known: {', '.join(KINDS)})")
 
 

@@ -1,4 +1,4 @@
-"""Qwen3, Gemma 2 and Phi-3 beyond test_model's per-kind table (which checks each against
+"""Qwen3, Gemma 2, Phi-3 and Mixtral beyond test_model's per-kind table (which checks each against
 transformers' logits at 1-3 stages): each family served by `stagemesh up` (real gRPC processes,
 chunked prefill), the GPU layouts (paged decode, unified attention, padded CUDA-graph buffers run
 eagerly) holding Gemma 2's sliding window and soft caps, Phi-3's LongRoPE switching to its long
@@ -42,7 +42,7 @@ async def _generate_all(address: str, prompts: list[list[int]], max_tokens: int)
 # Each family once, the stage counts spread over them. Prompts longer than Gemma 2's 6-key window,
 # Phi-3's 10-key window and the 16-token prefill budget (chunked); prompt + continuation stay
 # inside Phi-3's original context of 32 (past it, see test_phi3_longrope_past_original_context).
-@pytest.mark.parametrize("kind,stages", [("qwen3", 2), ("gemma2", 3), ("phi3", 1)])
+@pytest.mark.parametrize("kind,stages", [("qwen3", 2), ("gemma2", 3), ("phi3", 1), ("mixtral", 2)])
 def test_mesh_greedy_equals_transformers(root, kind, stages):
     from stagemesh.cli.harness import mesh
 
@@ -149,7 +149,7 @@ def test_unsupported_checkpoints_are_named(tmp_path):
     _config(tmp_path, architectures=["GPTNeoXForCausalLM"])
     with pytest.raises(CheckpointError) as err:
         ModelConfig.from_dir(tmp_path)
-    for name in ("GPTNeoXForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM",
+    for name in ("GPTNeoXForCausalLM", "Gemma2ForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM",
                  "Qwen3ForCausalLM", "LlamaForCausalLM", "DeepseekV3ForCausalLM"):
         assert name in str(err.value)
     _config(tmp_path, architectures=["Phi3ForCausalLM"], partial_rotary_factor=0.75)
@@ -158,3 +158,22 @@ def test_unsupported_checkpoints_are_named(tmp_path):
     _config(tmp_path, hidden_act="relu2")
     with pytest.raises(CheckpointError, match="hidden activation 'relu2'"):
         load_stage(tmp_path, 0, 1)
+    _config(tmp_path, architectures=["MixtralForCausalLM"], num_local_experts=4)
+    with pytest.raises(CheckpointError, match="num_experts_per_tok"):
+        load_stage(tmp_path, 0, 1)
+
+
+def test_mixtral_experts_load_into_the_fused_moe_layer(root):
+    """Each expert's w1/w3/w2 lands in its slices of the stacked experts (models/moe.py); the
+    MoE stage is refused by tensor parallelism (no expert split) instead of failing inside it."""
+    from stage_worker.models.moe import SparseMoE
+    from stage_worker.tensor_parallel import shard_stage
+
+    stage, _ = load_stage(make_hf_checkpoint(root, "mixtral"), 1, 3)
+    names = stage.checkpoint_tensors()
+    moe = stage.layers["2"].mlp
+    assert isinstance(moe, SparseMoE) and moe.gate.spec.top_k == 2 and moe.gate.spec.norm_topk_prob
+    assert names["layers.2.block_sparse_moe.experts.3.w3.weight"].data_ptr() == moe.w_gate_up[3, 64:].data_ptr()
+    assert "layers.2.block_sparse_moe.gate.weight" in names and not any(".mlp." in n for n in names)
+    with pytest.raises(CheckpointError, match="dense Llama-family"):
+        shard_stage(stage, 0, 2)

@@ -7,6 +7,7 @@ DeepSeek's MLA + MoE is its own stage.
 from stage_worker.models.deepseek import DeepseekStage
 from stage_worker.models.gemma2 import Gemma2Stage
 from stage_worker.models.llama import LlamaStage
+from stage_worker.models.mixtral import MixtralStage
 from stage_worker.models.phi3 import Phi3Stage
 from stage_worker.models.qwen3 import Qwen3Stage
 
@@ -17,8 +18,9 @@ MODEL_REGISTRY = {
     "Qwen3ForCausalLM": Qwen3Stage,
     "Gemma2ForCausalLM": Gemma2Stage,
     "Phi3ForCausalLM": Phi3Stage,
+    "MixtralForCausalLM": MixtralStage,
     "DeepseekV2ForCausalLM": DeepseekStage,
     "DeepseekV3ForCausalLM": DeepseekStage,
 }
 
-__all__ = ["MODEL_REGISTRY", "DeepseekStage", "Gemma2Stage", "LlamaStage", "Phi3Stage", "Qwen3Stage"]
+__all__ = ["MODEL_REGISTRY", "DeepseekStage", "Gemma2Stage", "LlamaStage", "MixtralStage", "Phi3Stage", "Qwen3Stage"]
