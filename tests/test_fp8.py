@@ -73,8 +73,9 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         w = (torch.randn(n, kdim, generator=gen) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
         ws = torch.rand(-(-n // group_n), -(-kdim // 128), generator=gen) * 0.01 + 1e-3
         ref = k.w8a8_block_gemm_torch(xq, xs, w, ws, group_n, torch.float32)
-        for config in (None, (16, 32, 4, 2), (64, 64, 4, 2)):
-            got = k.w8a8_block_gemm(xq, xs, w, ws, group_n, torch.float32, config=config)
+        for config, split in ((None, None), ((16, 32, 4, 2), 1), ((64, 64, 4, 2), 1), ((16, 32, 4, 2), 2),
+                              ((16, 64, 4, 2), 3)):  # split-K: 3 slices of 1-3 K-blocks (one may be empty)
+            got = k.w8a8_block_gemm(xq, xs, w, ws, group_n, torch.float32, config=config, split_k=split)
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
         xq_c, xs_c = xq, xs.t().contiguous().t()  # scales in either layout
         torch.testing.assert_close(k.w8a8_block_gemm(xq_c, xs_c, w, ws, group_n, torch.float32), ref,

@@ -17,9 +17,10 @@ group_n is 128 for every real checkpoint; a merged weight whose parts are not 12
 - `w8a8_block_gemm(xq, xs, w, ws, group_n)`: Triton, BLOCK_K = 128 = the quant group, so each
   K-step multiplies one fp32 partial dot by its two scales ("promotion" every 128 K, as DeepSeek's
   kernel.py and DeepGEMM); masked for M, N, K not multiples of the tiles; grouped program order
-  (GROUP_M) for L2 reuse; tiles chosen per M bucket (`gemm_config`).
+  (GROUP_M) for L2 reuse; tiles chosen per M bucket (`gemm_config`); optional split-K.
 - `scaled_mm_blockwise(...)`: torch._scaled_mm with the 1x128 x 128x128 recipe (cuBLASLt, SM90,
-  CUDA >= 12.9); needs N and K multiples of 128.
+  CUDA >= 12.9); needs N and K multiples of 128, and M a multiple of 4 (cuBLASLt has no
+  algorithm otherwise: measured on the H100, M = 1, 2, 17, 33, 70, 129 fail), so `fp8_gemm` pads M.
 - `fp8_gemm(x, w, ws, group_n, backend)`: quantizes x and runs one of the above, or the torch
   reference (dequantize, fp32 matmul) for backend "torch".
 
@@ -106,14 +107,14 @@ if triton is not None:
 
 # ----------------------------------------------------------------------------- block-scaled GEMM
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per M bucket (largest bucket <= M wins). Picked by
-# benchmarks/gpu/bench_fp8.py on an H100 (see README); BLOCK_K is the quant group, 128.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per M bucket (largest bucket <= M wins): the tiles
+# benchmarks/gpu/bench_fp8.py --tune picked on an H100 at DeepSeek-V3 shapes (README); BLOCK_K is
+# the quant group, 128.
 GEMM_CONFIGS: dict[int, tuple[int, int, int, int]] = {
     1: (16, 64, 4, 4),
-    32: (32, 64, 4, 4),
-    64: (64, 64, 4, 3),
-    256: (64, 128, 4, 3),
-    1024: (128, 128, 8, 3),
+    128: (64, 128, 8, 4),
+    512: (64, 64, 4, 3),
+    2048: (128, 64, 4, 3),
 }
 
 
@@ -123,9 +124,13 @@ def gemm_config(m: int) -> tuple[int, int, int, int]:
 
 def w8a8_block_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,
                     out_dtype: torch.dtype = torch.bfloat16, config: tuple[int, int, int, int] | None = None,
-                    ) -> torch.Tensor:
+                    split_k: int | None = None) -> torch.Tensor:
     """xq [M, K] e4m3, xs [M, ceil(K/128)] fp32 (any strides), w [N, K] e4m3,
-    ws [ceil(N/group_n), ceil(K/128)] fp32 -> y [M, N] out_dtype (Triton)."""
+    ws [ceil(N/group_n), ceil(K/128)] fp32 -> y [M, N] out_dtype (Triton).
+
+    split_k > 1: each program sums a slice of the K-blocks into an fp32 partial [S, M, N], summed
+    after (two more launches). Off by default: on the H100 it sped up N=2112 at M=16-512 but
+    slowed N=576 and M=1 (bench_fp8.py, README), so it waits for a fused reduction."""
     m, k = xq.shape
     n = w.shape[0]
     _check_gemm_shapes(xq, xs, w, ws, group_n)
@@ -133,12 +138,15 @@ def w8a8_block_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: tor
     if m == 0 or n == 0:
         return out
     bm, bn, warps, stages = config or gemm_config(m)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _block_gemm_kernel[grid](
-        xq, w, out, xs, ws, m, n, k, group_n,
-        xq.stride(0), xq.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-        xs.stride(0), xs.stride(1), ws.stride(0), ws.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=GROUP_K, GROUP_M=8, num_warps=warps, num_stages=stages)
+    tiles, split = triton.cdiv(m, bm) * triton.cdiv(n, bn), split_k or 1
+    part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=xq.device)
+    _block_gemm_kernel[(tiles, split)](
+        xq, w, part, xs, ws, m, n, k, group_n,
+        xq.stride(0), xq.stride(1), w.stride(0), w.stride(1), part.stride(-2), part.stride(-1),
+        m * n, xs.stride(0), xs.stride(1), ws.stride(0), ws.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=GROUP_K, GROUP_M=8, SPLIT_K=split, num_warps=warps, num_stages=stages)
+    if split > 1:
+        out.copy_(part.sum(0))
     return out
 
 
@@ -175,11 +183,11 @@ def dequant_weight(w: torch.Tensor, ws: torch.Tensor, group_n: int = 128, group_
 if triton is not None:
     @triton.jit
     def _block_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K, group_n,
-                           stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+                           stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_cs,
                            stride_as_m, stride_as_k, stride_bs_n, stride_bs_k,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           GROUP_M: tl.constexpr):
-        pid = tl.program_id(0)
+                           GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+        pid, pid_k = tl.program_id(0), tl.program_id(1)
         num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         per_group = GROUP_M * num_n  # grouped order: GROUP_M row-tiles share each column of B in L2
         first_m = (pid // per_group) * GROUP_M
@@ -190,12 +198,17 @@ if triton is not None:
         offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         mask_m, mask_n = offs_m < M, offs_n < N
-        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BM, BK]
-        b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk  # [BK, BN]
+        k_blocks = tl.cdiv(K, BLOCK_K)
+        per_split = tl.cdiv(k_blocks, SPLIT_K)  # this program's K-blocks: [kb0, kb1)
+        kb0 = pid_k * per_split
+        kb1 = tl.minimum(kb0 + per_split, k_blocks)
+        k0 = kb0.to(tl.int64) * BLOCK_K
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k0 + offs_k[None, :]) * stride_ak  # [BM, BK]
+        b_ptrs = b_ptr + offs_n[None, :] * stride_bn + (k0 + offs_k[:, None]) * stride_bk  # [BK, BN]
         as_ptrs = as_ptr + offs_m * stride_as_m
         bs_ptrs = bs_ptr + (offs_n // group_n) * stride_bs_n
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        for kb in range(kb0, kb1):
             k_left = K - kb * BLOCK_K
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
             b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
@@ -204,11 +217,14 @@ if triton is not None:
             acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
-        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        c_ptrs = c_ptr + pid_k.to(tl.int64) * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 # ----------------------------------------------------------------------------- torch._scaled_mm
+
+SCALED_MM_ALIGN_M = 4  # rows cuBLASLt's blockwise FP8 GEMM takes: a multiple of 4
+
 
 def scaled_mm_ok(n: int, k: int, group_n: int) -> bool:
     """The shapes torch._scaled_mm's 1x128 x 128x128 recipe takes (full blocks only)."""
@@ -244,8 +260,13 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 
     _scaled_mm copy of ws (required for "scaled_mm")."""
     out_dtype = out_dtype or x.dtype
     if backend == "scaled_mm":
+        m = x.shape[0]
+        pad = -m % SCALED_MM_ALIGN_M
+        if pad:  # zero rows: their scales are eps/448, their outputs dropped
+            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
         xq, xs = per_token_group_quant_fp8(x, column_major_scales=True)
-        return scaled_mm_blockwise(xq, xs, w, ws_mm, out_dtype)
+        y = scaled_mm_blockwise(xq, xs, w, ws_mm, out_dtype)
+        return y[:m] if pad else y
     if backend == "triton":
         xq, xs = per_token_group_quant_fp8(x)
         return w8a8_block_gemm(xq, xs, w, ws, group_n, out_dtype)

@@ -282,13 +282,17 @@ def scaled_mm_available(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0) and cuda >= (12, 9)
 
 
-# M at or above which torch._scaled_mm beats the Triton kernel (measured on the H100 by
-# benchmarks/gpu/bench_fp8.py, README); None: Triton at every M.
-SCALED_MM_MIN_M: int | None = None
+# Where torch._scaled_mm (cuBLASLt blockwise) beats our Triton kernel, measured on an H100 at
+# DeepSeek-V3's shapes (benchmarks/gpu/bench_fp8.py, README): from M = 64 at every shape (1.1-1.8x),
+# and from M = 16 when K is long (o_proj, down_proj, gate_up: K >= 4096; q_b's K = 1536 ties);
+# smaller M runs Triton (cuBLASLt also needs M % 4 == 0: kernels/fp8.py pads). Shapes it cannot
+# take (N or K not a multiple of 128: kv_a_proj's 576 rows) always run Triton.
+SCALED_MM_MIN_M, SCALED_MM_MIN_M_LONG_K, LONG_K = 64, 16, 4096
 
 
 def gemm_backend(m: int, n: int, k: int, scaled_mm_ready: bool) -> str:
-    if scaled_mm_ready and SCALED_MM_MIN_M is not None and m >= SCALED_MM_MIN_M:
+    """The GEMM for an [M, K] x [N, K]^T product: "scaled_mm" or "triton" (measured rule above)."""
+    if scaled_mm_ready and (m >= SCALED_MM_MIN_M or (m >= SCALED_MM_MIN_M_LONG_K and k >= LONG_K)):
         return "scaled_mm"
     return "triton"
 

@@ -1,0 +1,277 @@
+"""Block-scaled FP8 GEMM at DeepSeek-V3 shapes, and a real-size dummy V3 stage in FP8 vs bf16.
+
+    python benchmarks/gpu/bench_fp8.py [--out DIR] [--tune] [--skip-stage] [--split-k N]
+
+1. GEMM (y = x @ W^T, W e4m3 with 128x128 scales, x quantized per token in 1x128 groups on the
+   device): bf16 torch.mm on the dequantized weights, torch._scaled_mm's blockwise recipe
+   (kernels/fp8.scaled_mm_blockwise) and our Triton kernel (kernels/fp8.w8a8_block_gemm), each
+   timed with triton.testing.do_bench (median, L2 flushed) at M in {1, 16, 64, 128, 512, 4096}.
+   FP8 times include the activation quant (what a layer pays). Printed: TFLOP/s, ratios, and the
+   relative error ||y - ref|| / ||ref|| against an fp32 matmul of the dequantized operands' source
+   (x in fp32, W dequantized): the FP8 rows show activation-quant noise, bf16 its rounding.
+   `--tune` times every Triton tile candidate per (shape, M) and reports the best per M bucket
+   (what kernels/fp8.GEMM_CONFIGS holds).
+2. Stage: a V3-shape config (hidden 7168, MLA, 256 routed + 1 shared experts, FP8 config) with
+   one dense and one MoE layer, loaded with --load-format dummy on the GPU, FP8 and bf16: weight
+   bytes and allocated memory; one prefill of 256 tokens and the FP8 stage's hidden states
+   against the same stage run dequantized (FP8 compute vs dequantize-then-run). From the per-layer
+   bytes: the 8-layer stage's share (3 dense + 5 MoE + embeddings + head) in FP8 and bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from stage_worker.kernels import fp8 as k  # noqa: E402
+from stage_worker.models import quant  # noqa: E402
+
+SHAPES = {  # name: (N, K) of DeepSeek-V3's linears
+    "q_a+kv_a": (2112, 7168), "kv_a": (576, 7168), "q_b": (24576, 1536), "o_proj": (7168, 16384),
+    "shared gate_up": (4096, 7168), "dense down": (7168, 18432),
+}
+MS = (1, 16, 64, 128, 512, 4096)
+CANDIDATES = [(16, 64, 4, 4), (16, 128, 4, 4), (32, 64, 4, 4), (32, 128, 4, 3), (64, 64, 4, 3),
+              (64, 128, 4, 3), (64, 128, 8, 4), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 4)]
+
+
+def bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=50)  # ms, median
+
+
+def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+SPLIT_K = 1  # --split-k: K slices of the Triton GEMM (kernels/fp8.py; off when shipped)
+
+
+def gemm_rows(tune: bool) -> list[dict]:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows = []
+    for name, (n, kk) in SHAPES.items():
+        gen = torch.Generator(device="cuda").manual_seed(n + kk)
+        w = torch.randn(n, kk, device="cuda", generator=gen) * 0.02
+        wq, ws = quant.quantize_blocks(w)
+        w_deq = quant.dequantize_blocks(wq, ws)
+        wb = w_deq.to(torch.bfloat16)
+        ws_mm = k.scaled_mm_weight_scale(ws) if k.scaled_mm_ok(n, kk, 128) else None
+        for m in MS:
+            rows.append(_one(name, m, n, kk, gen, wq, ws, w_deq, wb, ws_mm, tune))
+            r = rows[-1]
+            print(f"{name:>15} M={m:<5} N={n:<6} K={kk:<6} bf16 {r['bf16_tflops']:7.1f}  "
+                  f"scaled_mm {r.get('scaled_mm_tflops', float('nan')):7.1f}  triton {r['triton_tflops']:7.1f} "
+                  f"{tuple(r['triton_config'])}  triton/bf16 {r['triton_over_bf16']:.2f}  "
+                  f"triton/scaled_mm {r.get('triton_over_scaled_mm', float('nan')):.2f}  "
+                  f"err bf16 {r['err_bf16']:.4f} triton {r['err_triton']:.4f} "
+                  f"scaled_mm {r.get('err_scaled_mm', float('nan')):.4f} kernel-vs-ref {r['err_kernel_vs_reference']:.1e}"
+                  + (f" scaled_mm failed: {r['scaled_mm_error']}" if "scaled_mm_error" in r else ""), flush=True)
+    return rows
+
+
+def _one(name, m, n, kk, gen, wq, ws, w_deq, wb, ws_mm, tune) -> dict:
+    x = torch.randn(m, kk, device="cuda", generator=gen).to(torch.bfloat16)
+    ref = x.float() @ w_deq.t()
+    flop = 2.0 * m * n * kk
+    tf = lambda ms: flop / ms / 1e9  # noqa: E731 - ms -> TFLOP/s
+    out = {"shape": name, "M": m, "N": n, "K": kk}
+    out["bf16_ms"] = bench(lambda: torch.mm(x, wb.t()))
+    out["err_bf16"] = rel(torch.mm(x, wb.t()), ref)
+    xq, xs = k.per_token_group_quant_fp8(x)
+    configs = CANDIDATES if tune else [k.gemm_config(m)]
+    best = None
+    for cfg in configs:
+        try:
+            t = bench(lambda: k.w8a8_block_gemm(xq, xs, wq, ws, 128, torch.bfloat16, config=cfg, split_k=SPLIT_K))
+        except Exception as exc:  # a tile that does not compile (shared memory): skip it
+            print(f"  config {cfg} failed: {type(exc).__name__}", flush=True)
+            continue
+        if best is None or t < best[0]:
+            best = (t, cfg)
+    out["triton_gemm_ms"], cfg = best
+    out["triton_config"] = list(cfg)
+    # The kernel against its torch reference on the same quantized operands (summation order only).
+    out["err_kernel_vs_reference"] = rel(k.w8a8_block_gemm(xq, xs, wq, ws, 128, torch.float32, config=cfg),
+                                         k.w8a8_block_gemm_torch(xq, xs, wq, ws, 128, torch.float32))
+
+    def triton_path():
+        a, s = k.per_token_group_quant_fp8(x)
+        return k.w8a8_block_gemm(a, s, wq, ws, 128, torch.bfloat16, config=cfg, split_k=SPLIT_K)
+
+    out["triton_ms"] = bench(triton_path)
+    out["err_triton"] = rel(triton_path(), ref)
+    out["act_quant_ms"] = bench(lambda: k.per_token_group_quant_fp8(x))
+    if ws_mm is not None:
+        try:
+            path = lambda: k.fp8_gemm(x, wq, ws, 128, "scaled_mm", ws_mm)  # noqa: E731
+            out["err_scaled_mm"] = rel(path(), ref)
+            out["scaled_mm_ms"] = bench(path)
+            out["scaled_mm_tflops"] = tf(out["scaled_mm_ms"])
+            out["triton_over_scaled_mm"] = out["scaled_mm_ms"] / out["triton_ms"]
+        except Exception as exc:
+            out["scaled_mm_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    out["bf16_tflops"], out["triton_tflops"] = tf(out["bf16_ms"]), tf(out["triton_ms"])
+    out["triton_over_bf16"] = out["bf16_ms"] / out["triton_ms"]
+    return out
+
+
+def best_configs(rows: list[dict]) -> dict:
+    """Per M: the candidate with the least total GEMM time over the shapes (tuned rows only)."""
+    out = {}
+    for m in MS:
+        votes: dict[tuple, int] = {}
+        for r in rows:
+            if r["M"] == m:
+                votes[tuple(r["triton_config"])] = votes.get(tuple(r["triton_config"]), 0) + 1
+        out[m] = max(votes.items(), key=lambda kv: kv[1])[0] if votes else None
+    return out
+
+
+# -- a real-size dummy V3 stage ------------------------------------------------------------------------
+# config.json of DeepSeek-V3 cut to 2 layers (1 dense, 1 MoE)
+V3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
+      "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+      "num_hidden_layers": 2, "num_attention_heads": 128, "num_key_value_heads": 128,
+      "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
+      "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
+      "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
+      "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+      "scoring_func": "sigmoid", "hidden_act": "silu", "max_position_embeddings": 163840,
+      "rms_norm_eps": 1e-6, "rope_theta": 10000, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+      "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                       "original_max_position_embeddings": 4096, "type": "yarn"},
+      "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                              "weight_block_size": [128, 128]}}
+
+
+def layer_bytes(layer: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in layer.parameters())
+
+
+def stage_figures() -> dict:
+    from stage_worker.loader import load_stage
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, raw in (("fp8", V3), ("bf16", {k_: v for k_, v in V3.items() if k_ != "quantization_config"})):
+            d = Path(tmp) / label
+            d.mkdir()
+            (d / "config.json").write_text(json.dumps(raw))
+            torch.cuda.empty_cache()
+            before = torch.cuda.memory_allocated()  # the FP8 stage is gone before the bf16 one loads
+            model, _ = load_stage(d, 0, 2, device="cuda", load_format="dummy")
+            torch.cuda.synchronize()
+            fig = {"allocated_bytes": torch.cuda.memory_allocated() - before, "weight_bytes": quant.weight_bytes(model),
+                   "dense_layer_bytes": layer_bytes(model.layers["0"]), "moe_layer_bytes": layer_bytes(model.layers["1"]),
+                   "embed_bytes": layer_bytes(model.embed_tokens)}
+            fig["head_bytes"] = fig["embed_bytes"]  # lm_head [V, H] in the stage dtype, as embed_tokens
+            fig["stage8_bytes"] = (fig["embed_bytes"] + fig["head_bytes"] + 3 * fig["dense_layer_bytes"]
+                                   + 5 * fig["moe_layer_bytes"])
+            try:
+                _stage_run(model, label, fig)
+            except Exception as exc:  # report the memory figures even if a kernel fails
+                fig["run_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            out[label] = fig
+            print(label, {k_: (round(v / 2**30, 3) if k_.endswith("bytes") else v) for k_, v in fig.items()}, flush=True)
+            del model
+    return out
+
+
+def _stage_run(model, label: str, fig: dict) -> None:
+    from stage_worker.attention import AttnMetadata
+
+    ids = torch.randint(3, 129280, (256,), device="cuda")
+    kv = model.make_kv_cache(17, 16)
+    meta = AttnMetadata.build([(0, 256, list(range(16)))], 16, "cuda")
+    h = model(ids, None, meta, kv)
+    torch.cuda.synchronize()
+    fig["prefill256_ms"] = bench(lambda: model(ids, None, meta, kv))
+    fig["finite"] = bool(torch.isfinite(h).all())
+    if label == "fp8":
+        fig["err_fp8_vs_dequantized"] = _fp8_vs_dequantized(model, ids, meta, kv, h)
+
+
+def _fp8_vs_dequantized(model, ids, meta, kv, h) -> dict:
+    """FP8 compute against dequantize-then-run, layer by layer on the same inputs (every FP8
+    linear's output vs F.linear with its dequantized weight; the MoE's experts vs the dequantized
+    grouped GEMMs under the same routing), and the stage's output against the whole stage run
+    dequantized (there routing flips and attention amplify the per-GEMM noise)."""
+    seen: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]] = []
+    moes = [m for m in model.modules() if hasattr(m, "fp8_prepare") and getattr(m, "fp8", False)]
+    hooked = [m for m in model.modules() if isinstance(m, quant.Fp8Linear)] + moes
+    handles = [m.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp[0], out))) for m in hooked]
+    model(ids, None, meta, kv)
+    for hd in handles:
+        hd.remove()
+    for m in model.modules():
+        if isinstance(m, quant.Fp8Linear):
+            m.backend, m._dense = "dequant", m.dense_weight()
+    for m in moes:  # one expert at a time: a float32 copy of a whole V3 stack would be 30 GB
+        m._dense = tuple(torch.stack([quant.dequantize_blocks(w[e], s[e], gn).to(m.compute_dtype)
+                                      for e in range(w.shape[0])])
+                         for w, s, gn in ((m.w_gate_up, m.w_gate_up_scale_inv, m.group_n[0]),
+                                          (m.w_down, m.w_down_scale_inv, m.group_n[1])))
+        m.backend = "torch"
+    errs = {}
+    for mod, inp, out in seen:
+        ref = mod(inp)
+        kind = "moe" if mod in moes else "linear"
+        errs.setdefault(kind, []).append(rel(out, ref.float()))
+    whole = rel(h, model(ids, None, meta, kv).float())
+    return {"linear_max": max(errs.get("linear", [0])), "moe_max": max(errs.get("moe", [0])), "stage_output": whole}
+
+
+def scaled_mm_odd_m() -> dict:
+    """torch._scaled_mm's blockwise recipe at M not a multiple of 16 (prefill chunks have any M)."""
+    n, kk = 7168, 2048
+    w = torch.randn(n, kk, device="cuda") * 0.02
+    wq, ws = quant.quantize_blocks(w)
+    ws_mm = k.scaled_mm_weight_scale(ws)
+    out = {}
+    for m in (2, 4, 8, 17, 33, 70, 129, 1000):
+        x = torch.randn(m, kk, device="cuda").to(torch.bfloat16)
+        try:
+            y = k.fp8_gemm(x, wq, ws, 128, "scaled_mm", ws_mm)
+            out[m] = f"ok err {rel(y, x.float() @ quant.dequantize_blocks(wq, ws).t()):.4f}"
+        except Exception as exc:
+            out[m] = f"{type(exc).__name__}: {str(exc)[:80]}"
+    print("scaled_mm at odd M:", out, flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="")
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--skip-stage", action="store_true")
+    ap.add_argument("--split-k", type=int, default=1, help="K slices of the Triton GEMM (1: as shipped)")
+    args = ap.parse_args()
+    global SPLIT_K
+    SPLIT_K = args.split_k
+    dev = torch.cuda.get_device_name()
+    print(f"device: {dev}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+          f"scaled_mm blockwise: {quant.scaled_mm_available(torch.device('cuda'))}", flush=True)
+    report = {"device": dev, "torch": torch.__version__, "cuda": torch.version.cuda}
+    report["scaled_mm_odd_m"] = scaled_mm_odd_m()
+    report["gemm"] = gemm_rows(args.tune)
+    if args.tune:
+        report["best_configs"] = {str(m): c for m, c in best_configs(report["gemm"]).items()}
+        print("best Triton config per M:", report["best_configs"], flush=True)
+    if not args.skip_stage:
+        report["stage"] = stage_figures()
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "bench_fp8.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
