@@ -245,14 +245,24 @@ class CompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
-class ToolCallDelta(ToolCall):
+class ToolCallFunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None  # a piece of the JSON text
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of a tool call: the first carries id, type and name; then pieces of its arguments."""
+
     index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ToolCallFunctionDelta
 
 
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
-    tool_calls: list[ToolCallDelta] | None = None  # whole calls, once the completion is done
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -14,8 +14,8 @@
     not, several joined by `;`), DeepSeek-V3 (`<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME` and a
     ```json block). What parses becomes tool_calls (text before it the content); else it is content.
 
-With "required", a named function, or "auto" with a parser, a streamed answer comes as one
-tool-call (or content) delta once the completion is done: the arguments are whole when they come.
+Streamed, a named function's arguments come as they are generated; "auto" content comes as it is
+generated until a tool call starts, the calls whole at the end; "required" calls whole at the end.
 Pure Python (no torch, no grpc); event loop only. `ToolAnswer` builds the answers (non-streamed and
 streamed) on gateway/openai_compat.py's Answer.
 """
@@ -52,11 +52,6 @@ class ToolPlan:
     def template_tools(self) -> list[dict] | None:
         """The tools as the chat template receives them (None: no tools)."""
         return None if self.mode == "none" or not self.tools else self.tools
-
-    @property
-    def buffers(self) -> bool:
-        """Whether the answer is parsed as a whole (a stream sends it once done)."""
-        return self.mode in ("required", "named") or (self.mode == "auto" and self.parser is not None)
 
     def message(self, text: str, finish: str) -> tuple[dict, str]:
         """(assistant message, finish_reason) for the completed text."""
@@ -254,18 +249,6 @@ def template_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
-# --- answers ------------------------------------------------------------------------------------------
-
-
-def stream_deltas(message: dict) -> list[dict]:
-    """The deltas a stream sends for a whole assistant message (after the role chunk)."""
-    if "tool_calls" not in message:
-        return [{"content": message["content"]}] if message["content"] else []
-    deltas = [{"content": message["content"]}] if message["content"] else []
-    deltas.append({"tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]})
-    return deltas
-
-
 def chat_constraints(fields: dict, template_source: str | None) -> tuple[GrammarSpec | None, ToolPlan]:
     """A chat body's structured output and tools (fields: what was set): the grammar it is
     constrained to (a response_format / guided_* one, or the tools'), and its ToolPlan."""
@@ -277,13 +260,29 @@ def chat_constraints(fields: dict, template_source: str | None) -> tuple[Grammar
     return spec or plan.grammar, plan
 
 
+MARKERS = {"hermes": "<tool_call>", "deepseek_v3": "<｜tool▁calls▁begin｜>"}  # where a call starts
+
+
+@dataclass
+class _Streamed:
+    """One streamed choice: its text so far, how much of it was sent, whether the rest is held
+    (a tool call started), and the id of its call (named)."""
+
+    text: str = ""
+    sent: int = 0
+    held: bool = False
+    call_id: str = ""
+
+
 class ToolAnswer(Answer):
-    """An Answer whose chat choices carry tool_calls (jobs[0].tools: the ToolPlan)."""
+    """An Answer whose chat choices carry tool_calls (jobs[0].tools: the ToolPlan). Streamed: a named
+    function's arguments as they come; "auto" content as it comes until a tool call starts (held
+    back from there, sent whole at the end); "required" whole at the end."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.plan: ToolPlan = self.jobs[0].tools
-        self._texts: dict[int, str] = {}
+        self._streams: dict[int, _Streamed] = {}
 
     def _choice(self, index: int, c, job) -> dict:
         choice = super()._choice(index, c, job)
@@ -291,17 +290,61 @@ class ToolAnswer(Answer):
         return choice
 
     def delta_choice(self, index: int, msg, job, first: bool) -> dict | None:
-        if not self.plan.buffers:
+        plan = self.plan
+        if plan.mode == "auto" and plan.parser is None:
             return super().delta_choice(index, msg, job, first)
-        self._texts[index] = self._texts.get(index, "") + msg.text
-        if not msg.finish_reason:
-            return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                    "finish_reason": None} if first else None
-        message, finish = self.plan.message(self._texts.pop(index), finish_reason(finish_text(msg)))
-        delta = {"role": "assistant"} if first else {}
-        for d in stream_deltas(message):
-            delta.update(d)
+        st = self._streams.setdefault(index, _Streamed())
+        st.text += msg.text
+        finish = finish_reason(finish_text(msg)) if msg.finish_reason else None
+        delta = self._named_delta(st) if plan.mode == "named" else self._content_delta(st, plan.parser)
+        if finish:
+            message, finish = plan.message(st.text, finish)
+            delta = {**delta, **self._final_delta(st, message)}
+            del self._streams[index]
+        if first:
+            delta = {"role": "assistant", **delta}
+            if "tool_calls" not in delta:
+                delta.setdefault("content", "")
+        if not delta and not finish:
+            return None
         return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    def _named_delta(self, st: _Streamed) -> dict:
+        new, st.sent = st.text[st.sent:], len(st.text)
+        if not st.call_id:
+            st.call_id = f"call_{uuid.uuid4().hex[:24]}"
+            return {"tool_calls": [{"index": 0, "id": st.call_id, "type": "function",
+                                    "function": {"name": self.plan.name, "arguments": new}}]}
+        return {"tool_calls": [{"index": 0, "function": {"arguments": new}}]} if new else {}
+
+    def _content_delta(self, st: _Streamed, parser: str | None) -> dict:
+        """auto: the content not sent yet, up to where a tool call starts or may be starting."""
+        if st.held or parser is None:  # required: all at the end
+            return {}
+        text = st.text
+        if parser == "llama3_json":  # the whole completion is the call(s), or content
+            body = text.lstrip()
+            if body.startswith(("{", "<|python_tag|>")) or not body:
+                st.held = bool(body)
+                return {}
+            end = len(text)
+        else:
+            marker = MARKERS[parser]
+            at = text.find(marker, max(0, st.sent - len(marker)))
+            if at >= 0:
+                end, st.held = at, True
+            else:  # hold back what may be the start of the marker
+                end = len(text) - next((k for k in range(len(marker) - 1, 0, -1) if text.endswith(marker[:k])), 0)
+        new, st.sent = text[st.sent:end], max(st.sent, end)
+        return {"content": new} if new else {}
+
+    def _final_delta(self, st: _Streamed, message: dict) -> dict:
+        if self.plan.mode == "named":
+            return {}
+        if "tool_calls" not in message:  # no call after all: the rest is content
+            rest, st.sent = st.text[st.sent:], len(st.text)
+            return {"content": rest} if rest else {}
+        return {"tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]}
 
 
 def answer_type(jobs: list) -> type[Answer]:

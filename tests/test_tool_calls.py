@@ -103,6 +103,41 @@ def test_tool_plans_and_their_refusals():
         assert info.value.field == param, (fields, info.value)
 
 
+def _streamed(plan, pieces: list[str]) -> list[dict]:
+    """The chunk choices a ToolAnswer streams for a completion arriving in `pieces`."""
+    from gateway.openai_compat import Job, Shape
+    from stagemesh.finish import set_finish
+    from stagemesh.v1 import stagemesh_pb2 as pb
+
+    answer = tool_calls.ToolAnswer(Shape("chat", 1, 1), "m", None, [Job(pb.GenerateRequest(), tools=plan)])
+    out = []
+    for i, piece in enumerate(pieces):
+        msg = pb.GenerateResponse(text=piece)
+        if i == len(pieces) - 1:
+            set_finish(msg, "stop")
+        out.append(answer.delta_choice(0, msg, None, i == 0))
+    return [c for c in out if c is not None]
+
+
+def test_auto_streams_content_until_a_call_starts():
+    plan = tool_calls.plan_tools({"tools": TOOLS}, QWEN_STYLE)
+    pieces = ["Let me ", "check.<tool", '_call>\n{"name": "get_weather", ', '"arguments": {"city": "Oslo"}}\n</tool_call>']
+    chunks = _streamed(plan, pieces)
+    assert chunks[0]["delta"]["role"] == "assistant"
+    assert "".join(c["delta"].get("content") or "" for c in chunks) == "Let me check."
+    assert "<tool" not in chunks[1]["delta"].get("content", "")  # held back: it might be a call
+    last = chunks[-1]
+    assert last["finish_reason"] == "tool_calls"
+    assert last["delta"]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    plain = _streamed(plan, ["No call: ", "a <tool", " is not one."])
+    assert "".join(c["delta"].get("content") or "" for c in plain) == "No call: a <tool is not one."
+    assert plain[-1]["finish_reason"] == "stop"
+    llama = tool_calls.ToolPlan("auto", TOOLS, parser="llama3_json")
+    calls = _streamed(llama, ['{"name": "set_alarm", ', '"parameters": {"hour": 5}}'])
+    assert calls[-1]["delta"]["tool_calls"][0]["function"]["name"] == "set_alarm"
+    assert not any(c["delta"].get("content") for c in calls)
+
+
 # --- against the mesh ---------------------------------------------------------------------------------
 
 
@@ -142,8 +177,9 @@ def test_required_and_named_tool_choice(mesh):
                                             temperature=0, max_completion_tokens=80, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
     deltas = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
-    assert [d.function.arguments for d in deltas] == [out.choices[0].message.tool_calls[0].function.arguments]
-    assert deltas[0].index == 0 and deltas[0].function.name == "set_alarm"
+    assert len(deltas) > 2  # the arguments come as they are generated
+    assert "".join(d.function.arguments for d in deltas) == out.choices[0].message.tool_calls[0].function.arguments
+    assert deltas[0].index == 0 and deltas[0].function.name == "set_alarm" and deltas[0].id.startswith("call_")
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
