@@ -19,7 +19,8 @@ median / p90 / max over every step of --walks walks, single-threaded, on this ma
 
     python benchmarks/bench_grammar.py [--walks 5] [--max-tokens 200] [--out benchmarks/results/cpu_bench_grammar.json]
 
-With --mesh (a checkpoint dir, or "demo"): the issue's throughput figure instead. `stagemesh up`
+With --mesh (a checkpoint dir, or "demo"; one without tokenizer.json, such as bench_gpu's random
+Llama-3.1-8B shape, gets the synthetic 128k BPE written into it): the issue's throughput figure. `stagemesh up`
 serves it; rounds of --requests concurrent greedy requests of --gen-tokens tokens each (ignore_eos,
 so both sides generate the same tokens), unconstrained and with the JSON schema above, alternated;
 every constrained output is checked (complete and valid); prints json_schema / free of the median throughputs.
@@ -321,6 +322,9 @@ def mesh_throughput(args) -> None:
     if model_dir == "demo":
         model_dir = write_demo_model(Path(tempfile.mkdtemp()) / "demo", num_layers=8, hidden_size=256)
     vocab = ModelConfig.from_dir(model_dir).vocab_size
+    if not (Path(model_dir) / "tokenizer.json").is_file():  # e.g. bench_gpu's random Llama-3.1-8B shape
+        print(f"{model_dir} has no tokenizer.json: writing the synthetic 128k BPE there (vocab {vocab})")
+        (Path(model_dir) / "tokenizer.json").write_text(synthetic_128k_json(args.tok128k))
     rows = []
     with mesh(model_dir, stages=args.stages, extra=args.up_args.split()) as m:
         asyncio.run(_drive(m.address, True, args, vocab))  # warm-up (and the grammar tokenizer's build)
