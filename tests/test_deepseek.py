@@ -271,7 +271,7 @@ def test_mla_pool_is_what_the_worker_sizes(ds_root):
     kv = stage.make_kv_cache(10, 16)
     assert kv.bytes_per_block == 2 * 16 * (32 + 8) * 4
     assert sum(t.numel() * t.element_size() for t in kv.latents) == 10 * kv.bytes_per_block
-    assert kv.scratch_block is None  # keeps the executor off the CUDA-graph path
+    assert kv.scratch_block is None  # the CPU pool has none: a scratch block (graphs) only on CUDA
     dense, moe = layer_profile(cfg, 0), layer_profile(cfg, 1)
     assert moe["moe"] and not dense["moe"] and moe["weight_bytes"] > dense["weight_bytes"]
     assert moe["flops_per_token"] < moe["weight_bytes"]  # held experts >> active experts
