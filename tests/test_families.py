@@ -177,3 +177,63 @@ def test_mixtral_experts_load_into_the_fused_moe_layer(root):
     assert "layers.2.block_sparse_moe.gate.weight" in names and not any(".mlp." in n for n in names)
     with pytest.raises(CheckpointError, match="dense Llama-family"):
         shard_stage(stage, 0, 2)
+
+
+# -- config.json as the hub ships it (transformers 4.x layouts) --------------------------------
+def _factors(n: int, lo: float, hi: float) -> list[float]:
+    return torch.linspace(lo, hi, n).tolist()
+
+
+HUB_CONFIGS = {  # the fields that decide windows and rotary, as in the hub's config.json files
+    "gemma-2-2b": dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", hidden_size=2304, head_dim=256,
+                       num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=26, sliding_window=4096,
+                       query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "Qwen2.5-7B": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=3584, num_attention_heads=28,
+                       num_key_value_heads=4, num_hidden_layers=28, sliding_window=131072, use_sliding_window=False,
+                       max_window_layers=28, rope_theta=1000000.0),
+    "Qwen3-8B": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=4096, head_dim=128,
+                     num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=36, sliding_window=None,
+                     use_sliding_window=False, max_window_layers=36),
+    "Mistral-7B-v0.1": dict(architectures=["MistralForCausalLM"], model_type="mistral", hidden_size=4096,
+                            num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32, sliding_window=4096),
+    "Phi-3-mini-4k": dict(architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_size=3072, num_attention_heads=32,
+                          num_hidden_layers=32, sliding_window=2047, max_position_embeddings=4096,
+                          original_max_position_embeddings=4096, rope_scaling=None),
+    "Phi-3-mini-128k": dict(architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_size=3072,
+                            num_attention_heads=32, num_hidden_layers=32, sliding_window=262144,
+                            max_position_embeddings=131072, original_max_position_embeddings=4096,
+                            rope_scaling={"type": "longrope", "short_factor": _factors(48, 1.0, 1.2),
+                                          "long_factor": _factors(48, 1.1, 60.0)}),
+    "Mixtral-8x7B": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=4096,
+                         num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32, sliding_window=None,
+                         num_local_experts=8, num_experts_per_tok=2, rope_theta=1000000.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_CONFIGS))
+def test_hub_configs_read_as_transformers_reads_them(name):
+    """Per-layer windows (layer_types where transformers derives them, else sliding_window on every
+    layer) and Phi-3's LongRoPE tables equal transformers' own reading of the same config.json."""
+    import types
+
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from stage_worker.models.llama import sliding_window
+    from stage_worker.models.phi3 import Phi3Stage
+
+    raw = {**dict(vocab_size=1000, intermediate_size=64, rms_norm_eps=1e-6), **HUB_CONFIGS[name]}
+    hf = AutoConfig.for_model(**raw)
+    cfg = ModelConfig.from_dict(raw)
+    types_ = getattr(hf, "layer_types", None)
+    expect = [hf.sliding_window if not types_ or types_[i] == "sliding_attention" else None
+              for i in range(cfg.num_hidden_layers)]
+    assert [sliding_window(cfg, i) for i in range(cfg.num_hidden_layers)] == expect
+    if name == "Phi-3-mini-128k":
+        stage = types.SimpleNamespace()
+        short, scaling = Phi3Stage.rope_init(stage, cfg)
+        hf_short, hf_scaling = ROPE_INIT_FUNCTIONS["longrope"](hf, "cpu")
+        hf_long, _ = ROPE_INIT_FUNCTIONS["longrope"](hf, "cpu", seq_len=4097)
+        torch.testing.assert_close(short, hf_short, rtol=0, atol=0)
+        torch.testing.assert_close(stage.long_inv_freq, hf_long, rtol=0, atol=0)
+        assert scaling == pytest.approx(hf_scaling, rel=1e-12) and stage.original_max_position_embeddings == 4096
