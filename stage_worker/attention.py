@@ -263,8 +263,10 @@ def attend(q: torch.Tensor, layer_kv: tuple[torch.Tensor, torch.Tensor], meta: A
         out[a:b] = oi[0].transpose(0, 1)
     if meta.paged and meta.decode_ids:
         qd = q if meta.decode_all else q[meta.decode_rows]  # [B, Hq, D]
-        splits = meta.num_splits or choose_splits(qd.shape[0], k_cache.shape[1], meta.decode_max_ctx,
-                                                  _num_sms(q.device))
+        span = meta.decode_max_ctx  # keys a query reads: a window caps it (fewer, fuller splits)
+        if window and span is not None:
+            span = min(span, window)
+        splits = meta.num_splits or choose_splits(qd.shape[0], k_cache.shape[1], span, _num_sms(q.device))
         od = paged_decode(qd, k_cache, v_cache, meta.block_tables, meta.decode_ctx, scale,
                           meta.block_size, splits, meta.decode_max_ctx, window=window, softcap=softcap)
         if meta.decode_all:
