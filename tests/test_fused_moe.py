@@ -99,6 +99,21 @@ def test_route_is_batched_and_shape_static():
     assert set(ids3[0].tolist()) == set(ids[3].tolist())
 
 
+def test_bad_routing_config_names_the_field():
+    from stage_worker.models.deepseek import DeepseekDims, router_spec
+    from stagemesh.errors import CheckpointError
+    from stagemesh.model_config import ModelConfig
+
+    raw = dict(architectures=["DeepseekV3ForCausalLM"], hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               moe_intermediate_size=24, n_routed_experts=16, num_experts_per_tok=0, num_attention_heads=4,
+               vocab_size=100, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+    with pytest.raises(CheckpointError, match="num_experts_per_tok"):
+        router_spec(DeepseekDims.from_config(ModelConfig.from_dict(raw)))
+    with pytest.raises(CheckpointError, match="topk_group"):
+        router_spec(DeepseekDims.from_config(ModelConfig.from_dict({**raw, "num_experts_per_tok": 2,
+                                                                    "n_group": 4, "topk_group": 5, "topk_method": "noaux_tc"})))
+
+
 # -- alignment by expert (torch reference; the Triton kernels below) ------------------------------
 @pytest.mark.parametrize("m,k,e,bm", [(7, 2, 8, 4), (1, 3, 8, 16), (33, 3, 8, 16), (0, 2, 8, 16)])
 def test_align_reference_layout(m, k, e, bm):

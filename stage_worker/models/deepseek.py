@@ -322,9 +322,12 @@ class DeepseekMLP(nn.Module):
 
 def router_spec(d: DeepseekDims) -> RouterSpec:
     """DeepSeek's routing (models/moe.py `route`) from its config fields."""
-    return RouterSpec(n_experts=d.n_routed_experts, top_k=d.num_experts_per_tok, scoring=d.scoring_func,
-                      topk_method=d.topk_method, n_group=d.n_group, topk_group=d.topk_group,
-                      norm_topk_prob=d.norm_topk_prob, scaling=d.routed_scaling_factor)
+    try:
+        return RouterSpec(n_experts=d.n_routed_experts, top_k=d.num_experts_per_tok, scoring=d.scoring_func,
+                          topk_method=d.topk_method, n_group=d.n_group, topk_group=d.topk_group,
+                          norm_topk_prob=d.norm_topk_prob, scaling=d.routed_scaling_factor)
+    except ValueError as exc:  # e.g. num_experts_per_tok missing or above n_routed_experts
+        raise CheckpointError(f"config.json: {exc}") from exc
 
 
 class MoEGate(Router):

@@ -66,10 +66,13 @@ class RouterSpec:
             raise ValueError(f"scoring {self.scoring!r} is not supported ({', '.join(SCORING)})")
         if self.topk_method not in TOPK_METHODS:
             raise ValueError(f"topk_method {self.topk_method!r} is not supported ({', '.join(TOPK_METHODS)})")
-        if self.n_experts % self.n_group:
-            raise ValueError(f"n_experts={self.n_experts} is not a multiple of n_group={self.n_group}")
+        grouped = self.topk_method != "greedy"
+        if self.n_experts % self.n_group or (grouped and not 0 < self.topk_group <= self.n_group):
+            raise ValueError(f"{self.n_experts} routed experts in n_group={self.n_group} groups, "
+                             f"topk_group={self.topk_group}: need whole groups and 1 <= topk_group <= n_group")
         if not 0 < self.top_k <= self.n_experts:
-            raise ValueError(f"top_k={self.top_k} must be in [1, n_experts={self.n_experts}]")
+            raise ValueError(f"experts per token (num_experts_per_tok) = {self.top_k} must be in "
+                             f"[1, {self.n_experts}], the number of routed experts")
 
 
 def route(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = None):
