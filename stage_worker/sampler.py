@@ -117,6 +117,9 @@ def logprobs_of(logits: torch.Tensor, token_ids: list[int], ks: list[int | None]
 
 
 # -- logits processing, batched ------------------------------------------------------------------
+# Each step is a few tensor ops over the rows it concerns (in place when that is every row), and
+# the penalties touch only the histories' positions ([rows, history], gathered and scattered), not
+# [rows, vocab] count tables.
 
 
 def process_logits(logits: torch.Tensor, rows: list[Row], bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,12 +133,23 @@ def process_logits(logits: torch.Tensor, rows: list[Row], bias: torch.Tensor | N
     _penalize(x, rows)
     drawn = [i for i, r in enumerate(rows) if not r.spec.greedy]
     if drawn:
-        specs = [rows[i].spec for i in drawn]
-        index = torch.tensor(drawn, device=x.device)
-        y = x.index_select(0, index)
-        y = _warp(y, specs)
-        x.index_copy_(0, index, y)
+        _in_rows(x, drawn, lambda y: _warp(y, [rows[i].spec for i in drawn]))
     return x
+
+
+def _in_rows(x: torch.Tensor, which: list[int], fn) -> None:
+    """x[which] = fn(x[which]): in place on x itself when `which` is every row."""
+    if len(which) == x.shape[0]:
+        y = fn(x)
+        if y is not x:
+            x.copy_(y)
+        return
+    index = torch.tensor(which, device=x.device)
+    x.index_copy_(0, index, fn(x.index_select(0, index)))
+
+
+def _column(values, x: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([[v] for v in values], dtype=x.dtype, device=x.device)  # [R, 1]
 
 
 def _scatter_rows(x: torch.Tensor, pairs: list[tuple[int, int]], values, accumulate: bool) -> None:
@@ -163,57 +177,74 @@ def _add_logit_bias(x: torch.Tensor, rows: list[Row]) -> None:
     _scatter_rows(x, pairs, values, accumulate=True)
 
 
+def _padded(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, L] ids (padding repeats each row's first id: gathering and scattering it twice is
+    harmless) and [R, L] True where real."""
+    width = max(len(h) for h in seqs)
+    ids = torch.tensor([h + [h[0]] * (width - len(h)) for h in seqs], dtype=torch.long)
+    real = torch.arange(width)[None, :] < torch.tensor([[len(h)] for h in seqs])
+    return ids.to(device), real.to(device)
+
+
 def _penalize(x: torch.Tensor, rows: list[Row]) -> None:
-    """Repetition (tokens of prompt or output), then frequency and presence (output only)."""
-    which = [i for i, r in enumerate(rows) if r.spec.needs_history]
-    if not which:
+    """Repetition over the tokens of prompt and output (transformers: gather, scale, scatter back),
+    then frequency (once per occurrence) and presence (once per distinct token) over the output."""
+    hist = {i: (r.history or [])[: r.num_prompt + r.output_index] for i, r in enumerate(rows)
+            if r.spec.needs_history}
+    rep = [i for i, h in hist.items() if h and rows[i].spec.repetition_penalty != 1.0]
+    if rep:
+        ids, _ = _padded([hist[i] for i in rep], x.device)
+        index = torch.tensor(rep, device=x.device)
+        y = x.index_select(0, index)
+        score = y.gather(1, ids)
+        p = _column([rows[i].spec.repetition_penalty for i in rep], x)
+        x.index_copy_(0, index, y.scatter(1, ids, torch.where(score < 0, score * p, score / p)))
+    outs = {i: h[rows[i].num_prompt :] for i, h in hist.items()}
+    pen = [i for i, o in outs.items() if o and (rows[i].spec.frequency_penalty or rows[i].spec.presence_penalty)]
+    if not pen:
         return
-    V = x.shape[1]
-    hists = [(rows[i].history or [])[: rows[i].num_prompt + rows[i].output_index] for i in which]
-    width = max(1, max(len(h) for h in hists))
-    ids = torch.full((len(which), width), V, dtype=torch.long)  # padding: the spare column V
-    is_out = torch.zeros((len(which), width), dtype=torch.bool)
-    for j, (i, h) in enumerate(zip(which, hists)):
-        ids[j, : len(h)] = torch.tensor(h, dtype=torch.long)
-        is_out[j, rows[i].num_prompt : len(h)] = True
-    ids, is_out = ids.to(x.device), is_out.to(x.device)
-    counts = torch.zeros((len(which), V + 1), dtype=x.dtype, device=x.device)
-    counts.scatter_add_(1, ids.masked_fill(~is_out, V), torch.ones_like(ids, dtype=x.dtype))
-    seen = torch.zeros((len(which), V + 1), dtype=torch.bool, device=x.device)
-    seen.scatter_(1, ids, True)
-    counts, seen = counts[:, :V], seen[:, :V]
-    specs = [rows[i].spec for i in which]
-    rep = torch.tensor([[s.repetition_penalty] for s in specs], dtype=x.dtype, device=x.device)
-    freq = torch.tensor([[s.frequency_penalty] for s in specs], dtype=x.dtype, device=x.device)
-    pres = torch.tensor([[s.presence_penalty] for s in specs], dtype=x.dtype, device=x.device)
-    index = torch.tensor(which, device=x.device)
-    y = x.index_select(0, index)
-    y = torch.where(seen, torch.where(y < 0, y * rep, y / rep), y)
-    y = y - freq * counts - pres * (counts > 0).to(x.dtype)
-    x.index_copy_(0, index, y)
+    ids, real = _padded([outs[i] for i in pen], x.device)
+    # Sorted per row, equal ids sit in runs; each run holds at least one real entry (padding only
+    # repeats a real id), so its first entry stands for the distinct token (presence).
+    ids, order = ids.sort(dim=1)
+    real = real.gather(1, order)
+    first = torch.ones_like(real)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    freq = _column([rows[i].spec.frequency_penalty for i in pen], x)
+    pres = _column([rows[i].spec.presence_penalty for i in pen], x)
+    delta = -freq * real - pres * first  # [R, L]
+    rows_index = torch.tensor(pen, device=x.device)[:, None].expand_as(ids)
+    x.index_put_((rows_index.reshape(-1), ids.reshape(-1)), delta.reshape(-1), accumulate=True)
 
 
 def _warp(y: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
-    """Rows that draw: temperature, then top-k, top-p, min-p (transformers' warper order)."""
+    """Rows that draw: temperature, then top-k, top-p, min-p (transformers' warper order), in place."""
     V = y.shape[1]
-    y = y / torch.tensor([[s.temperature] for s in specs], dtype=y.dtype, device=y.device)
+    y.div_(_column([s.temperature for s in specs], y))
     ks = [s.top_k if 0 < s.top_k < V else V for s in specs]
-    if any(k < V for k in ks):
-        kth = torch.sort(y, dim=-1, descending=True).values.gather(
-            1, torch.tensor([[k - 1] for k in ks], device=y.device))  # [D, 1]
-        y = y.masked_fill(y < kth, float("-inf"))
+    limited = [i for i, k in enumerate(ks) if k < V]
+    if limited:
+        def top_k(sub):
+            top = sub.topk(max(ks[i] for i in limited), dim=-1).values  # not a full sort: k is small
+            kth = top.gather(1, torch.tensor([[ks[i] - 1] for i in limited], device=y.device))  # [L, 1]
+            return sub.masked_fill_(sub < kth, float("-inf"))
+        _in_rows(y, limited, top_k)
     ps = [s.top_p if 0 < s.top_p < 1 else 1.0 for s in specs]
-    if any(p < 1 for p in ps):
-        sorted_logits, sorted_idx = torch.sort(y, dim=-1, descending=False)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum <= (1 - torch.tensor([[p] for p in ps], dtype=y.dtype, device=y.device))
-        remove[:, -1] = False  # always keep the most likely token
-        y = y.masked_fill(remove.scatter(1, sorted_idx, remove), float("-inf"))
-    mps = [s.min_p for s in specs]
-    if any(m > 0 for m in mps):
-        probs = y.softmax(-1)
-        threshold = torch.tensor([[m] for m in mps], dtype=y.dtype, device=y.device) * probs.amax(-1, keepdim=True)
-        y = y.masked_fill(probs < threshold, float("-inf"))
+    nucleus = [i for i, p in enumerate(ps) if p < 1]
+    if nucleus:
+        def top_p(sub):
+            sorted_logits, sorted_idx = torch.sort(sub, dim=-1, descending=False)
+            remove = sorted_logits.softmax(-1).cumsum_(-1) <= (1 - _column([ps[i] for i in nucleus], sub))
+            remove[:, -1] = False  # always keep the most likely token
+            return sub.masked_fill_(remove.scatter(1, sorted_idx, remove), float("-inf"))
+        _in_rows(y, nucleus, top_p)
+    floor = [i for i, s in enumerate(specs) if s.min_p > 0]
+    if floor:
+        def min_p(sub):
+            probs = sub.softmax(-1)
+            threshold = _column([specs[i].min_p for i in floor], sub) * probs.amax(-1, keepdim=True)
+            return sub.masked_fill_(probs < threshold, float("-inf"))
+        _in_rows(y, floor, min_p)
     return y
 
 
