@@ -60,6 +60,8 @@ if INTERPRETED:  # the kernel tests: collected only in the interpreter process (
         fo, gen = k["fused_ops"], torch.Generator().manual_seed(1)
         gu = torch.randn(4, 2 * 40, generator=gen)
         torch.testing.assert_close(fo.silu_and_mul(gu, use_triton=True), fo.silu_and_mul_torch(gu))
+        gu[0, :4] = torch.tensor([-30.0, 30.0, 0.0, -1e-4])  # tanh's tails and its cancellation near 0
+        torch.testing.assert_close(fo.gelu_tanh_and_mul(gu, use_triton=True), fo.gelu_tanh_and_mul_torch(gu))
 
 
     def test_rotary_and_cache(k):

@@ -8,7 +8,8 @@ Each function here does one of those groups in one Triton kernel:
 - `rms_norm(x, weight, eps)`: RMSNorm of [T, H] rows (the first layer's input norm).
 - `fused_add_rms_norm(x, residual, weight, eps) -> (normed, new_residual)`: the residual add and
   the next RMSNorm in one pass (every other norm of the layer stack).
-- `silu_and_mul(gate_up)`: [T, 2I] fused gate/up projection output -> silu(gate) * up, [T, I].
+- `silu_and_mul(gate_up)`: [T, 2I] fused gate/up projection output -> silu(gate) * up, [T, I];
+  `gelu_tanh_and_mul(gate_up)` the same with Gemma's gelu_pytorch_tanh (same kernel, ACT=1).
 - `rotary_and_cache(qkv, cos, sin, n_q, n_kv, k_cache, v_cache, slot_mapping) -> q`: rotary
   embedding of q and k from the fused qkv projection output [T, n_q + 2 n_kv, D], rotated k and
   raw v written into the flat-slot KV pool ([N, n_kv, D], see kv_cache.py), rotated q returned.
@@ -132,6 +133,17 @@ def silu_and_mul(gate_up: torch.Tensor, use_triton: bool | None = None) -> torch
     """gate_up: [T, 2I] (gate columns first, as chunk(2, -1)) -> silu(gate) * up [T, I]."""
     if not _pick(use_triton, gate_up):
         return silu_and_mul_torch(gate_up)
+    return _act_and_mul_triton(gate_up, 0)
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor, use_triton: bool | None = None) -> torch.Tensor:
+    """gate_up: [T, 2I] -> gelu(gate, approximate="tanh") * up [T, I] (Gemma's gelu_pytorch_tanh)."""
+    if not _pick(use_triton, gate_up):
+        return gelu_tanh_and_mul_torch(gate_up)
+    return _act_and_mul_triton(gate_up, 1)
+
+
+def _act_and_mul_triton(gate_up: torch.Tensor, act: int) -> torch.Tensor:
     t, two_i = gate_up.shape
     i = two_i // 2
     out = torch.empty(t, i, dtype=gate_up.dtype, device=gate_up.device)
@@ -141,7 +153,7 @@ def silu_and_mul(gate_up: torch.Tensor, use_triton: bool | None = None) -> torch
     block = min(SILU_BLOCK, triton.next_power_of_2(i))
     _silu_mul_kernel[(t, triton.cdiv(i, block))](
         gate_up, out, gate_up.stride(0), out.stride(0), i,
-        BLOCK=block, num_warps=4, enable_fp_fusion=False,
+        BLOCK=block, ACT=act, num_warps=4, enable_fp_fusion=False,
     )
     return out
 
@@ -150,6 +162,12 @@ def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
     """Reference: chunk(2) of the merged gate/up output, silu(gate) * up."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
+    """Reference: gelu(gate, approximate="tanh") * up, as transformers' Gemma MLP."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
 
 
 # ----------------------------------------------------------------------------- rotary + KV write
@@ -261,14 +279,18 @@ if triton is not None:
         tl.store(OUT + row * s_o + cols, (w * y).to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(GU, OUT, s_gu, s_o, I, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(GU, OUT, s_gu, s_o, I, BLOCK: tl.constexpr, ACT: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < I
         g = tl.load(GU + row * s_gu + cols, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(GU + row * s_gu + I + cols, mask=mask, other=0.0).to(tl.float32)
         dt = OUT.dtype.element_ty
-        act = tl.math.div_rn(g, 1.0 + tl.exp(-g)).to(dt).to(tl.float32)  # F.silu in dtype
+        if ACT == 0:
+            act = tl.math.div_rn(g, 1.0 + tl.exp(-g)).to(dt).to(tl.float32)  # F.silu in dtype
+        else:  # gelu tanh: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), tanh(z) = 1 - 2 / (e^2z + 1)
+            z2 = tl.minimum(tl.maximum(1.5957691216057308 * (g + 0.044715 * g * g * g), -40.0), 40.0)  # 2z
+            act = (0.5 * g * (2.0 - 2.0 / (tl.exp(z2) + 1.0))).to(dt).to(tl.float32)
         tl.store(OUT + row * s_o + cols, (act * u).to(dt), mask=mask)
 
     @triton.jit

@@ -39,7 +39,7 @@ if triton is not None:
         v = tl.load(V + kv_off, mask=in_ctx[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k)) * scale  # [M, N] fp32
         if SOFTCAP:  # softcap * tanh(qk / softcap); tanh(x) = 1 - 2 / (exp(2x) + 1) (Triton has no tanh)
-            qk = softcap * (1.0 - 2.0 / (tl.exp(2.0 * qk / softcap) + 1.0))
+            qk = softcap * (1.0 - 2.0 / (tl.exp(tl.minimum(tl.maximum(2.0 * qk / softcap, -40.0), 40.0)) + 1.0))
         qk = tl.where(see, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: exp(-inf) = 0, no NaN

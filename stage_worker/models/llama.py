@@ -31,7 +31,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from stage_worker.attention import AttnMetadata, attend
@@ -109,19 +108,13 @@ def sliding_window(cfg: ModelConfig, layer: int) -> int | None:
     return int(window)
 
 
-def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[T, 2I] -> gelu_tanh(gate) * up [T, I] (Gemma's gelu_pytorch_tanh; torch ops, no fused kernel)."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.gelu(gate, approximate="tanh") * up
-
-
 def mlp_activation(cfg: ModelConfig):
-    """The MLP's act(gate) * up: SiLU (fused kernel) or Gemma's tanh GELU, as config.json names it."""
+    """The MLP's act(gate) * up (one fused kernel each): SiLU, or Gemma's tanh GELU, as config.json names it."""
     name = cfg.raw.get("hidden_activation") or cfg.raw.get("hidden_act") or "silu"
     if name == "silu":
         return fused_ops.silu_and_mul
     if name == "gelu_pytorch_tanh":
-        return gelu_tanh_and_mul
+        return fused_ops.gelu_tanh_and_mul
     raise CheckpointError(f"config.json: hidden activation {name!r} is not supported "
                           f"(supported: silu, gelu_pytorch_tanh)")
 
