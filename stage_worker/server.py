@@ -31,7 +31,7 @@ from stage_worker.config import WorkerConfig
 from stage_worker.device import free_memory_bytes
 from stage_worker.executor import StageExecutor
 from stage_worker.loader import load_stage
-from stage_worker.models.quant import with_quantization
+from stage_worker.models.quant import weight_bytes, with_quantization
 from stage_worker.profile import profile_layer
 from stage_worker.samples import SampleNotReady
 from stage_worker import grammar, logprobs
@@ -264,7 +264,8 @@ class StageService(pb_grpc.StageServicer):
         assignment.CopyFrom(a)
         self.loaded = Loaded(assignment, executor, stub, channel, forward)
         self.log.info("assignment_loaded", epoch=a.epoch, layers=f"[{a.layer_start},{a.layer_end})",
-                      num_blocks=executor.num_blocks, next=a.next_address or "-")
+                      num_blocks=executor.num_blocks, next=a.next_address or "-",
+                      weight_bytes=weight_bytes(executor.model))  # as held: FP8 weights 1 byte each
 
     def _load(self, a: pb.Assignment) -> StageExecutor:
         cfg = self.config

@@ -218,6 +218,20 @@ if not INTERPRETED:
             outs = asyncio.run(_generate_all(m.address, prompts, 8))
         assert [o.token_ids for o in outs] == expected
 
+    def test_quantization_fp8_deepseek_in_process(tmp_path):
+        """`--quantization fp8` on a bf16/fp32 DeepSeek: every linear and expert quantized at load
+        (kv_b_proj stays dense); two stages equal transformers on those weights dequantized."""
+        src = make_deepseek_checkpoint(tmp_path, "v3")
+        tensors = load_file(src / "model.safetensors")
+        deq = {n: quant.dequantize_blocks(*quant.quantize_blocks(w)) if _is_linear(n, w) and "kv_b_proj" not in n
+               else w for n, w in tensors.items()}
+        deq_dir = _write(tmp_path / "v3-q-deq", deq, json.loads((src / "config.json").read_text()))
+        stages = [load_stage(src, a, b, quantization="fp8")[0] for a, b in ((0, 1), (1, 3))]
+        assert isinstance(stages[1].layers["2"].mlp.shared_experts.down_proj, quant.Fp8Linear)
+        prompts = random_prompts(seed=4, lengths=[9, 30], vocab=320)
+        tokens, _ = run_pipeline(stages, prompts, 6)
+        assert tokens == [hf_greedy(deq_dir, p, 6, ignore_eos=True) for p in prompts]
+
     def test_missing_scale_names_the_tensor(v3_fp8, tmp_path):
         fp8_dir, _ = v3_fp8
         tensors = load_file(fp8_dir / "model.safetensors")
