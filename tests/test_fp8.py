@@ -286,3 +286,16 @@ if not INTERPRETED:
 
         async with AsyncClient(address) as client:
             return await client.generate(prompt="The gateway", max_tokens=6, ignore_eos=True, timeout=120)
+
+    def test_unsupported_quantization_configs_are_named():
+        from stagemesh.model_config import ModelConfig
+
+        base = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 10}
+        for qc, match in (({"quant_method": "gptq"}, "quant_method 'gptq' is not supported"),
+                          ({"quant_method": "fp8"}, "without weight_block_size"),
+                          ({"quant_method": "fp8", "weight_block_size": [128]}, "bad quantization_config")):
+            with pytest.raises(CheckpointError, match=match):
+                quant.is_fp8(ModelConfig.from_dict({**base, "quantization_config": qc}))
+        with pytest.raises(CheckpointError, match="--quantization 'int4'"):
+            quant.with_quantization(ModelConfig.from_dict(base), "int4")

@@ -58,7 +58,10 @@ def fp8_block(cfg: ModelConfig) -> tuple[int, int] | None:
         return None
     if method != "fp8":
         raise CheckpointError(f"config.json: quantization_config.quant_method {method!r} is not supported (fp8)")
-    size = qc.get("weight_block_size") or (BLOCK, BLOCK)
+    size = qc.get("weight_block_size")
+    if not size:
+        raise CheckpointError("config.json: quantization_config fp8 without weight_block_size (per-tensor FP8) "
+                              "is not supported: only block-quantized FP8 (DeepSeek-V3's 128x128)")
     if len(size) != 2 or min(size) <= 0:
         raise CheckpointError(f"config.json: bad quantization_config.weight_block_size {size!r}")
     return int(size[0]), int(size[1])
