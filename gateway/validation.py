@@ -121,7 +121,7 @@ def check_prompt_bytes(prompt: str, limits: ModelLimits) -> None:
 def check_prompt_ids(ids, limits: ModelLimits) -> list[int]:
     """Length first (cheap), then every id in the vocabulary (also catches ids >= 2**31 from JSON)."""
     if len(ids) >= limits.max_model_len:
-        raise OutOfRange(f"the prompt has {len(ids)} tokens; the model's context is {limits.max_model_len} tokens")
+        raise OutOfRange(f"the prompt has {len(ids)} tokens; the served context (max_model_len) is {limits.max_model_len} tokens")
     bad = [t for t in ids if not 0 <= t < limits.vocab_size]
     if bad:
         raise FieldError("prompt", f"prompt_ids contains {len(bad)} id(s) outside the vocabulary "
@@ -240,11 +240,11 @@ def _grammar(f: Fields) -> GrammarSpec | None:
 
 def check_max_tokens_fit(prompt_len: int, max_tokens: int, limits: ModelLimits) -> None:
     if prompt_len >= limits.max_model_len:
-        raise OutOfRange(f"the prompt has {prompt_len} tokens; the model's context is {limits.max_model_len} tokens")
+        raise OutOfRange(f"the prompt has {prompt_len} tokens; the served context (max_model_len) is {limits.max_model_len} tokens")
     total = prompt_len + max_tokens
     if total > limits.max_model_len:
         raise OutOfRange(
-            f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} exceeds the model's context of "
+            f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} exceeds the served context (max_model_len) of "
             f"{limits.max_model_len} tokens; lower max_tokens to at most {limits.max_model_len - prompt_len}"
         )
     if total > limits.kv_capacity_tokens:
