@@ -143,3 +143,57 @@ def test_bad_constraints_are_400_naming_the_field(mesh, endpoint, body, param):
     r = requests.post(f"{mesh['base']}/v1/{endpoint}", json={**base, **body}, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
+
+
+# --- the last stage's grammar book, in-process: output index, rollback, replay ------------------------
+
+
+def _step(lease: str, seq_id: int, output_index: int, start_pos: int, new=None):
+    from stage_worker.step_input import Chunk, StepInput
+
+    chunk = Chunk(seq_id, start_pos, 1, 0, sample=True, output_index=output_index)
+    return StepInput(lease, "", 0, 1, {seq_id: new} if new else {}, [chunk], frozenset(), 1)
+
+
+def _launch(book, leases, step) -> tuple[list, list[int]]:
+    """Commit a step as the executor does and get its bias: (picks, the token ids it allows)."""
+    leases.commit(step, leases.plan(step))
+    picks = [(0, step.chunks[0])]
+    bias = book.bias(step, picks, [leases.get(step.lease_id, step.chunks[0].seq_id).sampling])
+    return picks, (bias[0] == 0).nonzero().flatten().tolist()
+
+
+def test_grammar_book_follows_the_output_index_rolls_back_and_replays(tmp_path):
+    import torch
+
+    from stage_worker.grammar import GrammarBook
+    from stage_worker.lease_table import LeaseTable
+    from stage_worker.step_input import NewSequence
+    from stagemesh.cli.demo_model import train_tokenizer
+    from stagemesh.grammar import GrammarSpec
+    from stagemesh.sampling import SamplingSpec
+
+    tok = train_tokenizer(768)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    regex = r"[0-9]{2}-[a-z]{2}"
+    spec = SamplingSpec(grammar=GrammarSpec("regex", regex))
+    leases = LeaseTable(16)
+    book = GrammarBook(tmp_path, tok.get_vocab_size(), (1,), leases, torch.device("cpu"))
+    allowed, chosen = [], []
+    for k in range(12):  # the last allowed token each time, until only EOS (id 1) is left
+        new = NewSequence(7, [0, 1], spec, [5, 6, 7], 3) if k == 0 else None
+        picks, ids = _launch(book, leases, _step("L", 7, k, 3 + k, new))
+        if ids == [1]:
+            break
+        if k == 1:  # drawn, but its answer was lost: the same step again gets the same mask
+            book.advance(picks, [ids[-1]])
+            picks, again = _launch(book, leases, _step("L", 7, 1, 4))
+            assert again == ids
+        allowed.append(ids)
+        chosen.append(ids[-1])
+        book.advance(picks, [ids[-1]])
+    assert re.fullmatch(regex, tok.decode(chosen)), tok.decode(chosen)
+    # A replay on a new lease, admitted with its outputs in history at output 2: the mask the
+    # sequence had there.
+    replay = NewSequence(9, [2, 3], spec, [5, 6, 7] + chosen[:2], 3)
+    assert _launch(book, leases, _step("M", 9, 2, 5, replay))[1] == allowed[2]
