@@ -64,11 +64,21 @@ def _fits(field: str, values, bounds: tuple[int, int]) -> None:
 def build_request(prompt: str | None = None, prompt_ids: list[int] | None = None, max_tokens: int | None = None,
                   temperature: float = 0.0, top_p: float | None = None, top_k: int = 0, seed: int | None = None,
                   stop: list[str] | None = None, ignore_eos: bool = False, model: str = "",
-                  priority: int = 0, request_id: str = "") -> pb.GenerateRequest:
-    """One GenerateRequest; FieldRangeError when an integer does not fit its field."""
+                  priority: int = 0, request_id: str = "", n: int | None = None, logprobs: int | None = None,
+                  prompt_logprobs: int | None = None, repetition_penalty: float | None = None,
+                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0, min_p: float = 0.0,
+                  min_tokens: int = 0, logit_bias: dict[int, float] | None = None,
+                  stop_token_ids: list[int] | None = None) -> pb.GenerateRequest:
+    """One GenerateRequest; FieldRangeError when an integer does not fit its field. The sampling
+    extras are vLLM's (see SamplingParams in protos/stagemesh/v1/stagemesh.proto); the gateway
+    checks what they mean."""
     for field, values, bounds in (("prompt_ids", prompt_ids or (), INT32), ("max_tokens", (max_tokens,), INT32),
                                   ("top_k", (top_k,), INT32), ("seed", (seed,), UINT64),
-                                  ("priority", (priority,), INT32)):
+                                  ("priority", (priority,), INT32), ("n", (n,), INT32),
+                                  ("logprobs", (logprobs, prompt_logprobs), INT32),
+                                  ("min_tokens", (min_tokens,), INT32),
+                                  ("logit_bias", (logit_bias or {}).keys(), INT32),
+                                  ("stop_token_ids", stop_token_ids or (), INT32)):
         _fits(field, values, bounds)
     req = pb.GenerateRequest(prompt=prompt or "", prompt_ids=prompt_ids or [], stop=stop or [],
                              ignore_eos=ignore_eos, model=model, priority=priority, request_id=request_id)
@@ -80,11 +90,31 @@ def build_request(prompt: str | None = None, prompt_ids: list[int] | None = None
         req.sampling.top_p = top_p
     if seed is not None:
         req.sampling.seed = seed
+    _sampling_extras(req, n=n, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                     repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                     frequency_penalty=frequency_penalty, min_p=min_p, min_tokens=min_tokens, logit_bias=logit_bias,
+                     stop_token_ids=stop_token_ids)
     return req
 
 
+def _sampling_extras(req: pb.GenerateRequest, n, logprobs, prompt_logprobs, repetition_penalty, presence_penalty,
+                     frequency_penalty, min_p, min_tokens, logit_bias, stop_token_ids) -> None:
+    sp = req.sampling
+    sp.presence_penalty, sp.frequency_penalty, sp.min_p, sp.min_tokens = (
+        presence_penalty, frequency_penalty, min_p, min_tokens)
+    sp.logit_bias.update(logit_bias or {})
+    sp.stop_token_ids.extend(stop_token_ids or ())
+    for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs),
+                        ("repetition_penalty", repetition_penalty)):
+        if value is not None:
+            setattr(sp, name, value)
+    if n is not None:
+        req.n = n
+
+
 class Client:
-    """Blocking client. `stream()` yields deltas; `generate()` collects them."""
+    """Blocking client. `stream()` yields deltas; `generate()` collects them (one sample: with
+    n > 1, read `stream()` and group the deltas by their `index`)."""
 
     def __init__(self, target: str = "127.0.0.1:50051", tls: TlsConfig | None = None, api_key: str = ""):
         self._channel = sync_channel(target, tls, options=GRPC_OPTIONS, member=False)  # no cluster token

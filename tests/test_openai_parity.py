@@ -240,15 +240,8 @@ def test_grpc_n_streams_tagged_by_index(mesh):
 
 
 def completion_ids(mesh, prompt_ids, max_tokens: int, **extra) -> tuple[list[int], str]:
-    """Token ids (through /tokenize of nothing: the gRPC API) and finish reason of a greedy request."""
-    req = build_request(prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=0.0)
-    for k, v in extra.items():
-        if k == "logit_bias":
-            req.sampling.logit_bias.update(v)
-        elif k == "stop_token_ids":
-            req.sampling.stop_token_ids.extend(v)
-        else:
-            setattr(req.sampling, k, v)
+    """Token ids and finish reason of a greedy request over gRPC (stagemesh.client.build_request's extras)."""
+    req = build_request(prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=0.0, **extra)
     msgs = list(mesh["stub"].Generate(req, timeout=60))
     return [t for m in msgs for t in m.token_ids], msgs[-1].finish_reason
 
