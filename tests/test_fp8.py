@@ -81,6 +81,24 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         torch.testing.assert_close(k.w8a8_block_gemm(xq_c, xs_c, w, ws, group_n, torch.float32), ref,
                                    rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
+    def test_fp8_linear_forward_on_the_kernel_path():
+        """Fp8Linear's FP8 path (forced here; CUDA SM89+ picks it) with a merged weight, a bias and
+        a 3-D input, against its dequantized path: within the activation quant's error."""
+        from stage_worker.models import quant
+
+        gen = torch.Generator().manual_seed(2)
+        lin = quant.Fp8Linear(160, parts={"gate_proj": 136, "up_proj": 136}, bias=True)
+        assert lin.group_n == 8  # 136 = 17 x 8: parts off the 128-row grid
+        for name, slot in lin.checkpoint_views("mlp.gate_up_proj").items():
+            slot.copy_(torch.randn(slot.shape, generator=gen) * (0.05 if name.endswith("weight") else 1.0))
+        x = torch.randn(2, 3, 160, generator=gen)
+        lin.prepare()
+        ref = lin(x)  # dequantized (the CPU's path)
+        lin.backend = "fp8"
+        got = lin(x)
+        assert got.shape == (2, 3, 272)
+        assert ((got - ref).norm() / ref.norm()) < 0.05
+
     def test_fp8_gemm_end_to_end():
         """x -> quant -> GEMM (Triton) equals the torch path, and both are near x @ W^T."""
         gen = torch.Generator().manual_seed(9)
