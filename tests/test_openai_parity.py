@@ -21,7 +21,7 @@ import requests
 import torch
 
 from stagemesh.cli.demo_model import write_demo_model
-from stagemesh.cli.harness import blocks_in_use, manual_mesh, new_port
+from stagemesh.cli.harness import blocks_in_use, manual_mesh, new_port, wait_kv_free
 from stagemesh.client import build_request
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
@@ -338,3 +338,17 @@ def test_max_model_len_is_what_the_kv_pool_holds(mesh):
     assert mesh["stub"].ListModels(pb.ListModelsRequest(), timeout=10).models[0].max_model_len == KV_BLOCKS * BLOCK
     with pytest.raises(openai.BadRequestError, match="context"):
         mesh["client"].completions.create(model=mesh["model"], prompt=PROMPT_IDS, max_tokens=KV_BLOCKS * BLOCK)
+
+
+def test_abandoned_samples_and_prompts_free_their_kv(mesh):
+    """A client gone mid-stream (or timed out) cancels every sample of every prompt."""
+    kw = dict(model=mesh["model"], max_tokens=300, temperature=1.0, seed=1, extra_body={"ignore_eos": True})
+    stream = mesh["client"].completions.create(prompt=["The old mill", "A river"], n=3, stream=True, **kw)
+    for i, _ in enumerate(stream):
+        if i == 4:
+            break
+    stream.close()
+    wait_kv_free(mesh, 5.0, sequences=True)
+    with pytest.raises(openai.APITimeoutError):
+        mesh["client"].completions.create(prompt=["The old mill", "A river"], n=2, timeout=0.5, **kw)
+    wait_kv_free(mesh, 5.0, sequences=True)
