@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("llama", "tied", "qwen2", "llama3", "sharded", "mistral", "qwen3", "gemma2", "phi3", "mixtral")
+KINDS = ("llama", "tied", "qwen2", "llama3", "sharded", "mistral", "qwen3", "gemma2", "phi3", "phi4", "mixtral")
 # Kinds whose norm weights are randomised after init (transformers inits them to 1, or Gemma's to 0),
 # so that a norm applied in the wrong place, or Gemma's 1 + w read as w, changes the logits.
-NOISY_NORMS = ("qwen3", "gemma2", "phi3", "mixtral")
+NOISY_NORMS = ("qwen3", "gemma2", "phi3", "phi4", "mixtral")
 
 
 def _config(kind: str, num_layers: int):
@@ -45,15 +45,26 @@ def _config(kind: str, num_layers: int):
                             sliding_window=6, attn_logit_softcapping=3.0, final_logit_softcapping=2.0,
                             rope_theta=10000.0)
     if kind == "phi3":  # LongRoPE with short factors only inside 32 positions; a window on every layer
-        gen = torch.Generator().manual_seed(1)
-        short, long = (torch.rand(8, generator=gen) * 3 + 1).tolist(), (torch.rand(8, generator=gen) * 8 + 4).tolist()
+        short, long = _longrope_factors(8, seed=1)
         return Phi3Config(**{**common, "max_position_embeddings": 512}, original_max_position_embeddings=32,
                           sliding_window=10, rope_scaling={"rope_type": "longrope", "rope_theta": 10000.0,
                                                             "short_factor": short, "long_factor": long})
+    if kind == "phi4":  # Phi-4-mini's shape: partial rotary (half of each head), tied head, LongRoPE
+        short, long = _longrope_factors(4, seed=2)
+        return Phi3Config(**{**common, "max_position_embeddings": 512, "tie_word_embeddings": True},
+                          original_max_position_embeddings=32, partial_rotary_factor=0.5,
+                          rope_scaling={"rope_type": "longrope", "rope_theta": 10000.0,
+                                        "partial_rotary_factor": 0.5, "short_factor": short, "long_factor": long})
     if kind == "mixtral":  # 4 experts, top 2, of width 64
         return MixtralConfig(**{**common, "intermediate_size": 64}, num_local_experts=4, num_experts_per_tok=2,
                              rope_theta=1000000.0, sliding_window=None)
     raise ValueError(f"unknown checkpoint kind {kind!r} (known: {', '.join(KINDS)})")
+
+
+def _longrope_factors(n: int, seed: int) -> tuple[list[float], list[float]]:
+    """Random LongRoPE short factors in [1, 4) and long factors in [4, 12), n of each."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, generator=gen) * 3 + 1).tolist(), (torch.rand(n, generator=gen) * 8 + 4).tolist()
 
 
 def make_hf_model(kind: str = "llama", num_layers: int = 4, seed: int = 0):

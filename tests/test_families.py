@@ -152,8 +152,8 @@ def test_unsupported_checkpoints_are_named(tmp_path):
     for name in ("GPTNeoXForCausalLM", "Gemma2ForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM",
                  "Qwen3ForCausalLM", "LlamaForCausalLM", "DeepseekV3ForCausalLM"):
         assert name in str(err.value)
-    _config(tmp_path, architectures=["Phi3ForCausalLM"], partial_rotary_factor=0.75)
-    with pytest.raises(CheckpointError, match="partial_rotary_factor=0.75"):
+    _config(tmp_path, architectures=["Phi3ForCausalLM"], partial_rotary_factor=0.3125)
+    with pytest.raises(CheckpointError, match="partial_rotary_factor=0.3125 gives 5 rotary dims"):
         load_stage(tmp_path, 0, 1)
     _config(tmp_path, hidden_act="relu2")
     with pytest.raises(CheckpointError, match="hidden activation 'relu2'"):
