@@ -80,7 +80,7 @@ def test_children_die_with_a_killed_launcher(demo_dir):
         old = m.children("stage_worker")[0].pid
         os.kill(old, signal.SIGKILL)
         m.wait_child("stage_worker", not_pid=old)
-        assert any("restarted worker0" in line for line in m.stderr_lines)
+        m.wait_stderr("restarted worker0")
         children = psutil.Process(m.proc.pid).children(recursive=True)
         m.proc.kill()
         m.proc.wait()

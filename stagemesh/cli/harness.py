@@ -236,6 +236,17 @@ class RunningMesh:
             assert time.monotonic() < deadline, f"up did not restart {module} {address}: {self.stderr_tail()}"
             time.sleep(0.05)
 
+    def wait_stderr(self, text: str, timeout_s: float = 10) -> str:
+        """Until a line of up's stderr holds `text` (read by another thread: a child can be seen
+        restarted before the line saying so is read); that line."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            line = next((line for line in self.stderr_lines if text in line), None)
+            if line is not None:
+                return line
+            assert time.monotonic() < deadline, f"no {text!r} on up's stderr: {self.stderr_tail()}"
+            time.sleep(0.05)
+
     def stderr_tail(self, n: int = 30) -> str:
         return "".join(self.stderr_lines[-n:])
 
