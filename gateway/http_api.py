@@ -279,9 +279,7 @@ async def _unless_disconnected(request: Request, coro):
 
 def create_app(gateway, chat_template: ChatTemplate | None = None) -> FastAPI:
     """The ASGI app for one Gateway. The chat template defaults to the checkpoint's."""
-    if chat_template is None:
-        chat_template = ChatTemplate.from_dir(gateway.config.model_dir)
-    front = OpenAIFrontend(gateway, chat_template)
+    front = OpenAIFrontend(gateway, chat_template or ChatTemplate.from_dir(gateway.config.model_dir))
     app = FastAPI(title="stagemesh", version="1", description=__doc__, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json")
     app.openapi = lambda: openapi(app)
@@ -330,29 +328,31 @@ def create_app(gateway, chat_template: ChatTemplate | None = None) -> FastAPI:
 
     @app.post("/v1/completions", responses=generation_responses(CompletionResponse))
     async def completions(body: CompletionRequest, request: Request):
-        return await _serve(request, "text", body, front.completion_request(body))
+        return await _serve(front, request, "text", body, front.completion_request(body))
 
     @app.post("/v1/chat/completions", responses=generation_responses(ChatCompletionResponse))
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await _serve(request, "chat", body, await front.chat_request(body))
-
-    async def _serve(request: Request, kind: str, body: CommonParams, jobs: list[Job]):
-        shape = Shape.of(body, kind)
-        streams = await front.start(jobs)
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
-        answer = tool_calls.answer_type(jobs)(shape, gateway.model_id, front.tokens, jobs, include_usage)
-        if body.stream:
-            return EventSourceResponse(answer.events(streams), sep="\n", ping=15)
-        try:
-            done = await _unless_disconnected(request, collect(streams, shape.samples))
-        except StagemeshError as exc:
-            raise ApiError(503, str(exc), "server_error", code="unavailable") from exc
-        if done is None:
-            return Response(status_code=499)  # nobody reads it
-        return answer.final(done)
+        return await _serve(front, request, "chat", body, await front.chat_request(body))
 
     add_utility_routes(app, front)
     return app
+
+
+async def _serve(front: OpenAIFrontend, request: Request, kind: str, body: CommonParams, jobs: list[Job]):
+    """Run a request's jobs and answer: an event stream, or the final body once every choice is done."""
+    shape = Shape.of(body, kind)
+    streams = await front.start(jobs)
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    answer = tool_calls.answer_type(jobs)(shape, front.gw.model_id, front.tokens, jobs, include_usage)
+    if body.stream:
+        return EventSourceResponse(answer.events(streams), sep="\n", ping=15)
+    try:
+        done = await _unless_disconnected(request, collect(streams, shape.samples))
+    except StagemeshError as exc:
+        raise ApiError(503, str(exc), "server_error", code="unavailable") from exc
+    if done is None:
+        return Response(status_code=499)  # nobody reads it
+    return answer.final(done)
 
 
 # --- serving -----------------------------------------------------------------------------------
