@@ -267,6 +267,8 @@ async def validate_request(req: pb.GenerateRequest, limits: ModelLimits, tokeniz
     else:
         prompt_ids = check_prompt_ids(req.prompt_ids, limits)
     max_tokens, sampling = check_fields(Fields.of(req), limits)
+    if sampling.grammar is not None and tokenize is None:  # the last stage builds its masks from it
+        raise FieldError("sampling.grammar", "structured output needs the checkpoint's tokenizer (tokenizer.json)")
     if req.prompt:
         prompt_ids = await _tokenized(req.prompt, limits, tokenize)
     elif not prompt_ids:

@@ -197,3 +197,15 @@ def test_grammar_book_follows_the_output_index_rolls_back_and_replays(tmp_path):
     # sequence had there.
     replay = NewSequence(9, [2, 3], spec, [5, 6, 7] + chosen[:2], 3)
     assert _launch(book, leases, _step("M", 9, 2, 5, replay))[1] == allowed[2]
+
+
+def test_a_grammar_without_a_tokenizer_is_refused_before_admission():
+    import asyncio
+
+    from gateway.validation import FieldError, ModelLimits, validate_request
+
+    req = build_request(prompt_ids=[5, 6, 7], max_tokens=4)
+    req.sampling.grammar.regex = "[a-z]+"
+    with pytest.raises(FieldError) as info:  # tokenize None: the checkpoint ships no tokenizer
+        asyncio.run(validate_request(req, ModelLimits("m", 768, 256, 4096), None))
+    assert info.value.field == "sampling.grammar" and "tokenizer" in str(info.value)
