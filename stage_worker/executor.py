@@ -135,6 +135,8 @@ class StageExecutor:
 
     def _launch(self, step: StepInput, t0: float) -> "Launched":
         tables, follows = self._accept(step)
+        if self.grammar is not None:  # new constrained sequences: matchers built beside the forward
+            self.grammar.prepare(step)
         input_ids, hidden = self._inputs(step)
         done = Launched(t0, "none", step.num_tokens)
         if not step.chunks:

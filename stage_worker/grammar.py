@@ -13,7 +13,8 @@ The mask is computed off the step's critical path:
     launch(step t+1): forward queued -> `bias`: waits for mask(t+1) (done by then: it had the
                       gateway round trip and the forward to run in) and expands it on the device
 
-A sequence new here has its matcher built and first mask computed in a thread too. llguidance drops
+A sequence new here has its matcher built and first mask computed in a thread too, started by
+`prepare` when its step launches, before the forward (the prefill hides it). llguidance drops
 the GIL while it computes a mask, so the threads run beside the forward also on the CPU. The
 matcher follows `output_index`: a step sent again (its answer lost) rolls it back; a replayed
 sequence (new on this stage with outputs already) is advanced over the outputs in its history_ids.
@@ -24,6 +25,7 @@ micro-batch at a time, so its matcher is never used by two steps at once.
 from __future__ import annotations
 
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -80,10 +82,12 @@ class GrammarBook:
         self.device = device
         self._launched: dict[int, list[tuple[int, SeqGrammar]]] = {}  # id(picks) -> constrained rows
         self._lock = threading.Lock()  # _launched: written at launch, read at finish
+        self._prepared = None  # the step prepare() last ran for
         self._cond = threading.Condition()  # a matcher advanced (finish) -> a follower waiting (launch)
         self.vocab_size = vocab_size
         self.eos_ids = tuple(int(t) for t in eos_ids)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="grammar")
+        weakref.finalize(self, self._pool.shutdown, wait=False)  # an executor replaced (re-plan): its threads go
         self._tokenizer = None
         self._tok_lock = threading.Lock()
         self.seqs: dict[tuple[str, int], SeqGrammar] = {}
@@ -93,7 +97,7 @@ class GrammarBook:
         """StageExecutor.logits_bias: [S, V] on the device, -inf where a constrained row's grammar
         forbids a token, 0 elsewhere (None: no row is constrained). Called at launch, after the
         forward was queued (on a GPU it overlaps the forward; masks made in advance() are ready)."""
-        self.prepare(step)
+        self.prepare(step)  # done already at launch (executor), unless called alone
         rows, masks, owners = [], [], []
         for i, (_, c) in enumerate(picks):
             g = self.seqs.get((step.lease_id, c.seq_id))
@@ -112,7 +116,10 @@ class GrammarBook:
     def prepare(self, step) -> None:
         """A matcher for each constrained sequence new here (advanced over the outputs in its
         history) and, for each constrained row the step samples, the matcher at the row's output
-        index with its mask on the way. Drops the matchers of sequences gone."""
+        index with its mask on the way. Drops the matchers of sequences gone. Once per step."""
+        if self._prepared is step:
+            return
+        self._prepared = step
         leases = self.leases
         self._prune(leases)
         for c in step.chunks:
