@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import openai
@@ -352,3 +353,27 @@ def test_abandoned_samples_and_prompts_free_their_kv(mesh):
     with pytest.raises(openai.APITimeoutError):
         mesh["client"].completions.create(prompt=["The old mill", "A river"], n=2, timeout=0.5, **kw)
     wait_kv_free(mesh, 5.0, sequences=True)
+
+
+def test_penalties_and_logprobs_survive_preemption(mesh):
+    """Six requests that outgrow the pool together: some are preempted and recomputed from their
+    token history (the last stage gets the history again); each still equals itself run alone."""
+    def replays() -> float:
+        text = requests.get(mesh["base"] + "/metrics", timeout=10).text
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("stagemesh_replays_total"))
+
+    prompts = [[(7 * i + j) % 700 + 3 for j in range(100)] for i in range(6)]
+    kw = dict(max_tokens=100, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.4, logprobs=1)
+    before = replays()
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(lambda p: grpc_collect(mesh, build_request(prompt_ids=p, **kw)), prompts))
+    assert replays() > before  # 6 x 200 tokens need 300 blocks of 4; the pool has 256
+    for p, (ids, lps) in zip(prompts, together):
+        alone_ids, alone_lps = grpc_collect(mesh, build_request(prompt_ids=p, **kw))
+        assert ids == alone_ids and len(lps) == len(ids) == 100
+        assert close([e.logprob for e in lps], [e.logprob for e in alone_lps])
+
+
+def grpc_collect(mesh, req) -> tuple[list[int], list]:
+    msgs = list(mesh["stub"].Generate(req, timeout=120))
+    return [t for m in msgs for t in m.token_ids], [e for m in msgs for e in m.logprobs]
