@@ -13,9 +13,9 @@ from pathlib import Path
 from stagemesh.errors import CheckpointError
 
 # Architectures whose decoder layers are Llama-shaped (RMSNorm, rotary, GQA, gated MLP); the
-# newer ones with small hooks (stage_worker/models/qwen3.py, gemma2.py, phi3.py, mixtral.py).
+# newer ones with small hooks (stage_worker/models/qwen3.py (and Qwen3-MoE), gemma2.py, phi3.py, mixtral.py).
 LLAMA_FAMILY = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                "Gemma2ForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM"}
+                "Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM"}
 # Multi-head Latent Attention + mixture of experts (stage_worker/models/deepseek.py reads the
 # DeepSeek-specific keys from `raw`).
 DEEPSEEK_FAMILY = {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"}
@@ -127,6 +127,7 @@ def _arch_from_model_type(model_type: str) -> str:
         "mistral": "MistralForCausalLM",
         "qwen2": "Qwen2ForCausalLM",
         "qwen3": "Qwen3ForCausalLM",
+        "qwen3_moe": "Qwen3MoeForCausalLM",
         "gemma2": "Gemma2ForCausalLM",
         "phi3": "Phi3ForCausalLM",
         "mixtral": "MixtralForCausalLM",

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("llama", "tied", "qwen2", "llama3", "sharded", "mistral", "qwen3", "gemma2", "phi3", "phi4", "mixtral")
+KINDS = ("llama", "tied", "qwen2", "llama3", "sharded", "mistral", "qwen3", "gemma2", "phi3", "phi4", "mixtral",
+         "qwen3moe")
 # Kinds whose norm weights are randomised after init (transformers inits them to 1, or Gemma's to 0),
 # so that a norm applied in the wrong place, or Gemma's 1 + w read as w, changes the logits.
-NOISY_NORMS = ("qwen3", "gemma2", "phi3", "phi4", "mixtral")
+NOISY_NORMS = ("qwen3", "gemma2", "phi3", "phi4", "mixtral", "qwen3moe")
 
 
 def _config(kind: str, num_layers: int):
     from transformers import (Gemma2Config, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
-                              Qwen3Config)
+                              Qwen3Config, Qwen3MoeConfig)
 
     common = dict(vocab_size=320, hidden_size=64, intermediate_size=128,
                   num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
@@ -58,6 +59,9 @@ def _config(kind: str, num_layers: int):
     if kind == "mixtral":  # 4 experts, top 2, of width 64
         return MixtralConfig(**{**common, "intermediate_size": 64}, num_local_experts=4, num_experts_per_tok=2,
                              rope_theta=1000000.0, sliding_window=None)
+    if kind == "qwen3moe":  # layer 1 dense (mlp_only_layers), the others 4 experts top-2 renormalised
+        return Qwen3MoeConfig(**common, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                              norm_topk_prob=True, mlp_only_layers=[1], rope_theta=1000000.0)
     raise ValueError(f"unknown checkpoint kind {kind!r} (known: {', '.join(KINDS)})")
 
 

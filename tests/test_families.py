@@ -163,9 +163,10 @@ def test_unsupported_checkpoints_are_named(tmp_path):
         load_stage(tmp_path, 0, 1)
 
 
-def test_mixtral_experts_load_into_the_fused_moe_layer(root):
-    """Each expert's w1/w3/w2 lands in its slices of the stacked experts (models/moe.py); the
-    MoE stage is refused by tensor parallelism (no expert split) instead of failing inside it."""
+def test_moe_experts_load_into_the_fused_moe_layer(root):
+    """Each Mixtral expert's w1/w3/w2 lands in its slices of the stacked experts (models/moe.py); the
+    MoE stage is refused by tensor parallelism (no expert split) instead of failing inside it;
+    Qwen3-MoE keeps the layers of `mlp_only_layers` dense."""
     from stage_worker.models.moe import SparseMoE
     from stage_worker.tensor_parallel import shard_stage
 
@@ -177,6 +178,9 @@ def test_mixtral_experts_load_into_the_fused_moe_layer(root):
     assert "layers.2.block_sparse_moe.gate.weight" in names and not any(".mlp." in n for n in names)
     with pytest.raises(CheckpointError, match="dense Llama-family"):
         shard_stage(stage, 0, 2)
+    qwen, _ = load_stage(make_hf_checkpoint(root, "qwen3moe"), 0, 4)  # mlp_only_layers=[1]
+    assert [isinstance(layer.mlp, SparseMoE) for layer in qwen.layers.values()] == [True, False, True, True]
+    assert "layers.2.mlp.experts.3.down_proj.weight" in qwen.checkpoint_tensors()
 
 
 # -- config.json as the hub ships it (transformers 4.x layouts) --------------------------------
@@ -204,6 +208,11 @@ HUB_CONFIGS = {  # the fields that decide windows and rotary, as in the hub's co
                             max_position_embeddings=131072, original_max_position_embeddings=4096,
                             rope_scaling={"type": "longrope", "short_factor": _factors(48, 1.0, 1.2),
                                           "long_factor": _factors(48, 1.1, 60.0)}),
+    "Qwen3-30B-A3B": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048,
+                          head_dim=128, num_attention_heads=32, num_key_value_heads=4, num_hidden_layers=48,
+                          num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+                          decoder_sparse_step=1, mlp_only_layers=[], sliding_window=None, use_sliding_window=False,
+                          max_window_layers=48),
     "Mixtral-8x7B": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=4096,
                          num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32, sliding_window=None,
                          num_local_experts=8, num_experts_per_tok=2, rope_theta=1000000.0),

@@ -94,10 +94,11 @@ def run_pipeline(stages, prompts, new_tokens, chunk=CHUNK, block=BLOCK):
 # attention and final soft caps, a 6-key window on even layers (the prompts are longer, chunks of 5
 # cross it); phi3: fused qkv / gate_up checkpoint tensors, LongRoPE short factors and scaling, a
 # 10-key window on every layer; phi4: Phi-4-mini's partial rotary (half of each head), LongRoPE, tied
-# head; mixtral: 4 experts, top-2 renormalised (tests/checkpoints.py). Each family also goes through
-# the mesh once (tests/test_families.py), as do the stage counts of the older kinds (test_e2e.py).
+# head; mixtral: 4 experts, top-2 renormalised; qwen3moe: q/k norms, MoE layers around a dense one
+# (tests/checkpoints.py). The families also go through the mesh (tests/test_families.py), as do the
+# stage counts of the older kinds (test_e2e.py).
 @pytest.mark.parametrize("kind", ["llama", "tied", "qwen2", "llama3", "sharded", "qwen3", "gemma2", "phi3",
-                                  "phi4", "mixtral"])
+                                  "phi4", "mixtral", "qwen3moe"])
 @pytest.mark.parametrize("num_stages", [1, 2, 3])
 def test_stages_match_transformers(ckpt_root, kind, num_stages):
     path = make_hf_checkpoint(ckpt_root, kind)

@@ -9,13 +9,14 @@ from stage_worker.models.gemma2 import Gemma2Stage
 from stage_worker.models.llama import LlamaStage
 from stage_worker.models.mixtral import MixtralStage
 from stage_worker.models.phi3 import Phi3Stage
-from stage_worker.models.qwen3 import Qwen3Stage
+from stage_worker.models.qwen3 import Qwen3MoeStage, Qwen3Stage
 
 MODEL_REGISTRY = {
     "LlamaForCausalLM": LlamaStage,
     "MistralForCausalLM": LlamaStage,
     "Qwen2ForCausalLM": LlamaStage,
     "Qwen3ForCausalLM": Qwen3Stage,
+    "Qwen3MoeForCausalLM": Qwen3MoeStage,
     "Gemma2ForCausalLM": Gemma2Stage,
     "Phi3ForCausalLM": Phi3Stage,
     "MixtralForCausalLM": MixtralStage,
@@ -23,4 +24,5 @@ MODEL_REGISTRY = {
     "DeepseekV3ForCausalLM": DeepseekStage,
 }
 
-__all__ = ["MODEL_REGISTRY", "DeepseekStage", "Gemma2Stage", "LlamaStage", "MixtralStage", "Phi3Stage", "Qwen3Stage"]
+__all__ = ["MODEL_REGISTRY", "DeepseekStage", "Gemma2Stage", "LlamaStage", "MixtralStage", "Phi3Stage",
+           "Qwen3MoeStage", "Qwen3Stage"]

@@ -84,7 +84,8 @@ class LayerTraits:
 
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim of every q and k head, before rotary
     sandwich_norms: bool = False  # Gemma 2: RMSNorm of the attention output and of the MLP output too
-    mlp: Callable[[ModelConfig], nn.Module] | None = None  # builds the MLP (None: LlamaMLP); Mixtral: its MoE
+    # Builds layer i's MLP as mlp(cfg, i) (None: LlamaMLP); Mixtral, Qwen3-MoE: a sparse MoE block.
+    mlp: Callable[[ModelConfig, int], nn.Module] | None = None
 
 
 def sliding_window(cfg: ModelConfig, layer: int) -> int | None:
@@ -186,7 +187,7 @@ class LlamaDecoderLayer(nn.Module):
         if self.sandwich:
             self.pre_feedforward_layernorm = RMSNorm(h, eps)
             self.post_feedforward_layernorm = RMSNorm(h, eps)
-        self.mlp = (traits.mlp or LlamaMLP)(cfg)
+        self.mlp = traits.mlp(cfg, layer) if traits.mlp else LlamaMLP(cfg)
 
     def forward(self, x, residual, cos, sin, meta, layer_kv):
         """One layer with the residual stream carried separately (vLLM's layout), so that each

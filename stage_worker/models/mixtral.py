@@ -18,19 +18,26 @@ from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
 
 
-def mixtral_moe(cfg: ModelConfig) -> SparseMoE:
-    """One layer's sparse MoE block from config.json (num_local_experts, num_experts_per_tok)."""
+def softmax_topk_moe(cfg: ModelConfig, inter: int, renormalize: bool,
+                     names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> SparseMoE:
+    """A sparse MoE block routed as Mixtral and Qwen3-MoE route: logits in the model dtype, softmax
+    in float32, sorted top-k (`num_experts_per_tok`), renormalised to sum 1 (no epsilon) or not."""
     raw = cfg.raw
     try:
-        router = RouterSpec(n_experts=int(raw["num_local_experts"]), top_k=int(raw["num_experts_per_tok"]),
-                            norm_topk_prob=True, norm_eps=0.0, logits_fp32=False, sorted_topk=True)
+        n_experts = raw.get("num_experts") or raw["num_local_experts"]
+        router = RouterSpec(n_experts=int(n_experts), top_k=int(raw["num_experts_per_tok"]),
+                            norm_topk_prob=renormalize, norm_eps=0.0, logits_fp32=False, sorted_topk=True)
     except KeyError as exc:
         raise CheckpointError(f"config.json: missing required key {exc.args[0]!r}") from exc
     except ValueError as exc:
         raise CheckpointError(f"config.json: {exc}") from exc
-    spec = MoESpec(hidden=cfg.hidden_size, inter=cfg.intermediate_size, router=router, bias=cfg.mlp_bias,
-                   names=("w1", "w3", "w2"))
+    spec = MoESpec(hidden=cfg.hidden_size, inter=inter, router=router, bias=cfg.mlp_bias, names=names)
     return SparseMoE(spec, fp8=quant.is_fp8(cfg))
+
+
+def mixtral_moe(cfg: ModelConfig, layer: int) -> SparseMoE:
+    """Every Mixtral layer's MLP: experts of width intermediate_size (w1/w3/w2), top-k renormalised."""
+    return softmax_topk_moe(cfg, cfg.intermediate_size, renormalize=True, names=("w1", "w3", "w2"))
 
 
 class MixtralStage(LlamaStage):
