@@ -96,12 +96,14 @@ class GrammarBook:
     def bias(self, step, picks, specs) -> torch.Tensor | None:
         """StageExecutor.logits_bias: [S, V] on the device, -inf where a constrained row's grammar
         forbids a token, 0 elsewhere (None: no row is constrained). Called at launch, after the
-        forward was queued (on a GPU it overlaps the forward; masks made in advance() are ready)."""
+        forward was queued (on a GPU it overlaps the forward; masks made in advance() are ready).
+        A row that follows a sample not finished yet (async scheduling) waits for it here."""
         self.prepare(step)  # done already at launch (executor), unless called alone
         rows, masks, owners = [], [], []
         for i, (_, c) in enumerate(picks):
             g = self.seqs.get((step.lease_id, c.seq_id))
-            if g is not None and c.sample and g.future_at == c.output_index:
+            if g is not None and c.sample:
+                self._mask_on_its_way(g, c.output_index)
                 rows.append(i)
                 masks.append(g.future.result())
                 owners.append((i, g))
@@ -114,24 +116,22 @@ class GrammarBook:
         return bitmask_bias(torch.stack(masks), rows, len(picks), self.vocab_size, self.device)
 
     def prepare(self, step) -> None:
-        """A matcher for each constrained sequence new here (advanced over the outputs in its
-        history) and, for each constrained row the step samples, the matcher at the row's output
-        index with its mask on the way. Drops the matchers of sequences gone. Once per step."""
+        """At launch, before the forward: a matcher for each constrained sequence new here
+        (advanced over the outputs in its history), built in a mask thread; drops the matchers of
+        sequences gone. Once per step; it never waits (a follower's wait is bias()'s)."""
         if self._prepared is step:
             return
         self._prepared = step
         leases = self.leases
         self._prune(leases)
         for c in step.chunks:
+            key = (step.lease_id, c.seq_id)
+            if c.seq_id in step.new:  # (re)admitted: whatever was kept under its id is stale
+                self.seqs.pop(key, None)
             state = leases.get(step.lease_id, c.seq_id)
             grammar = getattr(state.sampling, "grammar", None) if state is not None else None
-            if grammar is None:
-                continue
-            key = (step.lease_id, c.seq_id)
-            if c.seq_id in step.new or key not in self.seqs:
+            if grammar is not None and key not in self.seqs:
                 self._new(key, grammar, step.new.get(c.seq_id))
-            if c.sample:
-                self._mask_on_its_way(self.seqs[key], c.output_index)
 
     # -- finish (finish thread) ------------------------------------------------------------------
     def advance(self, picks, tokens: list[int]) -> None:
