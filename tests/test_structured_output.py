@@ -107,6 +107,9 @@ def test_guided_regex_and_choice_and_structured_outputs(mesh):
         assert out.choices[0].text in CHOICES
     chat = _chat(mesh, extra_body={"structured_outputs": {"choice": CHOICES}})
     assert chat.choices[0].message.content in CHOICES
+    for grammar in ('start: "yes" | "no" | "it" " " ("is" | "was")', 'root ::= "yes" | "no" | "it " ("is" | "was")'):
+        out = _completion(mesh, {"guided_grammar": grammar}, temperature=1.0, seed=11)  # Lark, then GBNF
+        assert out.choices[0].text in ("yes", "no", "it is", "it was")
 
 
 def test_grpc_generate_takes_a_grammar(mesh):
