@@ -17,6 +17,7 @@ tokens, EOS only once the grammar has nothing else), the way a random-weights mo
 inside strings and numbers (many tokens allowed) are the expensive ones. Times are per token,
 median / p90 / max over every step of --walks walks, single-threaded, on this machine's CPU.
 
+    pip install xgrammar==0.2.8   # the comparison only: stagemesh itself depends on llguidance alone
     python benchmarks/bench_grammar.py [--walks 5] [--max-tokens 200] [--out benchmarks/results/cpu_bench_grammar.json]
 
 With --mesh (a checkpoint dir, or "demo"; one without tokenizer.json, such as bench_gpu's random
