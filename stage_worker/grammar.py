@@ -99,6 +99,8 @@ class GrammarBook:
         forward was queued (on a GPU it overlaps the forward; masks made in advance() are ready).
         A row that follows a sample not finished yet (async scheduling) waits for it here."""
         self.prepare(step)  # done already at launch (executor), unless called alone
+        if not self.seqs:
+            return None
         rows, masks, owners = [], [], []
         for i, (_, c) in enumerate(picks):
             g = self.seqs.get((step.lease_id, c.seq_id))
@@ -122,6 +124,8 @@ class GrammarBook:
         if self._prepared is step:
             return
         self._prepared = step
+        if not self.seqs and not any(getattr(ns.sampling, "grammar", None) is not None for ns in step.new.values()):
+            return  # no constrained sequence here: nothing per chunk (every step of the stage comes here)
         leases = self.leases
         self._prune(leases)
         for c in step.chunks:
