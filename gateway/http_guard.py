@@ -10,8 +10,11 @@ import json
 
 from gateway.auth import ApiKeyMiddleware
 
-# Probes and the API description work without a key, as in vLLM (which guards /v1 only).
-PUBLIC_PATHS = frozenset({"/health", "/openapi.json"})
+# As in vLLM's AuthenticationMiddleware, only the /v1 API needs the key (and spends the rate limit):
+# probes, Prometheus scrapes, the version and the tokenizer endpoints stay open. vLLM opens every
+# path that does not start with /v1; these are this app's such routes, matched exactly, so a path
+# that routes nowhere (or `/health/../v1/...`) is refused like /v1 rather than opened.
+PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/version", "/metrics", "/tokenize", "/detokenize"})
 
 
 def error_response(status: int, message: str, type_: str, code: str, headers=()) -> tuple[dict, dict]:
@@ -77,12 +80,13 @@ def _replay(body: bytes, receive):
 
 
 class PublicPaths:
-    """API keys and rate limits (gateway/auth.py) on every path but PUBLIC_PATHS."""
+    """API keys and rate limits (gateway/auth.py) on every path but PUBLIC_PATHS; CORS preflights
+    (OPTIONS) pass too, as in vLLM (a browser sends them without credentials)."""
 
     def __init__(self, app, auth):
         self.app, self.guarded = app, ApiKeyMiddleware(app, auth=auth)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope.get("path") in PUBLIC_PATHS:
+        if scope["type"] == "http" and (scope.get("path") in PUBLIC_PATHS or scope.get("method") == "OPTIONS"):
             return await self.app(scope, receive, send)
         return await self.guarded(scope, receive, send)

@@ -73,11 +73,11 @@ def add_utility_routes(app, front) -> None:
             raise ApiError(400, "this checkpoint ships no tokenizer.json", param="tokenizer")
         return gw.tokenizer
 
-    @app.get("/version", response_model=Version, responses={401: ERRORS[401], 429: ERRORS[429]})
+    @app.get("/version", response_model=Version)
     async def version() -> dict[str, Any]:
         return {"version": _version()}
 
-    errors = {code: ERRORS[code] for code in (400, 401, 404, 413, 429, 503)}
+    errors = {code: ERRORS[code] for code in (400, 404, 413, 503)}  # no key needed (gateway/http_guard.py)
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=errors)
     async def tokenize(body: TokenizeRequest):
@@ -110,7 +110,7 @@ def add_utility_routes(app, front) -> None:
             raise ApiError(400, f"tokens: {bad[0]} is outside the vocabulary [0, {limits.vocab_size})", param="tokens")
         return {"prompt": tokenizer().decode(body.tokens, skip_special_tokens=False)}
 
-    @app.get("/metrics", response_class=Response, responses={401: ERRORS[401], 429: ERRORS[429]})
+    @app.get("/metrics", response_class=Response)
     async def prometheus_metrics():
         """The gateway's Prometheus metrics, text format."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

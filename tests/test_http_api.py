@@ -362,15 +362,17 @@ async def _echo_body(scope, receive, send):
     await send({"type": "http.response.body", "body": body})
 
 
-def test_health_and_schema_pass_the_api_key_check_and_nothing_else_does():
+def test_only_the_v1_api_needs_the_api_key_as_in_vllm():
     from gateway.auth import ApiKeyAuth
     from gateway.http_guard import PublicPaths
 
     app = PublicPaths(_echo_body, ApiKeyAuth(keys=("sk-right",)))
-    assert _asgi(app, "GET", "/health")[0] == 200
-    assert _asgi(app, "GET", "/openapi.json")[0] == 200
-    assert _asgi(app, "GET", "/v1/models")[0] == 401
-    assert _asgi(app, "GET", "/health/../v1/models")[0] == 401  # exact paths only
+    for method, path in (("GET", "/health"), ("GET", "/openapi.json"), ("GET", "/version"), ("GET", "/metrics"),
+                         ("POST", "/tokenize"), ("POST", "/detokenize"), ("OPTIONS", "/v1/completions")):
+        assert _asgi(app, method, path)[0] == 200, path
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+                         ("GET", "/health/../v1/models"), ("GET", "/nowhere")):  # exact paths only
+        assert _asgi(app, method, path)[0] == 401, path
     assert _asgi(app, "GET", "/v1/models", headers=[("authorization", "Bearer sk-right")])[0] == 200
 
 
