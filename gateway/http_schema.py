@@ -28,9 +28,6 @@ def _range(lo=None, hi=None, description: str = "", **extra) -> Any:
     return Field(None, description=description or None, json_schema_extra={**schema, **extra})
 
 
-StopString = Field(json_schema_extra={"minLength": 1, "maxLength": MAX_STOP_CHARS})
-
-
 class CommonParams(BaseModel):
     """Fields common to both endpoints."""
 
@@ -227,6 +224,8 @@ ERRORS = {
     429: _error("rate limit or a full queue; retry later"),
     503: _error("no ready pipeline, or the request failed in the pipeline"),
 }
+
+
 class CompletionChunkChoice(BaseModel):
     index: int
     text: str

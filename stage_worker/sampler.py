@@ -246,8 +246,3 @@ def _warp(y: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
             return sub.masked_fill_(probs < threshold, float("-inf"))
         _in_rows(y, floor, min_p)
     return y
-
-
-def filter_logits(row: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
-    """row: [V] -> [V] scaled by temperature, with filtered-out tokens at -inf (one drawing row)."""
-    return _warp(row.float()[None], [spec])[0]
