@@ -13,14 +13,30 @@ from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
 @dataclass
 class Completion:
+    """What one Generate call returned, collected from its deltas.
+
+    The fields are sample 0's (with n = 1, the only sample). With n > 1 every sample is also in
+    `choices`, in index order, each a Completion of its own, and `usage` counts the whole request
+    as OpenAI does: the prompt once (its cached tokens from sample 0), the completion tokens of
+    every sample summed.
+    """
+
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    choices: list[Completion] = field(default_factory=list)  # n > 1 only; choices[0] is this sample
 
     def add(self, msg: pb.GenerateResponse) -> None:
+        if msg.index or self.choices:
+            self._sample(msg.index)._take(msg)
+            self._mirror()
+        else:
+            self._take(msg)
+
+    def _take(self, msg: pb.GenerateResponse) -> None:
         self.token_ids.extend(msg.token_ids)
         self.text += msg.text
         if finish := finish_text(msg):
@@ -29,8 +45,22 @@ class Completion:
             self.completion_tokens = msg.usage.completion_tokens
             self.cached_tokens = msg.usage.cached_tokens
 
+    def _sample(self, index: int) -> Completion:
+        if not self.choices:  # the first delta of another sample: what came so far was sample 0's
+            self.choices.append(Completion(list(self.token_ids), self.text, self.finish_reason, self.prompt_tokens,
+                                           self.completion_tokens, self.cached_tokens))
+        while len(self.choices) <= index:
+            self.choices.append(Completion())
+        return self.choices[index]
+
+    def _mirror(self) -> None:
+        first = self.choices[0]
+        self.token_ids, self.text, self.finish_reason = list(first.token_ids), first.text, first.finish_reason
+        self.prompt_tokens, self.cached_tokens = first.prompt_tokens, first.cached_tokens
+        self.completion_tokens = sum(c.completion_tokens for c in self.choices)
+
     def to_json(self) -> dict:
-        return {
+        out = {
             "token_ids": self.token_ids,
             "text": self.text,
             "finish_reason": self.finish_reason,
@@ -40,6 +70,10 @@ class Completion:
                 "cached_tokens": self.cached_tokens,
             },
         }
+        if self.choices:  # n > 1: every sample, added beside the fields above (which stay sample 0's)
+            out["choices"] = [{"index": i, **c.to_json()}
+                              for i, c in enumerate(self.choices)]
+        return out
 
 
 INT32 = (-2**31, 2**31 - 1)
@@ -113,8 +147,8 @@ def _sampling_extras(req: pb.GenerateRequest, n, logprobs, prompt_logprobs, repe
 
 
 class Client:
-    """Blocking client. `stream()` yields deltas; `generate()` collects them (one sample: with
-    n > 1, read `stream()` and group the deltas by their `index`)."""
+    """Blocking client. `stream()` yields deltas (tagged with their sample's `index` when n > 1);
+    `generate()` collects them into a Completion (every sample in `choices` when n > 1)."""
 
     def __init__(self, target: str = "127.0.0.1:50051", tls: TlsConfig | None = None, api_key: str = ""):
         self._channel = sync_channel(target, tls, options=GRPC_OPTIONS, member=False)  # no cluster token

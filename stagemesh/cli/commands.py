@@ -196,6 +196,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[])
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--n", type=int, default=None, help="samples of the prompt (each seeded from --seed); "
+                                                      "--json adds them as `choices`")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--api-key", default="", help="sent as `authorization: Bearer KEY`")
@@ -214,7 +216,8 @@ def _run_generate(args) -> int:
         print("stagemesh generate: --prompt-ids takes comma-separated integers, e.g. 1,2,3", file=sys.stderr)
         return 2
     kwargs = dict(prompt=args.prompt, prompt_ids=ids, max_tokens=args.max_tokens, temperature=args.temperature,
-                  top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+                  top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
+                  n=args.n)
     # Flags that cannot make a request at all are named here; what values mean, the gateway checks.
     try:
         if not 0 < args.timeout < 1e9:  # NaN fails too; gRPC takes an infinite deadline as already past
@@ -243,7 +246,7 @@ def _run_generate(args) -> int:
         with Client(args.target, tls=tls, api_key=args.api_key) as client:
             for msg in client.stream(timeout=args.timeout, **kwargs):
                 out.add(msg)
-                if not args.json:
+                if not args.json and (args.n or 1) == 1:  # several samples: printed whole at the end
                     sys.stdout.write(msg.text)
                     sys.stdout.flush()
     except grpc.RpcError as exc:
@@ -255,6 +258,8 @@ def _run_generate(args) -> int:
     if args.json:
         print(json.dumps(out.to_json()))
     else:
+        for i, sample in enumerate(out.choices):
+            print(f"--- sample {i} [{sample.finish_reason}] ---\n{sample.text}")
         print(f"\n[{out.finish_reason}; {out.prompt_tokens} prompt + {out.completion_tokens} completion tokens, "
               f"{out.cached_tokens} cached]", file=sys.stderr)
     return 0

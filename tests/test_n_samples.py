@@ -1,0 +1,92 @@
+"""n samples of one prompt and the API key's reach, through a real mesh.
+
+One mesh for the module (coordinator, two stage workers and a gateway with --http-port and an API
+key, as separate processes; the demo checkpoint): `Client.generate` and `stagemesh generate
+--json` collect every sample of n > 1 (the fields of n = 1 unchanged, sample 0's); only the /v1
+HTTP API needs the key, as in vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import requests
+
+from stagemesh.cli.demo_model import write_demo_model
+from stagemesh.cli.harness import manual_mesh, new_port, stagemesh_cmd
+from stagemesh.client import Client
+
+KEY = "sk-n-samples"
+PROMPT_IDS = [5, 61, 300, 12, 91, 7, 44, 230, 18, 9, 150, 33, 70, 8]  # 14 tokens: a partial last block
+SAMPLED = dict(prompt_ids=PROMPT_IDS, max_tokens=6, temperature=1.0, seed=7, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    model_dir = write_demo_model(tmp_path_factory.mktemp("demo"))
+    http_port = new_port()
+    with manual_mesh(model_dir, stages=2, kv_blocks=128,
+                     gateway_args=("--http-port", str(http_port), "--api-key", KEY)) as m:
+        m["base"] = f"http://127.0.0.1:{http_port}"
+        m["client"] = Client(m["gateway"], api_key=KEY)
+        yield m
+        m["client"].close()
+
+
+def run_cli(*args) -> dict:
+    res = subprocess.run([*stagemesh_cmd(), *args], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+# --- the API key: only /v1 -----------------------------------------------------------------------------
+
+
+def test_only_the_v1_api_needs_the_key(mesh):
+    base, auth = mesh["base"], {"authorization": f"Bearer {KEY}"}
+    assert requests.get(base + "/health", timeout=10).status_code == 200
+    assert requests.get(base + "/version", timeout=10).status_code == 200
+    assert "stagemesh_" in requests.get(base + "/metrics", timeout=10).text
+    tok = requests.post(base + "/tokenize", json={"prompt": "The old mill"}, timeout=10)
+    assert tok.status_code == 200 and tok.json()["count"] > 0
+    assert requests.post(base + "/detokenize", json={"tokens": tok.json()["tokens"]}, timeout=10).status_code == 200
+    for method, path, body in (("get", "/v1/models", None),
+                               ("post", "/v1/completions", {"prompt": "a", "max_tokens": 1})):
+        bare = getattr(requests, method)(base + path, json=body, timeout=10)
+        assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
+        assert getattr(requests, method)(base + path, json=body, headers=auth, timeout=30).status_code == 200
+
+
+# --- the client and `generate --json` with n > 1 ---------------------------------------------------------
+
+
+def test_client_collects_every_sample_by_index(mesh):
+    out = mesh["client"].generate(n=3, timeout=60, **SAMPLED)
+    streamed: dict[int, list[int]] = {}
+    for msg in mesh["client"].stream(n=3, timeout=60, **SAMPLED):
+        streamed.setdefault(msg.index, []).extend(msg.token_ids)
+    assert [c.token_ids for c in out.choices] == [streamed[i] for i in range(3)]
+    assert all(len(c.token_ids) == 6 and c.finish_reason == "length" for c in out.choices)
+    assert len({tuple(c.token_ids) for c in out.choices}) == 3  # each sample its own seed
+    assert out.token_ids == out.choices[0].token_ids  # the fields stay sample 0's
+    assert out.completion_tokens == 18 and out.prompt_tokens == len(PROMPT_IDS)
+    one = mesh["client"].generate(timeout=60, **SAMPLED)
+    assert one.choices == [] and one.token_ids == out.token_ids  # sample 0 = the seed itself = n=1
+
+
+def test_generate_json_keeps_its_fields_and_adds_choices(mesh):
+    common = ("generate", "--target", mesh["gateway"], "--api-key", KEY, "--prompt-ids",
+              ",".join(map(str, PROMPT_IDS)), "--max-tokens", "6", "--temperature", "1", "--seed", "7",
+              "--ignore-eos", "--json")
+    one = run_cli(*common)
+    assert set(one) == {"token_ids", "text", "finish_reason", "usage"}  # n = 1: the contract as it was
+    assert set(one["usage"]) == {"prompt_tokens", "completion_tokens", "cached_tokens"}
+    three = run_cli(*common, "--n", "3")
+    assert {k: three[k] for k in ("token_ids", "text", "finish_reason")} == {
+        k: one[k] for k in ("token_ids", "text", "finish_reason")}
+    assert three["usage"]["completion_tokens"] == 18 and three["usage"]["prompt_tokens"] == len(PROMPT_IDS)
+    assert [c["index"] for c in three["choices"]] == [0, 1, 2]
+    assert three["choices"][0]["token_ids"] == one["token_ids"]
+    assert all(set(c) == {"index", "token_ids", "text", "finish_reason", "usage"} for c in three["choices"])
