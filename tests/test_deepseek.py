@@ -26,7 +26,7 @@ from stagemesh.checkpoint import validate_checkpoint
 from stagemesh.model_config import ModelConfig
 from tests.checkpoints import make_deepseek_checkpoint
 from tests.reference import hf_greedy, random_prompts
-from tests.test_model import run_pipeline
+from tests.test_model import check_against_hf, run_pipeline
 
 SPLITS = {1: [(0, 3)], 2: [(0, 1), (1, 3)], 3: [(0, 1), (1, 2), (2, 3)]}
 NEW_TOKENS = 6
@@ -41,42 +41,6 @@ def ds_root(tmp_path_factory):
     return tmp_path_factory.mktemp("deepseek")
 
 
-_HF: dict = {}
-
-
-def hf_model(path):
-    from transformers import AutoModelForCausalLM
-
-    if path not in _HF:
-        _HF[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                         attn_implementation="eager").eval()
-    return _HF[path]
-
-
-_REF: dict = {}
-
-
-def hf_reference(path, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
-    """(transformers' greedy tokens, its logits [L-1, V] over prompt + those tokens), cached."""
-    key = (str(path), tuple(prompt))
-    if key not in _REF:
-        hf = hf_model(path)
-        with torch.no_grad():
-            out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                              do_sample=False, max_new_tokens=NEW_TOKENS)
-            _REF[key] = out[0, len(prompt):].tolist(), hf(out).logits[0, :-1]
-    return _REF[key]
-
-
-def _check_against_hf(path, stages, prompts):
-    tokens, rows = run_pipeline(stages, prompts, NEW_TOKENS)
-    for prompt, toks, ours in zip(prompts, tokens, rows):
-        hf_new, ref = hf_reference(path, prompt)  # hf_new may stop early at eos
-        assert toks[:len(hf_new)] == hf_new
-        n = min(len(ours), len(ref))
-        torch.testing.assert_close(ours[:n], ref[:n], atol=1e-4, rtol=1e-4)
-
-
 @pytest.mark.parametrize("kind", ["v3", "v2"])
 @pytest.mark.parametrize("num_stages", [1, 2, 3])
 def test_stages_match_transformers(ds_root, kind, num_stages):
@@ -86,7 +50,7 @@ def test_stages_match_transformers(ds_root, kind, num_stages):
     stages = [load_stage(path, a, b)[0] for a, b in SPLITS[num_stages]]
     gen = torch.Generator().manual_seed(11)  # same prompts at every split: one HF reference
     prompts = [torch.randint(3, 320, (n,), generator=gen).tolist() for n in (13, 3, 70, 1)]
-    _check_against_hf(path, stages, prompts)
+    check_against_hf(path, stages, prompts, NEW_TOKENS)
 
 
 def test_absorbed_decode_equals_expanded(ds_root):

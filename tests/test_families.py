@@ -20,7 +20,8 @@ from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
 from tests.checkpoints import make_hf_checkpoint
 from tests.reference import hf_greedy, random_prompts
-from tests.test_model import hf_model, run_pipeline
+from tests.reference import hf_model
+from tests.test_model import run_pipeline
 
 BLOCK = 4
 

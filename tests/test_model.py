@@ -20,6 +20,7 @@ from stage_worker.sampler import SamplingSpec, sample
 from stagemesh.cli.demo_model import write_demo_model
 from stagemesh.errors import CheckpointError, InvalidArgument
 from tests.checkpoints import make_hf_checkpoint
+from tests.reference import hf_reference
 
 SPLITS = {1: [(0, 4)], 2: [(0, 2), (2, 4)], 3: [(0, 1), (1, 3), (3, 4)]}
 BLOCK, CHUNK, NEW_TOKENS = 4, 5, 6
@@ -30,30 +31,14 @@ def ckpt_root(tmp_path_factory):
     return tmp_path_factory.mktemp("ckpts")
 
 
-_HF_CACHE: dict = {}
-_REF_CACHE: dict = {}
-
-
-def hf_model(path):
-    from transformers import AutoModelForCausalLM
-
-    if path not in _HF_CACHE:
-        _HF_CACHE[path] = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, attn_implementation="eager").eval()
-    return _HF_CACHE[path]
-
-
-def hf_reference(path, prompt: list[int], new_tokens: int = NEW_TOKENS) -> tuple[list[int], torch.Tensor]:
-    """(transformers' greedy continuation, its logits [L-1, V] over prompt + that continuation),
-    computed once per checkpoint and prompt (the stage counts share it)."""
-    key = (str(path), tuple(prompt), new_tokens)
-    if key not in _REF_CACHE:
-        hf = hf_model(path)
-        with torch.no_grad():
-            out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                              do_sample=False, max_new_tokens=new_tokens)
-            _REF_CACHE[key] = out[0, len(prompt):].tolist(), hf(out).logits[0, :-1]
-    return _REF_CACHE[key]
+def check_against_hf(path, stages, prompts, new_tokens: int = NEW_TOKENS) -> None:
+    """The stages' greedy tokens and logits rows equal transformers' on the checkpoint at `path`."""
+    tokens, rows = run_pipeline(stages, prompts, new_tokens)
+    for prompt, toks, ours in zip(prompts, tokens, rows):
+        hf_new, ref = hf_reference(path, prompt, new_tokens)  # hf_new may stop early at eos
+        assert toks[:len(hf_new)] == hf_new
+        n = min(len(ours), len(ref))  # the rows of the shared prefix (all of them unless eos)
+        torch.testing.assert_close(ours[:n], ref[:n], atol=1e-4, rtol=1e-4)
 
 
 def run_pipeline(stages, prompts, new_tokens, chunk=CHUNK, block=BLOCK):
@@ -105,12 +90,7 @@ def test_stages_match_transformers(ckpt_root, kind, num_stages):
     stages = [load_stage(path, a, b)[0] for a, b in SPLITS[num_stages]]
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, 320, (n,), generator=gen).tolist() for n in (13, 3, 22, 1)]
-    tokens, rows = run_pipeline(stages, prompts, NEW_TOKENS)
-    for prompt, toks, ours in zip(prompts, tokens, rows):
-        hf_new, ref = hf_reference(path, prompt)  # hf_new may stop early at eos
-        assert toks[:len(hf_new)] == hf_new
-        n = min(len(ours), len(ref))  # the rows of the shared prefix (all of them unless eos)
-        torch.testing.assert_close(ours[:n], ref[:n], atol=1e-4, rtol=1e-4)
+    check_against_hf(path, stages, prompts)
 
 
 def test_loader_reads_only_its_range(ckpt_root, monkeypatch):
