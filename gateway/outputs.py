@@ -33,9 +33,13 @@ def add_logprobs(msg: pb.GenerateResponse, seq, start: int, end: int) -> None:
 
 
 def stop_reason(seq, new_ids: list[int], stop_hit: bool) -> str | None:
-    """"stop" for a stop string or stop token (none before min_tokens), "length" at max_tokens."""
+    """"stop" for a stop string or stop token (none before min_tokens), "length" at max_tokens.
+
+    A stop token before min_tokens under a grammar came because the grammar allowed nothing else
+    (the stage masks them otherwise): the answer is complete, and it stops (as vLLM)."""
     done = len(seq.output_ids) >= seq.sampling.min_tokens
-    if done and (stop_hit or (new_ids and new_ids[-1] in seq.sampling.stop_token_ids)):
+    stop_token = bool(new_ids) and new_ids[-1] in seq.sampling.stop_token_ids
+    if (done and (stop_hit or stop_token)) or (stop_token and seq.sampling.grammar is not None):
         return "stop"
     if len(seq.output_ids) >= seq.max_tokens:
         return "length"

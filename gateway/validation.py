@@ -232,9 +232,8 @@ def _sampling(f: Fields) -> SamplingSpec:
 
 def _grammar(f: Fields) -> GrammarSpec | None:
     if f.grammar is not None:
+        # With min_tokens, the last stage lets a complete answer end early (stage_worker/sampler.py).
         structured_output.check(f.grammar, "sampling.grammar")
-        if f.min_tokens:  # a complete answer allows only end-of-sequence, which min_tokens forbids
-            raise FieldError("min_tokens", "min_tokens cannot be combined with structured output")
     return f.grammar
 
 

@@ -161,10 +161,21 @@ def _scatter_rows(x: torch.Tensor, pairs: list[tuple[int, int]], values, accumul
 
 
 def _mask_stop_tokens(x: torch.Tensor, rows: list[Row]) -> None:
-    """min_tokens: the stop tokens (EOS included, sent by the gateway) cannot come yet."""
+    """min_tokens: the stop tokens (EOS included, sent by the gateway) cannot come yet.
+
+    Except where a grammar allows nothing else (its answer is complete): masking them would leave
+    no token at all, so that row keeps them and the sequence ends short of min_tokens, as vLLM
+    lets a terminal grammar stop under min_tokens (its PR #54218)."""
     pairs = [(i, t) for i, r in enumerate(rows) if r.output_index < r.spec.min_tokens
              for t in r.spec.stop_token_ids if t < x.shape[1]]
+    constrained = sorted({i for i, _ in pairs if rows[i].spec.grammar is not None})
+    kept = x[constrained] if constrained else None  # [C, V] (a copy), before the mask
     _scatter_rows(x, pairs, float("-inf"), accumulate=False)
+    if constrained:
+        index = torch.tensor(constrained, device=x.device)
+        masked = x.index_select(0, index)
+        empty = torch.isneginf(masked).all(dim=1, keepdim=True)  # no sync: chosen per row on the device
+        x.index_copy_(0, index, torch.where(empty, kept, masked))
 
 
 def _add_logit_bias(x: torch.Tensor, rows: list[Row]) -> None:

@@ -1,14 +1,16 @@
-"""n samples of one prompt and the API key's reach, through a real mesh.
+"""n samples of one prompt, the API key's reach, min_tokens with a grammar, through a real mesh.
 
 One mesh for the module (coordinator, two stage workers and a gateway with --http-port and an API
 key, as separate processes; the demo checkpoint): `Client.generate` and `stagemesh generate
 --json` collect every sample of n > 1 (the fields of n = 1 unchanged, sample 0's); only the /v1
-HTTP API needs the key, as in vLLM.
+HTTP API needs the key, as in vLLM; min_tokens holds EOS back while a grammar may go on, and
+lets a complete answer stop short of it (vLLM's terminal-grammar rule).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -90,3 +92,27 @@ def test_generate_json_keeps_its_fields_and_adds_choices(mesh):
     assert [c["index"] for c in three["choices"]] == [0, 1, 2]
     assert three["choices"][0]["token_ids"] == one["token_ids"]
     assert all(set(c) == {"index", "token_ids", "text", "finish_reason", "usage"} for c in three["choices"])
+
+
+# --- min_tokens with a grammar ------------------------------------------------------------------------
+
+
+def test_min_tokens_with_a_grammar_as_vllm(mesh):
+    def completion(extra, **kw):
+        body = {"model": "", "prompt": "The old mill", "max_tokens": 16, "temperature": 0,
+                "logit_bias": {"1": 100}, **kw, **extra}  # EOS (id 1) first wherever it may come
+        resp = requests.post(mesh["base"] + "/v1/completions", json=body, timeout=60,
+                             headers={"authorization": f"Bearer {KEY}"})
+        assert resp.status_code == 200, resp.text
+        return resp.json()["choices"][0]["text"], resp.json()["usage"]["completion_tokens"]
+
+    # The grammar may go on: EOS waits for min_tokens (without it, EOS comes right after one token;
+    # completion_tokens counts the EOS).
+    text, used = completion({"guided_regex": "[a-z ]{1,60}"})
+    assert used == 2 and re.fullmatch("[a-z ]{1,60}", text)
+    text, used = completion({"guided_regex": "[a-z ]{1,60}", "min_tokens": 6})
+    assert used == 7 and re.fullmatch("[a-z ]{1,60}", text), (text, used)
+    # The answer is complete before min_tokens: only EOS is allowed, and it stops there.
+    for seed in (1, 2):
+        text, used = completion({"guided_choice": ["yes", "no"], "min_tokens": 10}, temperature=1.0, seed=seed)
+        assert text in ("yes", "no") and used < 10
