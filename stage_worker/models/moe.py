@@ -190,10 +190,14 @@ class SparseMoE(nn.Module):
         if quant.fp8_compute_available(self.w_down.device):
             self._dense = None
             return "fp8"
-        self._dense = tuple(quant.dequantize_blocks(w, s, gn).to(self.compute_dtype) for w, s, gn in
-                            ((self.w_gate_up, self.w_gate_up_scale_inv, self.group_n[0]),
-                             (self.w_down, self.w_down_scale_inv, self.group_n[1])))
+        self._dense = self._dequantized(self.compute_dtype)
         return "dequant"
+
+    def _dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The FP8 stacks (w_gate_up, w_down) dequantized to `dtype`."""
+        return tuple(quant.dequantize_blocks(w, s, gn).to(dtype) for w, s, gn in
+                     ((self.w_gate_up, self.w_gate_up_scale_inv, self.group_n[0]),
+                      (self.w_down, self.w_down_scale_inv, self.group_n[1])))
 
     def checkpoint_views(self, path: str) -> dict:
         """experts.{e}.{gate,up,down}.{weight,bias} -> slices of the stacks (own parameters only);
@@ -282,9 +286,7 @@ class SparseMoE(nn.Module):
         if self._dense is None:
             self.fp8_prepare()  # FP8 stacks off the Triton path run dequantized
             if self._dense is None:  # FP8 compute available but the torch backend forced
-                return tuple(quant.dequantize_blocks(w, s, gn).to(dtype) for w, s, gn in
-                             ((self.w_gate_up, self.w_gate_up_scale_inv, self.group_n[0]),
-                              (self.w_down, self.w_down_scale_inv, self.group_n[1])))
+                return self._dequantized(dtype)
         return self._dense
 
 
