@@ -15,26 +15,59 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 from stagemesh.errors import CheckpointError
 
 # llama.cpp's `general.architecture` -> the transformers class whose layers it holds. llama.cpp
-# writes Mistral checkpoints as "llama" too (same layers, same Q/K row permutation).
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# writes Mistral checkpoints as "llama" too (same layers, same Q/K row permutation), and Mixtral as
+# "llama" with experts (`llama.expert_count`; see `_moe_class`).
+GGUF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM", "gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM",
+}
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral", "Qwen2ForCausalLM": "qwen2",
+                "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe", "Gemma2ForCausalLM": "gemma2",
+                "Phi3ForCausalLM": "phi3"}
 # Architectures whose converter (convert_hf_to_gguf.py, LlamaModel.modify_tensors) permutes the
 # rows of q_proj/k_proj (weight and bias) for llama.cpp's rotary layout; the loader undoes it.
 PERMUTED_QK = {"llama"}
+# Gemma 2's converter stores each RMSNorm weight w as 1 + w, the value the stage holds after its
+# `after_load` (models/gemma2.py): this config key tells the stage not to add 1 again.
+NORMS_HOLD_ONE_PLUS_W = "stagemesh_norms_hold_one_plus_w"
 
 _TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+_GGUF_TOP = {v: k for k, v in _TOP.items()}
 _LAYER = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
     "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",  # Qwen3's per-head norms
 }
-_GGUF_TOP = {v: k for k, v in _TOP.items()}
-_GGUF_LAYER = {v: k for k, v in _LAYER.items()}
+# Where a family's llama.cpp names depart from Llama's (gguf's TensorNameMap for that architecture).
+_LAYER_BY_ARCH = {
+    "gemma2": {**_LAYER, "post_attention_layernorm": "post_attention_norm",
+               "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"},
+    # Phi-3's fused q/k/v and gate/up, split into the merged layout by the stage (models/phi3.py)
+    "phi3": {k: v for k, v in _LAYER.items() if not k.startswith("mlp.")}
+    | {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"},
+}
+# MoE layers: the router and the experts, (HF module, per-expert names gate/up/down) by class.
+_MOE = {"MixtralForCausalLM": ("block_sparse_moe", ("w1", "w3", "w2")),
+        "Qwen3MoeForCausalLM": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+_EXPERT_ROLES = ("ffn_gate", "ffn_up", "ffn_down")
 _BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+_OLD_EXPERT = re.compile(r"^blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)\.(\d+)\.weight$")  # pre-2024 Mixtral GGUFs
+_SPLIT = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+
+
+class GGUFRef(NamedTuple):
+    """Where one Hugging Face tensor lies: a file of the set, its tensor, and for a stacked expert
+    tensor ([n_experts, ...], `ffn_*_exps`) the expert's index."""
+
+    file: str
+    name: str
+    expert: int | None = None
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -42,10 +75,16 @@ def is_gguf(path: str | Path) -> bool:
     return str(path).lower().endswith(".gguf")
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def open_gguf(path: str):
     """The file's GGUFReader (memory-mapped; parsing the metadata takes ~2 s for a 49k vocabulary,
-    hence one per process and path). CheckpointError when it is missing or not a GGUF file."""
+    hence one per process and path). For a split set (`name-00002-of-00003.gguf`), the first
+    file's: it holds the metadata. CheckpointError when it is missing or not a GGUF file."""
+    return file_reader(str(gguf_files(path)[0]))
+
+
+@functools.lru_cache(maxsize=16)
+def file_reader(path: str):
     try:
         from gguf import GGUFReader
     except ImportError as exc:
@@ -58,10 +97,33 @@ def open_gguf(path: str):
         raise CheckpointError(f"{path}: not a readable GGUF file ({exc})") from exc
 
 
+@functools.lru_cache(maxsize=8)
+def gguf_files(path: str | Path) -> tuple[Path, ...]:
+    """Every file of the checkpoint: the path itself, or all files of a llama.cpp split set
+    (gguf-split's `name-0000k-of-0000N.gguf`, any of them named), first to last."""
+    path = Path(path)
+    m = _SPLIT.match(path.name)
+    if not m:
+        return (path,)
+    count = int(m.group(3))
+    files = tuple(path.with_name(f"{m.group(1)}-{i:05d}-of-{m.group(3)}.gguf") for i in range(1, count + 1))
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{path}: file {f.name} of this {count}-file split GGUF is missing")
+    declared = field(file_reader(str(files[0])), "split.count", 1)
+    if declared != count:
+        raise CheckpointError(f"{files[0]}: split.count is {declared}, its name says {count}")
+    return files
+
+
 def field(reader, key: str, default=None):
     """One metadata value as Python (str, int, float, bool, list), or `default`."""
     f = reader.fields.get(key)
     return default if f is None else f.contents()
+
+
+def _tensor_names(path) -> set[str]:
+    return {t.name for f in gguf_files(path) for t in file_reader(str(f)).tensors}
 
 
 def gguf_architecture(path: str | Path) -> tuple[str, str]:
@@ -75,13 +137,18 @@ def gguf_architecture(path: str | Path) -> tuple[str, str]:
         raise CheckpointError(
             f"{path}: GGUF architecture {arch!r} is not supported (GGUF: {', '.join(sorted(GGUF_ARCHITECTURES))}; "
             f"checkpoint directories: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
+    if arch == "llama" and field(reader, "llama.expert_count", 0):
+        return arch, "MixtralForCausalLM"
     return arch, GGUF_ARCHITECTURES[arch]
 
 
 def gguf_config(path: str | Path) -> dict:
-    """The Hugging Face config.json the file describes (transformers' GGUF_CONFIG_MAPPING)."""
+    """The Hugging Face config.json the file describes (transformers' GGUF_CONFIG_MAPPING, plus
+    what llama.cpp's converter writes and transformers drops: Gemma 2's caps, Phi-3's window and
+    LongRoPE factors, experts of a llama-architecture file)."""
     arch, cls = gguf_architecture(path)
     reader = open_gguf(str(path))
+    names = _tensor_names(path)
 
     def key(name, default=None):
         return field(reader, f"{arch}.{name}", default)
@@ -91,7 +158,7 @@ def gguf_config(path: str | Path) -> dict:
         hidden = int(key("embedding_length"))
         vocab = key("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
         raw = {
-            "architectures": [cls], "model_type": arch,
+            "architectures": [cls], "model_type": _MODEL_TYPES[cls],
             "vocab_size": int(vocab), "hidden_size": hidden,
             "intermediate_size": int(key("feed_forward_length")),
             "num_hidden_layers": int(key("block_count")),
@@ -101,48 +168,144 @@ def gguf_config(path: str | Path) -> dict:
             "max_position_embeddings": int(key("context_length", 2048)),
             "rope_theta": float(key("rope.freq_base", 10000.0)),
             # llama.cpp writes the output projection only when it is not the embedding matrix
-            "tie_word_embeddings": "output.weight" not in {t.name for t in reader.tensors},
-            "attention_bias": "blk.0.attn_q.bias" in {t.name for t in reader.tensors},
+            "tie_word_embeddings": "output.weight" not in names,
+            "attention_bias": "blk.0.attn_q.bias" in names,
             # dequantized at load; the stage computes in float32 as transformers' GGUF loader does
             "torch_dtype": "float32",
             "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
             "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"),
             "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id"),
         }
+        _FAMILY_KEYS.get(arch, _no_keys)(raw, key, names, path)
+        if cls in _MOE:
+            _moe_keys(raw, key, names, path)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: GGUF metadata lacks or garbles a model key ({exc!r})") from exc
-    if key("rope.dimension_count") is not None and arch == "llama":
-        raw["head_dim"] = int(key("rope.dimension_count"))
-    if key("attention.key_length") is not None and arch == "qwen3":
-        # Qwen3's heads are not hidden/heads wide (Qwen3-0.6B: 1024 / 16 heads of 128); llama.cpp
-        # writes the width here (transformers' GGUF loader takes Qwen3Config's default, 128).
-        raw["head_dim"] = int(key("attention.key_length"))
     return raw
 
 
-def gguf_name(hf_name: str) -> str | None:
-    """llama.cpp's name of a Hugging Face tensor name (None: not one the file format has)."""
+def _no_keys(raw, key, names, path) -> None:
+    pass
+
+
+def _llama_keys(raw, key, names, path) -> None:
+    if key("rope.dimension_count") is not None:
+        raw["head_dim"] = int(key("rope.dimension_count"))
+
+
+def _qwen3_keys(raw, key, names, path) -> None:
+    if key("attention.key_length") is not None:
+        # Qwen3's heads are not hidden/heads wide (Qwen3-0.6B: 1024 / 16 heads of 128); llama.cpp
+        # writes the width here (transformers' GGUF loader takes Qwen3Config's default, 128).
+        raw["head_dim"] = int(key("attention.key_length"))
+
+
+def _gemma2_keys(raw, key, names, path) -> None:
+    """llama.cpp's Gemma 2 keys; the attention scale as llama.cpp's (llama-model.cpp: the 27B's
+    query_pre_attn_scalar is hidden / heads, the others' the head width; not in the file)."""
+    head_dim = int(key("attention.key_length", raw["hidden_size"] // raw["num_attention_heads"]))
+    raw.update(head_dim=head_dim, hidden_activation="gelu_pytorch_tanh",
+               attn_logit_softcapping=float(key("attn_logit_softcapping", 50.0)),
+               final_logit_softcapping=float(key("final_logit_softcapping", 30.0)),
+               sliding_window=int(key("attention.sliding_window", 4096)),
+               query_pre_attn_scalar=(raw["hidden_size"] // raw["num_attention_heads"]
+                                      if raw["num_hidden_layers"] == 46 else head_dim))
+    raw[NORMS_HOLD_ONE_PLUS_W] = True
+
+
+def _phi3_keys(raw, key, names, path) -> None:
+    """Phi-3's window, partial rotary and LongRoPE factors (stored as tensors
+    `rope_factors_long/short.weight`, the original context as `rope.scaling.original_context_length`)."""
+    head_dim = raw["hidden_size"] // raw["num_attention_heads"]
+    rope_dims = int(key("rope.dimension_count", head_dim))
+    if key("attention.sliding_window") is not None:
+        raw["sliding_window"] = int(key("attention.sliding_window"))
+    rope = {"rope_type": "default", "rope_theta": raw["rope_theta"]}
+    if "rope_factors_long.weight" in names:
+        orig = int(key("rope.scaling.original_context_length", raw["max_position_embeddings"]))
+        rope.update(rope_type="longrope", original_max_position_embeddings=orig,
+                    long_factor=_vector(path, "rope_factors_long.weight"),
+                    short_factor=_vector(path, "rope_factors_short.weight"))
+        raw["original_max_position_embeddings"] = orig
+    if rope_dims != head_dim:
+        rope["partial_rotary_factor"] = rope_dims / head_dim
+    raw["rope_parameters"] = rope
+
+
+def _moe_keys(raw, key, names, path) -> None:
+    """Experts of a Mixtral (llama) or Qwen3-MoE file; a layer with no router is dense."""
+    raw["num_local_experts"] = int(key("expert_count"))
+    raw["num_experts_per_tok"] = int(key("expert_used_count"))
+    if raw["model_type"] == "qwen3_moe":
+        raw["moe_intermediate_size"] = int(key("expert_feed_forward_length", raw["intermediate_size"]))
+        raw["norm_topk_prob"] = True  # llama.cpp's qwen3moe always renormalises (as transformers' loader)
+        raw["mlp_only_layers"] = [i for i in range(raw["num_hidden_layers"])
+                                  if f"blk.{i}.ffn_gate_inp.weight" not in names]
+        raw["decoder_sparse_step"] = 1
+        _qwen3_keys(raw, key, names, path)
+    else:
+        raw["sliding_window"] = None
+
+
+_FAMILY_KEYS = {"llama": _llama_keys, "qwen3": _qwen3_keys, "gemma2": _gemma2_keys, "phi3": _phi3_keys}
+
+
+def _vector(path, name: str) -> list[float]:
+    """A small float32 tensor of the file as a list (Phi-3's rope factors)."""
+    for f in gguf_files(path):
+        for t in file_reader(str(f)).tensors:
+            if t.name == name:
+                return [float(x) for x in t.data.reshape(-1)]
+    raise KeyError(name)
+
+
+def gguf_name(hf_name: str, arch: str = "llama") -> str | None:
+    """llama.cpp's name of a Hugging Face tensor name (None: not one the file format has; experts
+    are stacked in the file, see `hf_tensor_names`)."""
     base, _, suffix = hf_name.rpartition(".")
     if base in _TOP:
         return f"{_TOP[base]}.{suffix}"
     m = re.match(r"^model\.layers\.(\d+)\.(.+)$", base)
-    if m and m.group(2) in _LAYER:
-        return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}.{suffix}"
+    layer = _LAYER_BY_ARCH.get(arch, _LAYER)
+    if m and m.group(2) in layer:
+        return f"blk.{m.group(1)}.{layer[m.group(2)]}.{suffix}"
+    if m and m.group(2).endswith(".gate") and m.group(2)[:-5] in {"mlp", "block_sparse_moe"}:
+        return f"blk.{m.group(1)}.ffn_gate_inp.{suffix}"
     return None
 
 
-def hf_tensor_names(path: str | Path) -> dict[str, str]:
-    """Hugging Face tensor name -> the file's tensor name, for every tensor the mesh reads."""
+def hf_tensor_names(path: str | Path) -> dict[str, GGUFRef]:
+    """Hugging Face tensor name -> where it lies, for every tensor the mesh reads (all files of a
+    split set; each expert of a stacked `ffn_*_exps` tensor under its own name)."""
+    arch, cls = gguf_architecture(path)
+    back = {v: k for k, v in _LAYER_BY_ARCH.get(arch, _LAYER).items()}
+    moe, experts = _MOE.get(cls, (None, ()))
+    if moe:
+        back["ffn_gate_inp"] = f"{moe}.gate"
+    n_experts = int(field(open_gguf(str(path)), f"{arch}.expert_count", 0) or 0)
     out = {}
-    for t in open_gguf(str(path)).tensors:
-        base, _, suffix = t.name.rpartition(".")
-        if base in _GGUF_TOP:
-            out[f"{_GGUF_TOP[base]}.{suffix}"] = t.name
-            continue
-        m = _BLOCK.match(t.name)
-        if m and m.group(2) in _GGUF_LAYER:
-            out[f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.{m.group(3)}"] = t.name
+    for f in gguf_files(path):
+        for t in file_reader(str(f)).tensors:
+            out.update(_hf_names(t.name, str(f), back, moe, experts, n_experts))
     return out
+
+
+def _hf_names(name: str, file: str, back: dict, moe, experts, n_experts: int) -> dict[str, GGUFRef]:
+    base, _, suffix = name.rpartition(".")
+    if base in _GGUF_TOP:
+        return {f"{_GGUF_TOP[base]}.{suffix}": GGUFRef(file, name)}
+    m = _BLOCK.match(name)
+    if m and moe and m.group(2).endswith("_exps") and m.group(2)[:-5] in _EXPERT_ROLES:
+        part = experts[_EXPERT_ROLES.index(m.group(2)[:-5])]
+        return {f"model.layers.{m.group(1)}.{moe}.experts.{e}.{part}.{m.group(3)}": GGUFRef(file, name, e)
+                for e in range(n_experts)}
+    if m and m.group(2) in back:
+        return {f"model.layers.{m.group(1)}.{back[m.group(2)]}.{m.group(3)}": GGUFRef(file, name)}
+    m = _OLD_EXPERT.match(name)
+    if m and moe:
+        part = experts[_EXPERT_ROLES.index(m.group(2))]
+        return {f"model.layers.{m.group(1)}.{moe}.experts.{m.group(3)}.{part}.weight": GGUFRef(file, name)}
+    return {}
 
 
 def gguf_chat_template(path: str | Path) -> tuple[str | None, dict[str, str]]:

@@ -196,7 +196,7 @@ def test_unsupported_gguf_architecture_is_named(tmp_path):
     w.close()
     from stagemesh.model_config import ModelConfig
 
-    with pytest.raises(CheckpointError, match=r"'phi2' is not supported \(GGUF: llama, qwen2"):
+    with pytest.raises(CheckpointError, match=r"'phi2' is not supported \(GGUF: gemma2, llama, phi3"):
         ModelConfig.from_dir(path)
     up = subprocess.run([sys.executable, "-m", "stagemesh.cli", "up", "--model", str(path)],
                         capture_output=True, text=True, timeout=60)

@@ -4,7 +4,8 @@
   -> residual add -> pre_feedforward_layernorm -> MLP -> post_feedforward_layernorm -> residual add
   (`LayerTraits.sandwich_norms`, models/llama.py).
 - RMSNorm scales by (1 + w): the checkpoint stores w, the stage holds 1 + w (`after_load`), so the
-  shared norm kernels run unchanged. (In bf16 the sum is rounded once at load, where transformers
+  shared norm kernels run unchanged; a GGUF file stores 1 + w already, so nothing is added then.
+  (In bf16 the sum is rounded once at load, where transformers
   adds in float32 at every call: equal in float32, within a bf16 ulp otherwise.)
 - Token embeddings times sqrt(hidden_size), rounded to the activation dtype (`embed_scale`).
 - Attention: scale query_pre_attn_scalar ** -0.5; scores capped as 50 * tanh(s / 50)
@@ -20,6 +21,7 @@ import torch
 
 from stage_worker.models.layers import RMSNorm
 from stage_worker.models.llama import LayerTraits, LlamaStage
+from stagemesh.gguf_file import NORMS_HOLD_ONE_PLUS_W
 from stagemesh.model_config import ModelConfig
 
 
@@ -33,10 +35,12 @@ class Gemma2Stage(LlamaStage):
         super().__init__(cfg, layer_start, layer_end, dtype=dtype, device=device)
         self.embed_scale = cfg.hidden_size ** 0.5
         self.final_logit_softcap = cfg.raw.get("final_logit_softcapping") or None
+        # a GGUF file already holds 1 + w (llama.cpp's converter adds it; stagemesh/gguf_file.py)
+        self.norm_offset = 0.0 if cfg.raw.get(NORMS_HOLD_ONE_PLUS_W) else 1.0
 
     @torch.no_grad()
     def after_load(self) -> None:
         """Gemma's RMSNorm multiplies by (1 + w): hold 1 + w (every norm of the stage)."""
         for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.weight.add_(1.0)
+            if isinstance(module, RMSNorm) and self.norm_offset:
+                module.weight.add_(self.norm_offset)
