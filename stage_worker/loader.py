@@ -187,19 +187,6 @@ def _tensor_locations(model_dir: Path) -> _Locations:
     return locs
 
 
-def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor,
-                          block: tuple[int, int] = (128, 128)) -> torch.Tensor:
-    """weight: [out, in] float8; scale_inv: [ceil(out/b0), ceil(in/b1)] -> float32 [out, in]."""
-    rows, cols = weight.shape
-    b0, b1 = block
-    expect = (-(-rows // b0), -(-cols // b1))
-    if tuple(scale_inv.shape) != expect:
-        raise ValueError(f"scale_inv of shape {tuple(scale_inv.shape)}, expected {expect} "
-                         f"for a {rows}x{cols} weight in {b0}x{b1} blocks")
-    scale = scale_inv.float().repeat_interleave(b0, 0)[:rows].repeat_interleave(b1, 1)[:, :cols]
-    return weight.float() * scale
-
-
 def _copy_from_file(path: Path, names: list[str], wanted: dict, params: dict, on_tensor=None,
                     locations: "_Locations | None" = None, block: tuple[int, int] = (128, 128)) -> None:
     """Copy `names` from one (memory-mapped) shard into the model's parameters."""
@@ -216,7 +203,7 @@ def _copy_from_file(path: Path, names: list[str], wanted: dict, params: dict, on
                 raise CheckpointError(f"{path}: missing tensor {hf_name}")
             target = params[wanted[hf_name]]
             tensor = f.get_tensor(hf_name)
-            if tensor.dtype in _FP8_DTYPES:
+            if tensor.dtype in quant.FP8_DTYPES:
                 scale = _scale_inv(path, f, present, hf_name, locations)
                 tensor = _fp8_into(target, tensor, scale, block, f"{path}: {hf_name}")
             if tensor is not None:  # (None: copied as it is into an FP8 layer)
@@ -228,16 +215,13 @@ def _copy_from_file(path: Path, names: list[str], wanted: dict, params: dict, on
                 on_tensor(1)
 
 
-_FP8_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
-
-
 def _fp8_into(target, tensor: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], where: str):
     """An FP8 checkpoint tensor: into an FP8 layer as is (None returned), else its float32 value."""
     try:
         if isinstance(target, quant.Fp8Slot):
             target.load(tensor, scale, block)
             return None
-        return dequantize_fp8_blocks(tensor, scale, block)
+        return quant.dequantize_blocks(tensor, scale, *block)
     except ValueError as exc:
         raise CheckpointError(f"{where}: {exc}") from exc
 

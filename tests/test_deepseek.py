@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from stage_worker.attention import AttnMetadata
-from stage_worker.loader import dequantize_fp8_blocks, load_stage
+from stage_worker.loader import load_stage
 from stage_worker.mla_cache import MLAKVCache, kv_bytes_per_token
 from stage_worker.models.deepseek import DeepseekDims, DeepseekMoE, MoEGate, grouped_linear, layer_profile
 from stage_worker.models.layers import checkpoint_tensors
@@ -181,33 +181,6 @@ def test_bf16_stage(ds_root):
     h = stage(torch.tensor([5]), None, meta, kv)
     logits = stage.compute_logits(h)
     assert h.dtype == torch.bfloat16 and logits.dtype == torch.float32 and torch.isfinite(logits).all()
-
-
-# -- FP8 block-quantized checkpoints -----------------------------------------------------------
-def _quantize_fp8(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 [out, in], scale_inv float32 [ceil(out/b), ceil(in/b)]) as DeepSeek-V3 ships."""
-    rows, cols = w.shape
-    gr, gc = -(-rows // block), -(-cols // block)
-    padded = torch.zeros(gr * block, gc * block)
-    padded[:rows, :cols] = w.float()
-    tiles = padded.view(gr, block, gc, block)
-    scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
-    q = (tiles / scale[:, None, :, None]).to(torch.float8_e4m3fn)
-    return q.view(gr * block, gc * block)[:rows, :cols].contiguous(), scale
-
-
-def test_fp8_dequant_blocks():
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(300, 200, generator=gen) * torch.linspace(0.01, 10, 200)  # 3x2 blocks, ragged
-    q, scale = _quantize_fp8(w)
-    assert scale.shape == (3, 2)
-    deq = dequantize_fp8_blocks(q, scale)
-    for i, j in [(0, 0), (2, 1), (1, 0)]:
-        rows, cols = slice(128 * i, 128 * (i + 1)), slice(128 * j, 128 * (j + 1))
-        torch.testing.assert_close(deq[rows, cols], q[rows, cols].float() * scale[i, j])
-    assert (deq - w).abs().max() <= 0.07 * w.abs().max()  # e4m3: 3 mantissa bits
-    with pytest.raises(ValueError, match="expected"):
-        dequantize_fp8_blocks(q, scale[:2])
 
 
 # -- KV bytes ----------------------------------------------------------------------------------
