@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from stage_worker.attention import AttnMetadata
 from stage_worker.loader import load_stage
 from stage_worker.mla_cache import MLAKVCache, kv_bytes_per_token
-from stage_worker.models.deepseek import DeepseekDims, DeepseekMoE, MoEGate, grouped_linear, layer_profile
+from stage_worker.models.deepseek import DeepseekDims, DeepseekMoE, MoEGate, layer_profile
 from stage_worker.models.layers import checkpoint_tensors
 from stagemesh.checkpoint import validate_checkpoint
 from stagemesh.model_config import ModelConfig
@@ -146,14 +146,15 @@ def test_grouped_moe_equals_per_expert_loop(bias):
 
 
 def test_grouped_linear_fallback_equals_kernel(monkeypatch):
-    import stage_worker.models.moe as ds
+    from stage_worker.models import moe
+
     gen = torch.Generator().manual_seed(1)
     x, w = torch.randn(10, 8, generator=gen), torch.randn(4, 6, 8, generator=gen)
     offs = torch.tensor([3, 3, 9, 10], dtype=torch.int32)
     ref = torch.cat([x[:3] @ w[0].T, x[3:9] @ w[2].T, x[9:] @ w[3].T])
-    torch.testing.assert_close(grouped_linear(x, w, offs), ref)
-    monkeypatch.setattr(ds, "_GROUPED_MM", None)
-    torch.testing.assert_close(grouped_linear(x, w, offs), ref)
+    torch.testing.assert_close(moe.grouped_linear(x, w, offs), ref)
+    monkeypatch.setattr(moe, "_GROUPED_MM", None)
+    torch.testing.assert_close(moe.grouped_linear(x, w, offs), ref)
 
 
 def test_loader_reads_its_layers_and_experts(ds_root):

@@ -37,7 +37,7 @@ from stage_worker.mla_cache import MLAKVCache
 from stage_worker.models.base import PipelineStage
 from stage_worker.models import quant
 from stage_worker.models.layers import RMSNorm, make_linear, make_merged_linear
-from stage_worker.models.moe import MoESpec, Router, RouterSpec, SparseMoE, grouped_linear  # noqa: F401
+from stage_worker.models.moe import MoESpec, Router, RouterSpec, SparseMoE
 from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
 

@@ -21,7 +21,7 @@ Where tensors come from (the loader hands each checkpoint tensor to its `Fp8Slot
   copied as is;
 - a bf16/fp32 tensor when the stage quantizes at load (`--quantization fp8`,
   `with_quantization`): quantized per 128x128 block (`quantize_blocks`, amax / 448), on the device;
-- dummy weights (`--load-format dummy`): drawn on the device (loader.py).
+- dummy weights (`--load-format dummy`): drawn on the device (dummy_weights.py).
 
 Compute (`Fp8Linear.forward`): on a CUDA GPU with FP8 tensor cores (SM89+), activations are
 quantized per token in 1x128 groups and the GEMM is block-scaled (kernels/fp8.py: the Triton
