@@ -235,3 +235,46 @@ def test_stages_equal_transformers_loading_the_gguf(tmp_path, kind):
     want_tokens, want_rows = _hf_gguf_greedy(path, prompt, 6)
     assert tokens[0] == want_tokens
     torch.testing.assert_close(rows[0], want_rows, atol=1e-4, rtol=1e-4)
+
+
+def test_split_gguf_set_served_from_any_of_its_files(tmp_path, monkeypatch):
+    """A gguf-split set (`tiny-0000k-of-00003.gguf`, metadata in the first file, tensors spread
+    over all three): named by any file, it is the whole checkpoint (config, tokenizer, up's check);
+    a stage opens and reads only the files holding its tensors; a missing file is named."""
+    from stage_worker.gguf import GGUFTensors
+    from stage_worker.loader import load_stage
+    from stagemesh.checkpoint import validate_checkpoint
+    from stagemesh.errors import CheckpointError
+    from stagemesh.gguf_tokenizer import gguf_tokenizer
+
+    hf_dir = make_hf_checkpoint(tmp_path, "llama", num_layers=4)
+    single = write_family_gguf(hf_dir, tmp_path / "one.gguf")
+    first = write_family_gguf(hf_dir, tmp_path / "tiny.gguf", split_max_tensors=16)
+    files = gguf_files(first)
+    assert [f.name for f in files] == [f"tiny-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    assert gguf_files(files[1]) == files
+    assert validate_checkpoint(files[2]).num_hidden_layers == 4
+    assert gguf_tokenizer(str(files[1])).encode("the gateway").ids == gguf_tokenizer(str(single)).encode("the gateway").ids
+    read, seen = GGUFTensors.read, []
+    monkeypatch.setattr(GGUFTensors, "read", lambda self, name: seen.append(self.names[name].file) or read(self, name))
+    refs, opened = GGUFTensors(first, 4, 2).names, []
+    for layers in ((0, 1), (1, 3), (3, 4)):
+        seen.clear()
+        got = load_stage(files[1], *layers)[0].state_dict()
+        want = load_stage(single, *layers)[0].state_dict()
+        assert all(torch.equal(got[n], t) for n, t in want.items()) and got.keys() == want.keys()
+        holding = {ref.file for name, ref in refs.items() if _in_stage(name, layers, 4)}
+        assert set(seen) - {str(single)} == holding, layers
+        opened.append(len(holding))
+    assert min(opened) < 3, opened  # the first stage's tensors lie in fewer files than the set's
+    files[2].unlink()
+    gguf_files.cache_clear()
+    with pytest.raises(CheckpointError, match="tiny-00003-of-00003.gguf of this 3-file split GGUF is missing"):
+        ModelConfig.from_dir(files[0])
+
+
+def _in_stage(name: str, layers: tuple[int, int], n_layers: int) -> bool:
+    if name.startswith("model.layers."):
+        return layers[0] <= int(name.split(".")[2]) < layers[1]
+    return (name == "model.embed_tokens.weight" and layers[0] == 0) or (
+        name in ("model.norm.weight", "lm_head.weight") and layers[1] == n_layers)
