@@ -266,7 +266,7 @@ def attend(q: torch.Tensor, layer_kv: tuple[torch.Tensor, torch.Tensor], meta: A
         span = meta.decode_max_ctx  # keys a query reads: a window caps it (fewer, fuller splits)
         if window and span is not None:
             span = min(span, window)
-        splits = meta.num_splits or choose_splits(qd.shape[0], k_cache.shape[1], span, _num_sms(q.device))
+        splits = meta.num_splits or choose_splits(qd.shape[0], k_cache.shape[1], span, num_sms(q.device))
         od = paged_decode(qd, k_cache, v_cache, meta.block_tables, meta.decode_ctx, scale,
                           meta.block_size, splits, meta.decode_max_ctx, window=window, softcap=softcap)
         if meta.decode_all:
@@ -304,7 +304,8 @@ def _chunk_mask(start: int, ctx: int, device, window: int | None = None) -> torc
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (split-count heuristics; an H100's 132 off CUDA)."""
     if device.type != "cuda":
         return 132
     return torch.cuda.get_device_properties(device).multi_processor_count

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stage_worker.attention import AttnMetadata, _num_sms, token_slots
+from stage_worker.attention import AttnMetadata, num_sms, token_slots
 from stage_worker.kernels.paged_decode import choose_splits
 from stage_worker.kernels.unified_attention import max_tiles, tile_plan
 
@@ -146,7 +146,7 @@ class DecodeGraphs(_StagedGraphs):
 
     def _meta(self, bp: int) -> AttnMetadata:
         pos, slots, ctx = (self._part(i, dev=True)[:bp] for i in (1, 2, 3))
-        splits = choose_splits(bp, self.kv.num_kv_heads, None, _num_sms(self.device))
+        splits = choose_splits(bp, self.kv.num_kv_heads, None, num_sms(self.device))
         return AttnMetadata(
             positions=pos, slot_mapping=slots, query_start_loc=list(range(bp + 1)), start_pos=[],
             context_lens=[], context_slots=[], prefill_ids=[], prefill_masks={},

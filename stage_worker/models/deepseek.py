@@ -16,10 +16,12 @@ MLA data flow for T new tokens (H heads, R = kv_lora_rank, Dn/Dr = qk nope/rope 
            q_lat = q_nope @ W_UK [H, R]; score = q_lat . c_kv + q_pe . k_pe; o = (p @ c_kv) @ W_UV
            for every row of the micro-batch at once: prefill chunks and decode rows in one
            kernels/mla_prefill launch, decode-only steps in kernels/mla_decode (GPU); one
-           padded SDPA call over all sequences (CPU). Equal to transformers (float32). Routing follows DeepSeek's reference code: V2 softmax
-scores with greedy or group-limited greedy top-k; V3 sigmoid scores, expert choice biased by
-`e_score_correction_bias` (weights are not), group-limited by the sum of each group's top-2.
-The MoE layer is models/moe.py's SparseMoE (fused Triton kernels on CUDA, grouped GEMMs elsewhere).
+           padded SDPA call over all sequences (CPU). Equal to transformers (float32).
+
+Routing follows DeepSeek's reference code: V2 softmax scores with greedy or group-limited greedy
+top-k; V3 sigmoid scores, expert choice biased by `e_score_correction_bias` (weights are not),
+group-limited by the sum of each group's top-2. The MoE layer is models/moe.py's SparseMoE (fused
+Triton kernels on CUDA, grouped GEMMs elsewhere).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stage_worker.attention import AttnMetadata, _num_sms
+from stage_worker.attention import AttnMetadata, num_sms
 from stage_worker.kernels import mla_decode, mla_prefill
 from stage_worker.mla_cache import MLAKVCache
 from stage_worker.models.base import PipelineStage
@@ -247,9 +249,8 @@ class MLAttention(nn.Module):
         q_nope: [B, Hq, Dn]; q_pe: [B, Hq, Dr]; ctx: [B, L, R + Dr]; mask: [B, 1, 1, L] bool.
         One shared latent "head" (MQA) keyed by c_kv | k_pe, valued by c_kv.
         """
-        d, nh = self.d, self.n_heads
-        w = self.kv_b_proj.weight.view(nh, d.qk_nope_head_dim + d.v_head_dim, d.kv_lora_rank)
-        w_uk, w_uv = w[:, : d.qk_nope_head_dim], w[:, d.qk_nope_head_dim:]  # [Hq, Dn, R], [Hq, Dv, R]
+        d = self.d
+        w_uk, w_uv = self._w_uk_uv()  # [Hq, Dn, R], [Hq, Dv, R]
         q_lat = torch.einsum("bhn,hnr->bhr", q_nope, w_uk)  # [B, Hq, R]
         q_full = torch.cat([q_lat, q_pe], dim=-1)[:, :, None, :]  # [B, Hq, 1, R + Dr]
         keys = ctx[:, None]  # [B, 1, L, R + Dr]
@@ -287,7 +288,7 @@ def _decode(q, pool, meta: AttnMetadata, scale: float, kv_rank: int) -> torch.Te
     The split count depends on the shapes only, never on the contexts, so a decode row gives the
     same bits on the eager route and replayed from a CUDA graph (where the contexts are unknown).
     """
-    splits = mla_decode.num_splits(q.shape[0], q.shape[1], _num_sms(q.device))
+    splits = mla_decode.num_splits(q.shape[0], q.shape[1], num_sms(q.device))
     return mla_decode.mla_decode(q, pool, meta.block_tables, meta.decode_ctx, scale, meta.block_size, kv_rank,
                                  splits, max_ctx=meta.decode_max_ctx)
 
