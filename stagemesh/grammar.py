@@ -3,8 +3,9 @@
 The gateway builds a GrammarSpec from the API's fields (response_format, guided_*, structured_outputs,
 tools; gateway/structured_output.py), checks that it compiles, and sends it in
 `SamplingParams.grammar`; the last stage turns it into a grammar matcher (stage_worker/grammar.py).
-`lark_or_spec` is the one translation of a spec into what llguidance compiles, used by both sides so
-that what the gateway accepted is exactly what the stage enforces. Pure Python: no torch, no grpc.
+`llguidance_grammar` is the one translation of a spec into what llguidance compiles, used by both
+sides so that what the gateway accepted is exactly what the stage enforces. Pure Python: no torch,
+no grpc.
 """
 
 from __future__ import annotations
