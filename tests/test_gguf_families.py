@@ -97,10 +97,30 @@ def _tensors(cfg: dict, weights: dict, stacked: bool) -> dict[str, np.ndarray]:
     for name, by_e in experts.items():
         out[name] = np.stack([by_e[e] for e in sorted(by_e)])
     rope = cfg.get("rope_parameters") or {}
+    if rope.get("rope_type") == "llama3":  # LlamaModel.generate_extra_tensors (Llama 3.1+)
+        out["rope_freqs.weight"] = _llama3_rope_factors(cfg, rope)
     if rope.get("rope_type") == "longrope":  # Phi3MiniModel.generate_extra_tensors
         out["rope_factors_long.weight"] = np.array(rope["long_factor"], dtype=np.float32)
         out["rope_factors_short.weight"] = np.array(rope["short_factor"], dtype=np.float32)
     return out
+
+
+def _llama3_rope_factors(cfg: dict, rope: dict) -> np.ndarray:
+    """llama.cpp's rope_freqs: the divisor of each rotary frequency under Llama 3.1's scaling."""
+    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    out = []
+    for freq in 1.0 / (rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim)):
+        wavelen = 2 * np.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
 
 
 def write_family_gguf(hf_dir, out, stacked: bool = True, qtype=None, split_max_tensors: int = 0):
@@ -278,3 +298,24 @@ def _in_stage(name: str, layers: tuple[int, int], n_layers: int) -> bool:
         return layers[0] <= int(name.split(".")[2]) < layers[1]
     return (name == "model.embed_tokens.weight" and layers[0] == 0) or (
         name in ("model.norm.weight", "lm_head.weight") and layers[1] == n_layers)
+
+
+def test_llama31_rope_freqs_ignored_as_transformers_does(tmp_path):
+    """A Llama 3.1+ file carries its rope scaling only as `rope_freqs.weight` (per-frequency
+    divisors, no rope.scaling keys); transformers' GGUF loader ignores it (plain rope of
+    rope.freq_base), and so does the mesh: its stages equal transformers on the file. llama.cpp
+    applies the divisors, as the original checkpoint does: that differs (README)."""
+    from stage_worker.loader import load_stage
+    from tests.reference import hf_reference
+    from tests.test_model import run_pipeline
+
+    hf_dir = make_hf_checkpoint(tmp_path, "llama3", num_layers=2)
+    path = write_family_gguf(hf_dir, tmp_path / "llama31.gguf")
+    assert ModelConfig.from_dir(path).rope == {"rope_type": "default", "rope_theta": 500000.0}
+    prompt = [5, 17, 42, 99, 7, 3, 250, 31, 64, 12, 8, 77, 140, 33, 2, 9]
+    tokens, rows = run_pipeline([load_stage(path, 0, 1)[0], load_stage(path, 1, 2)[0]], [prompt], 4)
+    want_tokens, want_rows = _hf_gguf_greedy(path, prompt, 4)
+    assert tokens[0] == want_tokens
+    torch.testing.assert_close(rows[0], want_rows, atol=1e-4, rtol=1e-4)
+    _, original = hf_reference(hf_dir, prompt, 4)  # the safetensors checkpoint, llama3 scaling applied
+    assert not torch.allclose(rows[0][:len(prompt)], original[:len(prompt)], atol=1e-3)
