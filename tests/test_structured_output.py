@@ -16,15 +16,13 @@ import re
 
 import grpc
 import jsonschema
-import openai
 import pytest
 import requests
 
 from stagemesh.cli.demo_model import write_demo_model
-from stagemesh.cli.harness import manual_mesh, new_port
 from stagemesh.client import Client, build_request
-from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
+from tests.http_mesh import openai_mesh, with_chat_template
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -47,14 +45,8 @@ CHOICES = ["the river", "the old mill", "the stone bridge"]
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
-    model_dir = write_demo_model(tmp_path_factory.mktemp("demo"))
-    cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
-    (model_dir / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": CHATML}))
-    http_port = new_port()
-    with manual_mesh(model_dir, stages=2, kv_blocks=96, gateway_args=("--http-port", str(http_port))) as m:
-        m["client"] = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0,
-                                    timeout=60)
-        m["base"] = f"http://127.0.0.1:{http_port}"
+    model_dir = with_chat_template(write_demo_model(tmp_path_factory.mktemp("demo")), CHATML)
+    with openai_mesh(model_dir, stages=2, kv_blocks=96) as m:
         yield m
 
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 
 import jsonschema
-import openai
 import pytest
 import requests
 
 from gateway import tool_calls
 from gateway.structured_output import GrammarError
 from stagemesh.cli.demo_model import write_demo_model
-from stagemesh.cli.harness import manual_mesh, new_port
+from tests.http_mesh import openai_mesh, with_chat_template
 
 QWEN_STYLE = (
     "{%- if tools %}<|im_start|>system\nYou may call functions. Signatures within <tools></tools>:\n<tools>"
@@ -143,14 +142,9 @@ def test_auto_streams_content_until_a_call_starts():
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
-    model_dir = write_demo_model(tmp_path_factory.mktemp("demo"))
-    cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
-    (model_dir / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": QWEN_STYLE}))
-    http_port = new_port()
-    with manual_mesh(model_dir, stages=1, kv_blocks=320, gateway_args=("--http-port", str(http_port))) as m:
-        m["client"] = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0,
-                                    timeout=60)
-        m["base"], m["dir"] = f"http://127.0.0.1:{http_port}", model_dir
+    model_dir = with_chat_template(write_demo_model(tmp_path_factory.mktemp("demo")), QWEN_STYLE)
+    with openai_mesh(model_dir, stages=1, kv_blocks=320) as m:
+        m["dir"] = model_dir
         yield m
 
 
