@@ -27,7 +27,6 @@ import hashlib
 import random
 import selectors
 import signal
-import statistics
 import subprocess
 import sys
 import time

@@ -26,7 +26,7 @@ from stagemesh.checkpoint import validate_checkpoint
 from stagemesh.model_config import ModelConfig
 from tests.checkpoints import make_deepseek_checkpoint
 from tests.reference import hf_greedy, random_prompts
-from tests.test_model import check_against_hf, run_pipeline
+from tests.test_model import check_against_hf
 
 SPLITS = {1: [(0, 3)], 2: [(0, 1), (1, 3)], 3: [(0, 1), (1, 2), (2, 3)]}
 NEW_TOKENS = 6
