@@ -43,6 +43,8 @@ def test_worker_dies_while_coordinator_is_down(model_dir, prompts, tmp_path):
     state = str(tmp_path / "plan.json")
     with manual_mesh(model_dir, stages=2, spares=1, kv_blocks=256, coordinator_args=("--state-file", state)) as m:
         procs = dict(zip(m["workers"], m["procs"][1:-1]))
+        # The plan is ready once two workers are in; the third registers as a spare when it can.
+        _until(lambda: asyncio.run(collect(m["coordinator"]))["spares"], what="the spare registered")
         status = asyncio.run(collect(m["coordinator"]))
         chain = [s["address"] for s in status["replicas"][0]["stages"]]
         spare = next(a for a in m["workers"] if a not in chain)
