@@ -11,7 +11,6 @@ bytes per token for the real V3 shape, against full per-head K/V.
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 import torch
@@ -25,7 +24,8 @@ from stage_worker.models.layers import checkpoint_tensors
 from stagemesh.checkpoint import validate_checkpoint
 from stagemesh.model_config import ModelConfig
 from tests.checkpoints import make_deepseek_checkpoint
-from tests.reference import hf_greedy, random_prompts
+from tests.meshes import check_mesh_greedy
+from tests.reference import random_prompts
 from tests.test_model import check_against_hf
 
 SPLITS = {1: [(0, 3)], 2: [(0, 1), (1, 3)], 3: [(0, 1), (1, 2), (2, 3)]}
@@ -216,27 +216,10 @@ def test_mla_pool_is_what_the_worker_sizes(ds_root):
 
 
 # -- end to end through the real mesh ----------------------------------------------------------
-async def _generate_all(address, prompts, max_tokens):
-    from stagemesh.client import AsyncClient
-
-    async with AsyncClient(address) as client:
-        return await asyncio.gather(*[client.generate(prompt_ids=p, max_tokens=max_tokens, timeout=120)
-                                      for p in prompts])
-
-
 @pytest.mark.parametrize("kind,stages", [("v3", 2), ("v2", 3)])
 def test_mesh_greedy_equals_transformers(ds_root, kind, stages):
-    from stagemesh.cli.harness import mesh
-
     model_dir = make_deepseek_checkpoint(ds_root, kind)
-    prompts = random_prompts(seed=stages, lengths=[3, 17, 40, 71, 9], vocab=320)
-    expected = [hf_greedy(model_dir, p, 10) for p in prompts]
-    # A 16-token prefill budget forces the longer prompts through several chunks.
-    with mesh(model_dir, stages=stages, extra=["--max-batched-tokens", "16"]) as m:
-        outs = asyncio.run(_generate_all(m.address, prompts, 10))
-    for prompt, exp, out in zip(prompts, expected, outs):
-        assert out.token_ids == exp, f"prompt of {len(prompt)} tokens diverged"
-        assert out.prompt_tokens == len(prompt) and out.completion_tokens == len(exp)
+    check_mesh_greedy(model_dir, stages, random_prompts(seed=stages, lengths=[3, 17, 40, 71, 9], vocab=320), 10)
 
 
 def test_paged_metadata_layout(ds_root):

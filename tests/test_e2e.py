@@ -10,19 +10,12 @@ import asyncio
 
 import pytest
 
-from stagemesh.client import AsyncClient
 from stagemesh.cli.harness import mesh
+from tests.meshes import check_mesh_greedy, generate_all
 from tests.reference import hf_greedy, random_prompts
 
 LENGTHS = [3, 17, 40, 71, 9]
 MAX_NEW = 10
-
-
-async def _generate_all(address: str, prompts: list[list[int]], max_tokens: int, **kw):
-    async with AsyncClient(address) as client:
-        return await asyncio.gather(*[
-            client.generate(prompt_ids=p, max_tokens=max_tokens, timeout=120, **kw) for p in prompts
-        ])
 
 
 # Each checkpoint kind (qwen2's biases, llama3's rope scaling, sharded files, tied embeddings) is
@@ -36,16 +29,7 @@ async def _generate_all(address: str, prompts: list[list[int]], max_tokens: int,
 )
 def test_greedy_equals_transformers(ckpt_dir, kind, stages, extra):
     model_dir = ckpt_dir(kind, num_layers=4)
-    prompts = random_prompts(seed=stages, lengths=LENGTHS, vocab=320)
-    expected = [hf_greedy(model_dir, p, MAX_NEW) for p in prompts]
-    # A 16-token prefill budget forces the longer prompts through several chunks.
-    with mesh(model_dir, stages=stages, extra=["--max-batched-tokens", "16", *extra]) as m:
-        outs = asyncio.run(_generate_all(m.address, prompts, MAX_NEW))
-    for prompt, exp, out in zip(prompts, expected, outs):
-        assert out.token_ids == exp, f"prompt of {len(prompt)} tokens diverged"
-        assert out.prompt_tokens == len(prompt)
-        assert out.completion_tokens == len(exp)
-        assert out.finish_reason in ("length", "stop")
+    check_mesh_greedy(model_dir, stages, random_prompts(seed=stages, lengths=LENGTHS, vocab=320), MAX_NEW, extra)
 
 
 @pytest.mark.parametrize("stages,extra", [(1, ()), (1, ("--inflight", "2")), (3, ())],
@@ -60,7 +44,7 @@ def test_async_scheduling_equals_transformers_where_a_decode_opens_a_block(ckpt_
     prompts = random_prompts(seed=11, lengths=[32, 48, 47, 33], vocab=320)
     expected = [hf_greedy(model_dir, p, 40, ignore_eos=True) for p in prompts]
     with mesh(model_dir, stages=stages, extra=["--async-scheduling", "on", *extra]) as m:
-        one_by_one = [asyncio.run(_generate_all(m.address, [p], 40, ignore_eos=True))[0] for p in prompts]
-        together = asyncio.run(_generate_all(m.address, prompts, 40, ignore_eos=True))
+        one_by_one = [asyncio.run(generate_all(m.address, [p], 40, ignore_eos=True))[0] for p in prompts]
+        together = asyncio.run(generate_all(m.address, prompts, 40, ignore_eos=True))
     assert [o.token_ids for o in one_by_one] == expected
     assert [o.token_ids for o in together] == expected

@@ -7,7 +7,6 @@ factors past the original context, and the errors a checkpoint of something else
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -19,8 +18,8 @@ from stage_worker.loader import load_stage
 from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
 from tests.checkpoints import make_hf_checkpoint
-from tests.reference import hf_greedy, random_prompts
-from tests.reference import hf_model
+from tests.meshes import check_mesh_greedy
+from tests.reference import hf_model, random_prompts
 from tests.test_model import run_pipeline
 
 BLOCK = 4
@@ -32,29 +31,13 @@ def root(tmp_path_factory):
 
 
 # -- through the mesh --------------------------------------------------------------------------
-async def _generate_all(address: str, prompts: list[list[int]], max_tokens: int):
-    from stagemesh.client import AsyncClient
-
-    async with AsyncClient(address) as client:
-        return await asyncio.gather(*[client.generate(prompt_ids=p, max_tokens=max_tokens, timeout=120)
-                                      for p in prompts])
-
-
 # Each family once, the stage counts spread over them. Prompts longer than Gemma 2's 6-key window,
 # Phi-3's 10-key window and the 16-token prefill budget (chunked); prompt + continuation stay
 # inside Phi-3's original context of 32 (past it, see test_phi3_longrope_past_original_context).
 @pytest.mark.parametrize("kind,stages", [("qwen3", 2), ("gemma2", 3), ("phi3", 1), ("mixtral", 2)])
 def test_mesh_greedy_equals_transformers(root, kind, stages):
-    from stagemesh.cli.harness import mesh
-
     model_dir = make_hf_checkpoint(root, kind)
-    prompts = random_prompts(seed=stages, lengths=[3, 17, 24, 9], vocab=320)
-    expected = [hf_greedy(model_dir, p, 8) for p in prompts]
-    with mesh(model_dir, stages=stages, extra=["--max-batched-tokens", "16"]) as m:
-        outs = asyncio.run(_generate_all(m.address, prompts, 8))
-    for prompt, exp, out in zip(prompts, expected, outs):
-        assert out.token_ids == exp, f"{kind}: prompt of {len(prompt)} tokens diverged"
-        assert out.prompt_tokens == len(prompt) and out.completion_tokens == len(exp)
+    check_mesh_greedy(model_dir, stages, random_prompts(seed=stages, lengths=[3, 17, 24, 9], vocab=320), 8)
 
 
 # -- Gemma 2 on the GPU's layouts ---------------------------------------------------------------

@@ -22,7 +22,7 @@ import requests
 from stagemesh.cli.demo_model import write_demo_model
 from stagemesh.client import Client, build_request
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
-from tests.http_mesh import openai_mesh, with_chat_template
+from tests.meshes import openai_mesh, with_chat_template
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -18,7 +18,7 @@ import requests
 from gateway import tool_calls
 from gateway.structured_output import GrammarError
 from stagemesh.cli.demo_model import write_demo_model
-from tests.http_mesh import openai_mesh, with_chat_template
+from tests.meshes import openai_mesh, with_chat_template
 
 QWEN_STYLE = (
     "{%- if tools %}<|im_start|>system\nYou may call functions. Signatures within <tools></tools>:\n<tools>"
