@@ -16,10 +16,10 @@ import torch.multiprocessing as mp
 from stage_worker.attention import AttnMetadata
 from stage_worker.loader import load_stage
 from stage_worker.tensor_parallel import shard_stage
-from stagemesh.client import AsyncClient
 from stagemesh.errors import CheckpointError
 from stagemesh.net import free_port
 from stagemesh.cli.harness import coordinator_cmd, gateway_cmd, new_port, processes, worker_cmd
+from tests.meshes import generate_all
 from tests.reference import hf_greedy, random_prompts
 
 PROMPT = [5, 9, 33, 100, 7, 250, 3]
@@ -98,12 +98,6 @@ def test_tp2_matches_transformers(ckpt_dir):
         assert tokens == expected
 
 
-async def _generate_all(address: str, prompts: list[list[int]]):
-    async with AsyncClient(address) as client:
-        return await asyncio.gather(*[client.generate(prompt_ids=p, max_tokens=MAX_NEW, timeout=120)
-                                      for p in prompts])
-
-
 @pytest.mark.parametrize("tp_sizes", [(1,), (2,), (2, 1)], ids=["tp1", "tp2", "2stages-tp2-tp1"])
 def test_mesh_with_tp_stages_equals_transformers(ckpt_dir, tp_sizes):
     """One worker per entry (its --tp-size); with two stages one runs tp 2 and the other tp 1
@@ -116,6 +110,6 @@ def test_mesh_with_tp_stages_equals_transformers(ckpt_dir, tp_sizes):
     workers = [worker_cmd(model_dir, coord, new_port(), 64, "--tp-size", str(tp)) for tp in tp_sizes]
     with processes(coordinator_cmd(model_dir, cport, len(tp_sizes)), *workers,
                    gateway_cmd(model_dir, coord, gport)):
-        outs = asyncio.run(_generate_all(f"127.0.0.1:{gport}", prompts))
+        outs = asyncio.run(generate_all(f"127.0.0.1:{gport}", prompts, MAX_NEW))
     for prompt, exp, out in zip(prompts, expected, outs):
         assert out.token_ids == exp, f"prompt of {len(prompt)} tokens diverged"
