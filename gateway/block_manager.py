@@ -182,6 +182,35 @@ class BlockManager:
             state.computing_upto += len(pending)
         return hits + fresh, len(hits) * self.block_size
 
+    def fork(self, seq: Sequence, source_table: list[int], start: int) -> tuple[list[int], tuple[int, int] | None]:
+        """Blocks for `seq`, a sample forked from another of the same prompt whose KV
+        `source_table` holds, that computes from position `start` on (vLLM V0's fork with
+        copy-on-write): the full blocks before `start` are shared (a reference each), the block
+        `start` falls in is a fresh one, and when `start` is inside it, the KV before `start` is
+        copied there from the source's block: (table, (src, dst) or None). The caller holds a
+        reference on src until the copy ran on the stages, and gives it back with `drop`.
+        Raises NoFreeBlocks (and changes nothing) when no block is free."""
+        if not self.num_free:
+            raise NoFreeBlocks("need 1 KV block to fork a sample, 0 free")
+        shared = source_table[: start // self.block_size]
+        for block_id in shared:
+            self._take(block_id)
+        fresh = self._pop_free()
+        copy = None
+        if start % self.block_size:
+            src = source_table[len(shared)]
+            self._take(src)
+            copy = (src, fresh)
+        state = self._state(seq)
+        assert state.computing_upto == 0, f"sequence {seq.seq_id} allocated twice without free"
+        state.sealed = state.computing_upto = len(shared)
+        return shared + [fresh], copy
+
+    def drop(self, block_ids) -> None:
+        """Give back references taken outside a sequence's table (a fork's copy source)."""
+        for block_id in block_ids:
+            self._unref(block_id)
+
     def append_slots(self, block_table: list[int], num_tokens: int) -> list[int]:
         """Block ids to append to `block_table` so that it holds `num_tokens` tokens (none when
         it does already). Raises NoFreeBlocks (and changes nothing) when they are not there."""
@@ -218,11 +247,7 @@ class BlockManager:
                 self._done_computing(h)
         # Free in reverse so a sequence's tail blocks are evicted before its shared head.
         for block_id in reversed(block_table or ()):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            assert block.ref_count >= 0, f"block {block_id} freed twice"
-            if block.ref_count == 0:
-                self._free[block_id] = None
+            self._unref(block_id)
 
     def drain_events(self) -> CacheEvents:
         events, self.events = self.events, CacheEvents()
@@ -254,6 +279,13 @@ class BlockManager:
             self._computing[h] = n - 1
         else:
             self._computing.pop(h, None)
+
+    def _unref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {block_id} freed twice"
+        if block.ref_count == 0:
+            self._free[block_id] = None
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

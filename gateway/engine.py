@@ -443,6 +443,8 @@ def build_forward_request(plan: StepPlan, epoch: int, lease_id: str, step_id: in
         epoch=epoch, lease_id=lease_id, step_id=step_id, finished_seq_ids=plan.finished_wire_ids,
         token_ids=plan.token_ids(),
     )
+    for src, dst in plan.block_copies:
+        req.block_copies.add(src_block_id=src, dst_block_id=dst)
     for c in plan.chunks:
         if c.is_new:
             _new_sequence(req, c)

@@ -89,6 +89,7 @@ class StepShape:
             raise ValueError(f"StepShape.lookahead_depth must be >= 1, got {self.lookahead_depth}")
 
 
+_WAIT = object()  # Scheduler._fork_source: not yet
 _wire_ids = itertools.count(1)  # process-wide: a re-prefill on any chain never reuses a wire id
 
 
@@ -114,6 +115,9 @@ class Admission:
     in_flight: int = 0
     # output_index of the newest sampling chunk sent (-1: none since the stages were told).
     last_sample_index: int = -1
+    # A forked sample's copy-on-write (src, dst), sent with its first chunk; the admission holds
+    # a reference on src until that chunk is back (the stages have copied it by then).
+    copy: tuple[int, int] | None = None
 
     @property
     def num_uncomputed(self) -> int:
@@ -150,6 +154,7 @@ class StepPlan:
 
     chunks: list[ScheduledChunk] = field(default_factory=list)
     finished_wire_ids: list[int] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
 
     @property
     def num_tokens(self) -> int:
@@ -297,6 +302,9 @@ class Scheduler:
             if c.start_pos != adm.num_computed or (c.sample and c.output_index != len(seq.output_ids)):
                 continue  # followed a micro-batch that failed: dropped, scheduled again
             adm.num_computed = c.start_pos + c.num_tokens
+            if c.is_new and adm.copy is not None:  # the stages copied the forked block: let go of src
+                self.bm.drop([adm.copy[0]])
+                adm.copy = None
             self.bm.seal_computed_blocks(seq, adm.block_table, adm.num_computed)
             if c.sample:
                 seq.output_ids.append(sampled[adm.wire_id])
@@ -344,6 +352,8 @@ class Scheduler:
         adm.block_table.extend(new_blocks)
         is_new = not adm.announced
         adm.announced = True
+        if is_new and adm.copy is not None:  # again after a failed step: stages may have missed it
+            plan.block_copies.append(adm.copy)
         seq = adm.seq
         done = adm.num_computed + num_tokens == seq.num_tokens
         if done:
@@ -396,8 +406,14 @@ class Scheduler:
             if len(self._running) >= self.config.max_running:
                 break
             seq = self._waiting[0][3]
-            if self._running and self.bm.prefix_in_progress(seq):
+            source = self._fork_source(seq)
+            if source is _WAIT or (source is None and self._running and self.bm.prefix_in_progress(seq)):
                 deferred.append(heapq.heappop(self._waiting))
+                continue
+            if source is not None:
+                if not self._fork(plan, seq, source):
+                    break
+                budget -= 1
                 continue
             if not self.bm.can_allocate(seq):
                 if not self._running:
@@ -422,6 +438,38 @@ class Scheduler:
             heapq.heappush(self._waiting, entry)
         return budget
 
+    def _fork_source(self, seq: Sequence):
+        """Where a fresh sample of n > 1 comes from: sample 0's admission once it has computed
+        the prompt (fork from it), _WAIT while sample 0 is on its way there, None when there is
+        nothing to fork (admitted as any sequence: n = 1, a readmission with outputs, sample 0
+        gone or on another replica)."""
+        lead = seq.fork_of
+        if lead is None or seq.output_ids or lead.status == Status.FINISHED:
+            return None
+        adm = self._running.get(lead.seq_id)
+        if adm is not None and adm.num_computed >= len(seq.prompt_ids):
+            return adm
+        if adm is not None or any(e[3] is lead for e in self._waiting):
+            return _WAIT
+        return None
+
+    def _fork(self, plan: StepPlan, seq: Sequence, source: Admission) -> bool:
+        """Admit `seq` on `source`'s prompt KV: it shares the full blocks, copies the partial one
+        and computes only the prompt's last token, whose logits it samples with its own seed
+        (vLLM V0's parallel sampling forks after the prompt too, and copies on write)."""
+        start = len(seq.prompt_ids) - 1
+        try:
+            table, copy = self.bm.fork(seq, source.block_table, start)
+        except NoFreeBlocks:
+            return False
+        heapq.heappop(self._waiting)
+        adm = self._running[seq.seq_id] = Admission(seq, table, num_computed=start, copy=copy)
+        if seq.first_cached_tokens is None:
+            seq.first_cached_tokens = start
+        seq.status = Status.RUNNING
+        self._schedule_chunk(plan, adm, 1)
+        return True
+
     def _preempt_for(self, adm: Admission, plan: StepPlan) -> bool:
         """Free the newest idle admission not in `plan`; its sequence is requeued and recomputed
         from its token history in a new admission."""
@@ -440,3 +488,6 @@ class Scheduler:
         if adm.announced:
             self._to_release.append(adm.wire_id)
         self.bm.free(adm.seq, adm.block_table)
+        if adm.copy is not None:
+            self.bm.drop([adm.copy[0]])
+            adm.copy = None

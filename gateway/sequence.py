@@ -46,6 +46,9 @@ class Sequence:
     # Prompt tokens reused from the prefix cache at the first admission (reported in usage);
     # None until the first admission (a readmission recomputes, but the usage keeps the first).
     first_cached_tokens: int | None = None
+    # n > 1: the request's sample 0, whose prompt KV this sample forks from instead of computing
+    # it again (Scheduler._admit); None for sample 0 and n = 1.
+    fork_of: Sequence | None = None
 
     @property
     def num_cached_tokens(self) -> int:

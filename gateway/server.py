@@ -233,9 +233,10 @@ class Gateway:
         engine, expected_blocks = await self.router.route(prompt_ids, max_tokens)
         for index, spec in enumerate(specs):
             seq = Sequence(seq_id=next(self._seq_ids), prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=spec,
-                           priority=int(request.priority), request_id=request_id)
+                           priority=int(request.priority), request_id=request_id,
+                           fork_of=running[0][1] if running else None)  # forks sample 0's prompt KV
             stream = RequestStream(seq, Detokenizer(self.tokenizer, list(request.stop)), queue, index)
-            # The later samples add only their own tails (the prompt's full blocks are shared).
+            # The later samples add only their own tails (they fork the prompt's blocks).
             tail = -(-max_tokens // engine.plan.block_size) + 1
             engine.submit(seq, stream, expected_blocks if index == 0 else min(expected_blocks, tail))
             running.append((engine, seq, stream))

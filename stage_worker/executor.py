@@ -65,6 +65,7 @@ class StageExecutor:
         self.steps = 0
         self._launches = 0  # launches run ahead of `steps` (counted when finished)
         self.compute_us_total = 0
+        self.tokens_total = 0  # token rows computed (Stats.tokens_total)
         self.gpu_wait_us_total = 0.0  # CUDA: the device idle between steps (gaps < 1 s)
         self._last_end: torch.cuda.Event | None = None  # the end of the last finished step
         self._recent_us: deque[int] = deque(maxlen=64)
@@ -138,6 +139,7 @@ class StageExecutor:
         if self.grammar is not None:  # new constrained sequences: matchers built beside the forward
             self.grammar.prepare(step)
         input_ids, hidden = self._inputs(step)
+        self.kv.copy_blocks(step.block_copies)  # copy-on-write of shared blocks, before anyone writes
         done = Launched(t0, "none", step.num_tokens)
         if not step.chunks:
             done.hidden = None if self.model.is_last else torch.empty(0, self.model.cfg.hidden_size)
@@ -207,6 +209,7 @@ class StageExecutor:
         busy_s = done.launch_s * max(1.0, self.slowdown) + time.perf_counter() - t1
         result.compute_us = int(busy_s * 1e6)
         self.steps += 1
+        self.tokens_total += done.tokens
         self.compute_us_total += result.compute_us
         self._recent_us.append(result.compute_us)
         if self._profiler is not None:

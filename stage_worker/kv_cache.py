@@ -45,6 +45,21 @@ class SlotPool:
         """Bytes one block costs across all local layers."""
         return slot_pool_bytes(self.num_layers, self.block_size, self.slot_width, self.dtype)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every pool tensor, each indexed by slot on its first dimension."""
+        raise NotImplementedError
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy block src's slots onto block dst's, in every local layer, for each (src, dst) in
+        order (copy-on-write of a block that samples of one prompt shared; ForwardRequest.block_copies)."""
+        if not pairs:
+            return
+        offsets = torch.arange(self.block_size, device=self.device)
+        for src, dst in pairs:
+            src_slots, dst_slots = src * self.block_size + offsets, dst * self.block_size + offsets
+            for t in self.tensors():
+                t.index_copy_(0, dst_slots, t.index_select(0, src_slots))
+
 
 class PagedKVCache(SlotPool):
     """k/v tensors for layers [0, num_layers) of this stage (indices are local, not global)."""
@@ -70,6 +85,9 @@ class PagedKVCache(SlotPool):
     def layer(self, local_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_cache, v_cache) of local layer `local_idx` (0 = this stage's first layer)."""
         return self.k_caches[local_idx], self.v_caches[local_idx]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.k_caches, *self.v_caches]
 
     @staticmethod
     def block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,

@@ -45,6 +45,9 @@ class MLAKVCache(SlotPool):
         """Latent pool of local layer `local_idx` (0 = this stage's first layer)."""
         return self.latents[local_idx]
 
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.latents)
+
     @staticmethod
     def block_bytes(num_layers: int, block_size: int, kv_lora_rank: int, rope_dim: int,
                     dtype: torch.dtype) -> int:

@@ -232,7 +232,7 @@ class StageService(pb_grpc.StageServicer):
         return pb.StatsResponse(
             num_blocks=ex.num_blocks, blocks_in_use=ex.leases.blocks_in_use(), live_sequences=len(ex.leases),
             steps=ex.steps, mean_step_us=ex.mean_step_us(), compute_us_total=ex.compute_us_total,
-            gpu_wait_us_total=int(ex.gpu_wait_us_total),
+            gpu_wait_us_total=int(ex.gpu_wait_us_total), tokens_total=ex.tokens_total,
             layer_start=a.layer_start, layer_end=a.layer_end, epoch=a.epoch,
         )
 

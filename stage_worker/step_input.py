@@ -75,6 +75,8 @@ class StepInput:
     hidden: torch.Tensor | None = None  # later stages: [num_tokens, hidden] on the host
     # Chunks whose token is an earlier step's sample not in token_ids yet (first stage only).
     follows: list[Chunk] = field(default_factory=list)
+    # (src, dst) KV blocks to copy before the forward (ForwardRequest.block_copies).
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def outputs(self) -> list[tuple[int, int]]:
@@ -95,6 +97,7 @@ def decode(request: pb.ForwardRequest, shape: StageShape, hidden=None) -> StepIn
         lease_id=request.lease_id, lease_owner=request.lease_owner, lease_order=request.lease_order,
         step_id=request.step_id, new=_new_sequences(request, shape), chunks=chunks,
         finished=frozenset(request.finished_seq_ids), num_tokens=num_tokens,
+        block_copies=_block_copies(request, shape),
     )
     if shape.is_first:
         step.token_ids = _token_ids(request, num_tokens, shape)
@@ -141,6 +144,12 @@ def _new_sequences(request: pb.ForwardRequest, shape: StageShape) -> dict[int, N
         new[ns.seq_id] = NewSequence(ns.seq_id, list(ns.block_ids), spec_of(ns.sampling), history,
                                      ns.num_prompt_tokens)
     return new
+
+
+def _block_copies(request: pb.ForwardRequest, shape: StageShape) -> list[tuple[int, int]]:
+    pairs = [(c.src_block_id, c.dst_block_id) for c in request.block_copies]
+    _check_blocks([b for pair in pairs for b in pair], "block_copies", shape)
+    return pairs
 
 
 def _check_blocks(block_ids, what: str, shape: StageShape) -> None:

@@ -12,13 +12,19 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
+import time
 
 import pytest
 import requests
 
+from gateway.block_manager import BlockManager
+from gateway.scheduler import Scheduler, SchedulerConfig, StepShape
+from gateway.sequence import Sequence, Status
 from stagemesh.cli.demo_model import write_demo_model
-from stagemesh.cli.harness import manual_mesh, new_port, stagemesh_cmd
+from stagemesh.cli.harness import blocks_in_use, manual_mesh, new_port, stage_stats, stagemesh_cmd, wait_kv_free
 from stagemesh.client import Client
+from stagemesh.sampling import sample_seed
 
 KEY = "sk-n-samples"
 PROMPT_IDS = [5, 61, 300, 12, 91, 7, 44, 230, 18, 9, 150, 33, 70, 8]  # 14 tokens: a partial last block
@@ -41,6 +47,93 @@ def run_cli(*args) -> dict:
     res = subprocess.run([*stagemesh_cmd(), *args], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
+
+
+# --- n samples fork the prompt's KV -----------------------------------------------------------------------
+
+
+def _samples(n: int, prompt_len: int) -> list[Sequence]:
+    lead = Sequence(seq_id=1, prompt_ids=list(range(1, prompt_len + 1)), max_tokens=3)
+    return [lead] + [Sequence(seq_id=i + 1, prompt_ids=list(lead.prompt_ids), max_tokens=3, fork_of=lead)
+                     for i in range(1, n)]
+
+
+def test_scheduler_forks_samples_after_the_prompt_and_copies_the_partial_block():
+    bm = BlockManager(32, 4, "m")
+    s = Scheduler(SchedulerConfig(max_batched_tokens=64), bm, StepShape(inflight_target=1))
+    lead, *rest = _samples(3, 10)  # blocks: [0-3] [4-7] [8, 9 | partial]
+    for q in (lead, *rest):
+        s.add(q)
+    first = s.schedule()  # only sample 0 computes the prompt: the others wait for it
+    assert [(c.seq.seq_id, c.num_tokens) for c in first.chunks] == [(1, 10)] and not first.block_copies
+    s.update(first, {c.wire_id: 5 for c in first.chunks})
+    second = s.schedule()  # sample 0's decode; the others: only the prompt's last token each
+    forked = [c for c in second.chunks if c.seq.seq_id != 1]
+    assert [(c.start_pos, c.num_tokens, c.sample, c.is_new) for c in forked] == [(9, 1, True, True)] * 2
+    lead_table = s.admission(lead).block_table
+    tables = [c.admission.block_table for c in forked]
+    assert all(t[:2] == lead_table[:2] and t[2] not in lead_table for t in tables)  # full blocks shared
+    assert second.block_copies == [(lead_table[2], t[2]) for t in tables]  # the partial one copied
+    assert bm.blocks[lead_table[2]].ref_count == 3  # held by the copies until they ran
+    s.update(second, None)  # the step failed: the stages may have missed the copies, sent again
+    again = s.schedule()
+    assert sorted(again.block_copies) == sorted(second.block_copies)
+    s.update(again, {c.wire_id: 6 for c in again.chunks})
+    assert bm.blocks[lead_table[2]].ref_count == 1 and bm.blocks[lead_table[0]].ref_count == 3
+    while s.has_work():
+        plan = s.schedule()
+        for q in s.update(plan, {c.wire_id: 7 for c in plan.chunks}):
+            if len(q.output_ids) >= q.max_tokens:
+                s.finish(q, "length")
+    assert all(q.status == Status.FINISHED for q in (lead, *rest)) and bm.num_free == 32 and bm.num_tracked == 0
+
+
+def test_a_sample_whose_sample_0_is_gone_is_admitted_as_any_sequence():
+    bm = BlockManager(32, 4, "m")
+    s = Scheduler(SchedulerConfig(max_batched_tokens=64), bm, StepShape(inflight_target=1))
+    lead, other = _samples(2, 8)  # the prompt ends on a block boundary
+    s.add(lead)
+    s.add(other)
+    s.finish(lead, "cancelled")  # before it computed anything
+    plan = s.schedule()
+    assert [(c.seq.seq_id, c.start_pos, c.num_tokens) for c in plan.chunks] == [(2, 0, 8)]
+    assert not plan.block_copies
+
+
+# --- n samples fork the prompt's KV, on the mesh -----------------------------------------------------------------------
+
+
+def test_samples_fork_the_prompt_kv_once(mesh):
+    prompt = list(range(100, 131))  # 31 tokens: 7 full blocks of 4, then 3 in a partial block
+    n, max_tokens, kw = 3, 6, dict(prompt_ids=prompt, temperature=1.0, seed=7, ignore_eos=True, timeout=60)
+    wait_kv_free(mesh)
+    before = [s.tokens_total for s in stage_stats(mesh)]
+    peak, stop = [0], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], *blocks_in_use(mesh))
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        out = mesh["client"].generate(n=n, max_tokens=max_tokens, **kw)
+    finally:
+        stop.set()
+        watcher.join()
+    computed = [s.tokens_total - b for s, b in zip(stage_stats(mesh), before)]
+    # The prompt once; each other sample computes only the prompt's last token (its own first
+    # sample); then every sample's decodes. (Through the prefix cache alone: 31 + 2 x 3.)
+    assert computed == [len(prompt) + (n - 1) + n * (max_tokens - 1)] * 2, computed
+    # Shared: the 7 full blocks; each sample: its copy of the partial block and its decode blocks
+    # (3 blocks for positions 28-36). Three separate prompts would hold 3 x 10 blocks.
+    assert 8 <= peak[0] <= 7 + n * 3 < n * 10, peak[0]
+    assert len({tuple(c.token_ids) for c in out.choices}) == n
+    for i, choice in enumerate(out.choices):  # each sample equals itself run alone, with its seed
+        alone = mesh["client"].generate(max_tokens=max_tokens, **{**kw, "seed": sample_seed(7, i)})
+        assert alone.token_ids == choice.token_ids, i
+    wait_kv_free(mesh, sequences=True)
 
 
 # --- the API key: only /v1 -----------------------------------------------------------------------------

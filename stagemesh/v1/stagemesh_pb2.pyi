@@ -231,7 +231,7 @@ class SequenceChunk(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., num_tokens: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., output_index: _Optional[int] = ..., follows_sample: _Optional[bool] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("epoch", "lease_id", "step_id", "new_sequences", "chunks", "finished_seq_ids", "token_ids", "hidden", "lease_owner", "lease_order")
+    __slots__ = ("epoch", "lease_id", "step_id", "new_sequences", "chunks", "finished_seq_ids", "token_ids", "hidden", "lease_owner", "lease_order", "block_copies")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +242,7 @@ class ForwardRequest(_message.Message):
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     LEASE_OWNER_FIELD_NUMBER: _ClassVar[int]
     LEASE_ORDER_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_COPIES_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     lease_id: str
     step_id: int
@@ -252,7 +253,16 @@ class ForwardRequest(_message.Message):
     hidden: Tensor
     lease_owner: str
     lease_order: int
-    def __init__(self, epoch: _Optional[int] = ..., lease_id: _Optional[str] = ..., step_id: _Optional[int] = ..., new_sequences: _Optional[_Iterable[_Union[NewSequence, _Mapping]]] = ..., chunks: _Optional[_Iterable[_Union[SequenceChunk, _Mapping]]] = ..., finished_seq_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., lease_owner: _Optional[str] = ..., lease_order: _Optional[int] = ...) -> None: ...
+    block_copies: _containers.RepeatedCompositeFieldContainer[BlockCopy]
+    def __init__(self, epoch: _Optional[int] = ..., lease_id: _Optional[str] = ..., step_id: _Optional[int] = ..., new_sequences: _Optional[_Iterable[_Union[NewSequence, _Mapping]]] = ..., chunks: _Optional[_Iterable[_Union[SequenceChunk, _Mapping]]] = ..., finished_seq_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., lease_owner: _Optional[str] = ..., lease_order: _Optional[int] = ..., block_copies: _Optional[_Iterable[_Union[BlockCopy, _Mapping]]] = ...) -> None: ...
+
+class BlockCopy(_message.Message):
+    __slots__ = ("src_block_id", "dst_block_id")
+    SRC_BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
+    DST_BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
+    src_block_id: int
+    dst_block_id: int
+    def __init__(self, src_block_id: _Optional[int] = ..., dst_block_id: _Optional[int] = ...) -> None: ...
 
 class SampledToken(_message.Message):
     __slots__ = ("seq_id", "token_id", "logprob")
@@ -307,7 +317,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("num_blocks", "blocks_in_use", "live_sequences", "steps", "mean_step_us", "layer_start", "layer_end", "epoch", "compute_us_total", "gpu_wait_us_total")
+    __slots__ = ("num_blocks", "blocks_in_use", "live_sequences", "steps", "mean_step_us", "layer_start", "layer_end", "epoch", "compute_us_total", "gpu_wait_us_total", "tokens_total")
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_IN_USE_FIELD_NUMBER: _ClassVar[int]
     LIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -318,6 +328,7 @@ class StatsResponse(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_US_TOTAL_FIELD_NUMBER: _ClassVar[int]
     GPU_WAIT_US_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     num_blocks: int
     blocks_in_use: int
     live_sequences: int
@@ -328,7 +339,8 @@ class StatsResponse(_message.Message):
     epoch: int
     compute_us_total: int
     gpu_wait_us_total: int
-    def __init__(self, num_blocks: _Optional[int] = ..., blocks_in_use: _Optional[int] = ..., live_sequences: _Optional[int] = ..., steps: _Optional[int] = ..., mean_step_us: _Optional[float] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., epoch: _Optional[int] = ..., compute_us_total: _Optional[int] = ..., gpu_wait_us_total: _Optional[int] = ...) -> None: ...
+    tokens_total: int
+    def __init__(self, num_blocks: _Optional[int] = ..., blocks_in_use: _Optional[int] = ..., live_sequences: _Optional[int] = ..., steps: _Optional[int] = ..., mean_step_us: _Optional[float] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., epoch: _Optional[int] = ..., compute_us_total: _Optional[int] = ..., gpu_wait_us_total: _Optional[int] = ..., tokens_total: _Optional[int] = ...) -> None: ...
 
 class ReportFailureRequest(_message.Message):
     __slots__ = ("replica", "epoch", "detail")
