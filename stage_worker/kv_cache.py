@@ -50,15 +50,16 @@ class SlotPool:
         raise NotImplementedError
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy block src's slots onto block dst's, in every local layer, for each (src, dst) in
-        order (copy-on-write of a block that samples of one prompt shared; ForwardRequest.block_copies)."""
+        """Copy block src's slots onto block dst's, in every local layer, for every (src, dst) at
+        once: one gather and one scatter per tensor (copy-on-write of a block that samples of one
+        prompt shared; ForwardRequest.block_copies, whose destinations are never sources)."""
         if not pairs:
             return
-        offsets = torch.arange(self.block_size, device=self.device)
-        for src, dst in pairs:
-            src_slots, dst_slots = src * self.block_size + offsets, dst * self.block_size + offsets
-            for t in self.tensors():
-                t.index_copy_(0, dst_slots, t.index_select(0, src_slots))
+        blocks = torch.tensor(pairs, dtype=torch.long).T.contiguous()  # [2, P]: sources, destinations
+        slots = (blocks[:, :, None] * self.block_size + torch.arange(self.block_size)).reshape(2, -1)
+        src_slots, dst_slots = slots.to(self.device, non_blocking=True)
+        for t in self.tensors():
+            t.index_copy_(0, dst_slots, t.index_select(0, src_slots))
 
 
 class PagedKVCache(SlotPool):

@@ -149,6 +149,9 @@ def _new_sequences(request: pb.ForwardRequest, shape: StageShape) -> dict[int, N
 def _block_copies(request: pb.ForwardRequest, shape: StageShape) -> list[tuple[int, int]]:
     pairs = [(c.src_block_id, c.dst_block_id) for c in request.block_copies]
     _check_blocks([b for pair in pairs for b in pair], "block_copies", shape)
+    dst = [d for _, d in pairs]
+    if len(set(dst)) != len(dst) or set(dst) & {s for s, _ in pairs}:
+        raise InvalidArgument("block_copies: a destination block appears twice or is also a source")
     return pairs
 
 

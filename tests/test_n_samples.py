@@ -17,14 +17,20 @@ import time
 
 import pytest
 import requests
+import torch
 
 from gateway.block_manager import BlockManager
 from gateway.scheduler import Scheduler, SchedulerConfig, StepShape
 from gateway.sequence import Sequence, Status
+from stage_worker.kv_cache import PagedKVCache
+from stage_worker.mla_cache import MLAKVCache
+from stage_worker.step_input import StageShape, decode
 from stagemesh.cli.demo_model import write_demo_model
+from stagemesh.errors import InvalidArgument
 from stagemesh.cli.harness import blocks_in_use, manual_mesh, new_port, stage_stats, stagemesh_cmd, wait_kv_free
 from stagemesh.client import Client
 from stagemesh.sampling import sample_seed
+from stagemesh.v1 import stagemesh_pb2 as pb
 
 KEY = "sk-n-samples"
 PROMPT_IDS = [5, 61, 300, 12, 91, 7, 44, 230, 18, 9, 150, 33, 70, 8]  # 14 tokens: a partial last block
@@ -98,6 +104,24 @@ def test_a_sample_whose_sample_0_is_gone_is_admitted_as_any_sequence():
     plan = s.schedule()
     assert [(c.seq.seq_id, c.start_pos, c.num_tokens) for c in plan.chunks] == [(2, 0, 8)]
     assert not plan.block_copies
+
+
+@pytest.mark.parametrize("pool", [PagedKVCache(2, 6, 4, 2, 3, torch.float32), MLAKVCache(2, 6, 4, 5, 2, torch.float32)])
+def test_a_stage_copies_blocks_in_every_layer(pool):
+    for t in pool.tensors():
+        t.copy_(torch.randn_like(t))
+    before = [t.clone() for t in pool.tensors()]
+    pool.copy_blocks([(1, 4), (2, 5)])
+    for old, new in zip(before, pool.tensors()):
+        assert torch.equal(new[16:20], old[4:8]) and torch.equal(new[20:24], old[8:12])
+        assert torch.equal(new[:16], old[:16])  # nothing else moved
+    shape = StageShape(True, True, 50, 4, 6, 4, "cpu")
+    ok = pb.ForwardRequest(block_copies=[pb.BlockCopy(src_block_id=1, dst_block_id=4)])
+    assert decode(ok, shape).block_copies == [(1, 4)]
+    for pairs in ([(1, 6)], [(1, 4), (2, 4)], [(1, 4), (4, 5)]):  # outside the pool, twice, chained
+        bad = pb.ForwardRequest(block_copies=[pb.BlockCopy(src_block_id=a, dst_block_id=b) for a, b in pairs])
+        with pytest.raises(InvalidArgument, match="block_copies"):
+            decode(bad, shape)
 
 
 # --- n samples fork the prompt's KV, on the mesh -----------------------------------------------------------------------
