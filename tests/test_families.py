@@ -31,10 +31,11 @@ def root(tmp_path_factory):
 
 
 # -- through the mesh --------------------------------------------------------------------------
-# Each family once, the stage counts spread over them. Prompts longer than Gemma 2's 6-key window,
-# Phi-3's 10-key window and the 16-token prefill budget (chunked); prompt + continuation stay
-# inside Phi-3's original context of 32 (past it, see test_phi3_longrope_past_original_context).
-@pytest.mark.parametrize("kind,stages", [("qwen3", 2), ("gemma2", 3), ("phi3", 1), ("mixtral", 2)])
+# Every family is checked against transformers at 1-3 stages in process (test_model's per-kind
+# table); the mesh has no family-specific code, so it runs the two that exercise the most: Gemma 2
+# (window, caps, extra norms) at 3 stages and Mixtral (MoE) at 2. Prompts longer than Gemma 2's
+# 6-key window and the 16-token prefill budget (chunked).
+@pytest.mark.parametrize("kind,stages", [("gemma2", 3), ("mixtral", 2)])
 def test_mesh_greedy_equals_transformers(root, kind, stages):
     model_dir = make_hf_checkpoint(root, kind)
     check_mesh_greedy(model_dir, stages, random_prompts(seed=stages, lengths=[3, 17, 24, 9], vocab=320), 8)
