@@ -10,8 +10,8 @@
 Each request becomes one `GenerateRequest` and goes through `Gateway.generate`, the same path as
 the gRPC API, so validation, queueing, prefix caching and cancellation are shared. We await the
 first delta before answering: input errors and a full queue then get a real HTTP status (400,
-404, 413, 429, 503) in OpenAI's error shape `{"error": {"message", "type", "param", "code"}}`, even
-for `stream: true`. Streams are server-sent events in OpenAI's chunk format, ending with
+404, 413, 429, 503) in OpenAI's error shape `{"error": {"message", "type", "param", "code"}}`
+(gateway/http_errors.py), even for `stream: true`. Streams are server-sent events in OpenAI's chunk format, ending with
 `data: [DONE]`; a failure after the stream has started is sent as one `data: {"error": ...}`
 event. A client that disconnects cancels its sequence (its KV blocks are freed). A body over the
 limit that --max-prompt-bytes implies is a 413 before any of it is read (gateway/http_guard.py);
@@ -49,53 +49,17 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stagemesh.client import build_request
-from stagemesh.errors import ErrorKind, StagemeshError, Unavailable
+from stagemesh.errors import StagemeshError, Unavailable
 
 from gateway import structured_output, tool_calls, validation
 from gateway.chat_template import ChatTemplate
+from gateway.http_errors import ApiError, api_error, flatten_message
 from gateway.http_guard import BodyLimit, PublicPaths
 from gateway.http_utility import add_utility_routes
 from gateway.openai_compat import Job, Refused, Shape, TokenText, apply_extra_fields, collect, extra_fields
 from gateway.http_schema import (ERRORS, ChatCompletionRequest, ChatCompletionResponse, CommonParams,
                                  CompletionRequest, CompletionResponse, Health, ModelCard, ModelList,
                                  generation_responses, openapi)
-
-# --- errors ------------------------------------------------------------------------------------
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape; `status` is the HTTP status."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-# The one mapping from the gateway's typed errors to HTTP.
-_STATUS = {
-    ErrorKind.INVALID_ARGUMENT: (400, "invalid_request_error", "invalid_argument"),
-    ErrorKind.OUT_OF_RANGE: (400, "invalid_request_error", "context_length_exceeded"),
-    ErrorKind.NOT_FOUND: (404, "invalid_request_error", "not_found"),
-    ErrorKind.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "queue_full"),
-    ErrorKind.UNAVAILABLE: (503, "server_error", "unavailable"),
-    ErrorKind.FAILED_PRECONDITION: (503, "server_error", "unavailable"),
-}
-
-
-def api_error(exc: StagemeshError) -> ApiError:
-    if isinstance(exc, validation.PromptTooLarge):
-        return ApiError(413, str(exc), param="prompt", code="request_too_large")
-    status, type_, code = _STATUS.get(exc.kind, (500, "server_error", "internal_error"))
-    return ApiError(status, str(exc), type_, param=getattr(exc, "field", None), code=code)
-
 
 # --- request bodies (gateway/http_schema.py) ------------------------------------------------------
 
@@ -161,7 +125,7 @@ class OpenAIFrontend:
         if not req.messages:
             raise ApiError(400, "messages must not be empty", param="messages")
         limits = self._limits()
-        messages = [_flatten_message(m.model_dump(exclude_unset=True), i) for i, m in enumerate(req.messages)]
+        messages = [flatten_message(m.model_dump(exclude_unset=True), i) for i, m in enumerate(req.messages)]
         # response_format / guided_* / tools (structured output and tool calls: gateway/tool_calls.py)
         grammar, tools = tool_calls.chat_constraints(req.model_dump(exclude_unset=True), self.template.source)
         try:
@@ -238,23 +202,6 @@ class OpenAIFrontend:
                 raise api_error(failed) from failed
             raise failed
         return list(zip(gens, firsts))
-
-
-def _flatten_message(message: dict, index: int) -> dict:
-    """Content parts -> one string, as most templates expect (vLLM's "string" content format)."""
-    if not isinstance(message.get("role"), str):
-        raise ApiError(400, f"messages[{index}] has no role", param=f"messages.[{index}].role")
-    content = message.get("content")
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ApiError(400, f"messages[{index}]: content parts of type {kind!r} are not supported "
-                                    "(text only)", param=f"messages.[{index}].content")
-            texts.append(str(part.get("text", "")))
-        message = {**message, "content": "\n".join(texts)}
-    return message
 
 
 async def _until_disconnect(request: Request) -> None:

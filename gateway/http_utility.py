@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from stagemesh.errors import StagemeshError
 
 from gateway import validation
+from gateway.http_errors import ApiError, flatten_message
 from gateway.http_schema import ERRORS, ChatMessage
 
 
@@ -64,8 +65,6 @@ def _version() -> str:
 
 def add_utility_routes(app, front) -> None:
     """Register the endpoints above on `app` for an OpenAIFrontend (its gateway and template)."""
-    from gateway.http_api import ApiError, _flatten_message
-
     gw = front.gw
 
     def tokenizer():
@@ -89,7 +88,7 @@ def add_utility_routes(app, front) -> None:
         if body.messages is not None:
             if front.template is None:
                 raise ApiError(400, "this model has no chat template", param="messages")
-            messages = [_flatten_message(m.model_dump(exclude_unset=True), i) for i, m in enumerate(body.messages)]
+            messages = [flatten_message(m.model_dump(exclude_unset=True), i) for i, m in enumerate(body.messages)]
             try:
                 text = front.template.render(messages, add_generation_prompt=body.add_generation_prompt)
             except StagemeshError as exc:

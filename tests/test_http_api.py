@@ -318,7 +318,7 @@ def test_template_sources(tmp_path):
 
 
 def test_error_statuses():
-    from gateway.http_api import api_error
+    from gateway.http_errors import api_error
     from gateway.validation import FieldError, PromptTooLarge
 
     assert api_error(InvalidArgument("x")).status == 400
