@@ -253,14 +253,6 @@ class BlockManager:
         events, self.events = self.events, CacheEvents()
         return events
 
-    def clear_cache(self) -> None:
-        """Forget every cached hash (a new plan epoch: the stages' KV is gone)."""
-        for block in self.blocks:
-            if block.block_hash is not None:
-                self.events.removed.append(block.block_hash)
-                block.block_hash = None
-        self._by_hash.clear()
-
     @property
     def num_tracked(self) -> int:
         """Sequences this manager holds hashing state for (0 once every one was freed)."""

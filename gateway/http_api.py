@@ -360,14 +360,3 @@ class HttpFrontend:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
-
-async def serve_http(gateway, host: str, port: int) -> None:
-    """Serve the HTTP API until cancelled (then it shuts down gracefully, about 2 s at most)."""
-    front = HttpFrontend(gateway, host, port)
-    await front.start()
-    gateway.log.info("http ready", address=f"{host}:{front.port}")
-    try:
-        await front.wait()
-    except asyncio.CancelledError:
-        await front.stop()
-        raise
