@@ -53,7 +53,7 @@ from stagemesh.errors import StagemeshError, Unavailable
 
 from gateway import structured_output, tool_calls, validation
 from gateway.chat_template import ChatTemplate
-from gateway.http_errors import ApiError, api_error, flatten_message
+from gateway.http_errors import ApiError, api_error, field_path, flatten_message
 from gateway.http_guard import BodyLimit, PublicPaths
 from gateway.http_utility import add_utility_routes
 from gateway.openai_compat import Job, Refused, Shape, TokenText, apply_extra_fields, collect, extra_fields
@@ -246,9 +246,9 @@ def create_app(gateway, chat_template: ChatTemplate | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid_body(_request, exc: RequestValidationError):
         err = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        message = f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid request body')}"
-        return ApiError(400, message, param=".".join(loc) or None).response()
+        path = field_path(err.get("loc", ()))
+        message = f"{path or 'body'}: {err.get('msg', 'invalid request body')}"
+        return ApiError(400, message, param=path or None).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, exc: StarletteHTTPException):

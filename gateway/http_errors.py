@@ -48,10 +48,22 @@ def api_error(exc: StagemeshError) -> ApiError:
     return ApiError(status, str(exc), type_, param=getattr(exc, "field", None), code=code)
 
 
+def field_path(loc) -> str:
+    """A field's path as errors spell it everywhere: `messages[0].role`, `tools[1].function.name`
+    (pydantic's loc ("body", "messages", 0, "role") would join as `messages.0.role`)."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part != "body":
+            path += f".{part}" if path else str(part)
+    return path
+
+
 def flatten_message(message: dict, index: int) -> dict:
     """Content parts -> one string, as most templates expect (vLLM's "string" content format)."""
     if not isinstance(message.get("role"), str):
-        raise ApiError(400, f"messages[{index}] has no role", param=f"messages.[{index}].role")
+        raise ApiError(400, f"messages[{index}] has no role", param=f"messages[{index}].role")
     content = message.get("content")
     if isinstance(content, list):
         texts = []
@@ -59,7 +71,7 @@ def flatten_message(message: dict, index: int) -> dict:
             if not isinstance(part, dict) or part.get("type") != "text":
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise ApiError(400, f"messages[{index}]: content parts of type {kind!r} are not supported "
-                                    "(text only)", param=f"messages.[{index}].content")
+                                    "(text only)", param=f"messages[{index}].content")
             texts.append(str(part.get("text", "")))
         message = {**message, "content": "\n".join(texts)}
     return message

@@ -216,7 +216,8 @@ RAW_BAD = [
     ('{"prompt": "hi", "max_tokens": "5"}', "max_tokens"),  # strict: a string is not a number
     ('{"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2147483648}', "max_tokens"),
     ('{"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"messages": []}}', "messages"),
-    ('{"messages": [{"content": "hi"}]}', "role"),
+    ('{"messages": [{"content": "hi"}]}', "messages[0].role"),  # one spelling of a field path everywhere
+    ('{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', "messages[0].content"),
 ]
 
 
@@ -327,6 +328,21 @@ def test_error_statuses():
     assert api_error(PromptTooLarge("x")).status == 413
     assert api_error(FieldError("top_k", "x")).param == "top_k"
     assert api_error(Unavailable("x")).status == 503
+
+
+def test_field_paths_are_spelled_one_way():
+    """`messages[0].role`, as tool_calls spells `tools[0].function.name`."""
+    from gateway.http_errors import ApiError, field_path, flatten_message
+
+    assert field_path(("body", "messages", 0, "role")) == "messages[0].role"
+    assert field_path(("body", "prompt", "list[int]", 1)) == "prompt.list[int][1]"
+    assert field_path(("body",)) == ""
+    with pytest.raises(ApiError) as info:
+        flatten_message({"content": "hi"}, 2)
+    assert info.value.param == "messages[2].role"
+    with pytest.raises(ApiError) as info:
+        flatten_message({"role": "user", "content": ["hi"]}, 1)
+    assert info.value.param == "messages[1].content"
 
 
 def _asgi(app, method: str, path: str, headers=(), chunks=(b"",)) -> tuple[int, bytes]:
