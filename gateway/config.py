@@ -8,6 +8,7 @@ from stagemesh.config_cli import knob
 from stagemesh.tls import TlsConfig
 
 from gateway.scheduler import SchedulerConfig
+from gateway.validation import DEFAULT_MAX_STOP_STRINGS
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class GatewayConfig:
                                  "/v1/models and ListModels report the smaller of this and what a replica's KV "
                                  "cache holds")
     default_max_tokens: int = 16
-    max_stop_strings: int = 16
+    max_stop_strings: int = DEFAULT_MAX_STOP_STRINGS  # the OpenAPI document states the default
     # The gRPC message and HTTP body limits follow from it (gateway/validation.py).
     max_prompt_bytes: int = knob(4 << 20, "prompt text above this is refused before tokenizing "
                                           "(RESOURCE_EXHAUSTED / HTTP 413); the gRPC message and HTTP body size "

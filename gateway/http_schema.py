@@ -18,8 +18,8 @@ from pydantic.json_schema import models_json_schema
 
 from stagemesh.sampling import MAX_LOGPROBS
 
-from gateway.validation import (FLOAT32_MAX, INT32_MAX, MAX_LOGIT_BIAS, MAX_N, MAX_PROMPTS, MAX_STOP_CHARS,
-                                MAX_STOP_TOKEN_IDS, UINT64_MAX)
+from gateway.validation import (DEFAULT_MAX_STOP_STRINGS, FLOAT32_MAX, INT32_MAX, MAX_LOGIT_BIAS, MAX_N,
+                                MAX_PROMPTS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS, UINT64_MAX)
 
 
 def _range(lo=None, hi=None, description: str = "", **extra) -> Any:
@@ -40,9 +40,9 @@ class CommonParams(BaseModel):
     top_k: int | None = _range(-1, INT32_MAX, "keep the k most likely tokens; 0 or -1 = no limit")
     seed: int | None = _range(0, UINT64_MAX, "reproducible sampling")
     stop: Union[str, list[str], None] = Field(
-        None, description="stop strings (not included in the output); at most 16, none empty",
+        None, description=f"stop strings (not included in the output); at most {DEFAULT_MAX_STOP_STRINGS}, none empty",
         json_schema_extra={"anyOf": [{"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
-                                     {"type": "array", "maxItems": 16,
+                                     {"type": "array", "maxItems": DEFAULT_MAX_STOP_STRINGS,
                                       "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}},
                                      {"type": "null"}]})
     n: int | None = _range(1, MAX_N, "choices per prompt (samples sharing the prompt's KV blocks)")

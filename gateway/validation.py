@@ -33,6 +33,7 @@ MAX_PROMPTS = 64  # prompts in one completions request
 MAX_SEQUENCES = 64  # prompts x samples (n, best_of) of one request
 MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI: at most 300)
 MAX_STOP_TOKEN_IDS = 64
+DEFAULT_MAX_STOP_STRINGS = 16  # stop strings of one request: the gateway's max_stop_strings
 DEFAULT_MAX_PROMPT_BYTES = 4 << 20
 
 
@@ -55,7 +56,7 @@ class ModelLimits:
     max_model_len: int
     kv_capacity_tokens: int  # tokens one sequence may hold on the smallest replica
     default_max_tokens: int = 16
-    max_stop_strings: int = 16
+    max_stop_strings: int = DEFAULT_MAX_STOP_STRINGS
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
 
 
