@@ -21,7 +21,7 @@ from stagemesh.errors import CheckpointError
 
 # llama.cpp's `general.architecture` -> the transformers class whose layers it holds. llama.cpp
 # writes Mistral checkpoints as "llama" too (same layers, same Q/K row permutation), and Mixtral as
-# "llama" with experts (`llama.expert_count`; see `_moe_class`).
+# "llama" with experts (`llama.expert_count`; see `gguf_architecture`).
 GGUF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
     "qwen3moe": "Qwen3MoeForCausalLM", "gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM",
@@ -200,16 +200,22 @@ def _qwen3_keys(raw, key, names, path) -> None:
         raw["head_dim"] = int(key("attention.key_length"))
 
 
+# Gemma 2 27B trains with query_pre_attn_scalar = hidden / heads (4608 / 32 = 144, not its head
+# width of 128; gemma_pytorch config.py), the 2B and 9B with the head width. No converter writes
+# that value into a GGUF file, so llama.cpp (llama-model.cpp, LLM_ARCH_GEMMA2) tells the 27B by
+# its layer count alone (`case 46: type = LLM_TYPE_27B`) and scales by it; we follow the same rule.
+_GEMMA2_27B_LAYERS = 46
+
+
 def _gemma2_keys(raw, key, names, path) -> None:
-    """llama.cpp's Gemma 2 keys; the attention scale as llama.cpp's (llama-model.cpp: the 27B's
-    query_pre_attn_scalar is hidden / heads, the others' the head width; not in the file)."""
+    """llama.cpp's Gemma 2 keys; the attention scale as llama.cpp's (see _GEMMA2_27B_LAYERS)."""
     head_dim = int(key("attention.key_length", raw["hidden_size"] // raw["num_attention_heads"]))
     raw.update(head_dim=head_dim, hidden_activation="gelu_pytorch_tanh",
                attn_logit_softcapping=float(key("attn_logit_softcapping", 50.0)),
                final_logit_softcapping=float(key("final_logit_softcapping", 30.0)),
                sliding_window=int(key("attention.sliding_window", 4096)),
                query_pre_attn_scalar=(raw["hidden_size"] // raw["num_attention_heads"]
-                                      if raw["num_hidden_layers"] == 46 else head_dim))
+                                      if raw["num_hidden_layers"] == _GEMMA2_27B_LAYERS else head_dim))
     raw[NORMS_HOLD_ONE_PLUS_W] = True
 
 
