@@ -71,7 +71,11 @@ class GGUFTensors:
         role = ref.name.split(".")[-2]
         if self.arch in PERMUTED_QK and role in self.heads:
             w = unpermute_qk(w, self.heads[role])
-        return torch.from_numpy(np.array(w, dtype=np.float32, copy=True))
+        if np.may_share_memory(w, t.data) or not w.flags.writeable:
+            # F32 dequantizes to a view of the read-only memory-mapped file: the stage owns a copy.
+            # Everything else is already a fresh array; copying it too doubled the peak host memory.
+            w = w.copy()
+        return torch.from_numpy(np.ascontiguousarray(w))
 
     def tensors(self, path: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for name in names:
