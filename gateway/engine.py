@@ -29,8 +29,9 @@ from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
 from gateway.block_manager import BlockManager, CacheEvents
-from gateway.scheduler import Scheduler, SchedulerConfig, StepPlan, StepShape
+from gateway.scheduler import Scheduler, SchedulerConfig, StepShape
 from gateway.sequence import Sequence, Status
+from gateway.step_plan import StepPlan
 
 
 # A single stage with async scheduling runs a decode up to this many steps ahead of its answers
