@@ -123,7 +123,8 @@ def test_tokenizer_matches_transformers(ggufs):
         assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("kind,stages", [("F32", 1), ("Q8_0", 2)])
+# A quantized file across 2 stages (F32 files are checked stage by stage against safetensors below).
+@pytest.mark.parametrize("kind,stages", [("Q8_0", 2)])
 def test_mesh_equals_transformers_on_the_gguf(ggufs, kind, stages):
     path, http_port = ggufs[kind], free_port()
     extra = ["--plan", "uniform", "--no-rebalance", "--http-port", str(http_port)]
