@@ -23,7 +23,8 @@ MAX_NEW = 10
 # has no kind-specific code, so here the stage counts and one other kind go through `up`.
 @pytest.mark.parametrize(
     "kind,stages,extra",
-    [("llama", 1, ()), ("llama", 2, ()), ("llama", 3, ()),
+    # 2 stages: test_families, test_gguf, test_deepseek and the API tests' meshes run it
+    [("llama", 1, ()), ("llama", 3, ()),
      ("tied", 3, ("--inflight", "2")),  # fewer micro-batches in flight than stages (stages sharing a GPU)
      ],
 )
