@@ -22,7 +22,8 @@ from stagemesh.cli.demo_model import write_demo_model
 from stagemesh.errors import InvalidArgument, OutOfRange, ResourceExhausted, Unavailable
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
-from stagemesh.cli.harness import manual_mesh, new_port, wait_kv_free
+from stagemesh.cli.harness import wait_kv_free
+from tests.meshes import openai_mesh, with_chat_template
 
 CHATML = (
     "{{ bos_token }}"
@@ -38,26 +39,14 @@ MESSAGES = [{"role": "system", "content": "You are terse."},
 PROMPT = "The old mill stood by the river"
 
 
-def _with_template(model_dir, template=CHATML):
-    path = model_dir / "tokenizer_config.json"
-    cfg = json.loads(path.read_text())
-    cfg["chat_template"] = template
-    path.write_text(json.dumps(cfg))
-    return model_dir
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return _with_template(write_demo_model(tmp_path_factory.mktemp("demo")))
+    return with_chat_template(write_demo_model(tmp_path_factory.mktemp("demo")), CHATML)
 
 
 @pytest.fixture(scope="module")
 def mesh(model_dir):
-    http_port = new_port()
-    with manual_mesh(model_dir, stages=2, kv_blocks=96, gateway_args=("--http-port", str(http_port))) as m:
-        m["client"] = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0,
-                                    timeout=30)
-        m["base"] = f"http://127.0.0.1:{http_port}"
+    with openai_mesh(model_dir, stages=2, kv_blocks=96, timeout=30) as m:
         with grpc.insecure_channel(m["gateway"]) as ch:
             m["model"] = pb_grpc.GenerationStub(ch).ListModels(pb.ListModelsRequest(), timeout=5).models[0].id
         yield m

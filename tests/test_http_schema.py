@@ -29,7 +29,8 @@ from stagemesh.cli.demo_model import write_demo_model
 from stagemesh.net import free_port
 from stagemesh.cli.harness import mesh as running_mesh
 from stagemesh.cli.harness import stagemesh_cmd
-from tests.test_http_api import _with_template
+from tests.meshes import with_chat_template
+from tests.test_http_api import CHATML
 
 STATUSES: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 EXAMPLES = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -37,8 +38,8 @@ EXAMPLES = settings(max_examples=60, deadline=None, suppress_health_check=list(H
 
 @pytest.fixture(scope="module")
 def http_mesh(tmp_path_factory):
-    model_dir = _with_template(write_demo_model(tmp_path_factory.mktemp("schema") / "demo", num_layers=2,
-                                                max_positions=256))
+    model_dir = with_chat_template(write_demo_model(tmp_path_factory.mktemp("schema") / "demo", num_layers=2,
+                                                    max_positions=256), CHATML)
     port = free_port()
     with running_mesh(model_dir, extra=["--http-port", str(port)]) as m:
         yield {"up": m, "base": f"http://127.0.0.1:{port}", "pids": _descendants(m.proc.pid),

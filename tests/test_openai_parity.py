@@ -22,11 +22,12 @@ import requests
 import torch
 
 from stagemesh.cli.demo_model import write_demo_model
-from stagemesh.cli.harness import blocks_in_use, manual_mesh, new_port, wait_kv_free
+from stagemesh.cli.harness import blocks_in_use, wait_kv_free
 from stagemesh.client import build_request
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
-from tests.test_http_api import CHATML, MESSAGES, _with_template
+from tests.meshes import openai_mesh, with_chat_template
+from tests.test_http_api import CHATML, MESSAGES
 
 KV_BLOCKS, BLOCK = 256, 4  # the harness' block size; 1,024 tokens per replica < the model's 2,048
 PROMPT_IDS = [5, 61, 300, 12, 91, 7, 44, 230, 18, 9, 150, 33]
@@ -35,7 +36,7 @@ EOS = 1
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return _with_template(write_demo_model(tmp_path_factory.mktemp("demo")), CHATML)
+    return with_chat_template(write_demo_model(tmp_path_factory.mktemp("demo")), CHATML)
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +48,7 @@ def hf(model_dir):
 
 @pytest.fixture(scope="module")
 def mesh(model_dir):
-    http_port = new_port()
-    with manual_mesh(model_dir, stages=2, kv_blocks=KV_BLOCKS, gateway_args=("--http-port", str(http_port))) as m:
-        m["base"] = f"http://127.0.0.1:{http_port}"
-        m["client"] = openai.OpenAI(base_url=m["base"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    with openai_mesh(model_dir, stages=2, kv_blocks=KV_BLOCKS) as m:
         m["channel"] = grpc.insecure_channel(m["gateway"])
         m["stub"] = pb_grpc.GenerationStub(m["channel"])
         m["model"] = m["stub"].ListModels(pb.ListModelsRequest(), timeout=10).models[0].id
