@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
+import time
 from pathlib import Path
 
 import openai
 
-from stagemesh.cli.harness import manual_mesh, mesh, new_port
+from stagemesh.cli.harness import blocks_in_use, manual_mesh, mesh, new_port
 from stagemesh.client import AsyncClient
 from tests.reference import hf_greedy
 
@@ -51,3 +53,23 @@ def openai_mesh(model_dir: Path, stages: int, kv_blocks: int, timeout: float = 6
         m["base"] = f"http://127.0.0.1:{http_port}"
         m["client"] = openai.OpenAI(base_url=m["base"] + "/v1", api_key="unused", max_retries=0, timeout=timeout)
         yield m
+
+
+@contextlib.contextmanager
+def peak_kv_blocks(m, every_s: float = 0.005):
+    """The most KV blocks any stage of manual_mesh `m` held while the block ran: a one-item list,
+    filled by a watcher thread."""
+    peak, stop = [0], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], *blocks_in_use(m))
+            time.sleep(every_s)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        watcher.join()

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import threading
-import time
 
 import pytest
 import requests
@@ -27,7 +25,8 @@ from stage_worker.mla_cache import MLAKVCache
 from stage_worker.step_input import StageShape, decode
 from stagemesh.cli.demo_model import write_demo_model
 from stagemesh.errors import InvalidArgument
-from stagemesh.cli.harness import blocks_in_use, manual_mesh, new_port, stage_stats, stagemesh_cmd, wait_kv_free
+from stagemesh.cli.harness import manual_mesh, new_port, stage_stats, stagemesh_cmd, wait_kv_free
+from tests.meshes import peak_kv_blocks
 from stagemesh.client import Client
 from stagemesh.sampling import sample_seed
 from stagemesh.v1 import stagemesh_pb2 as pb
@@ -132,20 +131,8 @@ def test_samples_fork_the_prompt_kv_once(mesh):
     n, max_tokens, kw = 3, 6, dict(prompt_ids=prompt, temperature=1.0, seed=7, ignore_eos=True, timeout=60)
     wait_kv_free(mesh)
     before = [s.tokens_total for s in stage_stats(mesh)]
-    peak, stop = [0], threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            peak[0] = max(peak[0], *blocks_in_use(mesh))
-            time.sleep(0.005)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    with peak_kv_blocks(mesh) as peak:
         out = mesh["client"].generate(n=n, max_tokens=max_tokens, **kw)
-    finally:
-        stop.set()
-        watcher.join()
     computed = [s.tokens_total - b for s, b in zip(stage_stats(mesh), before)]
     # The prompt once; each other sample computes only the prompt's last token (its own first
     # sample); then every sample's decodes. (Through the prefix cache alone: 31 + 2 x 3.)

@@ -11,8 +11,6 @@ in one request; the utility endpoints; max_model_len as the KV pool holds it.
 from __future__ import annotations
 
 import math
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -22,11 +20,11 @@ import requests
 import torch
 
 from stagemesh.cli.demo_model import write_demo_model
-from stagemesh.cli.harness import blocks_in_use, wait_kv_free
+from stagemesh.cli.harness import wait_kv_free
 from stagemesh.client import build_request
 from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
-from tests.meshes import openai_mesh, with_chat_template
+from tests.meshes import openai_mesh, peak_kv_blocks, with_chat_template
 from tests.test_http_api import CHATML, MESSAGES
 
 KV_BLOCKS, BLOCK = 256, 4  # the harness' block size; 1,024 tokens per replica < the model's 2,048
@@ -170,20 +168,8 @@ def test_n_samples_are_seeded_each_and_share_the_prompt_blocks(mesh):
     prompt = list(range(10, 210))  # 50 blocks; 3 separate copies need at least 150
     kw = dict(model=mesh["model"], prompt=prompt, max_tokens=60, temperature=1.0, seed=11,
               extra_body={"ignore_eos": True})
-    peak, stop = [0], threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            peak[0] = max(peak[0], *blocks_in_use(mesh))
-            time.sleep(0.01)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    with peak_kv_blocks(mesh, every_s=0.01) as peak:
         first = mesh["client"].completions.create(n=3, **kw)
-    finally:
-        stop.set()
-        watcher.join()
     again = mesh["client"].completions.create(n=3, **kw)
     texts = [ch.text for ch in sorted(first.choices, key=lambda ch: ch.index)]
     assert [ch.index for ch in sorted(first.choices, key=lambda ch: ch.index)] == [0, 1, 2]

@@ -26,25 +26,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_deepseek_gpu import _mesh_mixed  # noqa: E402
+from benchmarks.gpu import bench_fp8  # noqa: E402
 from benchmarks.gpu.common import Vocab, log  # noqa: E402
 from benchmarks.gpu.mesh import start_mesh  # noqa: E402
 
 FLOOR_H100_256 = 5900  # output tok/s, BENCHMARKS.md: the 256-request mixed workload's floor for this stage
 
-V3 = dict(  # DeepSeek-V3's config.json, but 8 layers: one PP-8 stage's share
-    architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=129280, hidden_size=7168,
-    intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=8, num_attention_heads=128,
-    num_key_value_heads=128, n_shared_experts=1, n_routed_experts=256, routed_scaling_factor=2.5,
-    kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128,
-    topk_method="noaux_tc", n_group=8, topk_group=4, num_experts_per_tok=8, moe_layer_freq=1,
-    first_k_dense_replace=3, norm_topk_prob=True, scoring_func="sigmoid", hidden_act="silu",
-    max_position_embeddings=163840, rms_norm_eps=1e-6, rope_theta=10000, tie_word_embeddings=False,
-    attention_bias=False, bos_token_id=0, eos_token_id=1, torch_dtype="bfloat16",
-    rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
-                  "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
-    quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                         "weight_block_size": [128, 128]},
-)
+V3 = {**bench_fp8.V3, "num_hidden_layers": 8, "first_k_dense_replace": 3}  # one PP-8 stage's share
 TINY = dict(vocab_size=2048, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
             num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=128,
             qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32, n_routed_experts=16, n_group=4,
