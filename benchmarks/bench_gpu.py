@@ -1,5 +1,10 @@
 """GPU benchmark: stagemesh (1, 2, 4 stages on one GPU) against transformers, Llama-3.1-8B shape.
 
+`--model` picks the shape: llama8b (the default, the only one with the in-process and transformers
+parts), v2-lite (DeepSeek-V2-Lite, random bf16 safetensors) or v3-stage (one PP-8 stage of
+DeepSeek-V3, FP8, served with `--load-format dummy` from config.json alone); the stagemesh part is
+the same for each (TTFT 512 / 2048, batch-1 decode, the mixed workload).
+
 Runs on the device machine (no hub access): writes a Llama-3.1-8B-shaped checkpoint of random
 bf16 weights generated on the GPU to local disk (benchmarks/gpu/checkpoint.py), then measures, on
 the same weights,
@@ -37,13 +42,31 @@ from benchmarks.gpu.checkpoint import write_llama8b  # noqa: E402
 from benchmarks.gpu.common import Vocab  # noqa: E402
 
 
+def _v2_lite(path: Path) -> Path:
+    from benchmarks.bench_deepseek_gpu import write_checkpoint
+
+    return write_checkpoint(path, tiny=False)
+
+
+def _v3_stage(path: Path) -> Path:
+    from benchmarks.gpu.bench_v3_stage import write_config
+
+    return write_config(path, tiny=False)
+
+
+# --model: (checkpoint writer, `stagemesh up` flags it needs)
+MODELS = {"llama8b": (write_llama8b, []), "v2-lite": (_v2_lite, []),
+          "v3-stage": (_v3_stage, ["--load-format", "dummy"])}
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="inproc,stagemesh,reference")
-    ap.add_argument("--model-dir", default="/tmp/llama8b-random")
+    ap.add_argument("--model", choices=sorted(MODELS), default="llama8b")
+    ap.add_argument("--model-dir", default="", help="default: /tmp/<model>-random")
     ap.add_argument("--stages", default="1,1-sync,2,4",
-                    help="stage specs to run: N[-sync][-ifK][-mps] (sync: async scheduling off; ifK: "
-                         "--inflight K; mps: the mesh's processes as clients of an MPS server)")
+                    help="stage specs to run: N[-sync][-ifK][-fp8][-mps] (sync: async scheduling off; ifK: "
+                         "--inflight K; fp8: --quantization fp8; mps: the mesh's processes as clients of an MPS server)")
     ap.add_argument("--kv-total-bytes", type=int, default=30 * 2**30)
     ap.add_argument("--max-batched-tokens", type=int, default=4096)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -55,6 +78,8 @@ def parse_args(argv=None):
     ap.add_argument("--mesh-args", default="", help="more `stagemesh up` flags, e.g. '--log-level debug' (the "
                                                    "gateway then logs every step's round trip and stage times)")
     ap.add_argument("--py-spy", default="", help="py-spy binary: sample the mesh's processes during the mixed run")
+    ap.add_argument("--profile", default="", help="FIRST[,FIRST...]:COUNT: every worker profiles those steps "
+                                                 "(STAGEMESH_PROFILE) into OUT/profile")
     ap.add_argument("--raw", default="", help="also write raw data (per-request tokens and latencies, profiler "
                                              "tables) to DIR/bench_gpu_raw.json; DIR must be outside the tree")
     return ap.parse_args(argv)
@@ -82,9 +107,12 @@ def run_parts(args, model_dir: Path, res: dict, raw: dict, save) -> None:
     if "stagemesh" in parts:
         from benchmarks.gpu.mesh import MeshOptions, bench_stagemesh
 
+        env = {**os.environ, "STAGEMESH_PROFILE": f"{Path(args.out) / 'profile'}:{args.profile}"} if args.profile else None
         opts = MeshOptions(args.kv_total_bytes, args.max_batched_tokens, Path(args.out), args.quick, args.mesh_device,
-                           args.suffix, args.threads, args.mesh_args.split(), args.py_spy, vocab)
+                           args.suffix, args.threads, MODELS[args.model][1] + args.mesh_args.split(), args.py_spy,
+                           vocab, env)
         res.update(bench_stagemesh(model_dir, args.stages.split(","), opts, raw))
+        report.compare_tokens(res, raw)
         save()
     if "reference" in parts:
         from benchmarks.gpu.reference import bench_reference
@@ -105,7 +133,7 @@ def main(argv=None):
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (smoke test only)"
     res["device"] = device
     res.setdefault("config", {}).update(vars(args))
-    model_dir = write_llama8b(Path(args.model_dir))
+    model_dir = MODELS[args.model][0](Path(args.model_dir or f"/tmp/{args.model}-random"))
     run_parts(args, model_dir, res, raw, lambda: report.save(out, res, raw, raw_to))
     text = report.table(res, device)
     (out / "table.txt").write_text(text + "\n")

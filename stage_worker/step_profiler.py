@@ -13,19 +13,22 @@ import pstats
 
 
 class StepProfiler:
-    """Where a worker's step time goes while it serves: `STAGEMESH_PROFILE=DIR[:FIRST[:COUNT[:MODE]]]`.
+    """Where a worker's step time goes while it serves: `STAGEMESH_PROFILE=DIR[:FIRST[:COUNT[:MODE]]]`,
+    FIRST one step or several joined by "," (a window at each, e.g. one in batch-1 decode and one in a
+    mixed run).
 
     MODE torch (default): torch.profiler's CPU and CUDA op tables; MODE python: cProfile of the
     compute thread (Python time, including waits for the GIL, which torch.profiler cannot see).
 
     Runs torch.profiler over steps [FIRST, FIRST+COUNT) (default 200, 50) and counts those steps
-    and their time per route (decode graph, mixed graph, eager); when the window closes it writes
-    DIR/worker-PID.txt: the per-route table, then the CPU and CUDA op tables. Off (None)
+    and their time per route (decode graph, mixed graph, eager); when a window closes it writes
+    DIR/worker-PID-FIRST.txt: the per-route table, then the CPU and CUDA op tables. Off (None)
     unless the variable is set; a diagnostic, not for production traffic.
     """
 
-    def __init__(self, out_dir: str, first: int, count: int, device, mode: str = "torch"):
-        self.out_dir, self.first, self.count, self.device, self.mode = out_dir, first, count, device, mode
+    def __init__(self, out_dir: str, firsts: list[int], count: int, device, mode: str = "torch"):
+        self.out_dir, self.firsts, self.count, self.device, self.mode = out_dir, firsts, count, device, mode
+        self.first = -1  # the open window's first step
         self.routes: dict[str, list[int]] = {}  # route -> [steps, us, tokens]
         self._prof = None
 
@@ -35,12 +38,13 @@ class StepProfiler:
         if not spec:
             return None
         parts = spec.split(":")
-        first = int(parts[1]) if len(parts) > 1 else 200
+        firsts = [int(f) for f in parts[1].split(",")] if len(parts) > 1 else [200]
         count = int(parts[2]) if len(parts) > 2 else 50
-        return cls(parts[0], first, count, device, parts[3] if len(parts) > 3 else "torch")
+        return cls(parts[0], firsts, count, device, parts[3] if len(parts) > 3 else "torch")
 
     def step_begin(self, step: int) -> None:
-        if step == self.first:
+        if self._prof is None and step in self.firsts:
+            self.first = step
             from torch.profiler import ProfilerActivity, profile
 
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
@@ -79,7 +83,7 @@ class StepProfiler:
             avg = self._prof.key_averages()
             lines += ["", avg.table(sort_by="self_cpu_time_total", row_limit=30)]
             if self.device.type == "cuda":
-                lines += ["", avg.table(sort_by="self_cuda_time_total", row_limit=20)]
+                lines += ["", avg.table(sort_by="self_cuda_time_total", row_limit=30)]
         os.makedirs(self.out_dir, exist_ok=True)
-        with open(os.path.join(self.out_dir, f"worker-{os.getpid()}.txt"), "w") as fh:
+        with open(os.path.join(self.out_dir, f"worker-{os.getpid()}-{self.first}.txt"), "w") as fh:
             fh.write("\n".join(lines) + "\n")

@@ -37,12 +37,14 @@ class MeshOptions:
     up_args: list[str] = field(default_factory=list)  # more `stagemesh up` flags
     py_spy: str = ""  # py-spy binary: sample the mesh's processes during the mixed run
     vocab: Vocab = Vocab()
+    env: dict | None = None  # the mesh's environment (None: this process's)
 
 
 def mesh_spec(spec: str) -> tuple[int, list[str], bool]:
-    """"N[-sync][-ifK][-mps]": N stages; sync: `--async-scheduling off`; ifK: `--inflight K`;
-    mps: every process of the mesh a client of an MPS server (mps_server), so the stages' kernels
-    can run at once instead of time-slicing the GPU. Returns (N, extra `up` flags, mps)."""
+    """"N[-sync][-ifK][-fp8][-mps]": N stages; sync: `--async-scheduling off`; ifK: `--inflight K`;
+    fp8: `--quantization fp8`; mps: every process of the mesh a client of an MPS server (mps_server),
+    so the stages' kernels can run at once instead of time-slicing the GPU. Returns (N, extra `up`
+    flags, mps)."""
     n, *modes = str(spec).split("-")
     extra, mps = [], False
     for mode in modes:
@@ -50,10 +52,12 @@ def mesh_spec(spec: str) -> tuple[int, list[str], bool]:
             extra += ["--async-scheduling", "off"]
         elif mode.startswith("if") and mode[2:].isdigit():
             extra += ["--inflight", mode[2:]]
+        elif mode == "fp8":
+            extra += ["--quantization", "fp8"]
         elif mode == "mps":
             mps = True
         else:
-            raise SystemExit(f"unknown stage spec {spec!r}: N[-sync][-ifK][-mps]")
+            raise SystemExit(f"unknown stage spec {spec!r}: N[-sync][-ifK][-fp8][-mps]")
     return int(n), extra, mps
 
 
@@ -102,7 +106,7 @@ def bench_stagemesh(model_dir, specs: list[str], opts: MeshOptions, raw: dict) -
         key = f"stagemesh_{str(spec).replace('-', '_')}{opts.suffix}"
         log(f"stagemesh {spec} stage(s), --max-batched-tokens {opts.max_batched_tokens}: starting")
         with contextlib.ExitStack() as stack:
-            env = stack.enter_context(mps_server(opts.out_dir)) if mps else None
+            env = {**stack.enter_context(mps_server(opts.out_dir)), **(opts.env or {})} if mps else opts.env
             mesh = start_mesh(model_dir, n, 52000 + 10 * i, opts.kv_total_bytes // n, opts.max_batched_tokens,
                               opts.out_dir / f"mesh_{spec}_{opts.max_batched_tokens}.log", opts.device,
                               extra + opts.up_args, env, opts.threads)

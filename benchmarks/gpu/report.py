@@ -8,6 +8,9 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# BENCHMARKS.md's floors on an H100 (output tok/s): mixed = the 256-request workload, b1 = batch-1 decode
+FLOORS_H100 = {"v2-lite": {"mixed_tok_s": 8000, "decode_b1_tok_s": 700}, "v3-stage": {"mixed_tok_s": 5900},
+               "llama8b": {"decode_b1_tok_s": 187}}
 IN_PROCESS_ROWS = ("prefill_512_ms", "prefill_2048_ms", "decode_step_b1_graph_ms", "decode_step_b1_ahead_ms",
                    "decode_step_b1_eager_ms", "decode_step_b64_graph_ms", "decode_step_b128_graph_ms")
 
@@ -40,9 +43,32 @@ def table(res: dict, device: str) -> str:
         other = res[key].get("decode_b1_tokens_sha") if key != "stagemesh_1" else None
         if one.get("decode_b1_tokens_sha") and other:
             lines.append(f"batch-1 greedy tokens of {key} equal stagemesh_1's: {other == one['decode_b1_tokens_sha']}")
+    for key in meshes:
+        for k, v in res[key].items():
+            if k.startswith("decode_b1_equal_prefix_vs_"):
+                lines.append(f"{key}: batch-1 greedy tokens equal to {k.rsplit('_vs_', 1)[1]}'s before the first "
+                             f"difference: {v} of {res[key]['decode_b1_tokens_of']}")
+    floors = FLOORS_H100.get(res.get("config", {}).get("model", "llama8b"), {}) if "H100" in device else {}
+    for key in meshes:
+        for k, floor in floors.items():
+            if isinstance(res[key].get(k), (int, float)) and not (k == "mixed_tok_s" and res["config"].get("quick")):
+                lines.append(f"{key}: {k} {res[key][k]:.1f} = {res[key][k] / floor:.0%} of the H100 floor ({floor})")
     inproc = res.get("inproc", {})
     lines += [f"in-process {k}: {inproc[k]:.2f}" for k in IN_PROCESS_ROWS if k in inproc]
     return "\n".join(lines)
+
+
+def compare_tokens(res: dict, raw: dict) -> None:
+    """Each run with a --suffix (e.g. _fp8) against the run of the same spec without it: how many of
+    its batch-1 greedy tokens equal the other's before the first difference, per prompt."""
+    for key, r in raw.items():
+        base = next((b for b in raw if b != key and key.startswith(b + "_")), None)
+        mine, theirs = r.get("decode_b1_tokens"), raw.get(base, {}).get("decode_b1_tokens") if base else None
+        if mine and theirs and isinstance(res.get(key), dict):
+            same = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
+                    for x, y in zip(mine, theirs)]
+            res[key]["decode_b1_equal_prefix_vs_" + base] = same
+            res[key]["decode_b1_tokens_of"] = len(mine[0])
 
 
 def raw_dir(path: str) -> Path | None:
