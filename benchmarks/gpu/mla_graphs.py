@@ -4,8 +4,9 @@ Random weights drawn on the device into a DeepseekStage of the given config (no 
 contexts filled by eager prefills, then for each step shape: the eager forward (metadata built
 per step, as the executor's eager route) and the captured graph's replay (DecodeGraphs /
 MixedGraphs `run`: fill the static buffers, one copy, replay), their outputs compared and their
-step times taken (median of CUDA-event timed steps). Off CUDA the graphs run eagerly and the
-times are meaningless (a smoke test of this script).
+step times taken (median of CUDA-event timed steps). On CUDA, kernels/mla_rope's Triton path is
+first compared with its torch reference on the stage's weights (`latent_kernel_check`). Off CUDA
+the graphs run eagerly and the times are meaningless (a smoke test of this script).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from benchmarks.gpu.common import log
 from stage_worker.attention import AttnMetadata
 from stage_worker.cuda_graphs import DecodeGraphs, MixedGraphs
+from stage_worker.kernels import mla_rope
 from stage_worker.models.deepseek import DeepseekStage
 from stagemesh.model_config import ModelConfig
 
@@ -54,6 +56,29 @@ def _random_stage(raw: dict, device: str, layers: int) -> DeepseekStage:
     return stage
 
 
+@torch.inference_mode()
+def latent_kernel_check(stage: DeepseekStage, tokens: int) -> dict:
+    """kernels/mla_rope's Triton path against its torch reference on layer 0's attention weights, for
+    `tokens` random rows: the largest difference of the latent queries and of the pool rows, and
+    whether their rotary columns are bit-equal (they round as torch does)."""
+    attn, d = next(iter(stage.layers.values())).self_attn, stage.dims
+    r, dev, dt = d.kv_lora_rank, stage.inv_freq.device, stage.dtype
+    gen = torch.Generator(device=dev).manual_seed(2)
+    q = torch.randn(tokens, attn.n_heads, attn.qk_head_dim, device=dev, generator=gen).to(dt)
+    kv = torch.randn(tokens, r + d.qk_rope_head_dim, device=dev, generator=gen).to(dt)
+    cos, sin = stage.rotary(torch.arange(tokens, device=dev) * 37, dt)
+    slots = torch.randperm(4 * tokens, device=dev, generator=gen)[:tokens]
+    pools = [torch.zeros(4 * tokens, kv.shape[1], dtype=dt, device=dev) for _ in range(2)]
+    ln = attn.kv_a_layernorm
+    q_cats = [mla_rope.latent_query_and_cache(q, kv, attn._w_uk_uv()[0], cos, sin, ln.weight, ln.eps, pool, slots,
+                                              d.rope_interleave, use_triton=triton) for pool, triton in
+              zip(pools, (True, False))]
+    return {"tokens": tokens, "q_max_abs_diff": float((q_cats[0].float() - q_cats[1].float()).abs().max()),
+            "pool_max_abs_diff": float((pools[0].float() - pools[1].float()).abs().max()),
+            "rope_bits_equal": bool(torch.equal(q_cats[0][..., r:], q_cats[1][..., r:])
+                                    and torch.equal(pools[0][:, r:], pools[1][:, r:]))}
+
+
 def run(raw: dict, device: str = "cuda:0", layers: int = 27, batch: int = 64, ctx: int = 512,
         prefill: tuple[int, int] = (4, 96), reps: int = 20) -> dict:
     """batch decode rows of context ~ctx; the mixed step: `prefill` = (chunks, tokens each) of fresh
@@ -75,6 +100,9 @@ def run(raw: dict, device: str = "cuda:0", layers: int = 27, batch: int = 64, ct
     decode = [(ctx - 1 - (s % 7), 1, tables[s]) for s in range(batch)]
     mixed = [(0, n_tok, tables[batch + i]) for i in range(n_pre)] + decode
     res = {"layers": layers, "batch": batch, "ctx": ctx, "prefill": list(prefill)}
+    if cuda:
+        res["latent_kernel"] = [latent_kernel_check(stage, t) for t in (1, batch)]
+        log(f"  kernels/mla_rope, Triton against torch: {res['latent_kernel']}")
     t0 = time.time()
     dg = DecodeGraphs(stage, kv, BLOCK, buckets=(1, batch), max_context=ctx + 64, capture=cuda if cuda else False)
     mg = MixedGraphs(stage, kv, BLOCK, buckets=(n_pre * n_tok + batch,), max_seqs=seqs, max_context=ctx + 64,

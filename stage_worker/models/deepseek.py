@@ -7,11 +7,15 @@ stacked, filled in place by the loader, models/layers.py).
 
 Per layer: RMSNorm -> Multi-head Latent Attention -> residual -> RMSNorm -> dense SwiGLU MLP
 (the first `first_k_dense_replace` layers) or a mixture of experts (shared experts + routed
-top-k) -> residual.
+top-k) -> residual. As in models/llama.py the residual stream is carried beside the hidden
+state, so each residual add runs inside the next RMSNorm, and the norms and SiLU * up go
+through kernels/fused_ops (Triton on CUDA, the same torch formulas elsewhere).
 
 MLA data flow for T new tokens (H heads, R = kv_lora_rank, Dn/Dr = qk nope/rope dims, Dv):
   q  = q_proj(x) | q_b_proj(norm(q_a_proj(x)))              [T, H, Dn + Dr]
   latent = kv_a_layernorm(c_kv) | rope(k_pe)                   [T, R + Dr] -> written to the pool
+  q_cat  = q_nope @ W_UK | rope(q_pe)                          [T, H, R + Dr], the latent query
+           (both in kernels/mla_rope: one bmm and one Triton kernel on GPU)
   attention, absorbed weights, in the latent space (the context is never expanded per head):
            q_lat = q_nope @ W_UK [H, R]; score = q_lat . c_kv + q_pe . k_pe; o = (p @ c_kv) @ W_UV
            for every row of the micro-batch at once: prefill chunks and decode rows in one
@@ -34,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stage_worker.attention import AttnMetadata, num_sms
-from stage_worker.kernels import mla_decode, mla_prefill
+from stage_worker.kernels import fused_ops, mla_decode, mla_prefill, mla_rope
 from stage_worker.mla_cache import MLAKVCache
 from stage_worker.models.base import PipelineStage
 from stage_worker.models import quant
@@ -159,22 +163,6 @@ def deepseek_rope(cfg: ModelConfig, dim: int) -> tuple[torch.Tensor, float, floa
     return inv_freq, float(attn_factor), softmax_mult
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """x: [T, Hx, Dr]; cos, sin: [T, Dr/2] -> rotated x [T, Hx, Dr].
-
-    interleave: pairs (x0, x1), (x2, x3) share a frequency (DeepSeek's layout); the output is
-    de-interleaved ([evens | odds]) as transformers does. The layout only has to be the same for
-    q and k, since attention uses q_pe . k_pe.
-    """
-    c, s = cos[:, None, :], sin[:, None, :]
-    if interleave:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-    else:
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
-
-
 # -- attention ----------------------------------------------------------------------------------
 class MLAttention(nn.Module):
     """Multi-head Latent Attention over the latent pool (stage_worker/mla_cache.py).
@@ -209,17 +197,14 @@ class MLAttention(nn.Module):
         if d.q_lora_rank is None:
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            ln = self.q_a_layernorm
+            q = self.q_b_proj(fused_ops.rms_norm(self.q_a_proj(x), ln.weight, ln.eps))
         q = q.view(t, nh, self.qk_head_dim)  # [T, Hq, Dn + Dr]
-        q_nope, q_pe = q.split([d.qk_nope_head_dim, d.qk_rope_head_dim], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([d.kv_lora_rank, d.qk_rope_head_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin, d.rope_interleave)  # [T, Hq, Dr]
-        k_pe = apply_rope(k_pe[:, None, :], cos, sin, d.rope_interleave)[:, 0]  # [T, Dr]
-        latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)  # [T, R + Dr]
-        pool.index_copy_(0, meta.slot_mapping, latent.to(pool.dtype))
+        kv = self.kv_a_proj_with_mqa(x)  # [T, R + Dr]: c_kv | k_pe
         w_uk, w_uv = self._w_uk_uv()
-        q_lat = torch.einsum("thn,hnr->thr", q_nope, w_uk)  # [T, Hq, R]
-        q_cat = torch.cat([q_lat, q_pe], dim=-1).to(pool.dtype)  # [T, Hq, R + Dr]
+        ln = self.kv_a_layernorm
+        q_cat = mla_rope.latent_query_and_cache(q, kv, w_uk, cos, sin, ln.weight, ln.eps, pool, meta.slot_mapping,
+                                                d.rope_interleave)  # [T, Hq, R + Dr], pool.dtype
         o_lat = latent_attention(q_cat, pool, meta, self.scale, d.kv_lora_rank, self.tile_q)  # [T, Hq, R]
         out = torch.einsum("thr,hvr->thv", o_lat.to(x.dtype), w_uv)  # [T, Hq, Dv]
         return self.o_proj(out.reshape(t, nh * d.v_head_dim))  # [T, H]
@@ -317,8 +302,7 @@ class DeepseekMLP(nn.Module):
         self.down_proj = make_linear(inter, hidden, bias, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(fused_ops.silu_and_mul(self.gate_up_proj(x)))  # silu(gate) * up: [T, I]
 
 
 def router_spec(d: DeepseekDims) -> RouterSpec:
@@ -358,9 +342,22 @@ class DeepseekDecoderLayer(nn.Module):
         self.mlp = (DeepseekMoE(cfg, d) if d.is_moe(layer_idx)
                     else DeepseekMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, quant.is_fp8(cfg)))
 
-    def forward(self, x, cos, sin, meta, pool) -> torch.Tensor:  # x: [T, H]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, pool)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, meta, pool):
+        """One layer with the residual stream carried separately, as LlamaDecoderLayer: each
+        residual add runs inside the next RMSNorm's kernel (transformers adds residual + output;
+        float addition commutes, so the bits are the same).
+
+        x: [T, H], the previous layer's MLP output, or the stage input when residual is None.
+        Returns (this layer's MLP output, residual); their sum is the layer's output.
+        """
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        if residual is None:
+            h, residual = fused_ops.rms_norm(x, ln1.weight, ln1.eps), x
+        else:
+            h, residual = fused_ops.fused_add_rms_norm(x, residual, ln1.weight, ln1.eps)
+        h = self.self_attn(h, cos, sin, meta, pool)
+        h, residual = fused_ops.fused_add_rms_norm(h, residual, ln2.weight, ln2.eps)
+        return self.mlp(h), residual
 
 
 # -- stage --------------------------------------------------------------------------------------
@@ -372,7 +369,7 @@ class DeepseekStage(PipelineStage):
     """
 
     kv_cache_cls = MLAKVCache  # a scratch block on CUDA: decode and mixed CUDA graphs (cuda_graphs.py)
-    rotary_duplicate = False  # cos, sin: [T, Dr/2] (apply_rope pairs the halves itself)
+    rotary_duplicate = False  # cos, sin: [T, Dr/2] (mla_rope pairs the halves itself)
 
     def __init__(self, cfg: ModelConfig, layer_start: int, layer_end: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
@@ -387,6 +384,12 @@ class DeepseekStage(PipelineStage):
         self.inv_freq = inv_freq.to(device)  # [Dr/2] float32, not a parameter
         # Mixed micro-batches on a GPU: one mla_prefill launch over tiles of this many tokens.
         self.attention_tile_q = mla_prefill.tile_q(cfg.num_attention_heads)
+
+    def run_layers(self, x, cos, sin, meta, kv) -> torch.Tensor:
+        residual = None
+        for local, layer in enumerate(self.layers.values()):
+            x, residual = layer(x, residual, cos, sin, meta, kv.layer(local))
+        return x + residual
 
     def kv_dims(self) -> tuple[int, int]:
         return self.dims.kv_lora_rank, self.dims.qk_rope_head_dim
