@@ -179,9 +179,12 @@ if INTERPRETED:  # collected only in the interpreter process (above)
     from stage_worker.kernels import fused_moe
     from stage_worker.kernels.moe_align import moe_align_block_size
 
-    @pytest.mark.parametrize("m,k,e,bm", [(7, 2, 8, 4), (1, 3, 8, 16), (33, 3, 8, 16), (61, 8, 256, 16)])
+    @pytest.mark.parametrize("m,k,e,bm", [(7, 2, 8, 4), (1, 3, 8, 16), (33, 3, 8, 16), (4, 8, 256, 16),
+                                          (5, 8, 256, 16), (61, 8, 256, 16), (150, 2, 8, 16)])
     def test_interpreted_align_equals_reference(m, k, e, bm):
-        """Identical arrays: the kernels keep each expert's flat indices in order, as a stable sort."""
+        """Identical arrays: the kernels keep each expert's flat indices in order, as a stable sort.
+        One program's worth of indices (E = 8: up to 256; 256 experts: up to 32) takes the
+        one-launch kernel, more the four-launch path."""
         gen = torch.Generator().manual_seed(m)
         ids = _random_ids(gen, m, k, e, skip=(3, 5))
         for got, ref in zip(moe_align_block_size(ids, bm, e, use_triton=True), moe_align_block_size_torch(ids, bm, e)):
@@ -238,8 +241,8 @@ if INTERPRETED:  # collected only in the interpreter process (above)
 
     @pytest.mark.parametrize("method", ["noaux_tc", "group_limited_greedy"])
     def test_interpreted_layer_triton_equals_torch(method):
-        """The whole layer (router, alignment, both GEMMs, sum over k) on the Triton path against
-        the CPU path (sort by expert, grouped GEMMs), V3- and V2-style routing."""
+        """The whole layer (routing kernel, alignment, both GEMMs, sum over k) on the Triton path
+        against the CPU path (route, sort by expert, grouped GEMMs), V3- and V2-style routing."""
         gen = torch.Generator().manual_seed(4)
         scoring = "sigmoid" if method == "noaux_tc" else "softmax"
         moe = _moe(gen, k=3, n_group=4, topk_group=2, method=method, scoring=scoring)

@@ -21,6 +21,8 @@ Triton, four launches (vLLM/sglang's moe_align_block_size in spirit, laid out fo
   3. blocks  one program: padded per-expert starts (`starts` [E]), num_tokens_post_padded,
              expert_ids for every block, and sorted_ids filled with the padding sentinel.
   4. scatter grid (P,): sorted_ids[starts[e] + prefix[p, e] + rank] = flat index.
+When every index fits one program (P == 1: small batches, decode), one launch does all four in
+registers (`_align_one_kernel`; a barrier orders the sentinel fill before the scatter).
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int,
     e_pad = triton.next_power_of_2(num_experts)
     block_t = max(16, min(256, 8192 // e_pad))
     progs = triton.cdiv(numel, block_t) if numel else 0
+    layout = dict(BLOCK_M=block_m, E_PAD=e_pad, BLOCK_B=max(16, 4096 // e_pad), BLOCK_S=1024)
+    if progs == 1:
+        _align_one_kernel[(1,)](flat, numel, post, expert_ids, sorted_ids, n_blocks, bound, BLOCK_T=block_t, **layout)
+        return sorted_ids, expert_ids, post
     alloc = torch.empty if progs else torch.zeros  # row `progs`: per-expert totals
     partial = alloc(progs + 1, num_experts, dtype=torch.int32, device=dev)
     rank = torch.empty(max(numel, 1), dtype=torch.int32, device=dev)
@@ -64,7 +70,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int,
         _count_kernel[(progs,)](flat, numel, rank, partial, num_experts, BLOCK_T=block_t, E_PAD=e_pad)
         _prefix_kernel[(num_experts,)](partial, progs, num_experts, BLOCK_P=256)
     _blocks_kernel[(1,)](partial, progs, starts, post, expert_ids, sorted_ids, n_blocks, bound, num_experts, numel,
-                         BLOCK_M=block_m, E_PAD=e_pad, BLOCK_B=max(16, 4096 // e_pad), BLOCK_S=1024)
+                         **layout)
     if progs:
         _scatter_kernel[(progs,)](flat, numel, rank, partial, starts, sorted_ids, num_experts, BLOCK_T=block_t)
     return sorted_ids, expert_ids, post
@@ -94,16 +100,58 @@ def moe_align_block_size_torch(topk_ids: torch.Tensor, block_m: int, num_experts
 
 if triton is not None:
     @triton.jit
+    def _count(ids, experts):
+        """ids [BLOCK_T] (-1: none) -> (per-expert counts [E_PAD], each index's rank among the
+        earlier indices of its expert [BLOCK_T])."""
+        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [BLOCK_T, E_PAD]
+        before = tl.cumsum(onehot, axis=0) - onehot  # same-expert indices earlier in the block
+        return tl.sum(onehot, axis=0), tl.sum(before * onehot, axis=1)
+
+    @triton.jit
+    def _layout(counts, post_ptr, expert_ids_ptr, sorted_ids_ptr, n_blocks, bound, numel,
+                BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Per-expert counts [E_PAD] (0 past E) -> padded starts [E_PAD]; writes
+        num_tokens_post_padded, expert_ids of every block, sorted_ids all padding sentinels."""
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        ends = tl.cumsum(padded, axis=0)  # padding experts add 0
+        total = tl.sum(padded, axis=0)
+        tl.store(post_ptr, total)
+        for b0 in range(0, n_blocks, BLOCK_B):
+            blocks = b0 + tl.arange(0, BLOCK_B)
+            first = blocks * BLOCK_M
+            owner = tl.sum((ends[None, :] <= first[:, None]).to(tl.int32), axis=1)  # experts ending before
+            owner = tl.where(first < total, owner, -1)
+            tl.store(expert_ids_ptr + blocks, owner, mask=blocks < n_blocks)
+        for s0 in range(0, bound, BLOCK_S):
+            offs = s0 + tl.arange(0, BLOCK_S)
+            tl.store(sorted_ids_ptr + offs, tl.full((BLOCK_S,), 0, tl.int32) + numel, mask=offs < bound)
+        return ends - padded
+
+    @triton.jit
+    def _align_one_kernel(ids_ptr, numel, post_ptr, expert_ids_ptr, sorted_ids_ptr, n_blocks, bound,
+                          BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
+                          BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
+        """count, layout and scatter for numel <= BLOCK_T (one program)."""
+        offs = tl.arange(0, BLOCK_T)
+        mask = offs < numel
+        experts = tl.arange(0, E_PAD)
+        ids = tl.load(ids_ptr + offs, mask=mask, other=-1).to(tl.int32)
+        counts, rank = _count(ids, experts)
+        starts = _layout(counts, post_ptr, expert_ids_ptr, sorted_ids_ptr, n_blocks, bound, numel,
+                         BLOCK_M, BLOCK_B, BLOCK_S)
+        tl.debug_barrier()  # every thread's sentinel stores land before the scatter overwrites them
+        dest = tl.sum(tl.where(ids[:, None] == experts[None, :], starts[None, :], 0), axis=1) + rank  # starts[id]
+        tl.store(sorted_ids_ptr + dest, offs.to(tl.int32), mask=mask)
+
+    @triton.jit
     def _count_kernel(ids_ptr, numel, rank_ptr, partial_ptr, E, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
         p = tl.program_id(0)
         offs = p * BLOCK_T + tl.arange(0, BLOCK_T)
         mask = offs < numel
-        ids = tl.load(ids_ptr + offs, mask=mask, other=-1).to(tl.int32)
         experts = tl.arange(0, E_PAD)
-        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [BLOCK_T, E_PAD]
-        tl.store(partial_ptr + p * E + experts, tl.sum(onehot, axis=0), mask=experts < E)
-        before = tl.cumsum(onehot, axis=0) - onehot  # same-expert indices earlier in this program
-        tl.store(rank_ptr + offs, tl.sum(before * onehot, axis=1), mask=mask)
+        counts, rank = _count(tl.load(ids_ptr + offs, mask=mask, other=-1).to(tl.int32), experts)
+        tl.store(partial_ptr + p * E + experts, counts, mask=experts < E)
+        tl.store(rank_ptr + offs, rank, mask=mask)
 
     @triton.jit
     def _prefix_kernel(partial_ptr, P, E, BLOCK_P: tl.constexpr):
@@ -123,20 +171,9 @@ if triton is not None:
                        BLOCK_S: tl.constexpr):
         experts = tl.arange(0, E_PAD)
         counts = tl.load(partial_ptr + P * E + experts, mask=experts < E, other=0)
-        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-        ends = tl.cumsum(padded, axis=0)  # [E_PAD]; padding experts add 0
-        tl.store(starts_ptr + experts, ends - padded, mask=experts < E)
-        total = tl.sum(padded, axis=0)
-        tl.store(post_ptr, total)
-        for b0 in range(0, n_blocks, BLOCK_B):
-            blocks = b0 + tl.arange(0, BLOCK_B)
-            first = blocks * BLOCK_M
-            owner = tl.sum((ends[None, :] <= first[:, None]).to(tl.int32), axis=1)  # experts ending before
-            owner = tl.where(first < total, owner, -1)
-            tl.store(expert_ids_ptr + blocks, owner, mask=blocks < n_blocks)
-        for s0 in range(0, bound, BLOCK_S):
-            offs = s0 + tl.arange(0, BLOCK_S)
-            tl.store(sorted_ids_ptr + offs, tl.full((BLOCK_S,), 0, tl.int32) + numel, mask=offs < bound)
+        starts = _layout(counts, post_ptr, expert_ids_ptr, sorted_ids_ptr, n_blocks, bound, numel,
+                         BLOCK_M, BLOCK_B, BLOCK_S)
+        tl.store(starts_ptr + experts, starts, mask=experts < E)
 
     @triton.jit
     def _scatter_kernel(ids_ptr, numel, rank_ptr, partial_ptr, starts_ptr, sorted_ids_ptr, E,

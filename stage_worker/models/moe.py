@@ -4,6 +4,7 @@ Data flow for T tokens (H hidden, E experts, k experts per token, I expert inter
 
   x [T, H] --Router (F.linear, float32 unless the family routes in its dtype)--> logits [T, E]
            --route(): scores, (group-limited) top-k, weights--> weights [T, k] fp32, ids [T, k]
+             (CUDA + Triton: kernels/moe_route.py, the same routing in one launch)
   routed:  CUDA + Triton: kernels/fused_moe.py (align by expert on device, two grouped GEMM
            launches, routed weight in the epilogue); elsewhere: sort by expert, two grouped GEMMs
            (torch._grouped_mm, or one mm per expert), weights, back to token order, sum over k
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stage_worker.kernels import fused_moe
+from stage_worker.kernels import fused_moe, moe_route
 from stage_worker.models import quant
 
 SCORING = ("softmax", "sigmoid")
@@ -102,7 +103,8 @@ def route(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = No
 
 
 class Router(nn.Module):
-    """The gate: logits = x @ weight.T, then `route`. Its parameters stay float32 (`fix_dtypes`)."""
+    """The gate: logits = x @ weight.T, then `route`. Its parameters stay float32 (`fix_dtypes`),
+    or, for a family routing in the model dtype, take that dtype (no cast launch per forward)."""
 
     def __init__(self, hidden: int, spec: RouterSpec):
         super().__init__()
@@ -114,17 +116,24 @@ class Router(nn.Module):
 
     def fix_dtypes(self, dtype: torch.dtype) -> None:
         """After the stage's `.to(dtype)` (models/quant.py `fix_dtypes`): float32 again (the
-        checkpoint's bf16 -> float32 is exact, and the logits are float32 anyway)."""
+        checkpoint's bf16 -> float32 is exact, and the logits are float32 anyway), unless the
+        logits are computed in `dtype` (Mixtral), where forward would cast to it anyway."""
         for p in self.parameters(recurse=False):
-            p.data = p.data.float()
+            p.data = p.data.float() if self.spec.logits_fp32 else p.data.to(dtype)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [T, H] -> (weights [T, k] float32, expert ids [T, k] int64)."""
+    def forward(self, x: torch.Tensor, use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> (weights [T, k] float32, expert ids [T, k] int64). use_triton: route with
+        kernels/moe_route.py (one launch for `route`'s ~15); default: on CUDA when Triton imports."""
         if self.spec.logits_fp32:
             logits = F.linear(x.float(), self.weight.float())  # [T, E]
         else:
             logits = F.linear(x, self.weight.to(x.dtype))
-        return route(logits, self.spec, getattr(self, "e_score_correction_bias", None))
+        bias = getattr(self, "e_score_correction_bias", None)
+        if use_triton is None:
+            use_triton = x.is_cuda and moe_route.triton is not None
+        if use_triton:
+            return moe_route.fused_route(logits, self.spec, bias)
+        return route(logits, self.spec, bias)
 
 
 @dataclass(frozen=True)
@@ -241,7 +250,7 @@ class SparseMoE(nn.Module):
         self.group_n = (quant.BLOCK, quant.BLOCK)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
-        weights, ids = self.gate(x)  # [T, k] float32, [T, k]
+        weights, ids = self.gate(x, self.use_triton(x))  # [T, k] float32, [T, k]
         out = self.experts(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
