@@ -10,19 +10,13 @@ fresh process with TRITON_INTERPRET=1 (Triton reads it at import; see tests/test
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from stage_worker.kernels.moe_align import align_bound, moe_align_block_size_torch
 from stage_worker.models import quant
 from stage_worker.models.moe import MoESpec, Router, RouterSpec, SparseMoE, route
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from tests.interpreted import INTERPRETED, run_in_interpreter
 
 
 def _moe(gen, e=8, k=2, h=64, i=48, bias=False, n_group=1, topk_group=1, method="greedy", scoring="softmax"):
@@ -165,14 +159,7 @@ def test_fp8_stacks_load_through_slots_and_dequantize_on_cpu():
 
 if not INTERPRETED:
     def test_kernels_in_an_interpreter_process():
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        root = Path(__file__).resolve().parents[1]
-        run = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider",
-                              "-k", "interpreted", __file__], cwd=root, env=env, capture_output=True, text=True,
-                             timeout=240)
-        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-        summary = run.stdout.strip().splitlines()[-1]  # e.g. "5 passed, 6 deselected in 9.1s": none skipped
-        assert " passed" in summary and "skipped" not in summary, run.stdout[-2000:]
+        run_in_interpreter(__file__, "interpreted")
 
 
 if INTERPRETED:  # collected only in the interpreter process (above)

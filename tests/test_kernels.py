@@ -11,27 +11,17 @@ process with TRITON_INTERPRET=1, where the kernel tests below run (and any failu
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from tests.interpreted import INTERPRETED, run_in_interpreter
 
 
 if not INTERPRETED:
     def test_kernels_in_an_interpreter_process():
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        root = Path(__file__).resolve().parents[1]
-        run = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", __file__],
-                             cwd=root, env=env, capture_output=True, text=True, timeout=240)
-        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-        summary = run.stdout.strip().splitlines()[-1]  # e.g. "7 passed in 5.1s": none skipped
-        assert " passed" in summary and "skipped" not in summary, run.stdout[-2000:]
+        run_in_interpreter(__file__)
 
 
 @pytest.fixture(scope="module")

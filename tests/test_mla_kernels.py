@@ -11,11 +11,6 @@ process (Triton reads the variable once, at import).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -23,8 +18,8 @@ import torch
 from stage_worker.kernels import mla_decode as md
 from stage_worker.kernels import mla_prefill as mp
 from stage_worker.kernels.unified_attention import max_tiles, tile_plan
+from tests.interpreted import INTERPRETED, run_in_interpreter
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 R, DR, BS = 32, 8, 4  # latent rank, rope width, tokens per page
 
 
@@ -86,13 +81,7 @@ def test_splits_are_static_and_bounded():
 
 if not INTERPRETED:
     def test_kernels_in_an_interpreter_process():
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        root = Path(__file__).resolve().parents[1]
-        run = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider",
-                              "-k", "triton", __file__], cwd=root, env=env, capture_output=True, text=True, timeout=240)
-        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-        summary = run.stdout.strip().splitlines()[-1]
-        assert " passed" in summary and "skipped" not in summary, run.stdout[-2000:]
+        run_in_interpreter(__file__, "triton")
 
 
 if INTERPRETED:

@@ -11,17 +11,11 @@ few ulp here; benchmarks/gpu/mla_graphs.py checks the kernel's bits against the 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from stage_worker.kernels import mla_rope as mr
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from tests.interpreted import INTERPRETED, run_in_interpreter
 
 
 def _inputs(t, hq, dn, r, dr, dtype, pool_dtype, seed=0):
@@ -63,13 +57,7 @@ def test_reference_equals_explicit_formula(interleave):
 
 if not INTERPRETED:
     def test_kernel_in_an_interpreter_process():
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        root = Path(__file__).resolve().parents[1]
-        run = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider",
-                              "-k", "triton", __file__], cwd=root, env=env, capture_output=True, text=True, timeout=240)
-        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-        summary = run.stdout.strip().splitlines()[-1]
-        assert " passed" in summary and "skipped" not in summary, run.stdout[-2000:]
+        run_in_interpreter(__file__, "triton")
 
 
 if INTERPRETED:

@@ -8,17 +8,12 @@ a fresh process with TRITON_INTERPRET=1 (Triton reads it at import; see tests/te
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from stage_worker.models.moe import RouterSpec, route
+from tests.interpreted import INTERPRETED, run_in_interpreter
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # (E, k, n_group, topk_group): k within the kept groups' experts (beyond them torch and the kernel
 # break the ties among masked experts differently), E // n_group >= 2 (noaux_tc's top-2 per group)
@@ -36,14 +31,7 @@ def _spec(scoring: str, method: str, e: int, k: int, n_group: int, topk_group: i
 
 if not INTERPRETED:
     def test_route_kernel_in_an_interpreter_process():
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        root = Path(__file__).resolve().parents[1]
-        run = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider",
-                              "-k", "interpreted", __file__], cwd=root, env=env, capture_output=True, text=True,
-                             timeout=240)
-        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-        summary = run.stdout.strip().splitlines()[-1]  # e.g. "37 passed in 9.1s": none skipped
-        assert " passed" in summary and "skipped" not in summary, run.stdout[-2000:]
+        run_in_interpreter(__file__, "interpreted")
 
 
 if INTERPRETED:  # collected only in the interpreter process (above)
