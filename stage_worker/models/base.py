@@ -135,10 +135,13 @@ class PipelineStage(nn.Module):
         return self.run_layers(x, cos, sin, meta, kv)
 
     def run_layers(self, x: torch.Tensor, cos, sin, meta: AttnMetadata, kv) -> torch.Tensor:
-        """x: [T, H] -> [T, H] through every local layer (a family may override the walk)."""
+        """x: [T, H] -> [T, H] through every local layer, the residual stream carried beside the
+        hidden states: a layer takes (x, residual) and returns (its output, residual), their sum
+        being its output, so each residual add runs inside the next RMSNorm (RMSNorm.add_and_norm)."""
+        residual = None
         for local, layer in enumerate(self.layers.values()):
-            x = layer(x, cos, sin, meta, kv.layer(local))
-        return x
+            x, residual = layer(x, residual, cos, sin, meta, kv.layer(local))
+        return x + residual
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -351,12 +351,9 @@ class DeepseekDecoderLayer(nn.Module):
         Returns (this layer's MLP output, residual); their sum is the layer's output.
         """
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        if residual is None:
-            h, residual = fused_ops.rms_norm(x, ln1.weight, ln1.eps), x
-        else:
-            h, residual = fused_ops.fused_add_rms_norm(x, residual, ln1.weight, ln1.eps)
+        h, residual = ln1.add_and_norm(x, residual)
         h = self.self_attn(h, cos, sin, meta, pool)
-        h, residual = fused_ops.fused_add_rms_norm(h, residual, ln2.weight, ln2.eps)
+        h, residual = ln2.add_and_norm(h, residual)
         return self.mlp(h), residual
 
 
@@ -384,12 +381,6 @@ class DeepseekStage(PipelineStage):
         self.inv_freq = inv_freq.to(device)  # [Dr/2] float32, not a parameter
         # Mixed micro-batches on a GPU: one mla_prefill launch over tiles of this many tokens.
         self.attention_tile_q = mla_prefill.tile_q(cfg.num_attention_heads)
-
-    def run_layers(self, x, cos, sin, meta, kv) -> torch.Tensor:
-        residual = None
-        for local, layer in enumerate(self.layers.values()):
-            x, residual = layer(x, residual, cos, sin, meta, kv.layer(local))
-        return x + residual
 
     def kv_dims(self) -> tuple[int, int]:
         return self.dims.kv_lora_rank, self.dims.qk_rope_head_dim

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stage_worker.kernels import fused_ops
 from stage_worker.models.quant import Fp8Linear
 
 
@@ -29,6 +30,14 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream carried beside the hidden states (vLLM's layout): (norm(x + residual),
+        x + residual), one kernel on CUDA (fused_ops); residual None (a stage's first layer):
+        (norm(x), x)."""
+        if residual is None:
+            return fused_ops.rms_norm(x, self.weight, self.eps), x
+        return fused_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class MergedLinear(nn.Linear):

@@ -197,15 +197,12 @@ class LlamaDecoderLayer(nn.Module):
         Returns (this layer's MLP output, residual); their sum is the layer's output.
         """
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        if residual is None:
-            h, residual = fused_ops.rms_norm(x, ln1.weight, ln1.eps), x
-        else:
-            h, residual = fused_ops.fused_add_rms_norm(x, residual, ln1.weight, ln1.eps)
+        h, residual = ln1.add_and_norm(x, residual)
         h = self.self_attn(h, cos, sin, meta, layer_kv)
         if self.sandwich:  # Gemma 2: the attention output is normalised before the residual add
             h = fused_ops.rms_norm(h, ln2.weight, ln2.eps)
             ln2 = self.pre_feedforward_layernorm
-        h, residual = fused_ops.fused_add_rms_norm(h, residual, ln2.weight, ln2.eps)
+        h, residual = ln2.add_and_norm(h, residual)
         h = self.mlp(h)
         if self.sandwich:
             ln3 = self.post_feedforward_layernorm
@@ -235,12 +232,6 @@ class LlamaStage(PipelineStage):
     def rope_init(self, cfg: ModelConfig) -> tuple[torch.Tensor, float]:
         """(inv_freq [D/2] float32, cos/sin scaling); a family with its own rope scaling overrides it."""
         return rope_inv_freq(cfg)
-
-    def run_layers(self, x, cos, sin, meta, kv) -> torch.Tensor:
-        residual = None
-        for local, layer in enumerate(self.layers.values()):
-            x, residual = layer(x, residual, cos, sin, meta, kv.layer(local))
-        return x + residual
 
     def kv_dims(self) -> tuple[int, int]:
         return self.cfg.num_key_value_heads, self.cfg.head_dim
