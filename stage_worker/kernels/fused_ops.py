@@ -94,7 +94,8 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Reference: exactly models/layers.py's RMSNorm.forward."""
+    """Reference (and the CPU path of models/layers.py's RMSNorm): transformers' formula, float32
+    statistics; on CUDA torch's fused F.rms_norm for them."""
     dtype = x.dtype
     if x.is_cuda:
         return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(dtype)

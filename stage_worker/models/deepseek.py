@@ -197,8 +197,7 @@ class MLAttention(nn.Module):
         if d.q_lora_rank is None:
             q = self.q_proj(x)
         else:
-            ln = self.q_a_layernorm
-            q = self.q_b_proj(fused_ops.rms_norm(self.q_a_proj(x), ln.weight, ln.eps))
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(t, nh, self.qk_head_dim)  # [T, Hq, Dn + Dr]
         kv = self.kv_a_proj_with_mqa(x)  # [T, R + Dr]: c_kv | k_pe
         w_uk, w_uv = self._w_uk_uv()

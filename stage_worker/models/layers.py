@@ -10,7 +10,6 @@ hook of gpt-fast's `wqkv`, done on the loader's side so nothing is concatenated 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from stage_worker.kernels import fused_ops
@@ -24,12 +23,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
-        dtype = x.dtype
-        if x.is_cuda:  # one fused kernel for the float32 statistics, same formula
-            return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(dtype)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        """weight * norm(x) with float32 statistics (transformers' formula): one Triton kernel on
+        CUDA, fused_ops.rms_norm_torch elsewhere."""
+        return fused_ops.rms_norm(x, self.weight, self.eps)
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream carried beside the hidden states (vLLM's layout): (norm(x + residual),

@@ -156,8 +156,8 @@ class LlamaAttention(nn.Module):
         """qkv: [T, Hq + 2 Hkv, D] -> the same with every q and k head RMS-normalised over D (Qwen3)."""
         t, d = qkv.shape[0], self.head_dim
         q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
-        q = fused_ops.rms_norm(q.reshape(-1, d), self.q_norm.weight, self.q_norm.eps).view(t, self.n_heads, d)
-        k = fused_ops.rms_norm(k.reshape(-1, d), self.k_norm.weight, self.k_norm.eps).view(t, self.n_kv, d)
+        q = self.q_norm(q.reshape(-1, d)).view(t, self.n_heads, d)
+        k = self.k_norm(k.reshape(-1, d)).view(t, self.n_kv, d)
         return torch.cat([q, k, v], dim=1)
 
 
@@ -200,13 +200,12 @@ class LlamaDecoderLayer(nn.Module):
         h, residual = ln1.add_and_norm(x, residual)
         h = self.self_attn(h, cos, sin, meta, layer_kv)
         if self.sandwich:  # Gemma 2: the attention output is normalised before the residual add
-            h = fused_ops.rms_norm(h, ln2.weight, ln2.eps)
+            h = ln2(h)
             ln2 = self.pre_feedforward_layernorm
         h, residual = ln2.add_and_norm(h, residual)
         h = self.mlp(h)
         if self.sandwich:
-            ln3 = self.post_feedforward_layernorm
-            h = fused_ops.rms_norm(h, ln3.weight, ln3.eps)
+            h = self.post_feedforward_layernorm(h)
         return h, residual
 
 
