@@ -13,7 +13,7 @@ one Triton kernel for the rest (a program per token for the latent row, and prog
 query heads for q_pe's rotary). `latent_query_and_cache_torch` is the formula the model had before
 the kernel, run on CPU (or without Triton): the CPU path computes what it always did.
 
-Rotary as deepseek.apply_rope: interleave pairs (x0, x1), (x2, x3), ... (DeepSeek's released
+Rotary as `apply_rope` (below): interleave pairs (x0, x1), (x2, x3), ... (DeepSeek's released
 weights) or halves; the output de-interleaved, [x1 c - x2 s | x2 c + x1 s], each product and the
 sum rounded to the activation dtype as torch's separate kernels round them. RMSNorm as
 kernels/fused_ops.py's (sum of squares in fp32, the only difference from torch being its
