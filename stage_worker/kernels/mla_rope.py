@@ -157,7 +157,7 @@ if triton is not None:
             src = QPE + t * s_qt + h[:, None] * s_qh
             x1 = tl.load(src + i1[None, :], mask=m, other=0.0)
             x2 = tl.load(src + i2[None, :], mask=m, other=0.0)
-            o1, o2 = _rope(x1, x2, c[None, :], s[None, :], dt)
-            dst = QC + t * s_ct + h[:, None] * s_ch + R + j[None, :]
-            tl.store(dst, o1.to(pdt), mask=m)
-            tl.store(dst + HALF, o2.to(pdt), mask=m)
+            q1, q2 = _rope(x1, x2, c[None, :], s[None, :], dt)  # not o1, o2: a name set in both branches
+            dst = QC + t * s_ct + h[:, None] * s_ch + R + j[None, :]  # must keep one type (the compiler)
+            tl.store(dst, q1.to(pdt), mask=m)
+            tl.store(dst + HALF, q2.to(pdt), mask=m)
