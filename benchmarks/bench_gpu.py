@@ -49,9 +49,9 @@ def _v2_lite(path: Path) -> Path:
 
 
 def _v3_stage(path: Path) -> Path:
-    from benchmarks.gpu.bench_v3_stage import write_config
+    from benchmarks.gpu.checkpoint import write_v3_stage_config
 
-    return write_config(path, tiny=False)
+    return write_v3_stage_config(path)
 
 
 # --model: (checkpoint writer, `stagemesh up` flags it needs)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from stage_worker.kernels import fp8 as k  # noqa: E402
 from stage_worker.models import quant  # noqa: E402
+from benchmarks.gpu.checkpoint import V3  # noqa: E402
 
 SHAPES = {  # name: (N, K) of DeepSeek-V3's linears
     "q_a+kv_a": (2112, 7168), "kv_a": (576, 7168), "q_b": (24576, 1536), "o_proj": (7168, 16384),
@@ -137,20 +138,6 @@ def best_configs(rows: list[dict]) -> dict:
 
 
 # -- a real-size dummy V3 stage ------------------------------------------------------------------------
-# config.json of DeepSeek-V3 cut to 2 layers (1 dense, 1 MoE)
-V3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
-      "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
-      "num_hidden_layers": 2, "num_attention_heads": 128, "num_key_value_heads": 128,
-      "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
-      "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
-      "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
-      "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
-      "scoring_func": "sigmoid", "hidden_act": "silu", "max_position_embeddings": 163840,
-      "rms_norm_eps": 1e-6, "rope_theta": 10000, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
-      "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
-                       "original_max_position_embeddings": 4096, "type": "yarn"},
-      "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                              "weight_block_size": [128, 128]}}
 
 
 def layer_bytes(layer: torch.nn.Module) -> int:

@@ -104,3 +104,37 @@ def write_llama8b(path: Path) -> Path:
     w.close()
     log(f"checkpoint written to {path} in {time.time() - t0:.1f}s")
     return path
+
+
+# -- DeepSeek-V3 at its real shapes, config.json alone (served with --load-format dummy) ------------------
+# config.json of DeepSeek-V3 cut to 2 layers (1 dense, 1 MoE)
+V3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
+      "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+      "num_hidden_layers": 2, "num_attention_heads": 128, "num_key_value_heads": 128,
+      "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
+      "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
+      "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
+      "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+      "scoring_func": "sigmoid", "hidden_act": "silu", "max_position_embeddings": 163840,
+      "rms_norm_eps": 1e-6, "rope_theta": 10000, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+      "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                       "original_max_position_embeddings": 4096, "type": "yarn"},
+      "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                              "weight_block_size": [128, 128]}}
+# One PP-8 stage's share (BENCHMARKS.md's "8 layers": 3 dense + 5 MoE, with embeddings and lm_head;
+# 58.8 GiB in FP8, which fits an 80 GB H100 only in FP8): `bench_gpu.py --model v3-stage`.
+V3_STAGE = {**V3, "num_hidden_layers": 8, "first_k_dense_replace": 3}
+V3_TINY = dict(vocab_size=2048, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+               num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=128,
+               qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32, n_routed_experts=16, n_group=4,
+               topk_group=2, num_experts_per_tok=4, num_hidden_layers=4, first_k_dense_replace=1)
+
+
+def write_v3_stage_config(path: Path, tiny: bool = False) -> Path:
+    """config.json of the V3 stage (tiny: CPU-sized, a smoke test of the scripts), nothing else;
+    unless path holds a config.json."""
+    if (path / "config.json").is_file():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({**V3_STAGE, **(V3_TINY if tiny else {})}, indent=1))
+    return path
