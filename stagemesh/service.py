@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -108,8 +109,9 @@ async def run_service(spec: ServiceSpec) -> None:
             await spec.stop()
         await server.stop(grace=spec.grace_s)
     if failed is not None:
-        spec.log.error("service_failed", error=str(failed))
-        print(f"{spec.name}: {failed}", file=sys.stderr, flush=True)
+        trace = "".join(traceback.format_exception(failed))  # where it failed: a CUDA error's message alone says little
+        spec.log.error("service_failed", error=str(failed), traceback=trace)
+        print(f"{spec.name}: {failed}\n{trace}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 

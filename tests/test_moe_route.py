@@ -79,3 +79,22 @@ if INTERPRETED:  # collected only in the interpreter process (above)
     def test_interpreted_route_no_tokens():
         w, ids = fused_route(torch.empty(0, 8), RouterSpec(8, 2))
         assert w.shape == ids.shape == (0, 2)
+
+    @pytest.mark.parametrize("scoring,method", VARIANTS)
+    def test_interpreted_route_nan_rows_pick_valid_experts(scoring, method):
+        """A token whose logits overflowed to NaN (or +inf) still gets k distinct experts in
+        range: before, every pick was the E_PAD sentinel, an expert id the GEMMs read out of
+        bounds. The other tokens route exactly as the reference."""
+        e, k, n_group, topk_group = 64, 6, 8, 4
+        gen = torch.Generator().manual_seed(3)
+        spec = _spec(scoring, method, e, k, n_group, topk_group)
+        logits = torch.randn(6, e, generator=gen)
+        logits[1] = float("nan")
+        logits[3, 5] = float("nan")
+        logits[4, 7] = float("inf")
+        bias = torch.randn(e, generator=gen) if method == "noaux_tc" else None
+        w, ids = fused_route(logits, spec, bias)
+        assert bool(((ids >= 0) & (ids < e)).all()), ids
+        assert all(len(set(row.tolist())) == k for row in ids), ids
+        finite = [0, 2, 5]
+        _check(logits[finite], spec, bias)

@@ -73,6 +73,10 @@ if triton is not None:
         choice = scores
         if METHOD == 2:  # the bias picks experts, never weighs them
             choice = scores + tl.load(bias_ptr + experts, mask=valid, other=0.0).to(tl.float32)
+        # A NaN row (overflowed activations) equals no `best`: every pick below would be the
+        # E_PAD sentinel, an expert id out of range that the expert GEMMs then read. As -inf it
+        # picks open experts in order instead: valid ids, NaN weights, only that token's output lost.
+        choice = tl.where(choice == choice, choice, float("-inf"))
         if METHOD != 0:
             groups = tl.arange(0, G_PAD)
             member = ((experts // (E // N_GROUP))[None, :] == groups[:, None]) & valid[None, :]  # [G_PAD, E_PAD]
