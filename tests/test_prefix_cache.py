@@ -53,7 +53,9 @@ def _index_keys(url: str) -> int:
     return len(redis.Redis.from_url(url).keys("*:b:*"))
 
 
-def _wait(pred, timeout_s=10.0):
+def _wait(pred, timeout_s=30.0):
+    """Poll pred until it holds. The deadline is for a hang, not a speed check: on a loaded 2-core
+    machine the first publication once took over 10 s (the suite's only failure that run)."""
     deadline = time.monotonic() + timeout_s
     while not pred():
         assert time.monotonic() < deadline
@@ -96,7 +98,7 @@ def test_index_republished_after_redis_restarts_empty_between_calls(model_dir, r
         before = _index_keys(redis_server.url)
         redis_server.restart()  # terminated and started again on the same port, empty
         assert _index_keys(redis_server.url) == 0
-        _wait(lambda: _index_keys(redis_server.url) >= before, timeout_s=15)  # republished, no request sent
+        _wait(lambda: _index_keys(redis_server.url) >= before)  # republished, no request sent
         with Client(m.address) as client:
             out = client.generate(prompt_ids=prefix + [9, 9], max_tokens=NEW, timeout=60)
         assert out.cached_tokens == 48 and out.token_ids == hf_greedy(model_dir, prefix + [9, 9], NEW)
