@@ -84,7 +84,7 @@ def test_two_replicas_route_by_cache_and_survive_redis_outage(model_dir, redis_s
                 assert out.cached_tokens == 48  # local matching still routes to the holder
             finally:
                 redis_server.restart()
-            _wait(lambda: _index_keys(redis_server.url) > 0, timeout_s=15)  # repopulated
+            _wait(lambda: _index_keys(redis_server.url) > 0)  # repopulated
 
 
 def test_index_republished_after_redis_restarts_empty_between_calls(model_dir, redis_server):  # noqa: F811
