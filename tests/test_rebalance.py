@@ -59,8 +59,11 @@ def test_slow_worker_gets_fewer_layers(ckpt_dir):
     with processes(*cmds):
         plan = wait_ready(coord)
     sizes = [s.layer_end - s.layer_start for s in plan.replicas[0].stages]
-    assert sum(sizes) == 6
-    assert sizes[1] == 1 and sizes[1] < min(sizes[0], sizes[2])
+    # The slowed worker gets one layer where the uniform plan gives two. How the other five split
+    # depends on the two fast workers' own measurements, which on this shared 2-core machine have
+    # differed up to 4x ([1, 1, 4] was planned then): not asserted.
+    assert sum(sizes) == 6 and min(sizes) >= 1
+    assert sizes[1] == 1
 
 
 def test_explicit_split_overrides_the_measured_plan(ckpt_dir):
