@@ -19,7 +19,7 @@ from stagemesh.v1 import stagemesh_pb2 as pb
 
 from stage_worker.config import WorkerConfig
 from stage_worker.device import resolve_device
-from stage_worker.server import StageService, add_stage_service, heartbeat_loop, lease_expiry_loop, measure_layer
+from stage_worker.server import StageService, add_stage_service, heartbeat_loop, lease_expiry_loop
 
 
 def parse_args(argv=None):
@@ -57,8 +57,7 @@ async def serve(config: WorkerConfig, log, consul: discovery.ConsulConfig | None
         metrics_port=config.metrics_port, descriptor=pb.DESCRIPTOR, services=("Stage",),
         add_servicers=lambda server: add_stage_service(service, server), advertise=config.advertise,
         ready_event="stage worker listening", ready_fields={"device": config.device},
-        consul=registry, consul_kind="worker", tasks=tasks,
-        start=lambda _running: measure_layer(service, config, log)))
+        consul=registry, consul_kind="worker", tasks=tasks))
 
 
 async def _heartbeats(service, config: WorkerConfig, address: str, log, registry=None) -> None:

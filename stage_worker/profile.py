@@ -36,10 +36,8 @@ def profile_layer(cfg: ModelConfig, device: str, block_size: int, slowdown: floa
     def timed(chunks, tokens) -> float:
         meta = AttnMetadata.build(chunks, block_size, device)
         x = torch.randn(tokens, hidden_size, dtype=wdtype, device=device)
-        times, start = [], time.perf_counter()
-        # The min of at least 5 timed runs over at least 0.1 s: a small layer's run is ~0.2 ms, and
-        # workers starting beside each other on few cores were descheduled through 5 runs in a row.
-        while len(times) < 6 or (time.perf_counter() - start < 0.1 and len(times) < 1000):
+        times = []
+        for _ in range(6):
             t0 = time.perf_counter()
             layer(None, x, meta, kv)
             if torch.device(device).type == "cuda":

@@ -91,7 +91,6 @@ class StageService(pb_grpc.StageServicer):
         self.log = log
         self.loaded: Loaded | None = None
         self.slowdown = config.slowdown
-        self.layer_profile: pb.LayerProfile | None = None  # measure_layer's, reported at every registration
         self._debug = log.is_enabled_for(logging.DEBUG)  # the per-step debug line sums the chunks
         # Both threads make the worker's GPU their current device: streams and events created
         # without one (torch's defaults) then belong to it, also on cuda:1 and beyond.
@@ -317,19 +316,6 @@ async def lease_expiry_loop(service: StageService, ttl_s: float) -> None:
                 service.log.warning("lease_expired", sequences=dropped)
 
 
-async def measure_layer(service: StageService, config: WorkerConfig, log) -> pb.LayerProfile:
-    """One layer's measured cost (stage_worker/profile.py), taken once and kept: the worker's main
-    takes it before its ready line, so workers started one after another (as `processes` and
-    many deployments do) are not measured while the next one starts up beside them."""
-    if service.layer_profile is None:
-        model_cfg = with_quantization(ModelConfig.from_dir(config.model_dir), config.quantization)
-        service.layer_profile = await asyncio.get_running_loop().run_in_executor(
-            service._compute, profile_layer, model_cfg, config.device, config.block_size, service.slowdown)
-        log.info("layer_profiled", decode_ms=round(service.layer_profile.decode_ms_per_layer, 3),
-                 prefill_ms=round(service.layer_profile.prefill_ms_per_layer, 3))
-    return service.layer_profile
-
-
 async def heartbeat_loop(service: StageService, config: WorkerConfig, address: str, log) -> None:
     """Register, then heartbeat forever; apply assignments as they change. Survives restarts."""
     channel = secure_channel(config.coordinator, None if config.coordinator_plaintext else config.tls,
@@ -337,7 +323,11 @@ async def heartbeat_loop(service: StageService, config: WorkerConfig, address: s
     coord = pb_grpc.CoordinatorStub(channel)
     worker_id, interval = "", 0.5
     memory = free_memory_bytes(config.device)
-    profile = await measure_layer(service, config, log)
+    model_cfg = with_quantization(ModelConfig.from_dir(config.model_dir), config.quantization)
+    profile = await asyncio.get_running_loop().run_in_executor(
+        service._compute, profile_layer, model_cfg, config.device, config.block_size, service.slowdown)
+    log.info("layer_profiled", decode_ms=round(profile.decode_ms_per_layer, 3),
+             prefill_ms=round(profile.prefill_ms_per_layer, 3))
     loading: asyncio.Task | None = None  # weights load in the background; heartbeats go on
     loading_epoch = failed_epoch = 0  # the load's epoch; one that failed while serving an older one
     wake = asyncio.Event()
