@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 import json
 import multiprocessing
-import os
 import pkgutil
 import re
 import subprocess
@@ -25,9 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.interpreted import INTERPRETED
+from tests.interpreted import CHILD_PYTEST_ARGS, INTERPRETED, ROOT, interpreter_env
 
-ROOT = Path(__file__).resolve().parents[1]
 SHARDS = 2  # interpreter children (the interpreter runs on one core) and compile workers
 FP8 = ("float8_e4m3fn", "float8_e5m2")
 
@@ -55,7 +53,7 @@ def _record(out: str, shard: int, files: list[str]) -> None:
             items[:] = items[shard::SHARDS]
 
     InterpretedFunction.run = recording_run
-    pytest.main(["-o", "addopts=", "-q", "-p", "no:cacheprovider", *files], plugins=[Shard()])
+    pytest.main([*CHILD_PYTEST_ARGS, *files], plugins=[Shard()])
     Path(out).write_text(json.dumps(launches))
 
 
@@ -152,9 +150,8 @@ def test_every_kernel_compiles_for_hopper_and_ampere(tmp_path):
         pytest.skip("Triton has no NVIDIA backend")
 
     files = _interpreter_test_files()
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
     children = [subprocess.Popen([sys.executable, "-m", "tests.test_triton_compile", str(tmp_path / f"{i}.json"),
-                                  str(i), *files], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  str(i), *files], cwd=ROOT, env=interpreter_env(), stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True) for i in range(SHARDS)]
     try:
         logs = [child.communicate(timeout=240)[0] for child in children]
