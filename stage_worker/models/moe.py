@@ -25,8 +25,8 @@ ceil(K/128)]) when the stage is FP8; `checkpoint_views` maps each expert's check
 (experts.{e}.gate_proj.weight, ...) to its slices (FP8: quant.Fp8Slot), so the loader fills them
 in place. Off FP8 hardware the FP8 stacks are dequantized once (`fp8_prepare`).
 
-Shared experts are a separate dense MLP run after the routed ones, not fused into the routed
-launch: they keep the checkpoint's layout (one MLP of width n_shared*I that the family's linear
+Shared experts are a separate dense MLP, on CUDA run on a side stream beside the router and the
+routed experts (`_forward_overlapped`), not fused into the routed launch: they keep the checkpoint's layout (one MLP of width n_shared*I that the family's linear
 layers, FP8 or not, already handle), the CPU path stays transformers' exact sum order, and their
 GEMMs are dense (no alignment padding); in decode they are 1/(k+1) of the weight bytes read.
 """
@@ -174,6 +174,7 @@ class SparseMoE(nn.Module):
             self.b_gate_up = nn.Parameter(torch.empty(e, 2 * i), requires_grad=False)
             self.b_down = nn.Parameter(torch.empty(e, h), requires_grad=False)
         self.shared_experts = shared
+        self.overlap_shared = True  # CUDA: shared experts on a side stream (`_forward_overlapped`)
         self.compute_dtype = torch.get_default_dtype()
         self._dense: tuple[torch.Tensor, torch.Tensor] | None = None  # FP8 stacks dequantized (no FP8 compute)
 
@@ -250,11 +251,29 @@ class SparseMoE(nn.Module):
         self.group_n = (quant.BLOCK, quant.BLOCK)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
+        if self.shared_experts is not None and x.is_cuda and self.overlap_shared:
+            return self._forward_overlapped(x)
         weights, ids = self.gate(x, self.use_triton(x))  # [T, k] float32, [T, k]
         out = self.experts(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
+
+    def _forward_overlapped(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared experts on a side stream while the router and the routed experts run on the
+        current one (fork after x is ready, join before the sum): their small GEMMs fill SMs the
+        routed launches leave idle. Capturable in a CUDA graph (a fork/join of the capture stream).
+        The side stream's allocations are freed only after the join, and every fork waits for the
+        current stream first, so the caching allocator never hands a block to both at once."""
+        main = torch.cuda.current_stream(x.device)
+        side = _side_stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            shared = self.shared_experts(x)
+        weights, ids = self.gate(x, self.use_triton(x))
+        out = self.experts(x, weights, ids)
+        main.wait_stream(side)
+        return out + shared
 
     def use_triton(self, x: torch.Tensor) -> bool:
         if self.backend == "auto":
@@ -297,6 +316,16 @@ class SparseMoE(nn.Module):
             if self._dense is None:  # FP8 compute available but the torch backend forced
                 return self._dequantized(dtype)
         return self._dense
+
+
+_SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One side stream per device for every MoE layer (layers run one after another)."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
