@@ -312,6 +312,17 @@ def _valid(text: str) -> bool:
     return True
 
 
+def _use_tokenizer_specials(model_dir: Path) -> None:
+    """config.json's bos/eos ids -> the synthetic tokenizer's <s> and </s>. The checkpoint's own
+    (Llama 3's 128000/128001) are ordinary BPE tokens there: a completed grammar, which allows only
+    EOS, would then append that token's text to every output (ignore_eos) and no output would parse."""
+    cfg_path = model_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(bos_token_id=0, eos_token_id=1)  # synthetic_128k_json's special tokens
+    cfg_path.write_text(json.dumps(cfg, indent=1))
+    (model_dir / "generation_config.json").unlink(missing_ok=True)  # it would restate the old ids
+
+
 def mesh_throughput(args) -> None:
     """`stagemesh up` on args.mesh (a checkpoint dir, or "demo"); rounds of free and json_schema
     runs alternated; the ratio of their median throughputs (goal: >= 0.9 on a GPU)."""
@@ -326,6 +337,7 @@ def mesh_throughput(args) -> None:
     if not (Path(model_dir) / "tokenizer.json").is_file():  # e.g. bench_gpu's random Llama-3.1-8B shape
         print(f"{model_dir} has no tokenizer.json: writing the synthetic 128k BPE there (vocab {vocab})")
         (Path(model_dir) / "tokenizer.json").write_text(synthetic_128k_json(args.tok128k))
+        _use_tokenizer_specials(Path(model_dir))
     rows = []
     with mesh(model_dir, stages=args.stages, extra=args.up_args.split()) as m:
         asyncio.run(_drive(m.address, True, args, vocab))  # warm-up (and the grammar tokenizer's build)

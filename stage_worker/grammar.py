@@ -24,6 +24,7 @@ micro-batch at a time, so its matcher is never used by two steps at once.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -71,12 +72,19 @@ def _bit(j: int) -> int:
     return (1 << j) - (1 << 32) if j == 31 else 1 << j  # as int32
 
 
+def mask_threads() -> int:
+    """Mask threads: half the cores, 2 to 8. A step's masks are computed at once (one per
+    constrained row, ~15 us median and ~100 us mean each for a JSON schema over a 128k vocabulary,
+    benchmarks/bench_grammar.py), and they must be done before the forward beside them is."""
+    return max(2, min(8, (os.cpu_count() or 2) // 2))
+
+
 class GrammarBook:
     """Every constrained sequence of this (last) stage, keyed by (lease, seq_id); the llguidance
     tokenizer, built from the checkpoint's tokenizer.json on first use; the mask threads."""
 
     def __init__(self, model_dir: str | Path, vocab_size: int, eos_ids, leases, device: torch.device,
-                 threads: int = 2):
+                 threads: int | None = None):
         self.model_dir = Path(model_dir)
         self.leases = leases  # the executor's LeaseTable: each sequence's sampling (and grammar)
         self.device = device
@@ -86,7 +94,7 @@ class GrammarBook:
         self._cond = threading.Condition()  # a matcher advanced (finish) -> a follower waiting (launch)
         self.vocab_size = vocab_size
         self.eos_ids = tuple(int(t) for t in eos_ids)
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="grammar")
+        self._pool = ThreadPoolExecutor(threads or mask_threads(), thread_name_prefix="grammar")
         weakref.finalize(self, self._pool.shutdown, wait=False)  # an executor replaced (re-plan): its threads go
         self._tokenizer = None
         self._tok_lock = threading.Lock()
@@ -115,7 +123,7 @@ class GrammarBook:
             while len(self._launched) >= 64:  # steps that failed before finish(): forget the oldest
                 self._launched.pop(next(iter(self._launched)))
             self._launched[id(picks)] = owners
-        return bitmask_bias(torch.stack(masks), rows, len(picks), self.vocab_size, self.device)
+        return bitmask_bias(masks, rows, len(picks), self.vocab_size, self.device)
 
     def prepare(self, step) -> None:
         """At launch, before the forward: a matcher for each constrained sequence new here
@@ -237,19 +245,23 @@ def _tokenizer_size(text: str) -> int:
     return Tokenizer.from_str(text).get_vocab_size(with_added_tokens=True)
 
 
-def bitmask_bias(masks: torch.Tensor, rows: list[int], num_rows: int, vocab: int, device) -> torch.Tensor:
-    """masks: [R, W] int32 bitmasks of `rows` -> [num_rows, vocab] float32 on `device`: -inf where
-    a row's bit is 0 (and past the mask's width), 0 elsewhere and in every other row."""
-    masks = masks.to(device, non_blocking=True)
+def bitmask_bias(masks: list[torch.Tensor], rows: list[int], num_rows: int, vocab: int, device) -> torch.Tensor:
+    """masks: R [W] int32 bitmasks of `rows` -> [num_rows, vocab] float32 on `device`: -inf where
+    a row's bit is 0 (and past the mask's width), 0 elsewhere and in every other row.
+
+    On CUDA the packed masks and the row index go up from pinned memory: a copy from pageable
+    memory waits for the work queued before it, i.e. the forward this bias is computed beside,
+    and the launch of the next step would wait with it (async scheduling lost)."""
+    packed, index = torch.stack(masks), torch.tensor(rows)
+    if torch.device(device).type == "cuda":
+        packed, index = packed.pin_memory(), index.pin_memory()
+    packed, index = packed.to(device, non_blocking=True), index.to(device, non_blocking=True)
     shifts = torch.arange(32, dtype=torch.int32, device=device)
-    allowed = ((masks.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1).bool()  # [R, 32 W]
+    allowed = ((packed.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1).bool()  # [R, 32 W]
     if allowed.shape[1] < vocab:
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-    bias = torch.zeros(num_rows, vocab, dtype=torch.float32, device=device)
-    index = torch.tensor(rows, device=device)
-    bias.index_copy_(0, index, torch.zeros(len(rows), vocab, device=device).masked_fill_(
-        ~allowed[:, :vocab], float("-inf")))
-    return bias
+    row_bias = torch.zeros(len(rows), vocab, device=device).masked_fill_(~allowed[:, :vocab], float("-inf"))
+    return torch.zeros(num_rows, vocab, dtype=torch.float32, device=device).index_copy_(0, index, row_bias)
 
 
 def attach(executor, model_dir: str | Path) -> None:
