@@ -1,6 +1,7 @@
 """Block-scaled FP8 GEMM at DeepSeek-V3 shapes, and a real-size dummy V3 stage in FP8 vs bf16.
 
     python benchmarks/gpu/bench_fp8.py [--out DIR] [--tune] [--skip-stage] [--split-k N]
+    python benchmarks/gpu/bench_fp8.py --gemv [--out DIR]   # decode's few rows only (3. below)
 
 1. GEMM (y = x @ W^T, W e4m3 with 128x128 scales, x quantized per token in 1x128 groups on the
    device): bf16 torch.mm on the dequantized weights, torch._scaled_mm's blockwise recipe
@@ -16,6 +17,10 @@
    bytes and allocated memory; one prefill of 256 tokens and the FP8 stage's hidden states
    against the same stage run dequantized (FP8 compute vs dequantize-then-run). From the per-layer
    bytes: the 8-layer stage's share (3 dense + 5 MoE + embeddings + head) in FP8 and bf16.
+3. `--gemv`: M = 1, 2, 4 at V3's and Llama-3.1-8B's shapes: bf16 torch.mm, the tensor-core path
+   (activation quant + kernels/fp8.w8a8_block_gemm, as dispatched before the GEMV) and every
+   GEMV_CANDIDATES tile of kernels/fp8.w8a16_gemv, each as GB/s on the weight bytes, with the
+   GEMV's error against x @ dequant(W)^T; the tile with the least total time over the shapes.
 """
 
 from __future__ import annotations
@@ -38,7 +43,11 @@ SHAPES = {  # name: (N, K) of DeepSeek-V3's linears
     "q_a+kv_a": (2112, 7168), "kv_a": (576, 7168), "q_b": (24576, 1536), "o_proj": (7168, 16384),
     "shared gate_up": (4096, 7168), "dense down": (7168, 18432),
 }
+LLAMA8B_SHAPES = {"llama qkv": (6144, 4096), "llama o": (4096, 4096), "llama gate_up": (28672, 4096),
+                  "llama down": (4096, 14336)}
 MS = (1, 16, 64, 128, 512, 4096)
+GEMV_CANDIDATES = [(4, 512, 4, 3), (4, 1024, 4, 2), (8, 256, 4, 3), (8, 512, 4, 3), (8, 1024, 4, 2),
+                   (16, 256, 4, 3), (16, 512, 8, 2), (32, 128, 4, 4), (32, 256, 8, 3)]
 CANDIDATES = [(16, 64, 4, 4), (16, 128, 4, 4), (32, 64, 4, 4), (32, 128, 4, 3), (64, 64, 4, 3),
               (64, 128, 4, 3), (64, 128, 8, 4), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 4)]
 
@@ -123,6 +132,39 @@ def _one(name, m, n, kk, gen, wq, ws, w_deq, wb, ws_mm, tune) -> dict:
     out["bf16_tflops"], out["triton_tflops"] = tf(out["bf16_ms"]), tf(out["triton_ms"])
     out["triton_over_bf16"] = out["bf16_ms"] / out["triton_ms"]
     return out
+
+
+def gemv_rows() -> dict:
+    """Section 3 of the module docstring."""
+    rows, totals = [], {}
+    for name, (n, kk) in {**SHAPES, **LLAMA8B_SHAPES}.items():
+        gen = torch.Generator(device="cuda").manual_seed(n + kk)
+        wq, ws = quant.quantize_blocks(torch.randn(n, kk, device="cuda", generator=gen) * 0.02)
+        wb = quant.dequantize_blocks(wq, ws).to(torch.bfloat16)
+        for m in (1, 2, 4):
+            x = torch.randn(m, kk, device="cuda", generator=gen).to(torch.bfloat16)
+            ref = x.float() @ quant.dequantize_blocks(wq, ws).t()
+            gbs = lambda ms, nbytes=n * kk: nbytes / ms / 1e6  # noqa: E731 - ms -> GB/s on the FP8 weight
+            r = {"shape": name, "M": m, "N": n, "K": kk, "bf16_GBps_on_bf16": gbs(bench(lambda: torch.mm(x, wb.t())), 2 * n * kk),
+                 "tensor_core_GBps": gbs(bench(lambda: k.fp8_gemm(x, wq, ws, 128, "triton")))}
+            for cfg in GEMV_CANDIDATES:
+                try:
+                    ms = bench(lambda: k.w8a16_gemv(x, wq, ws, 128, config=cfg))
+                except Exception as exc:  # a tile that does not compile
+                    print(f"  gemv {cfg} failed: {type(exc).__name__}", flush=True)
+                    continue
+                r[f"gemv {cfg}"] = gbs(ms)
+                totals[cfg] = totals.get(cfg, 0.0) + ms
+            r["gemv_err"] = rel(k.w8a16_gemv(x, wq, ws, 128), ref)
+            best = max((v, key) for key, v in r.items() if key.startswith("gemv ("))
+            print(f"{name:>15} M={m} N={n:<6} K={kk:<6} GB/s: bf16 {r['bf16_GBps_on_bf16']:6.0f} (bf16 bytes)  "
+                  f"tensor-core FP8 {r['tensor_core_GBps']:6.0f}  gemv default {r.get(f'gemv {k.GEMV_CONFIG}', 0):6.0f}  "
+                  f"best {best[0]:6.0f} {best[1]}  err {r['gemv_err']:.4f}", flush=True)
+            rows.append(r)
+    best_cfg = min(totals, key=totals.get)
+    print(f"gemv: least total time over the shapes: {best_cfg} ({totals[best_cfg]:.3f} ms; default "
+          f"{k.GEMV_CONFIG}: {totals.get(k.GEMV_CONFIG, float('nan')):.3f} ms)", flush=True)
+    return {"rows": rows, "best": list(best_cfg), "total_ms": {str(c): t for c, t in totals.items()}}
 
 
 def best_configs(rows: list[dict]) -> dict:
@@ -240,6 +282,7 @@ def main() -> None:
     ap.add_argument("--out", default="")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--skip-stage", action="store_true")
+    ap.add_argument("--gemv", action="store_true", help="only section 3: decode's few rows")
     ap.add_argument("--split-k", type=int, default=1, help="K slices of the Triton GEMM (1: as shipped)")
     args = ap.parse_args()
     global SPLIT_K
@@ -248,6 +291,12 @@ def main() -> None:
     print(f"device: {dev}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"scaled_mm blockwise: {quant.scaled_mm_available(torch.device('cuda'))}", flush=True)
     report = {"device": dev, "torch": torch.__version__, "cuda": torch.version.cuda}
+    if args.gemv:
+        report["gemv"] = gemv_rows()
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "bench_fp8_gemv.json").write_text(json.dumps(report, indent=1))
+        return
     report["scaled_mm_odd_m"] = scaled_mm_odd_m()
     report["gemm"] = gemm_rows(args.tune)
     if args.tune:

@@ -18,6 +18,12 @@ group_n is 128 for every real checkpoint; a merged weight whose parts are not 12
   K-step multiplies one fp32 partial dot by its two scales ("promotion" every 128 K, as DeepSeek's
   kernel.py and DeepGEMM); masked for M, N, K not multiples of the tiles; grouped program order
   (GROUP_M) for L2 reuse; tiles chosen per M bucket (`gemm_config`); optional split-K.
+- `w8a16_gemv(x, w, ws, group_n)`: Triton, for decode's few rows (M <= GEMV_MAX_M): the weight
+  read as e4m3 and dequantized in registers against x as it is (bf16/fp32, no activation quant,
+  one launch), a program per BLOCK_N weight rows walking K in BLOCK_K slices (several 128-column
+  scale groups each). At M = 1 the tensor-core kernel has N / 64 programs (64 for a 4096-row
+  weight: half an H100 idle) and an activation quant before it; here N / BLOCK_N programs with
+  wide K slices keep enough bytes in flight to stream the weight.
 - `scaled_mm_blockwise(...)`: torch._scaled_mm with the 1x128 x 128x128 recipe (cuBLASLt, SM90,
   CUDA >= 12.9); needs N and K multiples of 128, and M a multiple of 4 (cuBLASLt has no
   algorithm otherwise: measured on the H100, M = 1, 2, 17, 33, 70, 129 fail), so `fp8_gemm` pads M.
@@ -221,6 +227,69 @@ if triton is not None:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+# ----------------------------------------------------------------------------- small-M GEMV
+
+GEMV_MAX_M = 4  # rows the W8A16 GEMV takes (its [M, BLOCK_N] accumulator is unrolled over M)
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): benchmarks/gpu/bench_fp8.py --gemv sweeps them.
+GEMV_CONFIG: tuple[int, int, int, int] = (8, 512, 4, 3)
+
+
+def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,
+               out_dtype: torch.dtype | None = None, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] (M <= GEMV_MAX_M, any float dtype), w [N, K] e4m3, ws [ceil(N/group_n), ceil(K/128)]
+    -> y [M, N] = x @ dequant(w, ws)^T in out_dtype (default x's), fp32 accumulation (Triton)."""
+    m, kdim = x.shape
+    n = w.shape[0]
+    if m > GEMV_MAX_M:
+        raise ValueError(f"w8a16_gemv takes at most {GEMV_MAX_M} rows, got {m}")
+    if tuple(ws.shape) != (cdiv(n, group_n), cdiv(kdim, GROUP_K)) or w.shape[1] != kdim:
+        raise ValueError(f"x {tuple(x.shape)}, w {tuple(w.shape)}, scales {tuple(ws.shape)} do not match")
+    out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    bn, bk, warps, stages = config or GEMV_CONFIG
+    _gemv_kernel[(triton.cdiv(n, bn),)](
+        x, w, ws, out, m, n, kdim, group_n, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        ws.stride(0), ws.stride(1), out.stride(0), out.stride(1),
+        M_PAD=max(1, triton.next_power_of_2(m)), BLOCK_N=bn, GROUPS=bk // GROUP_K, GROUP_K=GROUP_K,
+        num_warps=warps, num_stages=stages)
+    return out
+
+
+def w8a16_gemv_torch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,
+                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Reference: x (as it is, in fp32) @ the dequantized weight^T."""
+    return (x.float() @ dequant_weight(w, ws, group_n).t()).to(out_dtype or x.dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, group_n,
+                     stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_ym, stride_yn,
+                     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP_K: tl.constexpr):
+        """y[:, n-block] = x @ (w * scale)^T; each K step is GROUPS scale groups of GROUP_K columns."""
+        offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        g = tl.arange(0, GROUPS)
+        c = tl.arange(0, GROUP_K)
+        rows = tl.arange(0, M_PAD)
+        acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, GROUPS * GROUP_K):
+            kb = k0 // GROUP_K + g  # [G] scale-group index of each slice
+            cols = k0 + g[:, None] * GROUP_K + c[None, :]  # [G, GK]
+            kmask = cols < K
+            w = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + cols[None, :, :] * stride_wk,
+                        mask=mask_n[:, None, None] & kmask[None, :, :], other=0.0).to(tl.float32)  # [BN, G, GK]
+            s = tl.load(ws_ptr + (offs_n // group_n)[:, None] * stride_sn + kb[None, :] * stride_sk,
+                        mask=mask_n[:, None] & (kb * GROUP_K < K)[None, :], other=0.0)  # [BN, G]
+            for m in tl.static_range(M_PAD):
+                xm = tl.load(x_ptr + m * stride_xm + cols * stride_xk, mask=kmask & (m < M), other=0.0).to(tl.float32)
+                part = tl.sum(tl.sum(w * xm[None, :, :], axis=2) * s, axis=1)  # [BN]
+                acc = tl.where(rows[:, None] == m, acc + part[None, :], acc)
+        y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & mask_n[None, :])
+
+
 # ----------------------------------------------------------------------------- torch._scaled_mm
 
 SCALED_MM_ALIGN_M = 4  # rows cuBLASLt's blockwise FP8 GEMM takes: a multiple of 4
@@ -249,16 +318,18 @@ def scaled_mm_blockwise(xq: torch.Tensor, xs_col: torch.Tensor, w: torch.Tensor,
 
 # ----------------------------------------------------------------------------- dispatch
 
-BACKENDS = ("triton", "scaled_mm", "torch")
+BACKENDS = ("gemv", "triton", "scaled_mm", "torch")
 
 
 def fp8_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128, backend: str = "triton",
              ws_mm: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [M, K] -> x @ dequant(w, ws)^T [M, N], activations quantized per token in 1x128 groups.
 
-    backend "triton" or "scaled_mm" (CUDA) or "torch" (the reference, any device); ws_mm is the
-    _scaled_mm copy of ws (required for "scaled_mm")."""
+    backend "gemv" (M <= GEMV_MAX_M; x is not quantized), "triton" or "scaled_mm" (CUDA) or "torch"
+    (the reference, any device); ws_mm is the _scaled_mm copy of ws (required for "scaled_mm")."""
     out_dtype = out_dtype or x.dtype
+    if backend == "gemv":
+        return w8a16_gemv(x, w, ws, group_n, out_dtype)
     if backend == "scaled_mm":
         m = x.shape[0]
         pad = -m % SCALED_MM_ALIGN_M

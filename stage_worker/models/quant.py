@@ -294,7 +294,10 @@ SCALED_MM_MIN_M, SCALED_MM_MIN_M_LONG_K, LONG_K = 64, 16, 4096
 
 
 def gemm_backend(m: int, n: int, k: int, scaled_mm_ready: bool) -> str:
-    """The GEMM for an [M, K] x [N, K]^T product: "scaled_mm" or "triton" (measured rule above)."""
+    """The GEMM for an [M, K] x [N, K]^T product: "gemv" (decode's few rows, kernels/fp8.py
+    w8a16_gemv), "scaled_mm" or "triton" (measured rule above)."""
+    if m <= fp8k.GEMV_MAX_M:
+        return "gemv"
     if scaled_mm_ready and (m >= SCALED_MM_MIN_M or (m >= SCALED_MM_MIN_M_LONG_K and k >= LONG_K)):
         return "scaled_mm"
     return "triton"
