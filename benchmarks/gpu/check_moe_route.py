@@ -94,7 +94,7 @@ def check_shared_overlap(dev: str) -> None:
             x = torch.randn(t, 7168, device=dev)
             times, outs = {}, {}
             for overlap in (False, True):
-                moe.overlap_shared = overlap
+                moe.overlap_shared = t if overlap else 0  # max tokens overlapped
                 eager = moe(x)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):

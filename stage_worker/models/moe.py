@@ -174,7 +174,10 @@ class SparseMoE(nn.Module):
             self.b_gate_up = nn.Parameter(torch.empty(e, 2 * i), requires_grad=False)
             self.b_down = nn.Parameter(torch.empty(e, h), requires_grad=False)
         self.shared_experts = shared
-        self.overlap_shared = True  # CUDA: shared experts on a side stream (`_forward_overlapped`)
+        # CUDA, up to this many tokens: the shared experts on a side stream (`_forward_overlapped`).
+        # V3's layer in a CUDA graph on an H200 (benchmarks/gpu/check_moe_route.py): 1.04x at 1
+        # token, 0.99x at 64 and 256 (the routed GEMMs fill the GPU by then).
+        self.overlap_shared = 16
         self.compute_dtype = torch.get_default_dtype()
         self._dense: tuple[torch.Tensor, torch.Tensor] | None = None  # FP8 stacks dequantized (no FP8 compute)
 
@@ -251,7 +254,7 @@ class SparseMoE(nn.Module):
         self.group_n = (quant.BLOCK, quant.BLOCK)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
-        if self.shared_experts is not None and x.is_cuda and self.overlap_shared:
+        if self.shared_experts is not None and x.is_cuda and x.shape[0] <= self.overlap_shared:
             return self._forward_overlapped(x)
         weights, ids = self.gate(x, self.use_triton(x))  # [T, k] float32, [T, k]
         out = self.experts(x, weights, ids)
