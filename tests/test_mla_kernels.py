@@ -91,10 +91,11 @@ if INTERPRETED:
         pool, ctx = _pool(gen, 40), torch.tensor([0, 1, 3, 4, 70, 9])
         tables = _tables(gen, 6, 40, 18)
         q = torch.randn(6, heads, R + DR, generator=gen)
-        out = md.mla_decode(q, pool, tables, ctx, 0.25, BS, R, splits, use_triton=True)
         ref = md.mla_decode_torch(q, pool, tables, ctx, 0.25, BS, R)
-        assert torch.isfinite(out).all()
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        for config in (None, {**md.decode_config(heads), "SPLIT_R": 2}):  # output columns in 2 programs
+            out = md.mla_decode(q, pool, tables, ctx, 0.25, BS, R, splits, use_triton=True, config=config)
+            assert torch.isfinite(out).all()
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
     def test_triton_mixed():
         """A prefill from 0, one mid-context past a block of rows, a one-token chunk, decode

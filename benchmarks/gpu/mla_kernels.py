@@ -35,7 +35,11 @@ DECODE_CONFIGS = [dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=2),
                   dict(BLOCK_H=32, BLOCK_N=64, num_warps=8, num_stages=2),
                   dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=2),
                   dict(BLOCK_H=64, BLOCK_N=32, num_warps=16, num_stages=2),
-                  dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=3)]
+                  dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=3),
+                  dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=2, SPLIT_R=2),
+                  dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=2, SPLIT_R=2),
+                  dict(BLOCK_H=64, BLOCK_N=32, num_warps=4, num_stages=3, SPLIT_R=2),
+                  dict(BLOCK_H=32, BLOCK_N=64, num_warps=4, num_stages=2, SPLIT_R=2)]
 PREFILL_CONFIGS = [dict(BLOCK_H=16, BLOCK_M=32, num_warps=4, num_stages=2),
                    dict(BLOCK_H=16, BLOCK_M=64, num_warps=8, num_stages=2),
                    dict(BLOCK_H=16, BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),

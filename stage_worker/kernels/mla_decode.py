@@ -10,10 +10,13 @@ The Triton kernel follows FlashMLA's point (a latent row is read once for *all* 
 per byte grow with the heads, so 128 heads make decode compute-bound) in the form of sglang's
 grouped decode kernel:
 
-- stage 1, grid (head blocks, sequences, splits): a program holds BLOCK_H heads' queries and
+- stage 1, grid (head blocks x SPLIT_R, sequences, splits): a program holds BLOCK_H heads' queries and
   walks its split of the sequence's context in blocks of BLOCK_N rows read through the block
   table, with two `tl.dot`s into one score tile (latent part, rope part) and one into the
   output (p @ c_kv); it writes a partial output [BLOCK_H, R] and its log-sum-exp (natural log).
+  With SPLIT_R > 1 (config), SPLIT_R programs share a head block, each computing the scores in
+  full but summing only its 1/SPLIT_R of the output columns: a [BLOCK_H, R / SPLIT_R] fp32
+  accumulator instead of [64, 512] (128 registers a thread at 8 warps), scores computed twice.
   Head blocks vary fastest in the grid, so the programs that read the same rows run together
   and share them through L2.
 - stage 2, grid (sequences * heads): the splits merged by their LSE weights; a sequence with
@@ -73,7 +76,8 @@ def mla_decode(q: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor, 
     """q: [B, H, R + Dr] latent queries; pool: [N, R + Dr] (c_kv | k_pe per slot); block_tables:
     [B, W] long; ctx_lens: [B] long (0 allowed) -> latent output [B, H, R] in q's dtype.
 
-    config: Triton block shape {BLOCK_H, BLOCK_N, num_warps, num_stages}; default decode_config(H).
+    config: Triton block shape {BLOCK_H, BLOCK_N, num_warps, num_stages[, SPLIT_R]}; default
+    decode_config(H).
     """
     if use_triton is None:
         use_triton = triton_available(q.device)
@@ -119,14 +123,15 @@ def _mla_decode_triton(q, pool, block_tables, ctx_lens, scale, block_size, kv_ra
         raise ValueError("q and pool need a unit stride along their last dim")
     part = torch.empty(b, h, splits, kv_rank, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
-    _mla_decode_kernel[(triton.cdiv(h, bh), b, splits)](
+    split_r = config.get("SPLIT_R", 1)
+    _mla_decode_kernel[(triton.cdiv(h, bh) * split_r, b, splits)](
         q, pool, block_tables, ctx_lens, part, lse,
         q.stride(0), q.stride(1), pool.stride(0), block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         scale, h,
         BLOCK_SIZE=block_size, R=kv_rank, DR=rope, BLOCK_R=triton.next_power_of_2(kv_rank),
         BLOCK_DR=max(16, triton.next_power_of_2(rope)), BLOCK_H=bh,
-        BLOCK_N=config["BLOCK_N"], NUM_SPLITS=splits, num_warps=config["num_warps"],
+        BLOCK_N=config["BLOCK_N"], NUM_SPLITS=splits, SPLIT_R=split_r, num_warps=config["num_warps"],
         num_stages=config["num_stages"],
     )
     _mla_merge_kernel[(b * h,)](
@@ -143,10 +148,11 @@ if triton is not None:
 
     @triton.jit
     def mla_block(q_lat, q_pe, KV, BT_row, t, valid, see, s_kv, r, rm, e, em, m_i, l_i, acc, scale,
-                  BLOCK_SIZE: tl.constexpr, R: tl.constexpr):
+                  BLOCK_SIZE: tl.constexpr, R: tl.constexpr, vo=None, vom=None, SPLIT_R: tl.constexpr = 1):
         """One block of cache rows t [N] (valid: rows that exist; see [M, N] or [1, N]: rows each
-        query may attend to) folded into the running (m_i [M], l_i [M], acc [M, BLOCK_R]) of the
-        latent queries q_lat [M, BLOCK_R], q_pe [M, BLOCK_DR]. Shared with mla_prefill.py."""
+        query may attend to) folded into the running (m_i [M], l_i [M], acc [M, BLOCK_R / SPLIT_R])
+        of the latent queries q_lat [M, BLOCK_R], q_pe [M, BLOCK_DR]; SPLIT_R > 1: acc holds only the
+        value columns vo (mask vom) of this program. Shared with mla_prefill.py."""
         blk = tl.load(BT_row + t // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         row = KV + (blk * BLOCK_SIZE + t % BLOCK_SIZE)[:, None] * s_kv
         c_kv = tl.load(row + r[None, :], mask=valid[:, None] & rm[None, :], other=0.0)  # [N, BLOCK_R]
@@ -157,7 +163,11 @@ if triton is not None:
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(c_kv.dtype), c_kv)
+        if SPLIT_R == 1:
+            v = c_kv
+        else:  # this program's value columns (the rows are in L1/L2 from the load above)
+            v = tl.load(row + vo[None, :], mask=valid[:, None] & vom[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(c_kv.dtype), v)
         return m_new, l_i, acc
 
     @triton.jit
@@ -166,8 +176,9 @@ if triton is not None:
                            scale, H,
                            BLOCK_SIZE: tl.constexpr, R: tl.constexpr, DR: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_H: tl.constexpr,
-                           BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
-        hb = tl.program_id(0)
+                           BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_R: tl.constexpr):
+        hb = tl.program_id(0) // SPLIT_R
+        rs = tl.program_id(0) % SPLIT_R  # which 1/SPLIT_R of the output columns this program sums
         b = tl.program_id(1).to(tl.int64)
         sp = tl.program_id(2)
         ctx = tl.load(CL + b).to(tl.int32)
@@ -185,18 +196,20 @@ if triton is not None:
         q_pe = tl.load(q_row + R + e[None, :], mask=hm[:, None] & em[None, :], other=0.0)  # [BLOCK_H, BLOCK_DR]
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
+        vo = rs * (BLOCK_R // SPLIT_R) + tl.arange(0, BLOCK_R // SPLIT_R)
+        vom = vo < R
+        acc = tl.zeros([BLOCK_H, BLOCK_R // SPLIT_R], tl.float32)
         for start in range(lo, hi, BLOCK_N):
             t = start + tl.arange(0, BLOCK_N)
             valid = t < hi
             m_i, l_i, acc = mla_block(q_lat, q_pe, KV, BT + b * s_bt, t, valid, valid[None, :], s_kv,
-                                      r, rm, e, em, m_i, l_i, acc, scale, BLOCK_SIZE, R)
+                                      r, rm, e, em, m_i, l_i, acc, scale, BLOCK_SIZE, R, vo, vom, SPLIT_R)
         nonempty = l_i > 0
         out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
         lse = tl.where(nonempty, m_i + tl.log(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-        o_ptr = O + b * s_ob + h[:, None] * s_oh + sp * s_os + r[None, :]
-        tl.store(o_ptr, out, mask=hm[:, None] & rm[None, :])
-        tl.store(LSE + b * s_lb + h * s_lh + sp, lse, mask=hm)
+        o_ptr = O + b * s_ob + h[:, None] * s_oh + sp * s_os + vo[None, :]
+        tl.store(o_ptr, out, mask=hm[:, None] & vom[None, :])
+        tl.store(LSE + b * s_lb + h * s_lh + sp, lse, mask=hm & (rs == 0))  # the same in every column split
 
     @triton.jit
     def _mla_merge_kernel(P, L, OUT, H, s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,
