@@ -23,7 +23,8 @@ group_n is 128 for every real checkpoint; a merged weight whose parts are not 12
   one launch), a program per BLOCK_N weight rows walking K in BLOCK_K slices (several 128-column
   scale groups each). At M = 1 the tensor-core kernel has N / 64 programs (64 for a 4096-row
   weight: half an H100 idle) and an activation quant before it; here N / BLOCK_N programs with
-  wide K slices keep enough bytes in flight to stream the weight.
+  wide K slices keep enough bytes in flight to stream the weight. Not dispatched yet
+  (models/quant.py GEMV_DISPATCH_MAX_M): its speed on a GPU is unmeasured.
 - `scaled_mm_blockwise(...)`: torch._scaled_mm with the 1x128 x 128x128 recipe (cuBLASLt, SM90,
   CUDA >= 12.9); needs N and K multiples of 128, and M a multiple of 4 (cuBLASLt has no
   algorithm otherwise: measured on the H100, M = 1, 2, 17, 33, 70, 129 fail), so `fp8_gemm` pads M.

@@ -293,10 +293,16 @@ def scaled_mm_available(device: torch.device) -> bool:
 SCALED_MM_MIN_M, SCALED_MM_MIN_M_LONG_K, LONG_K = 64, 16, 4096
 
 
+# Rows up to which kernels/fp8.py's W8A16 GEMV runs instead of the tensor-core kernel: 0, i.e. not
+# dispatched, until `benchmarks/gpu/bench_fp8.py --gemv` has measured it on a GPU (it is tested for
+# correctness in the interpreter and compiles for sm_90; no device time was left to time it).
+GEMV_DISPATCH_MAX_M = 0
+
+
 def gemm_backend(m: int, n: int, k: int, scaled_mm_ready: bool) -> str:
     """The GEMM for an [M, K] x [N, K]^T product: "gemv" (decode's few rows, kernels/fp8.py
-    w8a16_gemv), "scaled_mm" or "triton" (measured rule above)."""
-    if m <= fp8k.GEMV_MAX_M:
+    w8a16_gemv, up to GEMV_DISPATCH_MAX_M), "scaled_mm" or "triton" (measured rule above)."""
+    if m <= min(GEMV_DISPATCH_MAX_M, fp8k.GEMV_MAX_M):
         return "gemv"
     if scaled_mm_ready and (m >= SCALED_MM_MIN_M or (m >= SCALED_MM_MIN_M_LONG_K and k >= LONG_K)):
         return "scaled_mm"
