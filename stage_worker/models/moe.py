@@ -25,10 +25,11 @@ ceil(K/128)]) when the stage is FP8; `checkpoint_views` maps each expert's check
 (experts.{e}.gate_proj.weight, ...) to its slices (FP8: quant.Fp8Slot), so the loader fills them
 in place. Off FP8 hardware the FP8 stacks are dequantized once (`fp8_prepare`).
 
-Shared experts are a separate dense MLP, on CUDA run on a side stream beside the router and the
-routed experts (`_forward_overlapped`), not fused into the routed launch: they keep the checkpoint's layout (one MLP of width n_shared*I that the family's linear
-layers, FP8 or not, already handle), the CPU path stays transformers' exact sum order, and their
-GEMMs are dense (no alignment padding); in decode they are 1/(k+1) of the weight bytes read.
+Shared experts are a separate dense MLP (on CUDA, for small batches, run on a side stream beside
+the router and the routed experts: `_forward_overlapped`), not fused into the routed launch: they
+keep the checkpoint's layout (one MLP of width n_shared*I that the family's linear layers, FP8 or
+not, already handle), the CPU path stays transformers' exact sum order, and their GEMMs are dense
+(no alignment padding); in decode they are 1/(k+1) of the weight bytes read.
 """
 
 from __future__ import annotations
