@@ -6,7 +6,9 @@ knowledge (Match answers None), and the link keeps trying; once the index answer
 replica's entries are cleared and re-published from the block managers' current state, so the
 index is repopulated without replaying lost events. A Redis that comes back empty between two
 calls raises no error: the link polls the index's epoch (a token kept in Redis, gone with its
-data) every `epoch_interval_s` and republishes the same way when it changes.
+data) every `epoch_interval_s` and republishes the same way when it changes. Any other error the
+index answers with is logged and handled as unreachable: the link's task must not die of it (a
+dead task would leave the index unwritten from then on, silently).
 
 Runs on the gateway's event loop only.
 """
@@ -64,20 +66,31 @@ class PrefixIndexLink:
         except IndexUnavailable as exc:
             self._mark_down(exc)
             return None
+        except Exception as exc:  # the index is a hint: any other answer falls back to local matching
+            self.log.error("prefix_index_error", error=repr(exc))
+            self._mark_down(exc)
+            return None
 
     async def _run(self, snapshot: Snapshot) -> None:
         loop = asyncio.get_running_loop()
         next_probe = 0.0
         while True:
-            if loop.time() >= next_probe:
-                next_probe = loop.time() + self.epoch_interval_s
-                await self._probe_epoch()
-            if self._stale:
-                await self._resync(snapshot)
-                await asyncio.sleep(self.retry_interval_s if self._stale else self.flush_interval_s)
-                continue
-            await self._flush()
-            await asyncio.sleep(self.flush_interval_s)
+            try:
+                if loop.time() >= next_probe:
+                    next_probe = loop.time() + self.epoch_interval_s
+                    await self._probe_epoch()
+                if self._stale:
+                    await self._resync(snapshot)
+                    await asyncio.sleep(self.retry_interval_s if self._stale else self.flush_interval_s)
+                    continue
+                await self._flush()
+                await asyncio.sleep(self.flush_interval_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any other answer (INTERNAL, ...): this task must not die with it
+                self.log.error("prefix_index_error", error=repr(exc))
+                self._mark_down(exc)  # stale: a full resync once the index answers again
+                await asyncio.sleep(self.retry_interval_s)
 
     async def _probe_epoch(self) -> None:
         """A changed epoch: Redis lost the index (restarted empty, flushed): republish it all."""

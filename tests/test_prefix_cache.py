@@ -53,12 +53,12 @@ def _index_keys(url: str) -> int:
     return len(redis.Redis.from_url(url).keys("*:b:*"))
 
 
-def _wait(pred, timeout_s=30.0):
-    """Poll pred until it holds. The deadline is for a hang, not a speed check: on a loaded 2-core
-    machine the first publication once took over 10 s (the suite's only failure that run)."""
+def _wait(pred, running=None, timeout_s=30.0):
+    """Poll pred until it holds (a failure shows the mesh's last log lines). The deadline is for a
+    hang, not a speed check."""
     deadline = time.monotonic() + timeout_s
     while not pred():
-        assert time.monotonic() < deadline
+        assert time.monotonic() < deadline, running.stderr_tail(60) if running is not None else ""
         time.sleep(0.1)
 
 
@@ -68,7 +68,7 @@ def test_two_replicas_route_by_cache_and_survive_redis_outage(model_dir, redis_s
         with Client(m.address) as client:
             for prefix in prefixes:
                 client.generate(prompt_ids=prefix + [7], max_tokens=2, timeout=60)
-            _wait(lambda: _index_keys(redis_server.url) > 0)
+            _wait(lambda: _index_keys(redis_server.url) > 0, m)
             # Follow-ups with the same prefixes land where their blocks are.
             for i, prefix in enumerate(prefixes):
                 tail = random_prompts(30 + i, [5], 320)[0]
@@ -84,7 +84,7 @@ def test_two_replicas_route_by_cache_and_survive_redis_outage(model_dir, redis_s
                 assert out.cached_tokens == 48  # local matching still routes to the holder
             finally:
                 redis_server.restart()
-            _wait(lambda: _index_keys(redis_server.url) > 0)  # repopulated
+            _wait(lambda: _index_keys(redis_server.url) > 0, m)  # repopulated
 
 
 def test_index_republished_after_redis_restarts_empty_between_calls(model_dir, redis_server):  # noqa: F811
@@ -94,11 +94,11 @@ def test_index_republished_after_redis_restarts_empty_between_calls(model_dir, r
     with mesh(model_dir, stages=1, extra=["--redis", redis_server.url]) as m:
         with Client(m.address) as client:
             client.generate(prompt_ids=prefix + [7], max_tokens=2, timeout=60)
-        _wait(lambda: _index_keys(redis_server.url) > 0)
+        _wait(lambda: _index_keys(redis_server.url) > 0, m)
         before = _index_keys(redis_server.url)
         redis_server.restart()  # terminated and started again on the same port, empty
         assert _index_keys(redis_server.url) == 0
-        _wait(lambda: _index_keys(redis_server.url) >= before)  # republished, no request sent
+        _wait(lambda: _index_keys(redis_server.url) >= before, m)  # republished, no request sent
         with Client(m.address) as client:
             out = client.generate(prompt_ids=prefix + [9, 9], max_tokens=NEW, timeout=60)
         assert out.cached_tokens == 48 and out.token_ids == hf_greedy(model_dir, prefix + [9, 9], NEW)

@@ -1,0 +1,78 @@
+"""The gateway's link to the prefix index survives answers other than UNAVAILABLE.
+
+A CacheIndex gRPC server on loopback answers INTERNAL to its first calls (as a cache_service
+whose Redis raised something other than a connection error would), then serves. The link must
+log it, treat the index as down, and publish its full state once the index answers: its
+background task must not die on the first unexpected status, which would leave the index
+unwritten for the rest of the gateway's life.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import structlog
+
+from gateway.prefix_index import PrefixIndexLink
+from stagemesh.v1 import cache_pb2, cache_pb2_grpc
+
+BLOCK = b"\x01" * 16
+
+
+class FailingFirst(cache_pb2_grpc.CacheIndexServicer):
+    """INTERNAL for the first `failures` calls of any method, then a working index of one replica."""
+
+    def __init__(self, failures: int):
+        self.failures = failures
+        self.published: list[bytes] = []
+
+    async def _maybe_fail(self, context) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            await context.abort(grpc.StatusCode.INTERNAL, "injected: the index raised")
+
+    async def Publish(self, request, context):
+        await self._maybe_fail(context)
+        for event in request.events:
+            if event.HasField("stored"):
+                self.published.append(event.stored.block_hashes)
+        return cache_pb2.PublishResponse(applied_events=len(request.events))
+
+    async def GetEpoch(self, request, context):
+        await self._maybe_fail(context)
+        return cache_pb2.GetEpochResponse(epoch="e1")
+
+    async def Match(self, request, context):
+        await self._maybe_fail(context)
+        return cache_pb2.MatchResponse(chains=[cache_pb2.ChainMatch() for _ in request.chains])
+
+
+async def _scenario() -> tuple[FailingFirst, PrefixIndexLink, bool]:
+    servicer = FailingFirst(failures=3)
+    server = grpc.aio.server()
+    cache_pb2_grpc.add_CacheIndexServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    link = PrefixIndexLink(f"127.0.0.1:{port}", structlog.get_logger(), retry_interval_s=0.05,
+                           epoch_interval_s=0.05)
+    try:
+        assert await link.match([[BLOCK]]) is None  # an INTERNAL answer: local matching, no raise
+        link.start(lambda: [("replica-0", [BLOCK])])
+        for _ in range(200):  # 10 s at most; a few retries of 50 ms are expected
+            if servicer.published:
+                break
+            await asyncio.sleep(0.05)
+        alive = not link._task.done()
+    finally:
+        await link.close()
+        await server.stop(None)
+    return servicer, link, alive
+
+
+def test_link_survives_internal_errors_and_publishes_its_state():
+    servicer, link, alive = asyncio.run(_scenario())
+    assert servicer.failures == 0  # every injected failure was met
+    assert alive, "the link's task died"
+    assert servicer.published == [BLOCK]  # the full state, once the index answered
+    assert link.resyncs >= 1 and link.available
