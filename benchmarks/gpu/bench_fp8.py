@@ -139,10 +139,11 @@ def gemv_rows() -> dict:
     for name, (n, kk) in {**SHAPES, **LLAMA8B_SHAPES}.items():
         gen = torch.Generator(device="cuda").manual_seed(n + kk)
         wq, ws = quant.quantize_blocks(torch.randn(n, kk, device="cuda", generator=gen) * 0.02)
-        wb = quant.dequantize_blocks(wq, ws).to(torch.bfloat16)
+        w_deq = quant.dequantize_blocks(wq, ws)
+        wb = w_deq.to(torch.bfloat16)
         for m in (1, 4):
             x = torch.randn(m, kk, device="cuda", generator=gen).to(torch.bfloat16)
-            ref = x.float() @ quant.dequantize_blocks(wq, ws).t()
+            ref = x.float() @ w_deq.t()
             gbs = lambda ms, nbytes=n * kk: nbytes / ms / 1e6  # noqa: E731 - ms -> GB/s on the FP8 weight
             r = {"shape": name, "M": m, "N": n, "K": kk, "bf16_GBps_on_bf16": gbs(bench(lambda: torch.mm(x, wb.t())), 2 * n * kk),
                  "tensor_core_GBps": gbs(bench(lambda: k.fp8_gemm(x, wq, ws, 128, "triton")))}
