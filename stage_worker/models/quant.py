@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -295,8 +296,9 @@ SCALED_MM_MIN_M, SCALED_MM_MIN_M_LONG_K, LONG_K = 64, 16, 4096
 
 # Rows up to which kernels/fp8.py's W8A16 GEMV runs instead of the tensor-core kernel: 0, i.e. not
 # dispatched, until `benchmarks/gpu/bench_fp8.py --gemv` has measured it on a GPU (it is tested for
-# correctness in the interpreter and compiles for sm_90; no device time was left to time it).
-GEMV_DISPATCH_MAX_M = 0
+# correctness in the interpreter and compiles for sm_90). STAGEMESH_FP8_GEMV_MAX_M overrides it, so a
+# benchmark can serve the same checkpoint both ways in one run (benchmarks/gpu, README).
+GEMV_DISPATCH_MAX_M = int(os.environ.get("STAGEMESH_FP8_GEMV_MAX_M", "0"))
 
 
 def gemm_backend(m: int, n: int, k: int, scaled_mm_ready: bool) -> str:
