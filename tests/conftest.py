@@ -1,6 +1,11 @@
 import pytest
 
+from tests import interpreted
 from tests.checkpoints import make_hf_checkpoint
+
+
+def pytest_collection_modifyitems(items):
+    interpreted.collected_files.update(str(item.path.relative_to(interpreted.ROOT)) for item in items)
 
 
 @pytest.fixture(scope="session")

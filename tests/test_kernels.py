@@ -4,8 +4,9 @@ program in numpy: seconds, not minutes).
 
 Triton reads TRITON_INTERPRET once, when it is imported (its own library functions, tl.sum
 included, are decorated then), and other test modules of a pytest run import it first. So in a
-run without the variable this file is one test that runs this file again in a fresh interpreter
-process with TRITON_INTERPRET=1, where the kernel tests below run (and any failure fails it).
+run without the variable this file is one test, which checks the outcomes of the kernel tests below
+in the session's interpreter children (TRITON_INTERPRET=1, tests/interpreted.py: one run for every
+such file, whose kernel launches tests/test_triton_compile.py also compiles); any failure fails it.
 """
 
 from __future__ import annotations

@@ -13,48 +13,17 @@ FP8 ones excepted (sm_89+).
 from __future__ import annotations
 
 import importlib
-import json
 import multiprocessing
 import pkgutil
 import re
-import subprocess
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.interpreted import CHILD_PYTEST_ARGS, INTERPRETED, ROOT, interpreter_env
+from tests.interpreted import INTERPRETED, SHARDS, interpreter_run
 
-SHARDS = 2  # interpreter children (the interpreter runs on one core) and compile workers
 FP8 = ("float8_e4m3fn", "float8_e5m2")
-
-
-def _record(out: str, shard: int, files: list[str]) -> None:
-    """Interpreter child: run this shard of the files' tests, writing every kernel launch to out."""
-    import torch
-    from triton.runtime.interpreter import InterpretedFunction
-
-    launches, run = [], InterpretedFunction.run
-
-    def encode(v):
-        if isinstance(v, torch.Tensor):  # GPU pointers are 16-aligned: only a view's offset counts
-            return {"dtype": str(v.dtype).removeprefix("torch."), "align": v.data_ptr() % 16}
-        assert v is None or isinstance(v, (bool, int, float, str)), f"unrecorded kernel argument {type(v)}"
-        return v
-
-    def recording_run(self, *args, grid, warmup, **kwargs):
-        launches.append({"module": self.fn.__module__, "name": self.fn.__name__, "args": [encode(a) for a in args],
-                         "kwargs": {k: encode(v) for k, v in kwargs.items()}})
-        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
-
-    class Shard:
-        def pytest_collection_modifyitems(self, items):
-            items[:] = items[shard::SHARDS]
-
-    InterpretedFunction.run = recording_run
-    pytest.main([*CHILD_PYTEST_ARGS, *files], plugins=[Shard()])
-    Path(out).write_text(json.dumps(launches))
 
 
 def _kernels() -> set[str]:
@@ -137,35 +106,20 @@ def _plan(launches: list[dict]) -> list[tuple[dict, int]]:
     return plan
 
 
-def _interpreter_test_files() -> list[str]:
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
-                  if p.name != Path(__file__).name and "run_in_interpreter(" in p.read_text())
-
-
 @pytest.mark.skipif(INTERPRETED, reason="compiles for the GPU: runs outside the interpreter")
-def test_every_kernel_compiles_for_hopper_and_ampere(tmp_path):
+def test_every_kernel_compiles_for_hopper_and_ampere():
     pytest.importorskip("triton")
     from triton.backends import backends
     if "nvidia" not in backends:
         pytest.skip("Triton has no NVIDIA backend")
 
-    files = _interpreter_test_files()
-    children = [subprocess.Popen([sys.executable, "-m", "tests.test_triton_compile", str(tmp_path / f"{i}.json"),
-                                  str(i), *files], cwd=ROOT, env=interpreter_env(), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True) for i in range(SHARDS)]
-    try:
-        logs = [child.communicate(timeout=240)[0] for child in children]
-    finally:
-        for child in children:
-            child.kill()
-    launches = [launch for i in range(SHARDS) if (tmp_path / f"{i}.json").exists()
-                for launch in json.loads((tmp_path / f"{i}.json").read_text())]
-    launches = [launch for launch in launches if launch["module"].startswith("stage_worker.kernels.")]
+    run = interpreter_run()  # the kernel tests' launches (tests/interpreted.py)
+    launches = [launch for launch in run["launches"] if launch["module"].startswith("stage_worker.kernels.")]
 
     kernels = _kernels()
     missing = kernels - {f"{launch['module']}.{launch['name']}" for launch in launches}
-    assert kernels and not missing, (f"no interpreter test in {files} launches {sorted(missing)}: add one\n"
-                                     + "\n".join(log[-3000:] for log in logs))
+    assert kernels and not missing, (f"no interpreter test in {sorted(run['files'])} launches {sorted(missing)}: "
+                                     "add one\n" + "\n".join(log[-3000:] for log in run["logs"]))
 
     plan = _plan(launches)
     with ProcessPoolExecutor(SHARDS, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -174,6 +128,3 @@ def test_every_kernel_compiles_for_hopper_and_ampere(tmp_path):
               for (launch, arch), error in zip(plan, errors) if error]
     assert not failed, "\n\n".join(failed)
 
-
-if __name__ == "__main__":  # an interpreter child of the test above
-    _record(sys.argv[1], int(sys.argv[2]), sys.argv[3:])
