@@ -294,11 +294,13 @@ def scaled_mm_available(device: torch.device) -> bool:
 SCALED_MM_MIN_M, SCALED_MM_MIN_M_LONG_K, LONG_K = 64, 16, 4096
 
 
-# Rows up to which kernels/fp8.py's W8A16 GEMV runs instead of the tensor-core kernel: 0, i.e. not
-# dispatched, until `benchmarks/gpu/bench_fp8.py --gemv` has measured it on a GPU (it is tested for
-# correctness in the interpreter and compiles for sm_90). STAGEMESH_FP8_GEMV_MAX_M overrides it, so a
-# benchmark can serve the same checkpoint both ways in one run (benchmarks/gpu, README).
-GEMV_DISPATCH_MAX_M = int(os.environ.get("STAGEMESH_FP8_GEMV_MAX_M", "0"))
+# Rows up to which kernels/fp8.py's W8A16 GEMV runs instead of the tensor-core kernel. Measured on an
+# H100 (benchmarks/gpu/bench_fp8.py --gemv, 2026-12-07): at one row it reads the weights at 1.0-2.1
+# TB/s against 0.14-1.96 for activation quant + tensor-core kernel, at every V3 and Llama-8B shape
+# (1.1-2.5x); at four rows it loses at most shapes. Batch-1 decode through the mesh: Llama-8B FP8
+# 199 -> 249 tok/s, the V3 stage 284 -> 304. STAGEMESH_FP8_GEMV_MAX_M overrides it (0: off), so a
+# benchmark can serve one checkpoint both ways in one run.
+GEMV_DISPATCH_MAX_M = int(os.environ.get("STAGEMESH_FP8_GEMV_MAX_M", "1"))
 
 
 def gemm_backend(m: int, n: int, k: int, scaled_mm_ready: bool) -> str:
