@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import sys
 
 import torch
@@ -76,15 +77,24 @@ async def _heartbeats(service, config: WorkerConfig, address: str, log, registry
         config = dataclasses.replace(config, coordinator=moved.result())
 
 
+def intra_op_threads(config: WorkerConfig) -> int:
+    """--threads, else: one on a GPU (a GPU worker's host side is small ops and kernel launches from
+    one Python thread, which a pool of intra-op threads only competes with: on the H100 host, 16
+    threads per worker made the mixed benchmark about twice as slow, benchmarks/README_gpu.md);
+    on the CPU, the cores split between the --cpu-share workers of this host."""
+    if config.threads:
+        return config.threads
+    if config.device.startswith("cuda"):
+        return 1
+    return max(1, (os.cpu_count() or 1) // max(1, config.cpu_share))
+
+
 def main(argv=None) -> None:
     try:
         config, level, consul = parse_args(argv)
     except ValueError as exc:
         sys.exit(f"stage_worker: {exc}")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    elif config.device.startswith("cuda"):  # host side is launches and small ops: see launcher._default_threads
-        torch.set_num_threads(1)
+    torch.set_num_threads(intra_op_threads(config))
     log = logging_setup.configure("stage_worker", level)
     try:
         ModelConfig.from_dir(config.model_dir)  # an unsupported architecture: one line, before serving

@@ -22,7 +22,8 @@ class WorkerConfig:
     kv_cache_bytes: int = knob(0, "KV cache size (0: measured free memory on a GPU, 128 MiB on the CPU)")
     kv_blocks: int = knob(0, "explicit KV block count (overrides --kv-cache-bytes; tests)")
     gpu_memory_fraction: float = 0.85
-    threads: int = knob(0, "torch intra-op threads (0: torch's default on the CPU, 1 on a GPU)")
+    threads: int = knob(0, "torch intra-op threads (0: the host's cores / --cpu-share on the CPU, 1 on a GPU)")
+    cpu_share: int = knob(1, "workers sharing this host's cores (`stagemesh up` passes its worker count)")
     slowdown: float = knob(1.0, "test/demo: compute this many times slower")
     test_controls: bool = knob(False, "serve Stage.SetSlowdown (tests and benchmarks; off in production)",
                                flag="--enable-test-controls")

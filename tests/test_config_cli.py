@@ -61,3 +61,15 @@ def test_up_passes_each_service_its_own_flags_with_its_values():
             back = config_cli.values(cls, _parser(cls).parse_args([*required, *argv]), names)
             assert back == {n: getattr(args, n) for n in names}
     assert (args.max_running, args.routing_weight, args.rebalance, args.lease_ttl_s) == (7, 3.5, False, 9.0)
+
+
+def test_worker_threads_follow_the_device_and_the_workers_sharing_the_host(monkeypatch):
+    from stage_worker.__main__ import intra_op_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    cfg = WorkerConfig(model_dir="m", device="cpu")
+    assert intra_op_threads(cfg) == 16
+    assert intra_op_threads(dataclasses.replace(cfg, cpu_share=3)) == 5
+    assert intra_op_threads(dataclasses.replace(cfg, cpu_share=32)) == 1
+    assert intra_op_threads(dataclasses.replace(cfg, device="cuda:0", cpu_share=3)) == 1
+    assert intra_op_threads(dataclasses.replace(cfg, threads=7, cpu_share=3)) == 7

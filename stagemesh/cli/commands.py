@@ -84,7 +84,7 @@ def _mesh_config(args, num_layers: int):
             fields = {f.name for f in dataclasses.fields(cls)}
             cls(**{k: v for k, v in required.items() if k in fields}, **values)
             argv[service] += config_cli.to_argv(cls, chosen, names)
-    return MeshConfig(**config_cli.values(MeshConfig, args), port=args.port, device=args.device,
+    return MeshConfig(**config_cli.values(MeshConfig, args), port=args.port,
                       api_keys=_api_keys(args), coordinator_args=argv["coordinator"], worker_args=argv["worker"],
                       gateway_args=[*argv["gateway"], *_gateway_auth_args(args)])
 

@@ -19,7 +19,6 @@ import threading
 from dataclasses import dataclass, field
 
 from gateway.config import GatewayConfig
-from stage_worker.config import WorkerConfig
 from stagemesh import membership
 from stagemesh.cli.supervisor import RestartPolicy, Supervisor
 from stagemesh.config_cli import default_of, knob
@@ -60,7 +59,6 @@ class MeshConfig:
                                       "(exits before ready, misses --start-timeout-s, or dies within 10 s of ready)")
     log_level: str = knob("warning", "every child's log level")
     port: int = default_of(GatewayConfig, "port")  # the gateway's --port (a pass-through flag of up)
-    device: str = default_of(WorkerConfig, "device")  # the workers' --device (threads follow it)
     # Secrets, handed to the children in their environment, never on their command lines
     # (stagemesh/membership.py): the gateway's API keys, and the cluster token every internal
     # service demands (empty: $STAGEMESH_CLUSTER_TOKEN if set, else a fresh one per run).
@@ -105,32 +103,34 @@ class Mesh:
         coord = f"{cfg.host}:{coord_port}"
         self.coordinator_address = coord
         tls = self._tls_args()
-        if not self._spawn("coordinator", [
-                py, "-m", "coordinator", "--model", cfg.model_dir, "--stages", str(cfg.stages),
-                "--replicas", str(cfg.replicas), "--host", cfg.host, "--port", str(coord_port),
-                "--log-level", cfg.log_level, "--state-file", self.state_file, *cfg.coordinator_args,
-                *self._metrics_args(1), *tls],
-                stop, note=coord, env=self._secrets()):
-            return None
+        # Coordinator, cache_service and workers start side by side (a worker registers once the
+        # coordinator answers: its first seconds are the torch import and a layer profile); the
+        # gateway once the coordinator and cache_service serve.
+        first = [self.supervisor.spawn("coordinator", [
+            py, "-m", "coordinator", "--model", cfg.model_dir, "--stages", str(cfg.stages),
+            "--replicas", str(cfg.replicas), "--host", cfg.host, "--port", str(coord_port),
+            "--log-level", cfg.log_level, "--state-file", self.state_file, *cfg.coordinator_args,
+            *self._metrics_args(1), *tls], env=self._secrets(), note=coord)]
         cache_args: list[str] = []
         if cfg.redis:
             cache_port = free_port()
-            if not self._spawn("cache_service", [
-                    py, "-m", "cache_service", "--host", cfg.host, "--port", str(cache_port),
-                    "--log-level", cfg.log_level, *self._metrics_args(2), *tls], stop, note=f"{cfg.host}:{cache_port}",
-                    env=self._secrets(**{membership.REDIS_URL_ENV: cfg.redis})):
-                return None
+            first.append(self.supervisor.spawn("cache_service", [
+                py, "-m", "cache_service", "--host", cfg.host, "--port", str(cache_port),
+                "--log-level", cfg.log_level, *self._metrics_args(2), *tls],
+                env=self._secrets(**{membership.REDIS_URL_ENV: cfg.redis}), note=f"{cfg.host}:{cache_port}"))
             cache_args = ["--cache-service", f"{cfg.host}:{cache_port}"]
         n_workers = cfg.stages * cfg.replicas + cfg.spares
-        threads = cfg.threads or _default_threads(cfg.device, n_workers)
         worker_cmd = [py, "-m", "stage_worker", "--model", cfg.model_dir, "--coordinator", coord,
-                      "--threads", str(threads), "--log-level", cfg.log_level, *cfg.worker_args, *tls]
+                      "--threads", str(cfg.threads), "--cpu-share", str(n_workers), "--log-level", cfg.log_level,
+                      *cfg.worker_args, *tls]
         for i in range(n_workers):
             # A fixed port: a restarted worker comes back at the address the (persisted) plan names.
             port = free_port()
-            self._spawn(f"worker{i}", [*worker_cmd, "--host", cfg.host, "--port", str(port),
-                                       *self._metrics_args(10 + i)], stop, wait=False, note=f"{cfg.host}:{port}",
-                        env=self._secrets())
+            self.supervisor.spawn(f"worker{i}", [*worker_cmd, "--host", cfg.host, "--port", str(port),
+                                                 *self._metrics_args(10 + i)], env=self._secrets(),
+                                  note=f"{cfg.host}:{port}")
+        if not all(self.supervisor.wait_ready(child, stop) for child in first):
+            return None
         gw_cmd = [py, "-m", "gateway", "--model", cfg.model_dir, "--coordinator", coord, "--host", cfg.host,
                   "--log-level", cfg.log_level, *cfg.gateway_args, *cache_args, *self._metrics_args(0), *tls]
         keys = {membership.API_KEYS_ENV: "\n".join(cfg.api_keys)} if cfg.api_keys else {}
@@ -181,18 +181,3 @@ class Mesh:
         child = self.supervisor.spawn(name, cmd, env=env, note=note)
         return self.supervisor.wait_ready(child, stop) if wait else True
 
-
-def _default_threads(device: str, n_workers: int) -> int:
-    """torch CPU threads per worker: the cores split between the workers on the CPU; one on a GPU.
-
-    A GPU worker's host side is small ops and kernel launches from one Python thread; a pool of
-    intra-op threads there only competes with it (on the H100 host, 16 threads per worker made the
-    mixed benchmark about twice as slow: benchmarks/README_gpu.md).
-    """
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        return 1
-    return max(1, (os.cpu_count() or 1) // n_workers)
