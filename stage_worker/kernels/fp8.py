@@ -237,9 +237,14 @@ GEMV_CONFIG: tuple[int, int, int, int] = (8, 1024, 4, 2)
 
 
 def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,
-               out_dtype: torch.dtype | None = None, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+               out_dtype: torch.dtype | None = None, config: tuple[int, int, int, int] | None = None,
+               late_sum: bool = True) -> torch.Tensor:
     """x [M, K] (M <= GEMV_MAX_M, any float dtype), w [N, K] e4m3, ws [ceil(N/group_n), ceil(K/128)]
-    -> y [M, N] = x @ dequant(w, ws)^T in out_dtype (default x's), fp32 accumulation (Triton)."""
+    -> y [M, N] = x @ dequant(w, ws)^T in out_dtype (default x's), fp32 accumulation (Triton).
+
+    late_sum (one row): the products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, summed
+    across it once at the end, instead of a cross-thread sum at every K step (kept as the
+    alternative for bench_fp8's comparison)."""
     m, kdim = x.shape
     n = w.shape[0]
     if m > GEMV_MAX_M:
@@ -254,7 +259,7 @@ def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int 
         x, w, ws, out, m, n, kdim, group_n, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         ws.stride(0), ws.stride(1), out.stride(0), out.stride(1),
         M_PAD=max(1, triton.next_power_of_2(m)), BLOCK_N=bn, GROUPS=bk // GROUP_K, GROUP_K=GROUP_K,
-        num_warps=warps, num_stages=stages)
+        LATE_SUM=late_sum and m == 1, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -268,12 +273,28 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, group_n,
                      stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_ym, stride_yn,
-                     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP_K: tl.constexpr):
+                     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP_K: tl.constexpr,
+                     LATE_SUM: tl.constexpr):
         """y[:, n-block] = x @ (w * scale)^T; each K step is GROUPS scale groups of GROUP_K columns."""
         offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         g = tl.arange(0, GROUPS)
         c = tl.arange(0, GROUP_K)
+        if LATE_SUM:  # one row: products summed elementwise, reduced across the tile once
+            tile = tl.zeros((BLOCK_N, GROUPS, GROUP_K), dtype=tl.float32)
+            for k0 in range(0, K, GROUPS * GROUP_K):
+                kb1 = k0 // GROUP_K + g
+                cols1 = k0 + g[:, None] * GROUP_K + c[None, :]
+                kmask1 = cols1 < K
+                w1 = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + cols1[None, :, :] * stride_wk,
+                             mask=mask_n[:, None, None] & kmask1[None, :, :], other=0.0).to(tl.float32)
+                s1 = tl.load(ws_ptr + (offs_n // group_n)[:, None] * stride_sn + kb1[None, :] * stride_sk,
+                             mask=mask_n[:, None] & (kb1 * GROUP_K < K)[None, :], other=0.0)
+                x1 = tl.load(x_ptr + cols1 * stride_xk, mask=kmask1, other=0.0).to(tl.float32)
+                tile += w1 * x1[None, :, :] * s1[:, :, None]
+            y1 = tl.sum(tl.sum(tile, axis=2), axis=1)
+            tl.store(y_ptr + offs_n * stride_yn, y1.to(y_ptr.dtype.element_ty), mask=mask_n)
+            return
         rows = tl.arange(0, M_PAD)
         acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, GROUPS * GROUP_K):
