@@ -64,13 +64,29 @@ from gateway.http_schema import (ERRORS, ChatCompletionRequest, ChatCompletionRe
 # --- request bodies (gateway/http_schema.py) ------------------------------------------------------
 
 
-def _refuse_unsupported(req: CommonParams) -> None:
-    checks = [
-        ("suffix", bool(getattr(req, "suffix", None)), "suffix is not supported"),
-    ]
-    for param, refused, message in checks:
-        if refused:
-            raise ApiError(400, message, param=param)
+# Fields OpenAI's or vLLM's server takes that would change the answer here but are not implemented:
+# a 400 naming the field when one is set to anything but its no-op value (None, or the value that
+# is what this server does anyway), rather than a 200 that silently ignores it. Unknown fields stay
+# accepted (clients send their own extras: `user`, `metadata`, ...).
+_NO_EFFECT_VALUES: dict[str, tuple] = {
+    "use_beam_search": (False,), "length_penalty": (1, 1.0), "include_stop_str_in_output": (False,),
+    "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "prompt_logprobs": (),
+    "truncate_prompt_tokens": (), "allowed_token_ids": (), "bad_words": ([],), "guided_whitespace_pattern": (),
+    "guided_decoding_backend": ("auto", "llguidance"), "return_tokens_as_token_ids": (False,),
+    "logits_processors": (), "functions": (), "function_call": (), "prompt_embeds": (),
+}
+_CHAT_NO_EFFECT_VALUES = {"echo": (False,), "best_of": (1,), "continue_final_message": (False,)}
+
+
+def _refuse_unsupported(req: CommonParams, kind: str) -> None:
+    if getattr(req, "suffix", None):
+        raise ApiError(400, "suffix is not supported", param="suffix")
+    set_fields = {**(req.model_extra or {}), **req.model_dump(exclude_unset=True)}
+    table = {**_NO_EFFECT_VALUES, **(_CHAT_NO_EFFECT_VALUES if kind == "chat" else {})}
+    for name, no_op in table.items():
+        if name in set_fields and set_fields[name] is not None and set_fields[name] not in no_op:
+            where = " on chat completions" if name in _CHAT_NO_EFFECT_VALUES else ""
+            raise ApiError(400, f"{name} is not supported{where} (it would be ignored)", param=name)
 
 
 # --- the app -----------------------------------------------------------------------------------
@@ -95,7 +111,7 @@ class OpenAIFrontend:
     # /v1/completions
     def completion_request(self, req: CompletionRequest) -> list[Job]:
         """One Job per prompt (text, token ids, or a list of either)."""
-        self.check(req)
+        self.check(req, "text")
         prompts = req.prompt
         if not isinstance(prompts, list) or not prompts or isinstance(prompts[0], int):
             prompts = [prompts]
@@ -115,7 +131,7 @@ class OpenAIFrontend:
 
     # /v1/chat/completions
     async def chat_request(self, req: ChatCompletionRequest):
-        self.check(req)
+        self.check(req, "chat")
         if self.template is None:
             raise ApiError(400, f"model {self.gw.model_id!r} has no chat template (no `chat_template` in "
                                 "tokenizer_config.json, no chat_template.jinja): use /v1/completions with a "
@@ -180,9 +196,9 @@ class OpenAIFrontend:
         structured_output.attach(grpc_request, grammar)
         return grpc_request
 
-    def check(self, req: CommonParams) -> None:
+    def check(self, req: CommonParams, kind: str) -> None:
         self.check_model(req.model)
-        _refuse_unsupported(req)
+        _refuse_unsupported(req, kind)
 
     def check_model(self, model: str) -> None:
         if model and model != self.gw.model_id:

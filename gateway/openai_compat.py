@@ -52,7 +52,7 @@ def extra_fields(req, kind: str) -> dict:
         logprobs = req.logprobs
         prompt_logprobs = logprobs if req.echo and logprobs is not None else None
     n = 1 if req.n is None else req.n
-    best_of = getattr(req, "best_of", None)
+    best_of = None if kind == "chat" else req.best_of  # a completions field (http_api refuses it on chat)
     if best_of is not None:
         if best_of < n:
             raise Refused("best_of", f"best_of ({best_of}) must be >= n ({n})")
@@ -160,6 +160,22 @@ class Choice:
         return sum(e.logprob for e in self.logprobs)
 
 
+def _share_prompt_logprobs(samples: list[Choice], first: pb.GenerateResponse | None = None) -> None:
+    """echo + logprobs with several samples: only sample 0 computes the prompt (the others fork
+    its KV blocks), so only its answer carries the prompt's log-probabilities; they are the same
+    for every sample, so each choice gets them (into `first`, a later sample's first delta, when
+    streaming: sample 0's first delta comes before the others', from the step that forks them)."""
+    source = next((c for c in samples if c.prompt_ids), None)
+    if source is None:
+        return
+    if first is not None:
+        first.prompt_token_ids.extend(source.prompt_ids)
+        first.prompt_logprobs.extend(source.prompt_logprobs)
+    for c in samples:
+        if not c.prompt_ids:
+            c.prompt_ids, c.prompt_logprobs = list(source.prompt_ids), list(source.prompt_logprobs)
+
+
 def finish_reason(reason: str) -> str:
     return reason if reason in ("stop", "length") else "stop"
 
@@ -230,6 +246,7 @@ class Answer:
     def final(self, per_prompt: list[list[Choice]]) -> dict:
         choices = []
         for p, samples in enumerate(per_prompt):
+            _share_prompt_logprobs(samples)
             kept = samples
             if self.shape.samples > self.shape.n:  # best_of: the n most likely
                 kept = sorted(samples, key=lambda c: c.cumulative_logprob, reverse=True)[: self.shape.n]
@@ -306,6 +323,8 @@ class Answer:
                     return
                 index = p * self.shape.n + msg.index
                 per_prompt[p][msg.index].add(msg)
+                if index not in started and not msg.prompt_token_ids:  # a sample after the first
+                    _share_prompt_logprobs(per_prompt[p], msg)
                 choice = self.delta_choice(index, msg, self.jobs[p], index not in started)
                 started.add(index)
                 if choice is not None:

@@ -25,6 +25,9 @@ MAX_CHOICES = 1024
 # vLLM's structured_outputs keys -> the wire's Grammar kinds.
 STRUCTURED_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
                    "json_object": "json_object"}
+# vLLM's structured_outputs options this engine meets as it is (there is no fallback engine); any
+# other key set is refused rather than ignored (disable_any_whitespace too: JSON here has ", ").
+STRUCTURED_OPTIONS_MET = {"disable_fallback"}
 GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
           "guided_grammar": "grammar"}
 
@@ -117,9 +120,13 @@ def from_request(fields: dict) -> tuple[GrammarSpec | None, str]:
         if not isinstance(so, dict):
             raise GrammarError("structured_outputs", "structured_outputs is an object")
         for key, value in so.items():
-            if key in STRUCTURED_KEYS and value not in (None, False):
-                found.append((_spec(STRUCTURED_KEYS[key], value, f"structured_outputs.{key}"),
-                              f"structured_outputs.{key}"))
+            if value in (None, False) or key in STRUCTURED_OPTIONS_MET:
+                continue
+            if key not in STRUCTURED_KEYS:
+                raise GrammarError(f"structured_outputs.{key}", f"structured_outputs.{key} is not supported "
+                                   f"(supported: {', '.join(sorted(STRUCTURED_KEYS))})")
+            found.append((_spec(STRUCTURED_KEYS[key], value, f"structured_outputs.{key}"),
+                          f"structured_outputs.{key}"))
     if len(found) > 1:
         names = ", ".join(f for _, f in found)
         raise GrammarError(found[1][1], f"at most one structured-output constraint per request, got {names}")

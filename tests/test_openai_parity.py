@@ -138,6 +138,51 @@ def test_completions_logprobs_echo_and_stream(mesh, hf):
     assert close(streamed, lp.token_logprobs) and "".join(ch.choices[0].text for ch in chunks) == plain.text
 
 
+def test_echo_logprobs_reach_every_sample(mesh, hf):
+    """echo + logprobs with n > 1 and best_of: only the first sample computes the prompt (the
+    others fork its blocks), yet every choice carries the prompt's log-probabilities, streamed too."""
+    c, P = mesh["client"], len(PROMPT_IDS)
+    ref = hf_logprobs(hf, PROMPT_IDS)
+    prompt_want = [ref[i - 1, PROMPT_IDS[i]].item() for i in range(1, P)]
+    kw = dict(model=mesh["model"], prompt=PROMPT_IDS, max_tokens=4, temperature=1.0, seed=3, logprobs=1, echo=True)
+    for extra in (dict(n=3), dict(n=2, best_of=4)):
+        choices = c.completions.create(**kw, **extra).choices
+        assert len(choices) == extra["n"]
+        for ch in choices:
+            lp = ch.logprobs
+            assert len(lp.tokens) == P + 4 and lp.token_logprobs[0] is None
+            assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1:P], prompt_want)) < 1e-4
+            assert lp.text_offset[P] == sum(len(t) for t in lp.tokens[:P])  # the completion after the prompt
+    firsts: dict[int, list] = {}
+    for chunk in c.completions.create(stream=True, n=2, **kw):
+        for ch in chunk.choices:
+            if ch.logprobs and ch.index not in firsts:
+                firsts[ch.index] = ch.logprobs.token_logprobs
+    assert sorted(firsts) == [0, 1]
+    for values in firsts.values():
+        assert values[0] is None and max(abs(a - b) for a, b in zip(values[1:P], prompt_want)) < 1e-4
+
+
+@pytest.mark.parametrize("endpoint,body,param", [
+    ("completions", {"use_beam_search": True}, "use_beam_search"),
+    ("completions", {"skip_special_tokens": False}, "skip_special_tokens"),
+    ("completions", {"include_stop_str_in_output": True}, "include_stop_str_in_output"),
+    ("completions", {"prompt_logprobs": 2}, "prompt_logprobs"),
+    ("chat/completions", {"best_of": 2}, "best_of"),
+    ("chat/completions", {"echo": True}, "echo"),
+    ("chat/completions", {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+])
+def test_fields_without_effect_here_are_refused_not_ignored(mesh, endpoint, body, param):
+    base = {"model": "", "max_tokens": 2}
+    base.update({"messages": MESSAGES} if endpoint.startswith("chat") else {"prompt": "hi"})
+    r = requests.post(f"{mesh['base']}/v1/{endpoint}", json={**base, **body}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    # their no-op values, and fields unknown to both APIs, are accepted
+    ok = requests.post(f"{mesh['base']}/v1/{endpoint}", json={**base, "skip_special_tokens": True,
+                                                               "use_beam_search": False, "user": "u1"}, timeout=30)
+    assert ok.status_code == 200, ok.text
+
+
 def test_chat_logprobs_equal_transformers(mesh, hf, model_dir):
     from transformers import AutoTokenizer
 

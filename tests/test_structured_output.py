@@ -131,6 +131,8 @@ def test_grpc_generate_takes_a_grammar(mesh):
     ("completions", {"guided_choice": []}, "guided_choice"),
     ("completions", {"guided_grammar": "start: nothing_defined"}, "guided_grammar"),
     ("completions", {"structured_outputs": {"json": {"$ref": "#/nowhere"}}}, "structured_outputs.json"),
+    ("completions", {"structured_outputs": {"regex": "a+", "whitespace_pattern": " "}},
+     "structured_outputs.whitespace_pattern"),
 ])
 def test_bad_constraints_are_400_naming_the_field(mesh, endpoint, body, param):
     base = {"model": "", "max_tokens": 4}
