@@ -31,7 +31,7 @@ from stagemesh.finish import finish_text
 from stagemesh.grammar import GrammarSpec
 
 from gateway import structured_output
-from gateway.openai_compat import Answer, finish_reason
+from gateway.openai_compat import Answer, chat_logprobs, finish_reason
 from gateway.structured_output import GrammarError, check
 
 NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -305,9 +305,11 @@ class ToolAnswer(Answer):
             delta = {"role": "assistant", **delta}
             if "tool_calls" not in delta:
                 delta.setdefault("content", "")
-        if not delta and not finish:
+        lp = (chat_logprobs(self.tokens, list(msg.token_ids), list(msg.logprobs))
+              if self.shape.logprobs is not None and msg.token_ids else None)  # as the non-streamed answer
+        if not delta and not finish and lp is None:
             return None
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
 
     def _named_delta(self, st: _Streamed) -> dict:
         new, st.sent = st.text[st.sent:], len(st.text)

@@ -162,13 +162,17 @@ def test_required_and_named_tool_choice(mesh):
                                         max_completion_tokens=150, **{"temperature": 0, **kwargs})
         assert out.choices[0].finish_reason == "tool_calls"
         assert _valid_calls(out.choices[0].message.tool_calls)
+        if kwargs:  # parallel_tool_calls false: one call
+            assert len(out.choices[0].message.tool_calls) == 1
     named = {"type": "function", "function": {"name": "set_alarm"}}
     out = c.chat.completions.create(model="", messages=MESSAGES, tools=TOOLS, tool_choice=named, temperature=0,
-                                    max_completion_tokens=80)
+                                    max_completion_tokens=80, logprobs=True)
     assert out.choices[0].finish_reason == "stop" and out.choices[0].message.content is None
     assert _valid_calls(out.choices[0].message.tool_calls) == ["set_alarm"]
     chunks = list(c.chat.completions.create(model="", messages=MESSAGES, tools=TOOLS, tool_choice=named,
-                                            temperature=0, max_completion_tokens=80, stream=True))
+                                            temperature=0, max_completion_tokens=80, stream=True, logprobs=True))
+    streamed_lp = [x.logprob for ch in chunks if ch.choices[0].logprobs for x in ch.choices[0].logprobs.content]
+    assert streamed_lp == [x.logprob for x in out.choices[0].logprobs.content]  # logprobs streamed too
     assert chunks[0].choices[0].delta.role == "assistant"
     deltas = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
     assert len(deltas) > 2  # the arguments come as they are generated
