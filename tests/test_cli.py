@@ -9,8 +9,9 @@ import subprocess
 
 import psutil
 import pytest
+import requests
 
-from stagemesh.cli.harness import mesh, stagemesh_cmd
+from stagemesh.cli.harness import mesh, new_port, stagemesh_cmd
 
 
 def run_cli(*args, timeout=120) -> subprocess.CompletedProcess:
@@ -45,10 +46,22 @@ def test_demo_model_serves_text_prompts_and_generate_json(demo_dir):
 
 
 def test_generate_reports_a_bad_request_as_json(demo_dir):
-    with mesh(demo_dir, stages=1) as m:
+    """Also: up's --served-model-name and --max-model-len reach the HTTP API."""
+    http = new_port()
+    with mesh(demo_dir, stages=1, extra=["--http-port", str(http), "--served-model-name", "house-model",
+                                         "--max-model-len", "40"]) as m:
         res = run_cli("generate", "--target", m.address, "--prompt-ids", "1,2", "--max-tokens", "0", "--json")
         assert res.returncode == 1
         assert json.loads(res.stdout)["error"]["code"] == "INVALID_ARGUMENT"
+        base = f"http://127.0.0.1:{http}/v1"
+        card = requests.get(f"{base}/models", timeout=10).json()["data"][0]
+        assert (card["id"], card["max_model_len"]) == ("house-model", 40)
+        ok = requests.post(f"{base}/completions", json={"model": "house-model", "prompt": [5, 6, 7], "max_tokens": 37},
+                           timeout=60)
+        assert ok.status_code == 200, ok.text
+        long = requests.post(f"{base}/completions", json={"model": "house-model", "prompt": [5, 6, 7],
+                                                          "max_tokens": 38}, timeout=60)
+        assert long.status_code == 400, long.text
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
