@@ -73,7 +73,7 @@ if INTERPRETED:  # collected only in the interpreter process (above)
                                    rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
     @pytest.mark.parametrize("m,n,kdim,group_n", [(1, 200, 300, 128), (3, 130, 1100, 128), (4, 64, 96, 32),
-                                                  (2, 576, 256, 128), (1, 72, 1100, 32)])
+                                                  (2, 96, 256, 128), (1, 72, 1100, 32)])
     def test_gemv(m, n, kdim, group_n):
         """The W8A16 GEMV of decode's few rows: ragged N and K, scale groups finer than 128 rows,
         K slices of 1 and of several scale groups (one past K), 1-4 rows (one row: summed late and
@@ -83,7 +83,7 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         w = (torch.randn(n, kdim, generator=gen) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
         ws = torch.rand(-(-n // group_n), -(-kdim // 128), generator=gen) * 0.01 + 1e-3
         ref = k.w8a16_gemv_torch(x, w, ws, group_n)
-        for config in (None, (16, 128, 4, 2), (4, 1024, 4, 2)):
+        for config in (None, (16, 128, 4, 2), (4, 1024, 4, 2))[: 3 if m == 1 else 2]:  # (the interpreter is slow)
             for late_sum in (True, False):  # one row: both summation orders
                 got = k.w8a16_gemv(x, w, ws, group_n, config=config, late_sum=late_sum)
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
