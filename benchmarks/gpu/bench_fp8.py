@@ -19,8 +19,8 @@
    bytes: the 8-layer stage's share (3 dense + 5 MoE + embeddings + head) in FP8 and bf16.
 3. `--gemv`: M = 1 and 4 at V3's and Llama-3.1-8B's shapes: bf16 torch.mm, the tensor-core path
    (activation quant + kernels/fp8.w8a8_block_gemm, as dispatched before the GEMV) and every
-   GEMV_CANDIDATES tile of kernels/fp8.w8a16_gemv (at M = 1 also with its per-K-step sum,
-   `late_sum=False`), each as GB/s on the weight bytes, with the GEMV's error against
+   GEMV_CANDIDATES tile of kernels/fp8.w8a16_gemv (at M = 1 also with the other summation order,
+   `late_sum`), each as GB/s on the weight bytes, with the GEMV's error against
    x @ dequant(W)^T; the tile with the least total time over the shapes at the dispatched rows.
 """
 
@@ -153,9 +153,9 @@ def gemv_rows() -> dict:
             for cfg in GEMV_CANDIDATES:
                 try:
                     ms = bench(lambda: k.w8a16_gemv(x, wq, ws, 128, config=cfg))
-                    if m == 1:  # the per-K-step sum it replaced, for comparison
-                        r[f"gemv-step {cfg}"] = gbs(bench(lambda: k.w8a16_gemv(x, wq, ws, 128, config=cfg,
-                                                                                late_sum=False)))
+                    if m == 1:  # the other summation order, for comparison
+                        r[f"gemv-other-sum {cfg}"] = gbs(bench(lambda: k.w8a16_gemv(
+                            x, wq, ws, 128, config=cfg, late_sum=not k.GEMV_LATE_SUM)))
                 except Exception as exc:  # a tile that does not compile
                     print(f"  gemv {cfg} failed: {type(exc).__name__}", flush=True)
                     continue
@@ -167,8 +167,9 @@ def gemv_rows() -> dict:
             print(f"{name:>15} M={m} N={n:<6} K={kk:<6} GB/s: bf16 {r['bf16_GBps_on_bf16']:6.0f} (bf16 bytes)  "
                   f"tensor-core FP8 {r['tensor_core_GBps']:6.0f}  gemv default {r.get(f'gemv {k.GEMV_CONFIG}', 0):6.0f}  "
                   f"best {best[0]:6.0f} {best[1]}  err {r['gemv_err']:.4f}"
-                  + (f"  per-step sum: default {r.get(f'gemv-step {k.GEMV_CONFIG}', 0):6.0f} best "
-                     f"{max(v for key, v in r.items() if key.startswith('gemv-step')):6.0f}" if m == 1 else ""),
+                  + (f"  late_sum={not k.GEMV_LATE_SUM}: default {r.get(f'gemv-other-sum {k.GEMV_CONFIG}', 0):6.0f} "
+                     f"best {max(v for key, v in r.items() if key.startswith('gemv-other-sum')):6.0f}"
+                     if m == 1 else ""),
                   flush=True)
             rows.append(r)
     best_cfg = min(totals, key=totals.get)

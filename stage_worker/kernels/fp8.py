@@ -37,6 +37,8 @@ the kernels against them in Triton's CPU interpreter. Shape-static and sync-free
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:  # Triton is optional: CPU-only installs never import it.
@@ -234,17 +236,20 @@ GEMV_MAX_M = 4  # rows the W8A16 GEMV takes (its [M, BLOCK_N] accumulator is unr
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): benchmarks/gpu/bench_fp8.py --gemv sweeps them. On an H100
 # at one row, 12 tiles within 1.5x of each other; this one is best or within 4% at every Llama-8B shape.
 GEMV_CONFIG: tuple[int, int, int, int] = (8, 1024, 4, 2)
+# w8a16_gemv's late_sum default; STAGEMESH_FP8_GEMV_LATE_SUM=1 sets it (a same-run comparison).
+GEMV_LATE_SUM = os.environ.get("STAGEMESH_FP8_GEMV_LATE_SUM", "0") == "1"
 
 
 def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,
                out_dtype: torch.dtype | None = None, config: tuple[int, int, int, int] | None = None,
-               late_sum: bool = True) -> torch.Tensor:
+               late_sum: bool | None = None) -> torch.Tensor:
     """x [M, K] (M <= GEMV_MAX_M, any float dtype), w [N, K] e4m3, ws [ceil(N/group_n), ceil(K/128)]
     -> y [M, N] = x @ dequant(w, ws)^T in out_dtype (default x's), fp32 accumulation (Triton).
 
     late_sum (one row): the products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, summed
-    across it once at the end, instead of a cross-thread sum at every K step (kept as the
-    alternative for bench_fp8's comparison)."""
+    across it once at the end, instead of a cross-thread sum at every K step. Default
+    GEMV_LATE_SUM: off until bench_fp8 --gemv has timed it on a GPU (the per-step form is the one
+    measured)."""
     m, kdim = x.shape
     n = w.shape[0]
     if m > GEMV_MAX_M:
@@ -259,7 +264,7 @@ def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int 
         x, w, ws, out, m, n, kdim, group_n, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         ws.stride(0), ws.stride(1), out.stride(0), out.stride(1),
         M_PAD=max(1, triton.next_power_of_2(m)), BLOCK_N=bn, GROUPS=bk // GROUP_K, GROUP_K=GROUP_K,
-        LATE_SUM=late_sum and m == 1, num_warps=warps, num_stages=stages)
+        LATE_SUM=(GEMV_LATE_SUM if late_sum is None else late_sum) and m == 1, num_warps=warps, num_stages=stages)
     return out
 
 
