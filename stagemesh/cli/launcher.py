@@ -174,10 +174,10 @@ class Mesh:
         if self._own_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
-    def _spawn(self, name: str, cmd: list[str], stop: threading.Event, wait: bool = True,
-               env: dict[str, str] | None = None, note: str = "") -> bool:
-        """Start a supervised child (`env`: extra variables, e.g. secrets kept off argv); with
-        `wait`, until it serves. False if `stop` was set first."""
+    def _spawn(self, name: str, cmd: list[str], stop: threading.Event, env: dict[str, str] | None = None,
+               note: str = "") -> bool:
+        """Start a supervised child (`env`: extra variables, e.g. secrets kept off argv) and wait
+        until it serves. False if `stop` was set first."""
         child = self.supervisor.spawn(name, cmd, env=env, note=note)
-        return self.supervisor.wait_ready(child, stop) if wait else True
+        return self.supervisor.wait_ready(child, stop)
 
