@@ -65,7 +65,8 @@ def interpreter_run() -> dict:
         finally:
             for child in children:
                 child.kill()
-        run = {"files": files, "outcomes": {}, "launches": [], "logs": logs}
+        run = {"files": files, "outcomes": {}, "launches": [], "logs": logs,
+               "complete": all(out.exists() for out in outs)}  # a child that died wrote nothing
         for out in outs:
             if out.exists():
                 shard = json.loads(out.read_text())
@@ -81,6 +82,8 @@ def run_in_interpreter(test_file: str, keyword: str | None = None) -> None:
     rel = str(Path(test_file).resolve().relative_to(ROOT))
     run = interpreter_run()
     assert run["files"].get(rel, "missing") == keyword, f"{rel}: call run_in_interpreter(__file__, {keyword!r})"
+    assert run["complete"], "an interpreter child ended without its results:\n" + "\n".join(
+        log[-3000:] for log in run["logs"])
     mine = {nodeid: o for nodeid, o in run["outcomes"].items() if nodeid.split("::")[0] == rel}
     bad = {nodeid: o for nodeid, o in mine.items() if o[0] != "passed"}
     assert mine and not bad, ("\n\n".join(f"{nodeid}: {outcome}\n{text[-3000:]}" for nodeid, (outcome, text)
@@ -114,6 +117,7 @@ def _child(out: str, shard: int, files: dict[str, str | None]) -> None:
                 keyword = files[str(item.path.relative_to(ROOT))]
                 return keyword is None or keyword in item.name
             items[:] = [item for item in items if selected(item)][shard::SHARDS]
+            outcomes.update({item.nodeid: ["not run", ""] for item in items})  # until its reports come
 
         def pytest_collectreport(self, report):
             if report.failed:  # an import error: the file's check fails on it
@@ -122,7 +126,7 @@ def _child(out: str, shard: int, files: dict[str, str | None]) -> None:
         def pytest_runtest_logreport(self, report):
             if report.failed or report.skipped or report.when == "call":
                 outcome = "failed" if report.failed else "skipped" if report.skipped else "passed"
-                if outcomes.get(report.nodeid, ["passed"])[0] == "passed":
+                if outcomes.get(report.nodeid, ["passed"])[0] in ("passed", "not run"):
                     outcomes[report.nodeid] = [outcome, report.longreprtext]
 
     InterpretedFunction.run = recording_run

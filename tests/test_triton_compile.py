@@ -114,6 +114,8 @@ def test_every_kernel_compiles_for_hopper_and_ampere():
         pytest.skip("Triton has no NVIDIA backend")
 
     run = interpreter_run()  # the kernel tests' launches (tests/interpreted.py)
+    assert run["complete"], "an interpreter child ended without its results:\n" + "\n".join(
+        log[-3000:] for log in run["logs"])
     launches = [launch for launch in run["launches"] if launch["module"].startswith("stage_worker.kernels.")]
 
     kernels = _kernels()
