@@ -276,6 +276,21 @@ def w8a16_gemv_torch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n
 
 if triton is not None:
     @triton.jit
+    def _gemv_slice(w_ptr, ws_ptr, offs_n, mask_n, k0, K, group_n, stride_wn, stride_wk, stride_sn, stride_sk,
+                    GROUPS: tl.constexpr, GROUP_K: tl.constexpr):
+        """One K step of the GEMV: its columns cols [G, GK] and their mask, the weight slice w
+        [BN, G, GK] in fp32 and its scales s [BN, G]."""
+        g = tl.arange(0, GROUPS)
+        kb = k0 // GROUP_K + g  # [G] scale-group index of each slice
+        cols = k0 + g[:, None] * GROUP_K + tl.arange(0, GROUP_K)[None, :]
+        kmask = cols < K
+        w = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + cols[None, :, :] * stride_wk,
+                    mask=mask_n[:, None, None] & kmask[None, :, :], other=0.0).to(tl.float32)
+        s = tl.load(ws_ptr + (offs_n // group_n)[:, None] * stride_sn + kb[None, :] * stride_sk,
+                    mask=mask_n[:, None] & (kb * GROUP_K < K)[None, :], other=0.0)
+        return cols, kmask, w, s
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, group_n,
                      stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_ym, stride_yn,
                      M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP_K: tl.constexpr,
@@ -283,18 +298,11 @@ if triton is not None:
         """y[:, n-block] = x @ (w * scale)^T; each K step is GROUPS scale groups of GROUP_K columns."""
         offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        g = tl.arange(0, GROUPS)
-        c = tl.arange(0, GROUP_K)
         if LATE_SUM:  # one row: products summed elementwise, reduced across the tile once
             tile = tl.zeros((BLOCK_N, GROUPS, GROUP_K), dtype=tl.float32)
             for k0 in range(0, K, GROUPS * GROUP_K):
-                kb1 = k0 // GROUP_K + g
-                cols1 = k0 + g[:, None] * GROUP_K + c[None, :]
-                kmask1 = cols1 < K
-                w1 = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + cols1[None, :, :] * stride_wk,
-                             mask=mask_n[:, None, None] & kmask1[None, :, :], other=0.0).to(tl.float32)
-                s1 = tl.load(ws_ptr + (offs_n // group_n)[:, None] * stride_sn + kb1[None, :] * stride_sk,
-                             mask=mask_n[:, None] & (kb1 * GROUP_K < K)[None, :], other=0.0)
+                cols1, kmask1, w1, s1 = _gemv_slice(w_ptr, ws_ptr, offs_n, mask_n, k0, K, group_n, stride_wn,
+                                                    stride_wk, stride_sn, stride_sk, GROUPS, GROUP_K)
                 x1 = tl.load(x_ptr + cols1 * stride_xk, mask=kmask1, other=0.0).to(tl.float32)
                 tile += w1 * x1[None, :, :] * s1[:, :, None]
             y1 = tl.sum(tl.sum(tile, axis=2), axis=1)
@@ -303,13 +311,8 @@ if triton is not None:
         rows = tl.arange(0, M_PAD)
         acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, GROUPS * GROUP_K):
-            kb = k0 // GROUP_K + g  # [G] scale-group index of each slice
-            cols = k0 + g[:, None] * GROUP_K + c[None, :]  # [G, GK]
-            kmask = cols < K
-            w = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + cols[None, :, :] * stride_wk,
-                        mask=mask_n[:, None, None] & kmask[None, :, :], other=0.0).to(tl.float32)  # [BN, G, GK]
-            s = tl.load(ws_ptr + (offs_n // group_n)[:, None] * stride_sn + kb[None, :] * stride_sk,
-                        mask=mask_n[:, None] & (kb * GROUP_K < K)[None, :], other=0.0)  # [BN, G]
+            cols, kmask, w, s = _gemv_slice(w_ptr, ws_ptr, offs_n, mask_n, k0, K, group_n, stride_wn, stride_wk,
+                                            stride_sn, stride_sk, GROUPS, GROUP_K)
             for m in tl.static_range(M_PAD):
                 xm = tl.load(x_ptr + m * stride_xm + cols * stride_xk, mask=kmask & (m < M), other=0.0).to(tl.float32)
                 part = tl.sum(tl.sum(w * xm[None, :, :], axis=2) * s, axis=1)  # [BN]
