@@ -75,15 +75,21 @@ def interpreter_run() -> dict:
     return run
 
 
+def completed_run() -> dict:
+    """interpreter_run, every child of which wrote its results (one that died wrote none)."""
+    run = interpreter_run()
+    assert run["complete"], "an interpreter child ended without its results:\n" + "\n".join(
+        log[-3000:] for log in run["logs"])
+    return run
+
+
 def run_in_interpreter(test_file: str, keyword: str | None = None) -> None:
     """test_file's kernel tests (names containing keyword), run in the session's interpreter run:
     at least one ran, all passed, none skipped. `keyword` is read from the call's source text
     (interpreter_files), so pass it as a string literal."""
     rel = str(Path(test_file).resolve().relative_to(ROOT))
-    run = interpreter_run()
+    run = completed_run()
     assert run["files"].get(rel, "missing") == keyword, f"{rel}: call run_in_interpreter(__file__, {keyword!r})"
-    assert run["complete"], "an interpreter child ended without its results:\n" + "\n".join(
-        log[-3000:] for log in run["logs"])
     mine = {nodeid: o for nodeid, o in run["outcomes"].items() if nodeid.split("::")[0] == rel}
     bad = {nodeid: o for nodeid, o in mine.items() if o[0] != "passed"}
     assert mine and not bad, ("\n\n".join(f"{nodeid}: {outcome}\n{text[-3000:]}" for nodeid, (outcome, text)
