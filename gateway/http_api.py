@@ -81,7 +81,7 @@ _CHAT_NO_EFFECT_VALUES = {"echo": (False,), "best_of": (1,), "continue_final_mes
 def _refuse_unsupported(req: CommonParams, kind: str) -> None:
     if getattr(req, "suffix", None):
         raise ApiError(400, "suffix is not supported", param="suffix")
-    set_fields = {**(req.model_extra or {}), **req.model_dump(exclude_unset=True)}
+    set_fields = req.model_dump(exclude_unset=True)  # extras included (extra="allow")
     table = {**_NO_EFFECT_VALUES, **(_CHAT_NO_EFFECT_VALUES if kind == "chat" else {})}
     for name, no_op in table.items():
         if name in set_fields and set_fields[name] is not None and set_fields[name] not in no_op:

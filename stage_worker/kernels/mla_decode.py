@@ -49,7 +49,8 @@ MAX_SPLITS = 16
 # against 5.63 with 16 heads per program); 16 heads (V2-Lite) fill a 16-head program exactly.
 # SPLIT_R (a head block's output columns over that many programs) is 1 until measured to win on a
 # GPU; STAGEMESH_MLA_SPLIT_R sets it, so a benchmark serves the same stage both ways in one run.
-WIDE = dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=2, SPLIT_R=int(os.environ.get("STAGEMESH_MLA_SPLIT_R", "1")))
+WIDE = dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=2,
+            SPLIT_R=int(os.environ.get("STAGEMESH_MLA_SPLIT_R", "1")))
 NARROW = dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
