@@ -188,14 +188,17 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         got = fused_moe.fused_experts(*args, config=(16, 32, 32, 2, 4, 2), use_triton=True)
         torch.testing.assert_close(got, fused_moe.fused_experts_torch(*args), atol=1e-5, rtol=1e-5)
 
-    def test_interpreted_fused_experts_fp8():
+    @pytest.mark.parametrize("block_n,paired", [(64, False), (256, False), (64, True)])
+    def test_interpreted_fused_experts_fp8(block_n, paired):
         """Block-FP8 stacks (two 128-row gate/up blocks, 256 = two K groups), activations quantized
         per 1x128 group. Each GEMM equals fp32 math on its dequantized operands (the same quantized
         activations: torch's quantizer, since the interpreter's e4m3 cast inside a kernel does not
         round to nearest; the act-quant kernel has its own test), and the layer stays within FP8's
         error of the unquantized one. (The layer is not compared to fused_experts_torch bit for bit:
         an ulp of difference in a row's largest SiLU·up value, summation order, moves that row's FP8
-        scale and every value of the row by up to a rounding step.)"""
+        scale and every value of the row by up to a rounding step.) Tiles inside one 128-row scale
+        block (one weight scale per K group) and across two; K groups one or two per loop step
+        (paired: the down GEMM's single group leaves the pair's second past K)."""
         from stage_worker.kernels import fp8 as fp8k
         from stage_worker.kernels.fused_ops import silu_and_mul
         from stage_worker.kernels.moe_align import moe_align_block_size
@@ -207,7 +210,7 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         w, ids = torch.rand(m, k, generator=gen), _random_ids(gen, m, k, e, skip=(6,))
         full = fused_moe.fused_experts_torch(x, moe.w_gate_up, moe.w_down, w, ids)
         moe.quantize_fp8_()
-        tiles = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=2, num_warps=4, num_stages=2)
+        tiles = dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=2, PAIRED=paired, num_warps=4, num_stages=2)
         route = (w.reshape(-1).float(), *moe_align_block_size(ids, 16, e, use_triton=True))
         quant = fp8k.per_token_group_quant_fp8_torch
 

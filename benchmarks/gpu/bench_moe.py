@@ -198,19 +198,23 @@ def measure(shape: str, tokens: list[int], dev) -> dict:
 
 
 # Candidate tiles per rows-per-expert bucket (fused_moe.CONFIGS_* keys): (BM, BN, BK, GROUP_M, warps, stages).
+# FP8: BK 256 = two 128-wide quant groups per loop step (two dots in flight, then scaled).
 SWEEP = {
     False: {0: [(16, 64, 128, 1, 4, 4), (16, 128, 64, 1, 4, 4), (16, 64, 64, 1, 4, 5), (32, 64, 128, 1, 4, 4)],
             8: [(32, 64, 128, 8, 4, 4), (64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4), (32, 128, 64, 8, 4, 4)],
             32: [(64, 128, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3), (64, 256, 64, 8, 8, 3)],
             128: [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 3), (64, 256, 64, 8, 8, 4)]},
-    True: {0: [(16, 64, 128, 1, 4, 4), (16, 128, 128, 1, 4, 4), (16, 64, 128, 1, 4, 5), (32, 64, 128, 1, 4, 4)],
-           8: [(32, 128, 128, 8, 4, 3), (64, 64, 128, 8, 4, 4), (64, 128, 128, 8, 4, 3), (32, 64, 128, 8, 4, 4)],
-           32: [(64, 128, 128, 8, 4, 3), (64, 64, 128, 8, 4, 4), (128, 128, 128, 8, 8, 3), (64, 256, 128, 8, 8, 3)],
-           128: [(128, 128, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4), (128, 256, 128, 8, 8, 3), (64, 128, 128, 8, 4, 4)]},
+    True: {0: [(16, 64, 128, 1, 4, 5), (16, 64, 256, 1, 4, 4), (16, 128, 256, 1, 4, 3), (32, 64, 256, 1, 4, 3)],
+           8: [(64, 64, 128, 8, 4, 4), (64, 64, 256, 8, 4, 4), (32, 64, 256, 8, 4, 4), (64, 128, 256, 8, 4, 3)],
+           32: [(64, 128, 128, 8, 4, 3), (64, 128, 256, 8, 4, 3), (64, 64, 256, 8, 4, 4), (64, 128, 128, 16, 4, 3),
+                (128, 128, 256, 8, 8, 3)],
+           128: [(64, 128, 128, 8, 4, 4), (64, 128, 256, 8, 4, 4), (64, 128, 256, 8, 4, 3), (128, 128, 256, 8, 8, 3),
+                 (128, 128, 128, 8, 8, 4), (64, 256, 128, 8, 8, 4), (64, 128, 128, 16, 4, 4), (64, 128, 128, 8, 4, 5),
+                 (128, 64, 128, 8, 4, 4)]},
 }
 
 
-def sweep(shape: str, tokens: list[int], dev) -> list[dict]:
+def sweep(shape: str, tokens: list[int], dev, dtypes: tuple = (False, True)) -> list[dict]:
     """Each candidate tile of the token count's bucket, routed experts only, replayed in a CUDA graph."""
     moe = build(shape, dev)
     moe8 = fp8_copy(moe)
@@ -220,17 +224,30 @@ def sweep(shape: str, tokens: list[int], dev) -> list[dict]:
         x = torch.randn(t, moe.spec.hidden, device=dev, dtype=torch.bfloat16)
         w, ids = moe.gate(x)
         for fp8, m in ((False, moe), (True, moe8)):
+            if fp8 not in dtypes:
+                continue
             table = fused_moe.CONFIGS_FP8 if fp8 else fused_moe.CONFIGS_16BIT
             bucket = max(b for b in table if b <= t * ids.shape[1] / e)
-            for cfg in SWEEP[fp8][bucket]:
+            # FP8: the table's tile first with a weight scale per column (the kernel before the
+            # one-scale-per-K-group load), then every candidate as the kernel runs now
+            runs = [(table[bucket], False)] if fp8 else []
+            for i, (cfg, scalar) in enumerate(runs + [(c, True) for c in SWEEP[fp8][bucket]]):
                 def run(m=m, cfg=cfg):
                     return fused_moe.fused_experts(x, m.w_gate_up, m.w_down, w, ids, None, None, m.w_gate_up_scale_inv,
                                                    m.w_down_scale_inv, m.group_n, config=cfg, use_triton=True)
+                fused_moe.SCALAR_WEIGHT_SCALE = scalar
+                out = run().float()
+                first = out if i == 0 else first
                 ms = bench(graphed(run), 50)
-                rows.append({"shape": shape, "tokens": t, "fp8": fp8, "bucket": bucket, "config": cfg, "ms": ms})
+                fused_moe.SCALAR_WEIGHT_SCALE = True
+                rows.append({"shape": shape, "tokens": t, "fp8": fp8, "bucket": bucket, "config": cfg, "ms": ms,
+                             "scalar_weight_scale": scalar,  # relative difference from the first tile's output
+                             "rel_diff": ((out - first).norm() / first.norm()).item()})
             best = min((r for r in rows if r["tokens"] == t and r["fp8"] == fp8), key=lambda r: r["ms"])
             print(f"  {shape} T={t} fp8={fp8} bucket={bucket}: best {best['config']} {best['ms']:.3f} ms; "
-                  + " ".join(f"{r['ms']:.3f}" for r in rows if r["tokens"] == t and r["fp8"] == fp8), flush=True)
+                  + " ".join(f"{r['ms']:.3f}" for r in rows if r["tokens"] == t and r["fp8"] == fp8)
+                  + "; max rel diff " + f"{max(r['rel_diff'] for r in rows if r['tokens'] == t and r['fp8'] == fp8):.1e}",
+                  flush=True)
     del moe, moe8
     torch.cuda.empty_cache()
     return rows
@@ -262,6 +279,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,16,64,256,1024,4096")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--sweep", action="store_true", help="time candidate tiles instead (fused_moe.CONFIGS_*)")
+    ap.add_argument("--sweep-dtypes", default="bf16,fp8", help="the sweep's expert weights: bf16, fp8 or both")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -269,7 +287,8 @@ def main() -> None:
     tokens = [int(t) for t in args.tokens.split(",")]
     t0, results = time.time(), {}
     for shape in args.shapes.split(","):
-        results[shape] = sweep(shape, tokens, dev) if args.sweep else measure(shape, tokens, dev)
+        dtypes = tuple(name == "fp8" for name in args.sweep_dtypes.split(","))
+        results[shape] = sweep(shape, tokens, dev, dtypes) if args.sweep else measure(shape, tokens, dev)
     if not args.sweep:
         report(device, results)
     print(f"(total {time.time() - t0:.0f} s; torch {torch.__version__})")

@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 GROUP_K = 128  # FP8 activation group and weight block along K
+SCALAR_WEIGHT_SCALE = True  # a tile inside one weight scale block loads one scale per K group (bench A/B)
 
 # Tiles per expected rows per expert (numel / E; largest key <= it wins):
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); BLOCK_K is 128 (the quant group)
@@ -80,11 +81,13 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     if m == 0:
         return out
     bm, bn, bk, group_m, warps, stages = config or moe_config(numel, e, fp8)
+    paired = fp8 and bk == 2 * GROUP_K  # FP8: BLOCK_K 256 = two quant groups per loop step
     if fp8:
         bk = GROUP_K
     sorted_ids, expert_ids, post = moe_align_block_size(topk_ids, bm, e, use_triton=use_triton)
     weights = topk_weights.reshape(-1).float()
-    tiles = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages)
+    tiles = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, PAIRED=paired, num_warps=warps,
+                 num_stages=stages)
     route = (weights, sorted_ids, expert_ids, post)
     gu = x.new_empty(numel, n13)  # row token*k + slot: A row `token` (top_k k) through its expert's w13
     _gemm(_quant(x, fp8, use_triton), w13, w13_scale, b13, gu, *route, k, False, group_n[0], tiles)
@@ -117,7 +120,7 @@ def _gemm(a_and_scale, w, w_scale, bias, c, weights, sorted_ids, expert_ids, pos
         w_scale.stride(0) if fp8 else 0, w_scale.stride(1) if fp8 else 0, w_scale.stride(2) if fp8 else 0,
         bias.stride(0) if bias is not None else 0,
         TOP_K=top_k, MUL_ROUTED_WEIGHT=mul_weight, USE_FP8=fp8, HAS_BIAS=bias is not None,
-        IEEE=a.dtype == torch.float32, **tiles)
+        IEEE=a.dtype == torch.float32, SCALAR_BS=fp8 and SCALAR_WEIGHT_SCALE and group_n % tiles["BLOCK_N"] == 0, **tiles)
 
 
 if triton is not None:
@@ -128,9 +131,9 @@ if triton is not None:
                           stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
                           stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_bias_e,
                           TOP_K: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, USE_FP8: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SCALAR_BS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          GROUP_M: tl.constexpr):
+                          GROUP_M: tl.constexpr, PAIRED: tl.constexpr):
         pid = tl.program_id(0)
         num_m, num_n = tl.cdiv(EM, BLOCK_M), tl.cdiv(N, BLOCK_N)
         per_group = GROUP_M * num_n  # grouped order: GROUP_M row blocks share each weight tile in L2
@@ -150,30 +153,56 @@ if triton is not None:
         a_rows = tok // TOP_K
         a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BM, BK]
         b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk  # [BK, BN]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if USE_FP8:
             as_ptrs = as_ptr + a_rows * stride_asm
-            bs_ptrs = bs_ptr + expert * stride_bse + (offs_n // group_n) * stride_bsn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(K, BLOCK_K)):
-            k_left = K - kb * BLOCK_K
-            a = tl.load(a_ptrs, mask=tok_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_mask[None, :], other=0.0)
-            if USE_FP8:
-                a_s = tl.load(as_ptrs + kb * stride_ask, mask=tok_mask, other=0.0)
-                b_s = tl.load(bs_ptrs + kb * stride_bsk, mask=n_mask, other=0.0)
-                acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-            elif IEEE:
-                acc += tl.dot(a, b, input_precision="ieee")
+            if SCALAR_BS:  # the tile lies in one weight scale block along N: one scale per K group
+                bs_ptrs = bs_ptr + expert * stride_bse + (pid_n * BLOCK_N // group_n) * stride_bsn
             else:
-                acc += tl.dot(a, b)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+                bs_ptrs = bs_ptr + expert * stride_bse + (offs_n // group_n) * stride_bsn
+            step: tl.constexpr = 2 if PAIRED else 1
+            for kb in range(0, tl.cdiv(K, BLOCK_K), step):
+                d, s = _fp8_group(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, kb, K, tok_mask, n_mask, offs_k,
+                                  stride_ak, stride_bk, stride_ask, stride_bsk, BLOCK_K, SCALAR_BS)
+                if PAIRED:  # two independent dots in flight before either is scaled
+                    d1, s1 = _fp8_group(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, kb + 1, K, tok_mask, n_mask, offs_k,
+                                        stride_ak, stride_bk, stride_ask, stride_bsk, BLOCK_K, SCALAR_BS)
+                    acc += d * s + d1 * s1
+                else:
+                    acc += d * s
+        else:
+            for kb in range(0, tl.cdiv(K, BLOCK_K)):
+                k_left = K - kb * BLOCK_K
+                a = tl.load(a_ptrs, mask=tok_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
+                b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_mask[None, :], other=0.0)
+                if IEEE:
+                    acc += tl.dot(a, b, input_precision="ieee")
+                else:
+                    acc += tl.dot(a, b)
+                a_ptrs += BLOCK_K * stride_ak
+                b_ptrs += BLOCK_K * stride_bk
         if HAS_BIAS:
             acc += tl.load(bias_ptr + expert * stride_bias_e + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if MUL_ROUTED_WEIGHT:
             acc *= tl.load(topk_w_ptr + tok, mask=tok_mask, other=0.0)[:, None]
         c_ptrs = c_ptr + tok[:, None] * stride_cm + offs_n[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=tok_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _fp8_group(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, kb, K, tok_mask, n_mask, offs_k,
+                   stride_ak, stride_bk, stride_ask, stride_bsk, BLOCK_K: tl.constexpr, SCALAR_BS: tl.constexpr):
+        """K group kb (BLOCK_K = the 128-wide quant group): its unscaled dot and the scale to apply,
+        [BM, 1] x [1, BN] (or x a scalar); a group past K reads zeros and scale 0."""
+        k_left = K - kb * BLOCK_K
+        k_ok = offs_k < k_left
+        a = tl.load(a_ptrs + kb * BLOCK_K * stride_ak, mask=tok_mask[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs + kb * BLOCK_K * stride_bk, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
+        a_s = tl.load(as_ptrs + kb * stride_ask, mask=tok_mask & (k_left > 0), other=0.0)
+        if SCALAR_BS:
+            scale = a_s[:, None] * tl.load(bs_ptrs + kb * stride_bsk, mask=k_left > 0, other=0.0)
+        else:
+            scale = a_s[:, None] * tl.load(bs_ptrs + kb * stride_bsk, mask=n_mask & (k_left > 0), other=0.0)[None, :]
+        return tl.dot(a, b), scale
 
 
 def fused_experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
