@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from stage_worker.kernels.paged_decode import choose_splits, paged_decode
 from stage_worker.kernels.softmax import attention_torch
 from stage_worker.kernels.unified_attention import tile_plan, unified_attention
+from stage_worker.kv_cache import read_slots
 from stagemesh.errors import InvalidArgument
 
 
@@ -254,8 +255,8 @@ def attend(q: torch.Tensor, layer_kv: tuple[torch.Tensor, torch.Tensor], meta: A
         a, b = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         ctx_slots = meta.context_slots[i]
         qi = q[a:b].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
-        ki = k_cache[ctx_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
-        vi = v_cache[ctx_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
+        ki = read_slots(k_cache, ctx_slots, q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+        vi = read_slots(v_cache, ctx_slots, q.dtype).transpose(0, 1).unsqueeze(0)
         mask = meta.prefill_masks[i]
         if window and window < meta.context_lens[i]:
             mask = _chunk_mask(meta.start_pos[i], meta.context_lens[i], q.device, window)
@@ -275,8 +276,8 @@ def attend(q: torch.Tensor, layer_kv: tuple[torch.Tensor, torch.Tensor], meta: A
     elif meta.decode_ids:
         rows = meta.decode_rows
         qd = q[rows].unsqueeze(2)  # [B, Hq, 1, D]
-        kd = k_cache[meta.decode_slots].to(q.dtype).transpose(1, 2)  # [B, Hkv, Lmax, D]
-        vd = v_cache[meta.decode_slots].to(q.dtype).transpose(1, 2)
+        kd = read_slots(k_cache, meta.decode_slots, q.dtype).transpose(1, 2)  # [B, Hkv, Lmax, D]
+        vd = read_slots(v_cache, meta.decode_slots, q.dtype).transpose(1, 2)
         mask = meta.decode_mask
         if window:  # the padded layout's key j is position j: keep the last `window` of each row
             ctx = torch.tensor([meta.context_lens[i] for i in meta.decode_ids], device=q.device)

@@ -32,6 +32,9 @@ class WorkerConfig:
     quantization: str = knob("none", "fp8: quantize a bf16/fp32 checkpoint's linear and expert weights at load "
                              "into FP8 128x128 blocks (block-scaled FP8 GEMMs on CUDA SM89+); none: as the "
                              "checkpoint is (an FP8 checkpoint stays FP8)", choices=("none", "fp8"))
+    kv_cache_dtype: str = knob("auto", "fp8: keep K/V in FP8 e4m3 (scale 1.0, values past +-448 saturate; half "
+                               "the bytes of bf16, so twice the tokens and half the attention reads); auto: the "
+                               "model's dtype. Llama-family K/V pools, CPU or CUDA SM89+", choices=("auto", "fp8"))
     load_format: str = knob("auto", "dummy: random weights drawn on the device from config.json alone (benchmarks; "
                             "tokens are meaningless); auto: read the checkpoint's weights", choices=("auto", "dummy"))
     metrics_port: int = knob(0, "serve Prometheus /metrics here (0: off)")

@@ -13,6 +13,37 @@ from __future__ import annotations
 import torch
 
 
+FP8_KV = torch.float8_e4m3fn
+FP8_KV_MAX = 448.0  # e4m3fn's largest finite value: K/V beyond it saturate (scale 1.0, vLLM's default)
+
+
+def cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The pool's element type for `--kv-cache-dtype`: auto (the model's dtype) or fp8 (e4m3)."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype == "fp8":
+        return FP8_KV
+    raise ValueError(f"unknown kv cache dtype {kv_cache_dtype!r} (auto or fp8)")
+
+
+def write_slots(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    """cache[slots] = values, cast to the cache's dtype (FP8: saturated at +-448). FP8 pools are
+    written through a byte view: torch has no FP8 index_copy_ on the CPU."""
+    if cache.dtype == FP8_KV:
+        values = values.clamp(-FP8_KV_MAX, FP8_KV_MAX).to(FP8_KV)
+    _bytes(cache).index_copy_(0, slots, _bytes(values.to(cache.dtype)))
+
+
+def read_slots(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """cache[slots] in `dtype` (slots of any shape)."""
+    return _bytes(cache)[slots].view(cache.dtype).to(dtype)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """t's storage as bytes, dim 0 unchanged (the last dim times the item size)."""
+    return t.view(torch.uint8)
+
+
 def slot_pool_bytes(num_layers: int, block_size: int, slot_width: int, dtype: torch.dtype) -> int:
     """Bytes of one block of a pool whose slots hold `slot_width` elements per layer."""
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -58,7 +89,7 @@ class SlotPool:
         blocks = torch.tensor(pairs, dtype=torch.long).T.contiguous()  # [2, P]: sources, destinations
         slots = (blocks[:, :, None] * self.block_size + torch.arange(self.block_size)).reshape(2, -1)
         src_slots, dst_slots = slots.to(self.device, non_blocking=True)
-        for t in self.tensors():
+        for t in map(_bytes, self.tensors()):
             t.index_copy_(0, dst_slots, t.index_select(0, src_slots))
 
 

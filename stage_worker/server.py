@@ -272,9 +272,10 @@ class StageService(pb_grpc.StageServicer):
         model, mcfg = load_stage(cfg.model_dir, a.layer_start, a.layer_end, device=cfg.device,
                                  quantization=cfg.quantization, load_format=cfg.load_format)
         # The model's own pool type knows its size (PagedKVCache: 2*L*bs*Hkv*D; MLA: L*bs*(R+Dr)).
-        per_block = model.kv_block_bytes(cfg.block_size)
+        kv_dtype = model.kv_cache_dtype(cfg.kv_cache_dtype)
+        per_block = model.kv_block_bytes(cfg.block_size, kv_dtype)
         num_blocks = cfg.kv_blocks or max(1, self._kv_budget(model) // per_block)
-        kv = model.make_kv_cache(num_blocks, cfg.block_size)
+        kv = model.make_kv_cache(num_blocks, cfg.block_size, dtype=kv_dtype)
         executor = StageExecutor(model, kv, cfg.block_size)
         executor.slowdown = self.slowdown
         grammar.attach(executor, cfg.model_dir)  # structured output, on the last stage

@@ -91,8 +91,8 @@ def load_sharded(model_dir, layer_start: int, layer_end: int, group: TPGroup):
     return shard_stage(model, group.rank, group.world)
 
 
-def make_executor(model, num_blocks: int, block_size: int) -> StageExecutor:
-    kv = model.make_kv_cache(num_blocks, block_size)  # local KV heads only
+def make_executor(model, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto") -> StageExecutor:
+    kv = model.make_kv_cache(num_blocks, block_size, dtype=model.kv_cache_dtype(kv_cache_dtype))  # local KV heads
     # No CUDA graphs: the decode graph would have to capture the NCCL all-reduces (not tried).
     return StageExecutor(model, kv, block_size, cuda_graphs=False)
 
@@ -149,10 +149,10 @@ class TPStageService(StageService):
         cfg = self.config
         self.group.send("load", a.layer_start, a.layer_end)
         model = load_sharded(cfg.model_dir, a.layer_start, a.layer_end, self.group)
-        per_block = model.kv_block_bytes(cfg.block_size)  # local heads
+        per_block = model.kv_block_bytes(cfg.block_size, model.kv_cache_dtype(cfg.kv_cache_dtype))  # local heads
         num_blocks = cfg.kv_blocks or max(1, self._kv_budget(model) // per_block)
-        self.group.send("kv", num_blocks)  # the gateway sees one pool: the same size on every rank
-        executor = TPExecutor(make_executor(model, num_blocks, cfg.block_size), self.group)
+        self.group.send("kv", num_blocks, cfg.kv_cache_dtype)  # one pool for the gateway: the same on every rank
+        executor = TPExecutor(make_executor(model, num_blocks, cfg.block_size, cfg.kv_cache_dtype), self.group)
         executor.slowdown = self.slowdown
         return executor
 
@@ -181,9 +181,9 @@ def follow(group: TPGroup, model_dir: str, block_size: int) -> None:
         if op == "load":
             executor = None  # free the old shard before loading the next
             model = load_sharded(model_dir, cmd[1], cmd[2], group)
-            op, num_blocks = group.recv()
+            op, num_blocks, kv_cache_dtype = group.recv()
             assert op == "kv", op
-            executor = make_executor(model, num_blocks, block_size)
+            executor = make_executor(model, num_blocks, block_size, kv_cache_dtype)
         elif op == "run":
             try:
                 executor.run(cmd[1])  # rank 0 checked it against the same state: it passes here too

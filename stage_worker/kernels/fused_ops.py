@@ -41,6 +41,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from stage_worker.kv_cache import FP8_KV, FP8_KV_MAX, write_slots
+
 try:  # Triton is optional: CPU-only installs never import it.
     import triton
     import triton.language as tl
@@ -204,8 +206,8 @@ def rotary_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_
         qkv, cos, sin, q, k_cache, v_cache, slot_mapping,
         qkv.stride(0), qkv.stride(1), cos.stride(0), sin.stride(0), q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        N_Q=n_q, N_KV=n_kv, HALF=half, HALF_PAD=half_pad, HEADS=heads,
-        num_warps=4, enable_fp_fusion=False,
+        N_Q=n_q, N_KV=n_kv, HALF=half, HALF_PAD=half_pad, HEADS=heads, FP8_CACHE=k_cache.dtype == FP8_KV,
+        FP8_MAX=FP8_KV_MAX, num_warps=4, enable_fp_fusion=False,
     )
     return q
 
@@ -220,8 +222,8 @@ def rotary_and_cache_torch(qkv, cos, sin, n_q, n_kv, k_cache, v_cache, slot_mapp
     qk = qkv[:, : n_q + n_kv]
     qk = qk * cos[:, None, :] + _rotate_half(qk) * sin[:, None, :]
     q, k, v = qk[:, :n_q], qk[:, n_q:], qkv[:, n_q + n_kv:]
-    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    write_slots(k_cache, slot_mapping, k)
+    write_slots(v_cache, slot_mapping, v)
     return q.contiguous()
 
 
@@ -295,10 +297,18 @@ if triton is not None:
         tl.store(OUT + row * s_o + cols, (act * u).to(dt), mask=mask)
 
     @triton.jit
+    def _to_cache(x, ptr, FP8: tl.constexpr, FP8_MAX: tl.constexpr):
+        """x in the pool's element type; FP8 pools saturate at +-FP8_MAX (kv_cache.write_slots)."""
+        if FP8:
+            x = tl.minimum(tl.maximum(x.to(tl.float32), -FP8_MAX), FP8_MAX)
+        return x.to(ptr.dtype.element_ty)
+
+    @triton.jit
     def _rotary_cache_kernel(QKV, COS, SIN, Q, KC, VC, SLOT,
                              s_t, s_h, s_c, s_s, s_qt, s_qh, s_kn, s_kh, s_vn, s_vh,
                              N_Q: tl.constexpr, N_KV: tl.constexpr, HALF: tl.constexpr,
-                             HALF_PAD: tl.constexpr, HEADS: tl.constexpr):
+                             HALF_PAD: tl.constexpr, HEADS: tl.constexpr, FP8_CACHE: tl.constexpr,
+                             FP8_MAX: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)  # [HEADS] heads of q | k | v
         j = tl.arange(0, HALF_PAD)  # [HALF_PAD] columns of one half
@@ -323,12 +333,12 @@ if triton is not None:
         slot = tl.load(SLOT + t).to(tl.int64)
         is_k = (h >= N_Q)[:, None] & (h < N_Q + N_KV)[:, None] & m
         k_ptr = KC + slot * s_kn + (h - N_Q)[:, None] * s_kh + j[None, :]
-        tl.store(k_ptr, o1.to(KC.dtype.element_ty), mask=is_k)
-        tl.store(k_ptr + HALF, o2.to(KC.dtype.element_ty), mask=is_k)
+        tl.store(k_ptr, _to_cache(o1, KC, FP8_CACHE, FP8_MAX), mask=is_k)
+        tl.store(k_ptr + HALF, _to_cache(o2, KC, FP8_CACHE, FP8_MAX), mask=is_k)
         is_v = (h >= N_Q + N_KV)[:, None] & m
         v_ptr = VC + slot * s_vn + (h - N_Q - N_KV)[:, None] * s_vh + j[None, :]
-        tl.store(v_ptr, x1.to(VC.dtype.element_ty), mask=is_v)
-        tl.store(v_ptr + HALF, x2.to(VC.dtype.element_ty), mask=is_v)
+        tl.store(v_ptr, _to_cache(x1, VC, FP8_CACHE, FP8_MAX), mask=is_v)
+        tl.store(v_ptr + HALF, _to_cache(x2, VC, FP8_CACHE, FP8_MAX), mask=is_v)
 
     @triton.jit
     def _combine_kernel(P, L, OUT, HQ, s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,

@@ -24,6 +24,7 @@ import torch
 
 from stage_worker.kernels.fused_ops import combine_splits
 from stage_worker.kernels.softmax import attention_torch, online_softmax_block
+from stage_worker.kv_cache import read_slots
 
 try:  # Triton is optional: CPU-only installs never import it.
     import triton
@@ -70,8 +71,8 @@ def paged_decode_torch(q, k_cache, v_cache, block_tables, ctx_lens, scale, block
     mask = pos[None, :] < ctx_lens[:, None]  # [B, L]
     if window:
         mask &= pos[None, :] >= ctx_lens[:, None] - window
-    k = k_cache[slots].to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
-    v = v_cache[slots].to(q.dtype).transpose(1, 2)
+    k = read_slots(k_cache, slots, q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
+    v = read_slots(v_cache, slots, q.dtype).transpose(1, 2)
     o = attention_torch(q.unsqueeze(2), k, v, mask.view(b, 1, 1, lmax), scale, softcap)  # [B, Hq, 1, D]
     return o.squeeze(2)
 

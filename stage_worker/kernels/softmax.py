@@ -35,8 +35,8 @@ if triton is not None:
         blk = tl.load(BT_row + t // BLOCK_SIZE, mask=in_ctx, other=0).to(tl.int64)
         slot = blk * BLOCK_SIZE + (t % BLOCK_SIZE)
         kv_off = slot[:, None] * s_kn + kv_head_off + d[None, :]
-        k = tl.load(K + kv_off, mask=in_ctx[:, None], other=0.0)  # [N, D]
-        v = tl.load(V + kv_off, mask=in_ctx[:, None], other=0.0)
+        k = tl.load(K + kv_off, mask=in_ctx[:, None], other=0.0).to(q.dtype)  # [N, D] (FP8 pools: upcast)
+        v = tl.load(V + kv_off, mask=in_ctx[:, None], other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.trans(k)) * scale  # [M, N] fp32
         if SOFTCAP:  # softcap * tanh(qk / softcap); tanh(x) = 1 - 2 / (exp(2x) + 1) (Triton has no tanh)
             qk = softcap * (1.0 - 2.0 / (tl.exp(tl.minimum(tl.maximum(2.0 * qk / softcap, -40.0), 40.0)) + 1.0))

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from stage_worker.kernels.softmax import attention_torch, online_softmax_block
+from stage_worker.kv_cache import read_slots
 
 try:  # Triton is optional: CPU-only installs never import it.
     import triton
@@ -105,8 +106,8 @@ def unified_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, query_s
             continue
         pos = torch.arange(ctx, device=q.device)
         slots = block_tables[s, pos // block_size] * block_size + pos % block_size
-        k = k_cache[slots].to(q.dtype).transpose(0, 1)[None]  # [1, Hkv, L, D]
-        v = v_cache[slots].to(q.dtype).transpose(0, 1)[None]
+        k = read_slots(k_cache, slots, q.dtype).transpose(0, 1)[None]  # [1, Hkv, L, D]
+        v = read_slots(v_cache, slots, q.dtype).transpose(0, 1)[None]
         qpos = torch.arange(ctx - (b - a), ctx, device=q.device)
         mask = pos[None, :] <= qpos[:, None]  # [n, L]
         if window:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from stage_worker.attention import AttnMetadata
+from stage_worker.kv_cache import PagedKVCache, cache_dtype
 from stage_worker.models import quant
 from stage_worker.models.layers import RMSNorm, checkpoint_tensors
 from stagemesh.model_config import ModelConfig
@@ -105,9 +106,25 @@ class PipelineStage(nn.Module):
         """The pool's per-slot shape arguments after (num_layers, num_blocks, block_size)."""
         raise NotImplementedError
 
-    def kv_block_bytes(self, block_size: int) -> int:
+    def kv_block_bytes(self, block_size: int, dtype: torch.dtype | None = None) -> int:
         """Bytes one KV block costs on this stage (sizes the pool without allocating one)."""
-        return self.kv_cache_cls.block_bytes(self.num_local_layers, block_size, *self.kv_dims(), self.dtype)
+        return self.kv_cache_cls.block_bytes(self.num_local_layers, block_size, *self.kv_dims(), dtype or self.dtype)
+
+    def kv_cache_dtype(self, name: str) -> torch.dtype:
+        """The pool's dtype for `--kv-cache-dtype` (auto: the model's). FP8 (e4m3, scale 1) serves
+        the paged K/V pools (Llama family) on the CPU and on CUDA SM89+; the MLA latent pool keeps
+        the model's dtype."""
+        dtype = cache_dtype(name, self.dtype)
+        if dtype == self.dtype:
+            return dtype
+        if self.kv_cache_cls is not PagedKVCache:
+            raise ValueError(f"--kv-cache-dtype {name} is for K/V pools; {type(self).__name__}'s latent pool "
+                             "keeps the model's dtype (use --kv-cache-dtype auto)")
+        device = self._first_norm.device
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            raise ValueError(f"--kv-cache-dtype {name} needs a CUDA GPU of compute capability 8.9 or newer "
+                             "(FP8 conversion), or the CPU")
+        return dtype
 
     def make_kv_cache(self, num_blocks: int, block_size: int, dtype=None, device=None,
                       scratch_blocks: int | None = None):
