@@ -91,7 +91,7 @@ def test_index_republished_after_redis_restarts_empty_between_calls(model_dir, r
     """No request runs while Redis is down, so no call fails: only the epoch poll can notice."""
     prefix = random_prompts(51, [48], 320)[0]
     redis.Redis.from_url(redis_server.url).flushall()  # only this mesh's entries (the module shares Redis)
-    with mesh(model_dir, stages=1, extra=["--redis", redis_server.url]) as m:
+    with mesh(model_dir, stages=1, extra=["--redis", redis_server.url, "--log-level", "info"]) as m:
         with Client(m.address) as client:
             client.generate(prompt_ids=prefix + [7], max_tokens=2, timeout=60)
         _wait(lambda: _index_keys(redis_server.url) > 0, m)
