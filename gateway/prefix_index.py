@@ -35,6 +35,7 @@ class PrefixIndexLink:
         self.resyncs = 0  # full republishes done (the first one included)
         self.available = True
         self._stale = True  # nothing published yet: start with a clear + full sync
+        self._syncing = False  # a resync's Publish is in flight: events from now on are kept
         self._stored: list[tuple[str, bytes]] = []
         self._removed: list[tuple[str, bytes]] = []
         self._cleared: list[str] = []
@@ -50,8 +51,8 @@ class PrefixIndexLink:
         await self.client.close()
 
     def publish(self, replica_id: str, stored: list[bytes], removed: list[bytes]) -> None:
-        if self._stale:
-            return  # the next resync publishes the full state
+        if self._stale and not self._syncing:
+            return  # the next resync's snapshot holds them
         self._stored.extend((replica_id, h) for h in stored)
         self._removed.extend((replica_id, h) for h in removed)
 
@@ -116,15 +117,23 @@ class PrefixIndexLink:
             self._mark_down(exc)
 
     async def _resync(self, snapshot: Snapshot) -> None:
+        """Clear every replica and publish the snapshot; events that come while that call is in
+        flight (a request finishing meanwhile) are kept and flushed after it, not dropped: the
+        snapshot was taken before them."""
         state = snapshot()
+        sent_clears = len(self._cleared)
         cleared = list(dict.fromkeys(self._cleared + [rid for rid, _ in state]))
         stored = [(rid, h) for rid, hashes in state for h in hashes]
+        self._stored, self._removed = [], []  # all in the snapshot
+        self._syncing = True
         try:
             await self.client.publish(stored=stored, cleared=cleared)
         except IndexUnavailable as exc:
             self._mark_down(exc)
             return
-        self._cleared, self._stored, self._removed = [], [], []
+        finally:
+            self._syncing = False
+        del self._cleared[:sent_clears]
         self._stale = False
         self.resyncs += 1
         if not self.available:

@@ -76,3 +76,47 @@ def test_link_survives_internal_errors_and_publishes_its_state():
     assert alive, "the link's task died"
     assert servicer.published == [BLOCK]  # the full state, once the index answered
     assert link.resyncs >= 1 and link.available
+
+
+class SlowFirstPublish(FailingFirst):
+    """The first Publish (the link's initial resync) waits for the test's go before answering."""
+
+    def __init__(self):
+        super().__init__(failures=0)
+        self.in_first, self.go = asyncio.Event(), asyncio.Event()
+
+    async def Publish(self, request, context):
+        if not self.in_first.is_set():
+            self.in_first.set()
+            await self.go.wait()
+        return await super().Publish(request, context)
+
+
+async def _events_during_resync() -> list[bytes]:
+    servicer = SlowFirstPublish()
+    server = grpc.aio.server()
+    cache_pb2_grpc.add_CacheIndexServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    link = PrefixIndexLink(f"127.0.0.1:{port}", structlog.get_logger())
+    late = b"\x02" * 16
+    try:
+        link.start(lambda: [("replica-0", [BLOCK])])  # the snapshot, taken before the request below
+        await asyncio.wait_for(servicer.in_first.wait(), 10)
+        link.publish("replica-0", [late], [])  # a request's blocks, stored while the resync is in flight
+        servicer.go.set()
+        for _ in range(200):
+            if late in servicer.published:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await link.close()
+        await server.stop(None)
+    return servicer.published
+
+
+def test_blocks_stored_during_the_first_resync_are_published():
+    """A gateway's first request can finish while the link's first resync (its snapshot taken
+    before that request) is still in flight: its blocks must reach the index after it, not be
+    dropped as 'the resync covers them' (the index then missed them until the next epoch change)."""
+    assert asyncio.run(_events_during_resync()) == [BLOCK, b"\x02" * 16]
