@@ -138,7 +138,7 @@ def _one(name, m, n, kk, gen, wq, ws, w_deq, wb, ws_mm, tune) -> dict:
 
 def gemv_rows() -> dict:
     """Section 3 of the module docstring."""
-    rows, totals = [], {}
+    rows, totals, other_totals = [], {}, {}
     for name, (n, kk) in {**SHAPES, **LLAMA8B_SHAPES}.items():
         gen = torch.Generator(device="cuda").manual_seed(n + kk)
         wq, ws = quant.quantize_blocks(torch.randn(n, kk, device="cuda", generator=gen) * 0.02)
@@ -154,8 +154,9 @@ def gemv_rows() -> dict:
                 try:
                     ms = bench(lambda: k.w8a16_gemv(x, wq, ws, 128, config=cfg))
                     if m == 1:  # the other summation order, for comparison
-                        r[f"gemv-other-sum {cfg}"] = gbs(bench(lambda: k.w8a16_gemv(
-                            x, wq, ws, 128, config=cfg, late_sum=not k.GEMV_LATE_SUM)))
+                        other_ms = bench(lambda: k.w8a16_gemv(x, wq, ws, 128, config=cfg, late_sum=not k.GEMV_LATE_SUM))
+                        r[f"gemv-other-sum {cfg}"] = gbs(other_ms)
+                        other_totals[cfg] = other_totals.get(cfg, 0.0) + other_ms
                 except Exception as exc:  # a tile that does not compile
                     print(f"  gemv {cfg} failed: {type(exc).__name__}", flush=True)
                     continue
@@ -177,7 +178,11 @@ def gemv_rows() -> dict:
           + ", ".join(f"{c} {t:.3f}" for c, t in sorted(totals.items(), key=lambda ct: ct[1])), flush=True)
     print(f"gemv: least total time over the shapes: {best_cfg} ({totals[best_cfg]:.3f} ms; default "
           f"{k.GEMV_CONFIG}: {totals.get(k.GEMV_CONFIG, float('nan')):.3f} ms)", flush=True)
-    return {"rows": rows, "best": list(best_cfg), "total_ms": {str(c): t for c, t in totals.items()}}
+    other = other_totals.get(k.GEMV_CONFIG, float("nan"))
+    print(f"gemv: summation at one row, tile {k.GEMV_CONFIG}: late_sum={k.GEMV_LATE_SUM} (default) "
+          f"{totals.get(k.GEMV_CONFIG, float('nan')):.3f} ms, late_sum={not k.GEMV_LATE_SUM} {other:.3f} ms", flush=True)
+    return {"rows": rows, "best": list(best_cfg), "total_ms": {str(c): t for c, t in totals.items()},
+            "other_sum_total_ms": {str(c): t for c, t in other_totals.items()}}
 
 
 def best_configs(rows: list[dict]) -> dict:
