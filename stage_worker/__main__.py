@@ -20,6 +20,8 @@ from stagemesh.v1 import stagemesh_pb2 as pb
 
 from stage_worker.config import WorkerConfig
 from stage_worker.device import resolve_device
+from stage_worker.kv_cache import check_kv_cache_dtype
+from stage_worker.models import MODEL_REGISTRY
 from stage_worker.server import StageService, add_stage_service, heartbeat_loop, lease_expiry_loop
 
 
@@ -97,7 +99,13 @@ def main(argv=None) -> None:
     torch.set_num_threads(intra_op_threads(config))
     log = logging_setup.configure("stage_worker", level)
     try:
-        ModelConfig.from_dir(config.model_dir)  # an unsupported architecture: one line, before serving
+        model = ModelConfig.from_dir(config.model_dir)  # an unsupported architecture: one line, before serving
+        # a --kv-cache-dtype the model's pool or this device cannot take: likewise, not after a load
+        check_kv_cache_dtype(config.kv_cache_dtype, MODEL_REGISTRY[model.architecture].kv_cache_cls,
+                             torch.device(config.device))
+    except (CheckpointError, OSError, ValueError) as exc:
+        sys.exit(f"stage_worker: {exc}")
+    try:
         asyncio.run(serve(config, log, consul))
     except (CheckpointError, OSError) as exc:
         sys.exit(f"stage_worker: {exc}")

@@ -26,12 +26,26 @@ def cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
     raise ValueError(f"unknown kv cache dtype {kv_cache_dtype!r} (auto or fp8)")
 
 
+def check_kv_cache_dtype(kv_cache_dtype: str, pool_cls: type, device: torch.device) -> None:
+    """ValueError naming the flag when `--kv-cache-dtype` cannot serve this pool on this device:
+    FP8 is for K/V pools (PagedKVCache), on the CPU or CUDA SM89+ (e4m3 conversion)."""
+    if kv_cache_dtype == "auto":
+        return
+    if pool_cls is not PagedKVCache:
+        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} is for K/V pools; a latent (MLA) pool keeps the "
+                         "model's dtype (use --kv-cache-dtype auto)")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} needs a CUDA GPU of compute capability 8.9 or "
+                         "newer (FP8 conversion), or the CPU")
+
+
 def write_slots(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
-    """cache[slots] = values, cast to the cache's dtype (FP8: saturated at +-448). FP8 pools are
-    written through a byte view: torch has no FP8 index_copy_ on the CPU."""
+    """cache[slots] = values, cast to the cache's dtype (FP8: saturated at +-448, written through
+    a byte view: torch has no FP8 index_copy_ on the CPU)."""
     if cache.dtype == FP8_KV:
-        values = values.clamp(-FP8_KV_MAX, FP8_KV_MAX).to(FP8_KV)
-    _bytes(cache).index_copy_(0, slots, _bytes(values.to(cache.dtype)))
+        _bytes(cache).index_copy_(0, slots, _bytes(values.clamp(-FP8_KV_MAX, FP8_KV_MAX).to(FP8_KV)))
+    else:
+        cache.index_copy_(0, slots, values.to(cache.dtype))
 
 
 def read_slots(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

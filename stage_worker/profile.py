@@ -23,13 +23,13 @@ from stage_worker.models import quant
 
 
 def profile_layer(cfg: ModelConfig, device: str, block_size: int, slowdown: float = 1.0,
-                  dtype: torch.dtype | None = None) -> pb.LayerProfile:
+                  dtype: torch.dtype | None = None, kv_cache_dtype: str = "auto") -> pb.LayerProfile:
     small = dataclasses.replace(cfg, num_hidden_layers=3)
     layer = build_model_on_device(small, 1, 2, device=device, dtype=dtype)  # a middle layer only
     init_weights(layer, small)  # random, drawn on the device (FP8 layers included)
     quant.prepare(layer)  # the compute path the served stage will take
     blocks_per_seq = -(-65 // block_size)
-    kv = layer.make_kv_cache(8 * blocks_per_seq + 8, block_size)
+    kv = layer.make_kv_cache(8 * blocks_per_seq + 8, block_size, dtype=layer.kv_cache_dtype(kv_cache_dtype))
     hidden_size = cfg.hidden_size
     wdtype = layer.dtype
 

@@ -326,7 +326,8 @@ async def heartbeat_loop(service: StageService, config: WorkerConfig, address: s
     memory = free_memory_bytes(config.device)
     model_cfg = with_quantization(ModelConfig.from_dir(config.model_dir), config.quantization)
     profile = await asyncio.get_running_loop().run_in_executor(
-        service._compute, profile_layer, model_cfg, config.device, config.block_size, service.slowdown)
+        service._compute, profile_layer, model_cfg, config.device, config.block_size, service.slowdown, None,
+        config.kv_cache_dtype)
     log.info("layer_profiled", decode_ms=round(profile.decode_ms_per_layer, 3),
              prefill_ms=round(profile.prefill_ms_per_layer, 3))
     loading: asyncio.Task | None = None  # weights load in the background; heartbeats go on

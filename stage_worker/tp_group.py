@@ -5,7 +5,7 @@
 the CPU, NCCL on GPUs, rank r on cuda:(i+r)), and serves through `TPStageService`, the ordinary
 StageService whose executor first broadcasts every state-changing call to the followers:
 
-    ("load", layer_start, layer_end)  then ("kv", num_blocks)   new assignment: load + shard + pool
+    ("load", layer_start, layer_end)  then ("kv", num_blocks, kv_cache_dtype)   new assignment: load + shard + pool
     ("run", StepInput)                                           one micro-batch (hidden included)
     ("release", lease_id, seq_ids) / ("drop", [lease_id]) / ("reset",) / ("claim", lease_id, owner, order)
 

@@ -96,3 +96,22 @@ def test_fp8_kv_mesh_equals_transformers_on_fp8_rounded_kv(tmp_path):
     with mesh(src, stages=2, extra=["--kv-cache-dtype", "fp8", "--max-batched-tokens", "8"]) as m:
         outs = asyncio.run(generate(m.address))
     assert [o.token_ids for o in outs] == expected
+
+
+def test_fp8_kv_on_a_latent_pool_is_refused_before_anything_loads(tmp_path):
+    """`up` says so in one line before starting a child; a worker started by hand exits before
+    its ready line (so `up` would count a failed start, not restart a loaded worker forever)."""
+    import subprocess
+    import sys
+
+    from stagemesh.cli.harness import stagemesh_cmd
+
+    ds = make_deepseek_checkpoint(tmp_path, "v3", num_layers=1)
+    res = subprocess.run([*stagemesh_cmd(), "up", "--model", str(ds), "--kv-cache-dtype", "fp8"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--kv-cache-dtype fp8 is for K/V pools" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    res = subprocess.run([sys.executable, "-m", "stage_worker", "--model", str(ds), "--coordinator", "127.0.0.1:1",
+                          "--kv-cache-dtype", "fp8"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "--kv-cache-dtype fp8 is for K/V pools" in res.stderr
+    assert "listening" not in res.stdout + res.stderr

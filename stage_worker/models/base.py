@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from stage_worker.attention import AttnMetadata
-from stage_worker.kv_cache import PagedKVCache, cache_dtype
+from stage_worker.kv_cache import cache_dtype, check_kv_cache_dtype
 from stage_worker.models import quant
 from stage_worker.models.layers import RMSNorm, checkpoint_tensors
 from stagemesh.model_config import ModelConfig
@@ -114,17 +114,8 @@ class PipelineStage(nn.Module):
         """The pool's dtype for `--kv-cache-dtype` (auto: the model's). FP8 (e4m3, scale 1) serves
         the paged K/V pools (Llama family) on the CPU and on CUDA SM89+; the MLA latent pool keeps
         the model's dtype."""
-        dtype = cache_dtype(name, self.dtype)
-        if dtype == self.dtype:
-            return dtype
-        if self.kv_cache_cls is not PagedKVCache:
-            raise ValueError(f"--kv-cache-dtype {name} is for K/V pools; {type(self).__name__}'s latent pool "
-                             "keeps the model's dtype (use --kv-cache-dtype auto)")
-        device = self._first_norm.device
-        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-            raise ValueError(f"--kv-cache-dtype {name} needs a CUDA GPU of compute capability 8.9 or newer "
-                             "(FP8 conversion), or the CPU")
-        return dtype
+        check_kv_cache_dtype(name, self.kv_cache_cls, self._first_norm.device)
+        return cache_dtype(name, self.dtype)
 
     def make_kv_cache(self, num_blocks: int, block_size: int, dtype=None, device=None,
                       scratch_blocks: int | None = None):

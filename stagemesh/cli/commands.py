@@ -103,6 +103,9 @@ def _run_up(args) -> int:
                  else validate_checkpoint(args.model_dir))
         if args.stages > model.num_hidden_layers:
             raise ValueError(f"--stages {args.stages} exceeds the model's {model.num_hidden_layers} layers")
+        if args.kv_cache_dtype != "auto" and model.raw.get("kv_lora_rank"):  # as the worker would say, later
+            raise ValueError(f"--kv-cache-dtype {args.kv_cache_dtype} is for K/V pools; {model.architecture}'s "
+                             "latent (MLA) pool keeps the model's dtype (use --kv-cache-dtype auto)")
         config = _mesh_config(args, model.num_hidden_layers)
         if args.tls_dir:
             from stagemesh.security import dev_tls
