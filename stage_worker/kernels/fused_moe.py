@@ -44,6 +44,10 @@ SCALAR_WEIGHT_SCALE = True  # a tile inside one weight scale block loads one sca
 # for FP8. Picked by `benchmarks/gpu/bench_moe.py --sweep` on an H100 (Triton 3.6), routed
 # experts replayed in a CUDA graph at the DeepSeek-V2-Lite and V3 shapes: the best or within 2%
 # of it at both; (128, 128, 128, 8, 4, 4) for FP8 spilled (3-4x slower), hence 64-row FP8 tiles.
+# FP8 re-swept at V3's shape with one weight scale per K group (2026-12-07, H100): at 4,096 tokens
+# GROUP_M 16 6.28 ms against 6.47 (8) and 7.32 before the scalar scale; at 8,192 GROUP_M 8 and 16
+# within 1%; two K groups per step (BLOCK_K 256) 1.2-1.3x slower at prefill sizes, 2% faster at
+# 256 tokens in the sweep but not in the mesh (4,089 vs 4,101 tok/s), so not used.
 CONFIGS_16BIT: dict[int, tuple[int, int, int, int, int, int]] = {
     0: (16, 64, 128, 1, 4, 4),
     8: (32, 64, 128, 8, 4, 4),
