@@ -37,7 +37,7 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         assert torch.equal(q.float()[diff] * 2, ref.float()[diff])
         assert diff.float().mean() < 0.05
 
-    @pytest.mark.parametrize("m,kdim", [(5, 300), (1, 128), (3, 64)])
+    @pytest.mark.parametrize("m,kdim", [(5, 300), (1, 128), (3, 64), (4, 1300)])
     def test_act_quant(m, kdim):
         gen = torch.Generator().manual_seed(m)
         x = torch.randn(m, kdim, generator=gen) * torch.linspace(0.1, 30, kdim)

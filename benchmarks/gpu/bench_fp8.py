@@ -185,6 +185,30 @@ def gemv_rows() -> dict:
             "other_sum_total_ms": {str(c): t for c, t in other_totals.items()}}
 
 
+def act_quant_rows() -> list[dict]:
+    """1x128 activation quant at decode and prefill row counts of the V3 stage's GEMM inputs:
+    k.ACT_QUANT_GROUPS groups per program (1: the kernel before) in GB/s of bf16 read + e4m3
+    written; outputs checked equal to the shipped setting's."""
+    rows, shipped = [], k.ACT_QUANT_GROUPS
+    for m in (1, 242, 1936, 4096):
+        for kk in (1536, 2048, 7168, 16384, 18432):
+            x = torch.randn(m, kk, device="cuda", dtype=torch.bfloat16)
+            ref = k.per_token_group_quant_fp8(x)
+            r = {"M": m, "K": kk}
+            for groups in (1, 4, 8, 16):
+                k.ACT_QUANT_GROUPS = groups
+                try:
+                    q, s = k.per_token_group_quant_fp8(x)
+                    assert torch.equal(q.view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(s, ref[1])
+                    r[f"groups {groups} GB/s"] = 3 * m * kk / bench(lambda: k.per_token_group_quant_fp8(x)) / 1e6
+                finally:
+                    k.ACT_QUANT_GROUPS = shipped
+            print(f"act quant M={m:<5} K={kk:<6} GB/s by groups per program: "
+                  + "  ".join(f"{g}: {r[f'groups {g} GB/s']:6.0f}" for g in (1, 4, 8, 16)), flush=True)
+            rows.append(r)
+    return rows
+
+
 def best_configs(rows: list[dict]) -> dict:
     """Per M: the candidate with the least total GEMM time over the shapes (tuned rows only)."""
     out = {}
@@ -301,6 +325,7 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--skip-stage", action="store_true")
     ap.add_argument("--gemv", action="store_true", help="only section 3: decode's few rows")
+    ap.add_argument("--act-quant", action="store_true", help="only the activation quant: groups per program")
     ap.add_argument("--split-k", type=int, default=1, help="K slices of the Triton GEMM (1: as shipped)")
     args = ap.parse_args()
     global SPLIT_K
@@ -309,6 +334,12 @@ def main() -> None:
     print(f"device: {dev}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"scaled_mm blockwise: {quant.scaled_mm_available(torch.device('cuda'))}", flush=True)
     report = {"device": dev, "torch": torch.__version__, "cuda": torch.version.cuda}
+    if args.act_quant:
+        report["act_quant"] = act_quant_rows()
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "bench_fp8_act_quant.json").write_text(json.dumps(report, indent=1))
+        return
     if args.gemv:
         report["gemv"] = gemv_rows()
         if args.out:

@@ -51,6 +51,11 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3fn; ROCm's fnuz would be 224 (vLLM's choice): not handled here
 GROUP_K = 128  # activation group and weight block along K (DeepSeek-V3's weight_block_size)
 EPS = 1e-10
+# Quant groups one activation-quant program takes (a row's groups in [GROUPS, 128] tiles): one
+# 128-value group per 1-warp program (GROUPS 1, the kernel before) left decode-size calls ~7x
+# short of the bandwidth their bytes need (0.70 ms of a V3 stage's 22 ms decode step in 58 calls
+# on the H200 profile). `bench_fp8.py --act-quant` times both.
+ACT_QUANT_GROUPS = 8
 
 
 def cdiv(a: int, b: int) -> int:
@@ -80,9 +85,10 @@ def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = GROUP_K, column
     if m == 0 or k == 0:
         return q, s
     block = triton.next_power_of_2(group_size)
-    _act_quant_kernel[(m * g,)](
+    groups = min(ACT_QUANT_GROUPS, triton.next_power_of_2(g))  # groups per program
+    _act_quant_kernel[(m * cdiv(g, groups),)](
         x, q, s, k, g, x.stride(0), q.stride(0), s.stride(0), s.stride(1), EPS, FP8_MAX,
-        GROUP=group_size, BLOCK=block, num_warps=1 if block <= 256 else 4, num_stages=1)
+        GROUP=group_size, BLOCK=block, GROUPS=groups, num_warps=1 if groups * block <= 256 else 4, num_stages=1)
     return q, s
 
 
@@ -101,17 +107,21 @@ def per_token_group_quant_fp8_torch(x: torch.Tensor, group_size: int = GROUP_K) 
 if triton is not None:
     @triton.jit
     def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, G, stride_x, stride_q, stride_sm, stride_sg, eps, fp8_max,
-                          GROUP: tl.constexpr, BLOCK: tl.constexpr):
+                          GROUP: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr):
+        """GROUPS consecutive groups of one row per program, [GROUPS, BLOCK] at once."""
         pid = tl.program_id(0).to(tl.int64)
-        row, grp = pid // G, pid % G
-        cols = grp * GROUP + tl.arange(0, BLOCK).to(tl.int64)
-        mask = (tl.arange(0, BLOCK) < GROUP) & (cols < K)
+        per_row = tl.cdiv(G, GROUPS)
+        row = pid // per_row
+        grp = (pid % per_row) * GROUPS + tl.arange(0, GROUPS).to(tl.int64)  # [GROUPS]
+        lane = tl.arange(0, BLOCK)
+        cols = grp[:, None] * GROUP + lane[None, :]  # [GROUPS, BLOCK]
+        mask = (grp[:, None] < G) & (lane[None, :] < GROUP) & (cols < K)
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(x), axis=0), eps)
+        amax = tl.maximum(tl.max(tl.abs(x), axis=1), eps)  # [GROUPS]
         s = amax / fp8_max
-        q = tl.clamp(x / s, -fp8_max, fp8_max)
+        q = tl.clamp(x / s[:, None], -fp8_max, fp8_max)
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(s_ptr + row * stride_sm + grp * stride_sg, s)
+        tl.store(s_ptr + row * stride_sm + grp * stride_sg, s, mask=grp < G)
 
 
 # ----------------------------------------------------------------------------- block-scaled GEMM
