@@ -37,8 +37,12 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         assert torch.equal(q.float()[diff] * 2, ref.float()[diff])
         assert diff.float().mean() < 0.05
 
+    @pytest.mark.parametrize("groups", [1, 8])
     @pytest.mark.parametrize("m,kdim", [(5, 300), (1, 128), (3, 64), (4, 1300)])
-    def test_act_quant(m, kdim):
+    def test_act_quant(m, kdim, groups, monkeypatch):
+        """One 128-value group per program, or up to 8 of a row (1,300 columns: 11 groups, so two
+        programs a row, the second partly masked)."""
+        monkeypatch.setattr(k, "ACT_QUANT_GROUPS", groups)
         gen = torch.Generator().manual_seed(m)
         x = torch.randn(m, kdim, generator=gen) * torch.linspace(0.1, 30, kdim)
         x[0, :10] = 0.0

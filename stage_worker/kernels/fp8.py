@@ -51,11 +51,12 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3fn; ROCm's fnuz would be 224 (vLLM's choice): not handled here
 GROUP_K = 128  # activation group and weight block along K (DeepSeek-V3's weight_block_size)
 EPS = 1e-10
-# Quant groups one activation-quant program takes (a row's groups in [GROUPS, 128] tiles): one
-# 128-value group per 1-warp program (GROUPS 1, the kernel before) left decode-size calls ~7x
-# short of the bandwidth their bytes need (0.70 ms of a V3 stage's 22 ms decode step in 58 calls
-# on the H200 profile). `bench_fp8.py --act-quant` times both.
-ACT_QUANT_GROUPS = 8
+# Quant groups one activation-quant program takes (a row's groups in [GROUPS, 128] tiles, 4 warps
+# from 256 values). One 128-value group per 1-warp program (GROUPS 1) spends ~7x the time the
+# bytes of a decode-size call need (0.70 ms of a V3 stage's 22 ms decode step in 58 calls, H200
+# profile); 8 groups a program should do better but has not run on a GPU yet, so 1 stays until
+# `bench_fp8.py --act-quant` (1/4/8/16, outputs checked equal) measures it.
+ACT_QUANT_GROUPS = 1
 
 
 def cdiv(a: int, b: int) -> int:
