@@ -334,18 +334,18 @@ def main() -> None:
     print(f"device: {dev}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"scaled_mm blockwise: {quant.scaled_mm_available(torch.device('cuda'))}", flush=True)
     report = {"device": dev, "torch": torch.__version__, "cuda": torch.version.cuda}
+
+    def save(name: str) -> None:
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / name).write_text(json.dumps(report, indent=1))
+
     if args.act_quant:
         report["act_quant"] = act_quant_rows()
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "bench_fp8_act_quant.json").write_text(json.dumps(report, indent=1))
-        return
+        return save("bench_fp8_act_quant.json")
     if args.gemv:
         report["gemv"] = gemv_rows()
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "bench_fp8_gemv.json").write_text(json.dumps(report, indent=1))
-        return
+        return save("bench_fp8_gemv.json")
     report["scaled_mm_odd_m"] = scaled_mm_odd_m()
     report["gemm"] = gemm_rows(args.tune)
     if args.tune:
@@ -353,9 +353,7 @@ def main() -> None:
         print("best Triton config per M:", report["best_configs"], flush=True)
     if not args.skip_stage:
         report["stage"] = stage_figures()
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "bench_fp8.json").write_text(json.dumps(report, indent=1))
+    save("bench_fp8.json")
 
 
 if __name__ == "__main__":
