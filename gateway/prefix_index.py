@@ -114,6 +114,7 @@ class PrefixIndexLink:
         try:
             await self.client.publish(stored=stored, removed=removed, cleared=cleared)
         except IndexUnavailable as exc:
+            self._cleared[:0] = cleared  # replicas gone from the snapshot are cleared by the next resync only so
             self._mark_down(exc)
 
     async def _resync(self, snapshot: Snapshot) -> None:
@@ -145,4 +146,5 @@ class PrefixIndexLink:
             self.log.warning("prefix_index_unavailable", error=str(exc))
         self.available = False
         self._stale = True
-        self._stored, self._removed = [], []
+        if not self._syncing:  # else they came after the snapshot in flight: a successful resync flushes them
+            self._stored, self._removed = [], []

@@ -99,6 +99,7 @@ async def _events_during_resync() -> list[bytes]:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     link = PrefixIndexLink(f"127.0.0.1:{port}", structlog.get_logger())
+    link.client._timeout_s = 10.0  # the held Publish must not meet the 0.2 s deadline on a loaded machine
     late = b"\x02" * 16
     try:
         link.start(lambda: [("replica-0", [BLOCK])])  # the snapshot, taken before the request below
@@ -120,3 +121,49 @@ def test_blocks_stored_during_the_first_resync_are_published():
     before that request) is still in flight: its blocks must reach the index after it, not be
     dropped as 'the resync covers them' (the index then missed them until the next epoch change)."""
     assert asyncio.run(_events_during_resync()) == [BLOCK, b"\x02" * 16]
+
+
+class HeldResyncFailingMatch(SlowFirstPublish):
+    """SlowFirstPublish whose Match answers UNAVAILABLE (the router's hint call timing out) and
+    which records removals."""
+
+    def __init__(self):
+        super().__init__()
+        self.removed: list[bytes] = []
+
+    async def Publish(self, request, context):
+        self.removed += [e.removed.block_hashes for e in request.events if e.HasField("removed")]
+        return await super().Publish(request, context)
+
+    async def Match(self, request, context):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "injected: match timed out")
+
+
+async def _removal_and_failed_match_during_resync() -> list[bytes]:
+    servicer = HeldResyncFailingMatch()
+    server = grpc.aio.server()
+    cache_pb2_grpc.add_CacheIndexServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    link = PrefixIndexLink(f"127.0.0.1:{port}", structlog.get_logger())
+    link.client._timeout_s = 10.0
+    try:
+        link.start(lambda: [("replica-0", [BLOCK])])
+        await asyncio.wait_for(servicer.in_first.wait(), 10)
+        link.publish("replica-0", [], [BLOCK])  # evicted after the snapshot that holds it was taken
+        assert await link.match([[BLOCK]]) is None  # the index looks down to the router meanwhile
+        servicer.go.set()
+        for _ in range(200):
+            if servicer.removed:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await link.close()
+        await server.stop(None)
+    return servicer.removed
+
+
+def test_a_failed_match_during_the_resync_keeps_later_removals():
+    """The resync in flight then succeeds: the removal that came after its snapshot must still
+    reach the index, or the index claims a block the replica no longer holds."""
+    assert asyncio.run(_removal_and_failed_match_during_resync()) == [BLOCK]
