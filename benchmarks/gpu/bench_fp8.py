@@ -187,20 +187,24 @@ def gemv_rows() -> dict:
 
 def act_quant_rows() -> list[dict]:
     """1x128 activation quant at decode and prefill row counts of the V3 stage's GEMM inputs:
-    k.ACT_QUANT_GROUPS groups per program (1: the kernel before) in GB/s of bf16 read + e4m3
-    written; outputs checked equal to the shipped setting's."""
+    k.ACT_QUANT_GROUPS groups per program (1: the kernel before) in GB/s of bf16 read + e4m3 and
+    scales written; outputs (row- and column-major scales) checked equal to the shipped setting's."""
     rows, shipped = [], k.ACT_QUANT_GROUPS
     for m in (1, 242, 1936, 4096):
-        for kk in (1536, 2048, 7168, 16384, 18432):
+        for kk in (1536, 2048, 7168, 7232, 16384, 18432):  # 7232: a ragged last group
             x = torch.randn(m, kk, device="cuda", dtype=torch.bfloat16)
             ref = k.per_token_group_quant_fp8(x)
+            ref_cm = k.per_token_group_quant_fp8(x, column_major_scales=True)
             r = {"M": m, "K": kk}
             for groups in (1, 4, 8, 16):
                 k.ACT_QUANT_GROUPS = groups
                 try:
-                    q, s = k.per_token_group_quant_fp8(x)
-                    assert torch.equal(q.view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(s, ref[1])
-                    r[f"groups {groups} GB/s"] = 3 * m * kk / bench(lambda: k.per_token_group_quant_fp8(x)) / 1e6
+                    for (q, s), (q0, s0) in ((k.per_token_group_quant_fp8(x), ref),
+                                             (k.per_token_group_quant_fp8(x, column_major_scales=True), ref_cm)):
+                        assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s, s0), \
+                            f"act quant M={m} K={kk}: {groups} groups per program differ from {shipped}"
+                    nbytes = 3 * m * kk + 4 * m * k.cdiv(kk, 128)  # bf16 read, e4m3 and fp32 scales written
+                    r[f"groups {groups} GB/s"] = nbytes / bench(lambda: k.per_token_group_quant_fp8(x)) / 1e6
                 finally:
                     k.ACT_QUANT_GROUPS = shipped
             print(f"act quant M={m:<5} K={kk:<6} GB/s by groups per program: "

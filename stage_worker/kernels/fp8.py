@@ -10,7 +10,7 @@ Data flow of one FP8 linear, y = x @ W^T (models/quant.py holds W and calls `fp8
 group_n is 128 for every real checkpoint; a merged weight whose parts are not 128-row aligned
 (tiny test models) repeats each part's scale rows at a finer group_n (models/quant.py).
 
-- `per_token_group_quant_fp8(x)`: one program per (row, 1x128 group): amax in fp32, scale =
+- `per_token_group_quant_fp8(x)`: one program per ACT_QUANT_GROUPS 1x128 groups of a row: amax in fp32, scale =
   max(amax, eps) / 448, q = clamp(x / scale, +-448) as e4m3. K need not be a multiple of 128 (the
   last group is partial); offsets are int64 (large M*K). Scales row-major [M, G], or column-major
   (stride (1, M)), the layout torch._scaled_mm's blockwise recipe wants.
@@ -86,7 +86,7 @@ def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = GROUP_K, column
     if m == 0 or k == 0:
         return q, s
     block = triton.next_power_of_2(group_size)
-    groups = min(ACT_QUANT_GROUPS, triton.next_power_of_2(g))  # groups per program
+    groups = min(triton.next_power_of_2(ACT_QUANT_GROUPS), triton.next_power_of_2(g))  # groups per program
     _act_quant_kernel[(m * cdiv(g, groups),)](
         x, q, s, k, g, x.stride(0), q.stride(0), s.stride(0), s.stride(1), EPS, FP8_MAX,
         GROUP=group_size, BLOCK=block, GROUPS=groups, num_warps=1 if groups * block <= 256 else 4, num_stages=1)
