@@ -1,8 +1,9 @@
 """Accuracy of the attention kernels on random bf16 data against a float64 reference: the
 flash-decoding paged decode kernel (stage_worker/kernels/paged_decode.py) and the unified
 mixed-batch kernel (unified_attention.py). Fresh random data, several shapes (Llama-3.1-8B's
-heads: 32 query, 8 KV, head dim 128; block size 16). Prints the relative errors; exits 1 past
---max-rel-err. bench_gpu.py runs the same probes (keys triton_decode_rel_err, triton_unified_rel_err).
+heads: 32 query, 8 KV, head dim 128; block size 16), K/V pools in bf16 and in FP8 e4m3
+(--kv-cache-dtype fp8: the reference reads the same e4m3 values in float64). Prints the relative
+errors; exits 1 past --max-rel-err. bench_gpu.py runs the same probes (keys triton_decode_rel_err, triton_unified_rel_err).
 
     python benchmarks/check_attention.py                 # on a GPU host
     python benchmarks/check_attention.py --device cpu    # the torch routes only (a smoke test)
@@ -23,7 +24,7 @@ def _rel_err(out, ref) -> float:
     return float((out.double() - ref).norm() / ref.norm())
 
 
-def paged_decode_errors(device: str = "cuda", num_blocks: int = 4096) -> list[float]:
+def paged_decode_errors(device: str = "cuda", num_blocks: int = 4096, pool_dtype=None) -> list[float]:
     """(batch, longest context, splits) shapes; Triton on CUDA, the torch route elsewhere."""
     import torch
 
@@ -32,8 +33,8 @@ def paged_decode_errors(device: str = "cuda", num_blocks: int = 4096) -> list[fl
     torch.manual_seed(0)
     errs = []
     for b, ctxmax, splits in [(1, 2048, 16), (7, 700, 3), (64, 1300, 1), (3, 17, 2)]:
-        kc = torch.randn(num_blocks * BS, HKV, D, device=device, dtype=torch.bfloat16)
-        vc = torch.randn(num_blocks * BS, HKV, D, device=device, dtype=torch.bfloat16)
+        kc = torch.randn(num_blocks * BS, HKV, D, device=device).to(pool_dtype or torch.bfloat16)
+        vc = torch.randn(num_blocks * BS, HKV, D, device=device).to(pool_dtype or torch.bfloat16)
         q = torch.randn(b, HQ, D, device=device, dtype=torch.bfloat16)
         ctx = torch.randint(1, ctxmax + 1, (b,), device=device)
         bt = torch.randint(0, num_blocks, (b, 128), device=device)
@@ -43,7 +44,7 @@ def paged_decode_errors(device: str = "cuda", num_blocks: int = 4096) -> list[fl
     return errs
 
 
-def unified_attention_errors(device: str = "cuda", num_blocks: int = 2048) -> list[float]:
+def unified_attention_errors(device: str = "cuda", num_blocks: int = 2048, pool_dtype=None) -> list[float]:
     """Mixed batches of (context before, new tokens) chunks: one prefill, a mix, twenty small."""
     import numpy as np
     import torch
@@ -53,8 +54,8 @@ def unified_attention_errors(device: str = "cuda", num_blocks: int = 2048) -> li
     torch.manual_seed(0)
     errs = []
     for chunks in ([(0, 512)], [(300, 1), (0, 700), (64, 33), (1000, 1)], [(i * 37, 1 + i % 3 * 90) for i in range(20)]):
-        kc = torch.randn(num_blocks * BS, HKV, D, device=device, dtype=torch.bfloat16)
-        vc = torch.randn(num_blocks * BS, HKV, D, device=device, dtype=torch.bfloat16)
+        kc = torch.randn(num_blocks * BS, HKV, D, device=device).to(pool_dtype or torch.bfloat16)
+        vc = torch.randn(num_blocks * BS, HKV, D, device=device).to(pool_dtype or torch.bfloat16)
         ns = np.array([n for _, n in chunks])
         qsl = np.zeros(len(ns) + 1, dtype=np.int64)
         np.cumsum(ns, out=qsl[1:])
@@ -76,11 +77,15 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--max-rel-err", type=float, default=1e-2, help="bf16 tolerance (measured: 1e-3 to 2.1e-3)")
     args = ap.parse_args()
+    import torch
+
     worst = 0.0
     for name, probe in (("paged decode", paged_decode_errors), ("unified attention", unified_attention_errors)):
-        errs = probe(args.device) if args.device.startswith("cuda") else probe(args.device, num_blocks=256)
-        worst = max(worst, *errs)
-        print(f"{name} rel err vs float64: {[f'{e:.2e}' for e in errs]}", flush=True)
+        for pool in (torch.bfloat16, torch.float8_e4m3fn):
+            size = {} if args.device.startswith("cuda") else {"num_blocks": 256}
+            errs = probe(args.device, pool_dtype=pool, **size)
+            worst = max(worst, *errs)
+            print(f"{name}, {str(pool)[6:]} pool, rel err vs float64: {[f'{e:.2e}' for e in errs]}", flush=True)
     print(f"worst {worst:.2e} (limit {args.max_rel_err:.0e}): {'ok' if worst <= args.max_rel_err else 'FAILED'}")
     return 0 if worst <= args.max_rel_err else 1
 
