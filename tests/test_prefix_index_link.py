@@ -10,6 +10,7 @@ unwritten for the rest of the gateway's life.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 import structlog
@@ -48,25 +49,37 @@ class FailingFirst(cache_pb2_grpc.CacheIndexServicer):
         return cache_pb2.MatchResponse(chains=[cache_pb2.ChainMatch() for _ in request.chains])
 
 
-async def _scenario() -> tuple[FailingFirst, PrefixIndexLink, bool]:
-    servicer = FailingFirst(failures=3)
+@contextlib.asynccontextmanager
+async def _link_to(servicer, **link_kw):
+    """A loopback CacheIndex server running `servicer` and a PrefixIndexLink to it; both closed
+    at exit."""
     server = grpc.aio.server()
     cache_pb2_grpc.add_CacheIndexServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    link = PrefixIndexLink(f"127.0.0.1:{port}", structlog.get_logger(), retry_interval_s=0.05,
-                           epoch_interval_s=0.05)
+    link = PrefixIndexLink(f"127.0.0.1:{port}", structlog.get_logger(), **link_kw)
     try:
-        assert await link.match([[BLOCK]]) is None  # an INTERNAL answer: local matching, no raise
-        link.start(lambda: [("replica-0", [BLOCK])])
-        for _ in range(200):  # 10 s at most; a few retries of 50 ms are expected
-            if servicer.published:
-                break
-            await asyncio.sleep(0.05)
-        alive = not link._task.done()
+        yield link
     finally:
         await link.close()
         await server.stop(None)
+
+
+async def _until(pred) -> None:
+    """Poll pred for 10 s at most (the callers assert on what they saw)."""
+    for _ in range(200):
+        if pred():
+            return
+        await asyncio.sleep(0.05)
+
+
+async def _scenario() -> tuple[FailingFirst, PrefixIndexLink, bool]:
+    servicer = FailingFirst(failures=3)
+    async with _link_to(servicer, retry_interval_s=0.05, epoch_interval_s=0.05) as link:
+        assert await link.match([[BLOCK]]) is None  # an INTERNAL answer: local matching, no raise
+        link.start(lambda: [("replica-0", [BLOCK])])
+        await _until(lambda: servicer.published)  # a few retries of 50 ms are expected
+        alive = not link._task.done()
     return servicer, link, alive
 
 
@@ -92,27 +105,25 @@ class SlowFirstPublish(FailingFirst):
         return await super().Publish(request, context)
 
 
+@contextlib.asynccontextmanager
+async def _resync_held(servicer: SlowFirstPublish):
+    """A link whose first resync (snapshot: BLOCK on replica-0) is in flight, held by the server
+    until the body sets `servicer.go`; the client's deadline raised so the held Publish does not
+    meet the 0.2 s one on a loaded machine."""
+    async with _link_to(servicer) as link:
+        link.client._timeout_s = 10.0
+        link.start(lambda: [("replica-0", [BLOCK])])  # the snapshot, taken before the body's events
+        await asyncio.wait_for(servicer.in_first.wait(), 10)
+        yield link
+
+
 async def _events_during_resync() -> list[bytes]:
     servicer = SlowFirstPublish()
-    server = grpc.aio.server()
-    cache_pb2_grpc.add_CacheIndexServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    link = PrefixIndexLink(f"127.0.0.1:{port}", structlog.get_logger())
-    link.client._timeout_s = 10.0  # the held Publish must not meet the 0.2 s deadline on a loaded machine
     late = b"\x02" * 16
-    try:
-        link.start(lambda: [("replica-0", [BLOCK])])  # the snapshot, taken before the request below
-        await asyncio.wait_for(servicer.in_first.wait(), 10)
+    async with _resync_held(servicer) as link:
         link.publish("replica-0", [late], [])  # a request's blocks, stored while the resync is in flight
         servicer.go.set()
-        for _ in range(200):
-            if late in servicer.published:
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        await link.close()
-        await server.stop(None)
+        await _until(lambda: late in servicer.published)
     return servicer.published
 
 
@@ -141,25 +152,11 @@ class HeldResyncFailingMatch(SlowFirstPublish):
 
 async def _removal_and_failed_match_during_resync() -> list[bytes]:
     servicer = HeldResyncFailingMatch()
-    server = grpc.aio.server()
-    cache_pb2_grpc.add_CacheIndexServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    link = PrefixIndexLink(f"127.0.0.1:{port}", structlog.get_logger())
-    link.client._timeout_s = 10.0
-    try:
-        link.start(lambda: [("replica-0", [BLOCK])])
-        await asyncio.wait_for(servicer.in_first.wait(), 10)
+    async with _resync_held(servicer) as link:
         link.publish("replica-0", [], [BLOCK])  # evicted after the snapshot that holds it was taken
         assert await link.match([[BLOCK]]) is None  # the index looks down to the router meanwhile
         servicer.go.set()
-        for _ in range(200):
-            if servicer.removed:
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        await link.close()
-        await server.stop(None)
+        await _until(lambda: servicer.removed)
     return servicer.removed
 
 
