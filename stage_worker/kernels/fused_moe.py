@@ -124,7 +124,8 @@ def _gemm(a_and_scale, w, w_scale, bias, c, weights, sorted_ids, expert_ids, pos
         w_scale.stride(0) if fp8 else 0, w_scale.stride(1) if fp8 else 0, w_scale.stride(2) if fp8 else 0,
         bias.stride(0) if bias is not None else 0,
         TOP_K=top_k, MUL_ROUTED_WEIGHT=mul_weight, USE_FP8=fp8, HAS_BIAS=bias is not None,
-        IEEE=a.dtype == torch.float32, SCALAR_BS=fp8 and SCALAR_WEIGHT_SCALE and group_n % tiles["BLOCK_N"] == 0, **tiles)
+        IEEE=a.dtype == torch.float32, SCALAR_BS=fp8 and SCALAR_WEIGHT_SCALE and group_n % tiles["BLOCK_N"] == 0,
+        **tiles)
 
 
 if triton is not None:
