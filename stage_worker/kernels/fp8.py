@@ -56,7 +56,8 @@ EPS = 1e-10
 # bytes of a decode-size call need (0.70 ms of a V3 stage's 22 ms decode step in 58 calls, H200
 # profile); 8 groups a program should do better but has not run on a GPU yet, so 1 stays until
 # `bench_fp8.py --act-quant` (1/4/8/16, outputs checked equal) measures it.
-ACT_QUANT_GROUPS = 1
+# STAGEMESH_FP8_ACT_QUANT_GROUPS sets it (a same-run comparison in the mesh).
+ACT_QUANT_GROUPS = int(os.environ.get("STAGEMESH_FP8_ACT_QUANT_GROUPS", "1"))
 
 
 def cdiv(a: int, b: int) -> int:
