@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stage_worker.kernels import mla_expand
+from stage_worker.kernels.mla_expand import ExpandPlan
 from stage_worker.kernels.paged_decode import choose_splits, paged_decode
 from stage_worker.kernels.softmax import attention_torch
 from stage_worker.kernels.unified_attention import tile_plan, unified_attention
@@ -67,6 +69,9 @@ class AttnMetadata:
     seq_tables: torch.Tensor | None = None  # [S, W] long: block table of every sequence
     seq_lens: torch.Tensor | None = None  # [S] long: context length after this step
     qsl: torch.Tensor | None = None  # [S+1] long: query_start_loc on the device
+    # Long prefill chunks of a unified micro-batch that take MLA's expanded form (kernels/mla_expand.py);
+    # the unified tiles then leave out their rows.
+    expand: ExpandPlan | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -85,7 +90,7 @@ class AttnMetadata:
     @classmethod
     def build(cls, chunks: list[tuple[int, int, list[int]]], block_size: int,
               device: torch.device | str = "cpu", paged: bool | None = None,
-              tile_q: int | None = None) -> "AttnMetadata":
+              tile_q: int | None = None, expand_min_tokens: int = 0) -> "AttnMetadata":
         """chunks[i] = (start_pos, num_tokens, block_table) of sequence i, in [T] order.
 
         The block table must cover positions 0..start_pos+num_tokens-1; InvalidArgument if not,
@@ -93,11 +98,13 @@ class AttnMetadata:
         paged: the GPU layout (default on CUDA); False keeps the CPU reference layout.
         tile_q: with the paged layout, a micro-batch that is not all decode tokens gets the
         unified layout, tiles of `tile_q` query tokens (the model's `attention_tile_q`).
+        expand_min_tokens: with the unified layout, chunks of at least this many tokens get an
+        ExpandPlan (the model's `attention_expand_min_tokens`; 0: none).
         """
         if paged is None:
             paged = torch.device(device).type == "cuda"
         if paged:
-            return cls._build_paged(chunks, block_size, torch.device(device), tile_q)
+            return cls._build_paged(chunks, block_size, torch.device(device), tile_q, expand_min_tokens)
         positions, slots, ctx_slots, starts, ctx_lens, qsl = [], [], [], [], [], [0]
         for i, (start, n, table) in enumerate(chunks):
             if start < 0 or n <= 0:
@@ -142,7 +149,8 @@ class AttnMetadata:
 
 
     @classmethod
-    def _build_paged(cls, chunks, block_size: int, device: torch.device, tile_q: int | None) -> "AttnMetadata":
+    def _build_paged(cls, chunks, block_size: int, device: torch.device, tile_q: int | None,
+                     expand_min_tokens: int = 0) -> "AttnMetadata":
         """Vectorised build; all index tensors cross to the device in one (pinned) copy."""
         s = len(chunks)
         starts = np.fromiter((c[0] for c in chunks), dtype=np.int64, count=s)
@@ -164,10 +172,15 @@ class AttnMetadata:
         decode_ids = np.nonzero(ns == 1)[0]
         prefill_ids = np.nonzero(ns > 1)[0]
         unified = tile_q is not None and len(decode_ids) < s
+        expanded = mla_expand.choose(ns, ctx, expand_min_tokens) if unified else np.zeros(0, dtype=np.int64)
+        expand_parts = mla_expand.plan_arrays(expanded, qsl, ctx, tables, block_size) if expanded.size else []
         if unified:  # one launch for every row: no per-sequence context slots needed
             tile_seq, tile_row = tile_plan(qsl, tile_q)
+            if expanded.size:  # their rows are the expanded form's
+                keep = ~np.isin(tile_seq, expanded)
+                tile_seq, tile_row = tile_seq[keep], tile_row[keep]
             pre_slots = []
-            extra = [ctx, qsl, tables.reshape(-1), tile_seq, tile_row]
+            extra = [ctx, qsl, tables.reshape(-1), tile_seq, tile_row, *expand_parts]
         else:
             pre_slots = []
             for i in prefill_ids:
@@ -183,6 +196,8 @@ class AttnMetadata:
             lens_d, qsl_d, all_tables_d, ts_d, tr_d = views[5:10]
             unified_views = dict(seq_lens=lens_d, qsl=qsl_d, seq_tables=all_tables_d.view(s, width),
                                  tile_seq=ts_d, tile_row=tr_d)
+            if expand_parts:
+                unified_views["expand"] = ExpandPlan(*views[10:16], all_rows=len(expand_parts[0]) == t)
         ctx_slots: list = [None] * s
         for i, v in zip(prefill_ids, views[5 + len(extra):]):
             ctx_slots[int(i)] = v

@@ -55,6 +55,7 @@ class StageExecutor:
             cuda_graphs = self.device.type == "cuda" and kv.scratch_block is not None
         self.graphs = DecodeGraphs(model, kv, block_size) if cuda_graphs else None
         self.tile_q = model.attention_tile_q if self.device.type == "cuda" else None
+        self.expand_min = model.attention_expand_min_tokens if self.tile_q is not None else 0
         self.mixed_graphs = (MixedGraphs(model, kv, block_size)
                              if cuda_graphs and model.attention_tile_q is not None else None)
         self.shape = StageShape(model.is_first, model.is_last, model.cfg.vocab_size, model.cfg.hidden_size,
@@ -153,7 +154,7 @@ class StageExecutor:
             ids = step.token_ids if self.model.is_first else None
             out = self.graphs.run(chunks, ids, hidden, patch)  # [B, H]; row i = chunk i
             last_rows, done.route = list(range(len(chunks))), "decode_graph"
-        elif self.mixed_graphs is not None and self.mixed_graphs.accepts(chunks):
+        elif self.mixed_graphs is not None and self.mixed_graphs.accepts(chunks) and not self._expands(chunks):
             ids = step.token_ids if self.model.is_first else None
             out, last_rows = self.mixed_graphs.run(chunks, ids, hidden, patch)  # [T, H]
             done.route = "mixed_graph"
@@ -165,7 +166,8 @@ class StageExecutor:
                     patch(input_ids)
             if hidden is not None:
                 hidden = hidden.to(self.device, non_blocking=True)
-            meta = AttnMetadata.build(chunks, self.block_size, self.device, tile_q=self.tile_q)
+            meta = AttnMetadata.build(chunks, self.block_size, self.device, tile_q=self.tile_q,
+                                      expand_min_tokens=self.expand_min)
             out = self.model(input_ids, hidden, meta, self.kv)  # [T, H]
             last_rows = meta.last_rows
         if self.model.is_last:
@@ -178,6 +180,10 @@ class StageExecutor:
             done.event = torch.cuda.Event(enable_timing=True)
             done.event.record(torch.cuda.current_stream(self.device))
         return done
+
+    def _expands(self, chunks) -> bool:
+        """A chunk long enough for the model's other attention form, which runs eagerly (not in a graph)."""
+        return self.expand_min > 0 and any(n >= self.expand_min for _, n, _ in chunks)
 
     def finish(self, done: "Launched") -> StepOutput:
         """Wait for a launched step's GPU work and collect its result (runs in launch order)."""

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from stage_worker.kernels import mla_decode as md
+from stage_worker.kernels import mla_expand as me
 from stage_worker.kernels import mla_prefill as mp
 from stage_worker.kernels.unified_attention import max_tiles, tile_plan
 from tests.interpreted import INTERPRETED, run_in_interpreter
@@ -79,6 +80,85 @@ def test_splits_are_static_and_bounded():
     assert mp.tile_q(4) * 4 == mp.BLOCK_M and mp.tile_q(128) * mp.BLOCK_H == mp.BLOCK_M
 
 
+def _expand_case(gen, heads: int, dn: int, dr: int, dv: int, chunks):
+    """Packed queries and contexts of `chunks` [(tokens cached before, new tokens)], with K_nope
+    and V as views of one [L, H, Dn + Dv] tensor (as expand_context makes them)."""
+    ns = [n for _, n in chunks]
+    lens = [s + n for s, n in chunks]
+    cu_q = torch.tensor([0, *np.cumsum(ns)])
+    cu_k = torch.tensor([0, *np.cumsum(lens)])
+    tp, lp = int(cu_q[-1]), int(cu_k[-1])
+    kv = torch.randn(lp, heads, dn + dv, generator=gen)
+    q = torch.randn(tp, heads, dn + dr, generator=gen)
+    return (q[..., :dn], q[..., dn:], kv[..., :dn], torch.randn(lp, dr, generator=gen), kv[..., dn:], cu_q, cu_k)
+
+
+def test_expand_reference_equals_explicit_formula():
+    """The expanded form's reference: each query sees its context up to its own position (the
+    chunk's queries are the context's last ones); k_pe is shared by the heads."""
+    gen = torch.Generator().manual_seed(4)
+    chunks = [(0, 5), (7, 3), (2, 1)]
+    qn, qp, kn, kp, v, cu_q, cu_k = _expand_case(gen, 3, 6, 4, 5, chunks)
+    got = me.attention_torch(qn, qp, kn, kp, v, cu_q, cu_k, 0.3)
+    for c, (start, n) in enumerate(chunks):
+        for j in range(n):
+            row, keys = int(cu_q[c]) + j, range(int(cu_k[c]), int(cu_k[c]) + start + j + 1)
+            k = torch.cat([kn[keys], kp[keys][:, None].expand(-1, 3, -1)], -1).double()  # [L, H, Dn + Dr]
+            s = torch.einsum("hd,lhd->hl", torch.cat([qn[row], qp[row]], -1).double(), k) * 0.3
+            ref = torch.einsum("hl,lhd->hd", torch.softmax(s, -1), v[keys].double())
+            torch.testing.assert_close(got[row].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_expand_plan_picks_long_chunks_within_the_context_cap():
+    """Chunks of >= min_tokens, while their contexts fit max(cap, step tokens); rows, context
+    slots and offsets packed in the micro-batch's order."""
+    ns, ctx = np.array([5, 1, 4, 6, 3]), np.array([5, 9, 30, 6, 3])
+    assert me.choose(ns, ctx, 4, max_context=12).tolist() == [0]  # 5 + 30 > max(12, 19)
+    assert me.choose(ns, ctx, 4, max_context=41).tolist() == [0, 2, 3]
+    assert me.choose(ns, ctx, 0).size == 0
+    qsl = np.concatenate([[0], np.cumsum(ns)])
+    tables = np.arange(5 * 8).reshape(5, 8)[:, ::-1].copy()  # sequence i: blocks 8i+7, 8i+6, ...
+    rows, slots, cu_q, cu_k, tile_seq, tile_row = me.plan_arrays(np.array([0, 3]), qsl, ctx, tables, BS)
+    assert rows.tolist() == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14, 15]
+    seq0 = [tables[0, p // BS] * BS + p % BS for p in range(5)]
+    seq3 = [tables[3, p // BS] * BS + p % BS for p in range(6)]
+    assert slots.tolist() == seq0 + seq3
+    assert cu_q.tolist() == [0, 5, 11] and cu_k.tolist() == [0, 5, 11]
+    assert tile_seq.tolist() == [0, 1] and tile_row.tolist() == [0, 5]  # one BLOCK_M tile each
+
+
+def test_deepseek_expanded_chunks_equal_the_absorbed_path(ds_stage):
+    """The stage's output with long chunks in the expanded form (kv_b_proj up-projection + MHA)
+    equals the absorbed form's, for a micro-batch of prefill chunks only and for one with a
+    mid-prompt chunk, a short chunk and decode rows beside them; the pool is written the same
+    (bit for bit by the first layer, whose inputs are the same)."""
+    from stage_worker.attention import AttnMetadata
+
+    tile_q = ds_stage.attention_tile_q
+    prompts = [[(7 * s + j) % 300 + 3 for j in range(9 + 4 * s)] for s in range(4)]
+    tables = [[s + 4 * j for j in range(6)] for s in range(4)]
+    fresh = [(0, len(p), t) for p, t in zip(prompts, tables)]
+    mixed = [(3, len(prompts[0]) - 3, tables[0]), (len(prompts[1]), 1, tables[1]), (0, 2, tables[2]),
+             (0, len(prompts[3]), tables[3])]
+    for chunks, ids, pre in ((fresh, sum(prompts, []), None),
+                             (mixed, prompts[0][3:] + [5, 6, 7] + prompts[3], [prompts[0][:3], prompts[1]])):
+        results = []
+        for min_tokens in (0, 4):
+            kv = ds_stage.make_kv_cache(24, BS, scratch_blocks=1)
+            if pre:
+                first = AttnMetadata.build([(0, len(p), t) for p, t in zip(pre, tables)], BS, "cpu")
+                ds_stage(torch.tensor(sum(pre, [])), None, first, kv)
+            meta = AttnMetadata.build(chunks, BS, "cpu", paged=True, tile_q=tile_q, expand_min_tokens=min_tokens)
+            assert (meta.expand is not None) == (min_tokens > 0)
+            out = ds_stage(torch.tensor(ids), None, meta, kv)
+            results.append((out, [lat.clone() for lat in kv.latents]))
+        assert meta.expand.all_rows == (chunks is fresh)
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(results[1][1][0], results[0][1][0], rtol=0, atol=0)  # layer 0: same inputs
+        for a, b in zip(results[1][1][1:], results[0][1][1:]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 if not INTERPRETED:
     def test_kernels_in_an_interpreter_process():
         run_in_interpreter(__file__, "triton")
@@ -117,6 +197,22 @@ if INTERPRETED:
         got = mp.mla_attention(q, *args, use_triton=True)
         ref = mp.mla_attention(q, *args, use_triton=False)
         torch.testing.assert_close(got[:t], ref[:t], atol=1e-5, rtol=1e-5)
+
+    @pytest.mark.parametrize("dims", [(16, 16, 16), (24, 8, 20)])
+    def test_triton_expand(dims):
+        """The expanded form's kernel: a prompt from 0 over two query tiles and past a block of
+        keys (unmasked and masked loops), a chunk mid-context, a one-token chunk, a chunk after
+        exactly one block of keys, and padding tiles (-1); head widths that are not powers of two."""
+        gen = torch.Generator().manual_seed(5)
+        chunks = [(0, 70), (66, 5), (10, 1), (16, 16)]
+        qn, qp, kn, kp, v, cu_q, cu_k = _expand_case(gen, 3, *dims, chunks)
+        bm = 16
+        tile_seq, tile_row = tile_plan(cu_q.numpy(), bm, size=max_tiles(int(cu_q[-1]), len(chunks), bm) + 2)
+        ref = me.attention_torch(qn, qp, kn, kp, v, cu_q, cu_k, 0.3)
+        for config in ((bm, 16, 4, 1), (bm, 32, 4, 2)):
+            got = me.attention(qn, qp, kn, kp, v, cu_q, cu_k, torch.from_numpy(tile_seq), torch.from_numpy(tile_row),
+                               0.3, use_triton=True, config=config)
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
 # -- the DeepSeek stage on the graph routes (CUDA graphs' buffers and padding, eager on the CPU) --

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from benchmarks.gpu.common import log
 from stage_worker.kernels import mla_decode as md
+from stage_worker.kernels import mla_expand as me
 from stage_worker.kernels import mla_prefill as mp
 from stage_worker.kernels.unified_attention import tile_plan
 
@@ -240,6 +241,103 @@ def bench_prefill(gen, heads: int, cases) -> list[dict]:
     return rows
 
 
+EXPAND_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3),
+                  (128, 32, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2)]
+EXPAND_CASES = [("8 prompts x 512 from 0", [(0, 512)] * 8),
+                ("4 prompts x 1024 from 0", [(0, 1024)] * 4),
+                ("1 prompt x 2048 from 0", [(0, 2048)]),
+                ("8 chunks of 256 after 1536 cached", [(1536, 256)] * 8),
+                ("mixed: 2 chunks of 1024 + 64 decodes at 1000", [(0, 1024)] * 2 + [(1000, 1)] * 64),
+                ("mixed workload step: 4096 tokens of prompts 64-1023", "mixed")]
+
+
+def bench_expand(gen, heads: int, cases=EXPAND_CASES, min_tokens: int = me.MIN_TOKENS) -> list[dict]:
+    """The micro-batch's attention with chunks of >= min_tokens in the expanded form
+    (kernels/mla_expand.py: gather + kv_b_proj GEMM + the MHA kernel, other rows on the absorbed
+    kernel) against all of it in the absorbed form (mla_prefill, its default tiles), both with
+    the q absorption and W_UV product they need; outputs checked against the float32 per-sequence
+    MHA path. A block-shape sweep of the MHA kernel."""
+    import numpy as np
+    import random
+
+    rows = []
+    w_kvb = torch.randn(heads * (DN + DV), R, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.05
+    w = w_kvb.view(heads, DN + DV, R)
+    w_uk, w_uv = w[:, :DN], w[:, DN:]
+    for name, chunks in cases:
+        if chunks == "mixed":
+            rng, chunks, t = random.Random(0), [], 0
+            while t < 4096:
+                n = min(rng.randrange(64, 1024), 4096 - t)
+                chunks.append((0, n))
+                t += n
+        starts, ns = [s for s, _ in chunks], [n for _, n in chunks]
+        pool, tables, lens = _paged(len(chunks), [s + n for s, n in chunks], gen)
+        t = sum(ns)
+        q_nope = torch.randn(t, heads, DN, device="cuda", dtype=torch.bfloat16, generator=gen)
+        q_pe = torch.randn(t, heads, DR, device="cuda", dtype=torch.bfloat16, generator=gen)
+        qsl_np = np.array([0] + ns).cumsum()
+        qsl = torch.from_numpy(qsl_np).cuda()
+        bq = mp.tile_q(heads)
+        ts, tr = tile_plan(qsl_np, bq)
+        chosen = me.choose(np.array(ns), np.array(starts) + np.array(ns), min_tokens)
+        keep = ~np.isin(ts, chosen)
+        rest = (torch.from_numpy(ts[keep]).cuda(), torch.from_numpy(tr[keep]).cuda())
+        every = (torch.from_numpy(ts).cuda(), torch.from_numpy(tr).cuda())
+        pairs = sum(n * s + n * (n + 1) // 2 for s, n in chunks)
+        row = {"heads": heads, "case": name, "tokens": t, "attn_pairs": pairs, "expanded_chunks": int(chosen.size)}
+
+        def absorbed(plan):
+            q = torch.cat([torch.einsum("thn,hnr->thr", q_nope, w_uk), q_pe], -1)
+            o = mp.mla_attention(q, pool, tables, lens, qsl, plan[0], plan[1], SCALE, BS, R, bq, use_triton=True)
+            return q, torch.einsum("thr,hvr->thv", o, w_uv)
+
+        def expanded(cfg, parts):
+            q, out = absorbed(rest) if keep.any() else (torch.cat([q_nope, q_pe], -1), None)
+            e_rows, slots, cu_q, cu_k, e_ts, e_tr = parts
+            k_nope, k_pe, v = me.expand_context(pool, slots, w_kvb, heads, R, DN)
+            o = me.attention(q_nope[e_rows], q[e_rows][..., -DR:], k_nope, k_pe, v, cu_q, cu_k, e_ts, e_tr, SCALE,
+                             use_triton=True, config=cfg)
+            if out is None:
+                return o
+            out[e_rows] = o
+            return out
+
+        ref = _old_prefill(q_nope.float(), q_pe.float(), pool.float(), tables, starts, ns, w_kvb.float(), heads)
+        row["absorbed_ms"] = timed(lambda: absorbed(every))
+        row["absorbed_rel_err"] = rel_err(absorbed(every)[1], ref)
+        tab_np = tables.cpu().numpy()
+        for i, cfg in enumerate(EXPAND_CONFIGS):
+            me_cfg = me.CONFIG
+            try:
+                me.CONFIG = cfg  # plan_arrays tiles by CONFIG's BLOCK_M
+                arrs = me.plan_arrays(chosen, qsl_np, lens.cpu().numpy(), tab_np, BS)
+                parts = [torch.from_numpy(a).cuda() for a in arrs]
+                err = rel_err(expanded(cfg, parts), ref)
+                assert err < 2e-2, f"expand {name} H={heads} cfg {cfg}: rel err {err}"
+                row[f"expanded_ms_cfg{i}"] = timed(lambda: expanded(cfg, parts))
+                row[f"expanded_rel_err_cfg{i}"] = err
+            except AssertionError:
+                raise
+            except Exception as exc:
+                row[f"expanded_ms_cfg{i}"] = None
+                log(f"  expand config {cfg}: {type(exc).__name__} {str(exc)[:160]}")
+            finally:
+                me.CONFIG = me_cfg
+        found = [(v, k) for k, v in row.items() if k.startswith("expanded_ms_cfg") and v is not None]
+        if found:
+            best = min(found)
+            row["expanded_ms"], row["best_cfg"] = best[0], EXPAND_CONFIGS[int(best[1][len("expanded_ms_cfg"):])]
+            row["speedup"] = round(row["absorbed_ms"] / row["expanded_ms"], 2)
+            default = row.get(f"expanded_ms_cfg{EXPAND_CONFIGS.index(me.CONFIG)}")
+            row["default_cfg_speedup"] = round(row["absorbed_ms"] / default, 2) if default else None
+        rows.append(row)
+        log(f"  expand H={heads} {name}: absorbed {row['absorbed_ms']:.3f} ms, expanded {row.get('expanded_ms')} ms "
+            f"(cfg {row.get('best_cfg')}), x{row.get('speedup')} (default cfg x{row.get('default_cfg_speedup')}), "
+            f"{int(chosen.size)}/{len(chunks)} chunks expanded")
+    return rows
+
+
 def run(out_dir, quick: bool = False) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
@@ -275,3 +373,14 @@ def table(res: dict) -> str:
         lines.append(f"  {r['heads']:3d} {r['case']} | {r['new_ms']:.3f} ({r['best_cfg']}) {r['new_TFLOPs']:.0f} | "
                      f"{r['old_ms']:.3f} | {r['speedup']}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the expanded form alone: python -m benchmarks.gpu.mla_kernels --expand OUT_DIR
+    import sys
+    from pathlib import Path
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    res = {"device": torch.cuda.get_device_name(0), "expand_v3": bench_expand(g, 128),
+           "expand_v2lite": bench_expand(g, 16)}
+    Path(sys.argv[-1]).mkdir(parents=True, exist_ok=True)
+    (Path(sys.argv[-1]) / "mla_expand.json").write_text(json.dumps(res, indent=1))

@@ -32,6 +32,9 @@ class PipelineStage(nn.Module):
     # Query tokens per tile of unified_attention for mixed micro-batches on a GPU; None: this
     # family's attention has no unified kernel (mixed micro-batches use its own paged path).
     attention_tile_q: int | None = None
+    # With unified attention: prefill chunks of at least this many tokens in eager micro-batches take
+    # another form of attention (DeepSeek's expanded MLA, kernels/mla_expand.py); 0: never.
+    attention_expand_min_tokens: int = 0
     # Rotary tables: [T, D] as cat(freqs, freqs) (rotate_half layout, Llama), or [T, D/2] (DeepSeek).
     rotary_duplicate: bool = True
     kv_cache_cls: type  # PagedKVCache or MLAKVCache: block_bytes(layers, block_size, *kv_dims(), dtype)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stage_worker.attention import AttnMetadata, num_sms
-from stage_worker.kernels import fused_ops, mla_decode, mla_prefill, mla_rope
+from stage_worker.kernels import fused_ops, mla_decode, mla_expand, mla_prefill, mla_rope
 from stage_worker.mla_cache import MLAKVCache
 from stage_worker.models.base import PipelineStage
 from stage_worker.models import quant
@@ -204,9 +204,24 @@ class MLAttention(nn.Module):
         ln = self.kv_a_layernorm
         q_cat = mla_rope.latent_query_and_cache(q, kv, w_uk, cos, sin, ln.weight, ln.eps, pool, meta.slot_mapping,
                                                 d.rope_interleave)  # [T, Hq, R + Dr], pool.dtype
-        o_lat = latent_attention(q_cat, pool, meta, self.scale, d.kv_lora_rank, self.tile_q)  # [T, Hq, R]
-        out = torch.einsum("thr,hvr->thv", o_lat.to(x.dtype), w_uv)  # [T, Hq, Dv]
+        e = meta.expand  # long prefill chunks in the expanded form (every row, some or none)
+        if e is not None and e.all_rows:
+            out = self._expanded_chunks(q, q_cat, pool, e)  # [T, Hq, Dv]
+        else:
+            o_lat = latent_attention(q_cat, pool, meta, self.scale, d.kv_lora_rank, self.tile_q)  # [T, Hq, R]
+            out = torch.einsum("thr,hvr->thv", o_lat.to(x.dtype), w_uv)  # [T, Hq, Dv]
+            if e is not None:
+                out[e.rows] = self._expanded_chunks(q[e.rows], q_cat[e.rows], pool, e)
         return self.o_proj(out.reshape(t, nh * d.v_head_dim))  # [T, H]
+
+    def _expanded_chunks(self, q, q_cat, pool, e: mla_expand.ExpandPlan) -> torch.Tensor:
+        """The plan's chunks in the MHA form: q [Tp, Hq, Dn + Dr] (q_nope unrotated), q_cat
+        [Tp, Hq, R + Dr] (its rope part rotated) over their up-projected contexts -> [Tp, Hq, Dv]."""
+        d = self.d
+        k_nope, k_pe, v = mla_expand.expand_context(pool, e.ctx_slots, self.kv_b_proj.weight, self.n_heads,
+                                                    d.kv_lora_rank, d.qk_nope_head_dim)
+        return mla_expand.attention(q[..., : d.qk_nope_head_dim], q_cat[..., d.kv_lora_rank:], k_nope, k_pe, v,
+                                    e.cu_q, e.cu_k, e.tile_seq, e.tile_row, self.scale)
 
     def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [Hq, Dn, R] and W_UV [Hq, Dv, R]: views of kv_b_proj's weight, per head."""
@@ -380,6 +395,8 @@ class DeepseekStage(PipelineStage):
         self.inv_freq = inv_freq.to(device)  # [Dr/2] float32, not a parameter
         # Mixed micro-batches on a GPU: one mla_prefill launch over tiles of this many tokens.
         self.attention_tile_q = mla_prefill.tile_q(cfg.num_attention_heads)
+        if cfg.num_attention_heads >= mla_expand.MIN_HEADS:
+            self.attention_expand_min_tokens = mla_expand.MIN_TOKENS
 
     def kv_dims(self) -> tuple[int, int]:
         return self.dims.kv_lora_rank, self.dims.qk_rope_head_dim
