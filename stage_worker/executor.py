@@ -183,7 +183,7 @@ class StageExecutor:
 
     def _expands(self, chunks) -> bool:
         """A chunk long enough for the model's other attention form, which runs eagerly (not in a graph)."""
-        return self.expand_min > 0 and any(n >= self.expand_min for _, n, _ in chunks)
+        return AttnMetadata.expands(chunks, self.expand_min)
 
     def finish(self, done: "Launched") -> StepOutput:
         """Wait for a launched step's GPU work and collect its result (runs in launch order)."""

@@ -111,11 +111,17 @@ def test_expand_reference_equals_explicit_formula():
 
 def test_expand_plan_picks_long_chunks_within_the_context_cap():
     """Chunks of >= min_tokens, while their contexts fit max(cap, step tokens); rows, context
-    slots and offsets packed in the micro-batch's order."""
+    slots and offsets packed in the micro-batch's order; `expands` (the executor's graph-or-eager
+    test) agrees with the plan."""
+    from stage_worker.attention import AttnMetadata
+
     ns, ctx = np.array([5, 1, 4, 6, 3]), np.array([5, 9, 30, 6, 3])
-    assert me.choose(ns, ctx, 4, max_context=12).tolist() == [0]  # 5 + 30 > max(12, 19)
+    assert me.choose(ns, ctx, 4, max_context=12).tolist() == [0, 3]  # 30 > 19 - 5: skipped, 6 still fits
     assert me.choose(ns, ctx, 4, max_context=41).tolist() == [0, 2, 3]
     assert me.choose(ns, ctx, 0).size == 0
+    chunks = [(s - n, n, []) for s, n in zip(ctx.tolist(), ns.tolist())]
+    assert AttnMetadata.expands(chunks, 4) and not AttnMetadata.expands(chunks, 7)
+    assert not AttnMetadata.expands([(4096, 512, [])], 256)  # context past the cap: absorbed (and graphs)
     qsl = np.concatenate([[0], np.cumsum(ns)])
     tables = np.arange(5 * 8).reshape(5, 8)[:, ::-1].copy()  # sequence i: blocks 8i+7, 8i+6, ...
     rows, slots, cu_q, cu_k, tile_seq, tile_row = me.plan_arrays(np.array([0, 3]), qsl, ctx, tables, BS)

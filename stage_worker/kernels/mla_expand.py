@@ -70,12 +70,16 @@ class ExpandPlan:
 
 def choose(ns: np.ndarray, ctx: np.ndarray, min_tokens: int = MIN_TOKENS, max_context: int = MAX_CONTEXT) -> np.ndarray:
     """Indices of the sequences whose chunk takes the expanded form: num_tokens >= min_tokens,
-    in order while their contexts add up to at most max(max_context, tokens in the step)."""
-    if min_tokens <= 0:
-        return np.zeros(0, dtype=np.int64)
-    cand = np.nonzero(ns >= min_tokens)[0]
-    within = np.cumsum(ctx[cand]) <= max(max_context, int(ns.sum()))
-    return cand[within]
+    taken in order while their contexts add up to at most max(max_context, tokens in the step)
+    (a chunk whose context would pass it is skipped, the later ones still considered)."""
+    picked: list[int] = []
+    if min_tokens > 0:
+        room = max(max_context, int(ns.sum()))
+        for i in np.nonzero(ns >= min_tokens)[0]:
+            if ctx[i] <= room:
+                picked.append(int(i))
+                room -= int(ctx[i])
+    return np.array(picked, dtype=np.int64)
 
 
 def plan_arrays(chosen: np.ndarray, qsl: np.ndarray, ctx: np.ndarray, tables: np.ndarray,

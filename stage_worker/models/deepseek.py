@@ -211,17 +211,21 @@ class MLAttention(nn.Module):
             o_lat = latent_attention(q_cat, pool, meta, self.scale, d.kv_lora_rank, self.tile_q)  # [T, Hq, R]
             out = torch.einsum("thr,hvr->thv", o_lat.to(x.dtype), w_uv)  # [T, Hq, Dv]
             if e is not None:
-                out[e.rows] = self._expanded_chunks(q[e.rows], q_cat[e.rows], pool, e)
+                out[e.rows] = self._expanded_chunks(q, q_cat, pool, e)
         return self.o_proj(out.reshape(t, nh * d.v_head_dim))  # [T, H]
 
     def _expanded_chunks(self, q, q_cat, pool, e: mla_expand.ExpandPlan) -> torch.Tensor:
-        """The plan's chunks in the MHA form: q [Tp, Hq, Dn + Dr] (q_nope unrotated), q_cat
-        [Tp, Hq, R + Dr] (its rope part rotated) over their up-projected contexts -> [Tp, Hq, Dv]."""
+        """The plan's chunks in the MHA form, their rows e.rows of q [T, Hq, Dn + Dr] (q_nope
+        unrotated) and q_cat [T, Hq, R + Dr] (its rope part rotated), over their up-projected
+        contexts -> [Tp, Hq, Dv]."""
         d = self.d
+        q_nope, q_pe = q[..., : d.qk_nope_head_dim], q_cat[..., d.kv_lora_rank:]
+        if not e.all_rows:
+            q_nope, q_pe = q_nope[e.rows], q_pe[e.rows]
         k_nope, k_pe, v = mla_expand.expand_context(pool, e.ctx_slots, self.kv_b_proj.weight, self.n_heads,
                                                     d.kv_lora_rank, d.qk_nope_head_dim)
-        return mla_expand.attention(q[..., : d.qk_nope_head_dim], q_cat[..., d.kv_lora_rank:], k_nope, k_pe, v,
-                                    e.cu_q, e.cu_k, e.tile_seq, e.tile_row, self.scale)
+        return mla_expand.attention(q_nope, q_pe, k_nope, k_pe, v, e.cu_q, e.cu_k, e.tile_seq, e.tile_row,
+                                    self.scale)
 
     def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [Hq, Dn, R] and W_UV [Hq, Dv, R]: views of kv_b_proj's weight, per head."""
