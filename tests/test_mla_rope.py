@@ -81,6 +81,14 @@ if INTERPRETED:
         torch.testing.assert_close(got, ref, **tol)
         torch.testing.assert_close(pool, ref_pool, **tol)
 
+    def test_triton_without_absorption():
+        """absorb=False (the expanded form's rows): the same pool rows and rope part of q_cat."""
+        args = _inputs(4, 5, 8, 48, 16, torch.float32, torch.float32, seed=3)
+        pool, ref_pool = args[6], args[6].clone()
+        got = mr.latent_query_and_cache(*args[:6], 1e-6, pool, args[7], True, use_triton=True, absorb=False)
+        ref = mr.latent_query_and_cache(*args[:6], 1e-6, ref_pool, args[7], True, use_triton=True)
+        assert torch.equal(got[..., 48:], ref[..., 48:]) and torch.equal(pool, ref_pool)
+
     def test_triton_no_tokens():
         args = _inputs(0, 3, 4, 16, 8, torch.float32, torch.float32)
         pool = args[6].clone()

@@ -39,13 +39,15 @@ ROPE_ELEMS = 2048  # q_pe elements (heads * Dr) one program rotates
 def latent_query_and_cache(q: torch.Tensor, kv: torch.Tensor, w_uk: torch.Tensor, cos: torch.Tensor,
                            sin: torch.Tensor, norm_weight: torch.Tensor, eps: float, pool: torch.Tensor,
                            slot_mapping: torch.Tensor, interleave: bool,
-                           use_triton: bool | None = None) -> torch.Tensor:
+                           use_triton: bool | None = None, absorb: bool = True) -> torch.Tensor:
     """Write the new tokens' latents into the pool; return their latent queries.
 
     q: [T, Hq, Dn + Dr] and kv: [T, R + Dr] in the activation dtype (unit stride along the last
     dim); w_uk: [Hq, Dn, R] (a view of kv_b_proj's weight); cos, sin: [T, Dr/2] in the activation
     dtype; norm_weight: [R] (kv_a_layernorm); pool: [N, R + Dr]; slot_mapping: [T] long, every
     slot in [0, N). Returns q_cat [T, Hq, R + Dr] in the pool's dtype. Mutates pool.
+    absorb=False (the Triton path): q_cat's latent part is left unwritten, for a caller that
+    reads only the rotated rope part (kernels/mla_expand.py).
     """
     r, dr = w_uk.shape[2], kv.shape[1] - w_uk.shape[2]
     if dr % 2 or q.shape[2] != w_uk.shape[1] + dr:
@@ -61,9 +63,9 @@ def latent_query_and_cache(q: torch.Tensor, kv: torch.Tensor, w_uk: torch.Tensor
         return q_cat
     q_nope = q[:, :, :dn].transpose(0, 1)  # [Hq, T, Dn]
     q_lat = q_cat[:, :, :r].transpose(0, 1)  # [Hq, T, R], a view: cuBLAS writes q_cat's rows in place
-    if q.dtype == pool.dtype:
+    if absorb and q.dtype == pool.dtype:
         torch.bmm(q_nope, w_uk, out=q_lat)
-    else:
+    elif absorb:
         q_lat.copy_(torch.bmm(q_nope, w_uk))
     cos, sin = cos.contiguous(), sin.contiguous()
     half = dr // 2

@@ -21,6 +21,9 @@ MLA data flow for T new tokens (H heads, R = kv_lora_rank, Dn/Dr = qk nope/rope 
            for every row of the micro-batch at once: prefill chunks and decode rows in one
            kernels/mla_prefill launch, decode-only steps in kernels/mla_decode (GPU); one
            padded SDPA call over all sequences (CPU). Equal to transformers (float32).
+           On a GPU at >= 64 heads, the long prefill chunks of an eager step take the expanded
+           (MHA) form instead (kernels/mla_expand: kv_b_proj up-projects their context to
+           per-head K/V, then flash attention): 3.4x fewer attention FLOPs per (query, key).
 
 Routing follows DeepSeek's reference code: V2 softmax scores with greedy or group-limited greedy
 top-k; V3 sigmoid scores, expert choice biased by `e_score_correction_bias` (weights are not),
@@ -202,9 +205,9 @@ class MLAttention(nn.Module):
         kv = self.kv_a_proj_with_mqa(x)  # [T, R + Dr]: c_kv | k_pe
         w_uk, w_uv = self._w_uk_uv()
         ln = self.kv_a_layernorm
-        q_cat = mla_rope.latent_query_and_cache(q, kv, w_uk, cos, sin, ln.weight, ln.eps, pool, meta.slot_mapping,
-                                                d.rope_interleave)  # [T, Hq, R + Dr], pool.dtype
         e = meta.expand  # long prefill chunks in the expanded form (every row, some or none)
+        q_cat = mla_rope.latent_query_and_cache(q, kv, w_uk, cos, sin, ln.weight, ln.eps, pool, meta.slot_mapping,
+                                                d.rope_interleave, absorb=e is None or not e.all_rows)
         if e is not None and e.all_rows:
             out = self._expanded_chunks(q, q_cat, pool, e)  # [T, Hq, Dv]
         else:
