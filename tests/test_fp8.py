@@ -95,6 +95,33 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         with pytest.raises(ValueError, match="at most"):
             k.w8a16_gemv(torch.randn(k.GEMV_MAX_M + 1, kdim), w, ws, group_n)
 
+    @pytest.mark.parametrize("m,n,kdim,dtype", [(1, 200, 300, torch.float32), (3, 130, 1100, torch.float32),
+                                                (1, 72, 256, torch.bfloat16), (2, 64, 200, torch.bfloat16)])
+    def test_gemv_silu_mul(m, n, kdim, dtype):
+        """The GEMV reading silu(gate) * up from a merged [M, 2K] row gives what the GEMV gives on
+        fused_ops.silu_and_mul's output (the same rounded values, the same sums), and the reference."""
+        from stage_worker.kernels import fused_ops
+
+        gen = torch.Generator().manual_seed(n + m)
+        gate_up = (torch.randn(m, 2 * kdim, generator=gen) * 3).to(dtype)
+        w = (torch.randn(n, kdim, generator=gen) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+        ws = torch.rand(-(-n // 128), -(-kdim // 128), generator=gen) * 0.01 + 1e-3
+        act = fused_ops.silu_and_mul(gate_up, use_triton=True)
+        for late_sum in (True, False)[: 2 if m == 1 else 1]:
+            got = k.w8a16_gemv(gate_up, w, ws, silu_mul=True, late_sum=late_sum)
+            assert torch.equal(got, k.w8a16_gemv(act, w, ws, late_sum=late_sum))
+        ref = k.w8a16_gemv_torch(gate_up, w, ws, silu_mul=True)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol * ref.float().abs().max().item())
+        with pytest.raises(ValueError, match="silu_mul"):
+            k.w8a16_gemv(act, w, ws, silu_mul=True)  # [M, K]: not a merged gate/up row
+        from stage_worker.models import quant  # the MLP's entry: an FP8 down projection on the FP8 path
+
+        down = quant.Fp8Linear(kdim, n)
+        down.weight.data, down.weight_scale_inv.data, down.backend = w, ws, "fp8"
+        if quant.gemm_backend(m, n, kdim, False) == "gemv":  # (more rows: silu_and_mul, then the GEMM)
+            assert torch.equal(down.forward_silu_mul(gate_up), down(act))
+
     def test_fp8_linear_forward_on_the_kernel_path():
         """Fp8Linear's FP8 path (forced here; CUDA SM89+ picks it) with a merged weight, a bias and
         a 3-D input, against its dequantized path: within the activation quant's error."""

@@ -1,7 +1,8 @@
 """Block-scaled FP8 GEMM at DeepSeek-V3 shapes, and a real-size dummy V3 stage in FP8 vs bf16.
 
-    python benchmarks/gpu/bench_fp8.py [--out DIR] [--tune] [--skip-stage] [--split-k N]
+    python benchmarks/gpu/bench_fp8.py [--out DIR] [--tune] [--skip-stage] [--split-k N[,N...]]
     python benchmarks/gpu/bench_fp8.py --gemv [--out DIR]   # decode's few rows only (3. below)
+    python benchmarks/gpu/bench_fp8.py --llama [--tune] [--split-k 1,2,4]   # 1. at Llama-3.1-8B's shapes
 
 1. GEMM (y = x @ W^T, W e4m3 with 128x128 scales, x quantized per token in 1x128 groups on the
    device): bf16 torch.mm on the dequantized weights, torch._scaled_mm's blockwise recipe
@@ -47,6 +48,7 @@ SHAPES = {  # name: (N, K) of DeepSeek-V3's linears
 LLAMA8B_SHAPES = {"llama qkv": (6144, 4096), "llama o": (4096, 4096), "llama gate_up": (28672, 4096),
                   "llama down": (4096, 14336)}
 MS = (1, 16, 64, 128, 512, 4096)
+LLAMA_MS = (16, 64, 128, 256, 4096)  # --llama: the mixed workload's decode batches and prefill chunks
 GEMV_CANDIDATES = [(4, 1024, 4, 2), (8, 512, 4, 3), (8, 1024, 4, 2), (16, 512, 8, 2), (32, 256, 8, 3),
                    (2, 1024, 4, 2), (4, 2048, 4, 2), (8, 2048, 8, 2), (16, 1024, 8, 2), (4, 1024, 2, 3), (8, 1024, 8, 3),
                    (4, 512, 4, 4)]
@@ -64,25 +66,25 @@ def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref).norm() / ref.norm()).item()
 
 
-SPLIT_K = 1  # --split-k: K slices of the Triton GEMM (kernels/fp8.py; off when shipped)
+SPLIT_K = (1,)  # --split-k: K slices of the Triton GEMM tried (kernels/fp8.py; 1 when shipped)
 
 
-def gemm_rows(tune: bool) -> list[dict]:
+def gemm_rows(tune: bool, shapes: dict = SHAPES, ms: tuple = MS) -> list[dict]:
     torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
-    for name, (n, kk) in SHAPES.items():
+    for name, (n, kk) in shapes.items():
         gen = torch.Generator(device="cuda").manual_seed(n + kk)
         w = torch.randn(n, kk, device="cuda", generator=gen) * 0.02
         wq, ws = quant.quantize_blocks(w)
         w_deq = quant.dequantize_blocks(wq, ws)
         wb = w_deq.to(torch.bfloat16)
         ws_mm = k.scaled_mm_weight_scale(ws) if k.scaled_mm_ok(n, kk, 128) else None
-        for m in MS:
+        for m in ms:
             rows.append(_one(name, m, n, kk, gen, wq, ws, w_deq, wb, ws_mm, tune))
             r = rows[-1]
             print(f"{name:>15} M={m:<5} N={n:<6} K={kk:<6} bf16 {r['bf16_tflops']:7.1f}  "
                   f"scaled_mm {r.get('scaled_mm_tflops', float('nan')):7.1f}  triton {r['triton_tflops']:7.1f} "
-                  f"{tuple(r['triton_config'])}  triton/bf16 {r['triton_over_bf16']:.2f}  "
+                  f"{tuple(r['triton_config'])} split {r['triton_split_k']}  triton/bf16 {r['triton_over_bf16']:.2f}  "
                   f"triton/scaled_mm {r.get('triton_over_scaled_mm', float('nan')):.2f}  "
                   f"err bf16 {r['err_bf16']:.4f} triton {r['err_triton']:.4f} "
                   f"scaled_mm {r.get('err_scaled_mm', float('nan')):.4f} kernel-vs-ref {r['err_kernel_vs_reference']:.1e}"
@@ -102,22 +104,23 @@ def _one(name, m, n, kk, gen, wq, ws, w_deq, wb, ws_mm, tune) -> dict:
     configs = CANDIDATES if tune else [k.gemm_config(m)]
     best = None
     for cfg in configs:
-        try:
-            t = bench(lambda: k.w8a8_block_gemm(xq, xs, wq, ws, 128, torch.bfloat16, config=cfg, split_k=SPLIT_K))
-        except Exception as exc:  # a tile that does not compile (shared memory): skip it
-            print(f"  config {cfg} failed: {type(exc).__name__}", flush=True)
-            continue
-        if best is None or t < best[0]:
-            best = (t, cfg)
-    out["triton_gemm_ms"], cfg = best
-    out["triton_config"] = list(cfg)
+        for split in SPLIT_K:
+            try:
+                t = bench(lambda: k.w8a8_block_gemm(xq, xs, wq, ws, 128, torch.bfloat16, config=cfg, split_k=split))
+            except Exception as exc:  # a tile that does not compile (shared memory): skip it
+                print(f"  config {cfg} split {split} failed: {type(exc).__name__}", flush=True)
+                continue
+            if best is None or t < best[0]:
+                best = (t, cfg, split)
+    out["triton_gemm_ms"], cfg, split = best
+    out["triton_config"], out["triton_split_k"] = list(cfg), split
     # The kernel against its torch reference on the same quantized operands (summation order only).
     out["err_kernel_vs_reference"] = rel(k.w8a8_block_gemm(xq, xs, wq, ws, 128, torch.float32, config=cfg),
                                          k.w8a8_block_gemm_torch(xq, xs, wq, ws, 128, torch.float32))
 
     def triton_path():
         a, s = k.per_token_group_quant_fp8(x)
-        return k.w8a8_block_gemm(a, s, wq, ws, 128, torch.bfloat16, config=cfg, split_k=SPLIT_K)
+        return k.w8a8_block_gemm(a, s, wq, ws, 128, torch.bfloat16, config=cfg, split_k=split)
 
     out["triton_ms"] = bench(triton_path)
     out["err_triton"] = rel(triton_path(), ref)
@@ -330,10 +333,11 @@ def main() -> None:
     ap.add_argument("--skip-stage", action="store_true")
     ap.add_argument("--gemv", action="store_true", help="only section 3: decode's few rows")
     ap.add_argument("--act-quant", action="store_true", help="only the activation quant: groups per program")
-    ap.add_argument("--split-k", type=int, default=1, help="K slices of the Triton GEMM (1: as shipped)")
+    ap.add_argument("--split-k", default="1", help="K slices of the Triton GEMM to try, e.g. 1,2,4 (1: as shipped)")
+    ap.add_argument("--llama", action="store_true", help="GEMMs at Llama-3.1-8B's shapes and decode-size M only")
     args = ap.parse_args()
     global SPLIT_K
-    SPLIT_K = args.split_k
+    SPLIT_K = tuple(int(v) for v in args.split_k.split(","))
     dev = torch.cuda.get_device_name()
     print(f"device: {dev}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"scaled_mm blockwise: {quant.scaled_mm_available(torch.device('cuda'))}", flush=True)
@@ -350,6 +354,9 @@ def main() -> None:
     if args.gemv:
         report["gemv"] = gemv_rows()
         return save("bench_fp8_gemv.json")
+    if args.llama:
+        report["gemm_llama"] = gemm_rows(args.tune, LLAMA8B_SHAPES, LLAMA_MS)
+        return save("bench_fp8_llama.json")
     report["scaled_mm_odd_m"] = scaled_mm_odd_m()
     report["gemm"] = gemm_rows(args.tune)
     if args.tune:

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stage_worker.kernels import fp8 as fp8k
+from stage_worker.kernels import fused_ops
 from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
 
@@ -252,6 +253,17 @@ class Fp8Linear(nn.Module):
         return y.view(*lead, self.out_features)
 
 
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """self(silu(gate) * up) for an MLP's merged gate/up output [T, 2K]: at decode's few rows
+        on FP8 compute (the GEMV), the activation runs inside the GEMV's load (GEMV_FUSE_ACT);
+        otherwise fused_ops.silu_and_mul, then forward. The same values either way."""
+        rows = gate_up.shape[0]
+        if (self.backend == "fp8" and GEMV_FUSE_ACT and self.bias is None and gate_up.stride(-1) == 1
+                and gemm_backend(rows, self.out_features, self.in_features, self._ws_mm is not None) == "gemv"):
+            return fp8k.w8a16_gemv(gate_up, self.weight, self.weight_scale_inv, self.group_n, silu_mul=True)
+        return self(fused_ops.silu_and_mul(gate_up))
+
+
 def fp8_slot(weight: torch.Tensor, scale: torch.Tensor, group_n: int, start: int, rows: int) -> Fp8Slot:
     """The slot of rows [start, start + rows) of a [N, K] FP8 weight and its scale grid."""
     if start % group_n:
@@ -301,6 +313,11 @@ SCALED_MM_MIN_M, SCALED_MM_MIN_M_LONG_K, LONG_K = 64, 16, 4096
 # 199 -> 249 tok/s, the V3 stage 284 -> 304. STAGEMESH_FP8_GEMV_MAX_M overrides it (0: off), so a
 # benchmark can serve one checkpoint both ways in one run.
 GEMV_DISPATCH_MAX_M = int(os.environ.get("STAGEMESH_FP8_GEMV_MAX_M", "1"))
+
+
+# The MLP's silu(gate) * up inside the down projection's GEMV (Fp8Linear.forward_silu_mul);
+# STAGEMESH_FP8_GEMV_FUSE_ACT=0 turns it off (a same-run comparison).
+GEMV_FUSE_ACT = os.environ.get("STAGEMESH_FP8_GEMV_FUSE_ACT", "1") == "1"
 
 
 def gemm_backend(m: int, n: int, k: int, scaled_mm_ready: bool) -> str:
