@@ -76,6 +76,22 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         torch.testing.assert_close(k.w8a8_block_gemm(xq_c, xs_c, w, ws, group_n, torch.float32), ref,
                                    rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
+    @pytest.mark.parametrize("m,n,kdim,group_n", [(5, 200, 300, 128), (70, 130, 129, 128), (3, 64, 96, 32)])
+    def test_w8a16_block_gemm(m, n, kdim, group_n):
+        """The tensor-core W8A16 form (x as it is, weight tiles converted in registers): ragged
+        M, N and K, split-K, scale groups finer than 128 rows; against x @ dequant(W)^T."""
+        gen = torch.Generator().manual_seed(n + 1)
+        x = torch.randn(m, kdim, generator=gen).to(torch.float16)  # (bf16 is unreliable in the interpreter)
+        w = (torch.randn(n, kdim, generator=gen) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+        ws = torch.rand(-(-n // group_n), -(-kdim // 128), generator=gen) * 1e-4 + 1e-5
+        ref = k.w8a16_gemv_torch(x, w, ws, group_n, torch.float32)
+        for config, split in ((None, None), ((16, 32, 4, 2), 1), ((64, 64, 4, 2), 3)):
+            got = k.w8a16_block_gemm(x, w, ws, group_n, torch.float32, config=config, split_k=split)
+            torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+        assert k.fp8_gemm(x, w, ws, group_n, "w8a16").dtype == torch.float16
+        with pytest.raises(ValueError, match="bf16/fp16"):
+            k.w8a16_block_gemm(x.float(), w, ws, group_n)
+
     @pytest.mark.parametrize("m,n,kdim,group_n", [(1, 200, 300, 128), (3, 130, 1100, 128), (4, 64, 96, 32),
                                                   (2, 96, 256, 128), (1, 72, 1100, 32)])
     def test_gemv(m, n, kdim, group_n):

@@ -48,12 +48,14 @@ SHAPES = {  # name: (N, K) of DeepSeek-V3's linears
 LLAMA8B_SHAPES = {"llama qkv": (6144, 4096), "llama o": (4096, 4096), "llama gate_up": (28672, 4096),
                   "llama down": (4096, 14336)}
 MS = (1, 16, 64, 128, 512, 4096)
-LLAMA_MS = (16, 64, 128, 256, 4096)  # --llama: the mixed workload's decode batches and prefill chunks
+LLAMA_MS = (16, 64, 128, 256)  # --llama: the mixed workload's decode batch sizes
 GEMV_CANDIDATES = [(4, 1024, 4, 2), (8, 512, 4, 3), (8, 1024, 4, 2), (16, 512, 8, 2), (32, 256, 8, 3),
                    (2, 1024, 4, 2), (4, 2048, 4, 2), (8, 2048, 8, 2), (16, 1024, 8, 2), (4, 1024, 2, 3), (8, 1024, 8, 3),
                    (4, 512, 4, 4)]
 CANDIDATES = [(16, 64, 4, 4), (16, 128, 4, 4), (32, 64, 4, 4), (32, 128, 4, 3), (64, 64, 4, 3),
               (64, 128, 4, 3), (64, 128, 8, 4), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 4)]
+LLAMA_CANDIDATES = [(16, 64, 4, 4), (16, 128, 4, 4), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
+                    (64, 128, 8, 4)]  # --llama --tune: decode-size tiles only
 
 
 def bench(fn) -> float:
@@ -86,7 +88,8 @@ def gemm_rows(tune: bool, shapes: dict = SHAPES, ms: tuple = MS) -> list[dict]:
                   f"scaled_mm {r.get('scaled_mm_tflops', float('nan')):7.1f}  triton {r['triton_tflops']:7.1f} "
                   f"{tuple(r['triton_config'])} split {r['triton_split_k']}  triton/bf16 {r['triton_over_bf16']:.2f}  "
                   f"triton/scaled_mm {r.get('triton_over_scaled_mm', float('nan')):.2f}  "
-                  f"err bf16 {r['err_bf16']:.4f} triton {r['err_triton']:.4f} "
+                  f"w8a16 {r.get('w8a16_tflops', float('nan')):7.1f} {r.get('w8a16_config')} split {r.get('w8a16_split_k')}  "
+                  f"err bf16 {r['err_bf16']:.4f} triton {r['err_triton']:.4f} w8a16 {r.get('err_w8a16', float('nan')):.4f} "
                   f"scaled_mm {r.get('err_scaled_mm', float('nan')):.4f} kernel-vs-ref {r['err_kernel_vs_reference']:.1e}"
                   + (f" scaled_mm failed: {r['scaled_mm_error']}" if "scaled_mm_error" in r else ""), flush=True)
     return rows
@@ -125,6 +128,22 @@ def _one(name, m, n, kk, gen, wq, ws, w_deq, wb, ws_mm, tune) -> dict:
     out["triton_ms"] = bench(triton_path)
     out["err_triton"] = rel(triton_path(), ref)
     out["act_quant_ms"] = bench(lambda: k.per_token_group_quant_fp8(x))
+    if m <= 512:  # the W8A16 tensor-core form (no activation quant): decode sizes
+        best16 = None
+        for cfg16 in (CANDIDATES if tune else [None]):
+            for split16 in SPLIT_K:
+                try:
+                    t = bench(lambda: k.w8a16_block_gemm(x, wq, ws, 128, config=cfg16, split_k=split16))
+                except Exception as exc:  # a tile that does not compile: skip it
+                    print(f"  config {cfg16} split {split16} failed (w8a16): {type(exc).__name__}", flush=True)
+                    continue
+                if best16 is None or t < best16[0]:
+                    best16 = (t, cfg16, split16)
+        if best16 is not None:
+            out["w8a16_ms"], cfg16, out["w8a16_split_k"] = best16
+            out["w8a16_config"] = list(cfg16) if cfg16 else "default"
+            out["w8a16_tflops"] = flop / out["w8a16_ms"] / 1e9
+            out["err_w8a16"] = rel(k.w8a16_block_gemm(x, wq, ws, 128, config=cfg16, split_k=out["w8a16_split_k"]), ref)
     if ws_mm is not None:
         try:
             path = lambda: k.fp8_gemm(x, wq, ws, 128, "scaled_mm", ws_mm)  # noqa: E731
@@ -336,7 +355,7 @@ def main() -> None:
     ap.add_argument("--split-k", default="1", help="K slices of the Triton GEMM to try, e.g. 1,2,4 (1: as shipped)")
     ap.add_argument("--llama", action="store_true", help="GEMMs at Llama-3.1-8B's shapes and decode-size M only")
     args = ap.parse_args()
-    global SPLIT_K
+    global SPLIT_K, CANDIDATES
     SPLIT_K = tuple(int(v) for v in args.split_k.split(","))
     dev = torch.cuda.get_device_name()
     print(f"device: {dev}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
@@ -355,6 +374,7 @@ def main() -> None:
         report["gemv"] = gemv_rows()
         return save("bench_fp8_gemv.json")
     if args.llama:
+        CANDIDATES = LLAMA_CANDIDATES
         report["gemm_llama"] = gemm_rows(args.tune, LLAMA8B_SHAPES, LLAMA_MS)
         return save("bench_fp8_llama.json")
     report["scaled_mm_odd_m"] = scaled_mm_odd_m()

@@ -25,6 +25,9 @@ group_n is 128 for every real checkpoint; a merged weight whose parts are not 12
   weight: half an H100 idle) and an activation quant before it; here N / BLOCK_N programs with
   wide K slices keep enough bytes in flight to stream the weight. Dispatched at one row
   (models/quant.py GEMV_DISPATCH_MAX_M, where it measured faster on an H100).
+- `w8a16_block_gemm(x, w, ws, group_n)`: the same Triton kernel with x as it is (bf16/fp16, no
+  activation quant) and each e4m3 weight tile converted to x's dtype in registers: decode-size M,
+  where the weight bytes set the time and the tensor cores have room to spare.
 - `scaled_mm_blockwise(...)`: torch._scaled_mm with the 1x128 x 128x128 recipe (cuBLASLt, SM90,
   CUDA >= 12.9); needs N and K multiples of 128, and M a multiple of 4 (cuBLASLt has no
   algorithm otherwise: measured on the H100, M = 1, 2, 17, 33, 70, 129 fail), so `fp8_gemm` pads M.
@@ -158,16 +161,55 @@ def w8a8_block_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: tor
     out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     if m == 0 or n == 0:
         return out
-    bm, bn, warps, stages = config or gemm_config(m)
-    tiles, split = triton.cdiv(m, bm) * triton.cdiv(n, bn), split_k or 1
-    part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=xq.device)
+    _launch_block_gemm(xq, xs, w, ws, group_n, out, config or gemm_config(m), split_k or 1)
+    return out
+
+
+def _launch_block_gemm(x, xs, w, ws, group_n, out, config, split) -> None:
+    """The block-scaled kernel into out [M, N]; xs None: x is not quantized (W8A16, x's dtype on
+    the tensor cores)."""
+    (m, k), n = x.shape, w.shape[0]
+    bm, bn, warps, stages = config
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    scales = xs if xs is not None else ws  # (unread when W8A16)
     _block_gemm_kernel[(tiles, split)](
-        xq, w, part, xs, ws, m, n, k, group_n,
-        xq.stride(0), xq.stride(1), w.stride(0), w.stride(1), part.stride(-2), part.stride(-1),
-        m * n, xs.stride(0), xs.stride(1), ws.stride(0), ws.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=GROUP_K, GROUP_M=8, SPLIT_K=split, num_warps=warps, num_stages=stages)
+        x, w, part, scales, ws, m, n, k, group_n,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), part.stride(-2), part.stride(-1),
+        m * n, scales.stride(0), scales.stride(1), ws.stride(0), ws.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=GROUP_K, GROUP_M=8, SPLIT_K=split, W8A16=xs is None,
+        num_warps=warps, num_stages=stages)
     if split > 1:
         out.copy_(part.sum(0))
+
+
+# W8A16 on the tensor cores (`w8a16_block_gemm`): (BLOCK_M, BLOCK_N, warps, stages) and K slices
+# per M bucket (largest bucket <= M wins). Not dispatched until bench_fp8.py --llama times it.
+W8A16_CONFIGS: dict[int, tuple[tuple[int, int, int, int], int]] = {
+    1: ((16, 64, 4, 4), 2),
+    64: ((64, 64, 4, 3), 2),
+    128: ((64, 128, 8, 4), 1),
+}
+
+
+def w8a16_block_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,
+                     out_dtype: torch.dtype | None = None, config: tuple[int, int, int, int] | None = None,
+                     split_k: int | None = None) -> torch.Tensor:
+    """x [M, K] bf16/fp16 as it is (no activation quant), w [N, K] e4m3 with its block scales ->
+    y [M, N] = x @ dequant(w)^T (Triton): the weight tile converted to x's dtype in registers and
+    multiplied on the tensor cores, each 128-wide K block's partial dot scaled by its weight scale.
+    For decode-size M, where the weight's bytes (half of bf16's) set the time, not the FLOPs."""
+    m, k = x.shape
+    n = w.shape[0]
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"w8a16_block_gemm takes bf16/fp16 activations, got {x.dtype}")
+    if w.shape[1] != k or tuple(ws.shape) != (cdiv(n, group_n), cdiv(k, GROUP_K)):
+        raise ValueError(f"x {tuple(x.shape)}, w {tuple(w.shape)}, scales {tuple(ws.shape)} do not match")
+    out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    bucket = W8A16_CONFIGS[max(b for b in W8A16_CONFIGS if b <= max(m, 1))]
+    _launch_block_gemm(x, None, w, ws, group_n, out, config or bucket[0], split_k or bucket[1])
     return out
 
 
@@ -207,7 +249,8 @@ if triton is not None:
                            stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_cs,
                            stride_as_m, stride_as_k, stride_bs_n, stride_bs_k,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+                           GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, W8A16: tl.constexpr):
+        """W8A16: a is x as it is (bf16/fp16), b is converted to it, only b's scale applies."""
         pid, pid_k = tl.program_id(0), tl.program_id(1)
         num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         per_group = GROUP_M * num_n  # grouped order: GROUP_M row-tiles share each column of B in L2
@@ -233,9 +276,12 @@ if triton is not None:
             k_left = K - kb * BLOCK_K
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
             b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-            a_s = tl.load(as_ptrs + kb * stride_as_k, mask=mask_m, other=0.0)
             b_s = tl.load(bs_ptrs + kb * stride_bs_k, mask=mask_n, other=0.0)
-            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+            if W8A16:
+                acc += tl.dot(a, b.to(a.dtype)) * b_s[None, :]
+            else:
+                a_s = tl.load(as_ptrs + kb * stride_as_k, mask=mask_m, other=0.0)
+                acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
         c_ptrs = c_ptr + pid_k.to(tl.int64) * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -381,18 +427,20 @@ def scaled_mm_blockwise(xq: torch.Tensor, xs_col: torch.Tensor, w: torch.Tensor,
 
 # ----------------------------------------------------------------------------- dispatch
 
-BACKENDS = ("gemv", "triton", "scaled_mm", "torch")
+BACKENDS = ("gemv", "w8a16", "triton", "scaled_mm", "torch")
 
 
 def fp8_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128, backend: str = "triton",
              ws_mm: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [M, K] -> x @ dequant(w, ws)^T [M, N], activations quantized per token in 1x128 groups.
 
-    backend "gemv" (M <= GEMV_MAX_M; x is not quantized), "triton" or "scaled_mm" (CUDA) or "torch"
+    backend "gemv" (M <= GEMV_MAX_M) or "w8a16" (x is not quantized in either), "triton" or "scaled_mm" (CUDA) or "torch"
     (the reference, any device); ws_mm is the _scaled_mm copy of ws (required for "scaled_mm")."""
     out_dtype = out_dtype or x.dtype
     if backend == "gemv":
         return w8a16_gemv(x, w, ws, group_n, out_dtype)
+    if backend == "w8a16":
+        return w8a16_block_gemm(x, w, ws, group_n, out_dtype)
     if backend == "scaled_mm":
         m = x.shape[0]
         pad = -m % SCALED_MM_ALIGN_M

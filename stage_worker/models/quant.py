@@ -320,11 +320,20 @@ GEMV_DISPATCH_MAX_M = int(os.environ.get("STAGEMESH_FP8_GEMV_MAX_M", "1"))
 GEMV_FUSE_ACT = os.environ.get("STAGEMESH_FP8_GEMV_FUSE_ACT", "1") == "1"
 
 
+# Rows up to which kernels/fp8.py's W8A16 tensor-core GEMM (no activation quant) runs after the
+# GEMV's rows: 0 (off) until bench_fp8.py --llama times it against _scaled_mm on a GPU;
+# STAGEMESH_FP8_W8A16_MAX_M sets it (a same-run comparison).
+W8A16_DISPATCH_MAX_M = int(os.environ.get("STAGEMESH_FP8_W8A16_MAX_M", "0"))
+
+
 def gemm_backend(m: int, n: int, k: int, scaled_mm_ready: bool) -> str:
     """The GEMM for an [M, K] x [N, K]^T product: "gemv" (decode's few rows, kernels/fp8.py
-    w8a16_gemv, up to GEMV_DISPATCH_MAX_M), "scaled_mm" or "triton" (measured rule above)."""
+    w8a16_gemv, up to GEMV_DISPATCH_MAX_M), "w8a16" (up to W8A16_DISPATCH_MAX_M), "scaled_mm" or
+    "triton" (measured rule above)."""
     if m <= min(GEMV_DISPATCH_MAX_M, fp8k.GEMV_MAX_M):
         return "gemv"
+    if m <= W8A16_DISPATCH_MAX_M:
+        return "w8a16"
     if scaled_mm_ready and (m >= SCALED_MM_MIN_M or (m >= SCALED_MM_MIN_M_LONG_K and k >= LONG_K)):
         return "scaled_mm"
     return "triton"
