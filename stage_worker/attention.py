@@ -149,13 +149,15 @@ class AttnMetadata:
 
 
     @staticmethod
-    def expands(chunks, expand_min_tokens: int) -> bool:
-        """Whether `build` would give these chunks an ExpandPlan (with the unified layout)."""
+    def expands(chunks, expand_min_tokens: int, graph_min_tokens: int = 0) -> bool:
+        """Whether `build` would give these chunks an ExpandPlan (with the unified layout) holding
+        at least graph_min_tokens queries (the executor: leave a CUDA graph for it?)."""
         if expand_min_tokens <= 0 or all(n < expand_min_tokens for _, n, _ in chunks):
             return False
         ns = np.fromiter((n for _, n, _ in chunks), dtype=np.int64, count=len(chunks))
         starts = np.fromiter((s for s, _, _ in chunks), dtype=np.int64, count=len(chunks))
-        return mla_expand.choose(ns, starts + ns, expand_min_tokens).size > 0
+        picked = mla_expand.choose(ns, starts + ns, expand_min_tokens)
+        return picked.size > 0 and int(ns[picked].sum()) >= graph_min_tokens
 
     @classmethod
     def _build_paged(cls, chunks, block_size: int, device: torch.device, tile_q: int | None,

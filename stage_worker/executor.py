@@ -26,6 +26,7 @@ import torch
 
 from stage_worker.attention import AttnMetadata
 from stage_worker.cuda_graphs import DecodeGraphs, MixedGraphs
+from stage_worker.kernels import mla_expand
 from stage_worker.kv_cache import PagedKVCache
 from stage_worker.step_profiler import StepProfiler
 from stage_worker.lease_table import LeaseTable
@@ -182,8 +183,10 @@ class StageExecutor:
         return done
 
     def _expands(self, chunks) -> bool:
-        """A chunk long enough for the model's other attention form, which runs eagerly (not in a graph)."""
-        return AttnMetadata.expands(chunks, self.expand_min)
+        """Enough long chunks for the model's other attention form (it runs eagerly) to pay for
+        leaving the mixed graphs (mla_expand.GRAPH_MIN_TOKENS); past the graphs' buckets every
+        long chunk takes it."""
+        return AttnMetadata.expands(chunks, self.expand_min, mla_expand.GRAPH_MIN_TOKENS)
 
     def finish(self, done: "Launched") -> StepOutput:
         """Wait for a launched step's GPU work and collect its result (runs in launch order)."""

@@ -122,6 +122,9 @@ def test_expand_plan_picks_long_chunks_within_the_context_cap():
     chunks = [(s - n, n, []) for s, n in zip(ctx.tolist(), ns.tolist())]
     assert AttnMetadata.expands(chunks, 4) and not AttnMetadata.expands(chunks, 7)
     assert not AttnMetadata.expands([(4096, 512, [])], 256)  # context past the cap: absorbed (and graphs)
+    # A step the graphs could take leaves them only for >= graph_min_tokens expanded queries.
+    assert AttnMetadata.expands(chunks, 4, 15) and not AttnMetadata.expands(chunks, 4, 16)  # 5 + 4 + 6 picked
+    assert not AttnMetadata.expands([(0, 512, [])], 256, 1024) and AttnMetadata.expands([(0, 1024, [])], 256, 1024)
     qsl = np.concatenate([[0], np.cumsum(ns)])
     tables = np.arange(5 * 8).reshape(5, 8)[:, ::-1].copy()  # sequence i: blocks 8i+7, 8i+6, ...
     rows, slots, cu_q, cu_k, tile_seq, tile_row = me.plan_arrays(np.array([0, 3]), qsl, ctx, tables, BS)

@@ -55,12 +55,11 @@ FP8_MAX = 448.0  # e4m3fn; ROCm's fnuz would be 224 (vLLM's choice): not handled
 GROUP_K = 128  # activation group and weight block along K (DeepSeek-V3's weight_block_size)
 EPS = 1e-10
 # Quant groups one activation-quant program takes (a row's groups in [GROUPS, 128] tiles, 4 warps
-# from 256 values). One 128-value group per 1-warp program (GROUPS 1) spends ~7x the time the
-# bytes of a decode-size call need (0.70 ms of a V3 stage's 22 ms decode step in 58 calls, H200
-# profile); 8 groups a program should do better but has not run on a GPU yet, so 1 stays until
-# `bench_fp8.py --act-quant` (1/4/8/16, outputs checked equal) measures it.
-# STAGEMESH_FP8_ACT_QUANT_GROUPS sets it (a same-run comparison in the mesh).
-ACT_QUANT_GROUPS = int(os.environ.get("STAGEMESH_FP8_ACT_QUANT_GROUPS", "1"))
+# from 256 values). Measured on an H100 (`bench_fp8.py --act-quant`, 2026-12-07, outputs equal):
+# one 128-value group per 1-warp program read 170-640 GB/s at the V3 stage's shapes, 8 groups
+# 200-2,700 GB/s (1.1-4.3x; one of 28 cases slower), and the V3 stage's mixed workload went
+# 4,077 -> 4,186 output tok/s with it (README). STAGEMESH_FP8_ACT_QUANT_GROUPS sets it.
+ACT_QUANT_GROUPS = int(os.environ.get("STAGEMESH_FP8_ACT_QUANT_GROUPS", "8"))
 
 
 def cdiv(a: int, b: int) -> int:

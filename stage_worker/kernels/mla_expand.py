@@ -42,14 +42,19 @@ except ImportError:  # pragma: no cover - depends on the install
 
 # Chunks of at least this many new tokens take the expanded form (0: never). By FLOP count at
 # V3's widths the expanded form wins above ~30-60 queries a chunk; below 256 tokens a fresh
-# prompt's attention is a few per cent of its cost either way, and steps of such chunks stay on
-# CUDA graphs. STAGEMESH_MLA_EXPAND_MIN_TOKENS sets it (a same-run comparison in the mesh).
+# prompt's attention is a few per cent of its cost either way (and see GRAPH_MIN_TOKENS for
+# steps that CUDA graphs could take). STAGEMESH_MLA_EXPAND_MIN_TOKENS sets it (a same-run comparison in the mesh).
 MIN_TOKENS = int(os.environ.get("STAGEMESH_MLA_EXPAND_MIN_TOKENS", "256"))
 # Context rows one step may expand: max(this, the step's tokens), so the K/V workspace
 # (rows * H * (Dn + Dv) activations: 256 MiB at V3's widths and 4,096 rows) stays of the order of
 # the step's other activations. A chunk after a longer cached prefix stays absorbed.
 MAX_CONTEXT = 4096
 MIN_HEADS = 64  # models with fewer heads keep the absorbed form (measured there: V2-Lite's 16)
+# The expanded form runs eagerly: a step that the mixed CUDA graphs could take (<= 2,048 tokens)
+# leaves them for it only when its expanded chunks hold at least this many tokens. Measured on an
+# H100 with the V3 stage (README): one 512-token prompt, 33.7 ms in a graph against 40.7 ms eager
+# and expanded; one of 2,048 tokens, 72.6 against 48.6 (its attention is 2.6x faster expanded).
+GRAPH_MIN_TOKENS = 1024
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): queries and keys per program step.
 CONFIG = (64, 64, 4, 2)

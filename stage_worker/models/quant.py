@@ -317,7 +317,7 @@ GEMV_DISPATCH_MAX_M = int(os.environ.get("STAGEMESH_FP8_GEMV_MAX_M", "1"))
 
 # The MLP's silu(gate) * up inside the down projection's GEMV (Fp8Linear.forward_silu_mul);
 # STAGEMESH_FP8_GEMV_FUSE_ACT=0 turns it off (a same-run comparison).
-GEMV_FUSE_ACT = os.environ.get("STAGEMESH_FP8_GEMV_FUSE_ACT", "1") == "1"
+GEMV_FUSE_ACT = os.environ.get("STAGEMESH_FP8_GEMV_FUSE_ACT", "0") == "1"
 
 
 # Rows up to which kernels/fp8.py's W8A16 tensor-core GEMM (no activation quant) runs after the
