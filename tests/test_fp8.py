@@ -113,7 +113,7 @@ if INTERPRETED:  # collected only in the interpreter process (above)
 
     @pytest.mark.parametrize("m,n,kdim,dtype", [(1, 200, 300, torch.float32), (3, 130, 1100, torch.float32),
                                                 (1, 72, 256, torch.bfloat16), (2, 64, 200, torch.bfloat16)])
-    def test_gemv_silu_mul(m, n, kdim, dtype):
+    def test_gemv_silu_mul(m, n, kdim, dtype, monkeypatch):
         """The GEMV reading silu(gate) * up from a merged [M, 2K] row gives what the GEMV gives on
         fused_ops.silu_and_mul's output (the same rounded values, the same sums), and the reference."""
         from stage_worker.kernels import fused_ops
@@ -135,6 +135,7 @@ if INTERPRETED:  # collected only in the interpreter process (above)
 
         down = quant.Fp8Linear(kdim, n)
         down.weight.data, down.weight_scale_inv.data, down.backend = w, ws, "fp8"
+        monkeypatch.setattr(quant, "GEMV_FUSE_ACT", True)  # (off by default: slower on the H100, README)
         if quant.gemm_backend(m, n, kdim, False) == "gemv":  # (more rows: silu_and_mul, then the GEMM)
             assert torch.equal(down.forward_silu_mul(gate_up), down(act))
 
