@@ -89,6 +89,8 @@ if INTERPRETED:  # collected only in the interpreter process (above)
             got = k.w8a16_block_gemm(x, w, ws, group_n, torch.float32, config=config, split_k=split)
             torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
         assert k.fp8_gemm(x, w, ws, group_n, "w8a16").dtype == torch.float16
+        y32 = k.fp8_gemm(x.float(), w, ws, group_n, "w8a16")  # fp32 activations: the W8A8 kernel instead
+        torch.testing.assert_close(y32, k.fp8_gemm(x.float(), w, ws, group_n, "triton"), rtol=0, atol=0)
         with pytest.raises(ValueError, match="bf16/fp16"):
             k.w8a16_block_gemm(x.float(), w, ws, group_n)
 
@@ -110,34 +112,6 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         assert k.fp8_gemm(x, w, ws, group_n, "gemv").shape == (m, n)
         with pytest.raises(ValueError, match="at most"):
             k.w8a16_gemv(torch.randn(k.GEMV_MAX_M + 1, kdim), w, ws, group_n)
-
-    @pytest.mark.parametrize("m,n,kdim,dtype", [(1, 200, 300, torch.float32), (3, 130, 1100, torch.float32),
-                                                (1, 72, 256, torch.bfloat16), (2, 64, 200, torch.bfloat16)])
-    def test_gemv_silu_mul(m, n, kdim, dtype, monkeypatch):
-        """The GEMV reading silu(gate) * up from a merged [M, 2K] row gives what the GEMV gives on
-        fused_ops.silu_and_mul's output (the same rounded values, the same sums), and the reference."""
-        from stage_worker.kernels import fused_ops
-
-        gen = torch.Generator().manual_seed(n + m)
-        gate_up = (torch.randn(m, 2 * kdim, generator=gen) * 3).to(dtype)
-        w = (torch.randn(n, kdim, generator=gen) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
-        ws = torch.rand(-(-n // 128), -(-kdim // 128), generator=gen) * 0.01 + 1e-3
-        act = fused_ops.silu_and_mul(gate_up, use_triton=True)
-        for late_sum in (True, False)[: 2 if m == 1 else 1]:
-            got = k.w8a16_gemv(gate_up, w, ws, silu_mul=True, late_sum=late_sum)
-            assert torch.equal(got, k.w8a16_gemv(act, w, ws, late_sum=late_sum))
-        ref = k.w8a16_gemv_torch(gate_up, w, ws, silu_mul=True)
-        tol = 1e-5 if dtype == torch.float32 else 1e-2
-        torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol * ref.float().abs().max().item())
-        with pytest.raises(ValueError, match="silu_mul"):
-            k.w8a16_gemv(act, w, ws, silu_mul=True)  # [M, K]: not a merged gate/up row
-        from stage_worker.models import quant  # the MLP's entry: an FP8 down projection on the FP8 path
-
-        down = quant.Fp8Linear(kdim, n)
-        down.weight.data, down.weight_scale_inv.data, down.backend = w, ws, "fp8"
-        monkeypatch.setattr(quant, "GEMV_FUSE_ACT", True)  # (off by default: slower on the H100, README)
-        if quant.gemm_backend(m, n, kdim, False) == "gemv":  # (more rows: silu_and_mul, then the GEMM)
-            assert torch.equal(down.forward_silu_mul(gate_up), down(act))
 
     def test_fp8_linear_forward_on_the_kernel_path():
         """Fp8Linear's FP8 path (forced here; CUDA SM89+ picks it) with a merged weight, a bias and
@@ -187,6 +161,16 @@ if not INTERPRETED:
         assert (deq - w).abs().max() <= 0.07 * w.abs().max()
         with pytest.raises(ValueError, match="expected"):
             quant.dequantize_blocks(q, s[:2])
+
+    def test_gemm_backend_rule():
+        """Which FP8 GEMM a [M, K] x [N, K]^T product takes: the GEMV at one row, the W8A16 form at
+        2-16 rows on narrow weights, else _scaled_mm (when it can) from its measured rows, else Triton."""
+        b = quant.gemm_backend
+        assert b(1, 4096, 4096, True) == "gemv"
+        assert [b(m, 6144, 4096, True) for m in (2, 16, 17)] == ["w8a16", "w8a16", "scaled_mm"]
+        assert [b(m, 28672, 4096, True) for m in (2, 16, 64)] == ["triton", "scaled_mm", "scaled_mm"]
+        assert b(8, 28672, 4096, False) == "triton" and b(32, 576, 7168, False) == "triton"
+        assert b(32, 4096, 1536, True) == "triton" and b(64, 4096, 1536, True) == "scaled_mm"
 
     def test_merged_parts_off_the_block_grid_keep_their_scales():
         """q/k/v of 96/32/32 rows: group_n 32, each part's checkpoint scale repeated on its rows;

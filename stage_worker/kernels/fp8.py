@@ -299,44 +299,35 @@ GEMV_LATE_SUM = os.environ.get("STAGEMESH_FP8_GEMV_LATE_SUM", "0") == "1"
 
 def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,
                out_dtype: torch.dtype | None = None, config: tuple[int, int, int, int] | None = None,
-               late_sum: bool | None = None, silu_mul: bool = False) -> torch.Tensor:
+               late_sum: bool | None = None) -> torch.Tensor:
     """x [M, K] (M <= GEMV_MAX_M, any float dtype), w [N, K] e4m3, ws [ceil(N/group_n), ceil(K/128)]
     -> y [M, N] = x @ dequant(w, ws)^T in out_dtype (default x's), fp32 accumulation (Triton).
 
-    silu_mul: x is an MLP's merged gate/up output [M, 2K] and the GEMV reads silu(gate) * up as it
-    loads it, rounded to x's dtype as fused_ops.silu_and_mul writes it (the same values: one
-    launch and one [M, K] round trip fewer per MLP at decode's few rows).
     late_sum (one row): the products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, summed
     across it once at the end, instead of a cross-thread sum at every K step. Default
     GEMV_LATE_SUM: off (timed on an H100: no gain, README)."""
     m, kdim = x.shape
-    n, wk = w.shape
+    n = w.shape[0]
     if m > GEMV_MAX_M:
         raise ValueError(f"w8a16_gemv takes at most {GEMV_MAX_M} rows, got {m}")
-    if tuple(ws.shape) != (cdiv(n, group_n), cdiv(wk, GROUP_K)) or kdim != wk * (2 if silu_mul else 1):
-        raise ValueError(f"x {tuple(x.shape)}, w {tuple(w.shape)}, scales {tuple(ws.shape)} do not match"
-                         + (" (silu_mul: x is [M, 2K])" if silu_mul else ""))
+    if tuple(ws.shape) != (cdiv(n, group_n), cdiv(kdim, GROUP_K)) or w.shape[1] != kdim:
+        raise ValueError(f"x {tuple(x.shape)}, w {tuple(w.shape)}, scales {tuple(ws.shape)} do not match")
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
     bn, bk, warps, stages = config or GEMV_CONFIG
     _gemv_kernel[(triton.cdiv(n, bn),)](
-        x, w, ws, out, m, n, wk, group_n, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        x, w, ws, out, m, n, kdim, group_n, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         ws.stride(0), ws.stride(1), out.stride(0), out.stride(1),
         M_PAD=max(1, triton.next_power_of_2(m)), BLOCK_N=bn, GROUPS=bk // GROUP_K, GROUP_K=GROUP_K,
-        LATE_SUM=(GEMV_LATE_SUM if late_sum is None else late_sum) and m == 1, SILU_MUL=silu_mul,
-        num_warps=warps, num_stages=stages)
+        LATE_SUM=(GEMV_LATE_SUM if late_sum is None else late_sum) and m == 1, num_warps=warps, num_stages=stages)
     return out
 
 
 def w8a16_gemv_torch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,
-                     out_dtype: torch.dtype | None = None, silu_mul: bool = False) -> torch.Tensor:
-    """Reference: x (as it is, in fp32; silu_mul: silu(gate) * up in x's dtype) @ the dequantized weight^T."""
-    dtype = out_dtype or x.dtype
-    if silu_mul:
-        gate, up = x.chunk(2, dim=-1)
-        x = (torch.nn.functional.silu(gate) * up).to(x.dtype)
-    return (x.float() @ dequant_weight(w, ws, group_n).t()).to(dtype)
+                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Reference: x (as it is, in fp32) @ the dequantized weight^T."""
+    return (x.float() @ dequant_weight(w, ws, group_n).t()).to(out_dtype or x.dtype)
 
 
 if triton is not None:
@@ -356,22 +347,10 @@ if triton is not None:
         return cols, kmask, w, s
 
     @triton.jit
-    def _gemv_x(x_ptr, cols, mask, K, stride_xk, SILU_MUL: tl.constexpr):
-        """The GEMV's x at `cols` in fp32; SILU_MUL: silu(gate) * up from a merged [.., 2K] row, in
-        x's dtype as fused_ops._silu_mul_kernel writes it."""
-        if SILU_MUL:
-            dt = x_ptr.dtype.element_ty
-            g = tl.load(x_ptr + cols * stride_xk, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(x_ptr + (cols + K) * stride_xk, mask=mask, other=0.0).to(tl.float32)
-            act = tl.math.div_rn(g, 1.0 + tl.exp(-g)).to(dt).to(tl.float32)
-            return (act * u).to(dt).to(tl.float32)
-        return tl.load(x_ptr + cols * stride_xk, mask=mask, other=0.0).to(tl.float32)
-
-    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, group_n,
                      stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_ym, stride_yn,
                      M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP_K: tl.constexpr,
-                     LATE_SUM: tl.constexpr, SILU_MUL: tl.constexpr):
+                     LATE_SUM: tl.constexpr):
         """y[:, n-block] = x @ (w * scale)^T; each K step is GROUPS scale groups of GROUP_K columns."""
         offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -380,7 +359,7 @@ if triton is not None:
             for k0 in range(0, K, GROUPS * GROUP_K):
                 cols1, kmask1, w1, s1 = _gemv_slice(w_ptr, ws_ptr, offs_n, mask_n, k0, K, group_n, stride_wn,
                                                     stride_wk, stride_sn, stride_sk, GROUPS, GROUP_K)
-                x1 = _gemv_x(x_ptr, cols1, kmask1, K, stride_xk, SILU_MUL)
+                x1 = tl.load(x_ptr + cols1 * stride_xk, mask=kmask1, other=0.0).to(tl.float32)
                 tile += w1 * x1[None, :, :] * s1[:, :, None]
             y1 = tl.sum(tl.sum(tile, axis=2), axis=1)
             tl.store(y_ptr + offs_n * stride_yn, y1.to(y_ptr.dtype.element_ty), mask=mask_n)
@@ -391,7 +370,7 @@ if triton is not None:
             cols, kmask, w, s = _gemv_slice(w_ptr, ws_ptr, offs_n, mask_n, k0, K, group_n, stride_wn, stride_wk,
                                             stride_sn, stride_sk, GROUPS, GROUP_K)
             for m in tl.static_range(M_PAD):
-                xm = _gemv_x(x_ptr + m * stride_xm, cols, kmask & (m < M), K, stride_xk, SILU_MUL)
+                xm = tl.load(x_ptr + m * stride_xm + cols * stride_xk, mask=kmask & (m < M), other=0.0).to(tl.float32)
                 part = tl.sum(tl.sum(w * xm[None, :, :], axis=2) * s, axis=1)  # [BN]
                 acc = tl.where(rows[:, None] == m, acc + part[None, :], acc)
         y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
@@ -439,7 +418,9 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 
     if backend == "gemv":
         return w8a16_gemv(x, w, ws, group_n, out_dtype)
     if backend == "w8a16":
-        return w8a16_block_gemm(x, w, ws, group_n, out_dtype)
+        if x.dtype in (torch.bfloat16, torch.float16):
+            return w8a16_block_gemm(x, w, ws, group_n, out_dtype)
+        backend = "triton"  # fp32 activations: the tensor cores take them quantized
     if backend == "scaled_mm":
         m = x.shape[0]
         pad = -m % SCALED_MM_ALIGN_M

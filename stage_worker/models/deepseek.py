@@ -45,7 +45,7 @@ from stage_worker.kernels import fused_ops, mla_decode, mla_expand, mla_prefill,
 from stage_worker.mla_cache import MLAKVCache
 from stage_worker.models.base import PipelineStage
 from stage_worker.models import quant
-from stage_worker.models.layers import RMSNorm, down_of_silu_mul, make_linear, make_merged_linear
+from stage_worker.models.layers import RMSNorm, make_linear, make_merged_linear
 from stage_worker.models.moe import MoESpec, Router, RouterSpec, SparseMoE
 from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
@@ -323,7 +323,7 @@ class DeepseekMLP(nn.Module):
         self.down_proj = make_linear(inter, hidden, bias, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
-        return down_of_silu_mul(self.down_proj, self.gate_up_proj(x))  # down(silu(gate) * up)
+        return self.down_proj(fused_ops.silu_and_mul(self.gate_up_proj(x)))  # silu(gate) * up: [T, I]
 
 
 def router_spec(d: DeepseekDims) -> RouterSpec:

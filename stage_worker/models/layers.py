@@ -94,14 +94,6 @@ def make_merged_linear(in_features: int, parts: dict[str, int], bias: bool, fp8:
     return MergedLinear(in_features, parts, bias=bias)
 
 
-def down_of_silu_mul(down: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate) * up) of a SwiGLU MLP's merged gate/up output [T, 2I]; an FP8 down
-    projection takes the activation inside its decode-size GEMV (Fp8Linear.forward_silu_mul)."""
-    if isinstance(down, Fp8Linear):
-        return down.forward_silu_mul(gate_up)
-    return down(fused_ops.silu_and_mul(gate_up))
-
-
 def checkpoint_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """Checkpoint-layout name (module-relative, global layer indices) -> the tensor it fills.
 

@@ -37,7 +37,7 @@ from stage_worker.attention import AttnMetadata, attend
 from stage_worker.kernels import fused_ops
 from stage_worker.kv_cache import PagedKVCache
 from stage_worker.models.base import PipelineStage
-from stage_worker.models.layers import RMSNorm, down_of_silu_mul, make_linear, make_merged_linear
+from stage_worker.models.layers import RMSNorm, make_linear, make_merged_linear
 from stage_worker.models.quant import is_fp8
 from stage_worker.kernels.unified_attention import block_q
 from stagemesh.errors import CheckpointError
@@ -171,8 +171,6 @@ class LlamaMLP(nn.Module):
         self.act_and_mul = mlp_activation(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
-        if self.act_and_mul is fused_ops.silu_and_mul:
-            return down_of_silu_mul(self.down_proj, self.gate_up_proj(x))
         return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 

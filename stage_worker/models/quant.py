@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from stage_worker.kernels import fp8 as fp8k
-from stage_worker.kernels import fused_ops
 from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
 
@@ -253,17 +252,6 @@ class Fp8Linear(nn.Module):
         return y.view(*lead, self.out_features)
 
 
-    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """self(silu(gate) * up) for an MLP's merged gate/up output [T, 2K]: at decode's few rows
-        on FP8 compute (the GEMV), the activation runs inside the GEMV's load (GEMV_FUSE_ACT);
-        otherwise fused_ops.silu_and_mul, then forward. The same values either way."""
-        rows = gate_up.shape[0]
-        if (self.backend == "fp8" and GEMV_FUSE_ACT and self.bias is None and gate_up.stride(-1) == 1
-                and gemm_backend(rows, self.out_features, self.in_features, self._ws_mm is not None) == "gemv"):
-            return fp8k.w8a16_gemv(gate_up, self.weight, self.weight_scale_inv, self.group_n, silu_mul=True)
-        return self(fused_ops.silu_and_mul(gate_up))
-
-
 def fp8_slot(weight: torch.Tensor, scale: torch.Tensor, group_n: int, start: int, rows: int) -> Fp8Slot:
     """The slot of rows [start, start + rows) of a [N, K] FP8 weight and its scale grid."""
     if start % group_n:
@@ -315,24 +303,24 @@ SCALED_MM_MIN_M, SCALED_MM_MIN_M_LONG_K, LONG_K = 64, 16, 4096
 GEMV_DISPATCH_MAX_M = int(os.environ.get("STAGEMESH_FP8_GEMV_MAX_M", "1"))
 
 
-# The MLP's silu(gate) * up inside the down projection's GEMV (Fp8Linear.forward_silu_mul);
-# STAGEMESH_FP8_GEMV_FUSE_ACT=0 turns it off (a same-run comparison).
-GEMV_FUSE_ACT = os.environ.get("STAGEMESH_FP8_GEMV_FUSE_ACT", "0") == "1"
-
-
-# Rows up to which kernels/fp8.py's W8A16 tensor-core GEMM (no activation quant) runs after the
-# GEMV's rows: 0 (off) until bench_fp8.py --llama times it against _scaled_mm on a GPU;
-# STAGEMESH_FP8_W8A16_MAX_M sets it (a same-run comparison).
-W8A16_DISPATCH_MAX_M = int(os.environ.get("STAGEMESH_FP8_W8A16_MAX_M", "0"))
+# Where kernels/fp8.py's W8A16 tensor-core GEMM (x as it is, no activation quant) runs: from the
+# GEMV's rows up to W8A16_DISPATCH_MAX_M rows, on weights of at most W8A16_MAX_N rows. Measured on an
+# H100 (bench_fp8.py --llama --tune, 2026-12-07) at 16 rows, TFLOP/s against _scaled_mm and our W8A8
+# kernel (which took 2-15 rows before): Llama-8B's qkv 23.4 vs 20.0 / 5.0, o 18.9 vs 9.6 / 7.7, down
+# 26.2 vs 20.9 / 18.2; its 28,672-row gate_up 58.0 vs 59.3 / 60.3 (so not there); at 64 rows and
+# more it loses to _scaled_mm at 3 of 4. Not yet timed through the mesh, nor at V3's shapes.
+# STAGEMESH_FP8_W8A16_MAX_M sets the rows (0: off; a same-run comparison).
+W8A16_DISPATCH_MAX_M = int(os.environ.get("STAGEMESH_FP8_W8A16_MAX_M", "16"))
+W8A16_MAX_N = 6144
 
 
 def gemm_backend(m: int, n: int, k: int, scaled_mm_ready: bool) -> str:
     """The GEMM for an [M, K] x [N, K]^T product: "gemv" (decode's few rows, kernels/fp8.py
-    w8a16_gemv, up to GEMV_DISPATCH_MAX_M), "w8a16" (up to W8A16_DISPATCH_MAX_M), "scaled_mm" or
-    "triton" (measured rule above)."""
+    w8a16_gemv, up to GEMV_DISPATCH_MAX_M), "w8a16" (up to W8A16_DISPATCH_MAX_M rows, narrow
+    weights), "scaled_mm" or "triton" (measured rules above)."""
     if m <= min(GEMV_DISPATCH_MAX_M, fp8k.GEMV_MAX_M):
         return "gemv"
-    if m <= W8A16_DISPATCH_MAX_M:
+    if m <= W8A16_DISPATCH_MAX_M and n <= W8A16_MAX_N:
         return "w8a16"
     if scaled_mm_ready and (m >= SCALED_MM_MIN_M or (m >= SCALED_MM_MIN_M_LONG_K and k >= LONG_K)):
         return "scaled_mm"
