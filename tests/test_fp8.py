@@ -162,11 +162,16 @@ if not INTERPRETED:
         with pytest.raises(ValueError, match="expected"):
             quant.dequantize_blocks(q, s[:2])
 
-    def test_gemm_backend_rule():
-        """Which FP8 GEMM a [M, K] x [N, K]^T product takes: the GEMV at one row, the W8A16 form at
-        2-16 rows on narrow weights, else _scaled_mm (when it can) from its measured rows, else Triton."""
+    def test_gemm_backend_rule(monkeypatch):
+        """Which FP8 GEMM a [M, K] x [N, K]^T product takes: the GEMV at one row, the W8A16 form (when
+        turned on) up to its rows on narrow weights, else _scaled_mm (when it can) from its measured
+        rows, else Triton."""
+        monkeypatch.setattr(quant, "GEMV_DISPATCH_MAX_M", 1)
+        monkeypatch.setattr(quant, "W8A16_DISPATCH_MAX_M", 0)  # the default: off
         b = quant.gemm_backend
         assert b(1, 4096, 4096, True) == "gemv"
+        assert [b(m, 6144, 4096, True) for m in (2, 16, 64)] == ["triton", "scaled_mm", "scaled_mm"]
+        monkeypatch.setattr(quant, "W8A16_DISPATCH_MAX_M", 16)
         assert [b(m, 6144, 4096, True) for m in (2, 16, 17)] == ["w8a16", "w8a16", "scaled_mm"]
         assert [b(m, 28672, 4096, True) for m in (2, 16, 64)] == ["triton", "scaled_mm", "scaled_mm"]
         assert b(8, 28672, 4096, False) == "triton" and b(32, 576, 7168, False) == "triton"

@@ -56,8 +56,9 @@ GROUP_K = 128  # activation group and weight block along K (DeepSeek-V3's weight
 EPS = 1e-10
 # Quant groups one activation-quant program takes (a row's groups in [GROUPS, 128] tiles, 4 warps
 # from 256 values). Measured on an H100 (`bench_fp8.py --act-quant`, 2026-12-07, outputs equal):
-# one 128-value group per 1-warp program read 170-640 GB/s at the V3 stage's shapes, 8 groups
-# 200-2,700 GB/s (1.1-4.3x; one of 28 cases slower), and the V3 stage's mixed workload went
+# one 128-value group per 1-warp program read 170-640 GB/s at the V3 stage's shapes (242-4,096 rows),
+# 8 groups 200-2,700 GB/s (1.1-4.3x; 1 of 18 cases slower; at one row every form is launch-bound),
+# and the V3 stage's mixed workload went
 # 4,077 -> 4,186 output tok/s with it (README). STAGEMESH_FP8_ACT_QUANT_GROUPS sets it.
 ACT_QUANT_GROUPS = int(os.environ.get("STAGEMESH_FP8_ACT_QUANT_GROUPS", "8"))
 
@@ -183,7 +184,7 @@ def _launch_block_gemm(x, xs, w, ws, group_n, out, config, split) -> None:
 
 
 # W8A16 on the tensor cores (`w8a16_block_gemm`): (BLOCK_M, BLOCK_N, warps, stages) and K slices
-# per M bucket (largest bucket <= M wins). Not dispatched until bench_fp8.py --llama times it.
+# per M bucket (largest bucket <= M wins); off in the dispatch (models/quant.py W8A16_DISPATCH_MAX_M).
 W8A16_CONFIGS: dict[int, tuple[tuple[int, int, int, int], int]] = {
     1: ((16, 64, 4, 4), 2),
     64: ((64, 64, 4, 3), 2),

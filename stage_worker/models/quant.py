@@ -304,13 +304,13 @@ GEMV_DISPATCH_MAX_M = int(os.environ.get("STAGEMESH_FP8_GEMV_MAX_M", "1"))
 
 
 # Where kernels/fp8.py's W8A16 tensor-core GEMM (x as it is, no activation quant) runs: from the
-# GEMV's rows up to W8A16_DISPATCH_MAX_M rows, on weights of at most W8A16_MAX_N rows. Measured on an
-# H100 (bench_fp8.py --llama --tune, 2026-12-07) at 16 rows, TFLOP/s against _scaled_mm and our W8A8
-# kernel (which took 2-15 rows before): Llama-8B's qkv 23.4 vs 20.0 / 5.0, o 18.9 vs 9.6 / 7.7, down
-# 26.2 vs 20.9 / 18.2; its 28,672-row gate_up 58.0 vs 59.3 / 60.3 (so not there); at 64 rows and
-# more it loses to _scaled_mm at 3 of 4. Not yet timed through the mesh, nor at V3's shapes.
-# STAGEMESH_FP8_W8A16_MAX_M sets the rows (0: off; a same-run comparison).
-W8A16_DISPATCH_MAX_M = int(os.environ.get("STAGEMESH_FP8_W8A16_MAX_M", "16"))
+# GEMV's rows up to W8A16_DISPATCH_MAX_M rows, on weights of at most W8A16_MAX_N rows. Off (0) by
+# default: on an H100 (bench_fp8.py --llama --tune, 2026-12-07), best tiles, 16 rows, TFLOP/s against
+# _scaled_mm and the W8A8 kernel that takes 2-15 rows: Llama-8B's qkv 23.4 vs 20.0 / 5.0, o 18.9 vs
+# 9.6 / 7.7, down 26.2 vs 20.9 / 18.2, the 28,672-row gate_up 58.0 vs 59.3 / 60.3; but neither its
+# shipped tiles (W8A16_CONFIGS), V3's shapes nor a mesh run have been timed. STAGEMESH_FP8_W8A16_MAX_M
+# turns it on (e.g. 16; a same-run comparison).
+W8A16_DISPATCH_MAX_M = int(os.environ.get("STAGEMESH_FP8_W8A16_MAX_M", "0"))
 W8A16_MAX_N = 6144
 
 
