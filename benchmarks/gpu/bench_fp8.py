@@ -88,11 +88,27 @@ def gemm_rows(tune: bool, shapes: dict = SHAPES, ms: tuple = MS) -> list[dict]:
                   f"scaled_mm {r.get('scaled_mm_tflops', float('nan')):7.1f}  triton {r['triton_tflops']:7.1f} "
                   f"{tuple(r['triton_config'])} split {r['triton_split_k']}  triton/bf16 {r['triton_over_bf16']:.2f}  "
                   f"triton/scaled_mm {r.get('triton_over_scaled_mm', float('nan')):.2f}  "
-                  f"w8a16 {r.get('w8a16_tflops', float('nan')):7.1f} {r.get('w8a16_config')} split {r.get('w8a16_split_k')}  "
-                  f"err bf16 {r['err_bf16']:.4f} triton {r['err_triton']:.4f} w8a16 {r.get('err_w8a16', float('nan')):.4f} "
+                  f"w8a16 {r.get('w8a16_tflops', float('nan')):7.1f} {r.get('w8a16_config')} "
+                  f"split {r.get('w8a16_split_k')}  err bf16 {r['err_bf16']:.4f} triton {r['err_triton']:.4f} "
+                  f"w8a16 {r.get('err_w8a16', float('nan')):.4f} "
                   f"scaled_mm {r.get('err_scaled_mm', float('nan')):.4f} kernel-vs-ref {r['err_kernel_vs_reference']:.1e}"
                   + (f" scaled_mm failed: {r['scaled_mm_error']}" if "scaled_mm_error" in r else ""), flush=True)
     return rows
+
+
+def _sweep(label: str, configs, run) -> tuple | None:
+    """(ms, config, split) of the fastest run(config, split) over configs x SPLIT_K; None if none compiled."""
+    best = None
+    for cfg in configs:
+        for split in SPLIT_K:
+            try:
+                t = bench(lambda: run(cfg, split))
+            except Exception as exc:  # a tile that does not compile (shared memory): skip it
+                print(f"  config {cfg} split {split} failed ({label}): {type(exc).__name__}", flush=True)
+                continue
+            if best is None or t < best[0]:
+                best = (t, cfg, split)
+    return best
 
 
 def _one(name, m, n, kk, gen, wq, ws, w_deq, wb, ws_mm, tune) -> dict:
@@ -104,17 +120,8 @@ def _one(name, m, n, kk, gen, wq, ws, w_deq, wb, ws_mm, tune) -> dict:
     out["bf16_ms"] = bench(lambda: torch.mm(x, wb.t()))
     out["err_bf16"] = rel(torch.mm(x, wb.t()), ref)
     xq, xs = k.per_token_group_quant_fp8(x)
-    configs = CANDIDATES if tune else [k.gemm_config(m)]
-    best = None
-    for cfg in configs:
-        for split in SPLIT_K:
-            try:
-                t = bench(lambda: k.w8a8_block_gemm(xq, xs, wq, ws, 128, torch.bfloat16, config=cfg, split_k=split))
-            except Exception as exc:  # a tile that does not compile (shared memory): skip it
-                print(f"  config {cfg} split {split} failed: {type(exc).__name__}", flush=True)
-                continue
-            if best is None or t < best[0]:
-                best = (t, cfg, split)
+    best = _sweep("w8a8", CANDIDATES if tune else [k.gemm_config(m)],
+                  lambda cfg, split: k.w8a8_block_gemm(xq, xs, wq, ws, 128, torch.bfloat16, config=cfg, split_k=split))
     out["triton_gemm_ms"], cfg, split = best
     out["triton_config"], out["triton_split_k"] = list(cfg), split
     # The kernel against its torch reference on the same quantized operands (summation order only).
@@ -129,16 +136,8 @@ def _one(name, m, n, kk, gen, wq, ws, w_deq, wb, ws_mm, tune) -> dict:
     out["err_triton"] = rel(triton_path(), ref)
     out["act_quant_ms"] = bench(lambda: k.per_token_group_quant_fp8(x))
     if m <= 512:  # the W8A16 tensor-core form (no activation quant): decode sizes
-        best16 = None
-        for cfg16 in (CANDIDATES if tune else [None]):
-            for split16 in SPLIT_K:
-                try:
-                    t = bench(lambda: k.w8a16_block_gemm(x, wq, ws, 128, config=cfg16, split_k=split16))
-                except Exception as exc:  # a tile that does not compile: skip it
-                    print(f"  config {cfg16} split {split16} failed (w8a16): {type(exc).__name__}", flush=True)
-                    continue
-                if best16 is None or t < best16[0]:
-                    best16 = (t, cfg16, split16)
+        best16 = _sweep("w8a16", CANDIDATES if tune else [None],
+                        lambda cfg, split: k.w8a16_block_gemm(x, wq, ws, 128, config=cfg, split_k=split))
         if best16 is not None:
             out["w8a16_ms"], cfg16, out["w8a16_split_k"] = best16
             out["w8a16_config"] = list(cfg16) if cfg16 else "default"

@@ -58,8 +58,8 @@ EPS = 1e-10
 # from 256 values). Measured on an H100 (`bench_fp8.py --act-quant`, 2026-12-07, outputs equal):
 # one 128-value group per 1-warp program read 170-640 GB/s at the V3 stage's shapes (242-4,096 rows),
 # 8 groups 200-2,700 GB/s (1.1-4.3x; 1 of 18 cases slower; at one row every form is launch-bound),
-# and the V3 stage's mixed workload went
-# 4,077 -> 4,186 output tok/s with it (README). STAGEMESH_FP8_ACT_QUANT_GROUPS sets it.
+# and the V3 stage's mixed workload went 4,077 -> 4,186 output tok/s with it (README).
+# STAGEMESH_FP8_ACT_QUANT_GROUPS sets it.
 ACT_QUANT_GROUPS = int(os.environ.get("STAGEMESH_FP8_ACT_QUANT_GROUPS", "8"))
 
 
@@ -143,7 +143,12 @@ GEMM_CONFIGS: dict[int, tuple[int, int, int, int]] = {
 
 
 def gemm_config(m: int) -> tuple[int, int, int, int]:
-    return GEMM_CONFIGS[max(b for b in GEMM_CONFIGS if b <= max(m, 1))]
+    return _bucket(GEMM_CONFIGS, m)
+
+
+def _bucket(table: dict, m: int):
+    """A per-M-bucket table's entry for M rows: the largest bucket <= M."""
+    return table[max(b for b in table if b <= max(m, 1))]
 
 
 def w8a8_block_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,
@@ -208,7 +213,7 @@ def w8a16_block_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    bucket = W8A16_CONFIGS[max(b for b in W8A16_CONFIGS if b <= max(m, 1))]
+    bucket = _bucket(W8A16_CONFIGS, m)
     _launch_block_gemm(x, None, w, ws, group_n, out, config or bucket[0], split_k or bucket[1])
     return out
 
@@ -413,8 +418,9 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 
              ws_mm: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [M, K] -> x @ dequant(w, ws)^T [M, N], activations quantized per token in 1x128 groups.
 
-    backend "gemv" (M <= GEMV_MAX_M) or "w8a16" (x is not quantized in either), "triton" or "scaled_mm" (CUDA) or "torch"
-    (the reference, any device); ws_mm is the _scaled_mm copy of ws (required for "scaled_mm")."""
+    backend "gemv" (M <= GEMV_MAX_M) or "w8a16" (x is not quantized in either; "w8a16" takes fp32
+    x quantized, as "triton"), "triton" or "scaled_mm" (CUDA) or "torch" (the reference, any
+    device); ws_mm is the _scaled_mm copy of ws (required for "scaled_mm")."""
     out_dtype = out_dtype or x.dtype
     if backend == "gemv":
         return w8a16_gemv(x, w, ws, group_n, out_dtype)

@@ -42,8 +42,8 @@ except ImportError:  # pragma: no cover - depends on the install
 
 # Chunks of at least this many new tokens take the expanded form (0: never). By FLOP count at
 # V3's widths the expanded form wins above ~30-60 queries a chunk; below 256 tokens a fresh
-# prompt's attention is a few per cent of its cost either way (and see GRAPH_MIN_TOKENS for
-# steps that CUDA graphs could take). STAGEMESH_MLA_EXPAND_MIN_TOKENS sets it (a same-run comparison in the mesh).
+# prompt's attention is a few per cent of its cost either way (and see GRAPH_MIN_TOKENS for steps
+# that CUDA graphs could take). STAGEMESH_MLA_EXPAND_MIN_TOKENS sets it (a same-run comparison).
 MIN_TOKENS = int(os.environ.get("STAGEMESH_MLA_EXPAND_MIN_TOKENS", "256"))
 # Context rows one step may expand: max(this, the step's tokens), so the K/V workspace
 # (rows * H * (Dn + Dv) activations: 256 MiB at V3's widths and 4,096 rows) stays of the order of
