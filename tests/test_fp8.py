@@ -58,6 +58,44 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         err = (k.dequant_act(q_ref, s_ref) - x).abs().max()
         assert err <= x.abs().max() / 16  # e4m3: 3 mantissa bits
 
+    @pytest.mark.parametrize("m,kdim", [(5, 300), (1, 2048), (3, 4500)])
+    def test_per_token_quant(m, kdim):
+        """One scale per row: rows shorter than, equal to and longer than the kernel's 2,048-wide
+        step (4,500: three steps, the last partly masked), a zero row. Magnitudes stay clear of
+        e4m3's subnormals, which the interpreter rounds differently from the GPU."""
+        gen = torch.Generator().manual_seed(kdim)
+        sign = torch.randint(0, 2, (m, kdim), generator=gen) * 2 - 1
+        x = sign * (torch.rand(m, kdim, generator=gen) + 0.5) * torch.linspace(1, 30, kdim)
+        x[-1] = 0.0
+        q, s = k.per_token_quant_fp8(x, use_triton=True)
+        q_ref, s_ref = k.per_token_quant_fp8_torch(x)
+        assert q.dtype == torch.float8_e4m3fn and s.shape == (m, 1)
+        torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+        _same_fp8(q, q_ref)
+        assert (q_ref.float() * s_ref - x).abs().max() <= x.abs().max() / 16  # e4m3: 3 mantissa bits
+
+    @pytest.mark.parametrize("m,n,kdim", [(1, 200, 300), (3, 130, 1100), (20, 96, 256)])
+    def test_channel_scales_through_the_block_kernels(m, n, kdim):
+        """Per-channel weights (one scale per row) as the block kernels read them: group_n 1 and
+        the [N, 1] scales expanded to a [N, ceil(K/128)] grid with stride 0 along K (no copy);
+        GEMV, W8A16 and W8A8 against x @ (w * s)^T."""
+        gen = torch.Generator().manual_seed(n + m)
+        w = (torch.randn(n, kdim, generator=gen) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+        s = torch.rand(n, 1, generator=gen) * 0.01 + 1e-3
+        grid = s.expand(n, -(-kdim // 128))
+        assert grid.stride() == (1, 0)
+        x = torch.randn(m, kdim, generator=gen)
+        ref = x @ (w.float() * s).t()
+        tol = dict(rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+        if m <= k.GEMV_MAX_M:
+            torch.testing.assert_close(k.w8a16_gemv(x, w, grid, 1), ref, **tol)
+        x16 = x.to(torch.float16)
+        torch.testing.assert_close(k.w8a16_block_gemm(x16, w, grid, 1, torch.float32),
+                                   x16.float() @ (w.float() * s).t(), **tol)
+        got = k.fp8_gemm(x, w, grid, 1, "triton")  # activations in 1x128 groups, weights per row
+        assert ((got - ref).norm() / ref.norm()) < 0.05
+        torch.testing.assert_close(got, k.fp8_gemm(x, w, grid, 1, "torch"), **tol)
+
     @pytest.mark.parametrize("m,n,kdim,group_n", [(5, 200, 300, 128), (70, 130, 129, 128), (3, 64, 96, 32),
                                                   (1, 576, 256, 128)])
     def test_block_gemm(m, n, kdim, group_n):
@@ -131,6 +169,26 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         assert got.shape == (2, 3, 272)
         assert ((got - ref).norm() / ref.norm()) < 0.05
 
+    def test_channel_fp8_linear_forward_on_the_kernel_path():
+        """A per-channel Fp8Linear (merged, off the 128-row grid, bias, 3-D input): its FP8 path
+        (forced; no rowwise _scaled_mm here: the Triton kernels on the scale grid, the GEMV at one
+        row) against its dequantized path."""
+        from stage_worker.models import quant
+
+        gen = torch.Generator().manual_seed(3)
+        lin = quant.Fp8Linear(160, parts={"gate_proj": 136, "up_proj": 136}, bias=True, channel=True)
+        assert (lin.group_n, lin.group_k, tuple(lin.weight_scale_inv.shape)) == (1, 160, (272, 1))
+        for name, slot in lin.checkpoint_views("mlp.gate_up_proj").items():
+            slot.copy_(torch.randn(slot.shape, generator=gen) * (0.05 if name.endswith("weight") else 1.0))
+        for shape, bound in (((2, 3, 160), 0.05), ((1, 160), 1e-5)):  # one row: the GEMV, x not quantized
+            x = torch.randn(*shape, generator=gen)
+            lin.backend = None
+            assert lin.prepare() == "dequant"
+            ref = lin(x)
+            lin.backend, lin._ws_grid = "fp8", lin.weight_scale_inv.expand(272, 2)
+            got = lin(x)
+            assert got.shape == (*shape[:-1], 272) and ((got - ref).norm() / ref.norm()) < bound
+
     def test_fp8_gemm_end_to_end():
         """x -> quant -> GEMM (Triton) equals the torch path, and both are near x @ W^T."""
         gen = torch.Generator().manual_seed(9)
@@ -176,6 +234,23 @@ if not INTERPRETED:
         assert [b(m, 28672, 4096, True) for m in (2, 16, 64)] == ["triton", "scaled_mm", "scaled_mm"]
         assert b(8, 28672, 4096, False) == "triton" and b(32, 576, 7168, False) == "triton"
         assert b(32, 4096, 1536, True) == "triton" and b(64, 4096, 1536, True) == "scaled_mm"
+
+    def test_channel_backend_rule_and_slot(monkeypatch):
+        """Per-channel linears: the GEMV at one row, rowwise _scaled_mm where the device has it,
+        else Triton; their slots quantize float tensors per row and refuse FP8 checkpoint tensors
+        (whose 128x128 scales they cannot hold)."""
+        monkeypatch.setattr(quant, "GEMV_DISPATCH_MAX_M", 1)
+        b = quant.channel_gemm_backend
+        assert [b(1, True), b(2, True), b(4096, True), b(2, False)] == ["gemv", "rowwise", "rowwise", "triton"]
+        lin = quant.Fp8Linear(128, 48, channel=True)  # K = one 128-column block: still a scale per row
+        slot = lin.checkpoint_views("o_proj")["o_proj.weight"]
+        w = torch.randn(48, 128) * torch.linspace(0.1, 3, 48)[:, None]
+        slot.copy_(w)
+        q, s = quant.quantize_blocks(w, (1, 128))
+        assert torch.equal(lin.weight_scale_inv, s) and torch.equal(lin.weight.view(torch.uint8), q.view(torch.uint8))
+        torch.testing.assert_close(lin.dense_weight(), q.float() * s)
+        with pytest.raises(ValueError, match="per-channel"):
+            slot.load(q, torch.ones(1, 2), (128, 128))
 
     def test_merged_parts_off_the_block_grid_keep_their_scales():
         """q/k/v of 96/32/32 rows: group_n 32, each part's checkpoint scale repeated on its rows;
@@ -312,23 +387,45 @@ if not INTERPRETED:
         with pytest.raises(CheckpointError, match="o_proj.weight: scale_inv of shape"):
             load_stage(bad2, 0, 1)
 
+    def _dequantized_twin(src: Path, out: Path, block) -> Path:
+        """src's checkpoint with every layer linear quantized in `block`s ((1, K): per row) and
+        dequantized again: what a stage quantizing at load computes with."""
+        tensors = load_file(src / "model.safetensors")
+        deq = {}
+        for n, w in tensors.items():
+            b = block or (1, w.shape[-1])
+            deq[n] = quant.dequantize_blocks(*quant.quantize_blocks(w, b), *b) if _is_linear(n, w) else w
+        return _write(out, deq, json.loads((src / "config.json").read_text()))
+
     def test_quantization_fp8_llama_mesh(tmp_path):
-        """`--quantization fp8` on a bf16/fp32 Llama: quantized at load per checkpoint tensor in
-        128x128 blocks; the mesh's greedy tokens equal transformers' on those weights dequantized."""
+        """`--quantization fp8` on a bf16/fp32 Llama: quantized at load per checkpoint tensor, one
+        scale per output row (the default LOAD_SCHEME); the mesh's greedy tokens equal
+        transformers' on those weights dequantized."""
         from stagemesh.cli.harness import mesh
 
+        assert quant.LOAD_SCHEME == "channel"
         src = make_hf_checkpoint(tmp_path, "llama", num_layers=2)
-        tensors = load_file(src / "model.safetensors")
-        deq = {n: quant.dequantize_blocks(*quant.quantize_blocks(w)) if _is_linear(n, w) else w
-               for n, w in tensors.items()}
-        deq_dir = _write(tmp_path / "llama-deq", deq, json.loads((src / "config.json").read_text()))
+        deq_dir = _dequantized_twin(src, tmp_path / "llama-deq", None)
         stage, cfg = load_stage(src, 0, 2, quantization="fp8")
-        assert quant.is_fp8(cfg) and isinstance(stage.layers["0"].self_attn.qkv_proj, quant.Fp8Linear)
+        qkv = stage.layers["0"].self_attn.qkv_proj
+        assert quant.fp8_scheme(cfg) == "channel" and isinstance(qkv, quant.Fp8Linear) and qkv.channel
         prompts = random_prompts(seed=3, lengths=[5, 21], vocab=320)
         expected = [hf_greedy(deq_dir, p, 8) for p in prompts]
         with mesh(src, stages=1, extra=["--quantization", "fp8"]) as m:
             outs = asyncio.run(_generate_all(m.address, prompts, 8))
         assert [o.token_ids for o in outs] == expected
+
+    def test_quantization_fp8_llama_block_scheme(tmp_path, monkeypatch):
+        """STAGEMESH_FP8_LOAD_SCHEME=block: the same Llama quantized in 128x128 blocks; two stages
+        in process equal transformers on those weights dequantized."""
+        monkeypatch.setattr(quant, "LOAD_SCHEME", "block")
+        src = make_hf_checkpoint(tmp_path, "llama", num_layers=2)
+        deq_dir = _dequantized_twin(src, tmp_path / "llama-deq", (128, 128))
+        stages = [load_stage(src, a, b, quantization="fp8")[0] for a, b in ((0, 1), (1, 2))]
+        assert not stages[1].layers["1"].mlp.down_proj.channel
+        prompts = random_prompts(seed=5, lengths=[7, 19], vocab=320)
+        tokens, _ = run_pipeline(stages, prompts, 6)
+        assert tokens == [hf_greedy(deq_dir, p, 6, ignore_eos=True) for p in prompts]
 
     def test_dummy_load_format_serves_without_weight_files(tmp_path):
         """config.json + tokenizer only: `up --load-format dummy` (FP8 via --quantization) comes up,

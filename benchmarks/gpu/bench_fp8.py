@@ -234,6 +234,66 @@ def act_quant_rows() -> list[dict]:
     return rows
 
 
+ROWWISE_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048, 4096)
+
+
+def rowwise_rows() -> list[dict]:
+    """--rowwise: Llama-3.1-8B's linears with per-channel weight scales (one per output row) and
+    per-token activation scales, torch._scaled_mm's rowwise recipe (quant + GEMM, and the GEMM
+    alone), beside bf16, the per-tensor recipe (GEMM alone), the shipped block-scaled dispatch, and
+    our Triton kernels fed the per-channel scales (GEMV at <= 4 rows, W8A16 tensor-core form);
+    microseconds, ratios to bf16, errors against x @ dequant(W)^T in fp32."""
+    rows = []
+    for name, (n, kk) in LLAMA8B_SHAPES.items():
+        gen = torch.Generator(device="cuda").manual_seed(n + kk)
+        w = torch.randn(n, kk, device="cuda", generator=gen) * 0.02
+        wq, ws = quant.quantize_blocks(w)
+        ws_mm = k.scaled_mm_weight_scale(ws)
+        w_blk = quant.dequantize_blocks(wq, ws)
+        s_ch = w.abs().amax(1, keepdim=True).clamp(min=1e-12) / k.FP8_MAX  # [N, 1]
+        wq_ch = (w / s_ch).clamp(-k.FP8_MAX, k.FP8_MAX).to(k.FP8_DTYPE)
+        w_ch = wq_ch.float() * s_ch
+        ws_row = s_ch.view(1, n).contiguous()
+        ws_grid = s_ch.expand(n, k.cdiv(kk, 128))  # the block kernels' scale grid at group_n 1, stride 0
+        wb = w.to(torch.bfloat16)
+        one = torch.ones((), device="cuda")
+        for m in ROWWISE_MS:
+            x = torch.randn(m, kk, device="cuda", generator=gen).to(torch.bfloat16)
+            ref_ch, ref_blk = x.float() @ w_ch.t(), x.float() @ w_blk.t()
+            us = lambda fn: bench(fn) * 1e3  # noqa: E731
+            r = {"shape": name, "M": m, "N": n, "K": kk, "bf16_us": us(lambda: torch.mm(x, wb.t()))}
+            xq, xs = k.per_token_quant_fp8(x)
+            try:
+                r["rowwise_us"] = us(lambda: k.scaled_mm_rowwise(*k.per_token_quant_fp8(x), wq_ch, ws_row))
+                r["rowwise_gemm_us"] = us(lambda: k.scaled_mm_rowwise(xq, xs, wq_ch, ws_row))
+                r["err_rowwise"] = rel(k.scaled_mm_rowwise(*k.per_token_quant_fp8(x), wq_ch, ws_row), ref_ch)
+                r["tensorwise_gemm_us"] = us(lambda: torch._scaled_mm(xq, wq_ch.t(), scale_a=one, scale_b=one,
+                                                                      out_dtype=torch.bfloat16))
+            except Exception as exc:
+                r["rowwise_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            backend = quant.gemm_backend(m, n, kk, True)
+            r["block_backend"] = backend
+            r["block_us"] = us(lambda: k.fp8_gemm(x, wq, ws, 128, backend, ws_mm))
+            r["err_block"] = rel(k.fp8_gemm(x, wq, ws, 128, backend, ws_mm), ref_blk)
+            if m <= k.GEMV_MAX_M:
+                r["gemv_channel_us"] = us(lambda: k.w8a16_gemv(x, wq_ch, ws_grid, 1))
+                r["err_gemv_channel"] = rel(k.w8a16_gemv(x, wq_ch, ws_grid, 1), ref_ch)
+            if m <= 256:
+                r["w8a16_channel_us"] = us(lambda: k.w8a16_block_gemm(x, wq_ch, ws_grid, 1))
+                r["err_w8a16_channel"] = rel(k.w8a16_block_gemm(x, wq_ch, ws_grid, 1), ref_ch)
+            for key in [key for key in r if key.endswith("_us") and key != "bf16_us"]:
+                r[key.replace("_us", "_over_bf16")] = r["bf16_us"] / r[key]
+            print(f"{name:>13} M={m:<5} us: bf16 {r['bf16_us']:7.1f} | rowwise {r.get('rowwise_us', 0):7.1f} "
+                  f"(gemm {r.get('rowwise_gemm_us', 0):7.1f}, x{r.get('rowwise_over_bf16', 0):.2f}) "
+                  f"tensorwise gemm {r.get('tensorwise_gemm_us', 0):7.1f} | block[{backend}] {r['block_us']:7.1f} "
+                  f"(x{r['block_over_bf16']:.2f}) | gemv-ch {r.get('gemv_channel_us', 0):6.1f} "
+                  f"w8a16-ch {r.get('w8a16_channel_us', 0):6.1f} | err row {r.get('err_rowwise', 0):.4f} "
+                  f"block {r['err_block']:.4f} gemv-ch {r.get('err_gemv_channel', 0):.4f}"
+                  + (f" {r['rowwise_error']}" if "rowwise_error" in r else ""), flush=True)
+            rows.append(r)
+    return rows
+
+
 def best_configs(rows: list[dict]) -> dict:
     """Per M: the candidate with the least total GEMM time over the shapes (tuned rows only)."""
     out = {}
@@ -353,6 +413,7 @@ def main() -> None:
     ap.add_argument("--act-quant", action="store_true", help="only the activation quant: groups per program")
     ap.add_argument("--split-k", default="1", help="K slices of the Triton GEMM to try, e.g. 1,2,4 (1: as shipped)")
     ap.add_argument("--llama", action="store_true", help="GEMMs at Llama-3.1-8B's shapes and decode-size M only")
+    ap.add_argument("--rowwise", action="store_true", help="Llama-3.1-8B's shapes, per-channel weight scales")
     args = ap.parse_args()
     global SPLIT_K, CANDIDATES
     SPLIT_K = tuple(int(v) for v in args.split_k.split(","))
@@ -372,6 +433,9 @@ def main() -> None:
     if args.gemv:
         report["gemv"] = gemv_rows()
         return save("bench_fp8_gemv.json")
+    if args.rowwise:
+        report["rowwise"] = rowwise_rows()
+        return save("bench_fp8_rowwise.json")
     if args.llama:
         CANDIDATES = LLAMA_CANDIDATES
         report["gemm_llama"] = gemm_rows(args.tune, LLAMA8B_SHAPES, LLAMA_MS)

@@ -129,6 +129,52 @@ if triton is not None:
         tl.store(s_ptr + row * stride_sm + grp * stride_sg, s, mask=grp < G)
 
 
+def per_token_quant_fp8(x: torch.Tensor, use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] -> (q [M, K] e4m3, scales [M, 1] fp32): one scale per row (token), the
+    activation side of the rowwise recipe (per-channel weights, `scaled_mm_rowwise`)."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be [M, K], got {tuple(x.shape)}")
+    use = (triton is not None and x.is_cuda) if use_triton is None else use_triton
+    if not use:
+        return per_token_quant_fp8_torch(x)
+    m, k = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m == 0 or k == 0:
+        return q, s
+    block = min(triton.next_power_of_2(k), 2048)
+    _row_quant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), EPS, FP8_MAX, BLOCK=block,
+                            num_warps=4 if block >= 1024 else 1, num_stages=1)
+    return q, s
+
+
+def per_token_quant_fp8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: x [M, K] -> (q [M, K] e4m3, scales [M, 1] fp32)."""
+    xf = x.float()
+    s = xf.abs().amax(-1, keepdim=True).clamp(min=EPS) / FP8_MAX
+    return (xf / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), s
+
+
+if triton is not None:
+    @triton.jit
+    def _row_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, eps, fp8_max, BLOCK: tl.constexpr):
+        """One row per program: its amax in BLOCK-wide steps, then the quantized row (the second
+        read hits L2)."""
+        row = tl.program_id(0).to(tl.int64)
+        lane = tl.arange(0, BLOCK)
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            x = tl.load(x_ptr + row * stride_x + k0 + lane, mask=k0 + lane < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        s = tl.maximum(tl.max(amax, axis=0), eps) / fp8_max
+        for k0 in range(0, K, BLOCK):
+            x = tl.load(x_ptr + row * stride_x + k0 + lane, mask=k0 + lane < K, other=0.0).to(tl.float32)
+            q = tl.clamp(x / s, -fp8_max, fp8_max)
+            tl.store(q_ptr + row * stride_q + k0 + lane, q.to(q_ptr.dtype.element_ty), mask=k0 + lane < K)
+        tl.store(s_ptr + row, s)
+
+
 # ----------------------------------------------------------------------------- block-scaled GEMM
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per M bucket (largest bucket <= M wins): the tiles
@@ -409,9 +455,21 @@ def scaled_mm_blockwise(xq: torch.Tensor, xs_col: torch.Tensor, w: torch.Tensor,
     return torch._scaled_mm(xq, w.t(), scale_a=xs_col, scale_b=ws_mm, out_dtype=out_dtype)
 
 
+def rowwise_ok(n: int, k: int) -> bool:
+    """The shapes torch._scaled_mm's rowwise recipe takes (CUTLASS: 16-byte aligned rows)."""
+    return n % 16 == 0 and k % 16 == 0
+
+
+def scaled_mm_rowwise(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws_row: torch.Tensor,
+                      out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """xq [M, K] e4m3 with per-row scales xs [M, 1]; w [N, K] e4m3 with per-channel scales ws_row
+    [1, N] -> [M, N] (torch._scaled_mm's rowwise recipe: CUTLASS on SM90)."""
+    return torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=ws_row, out_dtype=out_dtype)
+
+
 # ----------------------------------------------------------------------------- dispatch
 
-BACKENDS = ("gemv", "w8a16", "triton", "scaled_mm", "torch")
+BACKENDS = ("gemv", "w8a16", "triton", "scaled_mm", "rowwise", "torch")
 
 
 def fp8_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128, backend: str = "triton",
@@ -420,7 +478,8 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 
 
     backend "gemv" (M <= GEMV_MAX_M) or "w8a16" (x is not quantized in either; "w8a16" takes fp32
     x quantized, as "triton"), "triton" or "scaled_mm" (CUDA) or "torch" (the reference, any
-    device); ws_mm is the _scaled_mm copy of ws (required for "scaled_mm")."""
+    device); ws_mm is the _scaled_mm copy of ws (required for "scaled_mm"). "rowwise": per-channel
+    weights (ws_mm [1, N]; ws their [N, K/128] grid at group_n 1), x quantized one scale per row."""
     out_dtype = out_dtype or x.dtype
     if backend == "gemv":
         return w8a16_gemv(x, w, ws, group_n, out_dtype)
@@ -436,6 +495,8 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 
         xq, xs = per_token_group_quant_fp8(x, column_major_scales=True)
         y = scaled_mm_blockwise(xq, xs, w, ws_mm, out_dtype)
         return y[:m] if pad else y
+    if backend == "rowwise":
+        return scaled_mm_rowwise(*per_token_quant_fp8(x), w, ws_mm, out_dtype)
     if backend == "triton":
         xq, xs = per_token_group_quant_fp8(x)
         return w8a8_block_gemm(xq, xs, w, ws, group_n, out_dtype)

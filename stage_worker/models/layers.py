@@ -79,18 +79,20 @@ class MergedLinear(nn.Linear):
         self.out_features = w.shape[0]
 
 
-def make_linear(in_features: int, out_features: int, bias: bool, fp8: bool = False) -> nn.Module:
+def make_linear(in_features: int, out_features: int, bias: bool, fp8: bool | str | None = False) -> nn.Module:
     """A projection of the stage: nn.Linear, or Fp8Linear when the stage's weights are FP8
-    (an FP8 checkpoint, or `--quantization fp8`; models/quant.py)."""
+    (an FP8 checkpoint, or `--quantization fp8`; models/quant.py). fp8: True or "block"
+    (128x128 scales), "channel" (one per output row, quant.fp8_scheme)."""
     if fp8:
-        return Fp8Linear(in_features, out_features, bias=bias)
+        return Fp8Linear(in_features, out_features, bias=bias, channel=fp8 == "channel")
     return nn.Linear(in_features, out_features, bias=bias)
 
 
-def make_merged_linear(in_features: int, parts: dict[str, int], bias: bool, fp8: bool = False) -> nn.Module:
-    """MergedLinear, or its FP8 form (same checkpoint names, one block-scaled GEMM)."""
+def make_merged_linear(in_features: int, parts: dict[str, int], bias: bool,
+                       fp8: bool | str | None = False) -> nn.Module:
+    """MergedLinear, or its FP8 form (same checkpoint names, one FP8 GEMM; fp8 as make_linear)."""
     if fp8:
-        return Fp8Linear(in_features, bias=bias, parts=parts)
+        return Fp8Linear(in_features, bias=bias, parts=parts, channel=fp8 == "channel")
     return MergedLinear(in_features, parts, bias=bias)
 
 

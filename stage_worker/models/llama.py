@@ -38,7 +38,7 @@ from stage_worker.kernels import fused_ops
 from stage_worker.kv_cache import PagedKVCache
 from stage_worker.models.base import PipelineStage
 from stage_worker.models.layers import RMSNorm, make_linear, make_merged_linear
-from stage_worker.models.quant import is_fp8
+from stage_worker.models.quant import fp8_scheme
 from stage_worker.kernels.unified_attention import block_q
 from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
@@ -133,7 +133,7 @@ class LlamaAttention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
         # Qwen2 has q/k/v biases but none on o_proj; Llama's attention_bias covers all four.
         o_bias = cfg.attention_bias and cfg.architecture != "Qwen2ForCausalLM"
-        fp8 = is_fp8(cfg)
+        fp8 = fp8_scheme(cfg)
         self.qkv_proj = make_merged_linear(h, {"q_proj": self.n_heads * d, "k_proj": self.n_kv * d,
                                                "v_proj": self.n_kv * d}, cfg.attention_bias, fp8)
         self.o_proj = make_linear(self.n_heads * d, h, o_bias, fp8)
@@ -165,7 +165,7 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        fp8 = is_fp8(cfg)
+        fp8 = fp8_scheme(cfg)
         self.gate_up_proj = make_merged_linear(h, {"gate_proj": i, "up_proj": i}, b, fp8)
         self.down_proj = make_linear(i, h, b, fp8)
         self.act_and_mul = mlp_activation(cfg)

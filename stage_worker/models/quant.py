@@ -48,6 +48,13 @@ from stagemesh.model_config import ModelConfig
 BLOCK = 128  # weight block rows and columns (DeepSeek-V3's weight_block_size)
 FP8_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
 QUANTIZATIONS = ("none", "", "fp8")  # --quantization values (none / "": the checkpoint's own format)
+# How `--quantization fp8` scales a bf16/fp32 checkpoint's dense projections (`fp8_scheme`):
+# "channel" (one scale per output row, activations one per token: torch._scaled_mm's rowwise
+# recipe on SM90) or "block" (128x128, DeepSeek-V3's layout and kernels). STAGEMESH_FP8_LOAD_SCHEME
+# sets it (a same-run comparison); the default is the one measured faster (README).
+LOAD_SCHEME = os.environ.get("STAGEMESH_FP8_LOAD_SCHEME", "channel")
+if LOAD_SCHEME not in ("channel", "block"):
+    raise ValueError(f"STAGEMESH_FP8_LOAD_SCHEME={LOAD_SCHEME!r}: expected channel or block")
 
 
 # -- which stages are FP8 ----------------------------------------------------------------------
@@ -69,19 +76,31 @@ def fp8_block(cfg: ModelConfig) -> tuple[int, int] | None:
 
 
 def is_fp8(cfg: ModelConfig) -> bool:
-    """Build this stage's linears as Fp8Linear (block-scaled FP8 weights)?"""
+    """Build this stage's linears as Fp8Linear (FP8 weights)?"""
     return fp8_block(cfg) is not None
+
+
+def fp8_scheme(cfg: ModelConfig) -> str | None:
+    """None (not FP8), "block" (128x128 scales: FP8 checkpoints, DeepSeek's layout) or "channel"
+    (one scale per output row: a bf16/fp32 checkpoint quantized at load under LOAD_SCHEME
+    "channel"). The Llama family's projections honour "channel"; DeepSeek's and every MoE expert
+    stack stay block-scaled (their kernels take 128x128 scales)."""
+    if not is_fp8(cfg):
+        return None
+    qc = cfg.raw["quantization_config"]
+    return "channel" if qc.get("quantized_at_load") and qc.get("weight_scheme") == "channel" else "block"
 
 
 def with_quantization(cfg: ModelConfig, quantization: str) -> ModelConfig:
     """The config a stage is built from: `--quantization fp8` marks a bf16/fp32 checkpoint FP8
-    (quantized at load in 128x128 blocks); "none" leaves it as the checkpoint says."""
+    (quantized at load: 128x128 blocks, or per channel where LOAD_SCHEME says so and the family
+    takes it, `fp8_scheme`); "none" leaves it as the checkpoint says."""
     if quantization not in QUANTIZATIONS:
         raise CheckpointError(f"--quantization {quantization!r} is not supported (fp8)")
     if quantization in ("none", "") or is_fp8(cfg):
         return cfg
     qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-          "weight_block_size": [BLOCK, BLOCK], "quantized_at_load": True}
+          "weight_block_size": [BLOCK, BLOCK], "weight_scheme": LOAD_SCHEME, "quantized_at_load": True}
     return dataclasses.replace(cfg, raw={**cfg.raw, "quantization_config": qc})
 
 
@@ -125,12 +144,14 @@ def dequantize_blocks(w: torch.Tensor, scale_inv: torch.Tensor, group_n: int = B
 class Fp8Slot:
     """The rows of an FP8 weight that one checkpoint tensor fills, and their scale rows.
 
-    weight: [rows, K] e4m3 view; scale: [ceil(rows/group_n), ceil(K/128)] fp32 view.
+    weight: [rows, K] e4m3 view; scale: [ceil(rows/group_n), ceil(K/128)] fp32 view, or per
+    channel [rows, 1] (a float tensor quantized here, one scale per row).
     """
 
     weight: torch.Tensor
     scale: torch.Tensor
     group_n: int
+    channel: bool = False
 
     @property
     def shape(self) -> torch.Size:
@@ -139,9 +160,14 @@ class Fp8Slot:
     @torch.no_grad()
     def load(self, tensor: torch.Tensor, scale_inv: torch.Tensor | None, block: tuple[int, int]) -> None:
         """An e4m3 checkpoint tensor with its scale_inv (checkpoint blocks), or a float tensor
-        (quantized here in `block`s); ValueError names what does not fit."""
+        (quantized here in `block`s, or per row in a per-channel slot); ValueError names what
+        does not fit."""
+        if self.channel:  # quantized here, one scale per row
+            if tensor.dtype in FP8_DTYPES:
+                raise ValueError("an FP8 checkpoint tensor for a per-channel FP8 weight")
+            block = (1, self.weight.shape[1])
         b0, b1 = block
-        if b1 != BLOCK or b0 % self.group_n:
+        if (b1 != BLOCK and not self.channel) or b0 % self.group_n:
             raise ValueError(f"FP8 blocks of {b0}x{b1}: FP8 compute needs {BLOCK}-column blocks "
                              f"and rows a multiple of {self.group_n}")
         if tuple(tensor.shape) != tuple(self.weight.shape):
@@ -173,18 +199,21 @@ class Fp8Linear(nn.Module):
     parts: checkpoint name (a sibling of this module, e.g. "q_proj") -> its output rows, as
     MergedLinear; None: one weight named after this module. Holds weight [N, K] e4m3,
     weight_scale_inv [ceil(N/group_n), ceil(K/128)] fp32, bias [N] in the stage dtype.
+    channel: one scale per output row instead (weight_scale_inv [N, 1]: group_n 1, group_k K),
+    for a float checkpoint quantized at load (`fp8_scheme`).
     `prepare()` (the loader calls it once the weights are in) picks the compute path for the
     device; forward is then shape-static and sync-free (CUDA-graph capturable).
     """
 
     def __init__(self, in_features: int, out_features: int | None = None, bias: bool = False,
-                 parts: dict[str, int] | None = None):
+                 parts: dict[str, int] | None = None, channel: bool = False):
         super().__init__()
         self.parts = dict(parts) if parts else None
         n = sum(self.parts.values()) if self.parts else int(out_features)
-        self.in_features, self.out_features = in_features, n
-        self.group_n = row_group(list(self.parts.values())) if self.parts else BLOCK
-        gn, gk = fp8k.cdiv(n, self.group_n), fp8k.cdiv(in_features, BLOCK)
+        self.in_features, self.out_features, self.channel = in_features, n, channel
+        self.group_n = 1 if channel else row_group(list(self.parts.values())) if self.parts else BLOCK
+        self.group_k = in_features if channel else BLOCK
+        gn, gk = fp8k.cdiv(n, self.group_n), fp8k.cdiv(in_features, self.group_k)
         self.weight = nn.Parameter(torch.empty(n, in_features, dtype=fp8k.FP8_DTYPE), requires_grad=False)
         self.weight_scale_inv = nn.Parameter(torch.empty(gn, gk, dtype=torch.float32), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(n), requires_grad=False) if bias else None
@@ -192,9 +221,11 @@ class Fp8Linear(nn.Module):
         self.backend: str | None = None  # "dequant" | "fp8"; set by prepare()
         self._dense: torch.Tensor | None = None  # dequantized weight (backend "dequant")
         self._ws_mm: torch.Tensor | None = None  # weight scales in _scaled_mm's layout
+        self._ws_grid: torch.Tensor | None = None  # per channel: [N, ceil(K/128)] view for the Triton kernels
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, group_n={self.group_n}, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"scales={'channel' if self.channel else f'group_n={self.group_n}'}, "
                 f"bias={self.bias is not None}, backend={self.backend}")
 
     def fix_dtypes(self, dtype: torch.dtype) -> None:
@@ -207,7 +238,7 @@ class Fp8Linear(nn.Module):
     def checkpoint_views(self, path: str) -> dict:
         """Checkpoint name -> Fp8Slot (weights) or a bias view (what the loader fills)."""
         if self.parts is None:
-            views = {f"{path}.weight": Fp8Slot(self.weight, self.weight_scale_inv, self.group_n)}
+            views = {f"{path}.weight": Fp8Slot(self.weight, self.weight_scale_inv, self.group_n, self.channel)}
             if self.bias is not None:
                 views[f"{path}.bias"] = self.bias
             return views
@@ -215,7 +246,8 @@ class Fp8Linear(nn.Module):
         prefix = parent + "." if parent else ""
         views, start = {}, 0
         for name, rows in self.parts.items():
-            views[f"{prefix}{name}.weight"] = fp8_slot(self.weight, self.weight_scale_inv, self.group_n, start, rows)
+            views[f"{prefix}{name}.weight"] = fp8_slot(self.weight, self.weight_scale_inv, self.group_n, start, rows,
+                                                       self.channel)
             if self.bias is not None:
                 views[f"{prefix}{name}.bias"] = self.bias[start:start + rows]
             start += rows
@@ -227,7 +259,12 @@ class Fp8Linear(nn.Module):
         device = self.weight.device
         if fp8_compute_available(device):
             self.backend, self._dense = "fp8", None
-            if fp8k.scaled_mm_ok(self.out_features, self.in_features, self.group_n) and scaled_mm_available(device):
+            n, k = self.out_features, self.in_features
+            if self.channel:
+                self._ws_grid = self.weight_scale_inv.expand(n, fp8k.cdiv(k, BLOCK))
+                if fp8k.rowwise_ok(n, k) and rowwise_available(device):
+                    self._ws_mm = self.weight_scale_inv.view(1, n)
+            elif fp8k.scaled_mm_ok(n, k, self.group_n) and scaled_mm_available(device):
                 self._ws_mm = fp8k.scaled_mm_weight_scale(self.weight_scale_inv)
         else:
             self.backend = "dequant"
@@ -236,7 +273,7 @@ class Fp8Linear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The dequantized weight [N, K] in the compute dtype (a new tensor)."""
-        return dequantize_blocks(self.weight, self.weight_scale_inv, self.group_n).to(self.compute_dtype)
+        return dequantize_blocks(self.weight, self.weight_scale_inv, self.group_n, self.group_k).to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K]
         if self.backend is None:
@@ -245,19 +282,25 @@ class Fp8Linear(nn.Module):
             return F.linear(x, self._dense, self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        backend = gemm_backend(x2.shape[0], self.out_features, self.in_features, self._ws_mm is not None)
-        y = fp8k.fp8_gemm(x2, self.weight, self.weight_scale_inv, self.group_n, backend, self._ws_mm)
+        m, n, k = x2.shape[0], self.out_features, self.in_features
+        if self.channel:  # the Triton kernels read the per-row scales as a [N, K/128] grid (stride 0 along K)
+            backend = channel_gemm_backend(m, self._ws_mm is not None)
+            y = fp8k.fp8_gemm(x2, self.weight, self._ws_grid, 1, backend, self._ws_mm)
+        else:
+            backend = gemm_backend(m, n, k, self._ws_mm is not None)
+            y = fp8k.fp8_gemm(x2, self.weight, self.weight_scale_inv, self.group_n, backend, self._ws_mm)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features)
 
 
-def fp8_slot(weight: torch.Tensor, scale: torch.Tensor, group_n: int, start: int, rows: int) -> Fp8Slot:
+def fp8_slot(weight: torch.Tensor, scale: torch.Tensor, group_n: int, start: int, rows: int,
+             channel: bool = False) -> Fp8Slot:
     """The slot of rows [start, start + rows) of a [N, K] FP8 weight and its scale grid."""
     if start % group_n:
         raise ValueError(f"part starting at row {start} is not on a {group_n}-row group")
     g0 = start // group_n
-    return Fp8Slot(weight[start:start + rows], scale[g0:g0 + fp8k.cdiv(rows, group_n)], group_n)
+    return Fp8Slot(weight[start:start + rows], scale[g0:g0 + fp8k.cdiv(rows, group_n)], group_n, channel)
 
 
 # -- stacked experts -------------------------------------------------------------------------------
@@ -278,6 +321,11 @@ def fp8_compute_available(device: torch.device) -> bool:
     """FP8 tensor cores and Triton: CUDA SM89+ (Ada, Hopper, Blackwell)."""
     return (device.type == "cuda" and fp8k.triton is not None
             and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def rowwise_available(device: torch.device) -> bool:
+    """torch._scaled_mm's rowwise recipe (per-row x per-column scales): SM90."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
 
 
 def scaled_mm_available(device: torch.device) -> bool:
@@ -325,6 +373,14 @@ def gemm_backend(m: int, n: int, k: int, scaled_mm_ready: bool) -> str:
     if scaled_mm_ready and (m >= SCALED_MM_MIN_M or (m >= SCALED_MM_MIN_M_LONG_K and k >= LONG_K)):
         return "scaled_mm"
     return "triton"
+
+
+def channel_gemm_backend(m: int, rowwise_ready: bool) -> str:
+    """The GEMM of a per-channel FP8 linear: the GEMV at decode's few rows (as `gemm_backend`),
+    torch._scaled_mm's rowwise recipe where the device has it, else the Triton W8A8 kernel."""
+    if m <= min(GEMV_DISPATCH_MAX_M, fp8k.GEMV_MAX_M):
+        return "gemv"
+    return "rowwise" if rowwise_ready else "triton"
 
 
 def fp8_modules(model: nn.Module) -> list[nn.Module]:
