@@ -26,7 +26,6 @@ import torch
 
 from stage_worker.attention import AttnMetadata
 from stage_worker.cuda_graphs import DecodeGraphs, MixedGraphs
-from stage_worker.kernels import mla_expand
 from stage_worker.kv_cache import PagedKVCache
 from stage_worker.step_profiler import StepProfiler
 from stage_worker.lease_table import LeaseTable
@@ -57,6 +56,7 @@ class StageExecutor:
         self.graphs = DecodeGraphs(model, kv, block_size) if cuda_graphs else None
         self.tile_q = model.attention_tile_q if self.device.type == "cuda" else None
         self.expand_min = model.attention_expand_min_tokens if self.tile_q is not None else 0
+        self.expand_graph_min = model.attention_expand_graph_min_tokens
         self.mixed_graphs = (MixedGraphs(model, kv, block_size)
                              if cuda_graphs and model.attention_tile_q is not None else None)
         self.shape = StageShape(model.is_first, model.is_last, model.cfg.vocab_size, model.cfg.hidden_size,
@@ -184,9 +184,9 @@ class StageExecutor:
 
     def _expands(self, chunks) -> bool:
         """Enough long chunks for the model's other attention form (it runs eagerly) to pay for
-        leaving the mixed graphs (mla_expand.GRAPH_MIN_TOKENS); past the graphs' buckets every
-        long chunk takes it."""
-        return AttnMetadata.expands(chunks, self.expand_min, mla_expand.GRAPH_MIN_TOKENS)
+        leaving the mixed graphs (the model's attention_expand_graph_min_tokens); past the graphs'
+        buckets every long chunk takes it."""
+        return AttnMetadata.expands(chunks, self.expand_min, self.expand_graph_min)
 
     def finish(self, done: "Launched") -> StepOutput:
         """Wait for a launched step's GPU work and collect its result (runs in launch order)."""

@@ -35,6 +35,9 @@ class PipelineStage(nn.Module):
     # With unified attention: prefill chunks of at least this many tokens in eager micro-batches take
     # another form of attention (DeepSeek's expanded MLA, kernels/mla_expand.py); 0: never.
     attention_expand_min_tokens: int = 0
+    # ... and a step the mixed CUDA graphs could take leaves them for it only when its expanded
+    # chunks hold at least this many tokens (below, the graph's absorbed form is faster).
+    attention_expand_graph_min_tokens: int = 0
     # Rotary tables: [T, D] as cat(freqs, freqs) (rotate_half layout, Llama), or [T, D/2] (DeepSeek).
     rotary_duplicate: bool = True
     kv_cache_cls: type  # PagedKVCache or MLAKVCache: block_bytes(layers, block_size, *kv_dims(), dtype)

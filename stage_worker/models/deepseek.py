@@ -404,6 +404,7 @@ class DeepseekStage(PipelineStage):
         self.attention_tile_q = mla_prefill.tile_q(cfg.num_attention_heads)
         if cfg.num_attention_heads >= mla_expand.MIN_HEADS:
             self.attention_expand_min_tokens = mla_expand.MIN_TOKENS
+            self.attention_expand_graph_min_tokens = mla_expand.GRAPH_MIN_TOKENS
 
     def kv_dims(self) -> tuple[int, int]:
         return self.dims.kv_lora_rank, self.dims.qk_rope_head_dim
