@@ -58,11 +58,14 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         err = (k.dequant_act(q_ref, s_ref) - x).abs().max()
         assert err <= x.abs().max() / 16  # e4m3: 3 mantissa bits
 
+    @pytest.mark.parametrize("one_pass_max", [16384, 2048])
     @pytest.mark.parametrize("m,kdim", [(5, 300), (1, 2048), (3, 4500)])
-    def test_per_token_quant(m, kdim):
-        """One scale per row: rows shorter than, equal to and longer than the kernel's 2,048-wide
-        step (4,500: three steps, the last partly masked), a zero row. Magnitudes stay clear of
-        e4m3's subnormals, which the interpreter rounds differently from the GPU."""
+    def test_per_token_quant(m, kdim, one_pass_max, monkeypatch):
+        """One scale per row, the row held whole or (rows past ROW_QUANT_ONE_PASS_MAX) read twice
+        in 2,048-wide steps: rows shorter than, equal to and longer than a step (4,500: three, the
+        last partly masked), a zero row. Magnitudes stay clear of e4m3's subnormals, which the
+        interpreter rounds differently from the GPU."""
+        monkeypatch.setattr(k, "ROW_QUANT_ONE_PASS_MAX", one_pass_max)
         gen = torch.Generator().manual_seed(kdim)
         sign = torch.randint(0, 2, (m, kdim), generator=gen) * 2 - 1
         x = sign * (torch.rand(m, kdim, generator=gen) + 0.5) * torch.linspace(1, 30, kdim)
@@ -236,12 +239,13 @@ if not INTERPRETED:
         assert b(32, 4096, 1536, True) == "triton" and b(64, 4096, 1536, True) == "scaled_mm"
 
     def test_channel_backend_rule_and_slot(monkeypatch):
-        """Per-channel linears: the GEMV at one row, rowwise _scaled_mm where the device has it,
+        """Per-channel linears: the GEMV at one or two rows, rowwise _scaled_mm where the device has it,
         else Triton; their slots quantize float tensors per row and refuse FP8 checkpoint tensors
         (whose 128x128 scales they cannot hold)."""
-        monkeypatch.setattr(quant, "GEMV_DISPATCH_MAX_M", 1)
+        monkeypatch.setattr(quant, "CHANNEL_GEMV_MAX_M", 2)
         b = quant.channel_gemm_backend
-        assert [b(1, True), b(2, True), b(4096, True), b(2, False)] == ["gemv", "rowwise", "rowwise", "triton"]
+        assert [b(1, True), b(2, False), b(3, True), b(4096, True), b(3, False)] == \
+            ["gemv", "gemv", "rowwise", "rowwise", "triton"]
         lin = quant.Fp8Linear(128, 48, channel=True)  # K = one 128-column block: still a scale per row
         slot = lin.checkpoint_views("o_proj")["o_proj.weight"]
         w = torch.randn(48, 128) * torch.linspace(0.1, 3, 48)[:, None]

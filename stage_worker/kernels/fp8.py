@@ -129,6 +129,9 @@ if triton is not None:
         tl.store(s_ptr + row * stride_sm + grp * stride_sg, s, mask=grp < G)
 
 
+ROW_QUANT_ONE_PASS_MAX = 16384  # columns per_token_quant_fp8 holds in registers (one read of x); wider: two passes
+
+
 def per_token_quant_fp8(x: torch.Tensor, use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, K] -> (q [M, K] e4m3, scales [M, 1] fp32): one scale per row (token), the
     activation side of the rowwise recipe (per-channel weights, `scaled_mm_rowwise`)."""
@@ -143,9 +146,11 @@ def per_token_quant_fp8(x: torch.Tensor, use_triton: bool | None = None) -> tupl
     s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
         return q, s
-    block = min(triton.next_power_of_2(k), 2048)
-    _row_quant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), EPS, FP8_MAX, BLOCK=block,
-                            num_warps=4 if block >= 1024 else 1, num_stages=1)
+    block = triton.next_power_of_2(k)
+    one_pass = block <= ROW_QUANT_ONE_PASS_MAX
+    block = block if one_pass else 2048
+    _row_quant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), EPS, FP8_MAX, BLOCK=block, ONE_PASS=one_pass,
+                            num_warps=max(1, min(16, block // 512)), num_stages=1)
     return q, s
 
 
@@ -158,11 +163,19 @@ def per_token_quant_fp8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 if triton is not None:
     @triton.jit
-    def _row_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, eps, fp8_max, BLOCK: tl.constexpr):
-        """One row per program: its amax in BLOCK-wide steps, then the quantized row (the second
-        read hits L2)."""
+    def _row_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, eps, fp8_max, BLOCK: tl.constexpr,
+                          ONE_PASS: tl.constexpr):
+        """One row per program: held whole in registers (ONE_PASS: BLOCK >= K), or its amax in
+        BLOCK-wide steps, then the quantized row (the second read hits L2)."""
         row = tl.program_id(0).to(tl.int64)
         lane = tl.arange(0, BLOCK)
+        if ONE_PASS:
+            x = tl.load(x_ptr + row * stride_x + lane, mask=lane < K, other=0.0).to(tl.float32)
+            s = tl.maximum(tl.max(tl.abs(x), axis=0), eps) / fp8_max
+            q = tl.clamp(x / s, -fp8_max, fp8_max)
+            tl.store(q_ptr + row * stride_q + lane, q.to(q_ptr.dtype.element_ty), mask=lane < K)
+            tl.store(s_ptr + row, s)
+            return
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
             x = tl.load(x_ptr + row * stride_x + k0 + lane, mask=k0 + lane < K, other=0.0).to(tl.float32)

@@ -15,12 +15,18 @@ Layout (DeepSeek-V3's checkpoint format, kept as is on the device):
   scale repeated over its 128/group_n row groups (`Fp8Slot.load`). Kernels take group_n as an
   argument (kernels/fp8.py indexes scales by `n // group_n`).
 - K is always grouped by 128: the activation quant's 1x128 groups line up with weight blocks.
+- per channel (`--quantization fp8` on a float checkpoint, LOAD_SCHEME "channel", the Llama
+  family's projections): weight_scale_inv [N, 1], one dequant multiplier per output row
+  (group_n 1, group_k K). On SM90 the GEMM is torch._scaled_mm's rowwise recipe (activations
+  quantized one scale per token); the Triton kernels read the same scales as a [N, ceil(K/128)]
+  grid with stride 0 along K (a view, no copy): the GEMV at one row, the W8A8 kernel elsewhere.
 
 Where tensors come from (the loader hands each checkpoint tensor to its `Fp8Slot`):
 - an e4m3 checkpoint tensor with its `<name>_scale_inv` (quant_method "fp8", block [128, 128]):
   copied as is;
 - a bf16/fp32 tensor when the stage quantizes at load (`--quantization fp8`,
-  `with_quantization`): quantized per 128x128 block (`quantize_blocks`, amax / 448), on the device;
+  `with_quantization`): quantized per 128x128 block, or per row (`quantize_blocks`, amax / 448),
+  on the device;
 - dummy weights (`--load-format dummy`): drawn on the device (dummy_weights.py).
 
 Compute (`Fp8Linear.forward`): on a CUDA GPU with FP8 tensor cores (SM89+), activations are
@@ -375,10 +381,18 @@ def gemm_backend(m: int, n: int, k: int, scaled_mm_ready: bool) -> str:
     return "triton"
 
 
+# Rows up to which a per-channel linear runs the GEMV (its scales read once per row, stride 0
+# along K): on an H100 (bench_fp8.py --rowwise, 2026-12-07) at Llama-8B's four projections, 1 row
+# 117 us in all against 185 for the block-scaled GEMV and 198 for bf16; 2 rows 166 against 226
+# for quant + rowwise _scaled_mm; 4 rows 234 against 173 (so not there).
+# STAGEMESH_FP8_CHANNEL_GEMV_MAX_M overrides it (0: off).
+CHANNEL_GEMV_MAX_M = int(os.environ.get("STAGEMESH_FP8_CHANNEL_GEMV_MAX_M", "2"))
+
+
 def channel_gemm_backend(m: int, rowwise_ready: bool) -> str:
-    """The GEMM of a per-channel FP8 linear: the GEMV at decode's few rows (as `gemm_backend`),
-    torch._scaled_mm's rowwise recipe where the device has it, else the Triton W8A8 kernel."""
-    if m <= min(GEMV_DISPATCH_MAX_M, fp8k.GEMV_MAX_M):
+    """The GEMM of a per-channel FP8 linear: the GEMV at decode's few rows, torch._scaled_mm's
+    rowwise recipe where the device has it, else the Triton W8A8 kernel."""
+    if m <= min(CHANNEL_GEMV_MAX_M, fp8k.GEMV_MAX_M):
         return "gemv"
     return "rowwise" if rowwise_ready else "triton"
 
