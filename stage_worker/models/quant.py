@@ -383,8 +383,8 @@ def gemm_backend(m: int, n: int, k: int, scaled_mm_ready: bool) -> str:
 
 # Rows up to which a per-channel linear runs the GEMV (its scales read once per row, stride 0
 # along K): on an H100 (bench_fp8.py --rowwise, 2026-12-07) at Llama-8B's four projections, 1 row
-# 117 us in all against 185 for the block-scaled GEMV and 198 for bf16; 2 rows 166 against 226
-# for quant + rowwise _scaled_mm; 4 rows 234 against 173 (so not there).
+# 118 us in all against 133 for the block-scaled GEMV and 200 for bf16; 2 rows 166 against 226
+# for quant + rowwise _scaled_mm and 199 for bf16; 4 rows 234 against 173 (so not there).
 # STAGEMESH_FP8_CHANNEL_GEMV_MAX_M overrides it (0: off).
 CHANNEL_GEMV_MAX_M = int(os.environ.get("STAGEMESH_FP8_CHANNEL_GEMV_MAX_M", "2"))
 
