@@ -3,6 +3,7 @@
     python benchmarks/gpu/bench_fp8.py [--out DIR] [--tune] [--skip-stage] [--split-k N[,N...]]
     python benchmarks/gpu/bench_fp8.py --gemv [--out DIR]   # decode's few rows only (3. below)
     python benchmarks/gpu/bench_fp8.py --llama [--tune] [--split-k 1,2,4]   # 1. at Llama-3.1-8B's shapes
+    python benchmarks/gpu/bench_fp8.py --rowwise [--out DIR]   # 4. per-channel weights, Llama-3.1-8B
 
 1. GEMM (y = x @ W^T, W e4m3 with 128x128 scales, x quantized per token in 1x128 groups on the
    device): bf16 torch.mm on the dequantized weights, torch._scaled_mm's blockwise recipe
@@ -23,6 +24,9 @@
    GEMV_CANDIDATES tile of kernels/fp8.w8a16_gemv (at M = 1 also with the other summation order,
    `late_sum`), each as GB/s on the weight bytes, with the GEMV's error against
    x @ dequant(W)^T; the tile with the least total time over the shapes at the dispatched rows.
+4. `--rowwise`: Llama-3.1-8B's linears with per-channel weight scales at 1-4,096 rows
+   (`rowwise_rows`): quant + rowwise _scaled_mm and the GEMM alone, the per-tensor GEMM, the
+   shipped block-scaled dispatch, our GEMV and W8A16 kernels on the per-channel scales, bf16.
 """
 
 from __future__ import annotations
