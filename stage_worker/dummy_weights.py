@@ -8,8 +8,8 @@ transient copy larger than a chunk exists.
 - RMSNorm weights are 1, biases 0 (router correction bias included);
 - other float weights ~ N(0, initializer_range) (0.02 when config.json has none);
 - FP8 weights (an FP8 config, or `--quantization fp8`): e4m3 values ~ N(0, 64) clamped to +-448,
-  and each 128x128 block's scale_inv = initializer_range / 64 * U(0.75, 1.25), so the dequantized
-  weights have about the same spread as the float ones.
+  and each scale_inv entry (a 128x128 block's, or a row's per channel) = initializer_range / 64 *
+  U(0.75, 1.25), so the dequantized weights have about the same spread as the float ones.
 Each tensor's generator is seeded from its name (global layer indices), so a layer's weights do
 not depend on how the model is split into stages.
 """

@@ -58,8 +58,8 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         err = (k.dequant_act(q_ref, s_ref) - x).abs().max()
         assert err <= x.abs().max() / 16  # e4m3: 3 mantissa bits
 
-    @pytest.mark.parametrize("one_pass_max", [16384, 2048])
-    @pytest.mark.parametrize("m,kdim", [(5, 300), (1, 2048), (3, 4500)])
+    @pytest.mark.parametrize("m,kdim,one_pass_max", [(5, 300, 16384), (1, 2048, 16384), (3, 4500, 16384),
+                                                     (1, 2048, 2048), (3, 4500, 2048)])
     def test_per_token_quant(m, kdim, one_pass_max, monkeypatch):
         """One scale per row, the row held whole or (rows past ROW_QUANT_ONE_PASS_MAX) read twice
         in 2,048-wide steps: rows shorter than, equal to and longer than a step (4,500: three, the
@@ -255,6 +255,25 @@ if not INTERPRETED:
         torch.testing.assert_close(lin.dense_weight(), q.float() * s)
         with pytest.raises(ValueError, match="per-channel"):
             slot.load(q, torch.ones(1, 2), (128, 128))
+
+    def test_channel_prepare_takes_rowwise_where_the_device_has_it(monkeypatch):
+        """prepare() on a device with FP8 compute and the rowwise recipe (both claimed here: the
+        CPU's torch._scaled_mm runs the same recipe): a bf16 per-channel linear keeps its row
+        scales as _scaled_mm's [1, N] and a stride-0 grid for the Triton kernels, and from 3 rows
+        runs the rowwise GEMM, near the dequantized product; an fp32 stage never takes rowwise."""
+        monkeypatch.setattr(quant, "fp8_compute_available", lambda device: True)
+        monkeypatch.setattr(quant, "rowwise_available", lambda device: True)
+        gen = torch.Generator().manual_seed(4)
+        lin = quant.Fp8Linear(256, 96, channel=True)
+        lin.checkpoint_views("o_proj")["o_proj.weight"].copy_(torch.randn(96, 256, generator=gen) * 0.05)
+        lin.compute_dtype = torch.bfloat16
+        assert lin.prepare() == "fp8" and tuple(lin._ws_mm.shape) == (1, 96) and lin._ws_grid.stride() == (1, 0)
+        x = torch.randn(5, 256, generator=gen).to(torch.bfloat16)
+        y = lin(x)
+        ref = x.float() @ lin.dense_weight().float().t()
+        assert y.dtype == torch.bfloat16 and ((y.float() - ref).norm() / ref.norm()) < 0.05
+        lin.compute_dtype, lin.backend = torch.float32, None
+        assert lin.prepare() == "fp8" and lin._ws_mm is None
 
     def test_merged_parts_off_the_block_grid_keep_their_scales():
         """q/k/v of 96/32/32 rows: group_n 32, each part's checkpoint scale repeated on its rows;

@@ -23,16 +23,22 @@ group_n is 128 for every real checkpoint; a merged weight whose parts are not 12
   one launch), a program per BLOCK_N weight rows walking K in BLOCK_K slices (several 128-column
   scale groups each). At M = 1 the tensor-core kernel has N / 64 programs (64 for a 4096-row
   weight: half an H100 idle) and an activation quant before it; here N / BLOCK_N programs with
-  wide K slices keep enough bytes in flight to stream the weight. Dispatched at one row
-  (models/quant.py GEMV_DISPATCH_MAX_M, where it measured faster on an H100).
+  wide K slices keep enough bytes in flight to stream the weight. Dispatched at one row on
+  block-scaled weights, 1-2 rows on per-channel ones (models/quant.py GEMV_DISPATCH_MAX_M,
+  CHANNEL_GEMV_MAX_M, where it measured faster on an H100).
 - `w8a16_block_gemm(x, w, ws, group_n)`: the same Triton kernel with x as it is (bf16/fp16, no
   activation quant) and each e4m3 weight tile converted to x's dtype in registers: decode-size M,
   where the weight bytes set the time and the tensor cores have room to spare.
+- per channel (one weight scale per output row, models/quant.py): `per_token_quant_fp8(x)` (one
+  scale per row, the row held in registers up to ROW_QUANT_ONE_PASS_MAX columns) and
+  `scaled_mm_rowwise` (torch._scaled_mm's rowwise recipe, SM90); the Triton kernels above take
+  the same scales as a stride-0 [N, ceil(K/128)] grid at group_n 1.
 - `scaled_mm_blockwise(...)`: torch._scaled_mm with the 1x128 x 128x128 recipe (cuBLASLt, SM90,
   CUDA >= 12.9); needs N and K multiples of 128, and M a multiple of 4 (cuBLASLt has no
   algorithm otherwise: measured on the H100, M = 1, 2, 17, 33, 70, 129 fail), so `fp8_gemm` pads M.
-- `fp8_gemm(x, w, ws, group_n, backend)`: quantizes x and runs one of the above, or the torch
-  reference (dequantize, fp32 matmul) for backend "torch".
+- `fp8_gemm(x, w, ws, group_n, backend)`: quantizes x (1x128 groups; per row for "rowwise"; not
+  at all for the W8A16 forms) and runs one of the above, or the torch reference (dequantize,
+  fp32 matmul) for backend "torch".
 
 Every Triton op has a torch reference (`*_torch`) with the same formula; tests/test_fp8.py checks
 the kernels against them in Triton's CPU interpreter. Shape-static and sync-free (graph-capturable).
@@ -469,14 +475,14 @@ def scaled_mm_blockwise(xq: torch.Tensor, xs_col: torch.Tensor, w: torch.Tensor,
 
 
 def rowwise_ok(n: int, k: int) -> bool:
-    """The shapes torch._scaled_mm's rowwise recipe takes (CUTLASS: 16-byte aligned rows)."""
+    """The shapes torch._scaled_mm's rowwise recipe takes (16-byte aligned rows)."""
     return n % 16 == 0 and k % 16 == 0
 
 
 def scaled_mm_rowwise(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws_row: torch.Tensor,
                       out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """xq [M, K] e4m3 with per-row scales xs [M, 1]; w [N, K] e4m3 with per-channel scales ws_row
-    [1, N] -> [M, N] (torch._scaled_mm's rowwise recipe: CUTLASS on SM90)."""
+    [1, N] -> [M, N] (torch._scaled_mm's rowwise recipe, SM90, bf16 out)."""
     return torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=ws_row, out_dtype=out_dtype)
 
 

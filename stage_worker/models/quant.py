@@ -1,4 +1,4 @@
-"""FP8 block-quantized weights: their layout on the stage, the linear layer that runs them, and
+"""FP8 weights (128x128 blocks, or one scale per channel): their layout on the stage, the linear layer that runs them, and
 how checkpoint tensors land in them. Both model families build their linears here (layers.py's
 `make_linear` / `make_merged_linear`), so a stage holds one layout whatever the checkpoint.
 
@@ -14,12 +14,11 @@ Layout (DeepSeek-V3's checkpoint format, kept as is on the device):
   exact by a finer row group: group_n = gcd(128, every part's first row), each checkpoint block's
   scale repeated over its 128/group_n row groups (`Fp8Slot.load`). Kernels take group_n as an
   argument (kernels/fp8.py indexes scales by `n // group_n`).
-- K is always grouped by 128: the activation quant's 1x128 groups line up with weight blocks.
+- In blocks, K is always grouped by 128: the activation quant's 1x128 groups line up with them.
 - per channel (`--quantization fp8` on a float checkpoint, LOAD_SCHEME "channel", the Llama
   family's projections): weight_scale_inv [N, 1], one dequant multiplier per output row
-  (group_n 1, group_k K). On SM90 the GEMM is torch._scaled_mm's rowwise recipe (activations
-  quantized one scale per token); the Triton kernels read the same scales as a [N, ceil(K/128)]
-  grid with stride 0 along K (a view, no copy): the GEMV at one row, the W8A8 kernel elsewhere.
+  (group_n 1, group_k K). The Triton kernels read these scales as a [N, ceil(K/128)] grid with
+  stride 0 along K (a view, no copy).
 
 Where tensors come from (the loader hands each checkpoint tensor to its `Fp8Slot`):
 - an e4m3 checkpoint tensor with its `<name>_scale_inv` (quant_method "fp8", block [128, 128]):
@@ -29,9 +28,12 @@ Where tensors come from (the loader hands each checkpoint tensor to its `Fp8Slot
   on the device;
 - dummy weights (`--load-format dummy`): drawn on the device (dummy_weights.py).
 
-Compute (`Fp8Linear.forward`): on a CUDA GPU with FP8 tensor cores (SM89+), activations are
-quantized per token in 1x128 groups and the GEMM is block-scaled (kernels/fp8.py: the Triton
-kernel, or torch._scaled_mm's blockwise recipe on SM90 where it measures faster, `gemm_backend`).
+Compute (`Fp8Linear.forward`): on a CUDA GPU with FP8 tensor cores (SM89+), block-scaled layers
+quantize activations per token in 1x128 groups and run a block-scaled GEMM (kernels/fp8.py: the
+Triton kernel, or torch._scaled_mm's blockwise recipe on SM90 where it measures faster,
+`gemm_backend`; the GEMV at one row). Per-channel layers (`channel_gemm_backend`) run the GEMV at
+1-2 rows, above that torch._scaled_mm's rowwise recipe with one activation scale per token (SM90,
+bf16 stages), else the Triton W8A8 kernel with 1x128 activation groups.
 Elsewhere (the CPU, pre-Ada GPUs) the weight is dequantized once, when the stage is prepared, to
 the stage dtype and a plain matmul runs: exactly the dequantized checkpoint's numbers; the loader
 logs one line saying so.
@@ -59,8 +61,7 @@ QUANTIZATIONS = ("none", "", "fp8")  # --quantization values (none / "": the che
 # recipe on SM90) or "block" (128x128, DeepSeek-V3's layout and kernels). STAGEMESH_FP8_LOAD_SCHEME
 # sets it (a same-run comparison); the default is the one measured faster (README).
 LOAD_SCHEME = os.environ.get("STAGEMESH_FP8_LOAD_SCHEME", "channel")
-if LOAD_SCHEME not in ("channel", "block"):
-    raise ValueError(f"STAGEMESH_FP8_LOAD_SCHEME={LOAD_SCHEME!r}: expected channel or block")
+LOAD_SCHEMES = ("channel", "block")
 
 
 # -- which stages are FP8 ----------------------------------------------------------------------
@@ -105,6 +106,8 @@ def with_quantization(cfg: ModelConfig, quantization: str) -> ModelConfig:
         raise CheckpointError(f"--quantization {quantization!r} is not supported (fp8)")
     if quantization in ("none", "") or is_fp8(cfg):
         return cfg
+    if LOAD_SCHEME not in LOAD_SCHEMES:
+        raise CheckpointError(f"STAGEMESH_FP8_LOAD_SCHEME={LOAD_SCHEME!r}: expected one of {', '.join(LOAD_SCHEMES)}")
     qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
           "weight_block_size": [BLOCK, BLOCK], "weight_scheme": LOAD_SCHEME, "quantized_at_load": True}
     return dataclasses.replace(cfg, raw={**cfg.raw, "quantization_config": qc})
@@ -193,7 +196,8 @@ class Fp8Slot:
         self.scale.copy_(s.repeat_interleave(b0 // self.group_n, 0)[:rows])
 
     def copy_(self, tensor: torch.Tensor) -> "Fp8Slot":
-        """A float tensor, quantized into the slot in 128x128 blocks (the loaders' copy_)."""
+        """A float tensor, quantized into the slot in 128x128 blocks, or per row in a per-channel
+        slot (the loaders' copy_)."""
         self.load(tensor, None, (BLOCK, BLOCK))
         return self
 
@@ -264,11 +268,11 @@ class Fp8Linear(nn.Module):
         """Pick the compute path for the weight's device (once, after loading); returns it."""
         device = self.weight.device
         if fp8_compute_available(device):
-            self.backend, self._dense = "fp8", None
+            self.backend, self._dense, self._ws_mm, self._ws_grid = "fp8", None, None, None
             n, k = self.out_features, self.in_features
             if self.channel:
                 self._ws_grid = self.weight_scale_inv.expand(n, fp8k.cdiv(k, BLOCK))
-                if fp8k.rowwise_ok(n, k) and rowwise_available(device):
+                if fp8k.rowwise_ok(n, k) and self.compute_dtype == torch.bfloat16 and rowwise_available(device):
                     self._ws_mm = self.weight_scale_inv.view(1, n)
             elif fp8k.scaled_mm_ok(n, k, self.group_n) and scaled_mm_available(device):
                 self._ws_mm = fp8k.scaled_mm_weight_scale(self.weight_scale_inv)
@@ -330,8 +334,10 @@ def fp8_compute_available(device: torch.device) -> bool:
 
 
 def rowwise_available(device: torch.device) -> bool:
-    """torch._scaled_mm's rowwise recipe (per-row x per-column scales): SM90."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+    """torch._scaled_mm's rowwise recipe (per-row x per-column scales, bf16 out): SM90, torch >= 2.5
+    (CUTLASS before CUDA 12.9, cuBLASLt from it; measured: torch 2.11 + CUDA 13.0)."""
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    return device.type == "cuda" and version >= (2, 5) and torch.cuda.get_device_capability(device) == (9, 0)
 
 
 def scaled_mm_available(device: torch.device) -> bool:
@@ -348,7 +354,8 @@ def scaled_mm_available(device: torch.device) -> bool:
 SCALED_MM_MIN_M, SCALED_MM_MIN_M_LONG_K, LONG_K = 64, 16, 4096
 
 
-# Rows up to which kernels/fp8.py's W8A16 GEMV runs instead of the tensor-core kernel. Measured on an
+# Rows up to which kernels/fp8.py's W8A16 GEMV runs instead of the tensor-core kernel, on block-scaled
+# linears (per-channel ones: CHANNEL_GEMV_MAX_M). Measured on an
 # H100 (benchmarks/gpu/bench_fp8.py --gemv, 2026-12-07): at one row it reads the weights at 1.0-2.1
 # TB/s against 0.14-1.96 for activation quant + tensor-core kernel, at every V3 and Llama-8B shape
 # (1.1-2.5x); at four rows it loses at most shapes. Batch-1 decode through the mesh: Llama-8B FP8
@@ -384,7 +391,8 @@ def gemm_backend(m: int, n: int, k: int, scaled_mm_ready: bool) -> str:
 # Rows up to which a per-channel linear runs the GEMV (its scales read once per row, stride 0
 # along K): on an H100 (bench_fp8.py --rowwise, 2026-12-07) at Llama-8B's four projections, 1 row
 # 118 us in all against 133 for the block-scaled GEMV and 200 for bf16; 2 rows 166 against 226
-# for quant + rowwise _scaled_mm and 199 for bf16; 4 rows 234 against 173 (so not there).
+# for quant + rowwise _scaled_mm and 199 for bf16 (178 in a second call on another H100; the GEMM
+# alone 154: the per-token quant's launches decide it); 4 rows 234 against 173 (so not there).
 # STAGEMESH_FP8_CHANNEL_GEMV_MAX_M overrides it (0: off).
 CHANNEL_GEMV_MAX_M = int(os.environ.get("STAGEMESH_FP8_CHANNEL_GEMV_MAX_M", "2"))
 
