@@ -474,7 +474,7 @@ if not INTERPRETED:
         async with AsyncClient(address) as client:
             return await client.generate(prompt="The gateway", max_tokens=6, ignore_eos=True, timeout=120)
 
-    def test_unsupported_quantization_configs_are_named():
+    def test_unsupported_quantization_configs_are_named(monkeypatch):
         from stagemesh.model_config import ModelConfig
 
         base = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
@@ -486,3 +486,6 @@ if not INTERPRETED:
                 quant.is_fp8(ModelConfig.from_dict({**base, "quantization_config": qc}))
         with pytest.raises(CheckpointError, match="--quantization 'int4'"):
             quant.with_quantization(ModelConfig.from_dict(base), "int4")
+        monkeypatch.setattr(quant, "LOAD_SCHEME", "tensor")
+        with pytest.raises(CheckpointError, match="STAGEMESH_FP8_LOAD_SCHEME='tensor'"):
+            quant.with_quantization(ModelConfig.from_dict(base), "fp8")
