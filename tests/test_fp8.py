@@ -421,31 +421,33 @@ if not INTERPRETED:
         return _write(out, deq, json.loads((src / "config.json").read_text()))
 
     def test_quantization_fp8_llama_mesh(tmp_path):
-        """`--quantization fp8` on a bf16/fp32 Llama: quantized at load per checkpoint tensor, one
-        scale per output row (the default LOAD_SCHEME); the mesh's greedy tokens equal
-        transformers' on those weights dequantized."""
+        """`--quantization fp8` on a bf16/fp32 Llama: quantized at load per checkpoint tensor in
+        128x128 blocks (the default LOAD_SCHEME); the mesh's greedy tokens equal transformers' on
+        those weights dequantized."""
         from stagemesh.cli.harness import mesh
 
-        assert quant.LOAD_SCHEME == "channel"
+        assert quant.LOAD_SCHEME == "block"
         src = make_hf_checkpoint(tmp_path, "llama", num_layers=2)
-        deq_dir = _dequantized_twin(src, tmp_path / "llama-deq", None)
+        deq_dir = _dequantized_twin(src, tmp_path / "llama-deq", (128, 128))
         stage, cfg = load_stage(src, 0, 2, quantization="fp8")
         qkv = stage.layers["0"].self_attn.qkv_proj
-        assert quant.fp8_scheme(cfg) == "channel" and isinstance(qkv, quant.Fp8Linear) and qkv.channel
+        assert quant.fp8_scheme(cfg) == "block" and isinstance(qkv, quant.Fp8Linear) and not qkv.channel
         prompts = random_prompts(seed=3, lengths=[5, 21], vocab=320)
         expected = [hf_greedy(deq_dir, p, 8) for p in prompts]
         with mesh(src, stages=1, extra=["--quantization", "fp8"]) as m:
             outs = asyncio.run(_generate_all(m.address, prompts, 8))
         assert [o.token_ids for o in outs] == expected
 
-    def test_quantization_fp8_llama_block_scheme(tmp_path, monkeypatch):
-        """STAGEMESH_FP8_LOAD_SCHEME=block: the same Llama quantized in 128x128 blocks; two stages
-        in process equal transformers on those weights dequantized."""
-        monkeypatch.setattr(quant, "LOAD_SCHEME", "block")
+    def test_quantization_fp8_llama_channel_scheme(tmp_path, monkeypatch):
+        """STAGEMESH_FP8_LOAD_SCHEME=channel: the same Llama quantized with one scale per output row
+        (down_proj's K = 128: one block wide, still per row); two stages in process equal
+        transformers on those weights dequantized."""
+        monkeypatch.setattr(quant, "LOAD_SCHEME", "channel")
         src = make_hf_checkpoint(tmp_path, "llama", num_layers=2)
-        deq_dir = _dequantized_twin(src, tmp_path / "llama-deq", (128, 128))
+        deq_dir = _dequantized_twin(src, tmp_path / "llama-deq", None)
         stages = [load_stage(src, a, b, quantization="fp8")[0] for a, b in ((0, 1), (1, 2))]
-        assert not stages[1].layers["1"].mlp.down_proj.channel
+        down = stages[1].layers["1"].mlp.down_proj
+        assert down.channel and tuple(down.weight_scale_inv.shape) == (down.out_features, 1)
         prompts = random_prompts(seed=5, lengths=[7, 19], vocab=320)
         tokens, _ = run_pipeline(stages, prompts, 6)
         assert tokens == [hf_greedy(deq_dir, p, 6, ignore_eos=True) for p in prompts]
