@@ -70,7 +70,8 @@ def load_stage(model_dir: str | Path, layer_start: int, layer_end: int,
                quantization: str = "", load_format: str = "auto"):
     """(stage module with its weights, ModelConfig) for layers [layer_start, layer_end).
 
-    quantization "fp8": FP8 128x128 blocks quantized at load (see the module docstring);
+    quantization "fp8": FP8 128x128 blocks quantized at load, or per channel (models/quant.py
+    LOAD_SCHEME; see the module docstring);
     load_format "dummy": random weights drawn on the device, no weight files read.
     """
     model_dir = Path(model_dir)
