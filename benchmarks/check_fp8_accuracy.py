@@ -62,24 +62,23 @@ def logits_of(model_path: Path, ids: list[int], scheme: str | None, act: str = "
     with `--quantization fp8` under that LOAD_SCHEME, activations as `act` says (VARIANTS)."""
     layers = ModelConfig.from_dir(model_path).num_hidden_layers
     quant.LOAD_SCHEME = scheme or quant.LOAD_SCHEME
-    model, _ = load_stage(model_path, 0, layers, quantization="fp8" if scheme else "")
-    for m in model.modules():
-        if isinstance(m, quant.Fp8Linear) and act != "none":
-            m.backend = "fp8"  # FP8 compute, not the CPU's dequantized weights
-            if m.channel:
-                m._ws_grid = m.weight_scale_inv.expand(m.out_features, -(-m.in_features // 128))
-                m._ws_mm = m.weight_scale_inv.view(1, m.out_features)
-    real_channel, real_block = quant.channel_gemm_backend, quant.gemm_backend
+    real = quant.fp8_compute_available, quant.channel_gemm_backend, quant.gemm_backend
+    quant.fp8_compute_available = lambda device: act != "none"  # prepare() picks FP8 compute on the CPU
     quant.channel_gemm_backend = lambda m, ready: "rowwise" if act == "gpu" else "torch"
     quant.gemm_backend = lambda m, n, k, ready: "torch"
     try:
+        model, _ = load_stage(model_path, 0, layers, quantization="fp8" if scheme else "")
+        if act == "gpu":  # prepare() gives rowwise to bf16 stages on SM90 only: this fp32 one takes it here
+            for m in model.modules():
+                if isinstance(m, quant.Fp8Linear) and m.channel:
+                    m._ws_mm = m.weight_scale_inv.view(1, m.out_features)
         blocks = -(-len(ids) // BLOCK)
         kv = model.make_kv_cache(blocks, BLOCK)
         meta = AttnMetadata.build([(0, len(ids), list(range(blocks)))], BLOCK, "cpu")
         with torch.no_grad():
             return model.compute_logits(model(torch.tensor(ids), None, meta, kv)).float()
     finally:
-        quant.channel_gemm_backend, quant.gemm_backend = real_channel, real_block
+        quant.fp8_compute_available, quant.channel_gemm_backend, quant.gemm_backend = real
 
 
 def compare(ref: torch.Tensor, got: torch.Tensor, ids: list[int]) -> dict:

@@ -254,9 +254,8 @@ def rowwise_rows() -> list[dict]:
         wq, ws = quant.quantize_blocks(w)
         ws_mm = k.scaled_mm_weight_scale(ws)
         w_blk = quant.dequantize_blocks(wq, ws)
-        s_ch = w.abs().amax(1, keepdim=True).clamp(min=1e-12) / k.FP8_MAX  # [N, 1]
-        wq_ch = (w / s_ch).clamp(-k.FP8_MAX, k.FP8_MAX).to(k.FP8_DTYPE)
-        w_ch = wq_ch.float() * s_ch
+        wq_ch, s_ch = quant.quantize_blocks(w, (1, kk))  # per channel: s_ch [N, 1]
+        w_ch = quant.dequantize_blocks(wq_ch, s_ch, 1, kk)
         ws_row = s_ch.view(1, n).contiguous()
         ws_grid = s_ch.expand(n, k.cdiv(kk, 128))  # the block kernels' scale grid at group_n 1, stride 0
         wb = w.to(torch.bfloat16)

@@ -273,8 +273,7 @@ def w8a16_block_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n
     n = w.shape[0]
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"w8a16_block_gemm takes bf16/fp16 activations, got {x.dtype}")
-    if w.shape[1] != k or tuple(ws.shape) != (cdiv(n, group_n), cdiv(k, GROUP_K)):
-        raise ValueError(f"x {tuple(x.shape)}, w {tuple(w.shape)}, scales {tuple(ws.shape)} do not match")
+    _check_gemm_shapes(x, None, w, ws, group_n)
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
@@ -284,11 +283,13 @@ def w8a16_block_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n
 
 
 def _check_gemm_shapes(xq, xs, w, ws, group_n) -> None:
+    """x [M, K] against w [N, K] and its scale grid; xs: x's 1x128 group scales (None: x is not
+    quantized, the W8A16 forms)."""
     m, k = xq.shape
     n, kw = w.shape
     if kw != k:
         raise ValueError(f"x has K={k} but the weight has K={kw}")
-    if tuple(xs.shape) != (m, cdiv(k, GROUP_K)):
+    if xs is not None and tuple(xs.shape) != (m, cdiv(k, GROUP_K)):
         raise ValueError(f"activation scales {tuple(xs.shape)}, expected {(m, cdiv(k, GROUP_K))}")
     if tuple(ws.shape) != (cdiv(n, group_n), cdiv(k, GROUP_K)):
         raise ValueError(f"weight scales {tuple(ws.shape)}, expected {(cdiv(n, group_n), cdiv(k, GROUP_K))}")
@@ -381,8 +382,7 @@ def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int 
     n = w.shape[0]
     if m > GEMV_MAX_M:
         raise ValueError(f"w8a16_gemv takes at most {GEMV_MAX_M} rows, got {m}")
-    if tuple(ws.shape) != (cdiv(n, group_n), cdiv(kdim, GROUP_K)) or w.shape[1] != kdim:
-        raise ValueError(f"x {tuple(x.shape)}, w {tuple(w.shape)}, scales {tuple(ws.shape)} do not match")
+    _check_gemm_shapes(x, None, w, ws, group_n)
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
