@@ -163,6 +163,34 @@ def check_silu(rep: Report, device: str, gen: torch.Generator) -> None:
             rep.compare("silu_and_mul", f"T={t} I={i}", dtype, got, ref)
 
 
+def check_fp8_out(rep: Report, device: str, gen: torch.Generator) -> None:
+    """RMSNorm and SiLU * up with `quant` (their output quantized for the FP8 GEMM in their own
+    kernel) against the plain Triton op then kernels/fp8.py's quantize_act: the same e4m3 bits
+    (fp8 rows) and scales (fp32 rows, compared exactly)."""
+    from stage_worker.kernels import fp8
+
+    def same(op, case, got, ref):
+        rep.compare(op + ".q", case, torch.float8_e4m3fn, got.q, ref.q)
+        rep.compare(op + ".scale", case, torch.float32, got.scale, ref.scale, bool(torch.equal(got.scale, ref.scale)))
+
+    for dtype in DTYPES.values():
+        for quant in ("group", "row"):
+            for t, h in ((1, 4096), (37, 4096), (37, 4000), (0, 4096)):
+                x = torch.randn(t, h, generator=gen).to(dtype).to(device)
+                res = torch.randn(t, h, generator=gen).to(dtype).to(device)
+                w = (1 + 0.1 * torch.randn(h, generator=gen)).to(dtype).to(device)
+                case = f"{quant} T={t} H={h}"
+                same("rms_norm+fp8", case, fo.rms_norm(x, w, 1e-5, use_triton=True, quant=quant),
+                     fp8.quantize_act(fo.rms_norm(x, w, 1e-5, use_triton=True), quant, use_triton=True))
+                got, _ = fo.fused_add_rms_norm(x, res, w, 1e-5, use_triton=True, quant=quant)
+                plain, _ = fo.fused_add_rms_norm(x, res, w, 1e-5, use_triton=True)
+                same("add_rms+fp8", case, got, fp8.quantize_act(plain, quant, use_triton=True))
+            for t, i in ((1, 14336), (37, 14336), (37, 1000), (0, 1024)):
+                gu = (2 * torch.randn(t, 2 * i, generator=gen)).to(dtype).to(device)
+                same("silu_and_mul+fp8", f"{quant} T={t} I={i}", fo.silu_and_mul(gu, use_triton=True, quant=quant),
+                     fp8.quantize_act(fo.silu_and_mul(gu, use_triton=True), quant, use_triton=True))
+
+
 def check_rotary(rep: Report, device: str, gen: torch.Generator) -> None:
     for dtype in DTYPES.values():
         for n_q, n_kv, d in ((32, 8, 128), (14, 2, 64)):
@@ -324,7 +352,7 @@ def main() -> int:
     print(f"device={device} torch={torch.__version__} triton={fo.triton.__version__} "
           f"interpreter={interp} rtne_patch={bool(patched)} seed={args.seed}")
     rep = Report()
-    for check in (check_rms, check_silu, check_rotary, check_combine, check_dispatch,
+    for check in (check_rms, check_silu, check_fp8_out, check_rotary, check_combine, check_dispatch,
                   check_graph):
         check(rep, device, gen)
     if device == "cuda":

@@ -140,7 +140,8 @@ if INTERPRETED:  # collected only in the interpreter process (above)
     def test_gemv(m, n, kdim, group_n):
         """The W8A16 GEMV of decode's few rows: ragged N and K, scale groups finer than 128 rows,
         K slices of 1 and of several scale groups (one past K), 1-4 rows (one row: summed late and
-        per K step); x not quantized."""
+        per K step); x not quantized. A program's rows in one scale row read it once (shared_scale,
+        the default where it holds): the same bits as reading it per row."""
         gen = torch.Generator().manual_seed(n + m)
         x = torch.randn(m, kdim, generator=gen)
         w = (torch.randn(n, kdim, generator=gen) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
@@ -150,6 +151,10 @@ if INTERPRETED:  # collected only in the interpreter process (above)
             for late_sum in (True, False):  # one row: both summation orders
                 got = k.w8a16_gemv(x, w, ws, group_n, config=config, late_sum=late_sum)
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+                per_row = k.w8a16_gemv(x, w, ws, group_n, config=config, late_sum=late_sum, shared_scale=False)
+                assert torch.equal(got, per_row)
+        with pytest.raises(ValueError, match="multiple of BLOCK_N"):
+            k.w8a16_gemv(x, w, ws, group_n, config=(48, 128, 4, 2), shared_scale=True)
         assert k.fp8_gemm(x, w, ws, group_n, "gemv").shape == (m, n)
         with pytest.raises(ValueError, match="at most"):
             k.w8a16_gemv(torch.randn(k.GEMV_MAX_M + 1, kdim), w, ws, group_n)
@@ -191,6 +196,76 @@ if INTERPRETED:  # collected only in the interpreter process (above)
             lin.backend, lin._ws_grid = "fp8", lin.weight_scale_inv.expand(272, 2)
             got = lin(x)
             assert got.shape == (*shape[:-1], 272) and ((got - ref).norm() / ref.norm()) < bound
+
+    def _same_act(a, b) -> None:
+        assert (a.rows, a.kind, tuple(a.q.shape), tuple(a.scale.shape)) == (b.rows, b.kind, tuple(b.q.shape),
+                                                                            tuple(b.scale.shape))
+        assert torch.equal(a.q.view(torch.uint8), b.q.view(torch.uint8)) and torch.equal(a.scale, b.scale)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("quant", ["group", "row"])
+    @pytest.mark.parametrize("t,h", [(5, 320), (1, 64), (4, 256), (0, 128)])
+    def test_norm_and_act_write_fp8(dtype, quant, t, h, monkeypatch):
+        """fused_ops' RMSNorm (with and without the residual add) and SiLU/GELU * up kernels with
+        `quant` write exactly what their plain output quantized by quantize_act is: the same e4m3
+        bits and scales, rows padded to 4 in 1x128 groups (column-major scales), one scale per row
+        otherwise; partial last groups (320 columns), a row narrower than a group (64). A product
+        too wide for one program per row (ROW_QUANT_ONE_PASS_MAX lowered) quantizes after it."""
+        from stage_worker.kernels import fused_ops as fo
+
+        gen = torch.Generator().manual_seed(t * h)
+        x, r = (torch.randn(t, h, generator=gen).to(dtype) for _ in range(2))
+        w = (torch.rand(h, generator=gen) + 0.5).to(dtype)
+        got = fo.rms_norm(x, w, 1e-5, use_triton=True, quant=quant)
+        _same_act(got, k.quantize_act(fo.rms_norm(x, w, 1e-5, use_triton=True), quant, use_triton=True))
+        assert got.scale.stride()[0] == 1 and got.q.shape[0] == (-(-t // 4) * 4 if quant == "group" else t)
+        got, res = fo.fused_add_rms_norm(x, r, w, 1e-5, use_triton=True, quant=quant)
+        plain, res_ref = fo.fused_add_rms_norm(x, r, w, 1e-5, use_triton=True)
+        assert torch.equal(res, res_ref)
+        _same_act(got, k.quantize_act(plain, quant, use_triton=True))
+        gate_up = torch.randn(t, 2 * h, generator=gen).to(dtype)
+        for fn in (fo.silu_and_mul, fo.gelu_tanh_and_mul):
+            _same_act(fn(gate_up, use_triton=True, quant=quant), k.quantize_act(fn(gate_up, use_triton=True), quant,
+                                                                                use_triton=True))
+        monkeypatch.setattr(k, "ROW_QUANT_ONE_PASS_MAX", 128)
+        assert fo.act_quant_fusable(h, quant) == (quant == "group" or h <= 128)
+        _same_act(fo.silu_and_mul(gate_up, use_triton=True, quant=quant),
+                  k.quantize_act(fo.silu_and_mul(gate_up, use_triton=True), quant, use_triton=True))
+
+    @pytest.mark.parametrize("family", ["llama", "v3"])
+    def test_norms_write_fp8_for_the_gemms(family, tmp_path, monkeypatch):
+        """A stage quantized at load, on the FP8 kernel path (forced; CUDA SM89+ picks it): each
+        RMSNorm and SiLU * up hands the FP8 GEMM after it quantized rows (Fp8Linear.input_quant:
+        1x128 groups from two rows, none at one row, the GEMV's; DeepSeek: one quantized x for
+        q_a and kv_a, the q_a norm's for q_b, the dense and shared MLPs' SiLU for their down_proj)
+        and the logits equal, bit for bit, those of the same stage quantizing before each GEMM
+        (STAGEMESH_FP8_FUSE_ACT_QUANT=0)."""
+        from stage_worker.loader import load_stage
+        from stage_worker.models import quant
+        from tests.checkpoints import make_deepseek_checkpoint, make_hf_checkpoint
+        from tests.reference import random_prompts
+        from tests.test_model import run_pipeline
+
+        monkeypatch.setattr(quant, "fp8_compute_available", lambda device: True)
+        src = make_hf_checkpoint(tmp_path, "llama", num_layers=2) if family == "llama" else \
+            make_deepseek_checkpoint(tmp_path, "v3", num_layers=2)
+        stage, _ = load_stage(src, 0, 2, quantization="fp8")
+        asked, plain_input_quant = [], quant.Fp8Linear.input_quant
+
+        def spy(self, m):
+            asked.append(plain_input_quant(self, m))
+            return asked[-1]
+
+        monkeypatch.setattr(quant.Fp8Linear, "input_quant", spy)
+        prompts = random_prompts(seed=4, lengths=[9], vocab=320)  # a 9-row prefill, then a 1-row decode step
+        monkeypatch.setattr(quant, "FUSE_ACT_QUANT", True)
+        fused = run_pipeline([stage], prompts, 2)
+        assert set(asked) == {"group", None}
+        monkeypatch.setattr(quant, "FUSE_ACT_QUANT", False)
+        plain = run_pipeline([stage], prompts, 2)
+        assert fused[0] == plain[0]
+        for a, b in zip(fused[1], plain[1]):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
 
     def test_fp8_gemm_end_to_end():
         """x -> quant -> GEMM (Triton) equals the torch path, and both are near x @ W^T."""

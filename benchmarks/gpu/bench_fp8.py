@@ -279,6 +279,8 @@ def rowwise_rows() -> list[dict]:
             r["block_us"] = us(lambda: k.fp8_gemm(x, wq, ws, 128, backend, ws_mm))
             r["err_block"] = rel(k.fp8_gemm(x, wq, ws, 128, backend, ws_mm), ref_blk)
             if m <= k.GEMV_MAX_M:
+                r["gemv_block_us"] = us(lambda: k.w8a16_gemv(x, wq, ws, 128))  # one scale row per program
+                r["gemv_block_per_row_scales_us"] = us(lambda: k.w8a16_gemv(x, wq, ws, 128, shared_scale=False))
                 r["gemv_channel_us"] = us(lambda: k.w8a16_gemv(x, wq_ch, ws_grid, 1))
                 r["err_gemv_channel"] = rel(k.w8a16_gemv(x, wq_ch, ws_grid, 1), ref_ch)
             if m <= 256:
@@ -290,6 +292,7 @@ def rowwise_rows() -> list[dict]:
                   f"(gemm {r.get('rowwise_gemm_us', 0):7.1f}, x{r.get('rowwise_over_bf16', 0):.2f}) "
                   f"tensorwise gemm {r.get('tensorwise_gemm_us', 0):7.1f} | block[{backend}] {r['block_us']:7.1f} "
                   f"(x{r['block_over_bf16']:.2f}) | gemv-ch {r.get('gemv_channel_us', 0):6.1f} "
+                  f"gemv-blk {r.get('gemv_block_us', 0):6.1f} (per-row scales {r.get('gemv_block_per_row_scales_us', 0):6.1f}) "
                   f"w8a16-ch {r.get('w8a16_channel_us', 0):6.1f} | err row {r.get('err_rowwise', 0):.4f} "
                   f"block {r['err_block']:.4f} gemv-ch {r.get('err_gemv_channel', 0):.4f}"
                   + (f" {r['rowwise_error']}" if "rowwise_error" in r else ""), flush=True)

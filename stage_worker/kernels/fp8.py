@@ -47,6 +47,7 @@ the kernels against them in Triton's CPU interpreter. Shape-static and sync-free
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -76,29 +77,34 @@ def cdiv(a: int, b: int) -> int:
 # ----------------------------------------------------------------------------- activation quant
 
 def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = GROUP_K, column_major_scales: bool = False,
-                              use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [M, K] -> (q [M, K] e4m3, scales [M, ceil(K/group)] fp32; column-major when asked).
+                              use_triton: bool | None = None, align: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] -> (q [Mp, K] e4m3, scales [Mp, ceil(K/group)] fp32; column-major when asked).
 
     x == q.float() * scale per group (up to e4m3 rounding). A zero group gets scale eps/448.
+    Mp is M rounded up to a multiple of `align` (cuBLASLt's blockwise GEMM wants 4): the added
+    rows are zeros' (q 0, scale eps/448), written by the same launch.
     """
     if x.dim() != 2:
         raise ValueError(f"x must be [M, K], got {tuple(x.shape)}")
     use = (triton is not None and x.is_cuda) if use_triton is None else use_triton
+    m, k = x.shape
+    mp = cdiv(m, align) * align
     if not use:
+        if mp != m:
+            x = torch.cat([x, x.new_zeros(mp - m, k)])
         q, s = per_token_group_quant_fp8_torch(x, group_size)
         return q, (s.t().contiguous().t() if column_major_scales else s)
-    m, k = x.shape
     g = cdiv(k, group_size)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
-    s = (torch.empty(g, m, dtype=torch.float32, device=x.device).t() if column_major_scales
-         else torch.empty(m, g, dtype=torch.float32, device=x.device))
-    if m == 0 or k == 0:
+    q = torch.empty(mp, k, dtype=FP8_DTYPE, device=x.device)
+    s = (torch.empty(g, mp, dtype=torch.float32, device=x.device).t() if column_major_scales
+         else torch.empty(mp, g, dtype=torch.float32, device=x.device))
+    if mp == 0 or k == 0:
         return q, s
     block = triton.next_power_of_2(group_size)
     groups = min(triton.next_power_of_2(ACT_QUANT_GROUPS), triton.next_power_of_2(g))  # groups per program
-    _act_quant_kernel[(m * cdiv(g, groups),)](
-        x, q, s, k, g, x.stride(0), q.stride(0), s.stride(0), s.stride(1), EPS, FP8_MAX,
+    _act_quant_kernel[(mp * cdiv(g, groups),)](
+        x, q, s, m, k, g, x.stride(0), q.stride(0), s.stride(0), s.stride(1), EPS, FP8_MAX,
         GROUP=group_size, BLOCK=block, GROUPS=groups, num_warps=1 if groups * block <= 256 else 4, num_stages=1)
     return q, s
 
@@ -117,9 +123,10 @@ def per_token_group_quant_fp8_torch(x: torch.Tensor, group_size: int = GROUP_K) 
 
 if triton is not None:
     @triton.jit
-    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, G, stride_x, stride_q, stride_sm, stride_sg, eps, fp8_max,
+    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, G, stride_x, stride_q, stride_sm, stride_sg, eps, fp8_max,
                           GROUP: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr):
-        """GROUPS consecutive groups of one row per program, [GROUPS, BLOCK] at once."""
+        """GROUPS consecutive groups of one row per program, [GROUPS, BLOCK] at once; rows from M
+        (alignment padding) read as zeros."""
         pid = tl.program_id(0).to(tl.int64)
         per_row = tl.cdiv(G, GROUPS)
         row = pid // per_row
@@ -127,7 +134,7 @@ if triton is not None:
         lane = tl.arange(0, BLOCK)
         cols = grp[:, None] * GROUP + lane[None, :]  # [GROUPS, BLOCK]
         mask = (grp[:, None] < G) & (lane[None, :] < GROUP) & (cols < K)
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask & (row < M), other=0.0).to(tl.float32)
         amax = tl.maximum(tl.max(tl.abs(x), axis=1), eps)  # [GROUPS]
         s = amax / fp8_max
         q = tl.clamp(x / s[:, None], -fp8_max, fp8_max)
@@ -371,13 +378,16 @@ GEMV_LATE_SUM = os.environ.get("STAGEMESH_FP8_GEMV_LATE_SUM", "0") == "1"
 
 def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,
                out_dtype: torch.dtype | None = None, config: tuple[int, int, int, int] | None = None,
-               late_sum: bool | None = None) -> torch.Tensor:
+               late_sum: bool | None = None, shared_scale: bool | None = None) -> torch.Tensor:
     """x [M, K] (M <= GEMV_MAX_M, any float dtype), w [N, K] e4m3, ws [ceil(N/group_n), ceil(K/128)]
     -> y [M, N] = x @ dequant(w, ws)^T in out_dtype (default x's), fp32 accumulation (Triton).
 
     late_sum (one row): the products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, summed
     across it once at the end, instead of a cross-thread sum at every K step. Default
-    GEMV_LATE_SUM: off (timed on an H100: no gain, README)."""
+    GEMV_LATE_SUM: off (timed on an H100: no gain, README).
+    shared_scale (default: whenever it holds, group_n a multiple of BLOCK_N): a program's rows
+    share one scale row, read once per K step ([G] values) instead of per row ([BLOCK_N, G]); the
+    same products and sums, so the same bits."""
     m, kdim = x.shape
     n = w.shape[0]
     if m > GEMV_MAX_M:
@@ -387,11 +397,15 @@ def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int 
     if m == 0 or n == 0:
         return out
     bn, bk, warps, stages = config or GEMV_CONFIG
+    shared = group_n % bn == 0 if shared_scale is None else shared_scale
+    if shared and group_n % bn:
+        raise ValueError(f"shared_scale needs group_n ({group_n}) a multiple of BLOCK_N ({bn})")
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, w, ws, out, m, n, kdim, group_n, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         ws.stride(0), ws.stride(1), out.stride(0), out.stride(1),
         M_PAD=max(1, triton.next_power_of_2(m)), BLOCK_N=bn, GROUPS=bk // GROUP_K, GROUP_K=GROUP_K,
-        LATE_SUM=(GEMV_LATE_SUM if late_sum is None else late_sum) and m == 1, num_warps=warps, num_stages=stages)
+        LATE_SUM=(GEMV_LATE_SUM if late_sum is None else late_sum) and m == 1, SHARED_SCALE=shared,
+        num_warps=warps, num_stages=stages)
     return out
 
 
@@ -404,24 +418,29 @@ def w8a16_gemv_torch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n
 if triton is not None:
     @triton.jit
     def _gemv_slice(w_ptr, ws_ptr, offs_n, mask_n, k0, K, group_n, stride_wn, stride_wk, stride_sn, stride_sk,
-                    GROUPS: tl.constexpr, GROUP_K: tl.constexpr):
+                    GROUPS: tl.constexpr, GROUP_K: tl.constexpr, SHARED_SCALE: tl.constexpr):
         """One K step of the GEMV: its columns cols [G, GK] and their mask, the weight slice w
-        [BN, G, GK] in fp32 and its scales s [BN, G]."""
+        [BN, G, GK] in fp32 and its scales s [BN, G] ([1, G] when SHARED_SCALE: every row of the
+        program in one scale row, read once)."""
         g = tl.arange(0, GROUPS)
         kb = k0 // GROUP_K + g  # [G] scale-group index of each slice
         cols = k0 + g[:, None] * GROUP_K + tl.arange(0, GROUP_K)[None, :]
         kmask = cols < K
         w = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + cols[None, :, :] * stride_wk,
                     mask=mask_n[:, None, None] & kmask[None, :, :], other=0.0).to(tl.float32)
-        s = tl.load(ws_ptr + (offs_n // group_n)[:, None] * stride_sn + kb[None, :] * stride_sk,
-                    mask=mask_n[:, None] & (kb * GROUP_K < K)[None, :], other=0.0)
+        if SHARED_SCALE:
+            s = tl.load(ws_ptr + (tl.min(offs_n, axis=0) // group_n) * stride_sn + kb * stride_sk,
+                        mask=kb * GROUP_K < K, other=0.0)[None, :]
+        else:
+            s = tl.load(ws_ptr + (offs_n // group_n)[:, None] * stride_sn + kb[None, :] * stride_sk,
+                        mask=mask_n[:, None] & (kb * GROUP_K < K)[None, :], other=0.0)
         return cols, kmask, w, s
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, group_n,
                      stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_ym, stride_yn,
                      M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP_K: tl.constexpr,
-                     LATE_SUM: tl.constexpr):
+                     LATE_SUM: tl.constexpr, SHARED_SCALE: tl.constexpr):
         """y[:, n-block] = x @ (w * scale)^T; each K step is GROUPS scale groups of GROUP_K columns."""
         offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -429,7 +448,7 @@ if triton is not None:
             tile = tl.zeros((BLOCK_N, GROUPS, GROUP_K), dtype=tl.float32)
             for k0 in range(0, K, GROUPS * GROUP_K):
                 cols1, kmask1, w1, s1 = _gemv_slice(w_ptr, ws_ptr, offs_n, mask_n, k0, K, group_n, stride_wn,
-                                                    stride_wk, stride_sn, stride_sk, GROUPS, GROUP_K)
+                                                    stride_wk, stride_sn, stride_sk, GROUPS, GROUP_K, SHARED_SCALE)
                 x1 = tl.load(x_ptr + cols1 * stride_xk, mask=kmask1, other=0.0).to(tl.float32)
                 tile += w1 * x1[None, :, :] * s1[:, :, None]
             y1 = tl.sum(tl.sum(tile, axis=2), axis=1)
@@ -439,7 +458,7 @@ if triton is not None:
         acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, GROUPS * GROUP_K):
             cols, kmask, w, s = _gemv_slice(w_ptr, ws_ptr, offs_n, mask_n, k0, K, group_n, stride_wn, stride_wk,
-                                            stride_sn, stride_sk, GROUPS, GROUP_K)
+                                            stride_sn, stride_sk, GROUPS, GROUP_K, SHARED_SCALE)
             for m in tl.static_range(M_PAD):
                 xm = tl.load(x_ptr + m * stride_xm + cols * stride_xk, mask=kmask & (m < M), other=0.0).to(tl.float32)
                 part = tl.sum(tl.sum(w * xm[None, :, :], axis=2) * s, axis=1)  # [BN]
@@ -491,35 +510,69 @@ def scaled_mm_rowwise(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws_ro
 BACKENDS = ("gemv", "w8a16", "triton", "scaled_mm", "rowwise", "torch")
 
 
-def fp8_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128, backend: str = "triton",
-             ws_mm: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+class Fp8Act(NamedTuple):
+    """Activations quantized for a W8A8 GEMM: what `quantize_act` returns, or a producer that
+    writes them itself (kernels/fused_ops: the RMSNorm and SiLU*up kernels with `quant`).
+
+    kind "group": q [Mp, K] e4m3 with 1x128 group scales [Mp, ceil(K/128)] column-major, Mp = M
+    rounded up to SCALED_MM_ALIGN_M (zero rows: what cuBLASLt's blockwise recipe takes; the Triton
+    kernel reads the first M rows); kind "row": q [M, K] with one scale per row [M, 1]."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    rows: int  # M, the real rows
+    kind: str  # "group" | "row"
+
+
+def act_kind(backend: str) -> str | None:
+    """The activation quant a backend takes: "group" (1x128), "row", or None (x as it is)."""
+    return {"triton": "group", "scaled_mm": "group", "rowwise": "row"}.get(backend)
+
+
+def quantize_act(x: torch.Tensor, kind: str, use_triton: bool | None = None) -> Fp8Act:
+    """x [M, K] -> Fp8Act of that kind (one launch on CUDA)."""
+    if kind == "group":
+        q, s = per_token_group_quant_fp8(x, column_major_scales=True, use_triton=use_triton, align=SCALED_MM_ALIGN_M)
+    elif kind == "row":
+        q, s = per_token_quant_fp8(x, use_triton=use_triton)
+    else:
+        raise ValueError(f"unknown activation quant {kind!r} (known: group, row)")
+    return Fp8Act(q, s, x.shape[0], kind)
+
+
+def fp8_gemm(x: torch.Tensor | Fp8Act, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,
+             backend: str = "triton", ws_mm: torch.Tensor | None = None,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [M, K] -> x @ dequant(w, ws)^T [M, N], activations quantized per token in 1x128 groups.
 
     backend "gemv" (M <= GEMV_MAX_M) or "w8a16" (x is not quantized in either; "w8a16" takes fp32
     x quantized, as "triton"), "triton" or "scaled_mm" (CUDA) or "torch" (the reference, any
     device); ws_mm is the _scaled_mm copy of ws (required for "scaled_mm"). "rowwise": per-channel
-    weights (ws_mm [1, N]; ws their [N, K/128] grid at group_n 1), x quantized one scale per row."""
-    out_dtype = out_dtype or x.dtype
-    if backend == "gemv":
-        return w8a16_gemv(x, w, ws, group_n, out_dtype)
-    if backend == "w8a16":
-        if x.dtype in (torch.bfloat16, torch.float16):
-            return w8a16_block_gemm(x, w, ws, group_n, out_dtype)
+    weights (ws_mm [1, N]; ws their [N, K/128] grid at group_n 1), x quantized one scale per row.
+    x may come quantized already (an Fp8Act of the backend's `act_kind`; out_dtype then required).
+    """
+    if backend == "w8a16" and (isinstance(x, Fp8Act) or x.dtype not in (torch.bfloat16, torch.float16)):
         backend = "triton"  # fp32 activations: the tensor cores take them quantized
-    if backend == "scaled_mm":
-        m = x.shape[0]
-        pad = -m % SCALED_MM_ALIGN_M
-        if pad:  # zero rows: their scales are eps/448, their outputs dropped
-            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-        xq, xs = per_token_group_quant_fp8(x, column_major_scales=True)
-        y = scaled_mm_blockwise(xq, xs, w, ws_mm, out_dtype)
-        return y[:m] if pad else y
-    if backend == "rowwise":
-        return scaled_mm_rowwise(*per_token_quant_fp8(x), w, ws_mm, out_dtype)
-    if backend == "triton":
-        xq, xs = per_token_group_quant_fp8(x)
-        return w8a8_block_gemm(xq, xs, w, ws, group_n, out_dtype)
     if backend == "torch":
         xq, xs = per_token_group_quant_fp8_torch(x)
-        return w8a8_block_gemm_torch(xq, xs, w, ws, group_n, out_dtype)
-    raise ValueError(f"unknown FP8 GEMM backend {backend!r} (known: {', '.join(BACKENDS)})")
+        return w8a8_block_gemm_torch(xq, xs, w, ws, group_n, out_dtype or x.dtype)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown FP8 GEMM backend {backend!r} (known: {', '.join(BACKENDS)})")
+    kind = act_kind(backend)
+    if isinstance(x, Fp8Act):
+        if x.kind != kind:
+            raise ValueError(f"backend {backend!r} takes {kind or 'unquantized'} activations, got {x.kind!r}")
+        if out_dtype is None:
+            raise ValueError("out_dtype is required with quantized activations")
+    else:
+        out_dtype = out_dtype or x.dtype
+        if kind is None:
+            gemm = w8a16_gemv if backend == "gemv" else w8a16_block_gemm
+            return gemm(x, w, ws, group_n, out_dtype)
+        x = quantize_act(x, kind)
+    m = x.rows
+    if backend == "scaled_mm":  # padded rows: their outputs dropped
+        return scaled_mm_blockwise(x.q, x.scale, w, ws_mm, out_dtype)[:m]
+    if backend == "rowwise":
+        return scaled_mm_rowwise(x.q, x.scale, w, ws_mm, out_dtype)
+    return w8a8_block_gemm(x.q[:m], x.scale[:m], w, ws, group_n, out_dtype)

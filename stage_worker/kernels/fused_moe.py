@@ -4,7 +4,7 @@ Data flow for M tokens, top_k experts each, E experts of hidden H and intermedia
 
   topk_ids [M, k] --moe_align_block_size--> sorted_ids, expert_ids, num_tokens_post_padded (device)
   x [M, H] --GEMM1 (w13 [E, 2I, H]; row r of a block reads x[sorted_ids[r] // k])--> gu [M*k, 2I]
-  gu --silu(gate) * up--> act [M*k, I]            (fused_ops.silu_and_mul; FP8: then 1x128 quant)
+  gu --silu(gate) * up--> act [M*k, I]            (fused_ops.silu_and_mul; FP8: quantized 1x128 in it)
   act --GEMM2 (w2 [E, H, I]; rows read as is; times the routed weight in the epilogue)--> y [M*k, H]
   y.view(M, k, H).sum(1) --> [M, H]
 
@@ -95,9 +95,9 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     route = (weights, sorted_ids, expert_ids, post)
     gu = x.new_empty(numel, n13)  # row token*k + slot: A row `token` (top_k k) through its expert's w13
     _gemm(_quant(x, fp8, use_triton), w13, w13_scale, b13, gu, *route, k, False, group_n[0], tiles)
-    act = silu_and_mul(gu, use_triton=use_triton)  # [M*k, I]
+    act = silu_and_mul(gu, use_triton=use_triton, quant="group" if fp8 else None)  # [M*k, I], FP8: quantized
     y = x.new_empty(numel, h)  # rows read as they are (top_k 1), times the routed weight
-    _gemm(_quant(act, fp8, use_triton), w2, w2_scale, b2, y, *route, 1, True, group_n[1], tiles)
+    _gemm((act.q, act.scale) if fp8 else (act, None), w2, w2_scale, b2, y, *route, 1, True, group_n[1], tiles)
     return torch.sum(y.view(m, k, h), dim=1, out=out)
 
 

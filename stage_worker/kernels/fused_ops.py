@@ -41,6 +41,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from stage_worker.kernels import fp8 as fp8k
+from stage_worker.kernels.fp8 import Fp8Act, quantize_act
 from stage_worker.kv_cache import FP8_KV, FP8_KV_MAX, write_slots
 
 try:  # Triton is optional: CPU-only installs never import it.
@@ -51,6 +53,9 @@ except ImportError:  # pragma: no cover - depends on the install
 
 ROTARY_ELEMS = 2048  # elements (heads * head_dim) one rotary program handles
 SILU_BLOCK = 1024  # columns of the output one silu_and_mul program handles
+
+
+_QUANT_CODES = {None: 0, "group": 1, "row": 2}  # the kernels' QUANT: fp8.Fp8Act kinds
 
 
 def triton_available(device: torch.device) -> bool:
@@ -76,23 +81,48 @@ def _norm_warps(block: int) -> int:
 
 # ----------------------------------------------------------------------------- RMSNorm
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             use_triton: bool | None = None) -> torch.Tensor:
-    """x: [T, H]; weight: [H] -> weight * rms_norm(x) [T, H] (dtype: torch's weight * x)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, use_triton: bool | None = None,
+             quant: str | None = None) -> torch.Tensor | Fp8Act:
+    """x: [T, H]; weight: [H] -> weight * rms_norm(x) [T, H] (dtype: torch's weight * x).
+
+    quant "group" / "row": the normalised rows come out quantized for the FP8 GEMM that reads
+    them (kernels/fp8.py Fp8Act, the same numbers as quantize_act of the normalised tensor), in
+    the norm's own kernel: no [T, H] write and read between them, one launch fewer."""
     if not _pick(use_triton, x):
-        return rms_norm_torch(x, weight, eps)
-    return _rms_norm_triton(x, None, weight, eps)[0]
+        return _quantized(rms_norm_torch(x, weight, eps), quant)
+    return _rms_norm_triton(x, None, weight, eps, quant)[0]
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                       use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, residual: [T, H] same dtype -> (rms_norm(x + residual), x + residual), both [T, H]."""
+                       use_triton: bool | None = None,
+                       quant: str | None = None) -> tuple[torch.Tensor | Fp8Act, torch.Tensor]:
+    """x, residual: [T, H] same dtype -> (rms_norm(x + residual), x + residual), both [T, H];
+    quant as rms_norm's (the first comes out quantized)."""
     if x.dtype != residual.dtype or x.shape != residual.shape:
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} and residual {tuple(residual.shape)} "
                          f"{residual.dtype} must match")
     if not _pick(use_triton, x):
-        return fused_add_rms_norm_torch(x, residual, weight, eps)
-    return _rms_norm_triton(x, residual, weight, eps)
+        out, res = fused_add_rms_norm_torch(x, residual, weight, eps)
+        return _quantized(out, quant), res
+    return _rms_norm_triton(x, residual, weight, eps, quant)
+
+
+def _quantized(out: torch.Tensor, quant: str | None) -> torch.Tensor | Fp8Act:
+    """The reference of a fused quant: the op's output, then kernels/fp8.py's activation quant."""
+    return out if quant is None else quantize_act(out, quant, use_triton=False)
+
+
+def _quant_out(t: int, k: int, quant: str | None, device) -> tuple[Fp8Act | None, int]:
+    """(the empty Fp8Act a fused kernel fills, rows to launch: T, or T padded for "group")."""
+    if quant is None:
+        return None, t
+    if quant not in ("group", "row"):
+        raise ValueError(f"unknown activation quant {quant!r} (known: group, row)")
+    rows = fp8k.cdiv(t, fp8k.SCALED_MM_ALIGN_M) * fp8k.SCALED_MM_ALIGN_M if quant == "group" else t
+    groups = fp8k.cdiv(k, fp8k.GROUP_K) if quant == "group" else 1
+    q = torch.empty(rows, k, dtype=fp8k.FP8_DTYPE, device=device)
+    s = torch.empty(groups, rows, dtype=torch.float32, device=device).t()  # column-major (one column: either way)
+    return Fp8Act(q, s, t, quant), rows
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -111,54 +141,78 @@ def fused_add_rms_norm_torch(x, residual, weight, eps):
     return rms_norm_torch(res, weight, eps), res
 
 
-def _rms_norm_triton(x, residual, weight, eps):
+def _rms_norm_triton(x, residual, weight, eps, quant=None):
     t, h = x.shape
-    out = torch.empty(t, h, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     res_out = torch.empty_like(x) if residual is not None else None
-    if t == 0:
-        return out, res_out
+    act, rows = _quant_out(t, h, quant, x.device)
+    dtype = torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty(t, h, dtype=dtype, device=x.device) if act is None else None
+    if rows == 0:
+        return (act if act is not None else out), res_out
     x = _rows(x)
     r = _rows(residual) if residual is not None else x  # dummy pointer when HAS_RES is False
-    ro = res_out if res_out is not None else out
-    block = triton.next_power_of_2(h)
-    _rms_norm_kernel[(t,)](
-        x, r, weight.contiguous(), out, ro,
-        x.stride(0), r.stride(0), out.stride(0), ro.stride(0), h, float(h), float(eps),
-        HAS_RES=residual is not None, BLOCK=block, num_warps=_norm_warps(block),
-        enable_fp_fusion=False,
+    ro = res_out if res_out is not None else x
+    q, sc = (act.q, act.scale) if act is not None else (out, out)  # dummies when not quantized
+    if out is None:  # quantized: OUT is unwritten, its element type the norm's dtype
+        out = torch.empty(1, 1, dtype=dtype, device=x.device)
+    block = max(triton.next_power_of_2(h), fp8k.GROUP_K if quant == "group" else 1)
+    _rms_norm_kernel[(rows,)](
+        x, r, weight.contiguous(), out, ro, q, sc, t,
+        x.stride(0), r.stride(0), out.stride(0), ro.stride(0), q.stride(0), sc.stride(0), sc.stride(1),
+        h, float(h), float(eps), fp8k.EPS, fp8k.FP8_MAX,
+        HAS_RES=residual is not None, QUANT=_QUANT_CODES[quant], GROUP=fp8k.GROUP_K, BLOCK=block,
+        num_warps=_norm_warps(block), enable_fp_fusion=False,
     )
-    return out, res_out
+    return (act if act is not None else out), res_out
 
 
 # ----------------------------------------------------------------------------- SiLU * up
 
-def silu_and_mul(gate_up: torch.Tensor, use_triton: bool | None = None) -> torch.Tensor:
-    """gate_up: [T, 2I] (gate columns first, as chunk(2, -1)) -> silu(gate) * up [T, I]."""
+def silu_and_mul(gate_up: torch.Tensor, use_triton: bool | None = None,
+                 quant: str | None = None) -> torch.Tensor | Fp8Act:
+    """gate_up: [T, 2I] (gate columns first, as chunk(2, -1)) -> silu(gate) * up [T, I]; quant
+    as rms_norm's (the product comes out quantized for the FP8 GEMM after it)."""
     if not _pick(use_triton, gate_up):
-        return silu_and_mul_torch(gate_up)
-    return _act_and_mul_triton(gate_up, 0)
+        return _quantized(silu_and_mul_torch(gate_up), quant)
+    return _act_and_mul_triton(gate_up, 0, quant)
 
 
-def gelu_tanh_and_mul(gate_up: torch.Tensor, use_triton: bool | None = None) -> torch.Tensor:
+def gelu_tanh_and_mul(gate_up: torch.Tensor, use_triton: bool | None = None,
+                      quant: str | None = None) -> torch.Tensor | Fp8Act:
     """gate_up: [T, 2I] -> gelu(gate, approximate="tanh") * up [T, I] (Gemma's gelu_pytorch_tanh)."""
     if not _pick(use_triton, gate_up):
-        return gelu_tanh_and_mul_torch(gate_up)
-    return _act_and_mul_triton(gate_up, 1)
+        return _quantized(gelu_tanh_and_mul_torch(gate_up), quant)
+    return _act_and_mul_triton(gate_up, 1, quant)
 
 
-def _act_and_mul_triton(gate_up: torch.Tensor, act: int) -> torch.Tensor:
+def act_quant_fusable(i: int, quant: str | None) -> bool:
+    """Whether silu_and_mul / gelu_tanh_and_mul can quantize an [T, I] product in its kernel:
+    "row" holds a whole row in one program (up to kernels/fp8.py ROW_QUANT_ONE_PASS_MAX)."""
+    return quant != "row" or triton.next_power_of_2(i) <= fp8k.ROW_QUANT_ONE_PASS_MAX
+
+
+def _act_and_mul_triton(gate_up: torch.Tensor, act_fn: int, quant: str | None = None) -> torch.Tensor | Fp8Act:
     t, two_i = gate_up.shape
     i = two_i // 2
-    out = torch.empty(t, i, dtype=gate_up.dtype, device=gate_up.device)
-    if t == 0 or i == 0:
-        return out
+    if not act_quant_fusable(i, quant):
+        return quantize_act(_act_and_mul_triton(gate_up, act_fn), quant, use_triton=True)
+    act, rows = _quant_out(t, i, quant, gate_up.device)
+    out = torch.empty(t, i, dtype=gate_up.dtype, device=gate_up.device) if act is None else None
+    if rows == 0 or i == 0:
+        return out if act is None else act
     gate_up = _rows(gate_up)
-    block = min(SILU_BLOCK, triton.next_power_of_2(i))
-    _silu_mul_kernel[(t, triton.cdiv(i, block))](
-        gate_up, out, gate_up.stride(0), out.stride(0), i,
-        BLOCK=block, ACT=act, num_warps=4, enable_fp_fusion=False,
+    if quant == "row":  # a program per row
+        block = triton.next_power_of_2(i)
+    else:
+        block = max(min(SILU_BLOCK, triton.next_power_of_2(i)), fp8k.GROUP_K if quant else 1)
+    q, sc = (act.q, act.scale) if act is not None else (out, out)
+    out = out if out is not None else q  # dummy when quantized
+    _silu_mul_kernel[(rows, triton.cdiv(i, block))](
+        gate_up, out, q, sc, t, gate_up.stride(0), out.stride(0), q.stride(0), sc.stride(0), sc.stride(1),
+        i, fp8k.EPS, fp8k.FP8_MAX, BLOCK=block, ACT=act_fn, QUANT=_QUANT_CODES[quant], GROUP=fp8k.GROUP_K,
+        num_warps=4 if block <= SILU_BLOCK else 16, enable_fp_fusion=False,
     )
-    return out
+    return out if act is None else act
 
 
 def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
@@ -264,37 +318,72 @@ def combine_splits_torch(part, lse, dtype):
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(X, R, W, OUT, RES_OUT, s_x, s_r, s_o, s_ro, H, H_f, eps,
-                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    def _store_quant(y, cols, N, row, Q, S, s_q, s_sm, s_sg, eps, fp8_max,
+                     QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+        """y [BLOCK] fp32: an op's output at columns `cols` (< N are real) of row `row`, already
+        rounded to the op's dtype, stored quantized as kernels/fp8.py's activation quants do it.
+        QUANT 1: 1x128 groups (cols starts on a group; scale = max(amax, eps) / 448 each);
+        QUANT 2: one scale for the row (this program holds all of it)."""
+        mask = cols < N
+        if QUANT == 1:
+            yg = tl.reshape(y, (BLOCK // GROUP, GROUP))
+            s = tl.maximum(tl.max(tl.abs(yg), axis=1), eps) / fp8_max  # [BLOCK // GROUP]
+            q = tl.reshape(tl.clamp(yg / s[:, None], -fp8_max, fp8_max), (BLOCK,))
+            g = tl.min(cols, axis=0) // GROUP + tl.arange(0, BLOCK // GROUP)
+            tl.store(S + row * s_sm + g * s_sg, s, mask=g * GROUP < N)
+        else:
+            s = tl.maximum(tl.max(tl.abs(y), axis=0), eps) / fp8_max
+            q = tl.clamp(y / s, -fp8_max, fp8_max)
+            tl.store(S + row * s_sm, s)
+        tl.store(Q + row * s_q + cols, q.to(Q.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rms_norm_kernel(X, R, W, OUT, RES_OUT, Q, S, T, s_x, s_r, s_o, s_ro, s_q, s_sm, s_sg, H, H_f, eps,
+                         q_eps, fp8_max, HAS_RES: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        """One row per program. QUANT 0: the normalised row to OUT; 1 / 2: to Q and S instead
+        (_store_quant), over T rows padded to the program count (padding rows quantize zeros)."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < H
-        x = tl.load(X + row * s_x + cols, mask=mask, other=0.0)
+        real = mask & (row < T)
+        x = tl.load(X + row * s_x + cols, mask=real, other=0.0)
         if HAS_RES:
-            r = tl.load(R + row * s_r + cols, mask=mask, other=0.0)
+            r = tl.load(R + row * s_r + cols, mask=real, other=0.0)
             x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)  # torch's x + r
-            tl.store(RES_OUT + row * s_ro + cols, x, mask=mask)
+            tl.store(RES_OUT + row * s_ro + cols, x, mask=real)
         xf = x.to(tl.float32)
         ms = tl.math.div_rn(tl.sum(xf * xf, axis=0), H_f)
         inv = tl.math.div_rn(1.0, tl.sqrt_rn(ms + eps))
         y = (xf * inv).to(X.dtype.element_ty).to(tl.float32)  # .to(dtype) before the weight
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(OUT + row * s_o + cols, (w * y).to(OUT.dtype.element_ty), mask=mask)
+        out = (w * y).to(OUT.dtype.element_ty)
+        if QUANT == 0:
+            tl.store(OUT + row * s_o + cols, out, mask=mask)
+        else:
+            _store_quant(out.to(tl.float32), cols, H, row, Q, S, s_q, s_sm, s_sg, q_eps, fp8_max, QUANT, GROUP, BLOCK)
 
     @triton.jit
-    def _silu_mul_kernel(GU, OUT, s_gu, s_o, I, BLOCK: tl.constexpr, ACT: tl.constexpr):
+    def _silu_mul_kernel(GU, OUT, Q, S, T, s_gu, s_o, s_q, s_sm, s_sg, I, q_eps, fp8_max, BLOCK: tl.constexpr,
+                         ACT: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr):
+        """Columns [pid1 * BLOCK, +BLOCK) of one row; QUANT as _rms_norm_kernel's (2: BLOCK >= I)."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < I
-        g = tl.load(GU + row * s_gu + cols, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(GU + row * s_gu + I + cols, mask=mask, other=0.0).to(tl.float32)
-        dt = OUT.dtype.element_ty
+        real = mask & (row < T)
+        g = tl.load(GU + row * s_gu + cols, mask=real, other=0.0).to(tl.float32)
+        u = tl.load(GU + row * s_gu + I + cols, mask=real, other=0.0).to(tl.float32)
+        dt = GU.dtype.element_ty  # the product's dtype (OUT is unwritten when QUANT)
         if ACT == 0:
             act = tl.math.div_rn(g, 1.0 + tl.exp(-g)).to(dt).to(tl.float32)  # F.silu in dtype
         else:  # gelu tanh: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), tanh(z) = 1 - 2 / (e^2z + 1)
             z2 = tl.minimum(tl.maximum(1.5957691216057308 * (g + 0.044715 * g * g * g), -40.0), 40.0)  # 2z
             act = (0.5 * g * (2.0 - 2.0 / (tl.exp(z2) + 1.0))).to(dt).to(tl.float32)
-        tl.store(OUT + row * s_o + cols, (act * u).to(dt), mask=mask)
+        out = (act * u).to(dt)
+        if QUANT == 0:
+            tl.store(OUT + row * s_o + cols, out, mask=mask)
+        else:
+            _store_quant(out.to(tl.float32), cols, I, row, Q, S, s_q, s_sm, s_sg, q_eps, fp8_max, QUANT, GROUP, BLOCK)
 
     @triton.jit
     def _to_cache(x, ptr, FP8: tl.constexpr, FP8_MAX: tl.constexpr):

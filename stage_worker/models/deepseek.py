@@ -42,6 +42,7 @@ from torch import nn
 
 from stage_worker.attention import AttnMetadata, num_sms
 from stage_worker.kernels import fused_ops, mla_decode, mla_expand, mla_prefill, mla_rope
+from stage_worker.kernels.fp8 import Fp8Act
 from stage_worker.mla_cache import MLAKVCache
 from stage_worker.models.base import PipelineStage
 from stage_worker.models import quant
@@ -195,12 +196,18 @@ class MLAttention(nn.Module):
         self.scale = self.qk_head_dim ** -0.5 * softmax_mult
         self.tile_q = mla_prefill.tile_q(self.n_heads)  # query tokens per tile of the mixed kernel
 
+    def input_quant(self, m: int) -> str | None:
+        """The quantized form both projections of x take (one written for the two), or None."""
+        first = self.q_proj if self.d.q_lora_rank is None else self.q_a_proj
+        kind = quant.input_quant(first, m)
+        return kind if kind == quant.input_quant(self.kv_a_proj_with_mqa, m) else None
+
     def forward(self, x, cos, sin, meta: AttnMetadata, pool: torch.Tensor) -> torch.Tensor:
-        d, t, nh = self.d, x.shape[0], self.n_heads  # x: [T, H]
+        d, t, nh = self.d, cos.shape[0], self.n_heads  # x: [T, H], or quantized (input_quant)
         if d.q_lora_rank is None:
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x), quant.input_quant(self.q_b_proj, t)))
         q = q.view(t, nh, self.qk_head_dim)  # [T, Hq, Dn + Dr]
         kv = self.kv_a_proj_with_mqa(x)  # [T, R + Dr]: c_kv | k_pe
         w_uk, w_uv = self._w_uk_uv()
@@ -212,7 +219,7 @@ class MLAttention(nn.Module):
             out = self._expanded_chunks(q, q_cat, pool, e)  # [T, Hq, Dv]
         else:
             o_lat = latent_attention(q_cat, pool, meta, self.scale, d.kv_lora_rank, self.tile_q)  # [T, Hq, R]
-            out = torch.einsum("thr,hvr->thv", o_lat.to(x.dtype), w_uv)  # [T, Hq, Dv]
+            out = torch.einsum("thr,hvr->thv", o_lat.to(q.dtype), w_uv)  # [T, Hq, Dv]
             if e is not None:
                 out[e.rows] = self._expanded_chunks(q, q_cat, pool, e)
         return self.o_proj(out.reshape(t, nh * d.v_head_dim))  # [T, H]
@@ -322,8 +329,12 @@ class DeepseekMLP(nn.Module):
         self.gate_up_proj = make_merged_linear(hidden, {"gate_proj": inter, "up_proj": inter}, bias, fp8)
         self.down_proj = make_linear(inter, hidden, bias, fp8)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
-        return self.down_proj(fused_ops.silu_and_mul(self.gate_up_proj(x)))  # silu(gate) * up: [T, I]
+    def input_quant(self, m: int) -> str | None:
+        return quant.input_quant(self.gate_up_proj, m)
+
+    def forward(self, x: torch.Tensor | Fp8Act) -> torch.Tensor:  # x: [T, H], or quantized (input_quant)
+        gate_up = self.gate_up_proj(x)  # silu(gate) * up: [T, I], quantized as down_proj takes it
+        return self.down_proj(fused_ops.silu_and_mul(gate_up, quant=quant.input_quant(self.down_proj, gate_up.shape[0])))
 
 
 def router_spec(d: DeepseekDims) -> RouterSpec:
@@ -371,10 +382,10 @@ class DeepseekDecoderLayer(nn.Module):
         x: [T, H], the previous layer's MLP output, or the stage input when residual is None.
         Returns (this layer's MLP output, residual); their sum is the layer's output.
         """
-        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        h, residual = ln1.add_and_norm(x, residual)
+        ln1, ln2, t = self.input_layernorm, self.post_attention_layernorm, x.shape[0]
+        h, residual = ln1.add_and_norm(x, residual, quant.input_quant(self.self_attn, t))
         h = self.self_attn(h, cos, sin, meta, pool)
-        h, residual = ln2.add_and_norm(h, residual)
+        h, residual = ln2.add_and_norm(h, residual, quant.input_quant(self.mlp, t))
         return self.mlp(h), residual
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from stage_worker.kernels import fused_ops
+from stage_worker.kernels.fp8 import Fp8Act
 from stage_worker.models.quant import Fp8Linear
 
 
@@ -22,18 +23,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
+    def forward(self, x: torch.Tensor, quant: str | None = None) -> torch.Tensor | Fp8Act:  # x: [T, H]
         """weight * norm(x) with float32 statistics (transformers' formula): one Triton kernel on
-        CUDA, fused_ops.rms_norm_torch elsewhere."""
-        return fused_ops.rms_norm(x, self.weight, self.eps)
+        CUDA, fused_ops.rms_norm_torch elsewhere; quant as add_and_norm's."""
+        return fused_ops.rms_norm(x, self.weight, self.eps, quant=quant)
 
-    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                     quant: str | None = None) -> tuple[torch.Tensor | Fp8Act, torch.Tensor]:
         """The residual stream carried beside the hidden states (vLLM's layout): (norm(x + residual),
         x + residual), one kernel on CUDA (fused_ops); residual None (a stage's first layer):
-        (norm(x), x)."""
+        (norm(x), x). quant: the norm comes out quantized for the FP8 GEMM after it, in the same
+        kernel (quant.input_quant says which form)."""
         if residual is None:
-            return fused_ops.rms_norm(x, self.weight, self.eps), x
-        return fused_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return fused_ops.rms_norm(x, self.weight, self.eps, quant=quant), x
+        return fused_ops.fused_add_rms_norm(x, residual, self.weight, self.eps, quant=quant)
 
 
 class MergedLinear(nn.Linear):

@@ -35,10 +35,11 @@ from torch import nn
 
 from stage_worker.attention import AttnMetadata, attend
 from stage_worker.kernels import fused_ops
+from stage_worker.kernels.fp8 import Fp8Act
 from stage_worker.kv_cache import PagedKVCache
 from stage_worker.models.base import PipelineStage
 from stage_worker.models.layers import RMSNorm, make_linear, make_merged_linear
-from stage_worker.models.quant import fp8_scheme
+from stage_worker.models.quant import fp8_scheme, input_quant
 from stage_worker.kernels.unified_attention import block_q
 from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
@@ -143,8 +144,11 @@ class LlamaAttention(nn.Module):
         self.window = sliding_window(cfg, layer)
         self.softcap = cfg.raw.get("attn_logit_softcapping") or None
 
+    def input_quant(self, m: int) -> str | None:
+        return input_quant(self.qkv_proj, m)
+
     def forward(self, x, cos, sin, meta: AttnMetadata, layer_kv) -> torch.Tensor:
-        t = x.shape[0]  # x: [T, H]
+        t = cos.shape[0]  # x: [T, H], or quantized as input_quant(T) asked (kernels/fp8.py Fp8Act)
         qkv = self.qkv_proj(x).view(t, self.n_heads + 2 * self.n_kv, self.head_dim)
         if self.q_norm is not None:
             qkv = self._norm_qk(qkv)
@@ -170,8 +174,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = make_linear(i, h, b, fp8)
         self.act_and_mul = mlp_activation(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
-        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+    def input_quant(self, m: int) -> str | None:
+        return input_quant(self.gate_up_proj, m)
+
+    def forward(self, x: torch.Tensor | Fp8Act) -> torch.Tensor:  # x: [T, H], or quantized (input_quant)
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj(self.act_and_mul(gate_up, quant=input_quant(self.down_proj, gate_up.shape[0])))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -197,12 +205,14 @@ class LlamaDecoderLayer(nn.Module):
         Returns (this layer's MLP output, residual); their sum is the layer's output.
         """
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        h, residual = ln1.add_and_norm(x, residual)
+        t = x.shape[0]
+        # With FP8 projections each norm writes its output quantized for the GEMM after it.
+        h, residual = ln1.add_and_norm(x, residual, input_quant(self.self_attn, t))
         h = self.self_attn(h, cos, sin, meta, layer_kv)
         if self.sandwich:  # Gemma 2: the attention output is normalised before the residual add
             h = ln2(h)
             ln2 = self.pre_feedforward_layernorm
-        h, residual = ln2.add_and_norm(h, residual)
+        h, residual = ln2.add_and_norm(h, residual, input_quant(self.mlp, t))
         h = self.mlp(h)
         if self.sandwich:
             h = self.post_feedforward_layernorm(h)

@@ -288,23 +288,49 @@ class Fp8Linear(nn.Module):
         """The dequantized weight [N, K] in the compute dtype (a new tensor)."""
         return dequantize_blocks(self.weight, self.weight_scale_inv, self.group_n, self.group_k).to(self.compute_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K]
+    def _backend(self, m: int) -> str:
+        """The GEMM for m rows (`backend` "fp8")."""
+        if self.channel:
+            return channel_gemm_backend(m, self._ws_mm is not None)
+        return gemm_backend(m, self.out_features, self.in_features, self._ws_mm is not None)
+
+    def input_quant(self, m: int) -> str | None:
+        """How this layer's GEMM wants m rows of input: quantized ("group": 1x128, "row": one scale
+        per row; kernels/fp8.py Fp8Act) or as they are (None: the GEMV, W8A16, dequantized
+        weights). The op before it can then write them so (fused_ops' `quant`): one pass fewer."""
         if self.backend is None:
             self.prepare()
-        if self.backend == "dequant":
-            return F.linear(x, self._dense, self.bias)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        m, n, k = x2.shape[0], self.out_features, self.in_features
-        if self.channel:  # the Triton kernels read the per-row scales as a [N, K/128] grid (stride 0 along K)
-            backend = channel_gemm_backend(m, self._ws_mm is not None)
-            y = fp8k.fp8_gemm(x2, self.weight, self._ws_grid, 1, backend, self._ws_mm)
+        if self.backend != "fp8" or not FUSE_ACT_QUANT:
+            return None
+        backend = self._backend(m)
+        if backend == "w8a16" and self.compute_dtype not in (torch.bfloat16, torch.float16):
+            backend = "triton"
+        return fp8k.act_kind(backend)
+
+    def forward(self, x: torch.Tensor | fp8k.Fp8Act) -> torch.Tensor:  # x: [..., K], or [M, K] quantized
+        if self.backend is None:
+            self.prepare()
+        if isinstance(x, fp8k.Fp8Act):  # written by the op before, as input_quant(M) asked
+            lead, x2, m, dtype = (x.rows,), x, x.rows, self.compute_dtype
         else:
-            backend = gemm_backend(m, n, k, self._ws_mm is not None)
-            y = fp8k.fp8_gemm(x2, self.weight, self.weight_scale_inv, self.group_n, backend, self._ws_mm)
+            if self.backend == "dequant":
+                return F.linear(x, self._dense, self.bias)
+            lead, dtype = x.shape[:-1], x.dtype
+            x2 = x.reshape(-1, self.in_features)
+            m = x2.shape[0]
+        # Per channel, the Triton kernels read the per-row scales as a [N, K/128] grid (stride 0 along K).
+        ws, group_n = (self._ws_grid, 1) if self.channel else (self.weight_scale_inv, self.group_n)
+        y = fp8k.fp8_gemm(x2, self.weight, ws, group_n, self._backend(m), self._ws_mm, dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features)
+
+
+def input_quant(module: nn.Module, m: int) -> str | None:
+    """What `module` (a linear, or a block whose first op is one) wants its m input rows as:
+    Fp8Linear.input_quant, None for anything else (a bf16 linear, a MoE block)."""
+    fn = getattr(module, "input_quant", None)
+    return fn(m) if fn is not None else None
 
 
 def fp8_slot(weight: torch.Tensor, scale: torch.Tensor, group_n: int, start: int, rows: int,
@@ -398,6 +424,12 @@ def gemm_backend(m: int, n: int, k: int, scaled_mm_ready: bool) -> str:
 # alone 154: the per-token quant's launches decide it); 4 rows 234 against 173 (so not there).
 # STAGEMESH_FP8_CHANNEL_GEMV_MAX_M overrides it (0: off).
 CHANNEL_GEMV_MAX_M = int(os.environ.get("STAGEMESH_FP8_CHANNEL_GEMV_MAX_M", "2"))
+
+
+# Whether the op before an FP8 GEMM writes its input quantized (RMSNorm, SiLU * up: fused_ops'
+# `quant`, asked through `input_quant`) instead of a separate quant launch. On by default;
+# STAGEMESH_FP8_FUSE_ACT_QUANT=0 turns it off (a same-run comparison).
+FUSE_ACT_QUANT = os.environ.get("STAGEMESH_FP8_FUSE_ACT_QUANT", "1") != "0"
 
 
 def channel_gemm_backend(m: int, rowwise_ready: bool) -> str:
