@@ -120,15 +120,19 @@ if INTERPRETED:  # collected only in the interpreter process (above)
     @pytest.mark.parametrize("m,n,kdim,group_n", [(5, 200, 300, 128), (70, 130, 129, 128), (3, 64, 96, 32)])
     def test_w8a16_block_gemm(m, n, kdim, group_n):
         """The tensor-core W8A16 form (x as it is, weight tiles converted in registers): ragged
-        M, N and K, split-K, scale groups finer than 128 rows; against x @ dequant(W)^T."""
+        M, N and K, split-K, scale groups finer than 128 rows; against x @ dequant(W)^T, with each
+        K block's product scaled, or (prescale) with the weight dequantized to x's dtype first."""
         gen = torch.Generator().manual_seed(n + 1)
         x = torch.randn(m, kdim, generator=gen).to(torch.float16)  # (bf16 is unreliable in the interpreter)
         w = (torch.randn(n, kdim, generator=gen) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
         ws = torch.rand(-(-n // group_n), -(-kdim // 128), generator=gen) * 1e-4 + 1e-5
         ref = k.w8a16_gemv_torch(x, w, ws, group_n, torch.float32)
+        ref16 = x.float() @ k.dequant_weight(w, ws, group_n).to(x.dtype).float().t()  # prescale's numbers
         for config, split in ((None, None), ((16, 32, 4, 2), 1), ((64, 64, 4, 2), 3)):
-            got = k.w8a16_block_gemm(x, w, ws, group_n, torch.float32, config=config, split_k=split)
+            got = k.w8a16_block_gemm(x, w, ws, group_n, torch.float32, config=config, split_k=split, prescale=False)
             torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+            got = k.w8a16_block_gemm(x, w, ws, group_n, torch.float32, config=config, split_k=split, prescale=True)
+            torch.testing.assert_close(got, ref16, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
         assert k.fp8_gemm(x, w, ws, group_n, "w8a16").dtype == torch.float16
         y32 = k.fp8_gemm(x.float(), w, ws, group_n, "w8a16")  # fp32 activations: the W8A8 kernel instead
         torch.testing.assert_close(y32, k.fp8_gemm(x.float(), w, ws, group_n, "triton"), rtol=0, atol=0)

@@ -93,7 +93,8 @@ def gemm_rows(tune: bool, shapes: dict = SHAPES, ms: tuple = MS) -> list[dict]:
                   f"{tuple(r['triton_config'])} split {r['triton_split_k']}  triton/bf16 {r['triton_over_bf16']:.2f}  "
                   f"triton/scaled_mm {r.get('triton_over_scaled_mm', float('nan')):.2f}  "
                   f"w8a16 {r.get('w8a16_tflops', float('nan')):7.1f} {r.get('w8a16_config')} "
-                  f"split {r.get('w8a16_split_k')}  err bf16 {r['err_bf16']:.4f} triton {r['err_triton']:.4f} "
+                  f"split {r.get('w8a16_split_k')} (prescale={not k.W8A16_PRESCALE}: "
+                  f"{r.get(f'w8a16_prescale_{not k.W8A16_PRESCALE}_tflops', float('nan')):7.1f})  err bf16 {r['err_bf16']:.4f} triton {r['err_triton']:.4f} "
                   f"w8a16 {r.get('err_w8a16', float('nan')):.4f} "
                   f"scaled_mm {r.get('err_scaled_mm', float('nan')):.4f} kernel-vs-ref {r['err_kernel_vs_reference']:.1e}"
                   + (f" scaled_mm failed: {r['scaled_mm_error']}" if "scaled_mm_error" in r else ""), flush=True)
@@ -147,6 +148,9 @@ def _one(name, m, n, kk, gen, wq, ws, w_deq, wb, ws_mm, tune) -> dict:
             out["w8a16_config"] = list(cfg16) if cfg16 else "default"
             out["w8a16_tflops"] = flop / out["w8a16_ms"] / 1e9
             out["err_w8a16"] = rel(k.w8a16_block_gemm(x, wq, ws, 128, config=cfg16, split_k=out["w8a16_split_k"]), ref)
+            other = not k.W8A16_PRESCALE  # the other form, at the same tile
+            out[f"w8a16_prescale_{other}_tflops"] = flop / bench(lambda: k.w8a16_block_gemm(
+                x, wq, ws, 128, config=cfg16, split_k=out["w8a16_split_k"], prescale=other)) / 1e9
     if ws_mm is not None:
         try:
             path = lambda: k.fp8_gemm(x, wq, ws, 128, "scaled_mm", ws_mm)  # noqa: E731

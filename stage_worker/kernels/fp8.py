@@ -242,9 +242,9 @@ def w8a8_block_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: tor
     return out
 
 
-def _launch_block_gemm(x, xs, w, ws, group_n, out, config, split) -> None:
+def _launch_block_gemm(x, xs, w, ws, group_n, out, config, split, prescale: bool = False) -> None:
     """The block-scaled kernel into out [M, N]; xs None: x is not quantized (W8A16, x's dtype on
-    the tensor cores)."""
+    the tensor cores; prescale: the weight tile dequantized before the MMA)."""
     (m, k), n = x.shape, w.shape[0]
     bm, bn, warps, stages = config
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
@@ -255,7 +255,7 @@ def _launch_block_gemm(x, xs, w, ws, group_n, out, config, split) -> None:
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), part.stride(-2), part.stride(-1),
         m * n, scales.stride(0), scales.stride(1), ws.stride(0), ws.stride(1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=GROUP_K, GROUP_M=8, SPLIT_K=split, W8A16=xs is None,
-        num_warps=warps, num_stages=stages)
+        PRESCALE=xs is None and prescale, num_warps=warps, num_stages=stages)
     if split > 1:
         out.copy_(part.sum(0))
 
@@ -269,13 +269,23 @@ W8A16_CONFIGS: dict[int, tuple[tuple[int, int, int, int], int]] = {
 }
 
 
+# w8a16_block_gemm's default form: the weight tile dequantized before the MMA (True) or each K
+# block's product scaled after it. STAGEMESH_FP8_W8A16_PRESCALE=0 sets the second.
+W8A16_PRESCALE = os.environ.get("STAGEMESH_FP8_W8A16_PRESCALE", "1") != "0"
+
+
 def w8a16_block_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,
                      out_dtype: torch.dtype | None = None, config: tuple[int, int, int, int] | None = None,
-                     split_k: int | None = None) -> torch.Tensor:
+                     split_k: int | None = None, prescale: bool | None = None) -> torch.Tensor:
     """x [M, K] bf16/fp16 as it is (no activation quant), w [N, K] e4m3 with its block scales ->
     y [M, N] = x @ dequant(w)^T (Triton): the weight tile converted to x's dtype in registers and
     multiplied on the tensor cores, each 128-wide K block's partial dot scaled by its weight scale.
-    For decode-size M, where the weight's bytes (half of bf16's) set the time, not the FLOPs."""
+    For decode-size M, where the weight's bytes (half of bf16's) set the time, not the FLOPs.
+
+    prescale (default W8A16_PRESCALE): each weight tile times its scales, rounded to x's dtype,
+    before the MMA, so the products accumulate in one chain as a plain bf16 GEMM's do (the
+    numbers of x @ dequant(w).to(x.dtype)); else each 128-wide K block's product is scaled and
+    summed apart, in fp32."""
     m, k = x.shape
     n = w.shape[0]
     if x.dtype not in (torch.bfloat16, torch.float16):
@@ -285,7 +295,8 @@ def w8a16_block_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n
     if m == 0 or n == 0:
         return out
     bucket = _bucket(W8A16_CONFIGS, m)
-    _launch_block_gemm(x, None, w, ws, group_n, out, config or bucket[0], split_k or bucket[1])
+    _launch_block_gemm(x, None, w, ws, group_n, out, config or bucket[0], split_k or bucket[1],
+                       W8A16_PRESCALE if prescale is None else prescale)
     return out
 
 
@@ -327,8 +338,10 @@ if triton is not None:
                            stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_cs,
                            stride_as_m, stride_as_k, stride_bs_n, stride_bs_k,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, W8A16: tl.constexpr):
-        """W8A16: a is x as it is (bf16/fp16), b is converted to it, only b's scale applies."""
+                           GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, W8A16: tl.constexpr,
+                           PRESCALE: tl.constexpr):
+        """W8A16: a is x as it is (bf16/fp16), b is converted to it, only b's scale applies: to each
+        128-wide K block's partial product, or (PRESCALE) to the weight tile before the MMA."""
         pid, pid_k = tl.program_id(0), tl.program_id(1)
         num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         per_group = GROUP_M * num_n  # grouped order: GROUP_M row-tiles share each column of B in L2
@@ -355,7 +368,9 @@ if triton is not None:
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
             b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
             b_s = tl.load(bs_ptrs + kb * stride_bs_k, mask=mask_n, other=0.0)
-            if W8A16:
+            if PRESCALE:  # W8A16, the tile dequantized before the MMA: one accumulate chain, no per-step sum
+                acc = tl.dot(a, (b.to(tl.float32) * b_s[None, :]).to(a.dtype), acc)
+            elif W8A16:
                 acc += tl.dot(a, b.to(a.dtype)) * b_s[None, :]
             else:
                 a_s = tl.load(as_ptrs + kb * stride_as_k, mask=mask_m, other=0.0)
