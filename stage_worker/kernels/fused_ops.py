@@ -15,6 +15,11 @@ Each function here does one of those groups in one Triton kernel:
   raw v written into the flat-slot KV pool ([N, n_kv, D], see kv_cache.py), rotated q returned.
 - `combine_splits(part, lse, dtype)`: the flash-decoding split combine of paged_decode.py.
 
+The norms and SiLU/GELU * up take `quant` ("group": 1x128 groups, "row": one scale per row):
+their output then comes out quantized for the FP8 GEMM after it (kernels/fp8.py `Fp8Act`), the
+same e4m3 bits and scales as kernels/fp8.py's activation quants of the plain output, in the op's
+own kernel (`_store_quant`).
+
 Each has a plain-torch reference (`*_torch`, used on CPU or when Triton is missing) with the
 formula the model code had before the kernel (models/llama.py, paged_decode.py); the dispatcher picks
 Triton when the tensor is on CUDA and Triton imports (`use_triton=None`), or as forced (the Triton
