@@ -58,6 +58,8 @@ GEMV_CANDIDATES = [(4, 1024, 4, 2), (8, 512, 4, 3), (8, 1024, 4, 2), (16, 512, 8
                    (4, 512, 4, 4)]
 CANDIDATES = [(16, 64, 4, 4), (16, 128, 4, 4), (32, 64, 4, 4), (32, 128, 4, 3), (64, 64, 4, 3),
               (64, 128, 4, 3), (64, 128, 8, 4), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 4)]
+SWAP_CANDIDATES = [(64, 16, 4, 4), (64, 32, 4, 4), (64, 64, 4, 3), (128, 16, 4, 4), (128, 32, 4, 3),
+                   (128, 64, 4, 3), (64, 16, 4, 6), (128, 64, 8, 3)]  # w8a16_swap_gemm: (weight rows, tokens, ...)
 LLAMA_CANDIDATES = [(16, 64, 4, 4), (16, 128, 4, 4), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
                     (64, 128, 8, 4)]  # --llama --tune: decode-size tiles only
 
@@ -94,8 +96,9 @@ def gemm_rows(tune: bool, shapes: dict = SHAPES, ms: tuple = MS) -> list[dict]:
                   f"triton/scaled_mm {r.get('triton_over_scaled_mm', float('nan')):.2f}  "
                   f"w8a16 {r.get('w8a16_tflops', float('nan')):7.1f} {r.get('w8a16_config')} "
                   f"split {r.get('w8a16_split_k')} (prescale={not k.W8A16_PRESCALE}: "
-                  f"{r.get(f'w8a16_prescale_{not k.W8A16_PRESCALE}_tflops', float('nan')):7.1f})  err bf16 {r['err_bf16']:.4f} triton {r['err_triton']:.4f} "
-                  f"w8a16 {r.get('err_w8a16', float('nan')):.4f} "
+                  f"{r.get(f'w8a16_prescale_{not k.W8A16_PRESCALE}_tflops', float('nan')):7.1f})  "
+                  f"swap {r.get('swap_tflops', float('nan')):7.1f} {r.get('swap_config')} split {r.get('swap_split_k')}  err bf16 {r['err_bf16']:.4f} triton {r['err_triton']:.4f} "
+                  f"w8a16 {r.get('err_w8a16', float('nan')):.4f} swap {r.get('err_swap', float('nan')):.4f} "
                   f"scaled_mm {r.get('err_scaled_mm', float('nan')):.4f} kernel-vs-ref {r['err_kernel_vs_reference']:.1e}"
                   + (f" scaled_mm failed: {r['scaled_mm_error']}" if "scaled_mm_error" in r else ""), flush=True)
     return rows
@@ -148,6 +151,13 @@ def _one(name, m, n, kk, gen, wq, ws, w_deq, wb, ws_mm, tune) -> dict:
             out["w8a16_config"] = list(cfg16) if cfg16 else "default"
             out["w8a16_tflops"] = flop / out["w8a16_ms"] / 1e9
             out["err_w8a16"] = rel(k.w8a16_block_gemm(x, wq, ws, 128, config=cfg16, split_k=out["w8a16_split_k"]), ref)
+            swap = _sweep("swap", SWAP_CANDIDATES if tune else [None],
+                          lambda cfg, split: k.w8a16_swap_gemm(x, wq, ws, 128, config=cfg, split_k=split))
+            if swap is not None:
+                out["swap_ms"], cfg_s, out["swap_split_k"] = swap
+                out["swap_config"] = list(cfg_s) if cfg_s else "default"
+                out["swap_tflops"] = flop / out["swap_ms"] / 1e9
+                out["err_swap"] = rel(k.w8a16_swap_gemm(x, wq, ws, 128, config=cfg_s, split_k=out["swap_split_k"]), ref)
             other = not k.W8A16_PRESCALE  # the other form, at the same tile
             out[f"w8a16_prescale_{other}_tflops"] = flop / bench(lambda: k.w8a16_block_gemm(
                 x, wq, ws, 128, config=cfg16, split_k=out["w8a16_split_k"], prescale=other)) / 1e9

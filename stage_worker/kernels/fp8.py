@@ -290,6 +290,8 @@ def w8a16_block_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n
     n = w.shape[0]
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"w8a16_block_gemm takes bf16/fp16 activations, got {x.dtype}")
+    if W8A16_SWAP and config is None and prescale is None:
+        return w8a16_swap_gemm(x, w, ws, group_n, out_dtype, split_k=split_k)
     _check_gemm_shapes(x, None, w, ws, group_n)
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0 or n == 0:
@@ -298,6 +300,78 @@ def w8a16_block_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n
     _launch_block_gemm(x, None, w, ws, group_n, out, config or bucket[0], split_k or bucket[1],
                        W8A16_PRESCALE if prescale is None else prescale)
     return out
+
+
+# w8a16_swap_gemm tiles per M bucket: ((BLOCK_N weight rows, BLOCK_M tokens, warps, stages), K slices).
+SWAP_CONFIGS: dict[int, tuple[tuple[int, int, int, int], int]] = {
+    1: ((64, 16, 4, 4), 2),
+    32: ((64, 32, 4, 4), 2),
+    64: ((64, 64, 4, 3), 2),
+    128: ((128, 64, 4, 3), 1),
+}
+# Whether the dispatch's "w8a16" runs the swapped form (w8a16_swap_gemm). Off until timed;
+# STAGEMESH_FP8_W8A16_SWAP=1 turns it on (a same-run comparison).
+W8A16_SWAP = os.environ.get("STAGEMESH_FP8_W8A16_SWAP", "0") == "1"
+
+
+def w8a16_swap_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,
+                    out_dtype: torch.dtype | None = None, config: tuple[int, int, int, int] | None = None,
+                    split_k: int | None = None) -> torch.Tensor:
+    """The W8A16 product with the operands swapped (y^T = dequant(w) @ x^T, vLLM's and TRT-LLM's
+    "swap AB" for small batches): the weight tile, dequantized to x's dtype in registers, is the
+    MMA's left operand, whose rows (64 per warp group on Hopper) are weight rows, so decode's few
+    tokens sit on the narrow side and the weight is cut into N / BLOCK_N tiles whatever M is; no
+    copy of the converted tile through shared memory for the left operand. Same numbers as
+    w8a16_block_gemm(prescale=True) up to summation order. split_k > 1: K slices summed after."""
+    m, k = x.shape
+    n = w.shape[0]
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"w8a16_swap_gemm takes bf16/fp16 activations, got {x.dtype}")
+    _check_gemm_shapes(x, None, w, ws, group_n)
+    out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    (bn, bm, warps, stages), split = config or _bucket(SWAP_CONFIGS, m)[0], split_k or _bucket(SWAP_CONFIGS, m)[1]
+    part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    _swap_gemm_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), split)](
+        x, w, ws, part, m, n, k, group_n, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        ws.stride(0), ws.stride(1), part.stride(-2), part.stride(-1), m * n,
+        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=GROUP_K, SPLIT_K=split, num_warps=warps, num_stages=stages)
+    if split > 1:
+        out.copy_(part.sum(0))
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _swap_gemm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, group_n, stride_xm, stride_xk, stride_wn, stride_wk,
+                          stride_sn, stride_sk, stride_ym, stride_yn, stride_ys,
+                          BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        """acc [BLOCK_N, BLOCK_M] = sum over this program's K blocks of (w tile * scale) @ x^T tile."""
+        pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_n, mask_m = offs_n < N, offs_m < M
+        k_blocks = tl.cdiv(K, BLOCK_K)
+        per_split = tl.cdiv(k_blocks, SPLIT_K)
+        kb0 = pid_k * per_split
+        kb1 = tl.minimum(kb0 + per_split, k_blocks)
+        k0 = kb0.to(tl.int64) * BLOCK_K
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k0 + offs_k[None, :]) * stride_wk  # [BN, BK]
+        x_ptrs = x_ptr + (k0 + offs_k[:, None]) * stride_xk + offs_m[None, :] * stride_xm  # [BK, BM]: x^T
+        s_ptrs = ws_ptr + (offs_n // group_n) * stride_sn
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for kb in range(kb0, kb1):
+            k_left = K - kb * BLOCK_K
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            xt = tl.load(x_ptrs, mask=(offs_k[:, None] < k_left) & mask_m[None, :], other=0.0)
+            s = tl.load(s_ptrs + kb * stride_sk, mask=mask_n, other=0.0)
+            acc = tl.dot((w.to(tl.float32) * s[:, None]).to(xt.dtype), xt, acc)
+            w_ptrs += BLOCK_K * stride_wk
+            x_ptrs += BLOCK_K * stride_xk
+        y_ptrs = y_ptr + pid_k.to(tl.int64) * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
 
 def _check_gemm_shapes(xq, xs, w, ws, group_n) -> None:
