@@ -159,8 +159,9 @@ if INTERPRETED:  # collected only in the interpreter process (above)
             for late_sum in (True, False):  # one row: both summation orders
                 got = k.w8a16_gemv(x, w, ws, group_n, config=config, late_sum=late_sum)
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-                per_row = k.w8a16_gemv(x, w, ws, group_n, config=config, late_sum=late_sum, shared_scale=False)
-                assert torch.equal(got, per_row)
+                if config is None:  # (the interpreter is slow: one tile)
+                    per_row = k.w8a16_gemv(x, w, ws, group_n, late_sum=late_sum, shared_scale=False)
+                    assert torch.equal(got, per_row)
         with pytest.raises(ValueError, match="multiple of BLOCK_N"):
             k.w8a16_gemv(x, w, ws, group_n, config=(48, 128, 4, 2), shared_scale=True)
         assert k.fp8_gemm(x, w, ws, group_n, "gemv").shape == (m, n)
