@@ -36,9 +36,13 @@ group_n is 128 for every real checkpoint; a merged weight whose parts are not 12
 - `scaled_mm_blockwise(...)`: torch._scaled_mm with the 1x128 x 128x128 recipe (cuBLASLt, SM90,
   CUDA >= 12.9); needs N and K multiples of 128, and M a multiple of 4 (cuBLASLt has no
   algorithm otherwise: measured on the H100, M = 1, 2, 17, 33, 70, 129 fail), so `fp8_gemm` pads M.
+- `w8a16_swap_gemm(x, w, ws, group_n)`: the W8A16 product with the operands swapped (the
+  dequantized weight tile on the MMA's left, tokens on its narrow side), for decode-size M.
 - `fp8_gemm(x, w, ws, group_n, backend)`: quantizes x (1x128 groups; per row for "rowwise"; not
   at all for the W8A16 forms) and runs one of the above, or the torch reference (dequantize,
-  fp32 matmul) for backend "torch".
+  fp32 matmul) for backend "torch". x may arrive quantized already (`Fp8Act`, written by the
+  RMSNorm or SiLU kernel before the GEMM: kernels/fused_ops `quant`); `quantize_act` is the same
+  quant as a separate launch.
 
 Every Triton op has a torch reference (`*_torch`) with the same formula; tests/test_fp8.py checks
 the kernels against them in Triton's CPU interpreter. Shape-static and sync-free (graph-capturable).
