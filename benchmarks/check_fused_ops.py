@@ -166,12 +166,19 @@ def check_silu(rep: Report, device: str, gen: torch.Generator) -> None:
 def check_fp8_out(rep: Report, device: str, gen: torch.Generator) -> None:
     """RMSNorm and SiLU * up with `quant` (their output quantized for the FP8 GEMM in their own
     kernel) against the plain Triton op then kernels/fp8.py's quantize_act: the same e4m3 bits
-    (fp8 rows) and scales (fp32 rows, compared exactly)."""
+    (fp8 rows) and scales (fp32 rows): exactly equal from bf16/fp16 inputs; from fp32 inputs the
+    norm's sum of squares may be reduced in another order when its kernel also quantizes (Triton
+    lays the row out for the 128-wide groups), so a scale may move by a few ulp (measured <= 4 on
+    an H100; within 1e-6 relative here)."""
     from stage_worker.kernels import fp8
 
     def same(op, case, got, ref):
         rep.compare(op + ".q", case, torch.float8_e4m3fn, got.q, ref.q)
-        rep.compare(op + ".scale", case, torch.float32, got.scale, ref.scale, bool(torch.equal(got.scale, ref.scale)))
+        exact = bool(torch.equal(got.scale, ref.scale))
+        near = got.scale.shape == ref.scale.shape and bool(torch.allclose(got.scale, ref.scale, rtol=1e-6, atol=0))
+        ok = exact or (dtype == torch.float32 and near)
+        rep.compare(op + ".scale", case, torch.float32, got.scale, ref.scale, ok,
+                    "" if exact else "fp32: within 1e-6 (sum order)" if ok else "")
 
     for dtype in DTYPES.values():
         for quant in ("group", "row"):

@@ -465,6 +465,8 @@ GEMV_MAX_M = 4  # rows the W8A16 GEMV takes (its [M, BLOCK_N] accumulator is unr
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): benchmarks/gpu/bench_fp8.py --gemv sweeps them. On an H100
 # at one row, 12 tiles within 1.5x of each other; this one is best or within 4% at every Llama-8B shape.
 GEMV_CONFIG: tuple[int, int, int, int] = (8, 1024, 4, 2)
+# w8a16_gemv's shared_scale default where it holds; STAGEMESH_FP8_GEMV_SHARED_SCALE=0 turns it off.
+GEMV_SHARED_SCALE = os.environ.get("STAGEMESH_FP8_GEMV_SHARED_SCALE", "1") != "0"
 # w8a16_gemv's late_sum default; STAGEMESH_FP8_GEMV_LATE_SUM=1 sets it (a same-run comparison).
 GEMV_LATE_SUM = os.environ.get("STAGEMESH_FP8_GEMV_LATE_SUM", "0") == "1"
 
@@ -490,7 +492,7 @@ def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int 
     if m == 0 or n == 0:
         return out
     bn, bk, warps, stages = config or GEMV_CONFIG
-    shared = group_n % bn == 0 if shared_scale is None else shared_scale
+    shared = (GEMV_SHARED_SCALE and group_n % bn == 0) if shared_scale is None else shared_scale
     if shared and group_n % bn:
         raise ValueError(f"shared_scale needs group_n ({group_n}) a multiple of BLOCK_N ({bn})")
     _gemv_kernel[(triton.cdiv(n, bn),)](

@@ -16,9 +16,11 @@ Each function here does one of those groups in one Triton kernel:
 - `combine_splits(part, lse, dtype)`: the flash-decoding split combine of paged_decode.py.
 
 The norms and SiLU/GELU * up take `quant` ("group": 1x128 groups, "row": one scale per row):
-their output then comes out quantized for the FP8 GEMM after it (kernels/fp8.py `Fp8Act`), the
-same e4m3 bits and scales as kernels/fp8.py's activation quants of the plain output, in the op's
-own kernel (`_store_quant`).
+their output then comes out quantized for the FP8 GEMM after it (kernels/fp8.py `Fp8Act`) in
+the op's own kernel (`_store_quant`): the same e4m3 bits and scales as kernels/fp8.py's
+activation quants of the plain output (checked on an H100 from bf16/fp16 inputs; from fp32 ones
+the norm's sum of squares may be reduced in another order when its kernel also quantizes, which
+moved some scales by up to 4 ulp, benchmarks/check_fused_ops.py).
 
 Each has a plain-torch reference (`*_torch`, used on CPU or when Triton is missing) with the
 formula the model code had before the kernel (models/llama.py, paged_decode.py); the dispatcher picks
@@ -91,7 +93,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, use_triton: bool
     """x: [T, H]; weight: [H] -> weight * rms_norm(x) [T, H] (dtype: torch's weight * x).
 
     quant "group" / "row": the normalised rows come out quantized for the FP8 GEMM that reads
-    them (kernels/fp8.py Fp8Act, the same numbers as quantize_act of the normalised tensor), in
+    them (kernels/fp8.py Fp8Act, the numbers of quantize_act of the normalised tensor), in
     the norm's own kernel: no [T, H] write and read between them, one launch fewer."""
     if not _pick(use_triton, x):
         return _quantized(rms_norm_torch(x, weight, eps), quant)

@@ -37,7 +37,8 @@ bf16 stages), else the Triton W8A8 kernel with 1x128 activation groups.
 Where a quantized input is wanted, the op before the linear can write it so: `input_quant(m)`
 names the form the GEMM takes at m rows, and the RMSNorm and SiLU * up kernels (fused_ops'
 `quant`) write their output as that kernels/fp8.py `Fp8Act`, which `forward` takes as it is:
-the same bits as quantizing after them, one launch and one activation round trip fewer.
+the numbers of quantizing after them (kernels/fused_ops.py says how exactly), one launch and one
+activation round trip fewer.
 Elsewhere (the CPU, pre-Ada GPUs) the weight is dequantized once, when the stage is prepared, to
 the stage dtype and a plain matmul runs: exactly the dequantized checkpoint's numbers; the loader
 logs one line saying so.
