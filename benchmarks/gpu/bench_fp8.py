@@ -58,8 +58,6 @@ GEMV_CANDIDATES = [(4, 1024, 4, 2), (8, 512, 4, 3), (8, 1024, 4, 2), (16, 512, 8
                    (4, 512, 4, 4)]
 CANDIDATES = [(16, 64, 4, 4), (16, 128, 4, 4), (32, 64, 4, 4), (32, 128, 4, 3), (64, 64, 4, 3),
               (64, 128, 4, 3), (64, 128, 8, 4), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 4)]
-SWAP_CANDIDATES = [(64, 16, 4, 4), (64, 32, 4, 4), (64, 64, 4, 3), (128, 16, 4, 4), (128, 32, 4, 3),
-                   (128, 64, 4, 3), (64, 16, 4, 6), (128, 64, 8, 3)]  # w8a16_swap_gemm: (weight rows, tokens, ...)
 LLAMA_CANDIDATES = [(16, 64, 4, 4), (16, 128, 4, 4), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
                     (64, 128, 8, 4)]  # --llama --tune: decode-size tiles only
 
@@ -96,9 +94,8 @@ def gemm_rows(tune: bool, shapes: dict = SHAPES, ms: tuple = MS) -> list[dict]:
                   f"triton/scaled_mm {r.get('triton_over_scaled_mm', float('nan')):.2f}  "
                   f"w8a16 {r.get('w8a16_tflops', float('nan')):7.1f} {r.get('w8a16_config')} "
                   f"split {r.get('w8a16_split_k')} (prescale={not k.W8A16_PRESCALE}: "
-                  f"{r.get(f'w8a16_prescale_{not k.W8A16_PRESCALE}_tflops', float('nan')):7.1f})  "
-                  f"swap {r.get('swap_tflops', float('nan')):7.1f} {r.get('swap_config')} split {r.get('swap_split_k')}  err bf16 {r['err_bf16']:.4f} triton {r['err_triton']:.4f} "
-                  f"w8a16 {r.get('err_w8a16', float('nan')):.4f} swap {r.get('err_swap', float('nan')):.4f} "
+                  f"{r.get(f'w8a16_prescale_{not k.W8A16_PRESCALE}_tflops', float('nan')):7.1f})  err bf16 {r['err_bf16']:.4f} triton {r['err_triton']:.4f} "
+                  f"w8a16 {r.get('err_w8a16', float('nan')):.4f} "
                   f"scaled_mm {r.get('err_scaled_mm', float('nan')):.4f} kernel-vs-ref {r['err_kernel_vs_reference']:.1e}"
                   + (f" scaled_mm failed: {r['scaled_mm_error']}" if "scaled_mm_error" in r else ""), flush=True)
     return rows
@@ -151,13 +148,6 @@ def _one(name, m, n, kk, gen, wq, ws, w_deq, wb, ws_mm, tune) -> dict:
             out["w8a16_config"] = list(cfg16) if cfg16 else "default"
             out["w8a16_tflops"] = flop / out["w8a16_ms"] / 1e9
             out["err_w8a16"] = rel(k.w8a16_block_gemm(x, wq, ws, 128, config=cfg16, split_k=out["w8a16_split_k"]), ref)
-            swap = _sweep("swap", SWAP_CANDIDATES if tune else [None],
-                          lambda cfg, split: k.w8a16_swap_gemm(x, wq, ws, 128, config=cfg, split_k=split))
-            if swap is not None:
-                out["swap_ms"], cfg_s, out["swap_split_k"] = swap
-                out["swap_config"] = list(cfg_s) if cfg_s else "default"
-                out["swap_tflops"] = flop / out["swap_ms"] / 1e9
-                out["err_swap"] = rel(k.w8a16_swap_gemm(x, wq, ws, 128, config=cfg_s, split_k=out["swap_split_k"]), ref)
             other = not k.W8A16_PRESCALE  # the other form, at the same tile
             out[f"w8a16_prescale_{other}_tflops"] = flop / bench(lambda: k.w8a16_block_gemm(
                 x, wq, ws, 128, config=cfg16, split_k=out["w8a16_split_k"], prescale=other)) / 1e9
@@ -293,8 +283,6 @@ def rowwise_rows() -> list[dict]:
             r["block_us"] = us(lambda: k.fp8_gemm(x, wq, ws, 128, backend, ws_mm))
             r["err_block"] = rel(k.fp8_gemm(x, wq, ws, 128, backend, ws_mm), ref_blk)
             if m <= k.GEMV_MAX_M:
-                r["gemv_block_us"] = us(lambda: k.w8a16_gemv(x, wq, ws, 128))  # one scale row per program
-                r["gemv_block_per_row_scales_us"] = us(lambda: k.w8a16_gemv(x, wq, ws, 128, shared_scale=False))
                 r["gemv_channel_us"] = us(lambda: k.w8a16_gemv(x, wq_ch, ws_grid, 1))
                 r["err_gemv_channel"] = rel(k.w8a16_gemv(x, wq_ch, ws_grid, 1), ref_ch)
             if m <= 256:
@@ -306,7 +294,6 @@ def rowwise_rows() -> list[dict]:
                   f"(gemm {r.get('rowwise_gemm_us', 0):7.1f}, x{r.get('rowwise_over_bf16', 0):.2f}) "
                   f"tensorwise gemm {r.get('tensorwise_gemm_us', 0):7.1f} | block[{backend}] {r['block_us']:7.1f} "
                   f"(x{r['block_over_bf16']:.2f}) | gemv-ch {r.get('gemv_channel_us', 0):6.1f} "
-                  f"gemv-blk {r.get('gemv_block_us', 0):6.1f} (per-row scales {r.get('gemv_block_per_row_scales_us', 0):6.1f}) "
                   f"w8a16-ch {r.get('w8a16_channel_us', 0):6.1f} | err row {r.get('err_rowwise', 0):.4f} "
                   f"block {r['err_block']:.4f} gemv-ch {r.get('err_gemv_channel', 0):.4f}"
                   + (f" {r['rowwise_error']}" if "rowwise_error" in r else ""), flush=True)

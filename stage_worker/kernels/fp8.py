@@ -36,8 +36,6 @@ group_n is 128 for every real checkpoint; a merged weight whose parts are not 12
 - `scaled_mm_blockwise(...)`: torch._scaled_mm with the 1x128 x 128x128 recipe (cuBLASLt, SM90,
   CUDA >= 12.9); needs N and K multiples of 128, and M a multiple of 4 (cuBLASLt has no
   algorithm otherwise: measured on the H100, M = 1, 2, 17, 33, 70, 129 fail), so `fp8_gemm` pads M.
-- `w8a16_swap_gemm(x, w, ws, group_n)`: the W8A16 product with the operands swapped (the
-  dequantized weight tile on the MMA's left, tokens on its narrow side), for decode-size M.
 - `fp8_gemm(x, w, ws, group_n, backend)`: quantizes x (1x128 groups; per row for "rowwise"; not
   at all for the W8A16 forms) and runs one of the above, or the torch reference (dequantize,
   fp32 matmul) for backend "torch". x may arrive quantized already (`Fp8Act`, written by the
@@ -294,8 +292,6 @@ def w8a16_block_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n
     n = w.shape[0]
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"w8a16_block_gemm takes bf16/fp16 activations, got {x.dtype}")
-    if W8A16_SWAP and config is None and prescale is None:
-        return w8a16_swap_gemm(x, w, ws, group_n, out_dtype, split_k=split_k)
     _check_gemm_shapes(x, None, w, ws, group_n)
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0 or n == 0:
@@ -304,78 +300,6 @@ def w8a16_block_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n
     _launch_block_gemm(x, None, w, ws, group_n, out, config or bucket[0], split_k or bucket[1],
                        W8A16_PRESCALE if prescale is None else prescale)
     return out
-
-
-# w8a16_swap_gemm tiles per M bucket: ((BLOCK_N weight rows, BLOCK_M tokens, warps, stages), K slices).
-SWAP_CONFIGS: dict[int, tuple[tuple[int, int, int, int], int]] = {
-    1: ((64, 16, 4, 4), 2),
-    32: ((64, 32, 4, 4), 2),
-    64: ((64, 64, 4, 3), 2),
-    128: ((128, 64, 4, 3), 1),
-}
-# Whether the dispatch's "w8a16" runs the swapped form (w8a16_swap_gemm). Off until timed;
-# STAGEMESH_FP8_W8A16_SWAP=1 turns it on (a same-run comparison).
-W8A16_SWAP = os.environ.get("STAGEMESH_FP8_W8A16_SWAP", "0") == "1"
-
-
-def w8a16_swap_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,
-                    out_dtype: torch.dtype | None = None, config: tuple[int, int, int, int] | None = None,
-                    split_k: int | None = None) -> torch.Tensor:
-    """The W8A16 product with the operands swapped (y^T = dequant(w) @ x^T, vLLM's and TRT-LLM's
-    "swap AB" for small batches): the weight tile, dequantized to x's dtype in registers, is the
-    MMA's left operand, whose rows (64 per warp group on Hopper) are weight rows, so decode's few
-    tokens sit on the narrow side and the weight is cut into N / BLOCK_N tiles whatever M is; no
-    copy of the converted tile through shared memory for the left operand. Same numbers as
-    w8a16_block_gemm(prescale=True) up to summation order. split_k > 1: K slices summed after."""
-    m, k = x.shape
-    n = w.shape[0]
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"w8a16_swap_gemm takes bf16/fp16 activations, got {x.dtype}")
-    _check_gemm_shapes(x, None, w, ws, group_n)
-    out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return out
-    (bn, bm, warps, stages), split = config or _bucket(SWAP_CONFIGS, m)[0], split_k or _bucket(SWAP_CONFIGS, m)[1]
-    part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    _swap_gemm_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), split)](
-        x, w, ws, part, m, n, k, group_n, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        ws.stride(0), ws.stride(1), part.stride(-2), part.stride(-1), m * n,
-        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=GROUP_K, SPLIT_K=split, num_warps=warps, num_stages=stages)
-    if split > 1:
-        out.copy_(part.sum(0))
-    return out
-
-
-if triton is not None:
-    @triton.jit
-    def _swap_gemm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, group_n, stride_xm, stride_xk, stride_wn, stride_wk,
-                          stride_sn, stride_sk, stride_ym, stride_yn, stride_ys,
-                          BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-        """acc [BLOCK_N, BLOCK_M] = sum over this program's K blocks of (w tile * scale) @ x^T tile."""
-        pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, BLOCK_K)
-        mask_n, mask_m = offs_n < N, offs_m < M
-        k_blocks = tl.cdiv(K, BLOCK_K)
-        per_split = tl.cdiv(k_blocks, SPLIT_K)
-        kb0 = pid_k * per_split
-        kb1 = tl.minimum(kb0 + per_split, k_blocks)
-        k0 = kb0.to(tl.int64) * BLOCK_K
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k0 + offs_k[None, :]) * stride_wk  # [BN, BK]
-        x_ptrs = x_ptr + (k0 + offs_k[:, None]) * stride_xk + offs_m[None, :] * stride_xm  # [BK, BM]: x^T
-        s_ptrs = ws_ptr + (offs_n // group_n) * stride_sn
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for kb in range(kb0, kb1):
-            k_left = K - kb * BLOCK_K
-            w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            xt = tl.load(x_ptrs, mask=(offs_k[:, None] < k_left) & mask_m[None, :], other=0.0)
-            s = tl.load(s_ptrs + kb * stride_sk, mask=mask_n, other=0.0)
-            acc = tl.dot((w.to(tl.float32) * s[:, None]).to(xt.dtype), xt, acc)
-            w_ptrs += BLOCK_K * stride_wk
-            x_ptrs += BLOCK_K * stride_xk
-        y_ptrs = y_ptr + pid_k.to(tl.int64) * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
 
 def _check_gemm_shapes(xq, xs, w, ws, group_n) -> None:
@@ -465,24 +389,19 @@ GEMV_MAX_M = 4  # rows the W8A16 GEMV takes (its [M, BLOCK_N] accumulator is unr
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): benchmarks/gpu/bench_fp8.py --gemv sweeps them. On an H100
 # at one row, 12 tiles within 1.5x of each other; this one is best or within 4% at every Llama-8B shape.
 GEMV_CONFIG: tuple[int, int, int, int] = (8, 1024, 4, 2)
-# w8a16_gemv's shared_scale default where it holds; STAGEMESH_FP8_GEMV_SHARED_SCALE=0 turns it off.
-GEMV_SHARED_SCALE = os.environ.get("STAGEMESH_FP8_GEMV_SHARED_SCALE", "1") != "0"
 # w8a16_gemv's late_sum default; STAGEMESH_FP8_GEMV_LATE_SUM=1 sets it (a same-run comparison).
 GEMV_LATE_SUM = os.environ.get("STAGEMESH_FP8_GEMV_LATE_SUM", "0") == "1"
 
 
 def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,
                out_dtype: torch.dtype | None = None, config: tuple[int, int, int, int] | None = None,
-               late_sum: bool | None = None, shared_scale: bool | None = None) -> torch.Tensor:
+               late_sum: bool | None = None) -> torch.Tensor:
     """x [M, K] (M <= GEMV_MAX_M, any float dtype), w [N, K] e4m3, ws [ceil(N/group_n), ceil(K/128)]
     -> y [M, N] = x @ dequant(w, ws)^T in out_dtype (default x's), fp32 accumulation (Triton).
 
     late_sum (one row): the products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, summed
     across it once at the end, instead of a cross-thread sum at every K step. Default
-    GEMV_LATE_SUM: off (timed on an H100: no gain, README).
-    shared_scale (default: whenever it holds, group_n a multiple of BLOCK_N): a program's rows
-    share one scale row, read once per K step ([G] values) instead of per row ([BLOCK_N, G]); the
-    same products and sums, so the same bits."""
+    GEMV_LATE_SUM: off (timed on an H100: no gain, README)."""
     m, kdim = x.shape
     n = w.shape[0]
     if m > GEMV_MAX_M:
@@ -492,15 +411,11 @@ def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int 
     if m == 0 or n == 0:
         return out
     bn, bk, warps, stages = config or GEMV_CONFIG
-    shared = (GEMV_SHARED_SCALE and group_n % bn == 0) if shared_scale is None else shared_scale
-    if shared and group_n % bn:
-        raise ValueError(f"shared_scale needs group_n ({group_n}) a multiple of BLOCK_N ({bn})")
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, w, ws, out, m, n, kdim, group_n, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         ws.stride(0), ws.stride(1), out.stride(0), out.stride(1),
         M_PAD=max(1, triton.next_power_of_2(m)), BLOCK_N=bn, GROUPS=bk // GROUP_K, GROUP_K=GROUP_K,
-        LATE_SUM=(GEMV_LATE_SUM if late_sum is None else late_sum) and m == 1, SHARED_SCALE=shared,
-        num_warps=warps, num_stages=stages)
+        LATE_SUM=(GEMV_LATE_SUM if late_sum is None else late_sum) and m == 1, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -513,29 +428,24 @@ def w8a16_gemv_torch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n
 if triton is not None:
     @triton.jit
     def _gemv_slice(w_ptr, ws_ptr, offs_n, mask_n, k0, K, group_n, stride_wn, stride_wk, stride_sn, stride_sk,
-                    GROUPS: tl.constexpr, GROUP_K: tl.constexpr, SHARED_SCALE: tl.constexpr):
+                    GROUPS: tl.constexpr, GROUP_K: tl.constexpr):
         """One K step of the GEMV: its columns cols [G, GK] and their mask, the weight slice w
-        [BN, G, GK] in fp32 and its scales s [BN, G] ([1, G] when SHARED_SCALE: every row of the
-        program in one scale row, read once)."""
+        [BN, G, GK] in fp32 and its scales s [BN, G]."""
         g = tl.arange(0, GROUPS)
         kb = k0 // GROUP_K + g  # [G] scale-group index of each slice
         cols = k0 + g[:, None] * GROUP_K + tl.arange(0, GROUP_K)[None, :]
         kmask = cols < K
         w = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + cols[None, :, :] * stride_wk,
                     mask=mask_n[:, None, None] & kmask[None, :, :], other=0.0).to(tl.float32)
-        if SHARED_SCALE:
-            s = tl.load(ws_ptr + (tl.min(offs_n, axis=0) // group_n) * stride_sn + kb * stride_sk,
-                        mask=kb * GROUP_K < K, other=0.0)[None, :]
-        else:
-            s = tl.load(ws_ptr + (offs_n // group_n)[:, None] * stride_sn + kb[None, :] * stride_sk,
-                        mask=mask_n[:, None] & (kb * GROUP_K < K)[None, :], other=0.0)
+        s = tl.load(ws_ptr + (offs_n // group_n)[:, None] * stride_sn + kb[None, :] * stride_sk,
+                    mask=mask_n[:, None] & (kb * GROUP_K < K)[None, :], other=0.0)
         return cols, kmask, w, s
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, group_n,
                      stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_ym, stride_yn,
                      M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP_K: tl.constexpr,
-                     LATE_SUM: tl.constexpr, SHARED_SCALE: tl.constexpr):
+                     LATE_SUM: tl.constexpr):
         """y[:, n-block] = x @ (w * scale)^T; each K step is GROUPS scale groups of GROUP_K columns."""
         offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -543,7 +453,7 @@ if triton is not None:
             tile = tl.zeros((BLOCK_N, GROUPS, GROUP_K), dtype=tl.float32)
             for k0 in range(0, K, GROUPS * GROUP_K):
                 cols1, kmask1, w1, s1 = _gemv_slice(w_ptr, ws_ptr, offs_n, mask_n, k0, K, group_n, stride_wn,
-                                                    stride_wk, stride_sn, stride_sk, GROUPS, GROUP_K, SHARED_SCALE)
+                                                    stride_wk, stride_sn, stride_sk, GROUPS, GROUP_K)
                 x1 = tl.load(x_ptr + cols1 * stride_xk, mask=kmask1, other=0.0).to(tl.float32)
                 tile += w1 * x1[None, :, :] * s1[:, :, None]
             y1 = tl.sum(tl.sum(tile, axis=2), axis=1)
@@ -553,7 +463,7 @@ if triton is not None:
         acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, GROUPS * GROUP_K):
             cols, kmask, w, s = _gemv_slice(w_ptr, ws_ptr, offs_n, mask_n, k0, K, group_n, stride_wn, stride_wk,
-                                            stride_sn, stride_sk, GROUPS, GROUP_K, SHARED_SCALE)
+                                            stride_sn, stride_sk, GROUPS, GROUP_K)
             for m in tl.static_range(M_PAD):
                 xm = tl.load(x_ptr + m * stride_xm + cols * stride_xk, mask=kmask & (m < M), other=0.0).to(tl.float32)
                 part = tl.sum(tl.sum(w * xm[None, :, :], axis=2) * s, axis=1)  # [BN]

@@ -402,9 +402,10 @@ GEMV_DISPATCH_MAX_M = int(os.environ.get("STAGEMESH_FP8_GEMV_MAX_M", "1"))
 # GEMV's rows up to W8A16_DISPATCH_MAX_M rows, on weights of at most W8A16_MAX_N rows. Off (0) by
 # default: on an H100 (bench_fp8.py --llama --tune, 2026-12-07), best tiles, 16 rows, TFLOP/s against
 # _scaled_mm and the W8A8 kernel that takes 2-15 rows: Llama-8B's qkv 23.4 vs 20.0 / 5.0, o 18.9 vs
-# 9.6 / 7.7, down 26.2 vs 20.9 / 18.2, the 28,672-row gate_up 58.0 vs 59.3 / 60.3; but neither its
-# shipped tiles (W8A16_CONFIGS), V3's shapes nor a mesh run have been timed. STAGEMESH_FP8_W8A16_MAX_M
-# turns it on (e.g. 16; a same-run comparison).
+# 9.6 / 7.7, down 26.2 vs 20.9 / 18.2, the 28,672-row gate_up 58.0 vs 59.3 / 60.3. Through the mesh
+# (Llama-8B, H100, one call, shipped tiles, the prescaled form), W8A16 at 2-256 rows on qkv, o and
+# down took the mixed workload from 6,442 to 5,785 output tok/s: it stays off. V3's shapes untimed.
+# STAGEMESH_FP8_W8A16_MAX_M turns it on (e.g. 16; a same-run comparison).
 W8A16_DISPATCH_MAX_M = int(os.environ.get("STAGEMESH_FP8_W8A16_MAX_M", "0"))
 W8A16_MAX_N = 6144
 
