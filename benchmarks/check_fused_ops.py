@@ -166,10 +166,10 @@ def check_silu(rep: Report, device: str, gen: torch.Generator) -> None:
 def check_fp8_out(rep: Report, device: str, gen: torch.Generator) -> None:
     """RMSNorm and SiLU * up with `quant` (their output quantized for the FP8 GEMM in their own
     kernel) against the plain Triton op then kernels/fp8.py's quantize_act: the same e4m3 bits
-    (fp8 rows) and scales (fp32 rows): exactly equal from bf16/fp16 inputs; from fp32 inputs the
-    norm's sum of squares may be reduced in another order when its kernel also quantizes (Triton
-    lays the row out for the 128-wide groups), so a scale may move by a few ulp (measured <= 4 on
-    an H100; within 1e-6 relative here)."""
+    (fp8 rows) and scales (fp32 rows), required equal from bf16/fp16 inputs (as measured on an
+    H100); from fp32 inputs the norm's sum of squares may be reduced in another order when its
+    kernel also quantizes, so a scale may move by a few ulp (measured <= 4 on an H100; within 1e-6
+    relative here)."""
     from stage_worker.kernels import fp8
 
     def same(op, case, got, ref):

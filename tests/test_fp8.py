@@ -234,12 +234,15 @@ if INTERPRETED:  # collected only in the interpreter process (above)
 
     @pytest.mark.parametrize("family", ["llama", "v3"])
     def test_norms_write_fp8_for_the_gemms(family, tmp_path, monkeypatch):
-        """A stage quantized at load, on the FP8 kernel path (forced; CUDA SM89+ picks it): each
-        RMSNorm and SiLU * up hands the FP8 GEMM after it quantized rows (Fp8Linear.input_quant:
-        1x128 groups from two rows, none at one row, the GEMV's; DeepSeek: one quantized x for
-        q_a and kv_a, the q_a norm's for q_b, the dense and shared MLPs' SiLU for their down_proj)
-        and the logits equal, bit for bit, those of the same stage quantizing before each GEMM
-        (STAGEMESH_FP8_FUSE_ACT_QUANT=0)."""
+        """A stage quantized at load, on the FP8 kernel path and the Triton elementwise kernels
+        (both forced; CUDA SM89+ picks them): each RMSNorm and SiLU * up kernel hands the FP8 GEMM
+        after it quantized rows (Fp8Linear.input_quant: 1x128 groups from two rows, none at one
+        row, the GEMV's; DeepSeek: one quantized x for q_a and kv_a, the q_a norm's for q_b, the
+        dense MLP's SiLU for its down_proj) and the logits equal, bit for bit, those of the same
+        stage quantizing before each GEMM in a separate kernel (STAGEMESH_FP8_FUSE_ACT_QUANT=0).
+        (Here the interpreter sums in numpy's order either way; on a GPU the fused norm may sum
+        its squares in another order: kernels/fused_ops.py.)"""
+        from stage_worker.kernels import fused_ops
         from stage_worker.loader import load_stage
         from stage_worker.models import quant
         from tests.checkpoints import make_deepseek_checkpoint, make_hf_checkpoint
@@ -247,9 +250,12 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         from tests.test_model import run_pipeline
 
         monkeypatch.setattr(quant, "fp8_compute_available", lambda device: True)
-        src = make_hf_checkpoint(tmp_path, "llama", num_layers=2) if family == "llama" else \
-            make_deepseek_checkpoint(tmp_path, "v3", num_layers=2)
-        stage, _ = load_stage(src, 0, 2, quantization="fp8")
+        monkeypatch.setattr(fused_ops, "triton_available", lambda device: True)
+        separate_quant = k.quantize_act
+        monkeypatch.setattr(k, "quantize_act", lambda x, kind, use_triton=None: separate_quant(x, kind, True))
+        src = make_hf_checkpoint(tmp_path, "llama", num_layers=1) if family == "llama" else \
+            make_deepseek_checkpoint(tmp_path, "v3", num_layers=1)  # one layer (V3's first: dense) is enough here
+        stage, _ = load_stage(src, 0, 1, quantization="fp8")
         asked, plain_input_quant = [], quant.Fp8Linear.input_quant
 
         def spy(self, m):
@@ -268,7 +274,8 @@ if INTERPRETED:  # collected only in the interpreter process (above)
             assert all(torch.equal(x, y) for x, y in zip(a, b))
 
     def test_fp8_gemm_end_to_end():
-        """x -> quant -> GEMM (Triton) equals the torch path, and both are near x @ W^T."""
+        """x -> quant -> GEMM (Triton) equals the torch path, and both are near x @ W^T; rows
+        quantized beforehand (an Fp8Act) give the same product; a backend of another kind refuses them."""
         gen = torch.Generator().manual_seed(9)
         x, w = torch.randn(7, 260, generator=gen), torch.randn(150, 260, generator=gen) * 0.05
         from stage_worker.models.quant import quantize_blocks
@@ -277,6 +284,11 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         got = k.fp8_gemm(x, wq, ws, 128, "triton")
         ref = k.fp8_gemm(x, wq, ws, 128, "torch")
         torch.testing.assert_close(got, ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
+        act = k.quantize_act(x, "group")  # rows quantized before (as fp8_gemm does): the same product
+        assert torch.equal(k.fp8_gemm(act, wq, ws, 128, "triton", out_dtype=torch.float32), got)
+        for backend, match in (("torch", "unquantized"), ("rowwise", "takes row activations")):
+            with pytest.raises(ValueError, match=match):
+                k.fp8_gemm(act, wq, ws, 128, backend, out_dtype=torch.float32)
         exact = x @ w.t()
         assert ((ref - exact).norm() / exact.norm()) < 0.06
 

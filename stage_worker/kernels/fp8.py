@@ -98,9 +98,7 @@ def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = GROUP_K, column
         return q, (s.t().contiguous().t() if column_major_scales else s)
     g = cdiv(k, group_size)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    q = torch.empty(mp, k, dtype=FP8_DTYPE, device=x.device)
-    s = (torch.empty(g, mp, dtype=torch.float32, device=x.device).t() if column_major_scales
-         else torch.empty(mp, g, dtype=torch.float32, device=x.device))
+    q, s = act_buffers(mp, k, g, column_major_scales, x.device)
     if mp == 0 or k == 0:
         return q, s
     block = triton.next_power_of_2(group_size)
@@ -108,6 +106,14 @@ def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = GROUP_K, column
     _act_quant_kernel[(mp * cdiv(g, groups),)](
         x, q, s, m, k, g, x.stride(0), q.stride(0), s.stride(0), s.stride(1), EPS, FP8_MAX,
         GROUP=group_size, BLOCK=block, GROUPS=groups, num_warps=1 if groups * block <= 256 else 4, num_stages=1)
+    return q, s
+
+
+def act_buffers(rows: int, k: int, groups: int, column_major_scales: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (q [rows, K] e4m3, scales [rows, groups] fp32, column-major when asked)."""
+    q = torch.empty(rows, k, dtype=FP8_DTYPE, device=device)
+    s = (torch.empty(groups, rows, dtype=torch.float32, device=device).t() if column_major_scales
+         else torch.empty(rows, groups, dtype=torch.float32, device=device))
     return q, s
 
 
@@ -125,6 +131,17 @@ def per_token_group_quant_fp8_torch(x: torch.Tensor, group_size: int = GROUP_K) 
 
 if triton is not None:
     @triton.jit
+    def quant_scale(amax, eps, fp8_max):
+        """The dequant scale of values whose largest magnitude is amax: max(amax, eps) / 448 (the
+        one formula of every activation quant here and in kernels/fused_ops.py)."""
+        return tl.maximum(amax, eps) / fp8_max
+
+    @triton.jit
+    def quant_values(x, s, fp8_max):
+        """x / s saturated at +-448, in fp32 (the caller casts to e4m3)."""
+        return tl.clamp(x / s, -fp8_max, fp8_max)
+
+    @triton.jit
     def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, G, stride_x, stride_q, stride_sm, stride_sg, eps, fp8_max,
                           GROUP: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr):
         """GROUPS consecutive groups of one row per program, [GROUPS, BLOCK] at once; rows from M
@@ -137,9 +154,8 @@ if triton is not None:
         cols = grp[:, None] * GROUP + lane[None, :]  # [GROUPS, BLOCK]
         mask = (grp[:, None] < G) & (lane[None, :] < GROUP) & (cols < K)
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask & (row < M), other=0.0).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(x), axis=1), eps)  # [GROUPS]
-        s = amax / fp8_max
-        q = tl.clamp(x / s[:, None], -fp8_max, fp8_max)
+        s = quant_scale(tl.max(tl.abs(x), axis=1), eps, fp8_max)  # [GROUPS]
+        q = quant_values(x, s[:, None], fp8_max)
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + row * stride_sm + grp * stride_sg, s, mask=grp < G)
 
@@ -186,8 +202,8 @@ if triton is not None:
         lane = tl.arange(0, BLOCK)
         if ONE_PASS:
             x = tl.load(x_ptr + row * stride_x + lane, mask=lane < K, other=0.0).to(tl.float32)
-            s = tl.maximum(tl.max(tl.abs(x), axis=0), eps) / fp8_max
-            q = tl.clamp(x / s, -fp8_max, fp8_max)
+            s = quant_scale(tl.max(tl.abs(x), axis=0), eps, fp8_max)
+            q = quant_values(x, s, fp8_max)
             tl.store(q_ptr + row * stride_q + lane, q.to(q_ptr.dtype.element_ty), mask=lane < K)
             tl.store(s_ptr + row, s)
             return
@@ -195,10 +211,10 @@ if triton is not None:
         for k0 in range(0, K, BLOCK):
             x = tl.load(x_ptr + row * stride_x + k0 + lane, mask=k0 + lane < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        s = tl.maximum(tl.max(amax, axis=0), eps) / fp8_max
+        s = quant_scale(tl.max(amax, axis=0), eps, fp8_max)
         for k0 in range(0, K, BLOCK):
             x = tl.load(x_ptr + row * stride_x + k0 + lane, mask=k0 + lane < K, other=0.0).to(tl.float32)
-            q = tl.clamp(x / s, -fp8_max, fp8_max)
+            q = quant_values(x, s, fp8_max)
             tl.store(q_ptr + row * stride_q + k0 + lane, q.to(q_ptr.dtype.element_ty), mask=k0 + lane < K)
         tl.store(s_ptr + row, s)
 
@@ -534,6 +550,25 @@ def act_kind(backend: str) -> str | None:
     return {"triton": "group", "scaled_mm": "group", "rowwise": "row"}.get(backend)
 
 
+ACT_KINDS = ("group", "row")
+
+
+def empty_act(rows: int, k: int, kind: str, device) -> Fp8Act:
+    """The unwritten Fp8Act of `rows` rows of K values (a kernel that quantizes its own output
+    fills it, kernels/fused_ops.py): "group" rows padded to SCALED_MM_ALIGN_M."""
+    if kind not in ACT_KINDS:
+        raise ValueError(f"unknown activation quant {kind!r} (known: {', '.join(ACT_KINDS)})")
+    padded = cdiv(rows, SCALED_MM_ALIGN_M) * SCALED_MM_ALIGN_M if kind == "group" else rows
+    q, s = act_buffers(padded, k, cdiv(k, GROUP_K) if kind == "group" else 1, True, device)
+    return Fp8Act(q, s, rows, kind)
+
+
+def resolve_backend(backend: str, x_dtype: torch.dtype | None) -> str:
+    """The backend that runs for x of x_dtype (None: x comes quantized, an Fp8Act): "w8a16" takes
+    bf16/fp16 x as it is; fp32 x, or x quantized already, go to "triton"."""
+    return "triton" if backend == "w8a16" and x_dtype not in (torch.bfloat16, torch.float16) else backend
+
+
 def quantize_act(x: torch.Tensor, kind: str, use_triton: bool | None = None) -> Fp8Act:
     """x [M, K] -> Fp8Act of that kind (one launch on CUDA)."""
     if kind == "group":
@@ -541,7 +576,7 @@ def quantize_act(x: torch.Tensor, kind: str, use_triton: bool | None = None) -> 
     elif kind == "row":
         q, s = per_token_quant_fp8(x, use_triton=use_triton)
     else:
-        raise ValueError(f"unknown activation quant {kind!r} (known: group, row)")
+        raise ValueError(f"unknown activation quant {kind!r} (known: {', '.join(ACT_KINDS)})")
     return Fp8Act(q, s, x.shape[0], kind)
 
 
@@ -556,9 +591,11 @@ def fp8_gemm(x: torch.Tensor | Fp8Act, w: torch.Tensor, ws: torch.Tensor, group_
     weights (ws_mm [1, N]; ws their [N, K/128] grid at group_n 1), x quantized one scale per row.
     x may come quantized already (an Fp8Act of the backend's `act_kind`; out_dtype then required).
     """
-    if backend == "w8a16" and (isinstance(x, Fp8Act) or x.dtype not in (torch.bfloat16, torch.float16)):
-        backend = "triton"  # fp32 activations: the tensor cores take them quantized
+    quantized = isinstance(x, Fp8Act)
+    backend = resolve_backend(backend, None if quantized else x.dtype)
     if backend == "torch":
+        if quantized:
+            raise ValueError("backend 'torch' (the reference) takes x unquantized")
         xq, xs = per_token_group_quant_fp8_torch(x)
         return w8a8_block_gemm_torch(xq, xs, w, ws, group_n, out_dtype or x.dtype)
     if backend not in BACKENDS:

@@ -17,10 +17,11 @@ Each function here does one of those groups in one Triton kernel:
 
 The norms and SiLU/GELU * up take `quant` ("group": 1x128 groups, "row": one scale per row):
 their output then comes out quantized for the FP8 GEMM after it (kernels/fp8.py `Fp8Act`) in
-the op's own kernel (`_store_quant`): the same e4m3 bits and scales as kernels/fp8.py's
-activation quants of the plain output (checked on an H100 from bf16/fp16 inputs; from fp32 ones
-the norm's sum of squares may be reduced in another order when its kernel also quantizes, which
-moved some scales by up to 4 ulp, benchmarks/check_fused_ops.py).
+the op's own kernel (`_store_quant`, kernels/fp8.py's quant formula): norm-then-quant up to the
+order in which the norm sums its squares, which the compiler may lay out differently once the
+128-wide groups are in the kernel (on an H100: equal bits in every bf16/fp16 case of
+benchmarks/check_fused_ops.py, fp32 scales within 4 ulp; the mesh's batch-1 tokens on random
+weights changed, README).
 
 Each has a plain-torch reference (`*_torch`, used on CPU or when Triton is missing) with the
 formula the model code had before the kernel (models/llama.py, paged_decode.py); the dispatcher picks
@@ -93,8 +94,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, use_triton: bool
     """x: [T, H]; weight: [H] -> weight * rms_norm(x) [T, H] (dtype: torch's weight * x).
 
     quant "group" / "row": the normalised rows come out quantized for the FP8 GEMM that reads
-    them (kernels/fp8.py Fp8Act, the numbers of quantize_act of the normalised tensor), in
-    the norm's own kernel: no [T, H] write and read between them, one launch fewer."""
+    them (kernels/fp8.py Fp8Act: quantize_act of the normalised tensor, up to the order of its
+    sum of squares, module docstring), in the norm's own kernel: no [T, H] write and read between
+    them, one launch fewer."""
     if not _pick(use_triton, x):
         return _quantized(rms_norm_torch(x, weight, eps), quant)
     return _rms_norm_triton(x, None, weight, eps, quant)[0]
@@ -123,13 +125,8 @@ def _quant_out(t: int, k: int, quant: str | None, device) -> tuple[Fp8Act | None
     """(the empty Fp8Act a fused kernel fills, rows to launch: T, or T padded for "group")."""
     if quant is None:
         return None, t
-    if quant not in ("group", "row"):
-        raise ValueError(f"unknown activation quant {quant!r} (known: group, row)")
-    rows = fp8k.cdiv(t, fp8k.SCALED_MM_ALIGN_M) * fp8k.SCALED_MM_ALIGN_M if quant == "group" else t
-    groups = fp8k.cdiv(k, fp8k.GROUP_K) if quant == "group" else 1
-    q = torch.empty(rows, k, dtype=fp8k.FP8_DTYPE, device=device)
-    s = torch.empty(groups, rows, dtype=torch.float32, device=device).t()  # column-major (one column: either way)
-    return Fp8Act(q, s, t, quant), rows
+    act = fp8k.empty_act(t, k, quant, device)
+    return act, act.q.shape[0]
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -323,6 +320,7 @@ def combine_splits_torch(part, lse, dtype):
 # ----------------------------------------------------------------------------- kernels
 
 if triton is not None:
+    from stage_worker.kernels.fp8 import quant_scale, quant_values
 
     @triton.jit
     def _store_quant(y, cols, N, row, Q, S, s_q, s_sm, s_sg, eps, fp8_max,
@@ -334,13 +332,13 @@ if triton is not None:
         mask = cols < N
         if QUANT == 1:
             yg = tl.reshape(y, (BLOCK // GROUP, GROUP))
-            s = tl.maximum(tl.max(tl.abs(yg), axis=1), eps) / fp8_max  # [BLOCK // GROUP]
-            q = tl.reshape(tl.clamp(yg / s[:, None], -fp8_max, fp8_max), (BLOCK,))
+            s = quant_scale(tl.max(tl.abs(yg), axis=1), eps, fp8_max)  # [BLOCK // GROUP]
+            q = tl.reshape(quant_values(yg, s[:, None], fp8_max), (BLOCK,))
             g = tl.min(cols, axis=0) // GROUP + tl.arange(0, BLOCK // GROUP)
             tl.store(S + row * s_sm + g * s_sg, s, mask=g * GROUP < N)
         else:
-            s = tl.maximum(tl.max(tl.abs(y), axis=0), eps) / fp8_max
-            q = tl.clamp(y / s, -fp8_max, fp8_max)
+            s = quant_scale(tl.max(tl.abs(y), axis=0), eps, fp8_max)
+            q = quant_values(y, s, fp8_max)
             tl.store(S + row * s_sm, s)
         tl.store(Q + row * s_q + cols, q.to(Q.dtype.element_ty), mask=mask)
 

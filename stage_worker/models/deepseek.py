@@ -42,11 +42,10 @@ from torch import nn
 
 from stage_worker.attention import AttnMetadata, num_sms
 from stage_worker.kernels import fused_ops, mla_decode, mla_expand, mla_prefill, mla_rope
-from stage_worker.kernels.fp8 import Fp8Act
 from stage_worker.mla_cache import MLAKVCache
 from stage_worker.models.base import PipelineStage
 from stage_worker.models import quant
-from stage_worker.models.layers import RMSNorm, make_linear, make_merged_linear
+from stage_worker.models.layers import GatedMLP, RMSNorm, make_linear
 from stage_worker.models.moe import MoESpec, Router, RouterSpec, SparseMoE
 from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
@@ -321,20 +320,7 @@ def _padded_attention(q, pool, meta: AttnMetadata, ids: list[int], scale: float,
 
 
 # -- feed-forward -------------------------------------------------------------------------------
-class DeepseekMLP(nn.Module):
-    """SwiGLU MLP (the dense layers and the shared experts, merged): gate/up as one matmul."""
-
-    def __init__(self, hidden: int, inter: int, bias: bool = False, fp8: bool = False):
-        super().__init__()
-        self.gate_up_proj = make_merged_linear(hidden, {"gate_proj": inter, "up_proj": inter}, bias, fp8)
-        self.down_proj = make_linear(inter, hidden, bias, fp8)
-
-    def input_quant(self, m: int) -> str | None:
-        return quant.input_quant(self.gate_up_proj, m)
-
-    def forward(self, x: torch.Tensor | Fp8Act) -> torch.Tensor:  # x: [T, H], or quantized (input_quant)
-        gate_up = self.gate_up_proj(x)  # silu(gate) * up: [T, I], quantized as down_proj takes it
-        return self.down_proj(fused_ops.silu_and_mul(gate_up, quant=quant.input_quant(self.down_proj, gate_up.shape[0])))
+DeepseekMLP = GatedMLP  # SwiGLU (the dense layers and the shared experts, merged): gate/up as one matmul
 
 
 def router_spec(d: DeepseekDims) -> RouterSpec:

@@ -14,7 +14,7 @@ from torch import nn
 
 from stage_worker.kernels import fused_ops
 from stage_worker.kernels.fp8 import Fp8Act
-from stage_worker.models.quant import Fp8Linear
+from stage_worker.models.quant import Fp8Linear, input_quant
 
 
 class RMSNorm(nn.Module):
@@ -80,6 +80,27 @@ class MergedLinear(nn.Linear):
         if b is not None:
             self.bias = nn.Parameter(b, requires_grad=False)
         self.out_features = w.shape[0]
+
+
+class GatedMLP(nn.Module):
+    """down_proj(act(gate) * up) with gate/up as one matmul (`gate_up_proj`): the dense MLP of both
+    families (DeepSeek's shared experts too). With FP8 projections each takes its input in the form
+    its GEMM wants: the block's input from the norm before it (`input_quant`), the product from
+    the activation kernel."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool = False, fp8: bool | str | None = False,
+                 act_and_mul=fused_ops.silu_and_mul):
+        super().__init__()
+        self.gate_up_proj = make_merged_linear(hidden, {"gate_proj": inter, "up_proj": inter}, bias, fp8)
+        self.down_proj = make_linear(inter, hidden, bias, fp8)
+        self.act_and_mul = act_and_mul  # fused_ops.silu_and_mul or gelu_tanh_and_mul
+
+    def input_quant(self, m: int) -> str | None:
+        return input_quant(self.gate_up_proj, m)
+
+    def forward(self, x: torch.Tensor | Fp8Act) -> torch.Tensor:  # x: [T, H], or quantized (input_quant)
+        gate_up = self.gate_up_proj(x)  # [T, 2I]
+        return self.down_proj(self.act_and_mul(gate_up, quant=input_quant(self.down_proj, gate_up.shape[0])))
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, fp8: bool | str | None = False) -> nn.Module:

@@ -35,10 +35,9 @@ from torch import nn
 
 from stage_worker.attention import AttnMetadata, attend
 from stage_worker.kernels import fused_ops
-from stage_worker.kernels.fp8 import Fp8Act
 from stage_worker.kv_cache import PagedKVCache
 from stage_worker.models.base import PipelineStage
-from stage_worker.models.layers import RMSNorm, make_linear, make_merged_linear
+from stage_worker.models.layers import GatedMLP, RMSNorm, make_linear, make_merged_linear
 from stage_worker.models.quant import fp8_scheme, input_quant
 from stage_worker.kernels.unified_attention import block_q
 from stagemesh.errors import CheckpointError
@@ -165,21 +164,11 @@ class LlamaAttention(nn.Module):
         return torch.cat([q, k, v], dim=1)
 
 
-class LlamaMLP(nn.Module):
+class LlamaMLP(GatedMLP):
+    """SwiGLU (or Gemma's GELU) MLP with config.json's sizes, bias and activation (layers.GatedMLP)."""
+
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        fp8 = fp8_scheme(cfg)
-        self.gate_up_proj = make_merged_linear(h, {"gate_proj": i, "up_proj": i}, b, fp8)
-        self.down_proj = make_linear(i, h, b, fp8)
-        self.act_and_mul = mlp_activation(cfg)
-
-    def input_quant(self, m: int) -> str | None:
-        return input_quant(self.gate_up_proj, m)
-
-    def forward(self, x: torch.Tensor | Fp8Act) -> torch.Tensor:  # x: [T, H], or quantized (input_quant)
-        gate_up = self.gate_up_proj(x)
-        return self.down_proj(self.act_and_mul(gate_up, quant=input_quant(self.down_proj, gate_up.shape[0])))
+        super().__init__(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, fp8_scheme(cfg), mlp_activation(cfg))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -307,15 +307,14 @@ class Fp8Linear(nn.Module):
             self.prepare()
         if self.backend != "fp8" or not FUSE_ACT_QUANT:
             return None
-        backend = self._backend(m)
-        if backend == "w8a16" and self.compute_dtype not in (torch.bfloat16, torch.float16):
-            backend = "triton"
-        return fp8k.act_kind(backend)
+        return fp8k.act_kind(fp8k.resolve_backend(self._backend(m), self.compute_dtype))
 
     def forward(self, x: torch.Tensor | fp8k.Fp8Act) -> torch.Tensor:  # x: [..., K], or [M, K] quantized
         if self.backend is None:
             self.prepare()
         if isinstance(x, fp8k.Fp8Act):  # written by the op before, as input_quant(M) asked
+            if self.backend != "fp8":
+                raise ValueError(f"quantized input for an FP8 linear on the {self.backend!r} path")
             lead, x2, m, dtype = (x.rows,), x, x.rows, self.compute_dtype
         else:
             if self.backend == "dequant":
