@@ -151,7 +151,7 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         ws = torch.rand(-(-n // group_n), -(-kdim // 128), generator=gen) * 0.01 + 1e-3
         ref = k.w8a16_gemv_torch(x, w, ws, group_n)
         for config in (None, (16, 128, 4, 2), (4, 1024, 4, 2))[: 3 if m == 1 else 2]:  # (the interpreter is slow)
-            for late_sum in (True, False):  # one row: both summation orders
+            for late_sum in ((True, False) if m == 1 else (False,)):  # one row: both summation orders
                 got = k.w8a16_gemv(x, w, ws, group_n, config=config, late_sum=late_sum)
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
@@ -204,7 +204,7 @@ if INTERPRETED:  # collected only in the interpreter process (above)
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     @pytest.mark.parametrize("quant", ["group", "row"])
-    @pytest.mark.parametrize("t,h", [(5, 320), (1, 64), (4, 256), (0, 128)])
+    @pytest.mark.parametrize("t,h", [(5, 320), (1, 64), (0, 128)])
     def test_norm_and_act_write_fp8(dtype, quant, t, h, monkeypatch):
         """fused_ops' RMSNorm (with and without the residual add) and SiLU/GELU * up kernels with
         `quant` write exactly what their plain output quantized by quantize_act is: the same e4m3
