@@ -81,11 +81,11 @@ def check_layer(dev: str) -> None:
 def check_shared_overlap(dev: str) -> None:
     """V3's MoE layer with its shared expert (bf16): overlapped on a side stream vs after the
     routed experts, outputs equal (same kernels, same sum), graph replay times at T = 1, 64, 256."""
-    from stage_worker.models.deepseek import DeepseekMLP
+    from stage_worker.models.layers import GatedMLP
 
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(dev):
-        moe = SparseMoE(MoESpec(7168, 2048, V3_ROUTER), shared=DeepseekMLP(7168, 2048))
+        moe = SparseMoE(MoESpec(7168, 2048, V3_ROUTER), shared=GatedMLP(7168, 2048))
     moe.gate.fix_dtypes(torch.bfloat16)
     with torch.no_grad():
         for p in moe.parameters():

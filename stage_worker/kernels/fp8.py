@@ -601,7 +601,7 @@ def fp8_gemm(x: torch.Tensor | Fp8Act, w: torch.Tensor, ws: torch.Tensor, group_
     if backend not in BACKENDS:
         raise ValueError(f"unknown FP8 GEMM backend {backend!r} (known: {', '.join(BACKENDS)})")
     kind = act_kind(backend)
-    if isinstance(x, Fp8Act):
+    if quantized:
         if x.kind != kind:
             raise ValueError(f"backend {backend!r} takes {kind or 'unquantized'} activations, got {x.kind!r}")
         if out_dtype is None:

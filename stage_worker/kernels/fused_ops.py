@@ -121,12 +121,16 @@ def _quantized(out: torch.Tensor, quant: str | None) -> torch.Tensor | Fp8Act:
     return out if quant is None else quantize_act(out, quant, use_triton=False)
 
 
-def _quant_out(t: int, k: int, quant: str | None, device) -> tuple[Fp8Act | None, int]:
-    """(the empty Fp8Act a fused kernel fills, rows to launch: T, or T padded for "group")."""
+def _outputs(t: int, k: int, dtype: torch.dtype, quant: str | None, device):
+    """What a kernel with `quant` writes: (result, OUT, Q, S, rows). result: the plain [T, K]
+    output in dtype, or (quant) the empty Fp8Act it fills; OUT, Q, S: its pointers, stand-ins
+    where unwritten (OUT then one element of dtype, the type the kernel rounds to); rows: the
+    programs' rows (T, or T padded for "group")."""
     if quant is None:
-        return None, t
+        out = torch.empty(t, k, dtype=dtype, device=device)
+        return out, out, out, out, t
     act = fp8k.empty_act(t, k, quant, device)
-    return act, act.q.shape[0]
+    return act, torch.empty(1, 1, dtype=dtype, device=device), act.q, act.scale, act.q.shape[0]
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -148,17 +152,12 @@ def fused_add_rms_norm_torch(x, residual, weight, eps):
 def _rms_norm_triton(x, residual, weight, eps, quant=None):
     t, h = x.shape
     res_out = torch.empty_like(x) if residual is not None else None
-    act, rows = _quant_out(t, h, quant, x.device)
-    dtype = torch.promote_types(weight.dtype, x.dtype)
-    out = torch.empty(t, h, dtype=dtype, device=x.device) if act is None else None
+    result, out, q, sc, rows = _outputs(t, h, torch.promote_types(weight.dtype, x.dtype), quant, x.device)
     if rows == 0:
-        return (act if act is not None else out), res_out
+        return result, res_out
     x = _rows(x)
     r = _rows(residual) if residual is not None else x  # dummy pointer when HAS_RES is False
     ro = res_out if res_out is not None else x
-    q, sc = (act.q, act.scale) if act is not None else (out, out)  # dummies when not quantized
-    if out is None:  # quantized: OUT is unwritten, its element type the norm's dtype
-        out = torch.empty(1, 1, dtype=dtype, device=x.device)
     block = max(triton.next_power_of_2(h), fp8k.GROUP_K if quant == "group" else 1)
     _rms_norm_kernel[(rows,)](
         x, r, weight.contiguous(), out, ro, q, sc, t,
@@ -167,7 +166,7 @@ def _rms_norm_triton(x, residual, weight, eps, quant=None):
         HAS_RES=residual is not None, QUANT=_QUANT_CODES[quant], GROUP=fp8k.GROUP_K, BLOCK=block,
         num_warps=_norm_warps(block), enable_fp_fusion=False,
     )
-    return (act if act is not None else out), res_out
+    return result, res_out
 
 
 # ----------------------------------------------------------------------------- SiLU * up
@@ -200,23 +199,20 @@ def _act_and_mul_triton(gate_up: torch.Tensor, act_fn: int, quant: str | None = 
     i = two_i // 2
     if not act_quant_fusable(i, quant):
         return quantize_act(_act_and_mul_triton(gate_up, act_fn), quant, use_triton=True)
-    act, rows = _quant_out(t, i, quant, gate_up.device)
-    out = torch.empty(t, i, dtype=gate_up.dtype, device=gate_up.device) if act is None else None
+    result, out, q, sc, rows = _outputs(t, i, gate_up.dtype, quant, gate_up.device)
     if rows == 0 or i == 0:
-        return out if act is None else act
+        return result
     gate_up = _rows(gate_up)
     if quant == "row":  # a program per row
         block = triton.next_power_of_2(i)
     else:
         block = max(min(SILU_BLOCK, triton.next_power_of_2(i)), fp8k.GROUP_K if quant else 1)
-    q, sc = (act.q, act.scale) if act is not None else (out, out)
-    out = out if out is not None else q  # dummy when quantized
     _silu_mul_kernel[(rows, triton.cdiv(i, block))](
         gate_up, out, q, sc, t, gate_up.stride(0), out.stride(0), q.stride(0), sc.stride(0), sc.stride(1),
         i, fp8k.EPS, fp8k.FP8_MAX, BLOCK=block, ACT=act_fn, QUANT=_QUANT_CODES[quant], GROUP=fp8k.GROUP_K,
         num_warps=4 if block <= SILU_BLOCK else 16, enable_fp_fusion=False,
     )
-    return out if act is None else act
+    return result
 
 
 def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
@@ -378,7 +374,7 @@ if triton is not None:
         real = mask & (row < T)
         g = tl.load(GU + row * s_gu + cols, mask=real, other=0.0).to(tl.float32)
         u = tl.load(GU + row * s_gu + I + cols, mask=real, other=0.0).to(tl.float32)
-        dt = GU.dtype.element_ty  # the product's dtype (OUT is unwritten when QUANT)
+        dt = OUT.dtype.element_ty
         if ACT == 0:
             act = tl.math.div_rn(g, 1.0 + tl.exp(-g)).to(dt).to(tl.float32)  # F.silu in dtype
         else:  # gelu tanh: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), tanh(z) = 1 - 2 / (e^2z + 1)

@@ -320,9 +320,6 @@ def _padded_attention(q, pool, meta: AttnMetadata, ids: list[int], scale: float,
 
 
 # -- feed-forward -------------------------------------------------------------------------------
-DeepseekMLP = GatedMLP  # SwiGLU (the dense layers and the shared experts, merged): gate/up as one matmul
-
-
 def router_spec(d: DeepseekDims) -> RouterSpec:
     """DeepSeek's routing (models/moe.py `route`) from its config fields."""
     try:
@@ -347,7 +344,7 @@ class DeepseekMoE(SparseMoE):
 
     def __init__(self, cfg: ModelConfig, d: DeepseekDims):
         h, i, fp8 = cfg.hidden_size, d.moe_intermediate_size, quant.is_fp8(cfg)
-        shared = DeepseekMLP(h, i * d.n_shared_experts, cfg.mlp_bias, fp8) if d.n_shared_experts else None
+        shared = GatedMLP(h, i * d.n_shared_experts, cfg.mlp_bias, fp8) if d.n_shared_experts else None
         super().__init__(MoESpec(h, i, router_spec(d), bias=cfg.mlp_bias), shared, fp8)
 
 
@@ -358,7 +355,7 @@ class DeepseekDecoderLayer(nn.Module):
         self.self_attn = MLAttention(cfg, d, softmax_mult)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = (DeepseekMoE(cfg, d) if d.is_moe(layer_idx)
-                    else DeepseekMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, quant.is_fp8(cfg)))
+                    else GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, quant.is_fp8(cfg)))
 
     def forward(self, x, residual, cos, sin, meta, pool):
         """One layer with the residual stream carried separately, as LlamaDecoderLayer: each
