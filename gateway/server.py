@@ -28,7 +28,7 @@ from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
 from gateway.auth import ApiKeyAuth
 from gateway.config import GatewayConfig
-from gateway.engine import ReplicaEngine, ReplicaPlan
+from gateway.engine import Outbox, ReplicaEngine, ReplicaPlan
 from gateway.outputs import add_logprobs, sample_specs, stop_reason
 from gateway.prefix_index import PrefixIndexLink
 from gateway.readiness import NOT_READY, Readiness
@@ -41,10 +41,13 @@ from gateway.validation import ModelLimits, validate_request
 class RequestStream:
     """TokenSink of one request: turns sequence progress into GenerateResponse deltas."""
 
-    def __init__(self, seq: Sequence, detok: Detokenizer, queue: asyncio.Queue | None = None, index: int = 0):
+    def __init__(self, seq: Sequence, detok: Detokenizer, queue: asyncio.Queue | None = None, index: int = 0,
+                 outbox: Outbox | None = None):
         """seq.sampling.stop_token_ids hold the EOS ids (unless ignore_eos: outputs.sample_specs);
-        several samples of one request (n) share `queue`, each with its `index`."""
+        several samples of one request (n) share `queue`, each with its `index`; deltas reach the
+        queue through the engines' `outbox`."""
         self.seq = seq
+        self.outbox = outbox or Outbox()
         self.detok = detok
         self.index = index
         self.queue: asyncio.Queue[pb.GenerateResponse] = asyncio.Queue() if queue is None else queue
@@ -64,7 +67,7 @@ class RequestStream:
         text, stop_hit = self.detok.update(seq.output_ids)
         msg = pb.GenerateResponse(token_ids=new_ids, text=text, request_id=seq.request_id, index=self.index)
         add_logprobs(msg, seq, start, len(seq.output_ids))
-        self.queue.put_nowait(msg)
+        self.outbox.put(self.queue, msg)
         return stop_reason(seq, new_ids, stop_hit)
 
     def _observe_tokens(self, seq: Sequence, count: int) -> None:
@@ -91,7 +94,7 @@ class RequestStream:
         )
         last = pb.GenerateResponse(text=self.detok.flush(), usage=usage, request_id=seq.request_id, index=self.index)
         set_finish(last, seq.finish_reason or "stop")
-        self.queue.put_nowait(last)
+        self.outbox.put(self.queue, last)
 
 
 def coalesce(msg: pb.GenerateResponse, queue: asyncio.Queue) -> pb.GenerateResponse:
@@ -122,6 +125,7 @@ class Gateway:
         self.tokenizer_pool = TokenizerPool(self.tokenizer) if self.tokenizer is not None else None
         self.model_id = config.model_id or _default_model_id(config.model_dir)
         self.engines: list[ReplicaEngine] = []
+        self.outbox = Outbox()  # every engine's client deltas, sent after each step's next one
         self.epoch = 0
         self._seq_ids = itertools.count(1)
         self._connect_coordinator(config.coordinator)
@@ -235,7 +239,7 @@ class Gateway:
             seq = Sequence(seq_id=next(self._seq_ids), prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=spec,
                            priority=int(request.priority), request_id=request_id,
                            fork_of=running[0][1] if running else None)  # forks sample 0's prompt KV
-            stream = RequestStream(seq, Detokenizer(self.tokenizer, list(request.stop)), queue, index)
+            stream = RequestStream(seq, Detokenizer(self.tokenizer, list(request.stop)), queue, index, self.outbox)
             # The later samples add only their own tails (they fork the prompt's blocks).
             tail = -(-max_tokens // engine.plan.block_size) + 1
             engine.submit(seq, stream, expected_blocks if index == 0 else min(expected_blocks, tail))
@@ -356,8 +360,7 @@ class Gateway:
                 ReplicaEngine(spec, self.model_id, self.config.scheduler, self.log,
                               forward_timeout_s=self.config.forward_timeout_s, on_stale_epoch=self.refresh_plan,
                               on_cache_events=self._on_cache_events, on_stage_failure=self.stage_failed,
-                              owner=self.identity,
-                              tls=self.config.tls)
+                              owner=self.identity, tls=self.config.tls, outbox=self.outbox)
                 for spec in specs
             ]
             for engine in self.engines:

@@ -8,7 +8,8 @@ refused as soon as it certainly has more tokens than the context holds: the work
 bounded by the context, not by its size in bytes (that bound is gateway/validation.py's).
 
 `Detokenizer` turns a growing list of output ids into text deltas and applies stop strings,
-holding back text that may still become a stop string or an incomplete UTF-8 character.
+holding back text that may still become a stop string or an incomplete UTF-8 character; it
+decodes each new id once (tokenizers' DecodeStream), not the whole output at every step.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 from stagemesh.errors import CheckpointError, OutOfRange, ResourceExhausted
 from stagemesh.gguf_file import is_gguf
@@ -99,30 +101,41 @@ def _pieces(text: str, size: int):
 
 
 class Detokenizer:
-    """Per-request text state. Not thread-safe; used from the gateway's event loop."""
+    """Per-request text state. Not thread-safe; used from the gateway's event loop.
+
+    Decodes incrementally (tokenizers' DecodeStream: each new id decodes a window of the last few,
+    not the whole output again), so a token costs the same at the 10th and the 10,000th output id;
+    the text equals decoding every output id at once. A tokenizer whose decoding of a longer window
+    rewrites earlier text (DecodeStream refuses it) is decoded whole from then on.
+    """
 
     def __init__(self, tokenizer: Tokenizer | None, stop: list[str]):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self._holdback = max((len(s) for s in self.stop), default=1) - 1
-        self.text = ""  # full decoded text so far (stop string cut)
+        self.text = ""  # decoded text so far (stop string cut)
         self.emitted = 0  # characters of `text` already sent
+        self._stream = DecodeStream(skip_special_tokens=True) if tokenizer is not None else None
+        self._ids: list[int] = []  # the output ids last seen
+        self._fed = 0  # of them, ids given to the stream
+        self._held = False  # the stream holds ids back (their text ends in an incomplete character)
+        self._hit = False
 
     def update(self, output_ids: list[int]) -> tuple[str, bool]:
         """Returns (new text to emit, whether a stop string was hit)."""
         if self.tokenizer is None:
             return "", False
-        text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
-        hit = False
+        self._ids = output_ids
+        text = self._decode()
         for s in self.stop:
             at = text.find(s, max(0, self.emitted - len(s)))
             if at != -1:
-                text, hit = text[:at], True
+                text, self._hit = text[:at], True
         self.text = text
-        if hit:
+        if self._hit:
             return self.flush(), True
         safe = len(text) - self._holdback
-        while safe > self.emitted and text[safe - 1] == "\ufffd":  # incomplete UTF-8 so far
+        while safe > self.emitted and text[safe - 1] == "\ufffd":  # incomplete UTF-8 (whole decode)
             safe -= 1
         if safe <= self.emitted:
             return "", False
@@ -130,5 +143,25 @@ class Detokenizer:
         return delta, False
 
     def flush(self) -> str:
+        if self._held and not self._hit:  # the end: what the stream held back, as a whole decode shows it
+            self.text = self.tokenizer.decode(self._ids, skip_special_tokens=True)
+            self._held = False
         delta, self.emitted = self.text[self.emitted :], len(self.text)
         return delta
+
+    def _decode(self) -> str:
+        """The text of every output id so far (without what the stream still holds back)."""
+        if self._stream is None:
+            return self.tokenizer.decode(self._ids, skip_special_tokens=True)
+        text = self.text
+        try:
+            for i in self._ids[self._fed :]:
+                chunk = self._stream.step(self.tokenizer, i)
+                self._held = chunk is None
+                if chunk:
+                    text += chunk
+        except Exception:  # noqa: BLE001 - DecodeStream's refusal (a rewritten prefix): decode whole
+            self._stream, self._held = None, False
+            return self.tokenizer.decode(self._ids, skip_special_tokens=True)
+        self._fed = len(self._ids)
+        return text

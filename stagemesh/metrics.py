@@ -37,6 +37,10 @@ KV_FREE = Gauge("stagemesh_kv_blocks_free", "KV blocks free for allocation (pref
 HOP = Histogram("stagemesh_hop_seconds",
                 "Mean network and relay time per stage hop of one micro-batch: (Forward round trip "
                 "minus the stages' compute) / stages.", buckets=_FAST)
+TURNAROUND = Histogram("stagemesh_step_turnaround_seconds",
+                       "Gateway time from applying a returned micro-batch to sending the one that takes its "
+                       "slot (sequences updated, the next step scheduled and built): host time the stages wait.",
+                       buckets=_FAST)
 REPLAYS = Counter("stagemesh_replays",
                   "Sequences recomputed from their token history: re-queued by a new plan or preempted.")
 

@@ -38,7 +38,8 @@ GRPC_PORT = {"gateway": 50051, "coordinator": 7000, "cache_service": 7100}
 METRICS_PORT = {"gateway": 9100, "coordinator": 9101, "cache_service": 9102}
 METRICS = {
     "histograms": ["stagemesh_ttft_seconds", "stagemesh_itl_seconds", "stagemesh_e2e_seconds",
-                   "stagemesh_stage_step_seconds", "stagemesh_hop_seconds"],
+                   "stagemesh_stage_step_seconds", "stagemesh_hop_seconds",
+                   "stagemesh_step_turnaround_seconds"],
     "others": ["stagemesh_queue_depth", "stagemesh_running_sequences", "stagemesh_kv_blocks_used",
                "stagemesh_kv_blocks_free", "stagemesh_prefix_hit_tokens_total",
                "stagemesh_prompt_tokens_total", "stagemesh_rebalances_total", "stagemesh_replays_total"],

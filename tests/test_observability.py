@@ -105,6 +105,7 @@ def test_metrics_move_on_every_service(running):
     assert delta("stagemesh_itl_seconds_count") == len(prompts) * (5 - 1)  # one gap per token after the first
     assert delta("stagemesh_prompt_tokens_total") == sum(map(len, prompts))
     assert delta("stagemesh_hop_seconds_count") > 0
+    assert delta("stagemesh_step_turnaround_seconds_count") > 0  # a returned step refilled its slot
     assert value(gw, "stagemesh_prefix_hit_tokens_total") >= 0
     assert value(gw, "stagemesh_kv_blocks_used") + value(gw, "stagemesh_kv_blocks_free") == KV_BLOCKS
     assert value(gw, "stagemesh_queue_depth") == 0 and value(gw, "stagemesh_running_sequences") == 0
