@@ -27,7 +27,8 @@ from pathlib import Path
 import grpc
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu.common import Vocab, mixed_workload  # noqa: E402
 from gateway.text import Detokenizer  # noqa: E402
@@ -146,7 +147,7 @@ def mesh_run(model_dir: Path, requests: int, inflight: int) -> dict:
     metrics_port = free_port()
     extra = ["--kv-blocks", "24000", "--max-batched-tokens", "4096", "--threads", "1",
              "--metrics-port", str(metrics_port), "--inflight", str(inflight)]
-    m = start_up(model_dir, 1, extra=extra)
+    m = start_up(model_dir, 1, extra=extra, cwd=ROOT)  # this tree's code, whichever is installed
     try:
         m.wait_ready(180)
         gateway = next(p for p in psutil.Process(m.proc.pid).children(recursive=True)
