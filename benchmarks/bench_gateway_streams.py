@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 
 import grpc
-import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu.common import Vocab, mixed_workload  # noqa: E402
+from benchmarks.gpu.probes import gateway_cpu_s, histogram  # noqa: E402
 from gateway.text import Detokenizer  # noqa: E402
 from stagemesh.cli.demo_model import write_demo_model  # noqa: E402
 from stagemesh.cli.harness import start_up  # noqa: E402
@@ -130,19 +130,6 @@ def bare_stream_us_per_message(n: int = 256, steps: int = 100) -> float:
 
 
 # -- 2b. the mesh ---------------------------------------------------------------------------------
-def _histogram(url: str, name: str) -> tuple[float, float]:
-    """(sum, count) of an unlabelled histogram on a /metrics page."""
-    import urllib.request
-
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    vals = {}
-    for line in text.splitlines():
-        if line.startswith((f"{name}_sum ", f"{name}_count ")):
-            key, value = line.split()
-            vals[key] = float(value)
-    return vals.get(f"{name}_sum", 0.0), vals.get(f"{name}_count", 0.0)
-
-
 def mesh_run(model_dir: Path, requests: int, inflight: int) -> dict:
     metrics_port = free_port()
     extra = ["--kv-blocks", "24000", "--max-batched-tokens", "4096", "--threads", "1",
@@ -150,8 +137,6 @@ def mesh_run(model_dir: Path, requests: int, inflight: int) -> dict:
     m = start_up(model_dir, 1, extra=extra, cwd=ROOT)  # this tree's code, whichever is installed
     try:
         m.wait_ready(180)
-        gateway = next(p for p in psutil.Process(m.proc.pid).children(recursive=True)
-                       if "gateway" in " ".join(p.cmdline()))
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         vocab = Vocab.of(model_dir)
 
@@ -161,12 +146,12 @@ def mesh_run(model_dir: Path, requests: int, inflight: int) -> dict:
                 await asyncio.gather(*[client.generate(prompt_ids=p, max_tokens=8, ignore_eos=True, timeout=600)
                                        for p, _ in warm])
                 work = mixed_workload(requests, vocab=vocab)
-                cpu0, turn0 = sum(gateway.cpu_times()[:2]), _histogram(url, "stagemesh_step_turnaround_seconds")
+                cpu0, turn0 = gateway_cpu_s(m.proc.pid), histogram(url, "stagemesh_step_turnaround_seconds")
                 t0 = time.perf_counter()
                 outs = await asyncio.gather(*[client.generate(prompt_ids=p, max_tokens=o, ignore_eos=True,
                                                               timeout=900) for p, o in work])
                 wall = time.perf_counter() - t0
-                cpu1, turn1 = sum(gateway.cpu_times()[:2]), _histogram(url, "stagemesh_step_turnaround_seconds")
+                cpu1, turn1 = gateway_cpu_s(m.proc.pid), histogram(url, "stagemesh_step_turnaround_seconds")
                 tokens = sum(o.completion_tokens for o in outs)
                 assert all(o.completion_tokens == w[1] for o, w in zip(outs, work)), "a request stopped early"
                 steps = turn1[1] - turn0[1]

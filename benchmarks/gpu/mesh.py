@@ -109,14 +109,15 @@ def bench_stagemesh(model_dir, specs: list[str], opts: MeshOptions, raw: dict) -
         log(f"stagemesh {spec} stage(s), --max-batched-tokens {opts.max_batched_tokens}: starting")
         with contextlib.ExitStack() as stack:
             env = {**stack.enter_context(mps_server(opts.out_dir)), **(opts.env or {})} if mps else opts.env
+            metrics_port = 53000 + 100 * i  # the gateway's /metrics (workers at +10..)
             mesh = start_mesh(model_dir, n, 52000 + 10 * i, opts.kv_total_bytes // n, opts.max_batched_tokens,
                               opts.out_dir / f"mesh_{spec}_{opts.max_batched_tokens}.log", opts.device,
-                              extra + opts.up_args, env, opts.threads)
+                              [*extra, "--metrics-port", str(metrics_port), *opts.up_args], env, opts.threads)
             try:
                 up = mesh.wait_ready(400)
                 log(f"  ready after {up:.0f}s")
                 r, raw[key] = {}, {}
-                asyncio.run(_mesh_suite(mesh, opts, r, raw[key], label=spec))
+                asyncio.run(_mesh_suite(mesh, opts, r, raw[key], spec, f"http://127.0.0.1:{metrics_port}/metrics"))
                 r["startup_s"] = up
                 res[key] = r
             except Exception as exc:  # keep the other stage counts' results
@@ -144,7 +145,7 @@ async def _stream(client, prompt, max_tokens):
     return first - t0, rate, ids
 
 
-async def _mesh_suite(mesh: RunningMesh, opts: MeshOptions, res: dict, raw: dict, label: str) -> None:
+async def _mesh_suite(mesh: RunningMesh, opts: MeshOptions, res: dict, raw: dict, label: str, metrics_url: str) -> None:
     from stagemesh.client import AsyncClient
 
     vocab = opts.vocab
@@ -164,20 +165,27 @@ async def _mesh_suite(mesh: RunningMesh, opts: MeshOptions, res: dict, raw: dict
         raw["decode_b1_tokens"] = [r[2] for r in b1]
         res["decode_b1_tokens_sha"] = tokens_digest(raw["decode_b1_tokens"])
         log(f"  batch-1 decode: {res['decode_b1_tok_s']:.1f} tok/s ({[round(r[1], 1) for r in b1]})")
-        await _mixed(client, mesh, opts, res, label)
+        await _mixed(client, mesh, opts, res, label, metrics_url)
 
 
-async def _mixed(client, mesh: RunningMesh, opts: MeshOptions, res: dict, label: str) -> None:
+async def _mixed(client, mesh: RunningMesh, opts: MeshOptions, res: dict, label: str, metrics_url: str) -> None:
     """The mixed workload all at once; per-stage busy time, GPU utilisation, tokens/s."""
     work = mixed_workload(64 if opts.quick else 256, vocab=opts.vocab)
     smi = probes.start_util_sampler()
     spies = probes.start_py_spy(opts.py_spy, opts.out_dir, label, mesh.proc.pid) if opts.py_spy else []
     busy0 = await probes.stage_busy(mesh.coordinator)
+    turn0 = probes.histogram(metrics_url, "stagemesh_step_turnaround_seconds")
+    cpu0 = probes.gateway_cpu_s(mesh.proc.pid)
     t0 = time.perf_counter()
     outs = await asyncio.gather(*[client.generate(prompt_ids=p, max_tokens=o, ignore_eos=True, timeout=900)
                                   for p, o in work])
     wall = time.perf_counter() - t0
     busy1 = await probes.stage_busy(mesh.coordinator)
+    turn1 = probes.histogram(metrics_url, "stagemesh_step_turnaround_seconds")
+    res["mixed_gateway_cpu_pct"] = round(100 * (probes.gateway_cpu_s(mesh.proc.pid) - cpu0) / wall, 1)
+    res["mixed_turnaround_ms"] = round((turn1[0] - turn0[0]) / max(1.0, turn1[1] - turn0[1]) * 1e3, 3)
+    log(f"  mixed: gateway CPU {res['mixed_gateway_cpu_pct']}% of one core; step turnaround "
+        f"{res['mixed_turnaround_ms']} ms mean (answer applied -> next step sent)")
     res["mixed_stage_steps"] = [b[0] - a[0] for a, b in zip(busy0, busy1)]
     res["mixed_stage_busy_pct"] = [round(100 * (b[1] - a[1]) / wall, 1) for a, b in zip(busy0, busy1)]
     res["mixed_stage_gpu_wait_s"] = [round(b[2] - a[2], 3) for a, b in zip(busy0, busy1)]

@@ -36,6 +36,26 @@ async def stage_busy(coordinator: str) -> list[tuple[int, float, float]]:
     return [(s["steps"], s["compute_s_total"], s["gpu_wait_s_total"]) for r in status["replicas"] for s in r["stages"]]
 
 
+def histogram(url: str, name: str) -> tuple[float, float]:
+    """(sum, count) of an unlabelled histogram on a /metrics page ((0, 0) when it is not there)."""
+    import urllib.request
+
+    vals = {}
+    for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
+        if line.startswith((f"{name}_sum ", f"{name}_count ")):
+            key, value = line.split()
+            vals[key] = float(value)
+    return vals.get(f"{name}_sum", 0.0), vals.get(f"{name}_count", 0.0)
+
+
+def gateway_cpu_s(root: int) -> float:
+    """User + system CPU seconds of the gateway process under `stagemesh up` (pid root)."""
+    import psutil
+
+    gateway = next(p for p in psutil.Process(root).children(recursive=True) if "gateway" in p.cmdline())  # -m gateway
+    return sum(gateway.cpu_times()[:2])
+
+
 def _descends_from(pid: int, root: int) -> bool:
     while pid > 1:
         if pid == root:
