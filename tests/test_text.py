@@ -67,15 +67,18 @@ def _random_ids(tok, seed: int, n: int) -> list[int]:
     return [rng.randrange(tok.get_vocab_size()) for _ in range(n)]
 
 
+def _assert_whole(tokenizer, ids, seed) -> None:
+    """The streamed text is the whole decode, and no delta but the last ends inside a character."""
+    deltas, hit, text = _stream(tokenizer, ids)
+    assert not hit
+    assert text == tokenizer.decode(ids, skip_special_tokens=True), seed
+    assert all(not d.endswith("\ufffd") for d in deltas[:-1] if d), seed
+
+
 def test_text_equals_whole_decode(tokenizer):
-    """Texts cut into ids: the streamed text is the whole decode, and no delta but the last ends
-    inside a character."""
+    """Texts cut into ids."""
     for seed in range(120):
-        ids = _text_ids(tokenizer, seed, random.Random(seed).randrange(1, 40))
-        deltas, hit, text = _stream(tokenizer, ids)
-        assert not hit
-        assert text == tokenizer.decode(ids, skip_special_tokens=True), seed
-        assert all(not d.endswith("\ufffd") for d in deltas[:-1] if d), seed
+        _assert_whole(tokenizer, _text_ids(tokenizer, seed, random.Random(seed).randrange(1, 40)), seed)
 
 
 def test_random_ids_byte_level():
@@ -85,11 +88,7 @@ def test_random_ids_byte_level():
     no stream can match that, and the old whole-decode-per-step did not either.)"""
     tokenizer = train_tokenizer()
     for seed in range(120):
-        ids = _random_ids(tokenizer, seed, random.Random(seed).randrange(1, 80))
-        deltas, hit, text = _stream(tokenizer, ids)
-        assert not hit
-        assert text == tokenizer.decode(ids, skip_special_tokens=True), seed
-        assert all(not d.endswith("\ufffd") for d in deltas[:-1] if d), seed
+        _assert_whole(tokenizer, _random_ids(tokenizer, seed, random.Random(seed).randrange(1, 80)), seed)
 
 
 def test_stop_string_cuts_at_first_occurrence(tokenizer):
