@@ -154,6 +154,8 @@ def mesh_run(model_dir: Path, requests: int, inflight: int) -> dict:
                 cpu1, turn1 = gateway_cpu_s(m.proc.pid), histogram(url, "stagemesh_step_turnaround_seconds")
                 tokens = sum(o.completion_tokens for o in outs)
                 assert all(o.completion_tokens == w[1] for o, w in zip(outs, work)), "a request stopped early"
+                if None in (cpu0, cpu1, turn0, turn1):
+                    raise RuntimeError("the gateway's CPU time or /metrics could not be read")
                 steps = turn1[1] - turn0[1]
                 return {"output_tokens": tokens, "wall_s": round(wall, 2), "output_tok_s": round(tokens / wall),
                         "gateway_cpu_us_per_token": round((cpu1 - cpu0) / tokens * 1e6, 1),

@@ -6,9 +6,11 @@ Forward (token ids + block-table deltas). When the sampled ids come back up the 
 `Scheduler.update` appends them and the request's `TokenSink` streams them out.
 
 A returned step's next micro-batch goes out before the clients hear of its tokens: the sinks post
-their deltas to an `Outbox` held while the step is applied and its slot refilled, and the streams
-get them in one callback after that. On one event loop with hundreds of streams, each delta's
-gRPC write (~40 us of CPU) would otherwise queue the next Forward behind every one of them.
+their deltas to an `Outbox` held while the step is applied and its slot refilled (the Forward call
+made there, so its RPC's tasks are queued first), and the streams get them in one callback after
+that. On one event loop with hundreds of streams, each delta's gRPC write (~40 us of CPU) would
+otherwise queue the next Forward behind every one of them. Answers already back when a step is
+applied are applied first; the last of them refills, as before.
 
 Runs on the gateway's event loop only; the scheduler and block manager are never touched from
 another thread.
@@ -83,7 +85,7 @@ class Outbox:
     def __init__(self) -> None:
         self._pending: list[tuple[asyncio.Queue, object]] = []
         self._holds = 0
-        self._flush_due = False
+        self._flush: asyncio.Handle | None = None
 
     def put(self, queue: asyncio.Queue, item) -> None:
         if self._holds or self._pending:  # behind what waits already: a stream's order is kept
@@ -98,12 +100,13 @@ class Outbox:
             yield
         finally:
             self._holds -= 1
-            if not self._holds and self._pending and not self._flush_due:
-                self._flush_due = True
-                asyncio.get_running_loop().call_soon(self._flush)
+            if not self._holds and self._pending:  # behind whatever this hold queued (an RPC's tasks)
+                if self._flush is not None:
+                    self._flush.cancel()
+                self._flush = asyncio.get_running_loop().call_soon(self._hand_over)
 
-    def _flush(self) -> None:
-        self._flush_due = False
+    def _hand_over(self) -> None:
+        self._flush = None
         pending, self._pending = self._pending, []
         for queue, item in pending:
             queue.put_nowait(item)
@@ -164,6 +167,7 @@ class ReplicaEngine:
         # of the step before it): each step waits for this future of the step sent before it.
         self._last_sent: asyncio.Future | None = None
         self._step_id = 0
+        self._answered = 0  # steps whose answer is back, waiting for the one before to be applied
         self._task: asyncio.Task | None = None
         self._closed = False
         self._failures = 0
@@ -309,7 +313,9 @@ class ReplicaEngine:
 
     def _fill(self, answered_at: float | None = None) -> None:
         """Send micro-batches while fewer than the target are in flight and the scheduler has one
-        (answered_at: when the step whose slot they take began to be applied)."""
+        (answered_at: when the step whose slot they take began to be applied). The call is made
+        here, not in the step's task: inside an Outbox hold, so the RPC's own tasks are queued
+        before the clients' deltas are handed over."""
         while not self._closed and self._inflight.get(self.generation, 0) < self.scheduler.shape.inflight_target:
             plan = self.scheduler.schedule()
             for seq in self.scheduler.rejected:
@@ -322,8 +328,12 @@ class ReplicaEngine:
             prev, self._last_sent = self._last_sent, asyncio.get_running_loop().create_future()
             # Built now: the next plan may already append blocks to these sequences' tables.
             req = self._request(plan)
-            asyncio.get_running_loop().create_task(self._run_step(plan, req, gen, prev, self._last_sent, answered_at))
-            answered_at = None  # one slot was freed: the steps after it are sent for other reasons
+            sent_at = time.perf_counter()
+            call = self._stub.Forward(req, timeout=self.forward_timeout_s)
+            if answered_at is not None:
+                metrics.TURNAROUND.observe(sent_at - answered_at)
+                answered_at = None  # one slot was freed: the steps after it are sent for other reasons
+            asyncio.get_running_loop().create_task(self._run_step(plan, call, gen, prev, self._last_sent, sent_at))
 
     def _request(self, plan: StepPlan) -> pb.ForwardRequest:
         self._step_id += 1
@@ -335,27 +345,29 @@ class ReplicaEngine:
         req.lease_owner, req.lease_order = self.owner, self.lease_order
         return req
 
-    async def _run_step(self, plan: StepPlan, req: pb.ForwardRequest, generation: int,
-                        prev: asyncio.Future | None, applied: asyncio.Future, answered_at: float | None = None) -> None:
-        t0 = time.perf_counter()
-        if answered_at is not None:
-            metrics.TURNAROUND.observe(t0 - answered_at)
+    async def _run_step(self, plan: StepPlan, call, generation: int, prev: asyncio.Future | None,
+                        applied: asyncio.Future, sent_at: float) -> None:
         try:
             error = None
             try:
-                resp = await self._stub.Forward(req, timeout=self.forward_timeout_s)
+                resp = await call
             except grpc.aio.AioRpcError as exc:
                 error = exc
-            if prev is not None:
-                await prev  # the step sent before this one is applied first
+            self._answered += 1
+            try:
+                if prev is not None:
+                    await prev  # the step sent before this one is applied first
+            finally:
+                self._answered -= 1
             if error is not None:
                 await self._step_failed(plan, generation, error)  # backs off before the slot frees
             else:
                 with self.outbox.hold():  # the clients hear of these tokens after the next step is sent
                     answered_at = time.perf_counter()
-                    self._apply(plan, generation, resp, t0)
+                    self._apply(plan, generation, resp, sent_at)
                     self._free_slot(generation, applied)
-                    self._fill(answered_at)
+                    if not self._answered:  # answers already back are applied first (their EOS
+                        self._fill(answered_at)  # and stops known), the last of them refills
         finally:
             self._free_slot(generation, applied)
 

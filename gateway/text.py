@@ -104,9 +104,9 @@ class Detokenizer:
     """Per-request text state. Not thread-safe; used from the gateway's event loop.
 
     Decodes incrementally (tokenizers' DecodeStream: each new id decodes a window of the last few,
-    not the whole output again), so a token costs the same at the 10th and the 10,000th output id;
-    the text equals decoding every output id at once. A tokenizer whose decoding of a longer window
-    rewrites earlier text (DecodeStream refuses it) is decoded whole from then on.
+    not the whole output again); the text equals decoding every output id at once. A tokenizer
+    whose decoding of a longer window rewrites earlier text (DecodeStream refuses it) is decoded
+    whole from then on.
     """
 
     def __init__(self, tokenizer: Tokenizer | None, stop: list[str]):
@@ -118,7 +118,7 @@ class Detokenizer:
         self._stream = DecodeStream(skip_special_tokens=True) if tokenizer is not None else None
         self._ids: list[int] = []  # the output ids last seen
         self._fed = 0  # of them, ids given to the stream
-        self._held = False  # the stream holds ids back (their text ends in an incomplete character)
+        self._held = False  # the stream gave nothing for the last id (an incomplete character, or a skipped special token)
         self._hit = False
 
     def update(self, output_ids: list[int]) -> tuple[str, bool]:
@@ -126,12 +126,7 @@ class Detokenizer:
         if self.tokenizer is None:
             return "", False
         self._ids = output_ids
-        text = self._decode()
-        for s in self.stop:
-            at = text.find(s, max(0, self.emitted - len(s)))
-            if at != -1:
-                text, self._hit = text[:at], True
-        self.text = text
+        text = self.text = self._cut(self._decode())
         if self._hit:
             return self.flush(), True
         safe = len(text) - self._holdback
@@ -144,10 +139,18 @@ class Detokenizer:
 
     def flush(self) -> str:
         if self._held and not self._hit:  # the end: what the stream held back, as a whole decode shows it
-            self.text = self.tokenizer.decode(self._ids, skip_special_tokens=True)
+            self.text = self._cut(self.tokenizer.decode(self._ids, skip_special_tokens=True))
             self._held = False
         delta, self.emitted = self.text[self.emitted :], len(self.text)
         return delta
+
+    def _cut(self, text: str) -> str:
+        """text up to the first stop string past what was sent (sets _hit when one is there)."""
+        for s in self.stop:
+            at = text.find(s, max(0, self.emitted - len(s)))
+            if at != -1:
+                text, self._hit = text[:at], True
+        return text
 
     def _decode(self) -> str:
         """The text of every output id so far (without what the stream still holds back)."""

@@ -38,8 +38,9 @@ HOP = Histogram("stagemesh_hop_seconds",
                 "Mean network and relay time per stage hop of one micro-batch: (Forward round trip "
                 "minus the stages' compute) / stages.", buckets=_FAST)
 TURNAROUND = Histogram("stagemesh_step_turnaround_seconds",
-                       "Gateway time from applying a returned micro-batch to sending the one that takes its "
-                       "slot (sequences updated, the next step scheduled and built): host time the stages wait.",
+                       "Gateway time from applying a returned micro-batch to issuing the Forward that takes its "
+                       "slot (sequences updated, the next step scheduled and built): with one micro-batch in "
+                       "flight the stages wait this long; with more, it uses up the time the queued ones cover.",
                        buckets=_FAST)
 REPLAYS = Counter("stagemesh_replays",
                   "Sequences recomputed from their token history: re-queued by a new plan or preempted.")

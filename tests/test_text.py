@@ -131,3 +131,19 @@ def test_rewritten_prefix_falls_back_to_whole_decode():
     whole = tok.decode(ids, skip_special_tokens=True)
     assert whole.startswith("\ufffd") and deltas[0] == "A"
     assert text == "A" + whole[1:]
+
+
+def test_stop_string_in_held_back_text_is_cut_at_the_end():
+    """The last id brings a stop string and the first byte of a character in one token (byte-level
+    BPE merges both): the stream holds its text back, and the end's whole decode is still cut."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab["ab"], vocab["abæ"] = len(vocab), len(vocab) + 1  # "æ" spells the byte 0xE6 (a lead byte)
+    tok = Tokenizer(models.BPE(vocab, [("a", "b"), ("ab", "æ")]))
+    tok.decoder = decoders.ByteLevel()
+    ids = [vocab["h"], vocab["i"], vocab["abæ"]]
+    assert tok.decode(ids) == "hiab\ufffd"
+    deltas, hit, text = _stream(tok, ids, ["ab"])
+    assert text == "hi"

@@ -109,7 +109,7 @@ def bench_stagemesh(model_dir, specs: list[str], opts: MeshOptions, raw: dict) -
         log(f"stagemesh {spec} stage(s), --max-batched-tokens {opts.max_batched_tokens}: starting")
         with contextlib.ExitStack() as stack:
             env = {**stack.enter_context(mps_server(opts.out_dir)), **(opts.env or {})} if mps else opts.env
-            metrics_port = 53000 + 100 * i  # the gateway's /metrics (workers at +10..)
+            metrics_port = 29000 + 100 * i  # the gateway's /metrics (workers at +10..), below the ephemeral ports
             mesh = start_mesh(model_dir, n, 52000 + 10 * i, opts.kv_total_bytes // n, opts.max_batched_tokens,
                               opts.out_dir / f"mesh_{spec}_{opts.max_batched_tokens}.log", opts.device,
                               [*extra, "--metrics-port", str(metrics_port), *opts.up_args], env, opts.threads)
@@ -182,8 +182,10 @@ async def _mixed(client, mesh: RunningMesh, opts: MeshOptions, res: dict, label:
     wall = time.perf_counter() - t0
     busy1 = await probes.stage_busy(mesh.coordinator)
     turn1 = probes.histogram(metrics_url, "stagemesh_step_turnaround_seconds")
-    res["mixed_gateway_cpu_pct"] = round(100 * (probes.gateway_cpu_s(mesh.proc.pid) - cpu0) / wall, 1)
-    res["mixed_turnaround_ms"] = round((turn1[0] - turn0[0]) / max(1.0, turn1[1] - turn0[1]) * 1e3, 3)
+    cpu1 = probes.gateway_cpu_s(mesh.proc.pid)
+    res["mixed_gateway_cpu_pct"] = None if None in (cpu0, cpu1) else round(100 * (cpu1 - cpu0) / wall, 1)
+    res["mixed_turnaround_ms"] = (None if None in (turn0, turn1) or turn1[1] <= turn0[1]
+                                  else round((turn1[0] - turn0[0]) / (turn1[1] - turn0[1]) * 1e3, 3))
     log(f"  mixed: gateway CPU {res['mixed_gateway_cpu_pct']}% of one core; step turnaround "
         f"{res['mixed_turnaround_ms']} ms mean (answer applied -> next step sent)")
     res["mixed_stage_steps"] = [b[0] - a[0] for a, b in zip(busy0, busy1)]

@@ -36,24 +36,33 @@ async def stage_busy(coordinator: str) -> list[tuple[int, float, float]]:
     return [(s["steps"], s["compute_s_total"], s["gpu_wait_s_total"]) for r in status["replicas"] for s in r["stages"]]
 
 
-def histogram(url: str, name: str) -> tuple[float, float]:
-    """(sum, count) of an unlabelled histogram on a /metrics page ((0, 0) when it is not there)."""
+def histogram(url: str, name: str) -> tuple[float, float] | None:
+    """(sum, count) of an unlabelled histogram on a /metrics page; None when the page or the
+    histogram is not there (a tree without it, a gateway restarting)."""
     import urllib.request
 
+    try:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+    except OSError:
+        return None
     vals = {}
-    for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
+    for line in text.splitlines():
         if line.startswith((f"{name}_sum ", f"{name}_count ")):
             key, value = line.split()
             vals[key] = float(value)
-    return vals.get(f"{name}_sum", 0.0), vals.get(f"{name}_count", 0.0)
+    return (vals[f"{name}_sum"], vals[f"{name}_count"]) if len(vals) == 2 else None
 
 
-def gateway_cpu_s(root: int) -> float:
-    """User + system CPU seconds of the gateway process under `stagemesh up` (pid root)."""
+def gateway_cpu_s(root: int) -> float | None:
+    """User + system CPU seconds of the gateway process under `stagemesh up` (pid root); None when
+    it is not there (restarting)."""
     import psutil
 
-    gateway = next(p for p in psutil.Process(root).children(recursive=True) if "gateway" in p.cmdline())  # -m gateway
-    return sum(gateway.cpu_times()[:2])
+    try:
+        gateway = next(p for p in psutil.Process(root).children(recursive=True) if "gateway" in p.cmdline())  # -m gateway
+        return sum(gateway.cpu_times()[:2])
+    except (StopIteration, psutil.Error):
+        return None
 
 
 def _descends_from(pid: int, root: int) -> bool:
