@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu.common import Vocab, mixed_workload  # noqa: E402
-from benchmarks.gpu.probes import gateway_cpu_s, histogram  # noqa: E402
-from gateway.text import Detokenizer  # noqa: E402
+from benchmarks.gpu.probes import gateway_cpu_s, histogram, histogram_mean  # noqa: E402
+from gateway.text import Detokenizer, load_tokenizer  # noqa: E402
 from stagemesh.cli.demo_model import write_demo_model  # noqa: E402
 from stagemesh.cli.harness import start_up  # noqa: E402
 from stagemesh.client import AsyncClient  # noqa: E402
@@ -156,10 +156,10 @@ def mesh_run(model_dir: Path, requests: int, inflight: int) -> dict:
                 assert all(o.completion_tokens == w[1] for o, w in zip(outs, work)), "a request stopped early"
                 if None in (cpu0, cpu1):
                     raise RuntimeError("the gateway's CPU time could not be read")
-                steps = 0 if None in (turn0, turn1) else int(turn1[1] - turn0[1])  # 0: a gateway without the metric
+                turnaround_s, steps = histogram_mean(turn0, turn1)  # None, 0: a gateway without the metric
                 return {"output_tokens": tokens, "wall_s": round(wall, 2), "output_tok_s": round(tokens / wall),
                         "gateway_cpu_us_per_token": round((cpu1 - cpu0) / tokens * 1e6, 1),
-                        "turnaround_mean_ms": round((turn1[0] - turn0[0]) / steps * 1e3, 2) if steps else None,
+                        "turnaround_mean_ms": None if turnaround_s is None else round(turnaround_s * 1e3, 2),
                         "turnarounds": steps}
 
         return asyncio.run(run())
@@ -175,8 +175,6 @@ def main() -> None:
     args = ap.parse_args()
     model_dir = write_demo_model(Path(tempfile.mkdtemp()) / "tiny", num_layers=1, hidden_size=32, num_heads=2,
                                  num_kv_heads=1, intermediate_size=64)
-    from gateway.text import load_tokenizer
-
     result = {"detokenize_demo_tokenizer": detok_table(load_tokenizer(model_dir))}
     floor = bare_stream_us_per_message(args.requests)
     print(f"bare grpc.aio streaming: {floor:.1f} us of server CPU per message", flush=True)

@@ -5,12 +5,10 @@ for micro-batches while fewer than `inflight_target` are in flight and sends eac
 Forward (token ids + block-table deltas). When the sampled ids come back up the chain,
 `Scheduler.update` appends them and the request's `TokenSink` streams them out.
 
-A returned step's next micro-batch goes out before the clients hear of its tokens: the sinks post
-their deltas to an `Outbox` held while the step is applied and its slot refilled (the Forward call
-made there, so its RPC's tasks are queued first), and the streams get them in one callback after
-that. On one event loop with hundreds of streams, each delta's gRPC write (~40 us of CPU) would
-otherwise queue the next Forward behind every one of them. Answers already back when a step is
-applied are applied first; the last of them refills, as before.
+A returned step's next micro-batch goes out before the clients hear of its tokens: the Forward
+call that takes its slot is made while the gateway's `Outbox` (gateway/outbox.py) holds the
+sinks' deltas. Answers already back when a step is applied are applied first; the last of them
+refills, as before.
 
 Runs on the gateway's event loop only; the scheduler and block manager are never touched from
 another thread.
@@ -19,7 +17,6 @@ another thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -37,6 +34,7 @@ from stagemesh.v1 import stagemesh_pb2 as pb
 from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
 from gateway.block_manager import BlockManager, CacheEvents
+from gateway.outbox import Outbox
 from gateway.scheduler import Scheduler, SchedulerConfig, StepShape
 from gateway.sequence import Sequence, Status
 from gateway.step_plan import StepPlan
@@ -75,41 +73,6 @@ class TokenSink(Protocol):
 
     def on_finish(self, seq: Sequence) -> None:
         """The sequence ended (finish_reason set)."""
-
-
-class Outbox:
-    """Deltas for the clients' stream queues, held while an engine applies a step and sends the
-    next one, then handed over in one callback, in the order they were posted (shared by every
-    engine of a gateway, so a stream's deltas stay in order wherever its sequence runs)."""
-
-    def __init__(self) -> None:
-        self._pending: list[tuple[asyncio.Queue, object]] = []
-        self._holds = 0
-        self._flush: asyncio.Handle | None = None
-
-    def put(self, queue: asyncio.Queue, item) -> None:
-        if self._holds or self._pending:  # behind what waits already: a stream's order is kept
-            self._pending.append((queue, item))
-        else:
-            queue.put_nowait(item)
-
-    @contextlib.contextmanager
-    def hold(self):
-        self._holds += 1
-        try:
-            yield
-        finally:
-            self._holds -= 1
-            if not self._holds and self._pending:  # behind whatever this hold queued (an RPC's tasks)
-                if self._flush is not None:
-                    self._flush.cancel()
-                self._flush = asyncio.get_running_loop().call_soon(self._hand_over)
-
-    def _hand_over(self) -> None:
-        self._flush = None
-        pending, self._pending = self._pending, []
-        for queue, item in pending:
-            queue.put_nowait(item)
 
 
 @dataclass(frozen=True)

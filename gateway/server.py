@@ -28,7 +28,8 @@ from stagemesh.v1 import stagemesh_pb2_grpc as pb_grpc
 
 from gateway.auth import ApiKeyAuth
 from gateway.config import GatewayConfig
-from gateway.engine import Outbox, ReplicaEngine, ReplicaPlan
+from gateway.engine import ReplicaEngine, ReplicaPlan
+from gateway.outbox import Outbox
 from gateway.outputs import add_logprobs, sample_specs, stop_reason
 from gateway.prefix_index import PrefixIndexLink
 from gateway.readiness import NOT_READY, Readiness

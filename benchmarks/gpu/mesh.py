@@ -184,8 +184,8 @@ async def _mixed(client, mesh: RunningMesh, opts: MeshOptions, res: dict, label:
     turn1 = probes.histogram(metrics_url, "stagemesh_step_turnaround_seconds")
     cpu1 = probes.gateway_cpu_s(mesh.proc.pid)
     res["mixed_gateway_cpu_pct"] = None if None in (cpu0, cpu1) else round(100 * (cpu1 - cpu0) / wall, 1)
-    res["mixed_turnaround_ms"] = (None if None in (turn0, turn1) or turn1[1] <= turn0[1]
-                                  else round((turn1[0] - turn0[0]) / (turn1[1] - turn0[1]) * 1e3, 3))
+    turnaround_s, _ = probes.histogram_mean(turn0, turn1)
+    res["mixed_turnaround_ms"] = None if turnaround_s is None else round(turnaround_s * 1e3, 3)
     log(f"  mixed: gateway CPU {res['mixed_gateway_cpu_pct']}% of one core; step turnaround "
         f"{res['mixed_turnaround_ms']} ms mean (answer applied -> next step sent)")
     res["mixed_stage_steps"] = [b[0] - a[0] for a, b in zip(busy0, busy1)]

@@ -53,6 +53,15 @@ def histogram(url: str, name: str) -> tuple[float, float] | None:
     return (vals[f"{name}_sum"], vals[f"{name}_count"]) if len(vals) == 2 else None
 
 
+def histogram_mean(before: tuple[float, float] | None, after: tuple[float, float] | None) -> tuple[float | None, int]:
+    """(mean in seconds, count) of a histogram's observations between two `histogram` readings;
+    (None, 0) when either is missing or nothing was observed."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None, 0
+    count = int(after[1] - before[1])
+    return (after[0] - before[0]) / count, count
+
+
 def gateway_cpu_s(root: int) -> float | None:
     """User + system CPU seconds of the gateway process under `stagemesh up` (pid root); None when
     it is not there (restarting)."""
