@@ -90,8 +90,11 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         x = torch.randn(m, kdim, generator=gen)
         ref = x @ (w.float() * s).t()
         tol = dict(rtol=1e-3, atol=1e-3 * ref.abs().max().item())
-        if m <= k.GEMV_MAX_M:
-            torch.testing.assert_close(k.w8a16_gemv(x, w, grid, 1), ref, **tol)
+        if m <= k.GEMV_MAX_M:  # scales applied once per row (the default here) and per group
+            assert k.gemv_scale_mode(1, grid, k.GEMV_CONFIG[0]) == "row"
+            for mode in ("row", "grid"):
+                torch.testing.assert_close(k.w8a16_gemv(x, w, grid, 1, scale_mode=mode), ref, **tol)
+            torch.testing.assert_close(k.w8a16_gemv(x, w, grid, 1, late_sum=True), ref, **tol)
         x16 = x.to(torch.float16)
         torch.testing.assert_close(k.w8a16_block_gemm(x16, w, grid, 1, torch.float32),
                                    x16.float() @ (w.float() * s).t(), **tol)
@@ -152,8 +155,14 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         ref = k.w8a16_gemv_torch(x, w, ws, group_n)
         for config in (None, (16, 128, 4, 2), (4, 1024, 4, 2))[: 3 if m == 1 else 2]:  # (the interpreter is slow)
             for late_sum in ((True, False) if m == 1 else (False,)):  # one row: both summation orders
-                got = k.w8a16_gemv(x, w, ws, group_n, config=config, late_sum=late_sum)
-                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+                bn = (config or k.GEMV_CONFIG)[0]
+                modes = ["grid"] + (["shared"] if group_n % bn == 0 else [])  # the block's rows share scales
+                assert k.gemv_scale_mode(group_n, ws, bn) == modes[-1]
+                for mode in modes:
+                    got = k.w8a16_gemv(x, w, ws, group_n, config=config, late_sum=late_sum, scale_mode=mode)
+                    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        with pytest.raises(ValueError, match="does not fit"):
+            k.w8a16_gemv(x, w, ws, group_n, config=(256, 128, 4, 2), scale_mode="shared")
 
         assert k.fp8_gemm(x, w, ws, group_n, "gemv").shape == (m, n)
         with pytest.raises(ValueError, match="at most"):

@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks.gpu.graph_timing import graph_us  # noqa: E402
 from stage_worker.kernels import fp8 as k  # noqa: E402
 from stage_worker.models import quant  # noqa: E402
 from benchmarks.gpu.checkpoint import V3  # noqa: E402
@@ -167,7 +168,7 @@ def _one(name, m, n, kk, gen, wq, ws, w_deq, wb, ws_mm, tune) -> dict:
 
 def gemv_rows() -> dict:
     """Section 3 of the module docstring."""
-    rows, totals, other_totals = [], {}, {}
+    rows, totals, other_totals, grid_totals = [], {}, {}, {}
     for name, (n, kk) in {**SHAPES, **LLAMA8B_SHAPES}.items():
         gen = torch.Generator(device="cuda").manual_seed(n + kk)
         wq, ws = quant.quantize_blocks(torch.randn(n, kk, device="cuda", generator=gen) * 0.02)
@@ -182,6 +183,10 @@ def gemv_rows() -> dict:
             for cfg in GEMV_CANDIDATES:
                 try:
                     ms = bench(lambda: k.w8a16_gemv(x, wq, ws, 128, config=cfg))
+                    grid_ms = bench(lambda: k.w8a16_gemv(x, wq, ws, 128, config=cfg, scale_mode="grid"))
+                    r[f"gemv-grid {cfg}"] = gbs(grid_ms)  # each row's own scales (the form before)
+                    if m <= quant.GEMV_DISPATCH_MAX_M:
+                        grid_totals[cfg] = grid_totals.get(cfg, 0.0) + grid_ms
                     if m == 1:  # the other summation order, for comparison
                         other_ms = bench(lambda: k.w8a16_gemv(x, wq, ws, 128, config=cfg, late_sum=not k.GEMV_LATE_SUM))
                         r[f"gemv-other-sum {cfg}"] = gbs(other_ms)
@@ -210,8 +215,69 @@ def gemv_rows() -> dict:
     other = other_totals.get(k.GEMV_CONFIG, float("nan"))
     print(f"gemv: summation at one row, tile {k.GEMV_CONFIG}: late_sum={k.GEMV_LATE_SUM} (default) "
           f"{totals.get(k.GEMV_CONFIG, float('nan')):.3f} ms, late_sum={not k.GEMV_LATE_SUM} {other:.3f} ms", flush=True)
+    print(f"gemv: scales, tile {k.GEMV_CONFIG}: shared per block (default) {totals.get(k.GEMV_CONFIG, float('nan')):.3f} "
+          f"ms, per row's grid {grid_totals.get(k.GEMV_CONFIG, float('nan')):.3f} ms", flush=True)
     return {"rows": rows, "best": list(best_cfg), "total_ms": {str(c): t for c, t in totals.items()},
-            "other_sum_total_ms": {str(c): t for c, t in other_totals.items()}}
+            "other_sum_total_ms": {str(c): t for c, t in other_totals.items()},
+            "grid_total_ms": {str(c): t for c, t in grid_totals.items()}}
+
+
+GEMV_LAYERS = 8  # distinct layers' weights in --gemv-layers (1.7 GB of FP8: no L2 reuse between layers)
+
+
+def gemv_layer_rows() -> dict:
+    """`--gemv-layers`: the GEMVs of batch-1 decode as a step runs them: Llama-3.1-8B's four
+    projections (128x128 blocks) over GEMV_LAYERS layers, one row, captured in a CUDA graph and
+    replayed, per tile and scale mode (graph_timing); bf16 torch.mm on the same weights beside.
+    Microseconds per layer and GB/s of weight bytes; every tile's output equal to the shipped
+    one's within fp32 summation order."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    layers = []
+    for _ in range(GEMV_LAYERS):
+        layer = []
+        for n, kk in LLAMA8B_SHAPES.values():
+            wq, ws = quant.quantize_blocks(torch.randn(n, kk, device="cuda", generator=gen) * 0.02)
+            layer.append((wq, ws))
+        layers.append(layer)
+    xs = {kk: torch.randn(1, kk, device="cuda", generator=gen).to(torch.bfloat16) for _, kk in LLAMA8B_SHAPES.values()}
+    fp8_bytes = sum(n * kk for n, kk in LLAMA8B_SHAPES.values())
+
+    def run(cfg, mode):
+        def step():
+            for layer in layers:
+                for wq, ws in layer:
+                    k.w8a16_gemv(xs[wq.shape[1]], wq, ws, 128, config=cfg, scale_mode=mode)
+        return step
+
+    out = {"layers": GEMV_LAYERS, "fp8_bytes_per_layer": fp8_bytes, "us_per_layer": {}}
+    ref = [k.w8a16_gemv(xs[wq.shape[1]], wq, ws, 128) for wq, ws in layers[0]]
+    for cfg in GEMV_CANDIDATES:
+        for mode in ("shared", "grid"):
+            try:
+                us = graph_us(run(cfg, mode), calls=3) / GEMV_LAYERS
+                got = [k.w8a16_gemv(xs[wq.shape[1]], wq, ws, 128, config=cfg, scale_mode=mode) for wq, ws in layers[0]]
+            except Exception as exc:  # a tile that does not compile
+                print(f"  gemv {cfg} {mode} failed: {type(exc).__name__}", flush=True)
+                continue
+            err = max(rel(g, r.float()) for g, r in zip(got, ref))
+            out["us_per_layer"][f"{cfg} {mode}"] = us
+            print(f"gemv layers {cfg} {mode:>6}: {us:6.1f} us per layer, {fp8_bytes / us / 1e3:5.0f} GB/s, "
+                  f"rel diff to shipped {err:.1e}", flush=True)
+    del layers
+    wb = [[torch.randn(n, kk, device="cuda", generator=gen).to(torch.bfloat16) for n, kk in LLAMA8B_SHAPES.values()]
+          for _ in range(GEMV_LAYERS)]
+
+    def bf16_step():
+        for layer in wb:
+            for w in layer:
+                torch.mm(xs[w.shape[1]], w.t())
+    out["bf16_us_per_layer"] = graph_us(bf16_step, calls=3) / GEMV_LAYERS
+    best = min(out["us_per_layer"], key=out["us_per_layer"].get)
+    out["best"] = best
+    print(f"gemv layers: bf16 {out['bf16_us_per_layer']:.1f} us per layer ({2 * fp8_bytes / out['bf16_us_per_layer'] / 1e3:.0f}"
+          f" GB/s); shipped {k.GEMV_CONFIG} shared {out['us_per_layer'].get(f'{k.GEMV_CONFIG} shared', float('nan')):.1f}; "
+          f"best {best} {out['us_per_layer'][best]:.1f}", flush=True)
+    return out
 
 
 def act_quant_rows() -> list[dict]:
@@ -417,6 +483,7 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--skip-stage", action="store_true")
     ap.add_argument("--gemv", action="store_true", help="only section 3: decode's few rows")
+    ap.add_argument("--gemv-layers", action="store_true", help="batch-1 GEMVs of Llama-8B layers in a CUDA graph")
     ap.add_argument("--act-quant", action="store_true", help="only the activation quant: groups per program")
     ap.add_argument("--split-k", default="1", help="K slices of the Triton GEMM to try, e.g. 1,2,4 (1: as shipped)")
     ap.add_argument("--llama", action="store_true", help="GEMMs at Llama-3.1-8B's shapes and decode-size M only")
@@ -437,6 +504,9 @@ def main() -> None:
     if args.act_quant:
         report["act_quant"] = act_quant_rows()
         return save("bench_fp8_act_quant.json")
+    if args.gemv_layers:
+        report["gemv_layers"] = gemv_layer_rows()
+        return save("bench_fp8_gemv_layers.json")
     if args.gemv:
         report["gemv"] = gemv_rows()
         return save("bench_fp8_gemv.json")

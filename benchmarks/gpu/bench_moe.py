@@ -37,6 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks.gpu.graph_timing import graphed  # noqa: E402
 from stage_worker.kernels import fused_moe  # noqa: E402
 from stage_worker.models.moe import MoESpec, RouterSpec, SparseMoE, grouped_linear  # noqa: E402
 
@@ -94,20 +95,6 @@ def bench(fn, reps_ms: int = 100) -> float:
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=reps_ms, return_mode="median")
-
-
-def graphed(fn):
-    """fn captured in a CUDA graph (raises if fn syncs with the host)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def syncs(fn) -> bool:

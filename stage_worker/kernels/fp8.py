@@ -404,20 +404,37 @@ if triton is not None:
 GEMV_MAX_M = 4  # rows the W8A16 GEMV takes (its [M, BLOCK_N] accumulator is unrolled over M)
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): benchmarks/gpu/bench_fp8.py --gemv sweeps them. On an H100
 # at one row, 12 tiles within 1.5x of each other; this one is best or within 4% at every Llama-8B shape.
-GEMV_CONFIG: tuple[int, int, int, int] = (8, 1024, 4, 2)
+# STAGEMESH_FP8_GEMV_TILE ("BLOCK_N,BLOCK_K,warps,stages") sets it (a same-run comparison).
+GEMV_CONFIG: tuple[int, int, int, int] = tuple(
+    int(v) for v in os.environ.get("STAGEMESH_FP8_GEMV_TILE", "8,1024,4,2").split(","))
 # w8a16_gemv's late_sum default; STAGEMESH_FP8_GEMV_LATE_SUM=1 sets it (a same-run comparison).
 GEMV_LATE_SUM = os.environ.get("STAGEMESH_FP8_GEMV_LATE_SUM", "0") == "1"
 
 
+GEMV_SCALE_MODES = ("grid", "shared", "row")  # the kernel's SCALE_MODE is the index
+
+
+def gemv_scale_mode(group_n: int, ws: torch.Tensor, block_n: int) -> str:
+    """How the GEMV applies the weight scales: "row" (one scale per row, constant along K: a
+    per-channel grid, stride 0 along K; applied once to the row's sum), "shared" (a program's
+    BLOCK_N rows share one scale row, group_n a multiple of BLOCK_N: x is scaled per 128-column
+    group once and the weight multiplied in plain products), else "grid" (each row's own
+    scale per group, the general form)."""
+    if group_n == 1 and ws.stride(1) == 0:
+        return "row"
+    return "shared" if group_n % block_n == 0 else "grid"
+
+
 def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,
                out_dtype: torch.dtype | None = None, config: tuple[int, int, int, int] | None = None,
-               late_sum: bool | None = None) -> torch.Tensor:
+               late_sum: bool | None = None, scale_mode: str | None = None) -> torch.Tensor:
     """x [M, K] (M <= GEMV_MAX_M, any float dtype), w [N, K] e4m3, ws [ceil(N/group_n), ceil(K/128)]
     -> y [M, N] = x @ dequant(w, ws)^T in out_dtype (default x's), fp32 accumulation (Triton).
 
     late_sum (one row): the products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, summed
     across it once at the end, instead of a cross-thread sum at every K step. Default
-    GEMV_LATE_SUM: off (timed on an H100: no gain, README)."""
+    GEMV_LATE_SUM: off (timed on an H100: no gain, README). scale_mode: `gemv_scale_mode`'s
+    (None: that choice; "grid" is always valid, for same-run comparisons)."""
     m, kdim = x.shape
     n = w.shape[0]
     if m > GEMV_MAX_M:
@@ -427,10 +444,15 @@ def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int 
     if m == 0 or n == 0:
         return out
     bn, bk, warps, stages = config or GEMV_CONFIG
+    mode = scale_mode or gemv_scale_mode(group_n, ws, bn)
+    fits = {"grid": True, "shared": group_n % bn == 0, "row": group_n == 1 and ws.stride(1) == 0}
+    if not fits.get(mode, False):
+        raise ValueError(f"scale_mode {mode!r} does not fit group_n {group_n} at BLOCK_N {bn}")
     _gemv_kernel[(triton.cdiv(n, bn),)](
-        x, w, ws, out, m, n, kdim, group_n, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        x, w, ws, out, m, n, kdim, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         ws.stride(0), ws.stride(1), out.stride(0), out.stride(1),
         M_PAD=max(1, triton.next_power_of_2(m)), BLOCK_N=bn, GROUPS=bk // GROUP_K, GROUP_K=GROUP_K,
+        GROUP_N=group_n, SCALE_MODE=GEMV_SCALE_MODES.index(mode),
         LATE_SUM=(GEMV_LATE_SUM if late_sum is None else late_sum) and m == 1, num_warps=warps, num_stages=stages)
     return out
 
@@ -443,47 +465,64 @@ def w8a16_gemv_torch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n
 
 if triton is not None:
     @triton.jit
-    def _gemv_slice(w_ptr, ws_ptr, offs_n, mask_n, k0, K, group_n, stride_wn, stride_wk, stride_sn, stride_sk,
-                    GROUPS: tl.constexpr, GROUP_K: tl.constexpr):
-        """One K step of the GEMV: its columns cols [G, GK] and their mask, the weight slice w
-        [BN, G, GK] in fp32 and its scales s [BN, G]."""
+    def _gemv_weights(w_ptr, offs_n, mask_n, k0, K, stride_wn, stride_wk, GROUPS: tl.constexpr,
+                      GROUP_K: tl.constexpr):
+        """One K step of the GEMV: its columns cols [G, GK], their mask, and the weight slice
+        [BN, G, GK] in fp32."""
         g = tl.arange(0, GROUPS)
-        kb = k0 // GROUP_K + g  # [G] scale-group index of each slice
         cols = k0 + g[:, None] * GROUP_K + tl.arange(0, GROUP_K)[None, :]
         kmask = cols < K
         w = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + cols[None, :, :] * stride_wk,
                     mask=mask_n[:, None, None] & kmask[None, :, :], other=0.0).to(tl.float32)
-        s = tl.load(ws_ptr + (offs_n // group_n)[:, None] * stride_sn + kb[None, :] * stride_sk,
-                    mask=mask_n[:, None] & (kb * GROUP_K < K)[None, :], other=0.0)
-        return cols, kmask, w, s
+        return cols, kmask, w
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, group_n,
+    def _gemv_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
                      stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_ym, stride_yn,
                      M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP_K: tl.constexpr,
-                     LATE_SUM: tl.constexpr):
-        """y[:, n-block] = x @ (w * scale)^T; each K step is GROUPS scale groups of GROUP_K columns."""
-        offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+                     GROUP_N: tl.constexpr, SCALE_MODE: tl.constexpr, LATE_SUM: tl.constexpr):
+        """y[:, n-block] = x @ (w * scale)^T; each K step is GROUPS scale groups of GROUP_K columns.
+
+        SCALE_MODE 0 (grid): each row's scale per group multiplies that row's group sums; 1
+        (shared: the block's rows share one scale row): x's groups are scaled once, then plain
+        products; 2 (row: one scale per row along all of K): the row's sum is scaled at the end."""
+        pid = tl.program_id(0)
+        offs_n = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
+        g = tl.arange(0, GROUPS)
+        rows = tl.arange(0, M_PAD)
         if LATE_SUM:  # one row: products summed elementwise, reduced across the tile once
             tile = tl.zeros((BLOCK_N, GROUPS, GROUP_K), dtype=tl.float32)
-            for k0 in range(0, K, GROUPS * GROUP_K):
-                cols1, kmask1, w1, s1 = _gemv_slice(w_ptr, ws_ptr, offs_n, mask_n, k0, K, group_n, stride_wn,
-                                                    stride_wk, stride_sn, stride_sk, GROUPS, GROUP_K)
-                x1 = tl.load(x_ptr + cols1 * stride_xk, mask=kmask1, other=0.0).to(tl.float32)
-                tile += w1 * x1[None, :, :] * s1[:, :, None]
-            y1 = tl.sum(tl.sum(tile, axis=2), axis=1)
-            tl.store(y_ptr + offs_n * stride_yn, y1.to(y_ptr.dtype.element_ty), mask=mask_n)
-            return
-        rows = tl.arange(0, M_PAD)
-        acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, GROUPS * GROUP_K):
-            cols, kmask, w, s = _gemv_slice(w_ptr, ws_ptr, offs_n, mask_n, k0, K, group_n, stride_wn, stride_wk,
-                                            stride_sn, stride_sk, GROUPS, GROUP_K)
+            cols, kmask, w = _gemv_weights(w_ptr, offs_n, mask_n, k0, K, stride_wn, stride_wk, GROUPS, GROUP_K)
+            kb = k0 // GROUP_K + g  # [G] scale-group index of each slice
+            if SCALE_MODE == 1:  # one scale per group for the whole block: [G]
+                s = tl.load(ws_ptr + ((pid * BLOCK_N) // GROUP_N) * stride_sn + kb * stride_sk,
+                            mask=kb * GROUP_K < K, other=0.0)
+            elif SCALE_MODE == 0:  # [BN, G]
+                s = tl.load(ws_ptr + (offs_n // GROUP_N)[:, None] * stride_sn + kb[None, :] * stride_sk,
+                            mask=mask_n[:, None] & (kb * GROUP_K < K)[None, :], other=0.0)
             for m in tl.static_range(M_PAD):
                 xm = tl.load(x_ptr + m * stride_xm + cols * stride_xk, mask=kmask & (m < M), other=0.0).to(tl.float32)
-                part = tl.sum(tl.sum(w * xm[None, :, :], axis=2) * s, axis=1)  # [BN]
-                acc = tl.where(rows[:, None] == m, acc + part[None, :], acc)
+                if SCALE_MODE == 1:
+                    xm = xm * s[:, None]
+                if LATE_SUM:
+                    if SCALE_MODE == 0:
+                        tile += w * xm[None, :, :] * s[:, :, None]
+                    else:
+                        tile += w * xm[None, :, :]
+                else:
+                    if SCALE_MODE == 0:
+                        part = tl.sum(tl.sum(w * xm[None, :, :], axis=2) * s, axis=1)  # [BN]
+                    else:
+                        part = tl.sum(tl.sum(w * xm[None, :, :], axis=2), axis=1)
+                    acc = tl.where(rows[:, None] == m, acc + part[None, :], acc)
+        if LATE_SUM:
+            acc = tl.sum(tl.sum(tile, axis=2), axis=1)[None, :]  # [1, BN]
+        if SCALE_MODE == 2:
+            acc = acc * tl.load(ws_ptr + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
         y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & mask_n[None, :])
 

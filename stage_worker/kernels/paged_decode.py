@@ -20,6 +20,8 @@ of the scaled scores. 0 / None: off.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from stage_worker.kernels.fused_ops import combine_splits
@@ -32,7 +34,17 @@ try:  # Triton is optional: CPU-only installs never import it.
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-BLOCK_N = 64  # tokens per inner iteration (several pages)
+BLOCK_N = 64  # tokens per inner iteration (several pages) of a 2-byte pool; the splits are sized in these
+# (BLOCK_N, num_warps, num_stages) by the pool's bytes per element: a 1-byte (FP8) pool reads half
+# the bytes per key, so it walks more keys per iteration to keep as many bytes in flight.
+# benchmarks/gpu/bench_decode_attention.py sweeps them.
+# STAGEMESH_DECODE_TILE / STAGEMESH_DECODE_TILE_FP8 ("BLOCK_N,warps,stages") set the 2- and 1-byte
+# pools' tiles (a same-run comparison).
+DECODE_CONFIGS: dict[int, tuple[int, int, int]] = {
+    2: tuple(int(v) for v in os.environ.get("STAGEMESH_DECODE_TILE", "64,4,2").split(",")),
+    1: tuple(int(v) for v in os.environ.get("STAGEMESH_DECODE_TILE_FP8", "64,4,2").split(",")),
+    4: (64, 4, 2),
+}
 
 
 def triton_available(device: torch.device) -> bool:
@@ -49,13 +61,16 @@ def choose_splits(batch: int, num_kv_heads: int, max_ctx: int | None = None, sms
 
 def paged_decode(q, k_cache, v_cache, block_tables, ctx_lens, scale: float, block_size: int,
                  num_splits: int = 1, max_ctx: int | None = None, use_triton: bool | None = None,
-                 window: int | None = None, softcap: float | None = None):
-    """q: [B, Hq, D]; k_cache, v_cache: [N, Hkv, D] -> out [B, Hq, D] in q's dtype."""
+                 window: int | None = None, softcap: float | None = None,
+                 config: tuple[int, int, int] | None = None):
+    """q: [B, Hq, D]; k_cache, v_cache: [N, Hkv, D] -> out [B, Hq, D] in q's dtype. config: the
+    kernel's (BLOCK_N, num_warps, num_stages) (default DECODE_CONFIGS by the pool's item size)."""
     if use_triton is None:
         use_triton = triton_available(q.device)
     if use_triton:
         return _paged_decode_triton(q, k_cache, v_cache, block_tables, ctx_lens, scale, block_size,
-                                    num_splits, window, softcap)
+                                    num_splits, window, softcap,
+                                    config or DECODE_CONFIGS.get(k_cache.element_size(), DECODE_CONFIGS[2]))
     return paged_decode_torch(q, k_cache, v_cache, block_tables, ctx_lens, scale, block_size, max_ctx,
                               window, softcap)
 
@@ -78,7 +93,7 @@ def paged_decode_torch(q, k_cache, v_cache, block_tables, ctx_lens, scale, block
 
 
 def _paged_decode_triton(q, k_cache, v_cache, block_tables, ctx_lens, scale, block_size, num_splits,
-                         window=None, softcap=None):
+                         window, softcap, config):
     b, hq, d = q.shape
     hkv = k_cache.shape[1]
     group = hq // hkv
@@ -92,8 +107,8 @@ def _paged_decode_triton(q, k_cache, v_cache, block_tables, ctx_lens, scale, blo
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         scale, int(window or 0), float(softcap or 0.0),
         BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=d, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, SOFTCAP=bool(softcap),
-        num_warps=4, num_stages=2,
+        HEAD_DIM=d, BLOCK_N=config[0], NUM_SPLITS=num_splits, SOFTCAP=bool(softcap),
+        num_warps=config[1], num_stages=config[2],
     )
     if num_splits == 1:
         return part[:, :, 0].to(q.dtype)
