@@ -412,17 +412,24 @@ GEMV_LATE_SUM = os.environ.get("STAGEMESH_FP8_GEMV_LATE_SUM", "0") == "1"
 
 
 GEMV_SCALE_MODES = ("grid", "shared", "row")  # the kernel's SCALE_MODE is the index
+# The scale mode the GEMV takes where it fits (else "grid"). On an H100 (ncu, 2026-12-07, one row,
+# tile 8,1024,4,2) "shared" ran 5-7% slower than "grid" at Llama-8B's o and down (11.2 vs 10.6 us,
+# 30.3 vs 28.2 us), so "grid" is the default; STAGEMESH_FP8_GEMV_SCALES sets it (same-run comparisons).
+GEMV_SCALES = os.environ.get("STAGEMESH_FP8_GEMV_SCALES", "grid")
+
+
+def gemv_scale_fits(mode: str, group_n: int, ws: torch.Tensor, block_n: int) -> bool:
+    """Whether the GEMV can apply ws in `mode`: "grid" (each row's own scale per 128-column group,
+    the general form) always; "shared" (x scaled once per group, plain products after) when a
+    program's BLOCK_N rows share one scale row (group_n a multiple of BLOCK_N); "row" (the row's
+    sum scaled once at the end) for a per-channel grid (group_n 1, stride 0 along K)."""
+    return {"grid": True, "shared": group_n % block_n == 0,
+            "row": group_n == 1 and ws.stride(1) == 0}.get(mode, False)
 
 
 def gemv_scale_mode(group_n: int, ws: torch.Tensor, block_n: int) -> str:
-    """How the GEMV applies the weight scales: "row" (one scale per row, constant along K: a
-    per-channel grid, stride 0 along K; applied once to the row's sum), "shared" (a program's
-    BLOCK_N rows share one scale row, group_n a multiple of BLOCK_N: x is scaled per 128-column
-    group once and the weight multiplied in plain products), else "grid" (each row's own
-    scale per group, the general form)."""
-    if group_n == 1 and ws.stride(1) == 0:
-        return "row"
-    return "shared" if group_n % block_n == 0 else "grid"
+    """The mode the GEMV runs by default: GEMV_SCALES where it fits, else "grid"."""
+    return GEMV_SCALES if gemv_scale_fits(GEMV_SCALES, group_n, ws, block_n) else "grid"
 
 
 def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,
@@ -433,8 +440,8 @@ def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int 
 
     late_sum (one row): the products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, summed
     across it once at the end, instead of a cross-thread sum at every K step. Default
-    GEMV_LATE_SUM: off (timed on an H100: no gain, README). scale_mode: `gemv_scale_mode`'s
-    (None: that choice; "grid" is always valid, for same-run comparisons)."""
+    GEMV_LATE_SUM: off (timed on an H100: no gain, README). scale_mode: one of GEMV_SCALE_MODES
+    that fits (`gemv_scale_fits`; None: `gemv_scale_mode`'s choice)."""
     m, kdim = x.shape
     n = w.shape[0]
     if m > GEMV_MAX_M:
@@ -445,8 +452,7 @@ def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int 
         return out
     bn, bk, warps, stages = config or GEMV_CONFIG
     mode = scale_mode or gemv_scale_mode(group_n, ws, bn)
-    fits = {"grid": True, "shared": group_n % bn == 0, "row": group_n == 1 and ws.stride(1) == 0}
-    if not fits.get(mode, False):
+    if not gemv_scale_fits(mode, group_n, ws, bn):
         raise ValueError(f"scale_mode {mode!r} does not fit group_n {group_n} at BLOCK_N {bn}")
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, w, ws, out, m, n, kdim, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
