@@ -90,11 +90,10 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         x = torch.randn(m, kdim, generator=gen)
         ref = x @ (w.float() * s).t()
         tol = dict(rtol=1e-3, atol=1e-3 * ref.abs().max().item())
-        if m <= k.GEMV_MAX_M:  # scales applied once per row (the default here) and per group
-            assert k.gemv_scale_fits("row", 1, grid, k.GEMV_CONFIG[0])
-            for mode in ("row", "grid"):
-                torch.testing.assert_close(k.w8a16_gemv(x, w, grid, 1, scale_mode=mode), ref, **tol)
-            # shared fits group 1 at one row per program only
+        if m <= k.GEMV_MAX_M:
+            torch.testing.assert_close(k.w8a16_gemv(x, w, grid, 1), ref, **tol)
+            # shared scales fit group 1 at one row per program only
+            assert not k.gemv_scale_fits("shared", 1, k.GEMV_CONFIG[0])
             torch.testing.assert_close(k.w8a16_gemv(x, w, grid, 1, config=(1, 256, 4, 2), scale_mode="shared"),
                                        ref, **tol)
             torch.testing.assert_close(k.w8a16_gemv(x, w, grid, 1, late_sum=True), ref, **tol)
@@ -160,7 +159,7 @@ if INTERPRETED:  # collected only in the interpreter process (above)
             for late_sum in ((True, False) if m == 1 else (False,)):  # one row: both summation orders
                 bn = (config or k.GEMV_CONFIG)[0]
                 modes = ["grid"] + (["shared"] if group_n % bn == 0 else [])  # the block's rows share scales
-                assert [m for m in k.GEMV_SCALE_MODES if k.gemv_scale_fits(m, group_n, ws, bn)] == modes
+                assert [m for m in k.GEMV_SCALE_MODES if k.gemv_scale_fits(m, group_n, bn)] == modes
                 for mode in modes:
                     got = k.w8a16_gemv(x, w, ws, group_n, config=config, late_sum=late_sum, scale_mode=mode)
                     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

@@ -184,7 +184,7 @@ def gemv_rows() -> dict:
                 try:
                     ms = bench(lambda: k.w8a16_gemv(x, wq, ws, 128, config=cfg))
                     shared_ms = bench(lambda: k.w8a16_gemv(x, wq, ws, 128, config=cfg, scale_mode="shared"))
-                    r[f"gemv-shared {cfg}"] = gbs(shared_ms)  # x scaled once per group (kernels/fp8.py GEMV_SCALES)
+                    r[f"gemv-shared {cfg}"] = gbs(shared_ms)  # x scaled once per group (kernels/fp8.py gemv_scale_fits)
                     if m <= quant.GEMV_DISPATCH_MAX_M:
                         shared_totals[cfg] = shared_totals.get(cfg, 0.0) + shared_ms
                     if m == 1:  # the other summation order, for comparison
@@ -215,7 +215,7 @@ def gemv_rows() -> dict:
     other = other_totals.get(k.GEMV_CONFIG, float("nan"))
     print(f"gemv: summation at one row, tile {k.GEMV_CONFIG}: late_sum={k.GEMV_LATE_SUM} (default) "
           f"{totals.get(k.GEMV_CONFIG, float('nan')):.3f} ms, late_sum={not k.GEMV_LATE_SUM} {other:.3f} ms", flush=True)
-    print(f"gemv: scales, tile {k.GEMV_CONFIG}: {k.GEMV_SCALES} (default) {totals.get(k.GEMV_CONFIG, float('nan')):.3f} "
+    print(f"gemv: scales, tile {k.GEMV_CONFIG}: grid (default) {totals.get(k.GEMV_CONFIG, float('nan')):.3f} "
           f"ms, shared {shared_totals.get(k.GEMV_CONFIG, float('nan')):.3f} ms", flush=True)
     return {"rows": rows, "best": list(best_cfg), "total_ms": {str(c): t for c, t in totals.items()},
             "other_sum_total_ms": {str(c): t for c, t in other_totals.items()},

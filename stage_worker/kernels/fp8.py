@@ -25,7 +25,8 @@ group_n is 128 for every real checkpoint; a merged weight whose parts are not 12
   weight: half an H100 idle) and an activation quant before it; here N / BLOCK_N programs with
   wide K slices keep enough bytes in flight to stream the weight. Dispatched at one row on
   block-scaled weights, 1-2 rows on per-channel ones (models/quant.py GEMV_DISPATCH_MAX_M,
-  CHANNEL_GEMV_MAX_M, where it measured faster on an H100).
+  CHANNEL_GEMV_MAX_M, where it measured faster on an H100). Scales per row and group ("grid"), or
+  once per group on x where a program's rows share a scale row ("shared", timed slower; benchmarks).
 - `w8a16_block_gemm(x, w, ws, group_n)`: the same Triton kernel with x as it is (bf16/fp16, no
   activation quant) and each e4m3 weight tile converted to x's dtype in registers: decode-size M,
   where the weight bytes set the time and the tensor cores have room to spare.
@@ -404,32 +405,22 @@ if triton is not None:
 GEMV_MAX_M = 4  # rows the W8A16 GEMV takes (its [M, BLOCK_N] accumulator is unrolled over M)
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): benchmarks/gpu/bench_fp8.py --gemv sweeps them. On an H100
 # at one row, 12 tiles within 1.5x of each other; this one is best or within 4% at every Llama-8B shape.
-# STAGEMESH_FP8_GEMV_TILE ("BLOCK_N,BLOCK_K,warps,stages") sets it (a same-run comparison).
-GEMV_CONFIG: tuple[int, int, int, int] = tuple(
-    int(v) for v in os.environ.get("STAGEMESH_FP8_GEMV_TILE", "8,1024,4,2").split(","))
+GEMV_CONFIG: tuple[int, int, int, int] = (8, 1024, 4, 2)
 # w8a16_gemv's late_sum default; STAGEMESH_FP8_GEMV_LATE_SUM=1 sets it (a same-run comparison).
 GEMV_LATE_SUM = os.environ.get("STAGEMESH_FP8_GEMV_LATE_SUM", "0") == "1"
 
 
-GEMV_SCALE_MODES = ("grid", "shared", "row")  # the kernel's SCALE_MODE is the index
-# The scale mode the GEMV takes where it fits (else "grid"). On an H100 (ncu, 2026-12-07, one row,
-# tile 8,1024,4,2) "shared" ran 5-7% slower than "grid" at Llama-8B's o and down (11.2 vs 10.6 us,
-# 30.3 vs 28.2 us), so "grid" is the default; STAGEMESH_FP8_GEMV_SCALES sets it (same-run comparisons).
-GEMV_SCALES = os.environ.get("STAGEMESH_FP8_GEMV_SCALES", "grid")
+GEMV_SCALE_MODES = ("grid", "shared")  # the kernel's SCALE_MODE is the index
 
 
-def gemv_scale_fits(mode: str, group_n: int, ws: torch.Tensor, block_n: int) -> bool:
-    """Whether the GEMV can apply ws in `mode`: "grid" (each row's own scale per 128-column group,
-    the general form) always; "shared" (x scaled once per group, plain products after) when a
-    program's BLOCK_N rows share one scale row (group_n a multiple of BLOCK_N); "row" (the row's
-    sum scaled once at the end) for a per-channel grid (group_n 1, stride 0 along K)."""
-    return {"grid": True, "shared": group_n % block_n == 0,
-            "row": group_n == 1 and ws.stride(1) == 0}.get(mode, False)
-
-
-def gemv_scale_mode(group_n: int, ws: torch.Tensor, block_n: int) -> str:
-    """The mode the GEMV runs by default: GEMV_SCALES where it fits, else "grid"."""
-    return GEMV_SCALES if gemv_scale_fits(GEMV_SCALES, group_n, ws, block_n) else "grid"
+def gemv_scale_fits(mode: str, group_n: int, block_n: int) -> bool:
+    """Whether the GEMV can apply the weight scales in `mode`: "grid" (each row's own scale per
+    128-column group multiplies that row's group sums; the default) always, "shared" (x scaled
+    once per group, plain products after) when a program's BLOCK_N rows share one scale row
+    (group_n a multiple of BLOCK_N). On an H100 (ncu, 2026-12-07, one row, tile 8,1024,4,2)
+    "shared" ran 5-7% slower than "grid" at Llama-8B's o and down (11.2 vs 10.6 us, 30.3 vs
+    28.2 us), so it is a benchmark's alternative (`bench_fp8.py --gemv`, `--gemv-layers`)."""
+    return {"grid": True, "shared": group_n % block_n == 0}.get(mode, False)
 
 
 def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,
@@ -441,7 +432,7 @@ def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int 
     late_sum (one row): the products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, summed
     across it once at the end, instead of a cross-thread sum at every K step. Default
     GEMV_LATE_SUM: off (timed on an H100: no gain, README). scale_mode: one of GEMV_SCALE_MODES
-    that fits (`gemv_scale_fits`; None: `gemv_scale_mode`'s choice)."""
+    that fits (`gemv_scale_fits`; None: "grid")."""
     m, kdim = x.shape
     n = w.shape[0]
     if m > GEMV_MAX_M:
@@ -451,8 +442,8 @@ def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int 
     if m == 0 or n == 0:
         return out
     bn, bk, warps, stages = config or GEMV_CONFIG
-    mode = scale_mode or gemv_scale_mode(group_n, ws, bn)
-    if not gemv_scale_fits(mode, group_n, ws, bn):
+    mode = scale_mode or "grid"
+    if not gemv_scale_fits(mode, group_n, bn):
         raise ValueError(f"scale_mode {mode!r} does not fit group_n {group_n} at BLOCK_N {bn}")
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, w, ws, out, m, n, kdim, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
@@ -491,7 +482,7 @@ if triton is not None:
 
         SCALE_MODE 0 (grid): each row's scale per group multiplies that row's group sums; 1
         (shared: the block's rows share one scale row): x's groups are scaled once, then plain
-        products; 2 (row: one scale per row along all of K): the row's sum is scaled at the end."""
+        products."""
         pid = tl.program_id(0)
         offs_n = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -507,7 +498,7 @@ if triton is not None:
             if SCALE_MODE == 1:  # one scale per group for the whole block: [G]
                 s = tl.load(ws_ptr + ((pid * BLOCK_N) // GROUP_N) * stride_sn + kb * stride_sk,
                             mask=kb * GROUP_K < K, other=0.0)
-            elif SCALE_MODE == 0:  # [BN, G]
+            else:  # [BN, G]
                 s = tl.load(ws_ptr + (offs_n // GROUP_N)[:, None] * stride_sn + kb[None, :] * stride_sk,
                             mask=mask_n[:, None] & (kb * GROUP_K < K)[None, :], other=0.0)
             for m in tl.static_range(M_PAD):
@@ -527,8 +518,6 @@ if triton is not None:
                     acc = tl.where(rows[:, None] == m, acc + part[None, :], acc)
         if LATE_SUM:
             acc = tl.sum(tl.sum(tile, axis=2), axis=1)[None, :]  # [1, BN]
-        if SCALE_MODE == 2:
-            acc = acc * tl.load(ws_ptr + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
         y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & mask_n[None, :])
 

@@ -20,8 +20,6 @@ of the scaled scores. 0 / None: off.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from stage_worker.kernels.fused_ops import combine_splits
@@ -34,17 +32,11 @@ try:  # Triton is optional: CPU-only installs never import it.
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-BLOCK_N = 64  # tokens per inner iteration (several pages) of a 2-byte pool; the splits are sized in these
-# (BLOCK_N, num_warps, num_stages) by the pool's bytes per element: a 1-byte (FP8) pool reads half
-# the bytes per key, so it walks more keys per iteration to keep as many bytes in flight.
-# benchmarks/gpu/bench_decode_attention.py sweeps them.
-# STAGEMESH_DECODE_TILE / STAGEMESH_DECODE_TILE_FP8 ("BLOCK_N,warps,stages") set the 2- and 1-byte
-# pools' tiles (a same-run comparison).
-DECODE_CONFIGS: dict[int, tuple[int, int, int]] = {
-    2: tuple(int(v) for v in os.environ.get("STAGEMESH_DECODE_TILE", "64,4,2").split(",")),
-    1: tuple(int(v) for v in os.environ.get("STAGEMESH_DECODE_TILE_FP8", "64,4,2").split(",")),
-    4: (64, 4, 2),
-}
+BLOCK_N = 64  # tokens per inner iteration (several pages); the splits are sized in these
+# The kernel's (BLOCK_N, num_warps, num_stages) by the pool's bytes per element (BLOCK_N above for
+# each so far). benchmarks/gpu/bench_decode_attention.py sweeps tiles for bf16 and FP8 pools (not
+# yet run on a GPU).
+DECODE_CONFIGS: dict[int, tuple[int, int, int]] = {4: (BLOCK_N, 4, 2), 2: (BLOCK_N, 4, 2), 1: (BLOCK_N, 4, 2)}
 
 
 def triton_available(device: torch.device) -> bool:
