@@ -159,12 +159,14 @@ if INTERPRETED:  # collected only in the interpreter process (above)
             for late_sum in ((True, False) if m == 1 else (False,)):  # one row: both summation orders
                 bn = (config or k.GEMV_CONFIG)[0]
                 modes = ["grid"] + (["shared"] if group_n % bn == 0 else [])  # the block's rows share scales
-                assert [m for m in k.GEMV_SCALE_MODES if k.gemv_scale_fits(m, group_n, bn)] == modes
+                assert [mo for mo in k.GEMV_SCALE_MODES if k.gemv_scale_fits(mo, group_n, bn)] == modes
                 for mode in modes:
                     got = k.w8a16_gemv(x, w, ws, group_n, config=config, late_sum=late_sum, scale_mode=mode)
                     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
         with pytest.raises(ValueError, match="does not fit"):
             k.w8a16_gemv(x, w, ws, group_n, config=(256, 128, 4, 2), scale_mode="shared")
+        with pytest.raises(ValueError, match="unknown scale_mode"):
+            k.w8a16_gemv(x, w, ws, group_n, scale_mode="row")
 
         assert k.fp8_gemm(x, w, ws, group_n, "gemv").shape == (m, n)
         with pytest.raises(ValueError, match="at most"):

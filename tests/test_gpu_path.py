@@ -131,6 +131,7 @@ def test_choose_splits_fills_the_gpu_and_never_exceeds_context():
     assert choose_splits(1, 8, None, 132) == 16
     assert choose_splits(64, 8, None, 132) == 1
     assert choose_splits(1, 8, 70, 132) == 2  # 70 tokens: two 64-token tiles at most
+    assert choose_splits(1, 8, 70, 132, block_n=32) == 3  # the kernel's keys per iteration set the cap
     assert choose_splits(4, 8, None, 132) == 9
 
 

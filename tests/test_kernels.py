@@ -116,6 +116,11 @@ if INTERPRETED:  # the kernel tests: collected only in the interpreter process (
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         if window or softcap:  # the options change the answer (the test would catch them ignored)
             assert not torch.allclose(ref, pd.paged_decode_torch(q, kc, vc, tables, ctx, 0.25, bs), atol=1e-3)
+        if splits == 3 and not window:  # other tiles (keys per iteration, warps, stages): the same answer
+            for tile in ((32, 4, 3), (128, 4, 2)):
+                got = pd.paged_decode(q, kc, vc, tables, ctx, 0.25, bs, num_splits=splits, use_triton=True,
+                                      config=tile, **extra)
+                torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
     @pytest.mark.parametrize("window,softcap,pool", [(w, c, torch.float32) for w, c in WINDOW_CAP]

@@ -418,8 +418,9 @@ def gemv_scale_fits(mode: str, group_n: int, block_n: int) -> bool:
     128-column group multiplies that row's group sums; the default) always, "shared" (x scaled
     once per group, plain products after) when a program's BLOCK_N rows share one scale row
     (group_n a multiple of BLOCK_N). On an H100 (ncu, 2026-12-07, one row, tile 8,1024,4,2)
-    "shared" ran 5-7% slower than "grid" at Llama-8B's o and down (11.2 vs 10.6 us, 30.3 vs
-    28.2 us), so it is a benchmark's alternative (`bench_fp8.py --gemv`, `--gemv-layers`)."""
+    "shared" ran 5-7% slower than "grid" at Llama-8B's o and down (11.1-11.2 vs 10.5-10.7 us,
+    30.3-30.4 vs 28.2-28.3 us), so it is a benchmark's alternative (`bench_fp8.py --gemv`,
+    `--gemv-layers`)."""
     return {"grid": True, "shared": group_n % block_n == 0}.get(mode, False)
 
 
@@ -443,6 +444,8 @@ def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int 
         return out
     bn, bk, warps, stages = config or GEMV_CONFIG
     mode = scale_mode or "grid"
+    if mode not in GEMV_SCALE_MODES:
+        raise ValueError(f"unknown scale_mode {mode!r} (known: {', '.join(GEMV_SCALE_MODES)})")
     if not gemv_scale_fits(mode, group_n, bn):
         raise ValueError(f"scale_mode {mode!r} does not fit group_n {group_n} at BLOCK_N {bn}")
     _gemv_kernel[(triton.cdiv(n, bn),)](

@@ -39,15 +39,22 @@ BLOCK_N = 64  # tokens per inner iteration (several pages); the splits are sized
 DECODE_CONFIGS: dict[int, tuple[int, int, int]] = {4: (BLOCK_N, 4, 2), 2: (BLOCK_N, 4, 2), 1: (BLOCK_N, 4, 2)}
 
 
+def decode_config(pool: torch.Tensor) -> tuple[int, int, int]:
+    """The kernel's (BLOCK_N, num_warps, num_stages) for a K/V pool of this element size."""
+    return DECODE_CONFIGS.get(pool.element_size(), DECODE_CONFIGS[2])
+
+
 def triton_available(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
 
 
-def choose_splits(batch: int, num_kv_heads: int, max_ctx: int | None = None, sms: int = 132) -> int:
-    """Splits of the context per sequence so that ~2 programs run per SM (flash decoding)."""
+def choose_splits(batch: int, num_kv_heads: int, max_ctx: int | None = None, sms: int = 132,
+                  block_n: int = BLOCK_N) -> int:
+    """Splits of the context per sequence so that ~2 programs run per SM (flash decoding), at most
+    one per `block_n` keys of the longest context (the kernel's keys per iteration)."""
     splits = max(1, min(16, -(-2 * sms // max(1, batch * num_kv_heads))))
     if max_ctx is not None:
-        splits = max(1, min(splits, -(-max_ctx // BLOCK_N)))
+        splits = max(1, min(splits, -(-max_ctx // block_n)))
     return splits
 
 
@@ -61,8 +68,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, ctx_lens, scale: float, bloc
         use_triton = triton_available(q.device)
     if use_triton:
         return _paged_decode_triton(q, k_cache, v_cache, block_tables, ctx_lens, scale, block_size,
-                                    num_splits, window, softcap,
-                                    config or DECODE_CONFIGS.get(k_cache.element_size(), DECODE_CONFIGS[2]))
+                                    num_splits, window, softcap, config or decode_config(k_cache))
     return paged_decode_torch(q, k_cache, v_cache, block_tables, ctx_lens, scale, block_size, max_ctx,
                               window, softcap)
 
