@@ -170,7 +170,7 @@ def check_fp8_out(rep: Report, device: str, gen: torch.Generator) -> None:
     H100); from fp32 inputs the norm's sum of squares may be reduced in another order when its
     kernel also quantizes, so a scale may move by a few ulp (measured <= 4 on an H100; within 1e-6
     relative here)."""
-    from stage_worker.kernels import fp8
+    from stage_worker.kernels import fp8_act
 
     def same(op, case, got, ref):
         rep.compare(op + ".q", case, torch.float8_e4m3fn, got.q, ref.q)
@@ -188,14 +188,14 @@ def check_fp8_out(rep: Report, device: str, gen: torch.Generator) -> None:
                 w = (1 + 0.1 * torch.randn(h, generator=gen)).to(dtype).to(device)
                 case = f"{quant} T={t} H={h}"
                 same("rms_norm+fp8", case, fo.rms_norm(x, w, 1e-5, use_triton=True, quant=quant),
-                     fp8.quantize_act(fo.rms_norm(x, w, 1e-5, use_triton=True), quant, use_triton=True))
+                     fp8_act.quantize_act(fo.rms_norm(x, w, 1e-5, use_triton=True), quant, use_triton=True))
                 got, _ = fo.fused_add_rms_norm(x, res, w, 1e-5, use_triton=True, quant=quant)
                 plain, _ = fo.fused_add_rms_norm(x, res, w, 1e-5, use_triton=True)
-                same("add_rms+fp8", case, got, fp8.quantize_act(plain, quant, use_triton=True))
+                same("add_rms+fp8", case, got, fp8_act.quantize_act(plain, quant, use_triton=True))
             for t, i in ((1, 14336), (37, 14336), (37, 1000), (0, 1024)):
                 gu = (2 * torch.randn(t, 2 * i, generator=gen)).to(dtype).to(device)
                 same("silu_and_mul+fp8", f"{quant} T={t} I={i}", fo.silu_and_mul(gu, use_triton=True, quant=quant),
-                     fp8.quantize_act(fo.silu_and_mul(gu, use_triton=True), quant, use_triton=True))
+                     fp8_act.quantize_act(fo.silu_and_mul(gu, use_triton=True), quant, use_triton=True))
 
 
 def check_rotary(rep: Report, device: str, gen: torch.Generator) -> None:

@@ -28,6 +28,7 @@ if not INTERPRETED:
 
 if INTERPRETED:  # collected only in the interpreter process (above)
     from stage_worker.kernels import fp8 as k
+    from stage_worker.kernels import fp8_act as fa
 
     def _same_fp8(q: torch.Tensor, ref: torch.Tensor) -> None:
         """Equal, except where the interpreter's float32 -> e4m3 conversion (numpy emulation in
@@ -42,18 +43,18 @@ if INTERPRETED:  # collected only in the interpreter process (above)
     def test_act_quant(m, kdim, groups, monkeypatch):
         """One 128-value group per program, or up to 8 of a row (1,300 columns: 11 groups, so two
         programs a row, the second partly masked)."""
-        monkeypatch.setattr(k, "ACT_QUANT_GROUPS", groups)
+        monkeypatch.setattr(fa, "ACT_QUANT_GROUPS", groups)
         gen = torch.Generator().manual_seed(m)
         x = torch.randn(m, kdim, generator=gen) * torch.linspace(0.1, 30, kdim)
         x[0, :10] = 0.0
         if kdim >= 256:
             x[1, 128:256] = 0.0  # a zero group
-        q, s = k.per_token_group_quant_fp8(x, use_triton=True)
-        q_ref, s_ref = k.per_token_group_quant_fp8_torch(x)
+        q, s = fa.per_token_group_quant_fp8(x, use_triton=True)
+        q_ref, s_ref = fa.per_token_group_quant_fp8_torch(x)
         assert q.dtype == torch.float8_e4m3fn and s.shape == (m, -(-kdim // 128))
         torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
         _same_fp8(q, q_ref)
-        qc, sc = k.per_token_group_quant_fp8(x, column_major_scales=True, use_triton=True)
+        qc, sc = fa.per_token_group_quant_fp8(x, column_major_scales=True, use_triton=True)
         assert sc.stride() == (1, m) and torch.equal(sc, s) and torch.equal(qc, q)
         err = (k.dequant_act(q_ref, s_ref) - x).abs().max()
         assert err <= x.abs().max() / 16  # e4m3: 3 mantissa bits
@@ -65,13 +66,13 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         in 2,048-wide steps: rows shorter than, equal to and longer than a step (4,500: three, the
         last partly masked), a zero row. Magnitudes stay clear of e4m3's subnormals, which the
         interpreter rounds differently from the GPU."""
-        monkeypatch.setattr(k, "ROW_QUANT_ONE_PASS_MAX", one_pass_max)
+        monkeypatch.setattr(fa, "ROW_QUANT_ONE_PASS_MAX", one_pass_max)
         gen = torch.Generator().manual_seed(kdim)
         sign = torch.randint(0, 2, (m, kdim), generator=gen) * 2 - 1
         x = sign * (torch.rand(m, kdim, generator=gen) + 0.5) * torch.linspace(1, 30, kdim)
         x[-1] = 0.0
-        q, s = k.per_token_quant_fp8(x, use_triton=True)
-        q_ref, s_ref = k.per_token_quant_fp8_torch(x)
+        q, s = fa.per_token_quant_fp8(x, use_triton=True)
+        q_ref, s_ref = fa.per_token_quant_fp8_torch(x)
         assert q.dtype == torch.float8_e4m3fn and s.shape == (m, 1)
         torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
         _same_fp8(q, q_ref)
@@ -110,7 +111,7 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         """Ragged N and K (masked tiles, partial scale blocks), M from 1 to past one tile."""
         gen = torch.Generator().manual_seed(n)
         x = torch.randn(m, kdim, generator=gen)
-        xq, xs = k.per_token_group_quant_fp8_torch(x)
+        xq, xs = fa.per_token_group_quant_fp8_torch(x)
         w = (torch.randn(n, kdim, generator=gen) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
         ws = torch.rand(-(-n // group_n), -(-kdim // 128), generator=gen) * 0.01 + 1e-3
         ref = k.w8a8_block_gemm_torch(xq, xs, w, ws, group_n, torch.float32)
@@ -230,20 +231,20 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         x, r = (torch.randn(t, h, generator=gen).to(dtype) for _ in range(2))
         w = (torch.rand(h, generator=gen) + 0.5).to(dtype)
         got = fo.rms_norm(x, w, 1e-5, use_triton=True, quant=quant)
-        _same_act(got, k.quantize_act(fo.rms_norm(x, w, 1e-5, use_triton=True), quant, use_triton=True))
+        _same_act(got, fa.quantize_act(fo.rms_norm(x, w, 1e-5, use_triton=True), quant, use_triton=True))
         assert got.scale.stride()[0] == 1 and got.q.shape[0] == (-(-t // 4) * 4 if quant == "group" else t)
         got, res = fo.fused_add_rms_norm(x, r, w, 1e-5, use_triton=True, quant=quant)
         plain, res_ref = fo.fused_add_rms_norm(x, r, w, 1e-5, use_triton=True)
         assert torch.equal(res, res_ref)
-        _same_act(got, k.quantize_act(plain, quant, use_triton=True))
+        _same_act(got, fa.quantize_act(plain, quant, use_triton=True))
         gate_up = torch.randn(t, 2 * h, generator=gen).to(dtype)
         for fn in (fo.silu_and_mul, fo.gelu_tanh_and_mul):
-            _same_act(fn(gate_up, use_triton=True, quant=quant), k.quantize_act(fn(gate_up, use_triton=True), quant,
+            _same_act(fn(gate_up, use_triton=True, quant=quant), fa.quantize_act(fn(gate_up, use_triton=True), quant,
                                                                                 use_triton=True))
-        monkeypatch.setattr(k, "ROW_QUANT_ONE_PASS_MAX", 128)
+        monkeypatch.setattr(fa, "ROW_QUANT_ONE_PASS_MAX", 128)
         assert fo.act_quant_fusable(h, quant) == (quant == "group" or h <= 128)
         _same_act(fo.silu_and_mul(gate_up, use_triton=True, quant=quant),
-                  k.quantize_act(fo.silu_and_mul(gate_up, use_triton=True), quant, use_triton=True))
+                  fa.quantize_act(fo.silu_and_mul(gate_up, use_triton=True), quant, use_triton=True))
 
     @pytest.mark.parametrize("family", ["llama", "v3"])
     def test_norms_write_fp8_for_the_gemms(family, tmp_path, monkeypatch):
@@ -264,7 +265,7 @@ if INTERPRETED:  # collected only in the interpreter process (above)
 
         monkeypatch.setattr(quant, "fp8_compute_available", lambda device: True)
         monkeypatch.setattr(fused_ops, "triton_available", lambda device: True)
-        separate_quant = k.quantize_act
+        separate_quant = fa.quantize_act
         monkeypatch.setattr(k, "quantize_act", lambda x, kind, use_triton=None: separate_quant(x, kind, True))
         src = make_hf_checkpoint(tmp_path, "llama", num_layers=1) if family == "llama" else \
             make_deepseek_checkpoint(tmp_path, "v3", num_layers=1)  # one layer (V3's first: dense) is enough here
@@ -297,7 +298,7 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         got = k.fp8_gemm(x, wq, ws, 128, "triton")
         ref = k.fp8_gemm(x, wq, ws, 128, "torch")
         torch.testing.assert_close(got, ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
-        act = k.quantize_act(x, "group")  # rows quantized before (as fp8_gemm does): the same product
+        act = fa.quantize_act(x, "group")  # rows quantized before (as fp8_gemm does): the same product
         assert torch.equal(k.fp8_gemm(act, wq, ws, 128, "triton", out_dtype=torch.float32), got)
         for backend, match in (("torch", "unquantized"), ("rowwise", "takes row activations")):
             with pytest.raises(ValueError, match=match):

@@ -200,6 +200,7 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         block (one weight scale per K group) and across two; K groups one or two per loop step
         (paired: the down GEMM's single group leaves the pair's second past K)."""
         from stage_worker.kernels import fp8 as fp8k
+        from stage_worker.kernels import fp8_act as fp8a
         from stage_worker.kernels.fused_ops import silu_and_mul
         from stage_worker.kernels.moe_align import moe_align_block_size
 
@@ -212,7 +213,7 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         moe.quantize_fp8_()
         tiles = dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=2, PAIRED=paired, num_warps=4, num_stages=2)
         route = (w.reshape(-1).float(), *moe_align_block_size(ids, 16, e, use_triton=True))
-        quant = fp8k.per_token_group_quant_fp8_torch
+        quant = fp8a.per_token_group_quant_fp8_torch
 
         def gemm(a, w_e, scale_e, top_k, weighted):  # the kernel, and fp32 math on dequantized operands
             out = torch.empty(m * k, w_e.shape[1])

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.gpu.graph_timing import graph_us  # noqa: E402
 from stage_worker.kernels import fp8 as k  # noqa: E402
+from stage_worker.kernels import fp8_act as fa  # noqa: E402
 from stage_worker.models import quant  # noqa: E402
 from benchmarks.gpu.checkpoint import V3  # noqa: E402
 
@@ -127,7 +128,7 @@ def _one(name, m, n, kk, gen, wq, ws, w_deq, wb, ws_mm, tune) -> dict:
     out = {"shape": name, "M": m, "N": n, "K": kk}
     out["bf16_ms"] = bench(lambda: torch.mm(x, wb.t()))
     out["err_bf16"] = rel(torch.mm(x, wb.t()), ref)
-    xq, xs = k.per_token_group_quant_fp8(x)
+    xq, xs = fa.per_token_group_quant_fp8(x)
     best = _sweep("w8a8", CANDIDATES if tune else [k.gemm_config(m)],
                   lambda cfg, split: k.w8a8_block_gemm(xq, xs, wq, ws, 128, torch.bfloat16, config=cfg, split_k=split))
     out["triton_gemm_ms"], cfg, split = best
@@ -137,12 +138,12 @@ def _one(name, m, n, kk, gen, wq, ws, w_deq, wb, ws_mm, tune) -> dict:
                                          k.w8a8_block_gemm_torch(xq, xs, wq, ws, 128, torch.float32))
 
     def triton_path():
-        a, s = k.per_token_group_quant_fp8(x)
+        a, s = fa.per_token_group_quant_fp8(x)
         return k.w8a8_block_gemm(a, s, wq, ws, 128, torch.bfloat16, config=cfg, split_k=split)
 
     out["triton_ms"] = bench(triton_path)
     out["err_triton"] = rel(triton_path(), ref)
-    out["act_quant_ms"] = bench(lambda: k.per_token_group_quant_fp8(x))
+    out["act_quant_ms"] = bench(lambda: fa.per_token_group_quant_fp8(x))
     if m <= 512:  # the W8A16 tensor-core form (no activation quant): decode sizes
         best16 = _sweep("w8a16", CANDIDATES if tune else [None],
                         lambda cfg, split: k.w8a16_block_gemm(x, wq, ws, 128, config=cfg, split_k=split))
@@ -268,7 +269,7 @@ def gemv_layer_rows() -> dict:
                 out["us_per_layer"][f"{cfg} {mode}"] = us
             print(f"gemv layers {cfg} {mode:>6}: {us:6.1f} us per layer, {fp8_bytes / us / 1e3:5.0f} GB/s, "
                   f"rel diff to shipped {err:.1e}" + ("" if err <= 1e-3 else "  WRONG OUTPUT"), flush=True)
-    del layers
+    layers.clear()  # the FP8 weights freed before the bf16 ones are drawn
     wb = [[torch.randn(n, kk, device="cuda", generator=gen).to(torch.bfloat16) for n, kk in LLAMA8B_SHAPES.values()]
           for _ in range(GEMV_LAYERS)]
 
@@ -287,26 +288,26 @@ def gemv_layer_rows() -> dict:
 
 def act_quant_rows() -> list[dict]:
     """1x128 activation quant at decode and prefill row counts of the V3 stage's GEMM inputs:
-    k.ACT_QUANT_GROUPS groups per program (1: the kernel before) in GB/s of bf16 read + e4m3 and
+    fa.ACT_QUANT_GROUPS groups per program (1: the kernel before) in GB/s of bf16 read + e4m3 and
     scales written; outputs (row- and column-major scales) checked equal to the shipped setting's."""
-    rows, shipped = [], k.ACT_QUANT_GROUPS
+    rows, shipped = [], fa.ACT_QUANT_GROUPS
     for m in (1, 242, 1936, 4096):
         for kk in (1536, 2048, 7168, 7232, 16384, 18432):  # 7232: a ragged last group
             x = torch.randn(m, kk, device="cuda", dtype=torch.bfloat16)
-            ref = k.per_token_group_quant_fp8(x)
-            ref_cm = k.per_token_group_quant_fp8(x, column_major_scales=True)
+            ref = fa.per_token_group_quant_fp8(x)
+            ref_cm = fa.per_token_group_quant_fp8(x, column_major_scales=True)
             r = {"M": m, "K": kk}
             for groups in (1, 4, 8, 16):
-                k.ACT_QUANT_GROUPS = groups
+                fa.ACT_QUANT_GROUPS = groups
                 try:
-                    for (q, s), (q0, s0) in ((k.per_token_group_quant_fp8(x), ref),
-                                             (k.per_token_group_quant_fp8(x, column_major_scales=True), ref_cm)):
+                    for (q, s), (q0, s0) in ((fa.per_token_group_quant_fp8(x), ref),
+                                             (fa.per_token_group_quant_fp8(x, column_major_scales=True), ref_cm)):
                         assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s, s0), \
                             f"act quant M={m} K={kk}: {groups} groups per program differ from {shipped}"
-                    nbytes = 3 * m * kk + 4 * m * k.cdiv(kk, 128)  # bf16 read, e4m3 and fp32 scales written
-                    r[f"groups {groups} GB/s"] = nbytes / bench(lambda: k.per_token_group_quant_fp8(x)) / 1e6
+                    nbytes = 3 * m * kk + 4 * m * fa.cdiv(kk, 128)  # bf16 read, e4m3 and fp32 scales written
+                    r[f"groups {groups} GB/s"] = nbytes / bench(lambda: fa.per_token_group_quant_fp8(x)) / 1e6
                 finally:
-                    k.ACT_QUANT_GROUPS = shipped
+                    fa.ACT_QUANT_GROUPS = shipped
             print(f"act quant M={m:<5} K={kk:<6} GB/s by groups per program: "
                   + "  ".join(f"{g}: {r[f'groups {g} GB/s']:6.0f}" for g in (1, 4, 8, 16)), flush=True)
             rows.append(r)
@@ -332,7 +333,7 @@ def rowwise_rows() -> list[dict]:
         wq_ch, s_ch = quant.quantize_blocks(w, (1, kk))  # per channel: s_ch [N, 1]
         w_ch = quant.dequantize_blocks(wq_ch, s_ch, 1, kk)
         ws_row = s_ch.view(1, n).contiguous()
-        ws_grid = s_ch.expand(n, k.cdiv(kk, 128))  # the block kernels' scale grid at group_n 1, stride 0
+        ws_grid = s_ch.expand(n, fa.cdiv(kk, 128))  # the block kernels' scale grid at group_n 1, stride 0
         wb = w.to(torch.bfloat16)
         one = torch.ones((), device="cuda")
         for m in ROWWISE_MS:
@@ -340,11 +341,11 @@ def rowwise_rows() -> list[dict]:
             ref_ch, ref_blk = x.float() @ w_ch.t(), x.float() @ w_blk.t()
             us = lambda fn: bench(fn) * 1e3  # noqa: E731
             r = {"shape": name, "M": m, "N": n, "K": kk, "bf16_us": us(lambda: torch.mm(x, wb.t()))}
-            xq, xs = k.per_token_quant_fp8(x)
+            xq, xs = fa.per_token_quant_fp8(x)
             try:
-                r["rowwise_us"] = us(lambda: k.scaled_mm_rowwise(*k.per_token_quant_fp8(x), wq_ch, ws_row))
+                r["rowwise_us"] = us(lambda: k.scaled_mm_rowwise(*fa.per_token_quant_fp8(x), wq_ch, ws_row))
                 r["rowwise_gemm_us"] = us(lambda: k.scaled_mm_rowwise(xq, xs, wq_ch, ws_row))
-                r["err_rowwise"] = rel(k.scaled_mm_rowwise(*k.per_token_quant_fp8(x), wq_ch, ws_row), ref_ch)
+                r["err_rowwise"] = rel(k.scaled_mm_rowwise(*fa.per_token_quant_fp8(x), wq_ch, ws_row), ref_ch)
                 r["tensorwise_gemm_us"] = us(lambda: torch._scaled_mm(xq, wq_ch.t(), scale_a=one, scale_b=one,
                                                                       out_dtype=torch.bfloat16))
             except Exception as exc:

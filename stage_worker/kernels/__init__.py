@@ -8,7 +8,8 @@
 - `fused_moe`: the routed experts as two grouped GEMM launches (bf16/fp16/fp32 or block-FP8 stacks).
 - `mla_decode`: DeepSeek's latent attention for decode rows (paged, split context + LSE merge).
 - `mla_prefill`: latent attention for mixed micro-batches in one launch (unified_attention's tiling).
-- `fp8`: per-token 1x128 activation quant and the block-scaled FP8 GEMM (Triton, or torch._scaled_mm).
+- `fp8_act`: FP8 activations: per-token 1x128 and per-row quant, `Fp8Act`.
+- `fp8`: the block-scaled FP8 GEMMs (Triton, or torch._scaled_mm) and the decode GEMV.
 
 Every public op dispatches to Triton on CUDA when Triton imports (`use_triton=None`) and to its
 `*_torch` reference elsewhere; `use_triton=True` forces the kernel, which under

@@ -1,8 +1,9 @@
-"""Block-scaled FP8 (e4m3) GEMM for DeepSeek-V3-style weights, and the activation quant it needs.
+"""Block-scaled FP8 (e4m3) GEMMs for DeepSeek-V3-style weights (the activation quant they take:
+kernels/fp8_act.py).
 
 Data flow of one FP8 linear, y = x @ W^T (models/quant.py holds W and calls `fp8_gemm`):
 
-  x [M, K] bf16/fp32 --per_token_group_quant_fp8--> xq [M, K] e4m3, xs [M, ceil(K/128)] fp32
+  x [M, K] bf16/fp32 --per_token_group_quant_fp8--> xq [M, K] e4m3, xs [M, ceil(K/128)] fp32 (fp8_act)
   W  [N, K] e4m3 with ws [ceil(N/group_n), ceil(K/128)] fp32 (the checkpoint's `weight_scale_inv`)
   y[m, n] = sum over k-blocks b of (xq[m, b] . W[n, b]) * xs[m, b] * ws[n // group_n, b]
 
@@ -10,10 +11,6 @@ Data flow of one FP8 linear, y = x @ W^T (models/quant.py holds W and calls `fp8
 group_n is 128 for every real checkpoint; a merged weight whose parts are not 128-row aligned
 (tiny test models) repeats each part's scale rows at a finer group_n (models/quant.py).
 
-- `per_token_group_quant_fp8(x)`: one program per ACT_QUANT_GROUPS 1x128 groups of a row: amax in fp32, scale =
-  max(amax, eps) / 448, q = clamp(x / scale, +-448) as e4m3. K need not be a multiple of 128 (the
-  last group is partial); offsets are int64 (large M*K). Scales row-major [M, G], or column-major
-  (stride (1, M)), the layout torch._scaled_mm's blockwise recipe wants.
 - `w8a8_block_gemm(xq, xs, w, ws, group_n)`: Triton, BLOCK_K = 128 = the quant group, so each
   K-step multiplies one fp32 partial dot by its two scales ("promotion" every 128 K, as DeepSeek's
   kernel.py and DeepGEMM); masked for M, N, K not multiples of the tiles; grouped program order
@@ -30,10 +27,10 @@ group_n is 128 for every real checkpoint; a merged weight whose parts are not 12
 - `w8a16_block_gemm(x, w, ws, group_n)`: the same Triton kernel with x as it is (bf16/fp16, no
   activation quant) and each e4m3 weight tile converted to x's dtype in registers: decode-size M,
   where the weight bytes set the time and the tensor cores have room to spare.
-- per channel (one weight scale per output row, models/quant.py): `per_token_quant_fp8(x)` (one
-  scale per row, the row held in registers up to ROW_QUANT_ONE_PASS_MAX columns) and
-  `scaled_mm_rowwise` (torch._scaled_mm's rowwise recipe, SM90); the Triton kernels above take
-  the same scales as a stride-0 [N, ceil(K/128)] grid at group_n 1.
+- per channel (one weight scale per output row, models/quant.py): x quantized one scale per row
+  (fp8_act `per_token_quant_fp8`) and `scaled_mm_rowwise` (torch._scaled_mm's rowwise recipe,
+  SM90); the Triton kernels above take the same scales as a stride-0 [N, ceil(K/128)] grid at
+  group_n 1.
 - `scaled_mm_blockwise(...)`: torch._scaled_mm with the 1x128 x 128x128 recipe (cuBLASLt, SM90,
   CUDA >= 12.9); needs N and K multiples of 128, and M a multiple of 4 (cuBLASLt has no
   algorithm otherwise: measured on the H100, M = 1, 2, 17, 33, 70, 129 fail), so `fp8_gemm` pads M.
@@ -50,7 +47,6 @@ the kernels against them in Triton's CPU interpreter. Shape-static and sync-free
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
 
 import torch
 
@@ -60,165 +56,9 @@ try:  # Triton is optional: CPU-only installs never import it.
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # e4m3fn; ROCm's fnuz would be 224 (vLLM's choice): not handled here
-GROUP_K = 128  # activation group and weight block along K (DeepSeek-V3's weight_block_size)
-EPS = 1e-10
-# Quant groups one activation-quant program takes (a row's groups in [GROUPS, 128] tiles, 4 warps
-# from 256 values). Measured on an H100 (`bench_fp8.py --act-quant`, 2026-12-07, outputs equal):
-# one 128-value group per 1-warp program read 170-640 GB/s at the V3 stage's shapes (242-4,096 rows),
-# 8 groups 200-2,700 GB/s (1.1-4.3x; 1 of 18 cases slower; at one row every form is launch-bound),
-# and the V3 stage's mixed workload went 4,077 -> 4,186 output tok/s with it (README).
-# STAGEMESH_FP8_ACT_QUANT_GROUPS sets it.
-ACT_QUANT_GROUPS = int(os.environ.get("STAGEMESH_FP8_ACT_QUANT_GROUPS", "8"))
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-# ----------------------------------------------------------------------------- activation quant
-
-def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = GROUP_K, column_major_scales: bool = False,
-                              use_triton: bool | None = None, align: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [M, K] -> (q [Mp, K] e4m3, scales [Mp, ceil(K/group)] fp32; column-major when asked).
-
-    x == q.float() * scale per group (up to e4m3 rounding). A zero group gets scale eps/448.
-    Mp is M rounded up to a multiple of `align` (cuBLASLt's blockwise GEMM wants 4): the added
-    rows are zeros' (q 0, scale eps/448), written by the same launch.
-    """
-    if x.dim() != 2:
-        raise ValueError(f"x must be [M, K], got {tuple(x.shape)}")
-    use = (triton is not None and x.is_cuda) if use_triton is None else use_triton
-    m, k = x.shape
-    mp = cdiv(m, align) * align
-    if not use:
-        if mp != m:
-            x = torch.cat([x, x.new_zeros(mp - m, k)])
-        q, s = per_token_group_quant_fp8_torch(x, group_size)
-        return q, (s.t().contiguous().t() if column_major_scales else s)
-    g = cdiv(k, group_size)
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    q, s = act_buffers(mp, k, g, column_major_scales, x.device)
-    if mp == 0 or k == 0:
-        return q, s
-    block = triton.next_power_of_2(group_size)
-    groups = min(triton.next_power_of_2(ACT_QUANT_GROUPS), triton.next_power_of_2(g))  # groups per program
-    _act_quant_kernel[(mp * cdiv(g, groups),)](
-        x, q, s, m, k, g, x.stride(0), q.stride(0), s.stride(0), s.stride(1), EPS, FP8_MAX,
-        GROUP=group_size, BLOCK=block, GROUPS=groups, num_warps=1 if groups * block <= 256 else 4, num_stages=1)
-    return q, s
-
-
-def act_buffers(rows: int, k: int, groups: int, column_major_scales: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empty (q [rows, K] e4m3, scales [rows, groups] fp32, column-major when asked)."""
-    q = torch.empty(rows, k, dtype=FP8_DTYPE, device=device)
-    s = (torch.empty(groups, rows, dtype=torch.float32, device=device).t() if column_major_scales
-         else torch.empty(rows, groups, dtype=torch.float32, device=device))
-    return q, s
-
-
-def per_token_group_quant_fp8_torch(x: torch.Tensor, group_size: int = GROUP_K) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference: x [M, K] -> (q [M, K] e4m3, scales [M, ceil(K/group)] fp32, row-major)."""
-    m, k = x.shape
-    g = cdiv(k, group_size)
-    xp = torch.zeros(m, g * group_size, dtype=torch.float32, device=x.device)
-    xp[:, :k] = x.float()
-    groups = xp.view(m, g, group_size)
-    s = groups.abs().amax(-1).clamp(min=EPS) / FP8_MAX  # [M, G]
-    q = (groups / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q.view(m, g * group_size)[:, :k].contiguous(), s
-
-
-if triton is not None:
-    @triton.jit
-    def quant_scale(amax, eps, fp8_max):
-        """The dequant scale of values whose largest magnitude is amax: max(amax, eps) / 448 (the
-        one formula of every activation quant here and in kernels/fused_ops.py)."""
-        return tl.maximum(amax, eps) / fp8_max
-
-    @triton.jit
-    def quant_values(x, s, fp8_max):
-        """x / s saturated at +-448, in fp32 (the caller casts to e4m3)."""
-        return tl.clamp(x / s, -fp8_max, fp8_max)
-
-    @triton.jit
-    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, G, stride_x, stride_q, stride_sm, stride_sg, eps, fp8_max,
-                          GROUP: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr):
-        """GROUPS consecutive groups of one row per program, [GROUPS, BLOCK] at once; rows from M
-        (alignment padding) read as zeros."""
-        pid = tl.program_id(0).to(tl.int64)
-        per_row = tl.cdiv(G, GROUPS)
-        row = pid // per_row
-        grp = (pid % per_row) * GROUPS + tl.arange(0, GROUPS).to(tl.int64)  # [GROUPS]
-        lane = tl.arange(0, BLOCK)
-        cols = grp[:, None] * GROUP + lane[None, :]  # [GROUPS, BLOCK]
-        mask = (grp[:, None] < G) & (lane[None, :] < GROUP) & (cols < K)
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask & (row < M), other=0.0).to(tl.float32)
-        s = quant_scale(tl.max(tl.abs(x), axis=1), eps, fp8_max)  # [GROUPS]
-        q = quant_values(x, s[:, None], fp8_max)
-        tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(s_ptr + row * stride_sm + grp * stride_sg, s, mask=grp < G)
-
-
-ROW_QUANT_ONE_PASS_MAX = 16384  # columns per_token_quant_fp8 holds in registers (one read of x); wider: two passes
-
-
-def per_token_quant_fp8(x: torch.Tensor, use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [M, K] -> (q [M, K] e4m3, scales [M, 1] fp32): one scale per row (token), the
-    activation side of the rowwise recipe (per-channel weights, `scaled_mm_rowwise`)."""
-    if x.dim() != 2:
-        raise ValueError(f"x must be [M, K], got {tuple(x.shape)}")
-    use = (triton is not None and x.is_cuda) if use_triton is None else use_triton
-    if not use:
-        return per_token_quant_fp8_torch(x)
-    m, k = x.shape
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    if m == 0 or k == 0:
-        return q, s
-    block = triton.next_power_of_2(k)
-    one_pass = block <= ROW_QUANT_ONE_PASS_MAX
-    block = block if one_pass else 2048
-    _row_quant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), EPS, FP8_MAX, BLOCK=block, ONE_PASS=one_pass,
-                            num_warps=max(1, min(16, block // 512)), num_stages=1)
-    return q, s
-
-
-def per_token_quant_fp8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference: x [M, K] -> (q [M, K] e4m3, scales [M, 1] fp32)."""
-    xf = x.float()
-    s = xf.abs().amax(-1, keepdim=True).clamp(min=EPS) / FP8_MAX
-    return (xf / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), s
-
-
-if triton is not None:
-    @triton.jit
-    def _row_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, eps, fp8_max, BLOCK: tl.constexpr,
-                          ONE_PASS: tl.constexpr):
-        """One row per program: held whole in registers (ONE_PASS: BLOCK >= K), or its amax in
-        BLOCK-wide steps, then the quantized row (the second read hits L2)."""
-        row = tl.program_id(0).to(tl.int64)
-        lane = tl.arange(0, BLOCK)
-        if ONE_PASS:
-            x = tl.load(x_ptr + row * stride_x + lane, mask=lane < K, other=0.0).to(tl.float32)
-            s = quant_scale(tl.max(tl.abs(x), axis=0), eps, fp8_max)
-            q = quant_values(x, s, fp8_max)
-            tl.store(q_ptr + row * stride_q + lane, q.to(q_ptr.dtype.element_ty), mask=lane < K)
-            tl.store(s_ptr + row, s)
-            return
-        amax = tl.zeros((BLOCK,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK):
-            x = tl.load(x_ptr + row * stride_x + k0 + lane, mask=k0 + lane < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        s = quant_scale(tl.max(amax, axis=0), eps, fp8_max)
-        for k0 in range(0, K, BLOCK):
-            x = tl.load(x_ptr + row * stride_x + k0 + lane, mask=k0 + lane < K, other=0.0).to(tl.float32)
-            q = quant_values(x, s, fp8_max)
-            tl.store(q_ptr + row * stride_q + k0 + lane, q.to(q_ptr.dtype.element_ty), mask=k0 + lane < K)
-        tl.store(s_ptr + row, s)
-
+from stage_worker.kernels.fp8_act import (  # the activations these GEMMs take
+    GROUP_K, Fp8Act, cdiv, per_token_group_quant_fp8_torch, quantize_act,
+)
 
 # ----------------------------------------------------------------------------- block-scaled GEMM
 
@@ -527,9 +367,6 @@ if triton is not None:
 
 # ----------------------------------------------------------------------------- torch._scaled_mm
 
-SCALED_MM_ALIGN_M = 4  # rows cuBLASLt's blockwise FP8 GEMM takes: a multiple of 4
-
-
 def scaled_mm_ok(n: int, k: int, group_n: int) -> bool:
     """The shapes torch._scaled_mm's 1x128 x 128x128 recipe takes (full blocks only)."""
     return group_n == 128 and n % 128 == 0 and k % 128 == 0
@@ -568,53 +405,15 @@ def scaled_mm_rowwise(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws_ro
 BACKENDS = ("gemv", "w8a16", "triton", "scaled_mm", "rowwise", "torch")
 
 
-class Fp8Act(NamedTuple):
-    """Activations quantized for a W8A8 GEMM: what `quantize_act` returns, or a producer that
-    writes them itself (kernels/fused_ops: the RMSNorm and SiLU*up kernels with `quant`).
-
-    kind "group": q [Mp, K] e4m3 with 1x128 group scales [Mp, ceil(K/128)] column-major, Mp = M
-    rounded up to SCALED_MM_ALIGN_M (zero rows: what cuBLASLt's blockwise recipe takes; the Triton
-    kernel reads the first M rows); kind "row": q [M, K] with one scale per row [M, 1]."""
-
-    q: torch.Tensor
-    scale: torch.Tensor
-    rows: int  # M, the real rows
-    kind: str  # "group" | "row"
-
-
 def act_kind(backend: str) -> str | None:
     """The activation quant a backend takes: "group" (1x128), "row", or None (x as it is)."""
     return {"triton": "group", "scaled_mm": "group", "rowwise": "row"}.get(backend)
-
-
-ACT_KINDS = ("group", "row")
-
-
-def empty_act(rows: int, k: int, kind: str, device) -> Fp8Act:
-    """The unwritten Fp8Act of `rows` rows of K values (a kernel that quantizes its own output
-    fills it, kernels/fused_ops.py): "group" rows padded to SCALED_MM_ALIGN_M."""
-    if kind not in ACT_KINDS:
-        raise ValueError(f"unknown activation quant {kind!r} (known: {', '.join(ACT_KINDS)})")
-    padded = cdiv(rows, SCALED_MM_ALIGN_M) * SCALED_MM_ALIGN_M if kind == "group" else rows
-    q, s = act_buffers(padded, k, cdiv(k, GROUP_K) if kind == "group" else 1, True, device)
-    return Fp8Act(q, s, rows, kind)
 
 
 def resolve_backend(backend: str, x_dtype: torch.dtype | None) -> str:
     """The backend that runs for x of x_dtype (None: x comes quantized, an Fp8Act): "w8a16" takes
     bf16/fp16 x as it is; fp32 x, or x quantized already, go to "triton"."""
     return "triton" if backend == "w8a16" and x_dtype not in (torch.bfloat16, torch.float16) else backend
-
-
-def quantize_act(x: torch.Tensor, kind: str, use_triton: bool | None = None) -> Fp8Act:
-    """x [M, K] -> Fp8Act of that kind (one launch on CUDA)."""
-    if kind == "group":
-        q, s = per_token_group_quant_fp8(x, column_major_scales=True, use_triton=use_triton, align=SCALED_MM_ALIGN_M)
-    elif kind == "row":
-        q, s = per_token_quant_fp8(x, use_triton=use_triton)
-    else:
-        raise ValueError(f"unknown activation quant {kind!r} (known: {', '.join(ACT_KINDS)})")
-    return Fp8Act(q, s, x.shape[0], kind)
 
 
 def fp8_gemm(x: torch.Tensor | Fp8Act, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,

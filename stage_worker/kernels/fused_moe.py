@@ -16,7 +16,7 @@ layer is free of host syncs and capturable in a CUDA graph (vLLM's `fused_moe_ke
 
 Weights: bf16 / fp16 / fp32 stacks, or block-FP8 (e4m3 [E, N, K] with dequant scales
 [E, ceil(N/group_n), ceil(K/128)], the checkpoint's `weight_scale_inv` stacked): activations are
-then quantized per token in 1x128 groups (kernels/fp8.py) and BLOCK_K is 128, so each K step
+then quantized per token in 1x128 groups (kernels/fp8_act.py) and BLOCK_K is 128, so each K step
 multiplies its fp32 partial dot by one activation scale per row and one weight scale per column.
 
 `fused_experts_torch` is the reference (dequantized weights, one GEMM per expert, float32).
@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from stage_worker.kernels import fp8 as fp8k
+from stage_worker.kernels import fp8_act as fp8a
 from stage_worker.kernels.fused_ops import silu_and_mul
 from stage_worker.kernels.moe_align import moe_align_block_size
 
@@ -103,7 +104,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
 
 def _quant(a: torch.Tensor, use_fp8: bool, use_triton: bool | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(a, None), or a quantized per token in 1x128 groups: (e4m3 [R, K], scales [R, ceil(K/128)])."""
-    return fp8k.per_token_group_quant_fp8(a, GROUP_K, use_triton=use_triton) if use_fp8 else (a, None)
+    return fp8a.per_token_group_quant_fp8(a, GROUP_K, use_triton=use_triton) if use_fp8 else (a, None)
 
 
 def _gemm(a_and_scale, w, w_scale, bias, c, weights, sorted_ids, expert_ids, post, top_k: int,
@@ -239,4 +240,4 @@ def _fake_quant(a: torch.Tensor, use_fp8: bool) -> torch.Tensor:
     """a as the FP8 kernel sees it: quantized per 1x128 group and dequantized (fp32)."""
     if not use_fp8:
         return a.float()
-    return fp8k.dequant_act(*fp8k.per_token_group_quant_fp8_torch(a, GROUP_K), GROUP_K)
+    return fp8k.dequant_act(*fp8a.per_token_group_quant_fp8_torch(a, GROUP_K), GROUP_K)

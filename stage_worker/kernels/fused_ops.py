@@ -16,8 +16,8 @@ Each function here does one of those groups in one Triton kernel:
 - `combine_splits(part, lse, dtype)`: the flash-decoding split combine of paged_decode.py.
 
 The norms and SiLU/GELU * up take `quant` ("group": 1x128 groups, "row": one scale per row):
-their output then comes out quantized for the FP8 GEMM after it (kernels/fp8.py `Fp8Act`) in
-the op's own kernel (`_store_quant`, kernels/fp8.py's quant formula): norm-then-quant up to the
+their output then comes out quantized for the FP8 GEMM after it (kernels/fp8_act.py `Fp8Act`) in
+the op's own kernel (`_store_quant`, kernels/fp8_act.py's quant formula): norm-then-quant up to the
 order in which the norm sums its squares, which the compiler may lay out differently once the
 128-wide groups are in the kernel (on an H100: equal bits in every bf16/fp16 case of
 benchmarks/check_fused_ops.py, fp32 scales within 4 ulp; the mesh's batch-1 tokens on random
@@ -49,8 +49,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from stage_worker.kernels import fp8 as fp8k
-from stage_worker.kernels.fp8 import Fp8Act, quantize_act
+from stage_worker.kernels import fp8_act as fp8a
+from stage_worker.kernels.fp8_act import Fp8Act, quantize_act
 from stage_worker.kv_cache import FP8_KV, FP8_KV_MAX, write_slots
 
 try:  # Triton is optional: CPU-only installs never import it.
@@ -63,7 +63,7 @@ ROTARY_ELEMS = 2048  # elements (heads * head_dim) one rotary program handles
 SILU_BLOCK = 1024  # columns of the output one silu_and_mul program handles
 
 
-_QUANT_CODES = {None: 0, "group": 1, "row": 2}  # the kernels' QUANT: fp8.Fp8Act kinds
+_QUANT_CODES = {None: 0, "group": 1, "row": 2}  # the kernels' QUANT: fp8_act.Fp8Act kinds
 
 
 def triton_available(device: torch.device) -> bool:
@@ -94,7 +94,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, use_triton: bool
     """x: [T, H]; weight: [H] -> weight * rms_norm(x) [T, H] (dtype: torch's weight * x).
 
     quant "group" / "row": the normalised rows come out quantized for the FP8 GEMM that reads
-    them (kernels/fp8.py Fp8Act: quantize_act of the normalised tensor, up to the order of its
+    them (kernels/fp8_act.py Fp8Act: quantize_act of the normalised tensor, up to the order of its
     sum of squares, module docstring), in the norm's own kernel: no [T, H] write and read between
     them, one launch fewer."""
     if not _pick(use_triton, x):
@@ -117,7 +117,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 
 def _quantized(out: torch.Tensor, quant: str | None) -> torch.Tensor | Fp8Act:
-    """The reference of a fused quant: the op's output, then kernels/fp8.py's activation quant."""
+    """The reference of a fused quant: the op's output, then kernels/fp8_act.py's activation quant."""
     return out if quant is None else quantize_act(out, quant, use_triton=False)
 
 
@@ -129,7 +129,7 @@ def _outputs(t: int, k: int, dtype: torch.dtype, quant: str | None, device):
     if quant is None:
         out = torch.empty(t, k, dtype=dtype, device=device)
         return out, out, out, out, t
-    act = fp8k.empty_act(t, k, quant, device)
+    act = fp8a.empty_act(t, k, quant, device)
     return act, torch.empty(1, 1, dtype=dtype, device=device), act.q, act.scale, act.q.shape[0]
 
 
@@ -158,12 +158,12 @@ def _rms_norm_triton(x, residual, weight, eps, quant=None):
     x = _rows(x)
     r = _rows(residual) if residual is not None else x  # dummy pointer when HAS_RES is False
     ro = res_out if res_out is not None else x
-    block = max(triton.next_power_of_2(h), fp8k.GROUP_K if quant == "group" else 1)
+    block = max(triton.next_power_of_2(h), fp8a.GROUP_K if quant == "group" else 1)
     _rms_norm_kernel[(rows,)](
         x, r, weight.contiguous(), out, ro, q, sc, t,
         x.stride(0), r.stride(0), out.stride(0), ro.stride(0), q.stride(0), sc.stride(0), sc.stride(1),
-        h, float(h), float(eps), fp8k.EPS, fp8k.FP8_MAX,
-        HAS_RES=residual is not None, QUANT=_QUANT_CODES[quant], GROUP=fp8k.GROUP_K, BLOCK=block,
+        h, float(h), float(eps), fp8a.EPS, fp8a.FP8_MAX,
+        HAS_RES=residual is not None, QUANT=_QUANT_CODES[quant], GROUP=fp8a.GROUP_K, BLOCK=block,
         num_warps=_norm_warps(block), enable_fp_fusion=False,
     )
     return result, res_out
@@ -190,8 +190,8 @@ def gelu_tanh_and_mul(gate_up: torch.Tensor, use_triton: bool | None = None,
 
 def act_quant_fusable(i: int, quant: str | None) -> bool:
     """Whether silu_and_mul / gelu_tanh_and_mul can quantize an [T, I] product in its kernel:
-    "row" holds a whole row in one program (up to kernels/fp8.py ROW_QUANT_ONE_PASS_MAX)."""
-    return quant != "row" or triton.next_power_of_2(i) <= fp8k.ROW_QUANT_ONE_PASS_MAX
+    "row" holds a whole row in one program (up to kernels/fp8_act.py ROW_QUANT_ONE_PASS_MAX)."""
+    return quant != "row" or triton.next_power_of_2(i) <= fp8a.ROW_QUANT_ONE_PASS_MAX
 
 
 def _act_and_mul_triton(gate_up: torch.Tensor, act_fn: int, quant: str | None = None) -> torch.Tensor | Fp8Act:
@@ -206,10 +206,10 @@ def _act_and_mul_triton(gate_up: torch.Tensor, act_fn: int, quant: str | None = 
     if quant == "row":  # a program per row
         block = triton.next_power_of_2(i)
     else:
-        block = max(min(SILU_BLOCK, triton.next_power_of_2(i)), fp8k.GROUP_K if quant else 1)
+        block = max(min(SILU_BLOCK, triton.next_power_of_2(i)), fp8a.GROUP_K if quant else 1)
     _silu_mul_kernel[(rows, triton.cdiv(i, block))](
         gate_up, out, q, sc, t, gate_up.stride(0), out.stride(0), q.stride(0), sc.stride(0), sc.stride(1),
-        i, fp8k.EPS, fp8k.FP8_MAX, BLOCK=block, ACT=act_fn, QUANT=_QUANT_CODES[quant], GROUP=fp8k.GROUP_K,
+        i, fp8a.EPS, fp8a.FP8_MAX, BLOCK=block, ACT=act_fn, QUANT=_QUANT_CODES[quant], GROUP=fp8a.GROUP_K,
         num_warps=4 if block <= SILU_BLOCK else 16, enable_fp_fusion=False,
     )
     return result
@@ -316,13 +316,13 @@ def combine_splits_torch(part, lse, dtype):
 # ----------------------------------------------------------------------------- kernels
 
 if triton is not None:
-    from stage_worker.kernels.fp8 import quant_scale, quant_values
+    from stage_worker.kernels.fp8_act import quant_scale, quant_values
 
     @triton.jit
     def _store_quant(y, cols, N, row, Q, S, s_q, s_sm, s_sg, eps, fp8_max,
                      QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
         """y [BLOCK] fp32: an op's output at columns `cols` (< N are real) of row `row`, already
-        rounded to the op's dtype, stored quantized as kernels/fp8.py's activation quants do it.
+        rounded to the op's dtype, stored quantized as kernels/fp8_act.py's activation quants do it.
         QUANT 1: 1x128 groups (cols starts on a group; scale = max(amax, eps) / 448 each);
         QUANT 2: one scale for the row (this program holds all of it)."""
         mask = cols < N

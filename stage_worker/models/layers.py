@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from stage_worker.kernels import fused_ops
-from stage_worker.kernels.fp8 import Fp8Act
+from stage_worker.kernels.fp8_act import Fp8Act
 from stage_worker.models.quant import Fp8Linear, input_quant
 
 

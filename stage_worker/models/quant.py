@@ -36,7 +36,7 @@ Triton kernel, or torch._scaled_mm's blockwise recipe on SM90 where it measures 
 bf16 stages), else the Triton W8A8 kernel with 1x128 activation groups.
 Where a quantized input is wanted, the op before the linear can write it so: `input_quant(m)`
 names the form the GEMM takes at m rows, and the RMSNorm and SiLU * up kernels (fused_ops'
-`quant`) write their output as that kernels/fp8.py `Fp8Act`, which `forward` takes as it is:
+`quant`) write their output as that kernels/fp8_act.py `Fp8Act`, which `forward` takes as it is:
 the numbers of quantizing after them (kernels/fused_ops.py says how exactly), one launch and one
 activation round trip fewer.
 Elsewhere (the CPU, pre-Ada GPUs) the weight is dequantized once, when the stage is prepared, to
@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stage_worker.kernels import fp8 as fp8k
+from stage_worker.kernels import fp8_act as fp8a
 from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
 
@@ -136,12 +137,12 @@ def quantize_blocks(w: torch.Tensor, block: tuple[int, int] = (BLOCK, BLOCK)) ->
     each block's amax maps to 448."""
     rows, cols = w.shape
     b0, b1 = block
-    gr, gc = fp8k.cdiv(rows, b0), fp8k.cdiv(cols, b1)
+    gr, gc = fp8a.cdiv(rows, b0), fp8a.cdiv(cols, b1)
     padded = torch.zeros(gr * b0, gc * b1, dtype=torch.float32, device=w.device)
     padded[:rows, :cols] = w.float()
     tiles = padded.view(gr, b0, gc, b1)
-    scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / fp8k.FP8_MAX  # [gr, gc]
-    q = (tiles / scale[:, None, :, None]).clamp(-fp8k.FP8_MAX, fp8k.FP8_MAX).to(fp8k.FP8_DTYPE)
+    scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / fp8a.FP8_MAX  # [gr, gc]
+    q = (tiles / scale[:, None, :, None]).clamp(-fp8a.FP8_MAX, fp8a.FP8_MAX).to(fp8a.FP8_DTYPE)
     return q.view(gr * b0, gc * b1)[:rows, :cols].contiguous(), scale
 
 
@@ -149,7 +150,7 @@ def dequantize_blocks(w: torch.Tensor, scale_inv: torch.Tensor, group_n: int = B
                       group_k: int = BLOCK) -> torch.Tensor:
     """w [..., N, K] fp8, scale_inv [..., ceil(N/group_n), ceil(K/group_k)] -> float32 [..., N, K]."""
     n, k = w.shape[-2:]
-    expect = (fp8k.cdiv(n, group_n), fp8k.cdiv(k, group_k))
+    expect = (fp8a.cdiv(n, group_n), fp8a.cdiv(k, group_k))
     if tuple(scale_inv.shape[-2:]) != expect:
         raise ValueError(f"scale_inv of shape {tuple(scale_inv.shape)}, expected {expect} "
                          f"for a {n}x{k} weight in {group_n}x{group_k} blocks")
@@ -193,10 +194,10 @@ class Fp8Slot:
         if tensor.dtype in FP8_DTYPES:
             if scale_inv is None:
                 raise ValueError("an FP8 tensor without its scale_inv")
-            expect = (fp8k.cdiv(tensor.shape[0], b0), fp8k.cdiv(tensor.shape[1], b1))
+            expect = (fp8a.cdiv(tensor.shape[0], b0), fp8a.cdiv(tensor.shape[1], b1))
             if tuple(scale_inv.shape) != expect:
                 raise ValueError(f"scale_inv of shape {tuple(scale_inv.shape)}, expected {expect}")
-            q, s = tensor.to(fp8k.FP8_DTYPE), scale_inv.to(self.scale.device, torch.float32)
+            q, s = tensor.to(fp8a.FP8_DTYPE), scale_inv.to(self.scale.device, torch.float32)
         else:
             q, s = quantize_blocks(tensor, (b0, b1))
         self.weight.copy_(q)
@@ -231,8 +232,8 @@ class Fp8Linear(nn.Module):
         self.in_features, self.out_features, self.channel = in_features, n, channel
         self.group_n = 1 if channel else row_group(list(self.parts.values())) if self.parts else BLOCK
         self.group_k = in_features if channel else BLOCK
-        gn, gk = fp8k.cdiv(n, self.group_n), fp8k.cdiv(in_features, self.group_k)
-        self.weight = nn.Parameter(torch.empty(n, in_features, dtype=fp8k.FP8_DTYPE), requires_grad=False)
+        gn, gk = fp8a.cdiv(n, self.group_n), fp8a.cdiv(in_features, self.group_k)
+        self.weight = nn.Parameter(torch.empty(n, in_features, dtype=fp8a.FP8_DTYPE), requires_grad=False)
         self.weight_scale_inv = nn.Parameter(torch.empty(gn, gk, dtype=torch.float32), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(n), requires_grad=False) if bias else None
         self.compute_dtype = torch.get_default_dtype()
@@ -249,7 +250,7 @@ class Fp8Linear(nn.Module):
     def fix_dtypes(self, dtype: torch.dtype) -> None:
         """After the stage's `.to(dtype)` (on the meta device, before materialising): weight back
         to e4m3, scales back to fp32; `dtype` is the compute (activation) dtype."""
-        self.weight.data = self.weight.data.to(fp8k.FP8_DTYPE)
+        self.weight.data = self.weight.data.to(fp8a.FP8_DTYPE)
         self.weight_scale_inv.data = self.weight_scale_inv.data.float()
         self.compute_dtype = dtype
 
@@ -279,7 +280,7 @@ class Fp8Linear(nn.Module):
             self.backend, self._dense, self._ws_mm, self._ws_grid = "fp8", None, None, None
             n, k = self.out_features, self.in_features
             if self.channel:
-                self._ws_grid = self.weight_scale_inv.expand(n, fp8k.cdiv(k, BLOCK))
+                self._ws_grid = self.weight_scale_inv.expand(n, fp8a.cdiv(k, BLOCK))
                 if fp8k.rowwise_ok(n, k) and self.compute_dtype == torch.bfloat16 and rowwise_available(device):
                     self._ws_mm = self.weight_scale_inv.view(1, n)
             elif fp8k.scaled_mm_ok(n, k, self.group_n) and scaled_mm_available(device):
@@ -309,10 +310,10 @@ class Fp8Linear(nn.Module):
             return None
         return fp8k.act_kind(fp8k.resolve_backend(self._backend(m), self.compute_dtype))
 
-    def forward(self, x: torch.Tensor | fp8k.Fp8Act) -> torch.Tensor:  # x: [..., K], or [M, K] quantized
+    def forward(self, x: torch.Tensor | fp8a.Fp8Act) -> torch.Tensor:  # x: [..., K], or [M, K] quantized
         if self.backend is None:
             self.prepare()
-        if isinstance(x, fp8k.Fp8Act):  # written by the op before, as input_quant(M) asked
+        if isinstance(x, fp8a.Fp8Act):  # written by the op before, as input_quant(M) asked
             if self.backend != "fp8":
                 raise ValueError(f"quantized input for an FP8 linear on the {self.backend!r} path")
             lead, x2, m, dtype = (x.rows,), x, x.rows, self.compute_dtype
@@ -343,7 +344,7 @@ def fp8_slot(weight: torch.Tensor, scale: torch.Tensor, group_n: int, start: int
     if start % group_n:
         raise ValueError(f"part starting at row {start} is not on a {group_n}-row group")
     g0 = start // group_n
-    return Fp8Slot(weight[start:start + rows], scale[g0:g0 + fp8k.cdiv(rows, group_n)], group_n, channel)
+    return Fp8Slot(weight[start:start + rows], scale[g0:g0 + fp8a.cdiv(rows, group_n)], group_n, channel)
 
 
 # -- stacked experts -------------------------------------------------------------------------------
@@ -353,8 +354,8 @@ def fp8_expert_params(experts: int, part_rows: list[int], k: int) -> tuple[nn.Pa
     real model (`row_group`); `fp8_slot` gives each expert's checkpoint tensor its rows."""
     n = sum(part_rows)
     gn = row_group(part_rows)
-    w = nn.Parameter(torch.empty(experts, n, k, dtype=fp8k.FP8_DTYPE), requires_grad=False)
-    s = nn.Parameter(torch.empty(experts, fp8k.cdiv(n, gn), fp8k.cdiv(k, BLOCK), dtype=torch.float32),
+    w = nn.Parameter(torch.empty(experts, n, k, dtype=fp8a.FP8_DTYPE), requires_grad=False)
+    s = nn.Parameter(torch.empty(experts, fp8a.cdiv(n, gn), fp8a.cdiv(k, BLOCK), dtype=torch.float32),
                      requires_grad=False)
     return w, s, gn
 
