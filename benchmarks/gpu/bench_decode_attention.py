@@ -1,4 +1,4 @@
-"""The paged decode attention kernel's tiles (kernels/paged_decode.py DECODE_CONFIGS) at the mixed
+"""The paged decode attention kernel's tiles (kernels/paged_decode.py DECODE_CONFIG) at the mixed
 workload's decode batches: K/V read per microsecond for bf16 and FP8 (e4m3) pools.
 
     python benchmarks/gpu/bench_decode_attention.py [--out DIR]
@@ -62,7 +62,7 @@ def main() -> None:
     for pool_dtype in (torch.bfloat16, torch.float8_e4m3fn):
         for b, mean_ctx in SHAPES:
             q, kc, vc, tables, ctx, nbytes = _case(b, mean_ctx, pool_dtype, gen, l2_bytes)
-            shipped = pd.decode_config(kc)
+            shipped = pd.DECODE_CONFIG
 
             def run(tile, table):
                 splits = pd.choose_splits(b, HKV, int(ctx.max()), sms, tile[0])

@@ -348,17 +348,14 @@ if triton is not None:
                 xm = tl.load(x_ptr + m * stride_xm + cols * stride_xk, mask=kmask & (m < M), other=0.0).to(tl.float32)
                 if SCALE_MODE == 1:
                     xm = xm * s[:, None]
+                prod = w * xm[None, :, :]  # [BN, G, GK]
                 if LATE_SUM:
-                    if SCALE_MODE == 0:
-                        tile += w * xm[None, :, :] * s[:, :, None]
-                    else:
-                        tile += w * xm[None, :, :]
+                    tile += prod * s[:, :, None] if SCALE_MODE == 0 else prod
                 else:
+                    part = tl.sum(prod, axis=2)  # [BN, G]
                     if SCALE_MODE == 0:
-                        part = tl.sum(tl.sum(w * xm[None, :, :], axis=2) * s, axis=1)  # [BN]
-                    else:
-                        part = tl.sum(tl.sum(w * xm[None, :, :], axis=2), axis=1)
-                    acc = tl.where(rows[:, None] == m, acc + part[None, :], acc)
+                        part = part * s
+                    acc = tl.where(rows[:, None] == m, acc + tl.sum(part, axis=1)[None, :], acc)
         if LATE_SUM:
             acc = tl.sum(tl.sum(tile, axis=2), axis=1)[None, :]  # [1, BN]
         y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn

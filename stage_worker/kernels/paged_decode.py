@@ -33,15 +33,9 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 BLOCK_N = 64  # tokens per inner iteration (several pages); the splits are sized in these
-# The kernel's (BLOCK_N, num_warps, num_stages) by the pool's bytes per element (BLOCK_N above for
-# each so far). benchmarks/gpu/bench_decode_attention.py sweeps tiles for bf16 and FP8 pools (not
-# yet run on a GPU).
-DECODE_CONFIGS: dict[int, tuple[int, int, int]] = {4: (BLOCK_N, 4, 2), 2: (BLOCK_N, 4, 2), 1: (BLOCK_N, 4, 2)}
-
-
-def decode_config(pool: torch.Tensor) -> tuple[int, int, int]:
-    """The kernel's (BLOCK_N, num_warps, num_stages) for a K/V pool of this element size."""
-    return DECODE_CONFIGS.get(pool.element_size(), DECODE_CONFIGS[2])
+# The kernel's (BLOCK_N, num_warps, num_stages), for every pool dtype so far;
+# benchmarks/gpu/bench_decode_attention.py sweeps tiles for bf16 and FP8 pools (not yet run on a GPU).
+DECODE_CONFIG: tuple[int, int, int] = (BLOCK_N, 4, 2)
 
 
 def triton_available(device: torch.device) -> bool:
@@ -63,12 +57,12 @@ def paged_decode(q, k_cache, v_cache, block_tables, ctx_lens, scale: float, bloc
                  window: int | None = None, softcap: float | None = None,
                  config: tuple[int, int, int] | None = None):
     """q: [B, Hq, D]; k_cache, v_cache: [N, Hkv, D] -> out [B, Hq, D] in q's dtype. config: the
-    kernel's (BLOCK_N, num_warps, num_stages) (default DECODE_CONFIGS by the pool's item size)."""
+    kernel's (BLOCK_N, num_warps, num_stages) (default DECODE_CONFIG)."""
     if use_triton is None:
         use_triton = triton_available(q.device)
     if use_triton:
         return _paged_decode_triton(q, k_cache, v_cache, block_tables, ctx_lens, scale, block_size,
-                                    num_splits, window, softcap, config or decode_config(k_cache))
+                                    num_splits, window, softcap, config or DECODE_CONFIG)
     return paged_decode_torch(q, k_cache, v_cache, block_tables, ctx_lens, scale, block_size, max_ctx,
                               window, softcap)
 
