@@ -65,8 +65,8 @@ def parse_args(argv=None):
     ap.add_argument("--model", choices=sorted(MODELS), default="llama8b")
     ap.add_argument("--model-dir", default="", help="default: /tmp/<model>-random")
     ap.add_argument("--stages", default="1,1-sync,2,4",
-                    help="stage specs to run: N[-sync][-ifK][-fp8][-kv8][-mps] (sync: async scheduling off; ifK: "
-                         "--inflight K; fp8: --quantization fp8; kv8: --kv-cache-dtype fp8; mps: the mesh's "
+                    help="stage specs to run: N[-sync][-ifK][-fp8|-fp8ch][-kv8][-mps] (sync: async scheduling off; ifK: "
+                         "--inflight K; fp8: --quantization fp8; fp8ch: fp8-channel; kv8: --kv-cache-dtype fp8; mps: the mesh's "
                          "processes as clients of an MPS server)")
     ap.add_argument("--kv-total-bytes", type=int, default=30 * 2**30)
     ap.add_argument("--max-batched-tokens", type=int, default=4096)

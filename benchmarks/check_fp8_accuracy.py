@@ -51,7 +51,7 @@ def text() -> str:
     return zen + "\n\n" + readme
 
 
-# name: (LOAD_SCHEME, activations: "gpu" (as the scheme runs on an H100), "groups" (1x128),
+# name: (weight scheme, activations: "gpu" (as the scheme runs on an H100), "groups" (1x128),
 # "none" (weights only: the CPU's dequantized path))
 VARIANTS = {"block": ("block", "gpu"), "channel": ("channel", "gpu"), "block, weights only": ("block", "none"),
             "channel, weights only": ("channel", "none"), "channel, 1x128 act groups": ("channel", "groups")}
@@ -59,15 +59,14 @@ VARIANTS = {"block": ("block", "gpu"), "channel": ("channel", "gpu"), "block, we
 
 def logits_of(model_path: Path, ids: list[int], scheme: str | None, act: str = "gpu") -> torch.Tensor:
     """[T, V] fp32 next-token logits of the whole model over ids, unquantized (scheme None) or
-    with `--quantization fp8` under that LOAD_SCHEME, activations as `act` says (VARIANTS)."""
+    with `--quantization fp8` ("block") or `fp8-channel` ("channel"), activations as `act` says (VARIANTS)."""
     layers = ModelConfig.from_dir(model_path).num_hidden_layers
-    quant.LOAD_SCHEME = scheme or quant.LOAD_SCHEME
     real = quant.fp8_compute_available, quant.channel_gemm_backend, quant.gemm_backend
     quant.fp8_compute_available = lambda device: act != "none"  # prepare() picks FP8 compute on the CPU
     quant.channel_gemm_backend = lambda m, ready: "rowwise" if act == "gpu" else "torch"
     quant.gemm_backend = lambda m, n, k, ready: "torch"
     try:
-        model, _ = load_stage(model_path, 0, layers, quantization="fp8" if scheme else "")
+        model, _ = load_stage(model_path, 0, layers, quantization={"block": "fp8", "channel": "fp8-channel"}.get(scheme, ""))
         if act == "gpu":  # prepare() gives rowwise to bf16 stages on SM90 only: this fp32 one takes it here
             for m in model.modules():
                 if isinstance(m, quant.Fp8Linear) and m.channel:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from stage_worker.kernels import mla_expand
 from stage_worker.kernels.mla_expand import ExpandPlan
-from stage_worker.kernels.paged_decode import choose_splits, paged_decode
+from stage_worker.kernels.paged_decode import choose_splits, decode_config, paged_decode
 from stage_worker.kernels.softmax import attention_torch
 from stage_worker.kernels.unified_attention import tile_plan, unified_attention
 from stage_worker.kv_cache import read_slots
@@ -293,7 +293,8 @@ def attend(q: torch.Tensor, layer_kv: tuple[torch.Tensor, torch.Tensor], meta: A
         span = meta.decode_max_ctx  # keys a query reads: a window caps it (fewer, fuller splits)
         if window and span is not None:
             span = min(span, window)
-        splits = meta.num_splits or choose_splits(qd.shape[0], k_cache.shape[1], span, num_sms(q.device))
+        splits = meta.num_splits or choose_splits(qd.shape[0], k_cache.shape[1], span, num_sms(q.device),
+                                                  decode_config(k_cache.dtype)[0])
         od = paged_decode(qd, k_cache, v_cache, meta.block_tables, meta.decode_ctx, scale,
                           meta.block_size, splits, meta.decode_max_ctx, window=window, softcap=softcap)
         if meta.decode_all:

@@ -30,13 +30,18 @@ class WorkerConfig:
     tp_size: int = knob(0, "tensor parallel inside this stage over N processes/GPUs (deepspeed.comm); 0: off")
     lease_ttl_s: float = knob(60.0, "drop the KV of a gateway silent this long")
     quantization: str = knob("none", "fp8: quantize a bf16/fp32 checkpoint's linear and expert weights at load "
-                             "into FP8 128x128 blocks (block-scaled FP8 GEMMs on CUDA SM89+); none: as the "
-                             "checkpoint is (an FP8 checkpoint stays FP8)", choices=("none", "fp8"))
+                             "into FP8 128x128 blocks (block-scaled FP8 GEMMs on CUDA SM89+); fp8-channel: the "
+                             "Llama family's projections with one scale per output row instead (faster at batch "
+                             "1, less accurate: README); none: as the checkpoint is (an FP8 checkpoint stays FP8)",
+                             choices=("none", "fp8", "fp8-channel"))
     kv_cache_dtype: str = knob("auto", "fp8: keep K/V in FP8 e4m3 (scale 1.0, values past +-448 saturate; half "
                                "the bytes of bf16, so twice the tokens and half the attention reads); auto: the "
                                "model's dtype. Llama-family K/V pools, CPU or CUDA SM89+", choices=("auto", "fp8"))
     load_format: str = knob("auto", "dummy: random weights drawn on the device from config.json alone (benchmarks; "
                             "tokens are meaningless); auto: read the checkpoint's weights", choices=("auto", "dummy"))
+    kernel_tiles: str = knob("", "JSON file of kernel tiles for this GPU (kernels/tiles.py; the benchmarks/gpu "
+                             "sweeps write one with --tiles-out); empty: the file shipped for this GPU's name, "
+                             "else the kernels' defaults")
     metrics_port: int = knob(0, "serve Prometheus /metrics here (0: off)")
     tls: TlsConfig | None = None  # mutual TLS on our port and on links to the next stage/coordinator
     coordinator_plaintext: bool = knob(False, "reach the coordinator without TLS even when --tls-* is set")

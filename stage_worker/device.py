@@ -14,6 +14,13 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def gpu_name(device: str) -> str:
+    """The CUDA device's name (a shipped kernel tiles file's key, kernels/tiles.py); "" elsewhere."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return ""
+    return torch.cuda.get_device_name(torch.device(device))
+
+
 def free_memory_bytes(device: str) -> int:
     """Free memory the worker reports at registration: the GPU's, or the host's available pages."""
     if torch.device(device).type == "cuda":

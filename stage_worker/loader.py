@@ -70,8 +70,8 @@ def load_stage(model_dir: str | Path, layer_start: int, layer_end: int,
                quantization: str = "", load_format: str = "auto"):
     """(stage module with its weights, ModelConfig) for layers [layer_start, layer_end).
 
-    quantization "fp8": FP8 128x128 blocks quantized at load, or per channel (models/quant.py
-    LOAD_SCHEME; see the module docstring);
+    quantization "fp8": FP8 128x128 blocks quantized at load; "fp8-channel": per output row where
+    the family takes it (models/quant.py, with_quantization);
     load_format "dummy": random weights drawn on the device, no weight files read.
     """
     model_dir = Path(model_dir)

@@ -523,11 +523,10 @@ if not INTERPRETED:
 
     def test_quantization_fp8_llama_mesh(tmp_path):
         """`--quantization fp8` on a bf16/fp32 Llama: quantized at load per checkpoint tensor in
-        128x128 blocks (the default LOAD_SCHEME); the mesh's greedy tokens equal transformers' on
+        128x128 blocks (fp8-channel is the other scheme); the mesh's greedy tokens equal transformers' on
         those weights dequantized."""
         from stagemesh.cli.harness import mesh
 
-        assert quant.LOAD_SCHEME == "block"
         src = make_hf_checkpoint(tmp_path, "llama", num_layers=2)
         deq_dir = _dequantized_twin(src, tmp_path / "llama-deq", (128, 128))
         stage, cfg = load_stage(src, 0, 2, quantization="fp8")
@@ -539,14 +538,13 @@ if not INTERPRETED:
             outs = asyncio.run(_generate_all(m.address, prompts, 8))
         assert [o.token_ids for o in outs] == expected
 
-    def test_quantization_fp8_llama_channel_scheme(tmp_path, monkeypatch):
-        """STAGEMESH_FP8_LOAD_SCHEME=channel: the same Llama quantized with one scale per output row
+    def test_quantization_fp8_llama_channel_scheme(tmp_path):
+        """`--quantization fp8-channel`: the same Llama quantized with one scale per output row
         (down_proj's K = 128: one block wide, still per row); two stages in process equal
         transformers on those weights dequantized."""
-        monkeypatch.setattr(quant, "LOAD_SCHEME", "channel")
         src = make_hf_checkpoint(tmp_path, "llama", num_layers=2)
         deq_dir = _dequantized_twin(src, tmp_path / "llama-deq", None)
-        stages = [load_stage(src, a, b, quantization="fp8")[0] for a, b in ((0, 1), (1, 2))]
+        stages = [load_stage(src, a, b, quantization="fp8-channel")[0] for a, b in ((0, 1), (1, 2))]
         down = stages[1].layers["1"].mlp.down_proj
         assert down.channel and tuple(down.weight_scale_inv.shape) == (down.out_features, 1)
         prompts = random_prompts(seed=5, lengths=[7, 19], vocab=320)
@@ -577,7 +575,7 @@ if not INTERPRETED:
         async with AsyncClient(address) as client:
             return await client.generate(prompt="The gateway", max_tokens=6, ignore_eos=True, timeout=120)
 
-    def test_unsupported_quantization_configs_are_named(monkeypatch):
+    def test_unsupported_quantization_configs_are_named():
         from stagemesh.model_config import ModelConfig
 
         base = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
@@ -589,6 +587,5 @@ if not INTERPRETED:
                 quant.is_fp8(ModelConfig.from_dict({**base, "quantization_config": qc}))
         with pytest.raises(CheckpointError, match="--quantization 'int4'"):
             quant.with_quantization(ModelConfig.from_dict(base), "int4")
-        monkeypatch.setattr(quant, "LOAD_SCHEME", "tensor")
-        with pytest.raises(CheckpointError, match="STAGEMESH_FP8_LOAD_SCHEME='tensor'"):
-            quant.with_quantization(ModelConfig.from_dict(base), "fp8")
+        with pytest.raises(CheckpointError, match="--quantization 'fp8-tensor' is not supported"):
+            quant.with_quantization(ModelConfig.from_dict(base), "fp8-tensor")

@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.gpu.graph_timing import graph_us  # noqa: E402
 from stage_worker.kernels import fp8 as k  # noqa: E402
 from stage_worker.kernels import fp8_act as fa  # noqa: E402
+from stage_worker.kernels import tiles  # noqa: E402
 from stage_worker.models import quant  # noqa: E402
 from benchmarks.gpu.checkpoint import V3  # noqa: E402
 
@@ -279,7 +280,7 @@ def gemv_layer_rows() -> dict:
                 torch.mm(xs[w.shape[1]], w.t())
     out["bf16_us_per_layer"] = graph_us(bf16_step, calls=3) / GEMV_LAYERS
     best = min(out["us_per_layer"], key=out["us_per_layer"].get) if out["us_per_layer"] else None
-    out["best"] = best
+    out["best"] = best  # "(BLOCK_N, BLOCK_K, warps, stages) mode"
     print(f"gemv layers: bf16 {out['bf16_us_per_layer']:.1f} us per layer ({2 * fp8_bytes / out['bf16_us_per_layer'] / 1e3:.0f}"
           f" GB/s); shipped {k.GEMV_CONFIG} grid {out['us_per_layer'].get(f'{k.GEMV_CONFIG} grid', float('nan')):.1f}; "
           f"best {best} {out['us_per_layer'].get(best, float('nan')):.1f}", flush=True)
@@ -490,6 +491,8 @@ def main() -> None:
     ap.add_argument("--skip-stage", action="store_true")
     ap.add_argument("--gemv", action="store_true", help="only section 3: decode's few rows")
     ap.add_argument("--gemv-layers", action="store_true", help="batch-1 GEMVs of Llama-8B layers in a CUDA graph")
+    ap.add_argument("--tiles-out", default="", help="--gemv-layers: write the best tile and scale form into this "
+                    "kernel tiles file (stage_worker/kernels/tiles.py)")
     ap.add_argument("--act-quant", action="store_true", help="only the activation quant: groups per program")
     ap.add_argument("--split-k", default="1", help="K slices of the Triton GEMM to try, e.g. 1,2,4 (1: as shipped)")
     ap.add_argument("--llama", action="store_true", help="GEMMs at Llama-3.1-8B's shapes and decode-size M only")
@@ -512,6 +515,11 @@ def main() -> None:
         return save("bench_fp8_act_quant.json")
     if args.gemv_layers:
         report["gemv_layers"] = gemv_layer_rows()
+        best = report["gemv_layers"]["best"]
+        if args.tiles_out and best:
+            tile, mode = best.rsplit(" ", 1)
+            tiles.merge(Path(args.tiles_out), device=dev, gemv=tuple(int(v) for v in tile.strip("()").split(",")),
+                        gemv_scales=mode)
         return save("bench_fp8_gemv_layers.json")
     if args.gemv:
         report["gemv"] = gemv_rows()

@@ -41,8 +41,8 @@ class MeshOptions:
 
 
 def mesh_spec(spec: str) -> tuple[int, list[str], bool]:
-    """"N[-sync][-ifK][-fp8][-kv8][-mps]": N stages; sync: `--async-scheduling off`; ifK: `--inflight K`;
-    fp8: `--quantization fp8`; kv8: `--kv-cache-dtype fp8`; mps: every process of the mesh a client of
+    """"N[-sync][-ifK][-fp8|-fp8ch][-kv8][-mps]": N stages; sync: `--async-scheduling off`; ifK: `--inflight K`;
+    fp8: `--quantization fp8`; fp8ch: `--quantization fp8-channel`; kv8: `--kv-cache-dtype fp8`; mps: every process of the mesh a client of
     an MPS server (mps_server), so the stages' kernels can run at once instead of time-slicing the GPU. Returns (N, extra `up`
     flags, mps)."""
     n, *modes = str(spec).split("-")
@@ -54,12 +54,14 @@ def mesh_spec(spec: str) -> tuple[int, list[str], bool]:
             extra += ["--inflight", mode[2:]]
         elif mode == "fp8":
             extra += ["--quantization", "fp8"]
+        elif mode == "fp8ch":
+            extra += ["--quantization", "fp8-channel"]
         elif mode == "kv8":
             extra += ["--kv-cache-dtype", "fp8"]
         elif mode == "mps":
             mps = True
         else:
-            raise SystemExit(f"unknown stage spec {spec!r}: N[-sync][-ifK][-fp8][-kv8][-mps]")
+            raise SystemExit(f"unknown stage spec {spec!r}: N[-sync][-ifK][-fp8|-fp8ch][-kv8][-mps]")
     return int(n), extra, mps
 
 

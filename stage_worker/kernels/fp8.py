@@ -56,6 +56,7 @@ try:  # Triton is optional: CPU-only installs never import it.
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
+from stage_worker.kernels import tiles
 from stage_worker.kernels.fp8_act import (  # the activations these GEMMs take
     GROUP_K, Fp8Act, cdiv, per_token_group_quant_fp8_torch, quantize_act,
 )
@@ -245,12 +246,13 @@ if triton is not None:
 GEMV_MAX_M = 4  # rows the W8A16 GEMV takes (its [M, BLOCK_N] accumulator is unrolled over M)
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): benchmarks/gpu/bench_fp8.py --gemv sweeps them. On an H100
 # at one row, 12 tiles within 1.5x of each other; this one is best or within 4% at every Llama-8B shape.
+# The default; a GPU's tiles file (kernels/tiles.py, from `bench_fp8.py --gemv-layers`) overrides it.
 GEMV_CONFIG: tuple[int, int, int, int] = (8, 1024, 4, 2)
 # w8a16_gemv's late_sum default; STAGEMESH_FP8_GEMV_LATE_SUM=1 sets it (a same-run comparison).
 GEMV_LATE_SUM = os.environ.get("STAGEMESH_FP8_GEMV_LATE_SUM", "0") == "1"
 
 
-GEMV_SCALE_MODES = ("grid", "shared")  # the kernel's SCALE_MODE is the index
+GEMV_SCALE_MODES = tiles.SCALE_MODES  # ("grid", "shared"): the kernel's SCALE_MODE is the index
 
 
 def gemv_scale_fits(mode: str, group_n: int, block_n: int) -> bool:
@@ -272,8 +274,9 @@ def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int 
 
     late_sum (one row): the products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, summed
     across it once at the end, instead of a cross-thread sum at every K step. Default
-    GEMV_LATE_SUM: off (timed on an H100: no gain, README). scale_mode: one of GEMV_SCALE_MODES
-    that fits (`gemv_scale_fits`; None: "grid")."""
+    GEMV_LATE_SUM: off (timed on an H100: no gain, README). config and scale_mode (one of
+    GEMV_SCALE_MODES that fits, `gemv_scale_fits`): None takes the active tiles file's, else
+    GEMV_CONFIG and "grid"."""
     m, kdim = x.shape
     n = w.shape[0]
     if m > GEMV_MAX_M:
@@ -282,8 +285,10 @@ def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int 
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    bn, bk, warps, stages = config or GEMV_CONFIG
-    mode = scale_mode or "grid"
+    bn, bk, warps, stages = config or tiles.active().gemv or GEMV_CONFIG
+    mode = scale_mode or tiles.active().gemv_scales or "grid"
+    if scale_mode is None and not gemv_scale_fits(mode, group_n, bn):
+        mode = "grid"  # a tiles file's form applies where it fits (it always does at 128x128 blocks)
     if mode not in GEMV_SCALE_MODES:
         raise ValueError(f"unknown scale_mode {mode!r} (known: {', '.join(GEMV_SCALE_MODES)})")
     if not gemv_scale_fits(mode, group_n, bn):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from stage_worker.kernels import tiles
 from stage_worker.kernels.fused_ops import combine_splits
 from stage_worker.kernels.softmax import attention_torch, online_softmax_block
 from stage_worker.kv_cache import read_slots
@@ -33,9 +34,15 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 BLOCK_N = 64  # tokens per inner iteration (several pages); the splits are sized in these
-# The kernel's (BLOCK_N, num_warps, num_stages), for every pool dtype so far;
-# benchmarks/gpu/bench_decode_attention.py sweeps tiles for bf16 and FP8 pools (not yet run on a GPU).
+# The kernel's default (BLOCK_N, num_warps, num_stages) for every pool dtype; a GPU's tiles file
+# (kernels/tiles.py, written by benchmarks/gpu/bench_decode_attention.py) overrides it per pool dtype.
 DECODE_CONFIG: tuple[int, int, int] = (BLOCK_N, 4, 2)
+
+
+def decode_config(pool_dtype: torch.dtype) -> tuple[int, int, int]:
+    """The tile the kernel launches with for a pool of this dtype: the active tiles file's, else
+    DECODE_CONFIG."""
+    return tiles.active().decode.get(str(pool_dtype).removeprefix("torch."), DECODE_CONFIG)
 
 
 def triton_available(device: torch.device) -> bool:
@@ -57,12 +64,12 @@ def paged_decode(q, k_cache, v_cache, block_tables, ctx_lens, scale: float, bloc
                  window: int | None = None, softcap: float | None = None,
                  config: tuple[int, int, int] | None = None):
     """q: [B, Hq, D]; k_cache, v_cache: [N, Hkv, D] -> out [B, Hq, D] in q's dtype. config: the
-    kernel's (BLOCK_N, num_warps, num_stages) (default DECODE_CONFIG)."""
+    kernel's (BLOCK_N, num_warps, num_stages) (default: decode_config of the pool's dtype)."""
     if use_triton is None:
         use_triton = triton_available(q.device)
     if use_triton:
         return _paged_decode_triton(q, k_cache, v_cache, block_tables, ctx_lens, scale, block_size,
-                                    num_splits, window, softcap, config or DECODE_CONFIG)
+                                    num_splits, window, softcap, config or decode_config(k_cache.dtype))
     return paged_decode_torch(q, k_cache, v_cache, block_tables, ctx_lens, scale, block_size, max_ctx,
                               window, softcap)
 

@@ -15,7 +15,7 @@ Layout (DeepSeek-V3's checkpoint format, kept as is on the device):
   scale repeated over its 128/group_n row groups (`Fp8Slot.load`). Kernels take group_n as an
   argument (kernels/fp8.py indexes scales by `n // group_n`).
 - In blocks, K is always grouped by 128: the activation quant's 1x128 groups line up with them.
-- per channel (`--quantization fp8` on a float checkpoint, LOAD_SCHEME "channel", the Llama
+- per channel (`--quantization fp8-channel` on a float checkpoint, the Llama
   family's projections): weight_scale_inv [N, 1], one dequant multiplier per output row
   (group_n 1, group_k K). The Triton kernels read these scales as a [N, ceil(K/128)] grid with
   stride 0 along K (a view, no copy).
@@ -61,16 +61,15 @@ from stagemesh.model_config import ModelConfig
 
 BLOCK = 128  # weight block rows and columns (DeepSeek-V3's weight_block_size)
 FP8_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
-QUANTIZATIONS = ("none", "", "fp8")  # --quantization values (none / "": the checkpoint's own format)
-# How `--quantization fp8` scales a bf16/fp32 checkpoint's dense projections (`fp8_scheme`):
-# "block" (128x128, DeepSeek-V3's layout and kernels) or "channel" (one scale per output row,
-# activations one per token: torch._scaled_mm's rowwise recipe on SM90). Block by default: on an
-# H100 channel decodes one sequence 1.08x faster (Llama-8B: 273.6 vs 252.3 tok/s) with the mixed
+# --quantization values: none / "" (the checkpoint's own format), fp8 and fp8-channel (`fp8_scheme`).
+# fp8 scales a bf16/fp32 checkpoint's weights in 128x128 blocks (DeepSeek-V3's layout and kernels);
+# fp8-channel scales the Llama family's projections per output row, activations one per token
+# (FBGEMM's scheme: torch._scaled_mm's rowwise recipe on SM90). Blocks are the default: on an H100
+# per channel decodes one sequence 1.08x faster (Llama-8B: 273.6 vs 252.3 tok/s) with the mixed
 # workload within noise, but on a trained model it is the less accurate one
 # (benchmarks/check_fp8_accuracy.py, SmolLM2-135M: KL from the unquantized model 0.239 vs 0.209,
-# top-1 agreement 78.1% vs 81.1%; README). STAGEMESH_FP8_LOAD_SCHEME=channel picks it.
-LOAD_SCHEME = os.environ.get("STAGEMESH_FP8_LOAD_SCHEME", "block")
-LOAD_SCHEMES = ("channel", "block")
+# top-1 agreement 78.1% vs 81.1%; README).
+QUANTIZATIONS = ("none", "", "fp8", "fp8-channel")
 
 
 # -- which stages are FP8 ----------------------------------------------------------------------
@@ -98,8 +97,8 @@ def is_fp8(cfg: ModelConfig) -> bool:
 
 def fp8_scheme(cfg: ModelConfig) -> str | None:
     """None (not FP8), "block" (128x128 scales: FP8 checkpoints, DeepSeek's layout) or "channel"
-    (one scale per output row: a bf16/fp32 checkpoint quantized at load under LOAD_SCHEME
-    "channel"). The Llama family's projections honour "channel"; DeepSeek's and every MoE expert
+    (one scale per output row: a bf16/fp32 checkpoint quantized at load by
+    `--quantization fp8-channel`). The Llama family's projections honour "channel"; DeepSeek's and every MoE expert
     stack stay block-scaled (their kernels take 128x128 scales)."""
     if not is_fp8(cfg):
         return None
@@ -108,17 +107,16 @@ def fp8_scheme(cfg: ModelConfig) -> str | None:
 
 
 def with_quantization(cfg: ModelConfig, quantization: str) -> ModelConfig:
-    """The config a stage is built from: `--quantization fp8` marks a bf16/fp32 checkpoint FP8
-    (quantized at load: 128x128 blocks, or per channel where LOAD_SCHEME says so and the family
-    takes it, `fp8_scheme`); "none" leaves it as the checkpoint says."""
+    """The config a stage is built from: `--quantization fp8` / `fp8-channel` marks a bf16/fp32
+    checkpoint FP8 (quantized at load: 128x128 blocks, or per channel where the family takes it,
+    `fp8_scheme`); "none" leaves it as the checkpoint says (an FP8 checkpoint stays as it is)."""
     if quantization not in QUANTIZATIONS:
-        raise CheckpointError(f"--quantization {quantization!r} is not supported (fp8)")
+        raise CheckpointError(f"--quantization {quantization!r} is not supported (fp8, fp8-channel)")
     if quantization in ("none", "") or is_fp8(cfg):
         return cfg
-    if LOAD_SCHEME not in LOAD_SCHEMES:
-        raise CheckpointError(f"STAGEMESH_FP8_LOAD_SCHEME={LOAD_SCHEME!r}: expected one of {', '.join(LOAD_SCHEMES)}")
     qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-          "weight_block_size": [BLOCK, BLOCK], "weight_scheme": LOAD_SCHEME, "quantized_at_load": True}
+          "weight_block_size": [BLOCK, BLOCK], "weight_scheme": "channel" if quantization == "fp8-channel" else "block",
+          "quantized_at_load": True}
     return dataclasses.replace(cfg, raw={**cfg.raw, "quantization_config": qc})
 
 
