@@ -20,7 +20,7 @@ from stagemesh.v1 import stagemesh_pb2 as pb
 
 from stage_worker.config import WorkerConfig
 from stage_worker.device import gpu_name, resolve_device
-from stage_worker.kernels import tiles
+from stage_worker.kernels import tuning
 from stage_worker.kv_cache import check_kv_cache_dtype
 from stage_worker.models import MODEL_REGISTRY
 from stage_worker.server import StageService, add_stage_service, heartbeat_loop, lease_expiry_loop
@@ -104,13 +104,13 @@ def main(argv=None) -> None:
         # a --kv-cache-dtype the model's pool or this device cannot take: likewise, not after a load
         check_kv_cache_dtype(config.kv_cache_dtype, MODEL_REGISTRY[model.architecture].kv_cache_cls,
                              torch.device(config.device))
-        kernel_tiles = tiles.load(config.kernel_tiles, gpu_name(config.device))
+        kernel_tuning = tuning.load(config.kernel_tuning, gpu_name(config.device))
     except (CheckpointError, OSError, ValueError) as exc:
         sys.exit(f"stage_worker: {exc}")
-    tiles.use(kernel_tiles)
-    if kernel_tiles.device:
-        log.info("kernel_tiles", measured_on=kernel_tiles.device, decode=kernel_tiles.decode, gemv=kernel_tiles.gemv,
-                 gemv_scales=kernel_tiles.gemv_scales)
+    tuning.use(kernel_tuning)
+    if kernel_tuning != tuning.KernelTuning():
+        log.info("kernel_tuning", **{k: v for k, v in vars(kernel_tuning).items()
+                                     if v != getattr(tuning.KernelTuning(), k)})
     try:
         asyncio.run(serve(config, log, consul))
     except (CheckpointError, OSError) as exc:

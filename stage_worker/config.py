@@ -39,9 +39,9 @@ class WorkerConfig:
                                "model's dtype. Llama-family K/V pools, CPU or CUDA SM89+", choices=("auto", "fp8"))
     load_format: str = knob("auto", "dummy: random weights drawn on the device from config.json alone (benchmarks; "
                             "tokens are meaningless); auto: read the checkpoint's weights", choices=("auto", "dummy"))
-    kernel_tiles: str = knob("", "JSON file of kernel tiles for this GPU (kernels/tiles.py; the benchmarks/gpu "
-                             "sweeps write one with --tiles-out); empty: the file shipped for this GPU's name, "
-                             "else the kernels' defaults")
+    kernel_tuning: str = knob("", "JSON file of kernel tiles and dispatch thresholds for this GPU "
+                              "(stage_worker/kernels/tuning.py; the benchmarks/gpu sweeps write one with "
+                              "--tuning-out); empty: the file shipped for this GPU's name, else the defaults")
     metrics_port: int = knob(0, "serve Prometheus /metrics here (0: off)")
     tls: TlsConfig | None = None  # mutual TLS on our port and on links to the next stage/coordinator
     coordinator_plaintext: bool = knob(False, "reach the coordinator without TLS even when --tls-* is set")

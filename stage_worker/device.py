@@ -15,7 +15,7 @@ def resolve_device(device: str) -> str:
 
 
 def gpu_name(device: str) -> str:
-    """The CUDA device's name (a shipped kernel tiles file's key, kernels/tiles.py); "" elsewhere."""
+    """The CUDA device's name (a shipped kernel tuning file's key, kernels/tuning.py); "" elsewhere."""
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return ""
     return torch.cuda.get_device_name(torch.device(device))

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from tests import interpreted
@@ -6,6 +8,17 @@ from tests.checkpoints import make_hf_checkpoint
 
 def pytest_collection_modifyitems(items):
     interpreted.collected_files.update(str(item.path.relative_to(interpreted.ROOT)) for item in items)
+
+
+@pytest.fixture
+def tune():
+    """tune(**fields): this process's kernel tuning (stage_worker/kernels/tuning.py) with these
+    fields changed, for the test; restored after it."""
+    from stage_worker.kernels import tuning
+
+    before = tuning.active()
+    yield lambda **fields: tuning.use(dataclasses.replace(before, **fields))
+    tuning.use(before)
 
 
 @pytest.fixture(scope="session")

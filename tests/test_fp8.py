@@ -40,10 +40,10 @@ if INTERPRETED:  # collected only in the interpreter process (above)
 
     @pytest.mark.parametrize("groups", [1, 8])
     @pytest.mark.parametrize("m,kdim", [(5, 300), (1, 128), (3, 64), (4, 1300)])
-    def test_act_quant(m, kdim, groups, monkeypatch):
+    def test_act_quant(m, kdim, groups, tune):
         """One 128-value group per program, or up to 8 of a row (1,300 columns: 11 groups, so two
         programs a row, the second partly masked)."""
-        monkeypatch.setattr(fa, "ACT_QUANT_GROUPS", groups)
+        tune(act_quant_groups=groups)
         gen = torch.Generator().manual_seed(m)
         x = torch.randn(m, kdim, generator=gen) * torch.linspace(0.1, 30, kdim)
         x[0, :10] = 0.0
@@ -247,13 +247,13 @@ if INTERPRETED:  # collected only in the interpreter process (above)
                   fa.quantize_act(fo.silu_and_mul(gate_up, use_triton=True), quant, use_triton=True))
 
     @pytest.mark.parametrize("family", ["llama", "v3"])
-    def test_norms_write_fp8_for_the_gemms(family, tmp_path, monkeypatch):
+    def test_norms_write_fp8_for_the_gemms(family, tmp_path, monkeypatch, tune):
         """A stage quantized at load, on the FP8 kernel path and the Triton elementwise kernels
         (both forced; CUDA SM89+ picks them): each RMSNorm and SiLU * up kernel hands the FP8 GEMM
         after it quantized rows (Fp8Linear.input_quant: 1x128 groups from two rows, none at one
         row, the GEMV's; DeepSeek: one quantized x for q_a and kv_a, the q_a norm's for q_b, the
         dense MLP's SiLU for its down_proj) and the logits equal, bit for bit, those of the same
-        stage quantizing before each GEMM in a separate kernel (STAGEMESH_FP8_FUSE_ACT_QUANT=0).
+        stage quantizing before each GEMM in a separate kernel (the tuning's fuse_act_quant off).
         (Here the interpreter sums in numpy's order either way; on a GPU the fused norm may sum
         its squares in another order: kernels/fused_ops.py.)"""
         from stage_worker.kernels import fused_ops
@@ -278,10 +278,10 @@ if INTERPRETED:  # collected only in the interpreter process (above)
 
         monkeypatch.setattr(quant.Fp8Linear, "input_quant", spy)
         prompts = random_prompts(seed=4, lengths=[9], vocab=320)  # a 9-row prefill, then a 1-row decode step
-        monkeypatch.setattr(quant, "FUSE_ACT_QUANT", True)
+        tune(fuse_act_quant=True)
         fused = run_pipeline([stage], prompts, 2)
         assert set(asked) == {"group", None}
-        monkeypatch.setattr(quant, "FUSE_ACT_QUANT", False)
+        tune(fuse_act_quant=False)
         plain = run_pipeline([stage], prompts, 2)
         assert fused[0] == plain[0]
         for a, b in zip(fused[1], plain[1]):
@@ -324,26 +324,25 @@ if not INTERPRETED:
         with pytest.raises(ValueError, match="expected"):
             quant.dequantize_blocks(q, s[:2])
 
-    def test_gemm_backend_rule(monkeypatch):
+    def test_gemm_backend_rule(tune):
         """Which FP8 GEMM a [M, K] x [N, K]^T product takes: the GEMV at one row, the W8A16 form (when
         turned on) up to its rows on narrow weights, else _scaled_mm (when it can) from its measured
         rows, else Triton."""
-        monkeypatch.setattr(quant, "GEMV_DISPATCH_MAX_M", 1)
-        monkeypatch.setattr(quant, "W8A16_DISPATCH_MAX_M", 0)  # the default: off
+        tune(gemv_max_m=1, w8a16_max_m=0)  # the defaults (W8A16 off)
         b = quant.gemm_backend
         assert b(1, 4096, 4096, True) == "gemv"
         assert [b(m, 6144, 4096, True) for m in (2, 16, 64)] == ["triton", "scaled_mm", "scaled_mm"]
-        monkeypatch.setattr(quant, "W8A16_DISPATCH_MAX_M", 16)
+        tune(w8a16_max_m=16)
         assert [b(m, 6144, 4096, True) for m in (2, 16, 17)] == ["w8a16", "w8a16", "scaled_mm"]
         assert [b(m, 28672, 4096, True) for m in (2, 16, 64)] == ["triton", "scaled_mm", "scaled_mm"]
         assert b(8, 28672, 4096, False) == "triton" and b(32, 576, 7168, False) == "triton"
         assert b(32, 4096, 1536, True) == "triton" and b(64, 4096, 1536, True) == "scaled_mm"
 
-    def test_channel_backend_rule_and_slot(monkeypatch):
+    def test_channel_backend_rule_and_slot(tune):
         """Per-channel linears: the GEMV at one or two rows, rowwise _scaled_mm where the device has it,
         else Triton; their slots quantize float tensors per row and refuse FP8 checkpoint tensors
         (whose 128x128 scales they cannot hold)."""
-        monkeypatch.setattr(quant, "CHANNEL_GEMV_MAX_M", 2)
+        tune(channel_gemv_max_m=2)
         b = quant.channel_gemm_backend
         assert [b(1, True), b(2, False), b(3, True), b(4096, True), b(3, False)] == \
             ["gemv", "gemv", "rowwise", "rowwise", "triton"]

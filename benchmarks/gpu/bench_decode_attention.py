@@ -1,7 +1,7 @@
 """The paged decode attention kernel's tiles (kernels/paged_decode.py DECODE_CONFIG) at the mixed
 workload's decode batches: K/V read per microsecond for bf16 and FP8 (e4m3) pools.
 
-    python benchmarks/gpu/bench_decode_attention.py [--out DIR] [--tiles-out FILE]
+    python benchmarks/gpu/bench_decode_attention.py [--out DIR] [--tuning-out FILE]
 
 Llama-3.1-8B's heads (32 query, 8 KV, head dim 128), block size 16, pages scattered over the pool
 as a served batch leaves them; the splits the server picks for the tile (choose_splits). Each
@@ -10,8 +10,8 @@ disjoint sets of pages that together exceed twice the L2 (as a step's layers eac
 own); the figure is the K/V bytes a call reads over its time (a flash-decoding step is bound by
 reading the context). Every tile's output is checked against the shipped tile's: they differ only
 in the order of the online softmax's sums, and a tile past MAX_ERR is reported and never picked.
-`--tiles-out FILE`: each pool's least-total-time tile into a kernel tiles file (stage_worker/kernels/
-tiles.py), which `stagemesh up --kernel-tiles FILE` runs with.
+`--tuning-out FILE`: each pool's least-total-time tile into a kernel tuning file (stage_worker/
+kernels/tuning.py), which `stagemesh up --kernel-tuning FILE` runs with.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.gpu.graph_timing import graph_us  # noqa: E402
 from stage_worker.kernels import paged_decode as pd  # noqa: E402
-from stage_worker.kernels import tiles  # noqa: E402
+from stage_worker.kernels import tuning  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 # (sequences, mean context): the mixed workload's decode steps (256 requests, prompts 64-1023,
@@ -57,7 +57,7 @@ def _case(b: int, mean_ctx: int, pool_dtype: torch.dtype, gen: torch.Generator, 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
-    ap.add_argument("--tiles-out", default="", help="write each pool's best tile into this kernel tiles file")
+    ap.add_argument("--tuning-out", default="", help="write each pool's best tile into this kernel tuning file")
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
     sms, l2_bytes = props.multi_processor_count, props.L2_cache_size
@@ -110,8 +110,8 @@ def main() -> None:
         report["best_total"][pool] = list(best)
         print(f"{pool}: least total time {best} {totals[best]:.1f} us; shipped {shipped} "
               f"{totals.get(shipped, float('nan')):.1f} us", flush=True)
-    if args.tiles_out and report["best_total"]:
-        tiles.merge(Path(args.tiles_out), device=report["device"],
+    if args.tuning_out and report["best_total"]:
+        tuning.merge(Path(args.tuning_out), device=report["device"],
                     decode={pool: tuple(t) for pool, t in report["best_total"].items()})
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -46,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.gpu.graph_timing import graph_us  # noqa: E402
 from stage_worker.kernels import fp8 as k  # noqa: E402
 from stage_worker.kernels import fp8_act as fa  # noqa: E402
-from stage_worker.kernels import tiles  # noqa: E402
+from stage_worker.kernels import tuning  # noqa: E402
 from stage_worker.models import quant  # noqa: E402
 from benchmarks.gpu.checkpoint import V3  # noqa: E402
 
@@ -98,8 +99,8 @@ def gemm_rows(tune: bool, shapes: dict = SHAPES, ms: tuple = MS) -> list[dict]:
                   f"{tuple(r['triton_config'])} split {r['triton_split_k']}  triton/bf16 {r['triton_over_bf16']:.2f}  "
                   f"triton/scaled_mm {r.get('triton_over_scaled_mm', float('nan')):.2f}  "
                   f"w8a16 {r.get('w8a16_tflops', float('nan')):7.1f} {r.get('w8a16_config')} "
-                  f"split {r.get('w8a16_split_k')} (prescale={not k.W8A16_PRESCALE}: "
-                  f"{r.get(f'w8a16_prescale_{not k.W8A16_PRESCALE}_tflops', float('nan')):7.1f})  err bf16 {r['err_bf16']:.4f} triton {r['err_triton']:.4f} "
+                  f"split {r.get('w8a16_split_k')} (prescale={not tuning.active().w8a16_prescale}: "
+                  f"{r.get(f'w8a16_prescale_{not tuning.active().w8a16_prescale}_tflops', float('nan')):7.1f})  err bf16 {r['err_bf16']:.4f} triton {r['err_triton']:.4f} "
                   f"w8a16 {r.get('err_w8a16', float('nan')):.4f} "
                   f"scaled_mm {r.get('err_scaled_mm', float('nan')):.4f} kernel-vs-ref {r['err_kernel_vs_reference']:.1e}"
                   + (f" scaled_mm failed: {r['scaled_mm_error']}" if "scaled_mm_error" in r else ""), flush=True)
@@ -153,7 +154,7 @@ def _one(name, m, n, kk, gen, wq, ws, w_deq, wb, ws_mm, tune) -> dict:
             out["w8a16_config"] = list(cfg16) if cfg16 else "default"
             out["w8a16_tflops"] = flop / out["w8a16_ms"] / 1e9
             out["err_w8a16"] = rel(k.w8a16_block_gemm(x, wq, ws, 128, config=cfg16, split_k=out["w8a16_split_k"]), ref)
-            other = not k.W8A16_PRESCALE  # the other form, at the same tile
+            other = not tuning.active().w8a16_prescale  # the other form, at the same tile
             out[f"w8a16_prescale_{other}_tflops"] = flop / bench(lambda: k.w8a16_block_gemm(
                 x, wq, ws, 128, config=cfg16, split_k=out["w8a16_split_k"], prescale=other)) / 1e9
     if ws_mm is not None:
@@ -190,24 +191,24 @@ def gemv_rows() -> dict:
                     if k.gemv_scale_fits("shared", 128, cfg[0]):  # x scaled once per group, the alternative
                         shared_ms = bench(lambda: k.w8a16_gemv(x, wq, ws, 128, config=cfg, scale_mode="shared"))
                         r[f"gemv-shared {cfg}"] = gbs(shared_ms)
-                        if m <= quant.GEMV_DISPATCH_MAX_M:
+                        if m <= tuning.active().gemv_max_m:
                             shared_totals[cfg] = shared_totals.get(cfg, 0.0) + shared_ms
                     if m == 1:  # the other summation order, for comparison
-                        other_ms = bench(lambda: k.w8a16_gemv(x, wq, ws, 128, config=cfg, late_sum=not k.GEMV_LATE_SUM))
+                        other_ms = bench(lambda: k.w8a16_gemv(x, wq, ws, 128, config=cfg, late_sum=not tuning.active().gemv_late_sum))
                         r[f"gemv-other-sum {cfg}"] = gbs(other_ms)
                         other_totals[cfg] = other_totals.get(cfg, 0.0) + other_ms
                 except Exception as exc:  # a tile that does not compile
                     print(f"  gemv {cfg} failed: {type(exc).__name__}", flush=True)
                     continue
                 r[f"gemv {cfg}"] = gbs(ms)
-                if m <= quant.GEMV_DISPATCH_MAX_M:  # the tile is chosen for the rows it is dispatched at
+                if m <= tuning.active().gemv_max_m:  # the tile is chosen for the rows it is dispatched at
                     totals[cfg] = totals.get(cfg, 0.0) + ms
             r["gemv_err"] = rel(k.w8a16_gemv(x, wq, ws, 128), ref)
             best = max((v, key) for key, v in r.items() if key.startswith("gemv ("))
             print(f"{name:>15} M={m} N={n:<6} K={kk:<6} GB/s: bf16 {r['bf16_GBps_on_bf16']:6.0f} (bf16 bytes)  "
                   f"tensor-core FP8 {r['tensor_core_GBps']:6.0f}  gemv default {r.get(f'gemv {k.GEMV_CONFIG}', 0):6.0f}  "
                   f"best {best[0]:6.0f} {best[1]}  err {r['gemv_err']:.4f}"
-                  + (f"  late_sum={not k.GEMV_LATE_SUM}: default {r.get(f'gemv-other-sum {k.GEMV_CONFIG}', 0):6.0f} "
+                  + (f"  late_sum={not tuning.active().gemv_late_sum}: default {r.get(f'gemv-other-sum {k.GEMV_CONFIG}', 0):6.0f} "
                      f"best {max(v for key, v in r.items() if key.startswith('gemv-other-sum')):6.0f}"
                      if m == 1 else ""),
                   flush=True)
@@ -218,8 +219,8 @@ def gemv_rows() -> dict:
     print(f"gemv: least total time over the shapes: {best_cfg} ({totals[best_cfg]:.3f} ms; default "
           f"{k.GEMV_CONFIG}: {totals.get(k.GEMV_CONFIG, float('nan')):.3f} ms)", flush=True)
     other = other_totals.get(k.GEMV_CONFIG, float("nan"))
-    print(f"gemv: summation at one row, tile {k.GEMV_CONFIG}: late_sum={k.GEMV_LATE_SUM} (default) "
-          f"{totals.get(k.GEMV_CONFIG, float('nan')):.3f} ms, late_sum={not k.GEMV_LATE_SUM} {other:.3f} ms", flush=True)
+    print(f"gemv: summation at one row, tile {k.GEMV_CONFIG}: late_sum={tuning.active().gemv_late_sum} (default) "
+          f"{totals.get(k.GEMV_CONFIG, float('nan')):.3f} ms, late_sum={not tuning.active().gemv_late_sum} {other:.3f} ms", flush=True)
     print(f"gemv: scales, tile {k.GEMV_CONFIG}: grid (default) {totals.get(k.GEMV_CONFIG, float('nan')):.3f} "
           f"ms, shared {shared_totals.get(k.GEMV_CONFIG, float('nan')):.3f} ms", flush=True)
     return {"rows": rows, "best": list(best_cfg), "total_ms": {str(c): t for c, t in totals.items()},
@@ -289,9 +290,10 @@ def gemv_layer_rows() -> dict:
 
 def act_quant_rows() -> list[dict]:
     """1x128 activation quant at decode and prefill row counts of the V3 stage's GEMM inputs:
-    fa.ACT_QUANT_GROUPS groups per program (1: the kernel before) in GB/s of bf16 read + e4m3 and
+    the tuning's act_quant_groups per program (1: the kernel before) in GB/s of bf16 read + e4m3 and
     scales written; outputs (row- and column-major scales) checked equal to the shipped setting's."""
-    rows, shipped = [], fa.ACT_QUANT_GROUPS
+    shipped = tuning.active()
+    rows = []
     for m in (1, 242, 1936, 4096):
         for kk in (1536, 2048, 7168, 7232, 16384, 18432):  # 7232: a ragged last group
             x = torch.randn(m, kk, device="cuda", dtype=torch.bfloat16)
@@ -299,16 +301,16 @@ def act_quant_rows() -> list[dict]:
             ref_cm = fa.per_token_group_quant_fp8(x, column_major_scales=True)
             r = {"M": m, "K": kk}
             for groups in (1, 4, 8, 16):
-                fa.ACT_QUANT_GROUPS = groups
+                tuning.use(dataclasses.replace(shipped, act_quant_groups=groups))
                 try:
                     for (q, s), (q0, s0) in ((fa.per_token_group_quant_fp8(x), ref),
                                              (fa.per_token_group_quant_fp8(x, column_major_scales=True), ref_cm)):
                         assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s, s0), \
-                            f"act quant M={m} K={kk}: {groups} groups per program differ from {shipped}"
+                            f"act quant M={m} K={kk}: {groups} groups per program differ from {shipped.act_quant_groups}"
                     nbytes = 3 * m * kk + 4 * m * fa.cdiv(kk, 128)  # bf16 read, e4m3 and fp32 scales written
                     r[f"groups {groups} GB/s"] = nbytes / bench(lambda: fa.per_token_group_quant_fp8(x)) / 1e6
                 finally:
-                    fa.ACT_QUANT_GROUPS = shipped
+                    tuning.use(shipped)
             print(f"act quant M={m:<5} K={kk:<6} GB/s by groups per program: "
                   + "  ".join(f"{g}: {r[f'groups {g} GB/s']:6.0f}" for g in (1, 4, 8, 16)), flush=True)
             rows.append(r)
@@ -491,8 +493,8 @@ def main() -> None:
     ap.add_argument("--skip-stage", action="store_true")
     ap.add_argument("--gemv", action="store_true", help="only section 3: decode's few rows")
     ap.add_argument("--gemv-layers", action="store_true", help="batch-1 GEMVs of Llama-8B layers in a CUDA graph")
-    ap.add_argument("--tiles-out", default="", help="--gemv-layers: write the best tile and scale form into this "
-                    "kernel tiles file (stage_worker/kernels/tiles.py)")
+    ap.add_argument("--tuning-out", default="", help="--gemv-layers: write the best tile and scale form into this "
+                    "kernel tuning file (stage_worker/kernels/tuning.py)")
     ap.add_argument("--act-quant", action="store_true", help="only the activation quant: groups per program")
     ap.add_argument("--split-k", default="1", help="K slices of the Triton GEMM to try, e.g. 1,2,4 (1: as shipped)")
     ap.add_argument("--llama", action="store_true", help="GEMMs at Llama-3.1-8B's shapes and decode-size M only")
@@ -516,9 +518,9 @@ def main() -> None:
     if args.gemv_layers:
         report["gemv_layers"] = gemv_layer_rows()
         best = report["gemv_layers"]["best"]
-        if args.tiles_out and best:
+        if args.tuning_out and best:
             tile, mode = best.rsplit(" ", 1)
-            tiles.merge(Path(args.tiles_out), device=dev, gemv=tuple(int(v) for v in tile.strip("()").split(",")),
+            tuning.merge(Path(args.tuning_out), device=dev, gemv=tuple(int(v) for v in tile.strip("()").split(",")),
                         gemv_scales=mode)
         return save("bench_fp8_gemv_layers.json")
     if args.gemv:

@@ -26,6 +26,7 @@ from benchmarks.gpu.common import log
 from stage_worker.kernels import mla_decode as md
 from stage_worker.kernels import mla_expand as me
 from stage_worker.kernels import mla_prefill as mp
+from stage_worker.kernels import tuning
 from stage_worker.kernels.unified_attention import tile_plan
 
 R, DR, DN, DV, BS = 512, 64, 128, 128, 64  # latent rank, rope, nope, v head dims; page size
@@ -257,8 +258,9 @@ EXPAND_CASES = [("8 prompts x 512 from 0", [(0, 512)] * 8),
                 ("mixed workload step: 4096 tokens of prompts 64-1023", "mixed")]
 
 
-def bench_expand(gen, heads: int, cases=EXPAND_CASES, min_tokens: int = me.MIN_TOKENS) -> list[dict]:
-    """The micro-batch's attention with chunks of >= min_tokens in the expanded form
+def bench_expand(gen, heads: int, cases=EXPAND_CASES, min_tokens: int | None = None) -> list[dict]:
+    """The micro-batch's attention with chunks of >= min_tokens (default: the tuning's
+    mla_expand_min_tokens) in the expanded form
     (kernels/mla_expand.py: gather + kv_b_proj GEMM + the MHA kernel, other rows on the absorbed
     kernel) against all of it in the absorbed form (mla_prefill, its default tiles), both with
     the q absorption and W_UV product they need; outputs checked against the float32 per-sequence
@@ -267,6 +269,7 @@ def bench_expand(gen, heads: int, cases=EXPAND_CASES, min_tokens: int = me.MIN_T
     import random
 
     rows = []
+    min_tokens = tuning.active().mla_expand_min_tokens if min_tokens is None else min_tokens
     w_kvb = torch.randn(heads * (DN + DV), R, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.05
     w = w_kvb.view(heads, DN + DV, R)
     w_uk, w_uv = w[:, :DN], w[:, DN:]

@@ -46,8 +46,6 @@ the kernels against them in Triton's CPU interpreter. Shape-static and sync-free
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:  # Triton is optional: CPU-only installs never import it.
@@ -56,7 +54,7 @@ try:  # Triton is optional: CPU-only installs never import it.
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-from stage_worker.kernels import tiles
+from stage_worker.kernels import tuning
 from stage_worker.kernels.fp8_act import (  # the activations these GEMMs take
     GROUP_K, Fp8Act, cdiv, per_token_group_quant_fp8_torch, quantize_act,
 )
@@ -129,10 +127,6 @@ W8A16_CONFIGS: dict[int, tuple[tuple[int, int, int, int], int]] = {
 }
 
 
-# w8a16_block_gemm's default form: the weight tile dequantized before the MMA (True) or each K
-# block's product scaled after it. STAGEMESH_FP8_W8A16_PRESCALE=0 sets the second.
-W8A16_PRESCALE = os.environ.get("STAGEMESH_FP8_W8A16_PRESCALE", "1") != "0"
-
 
 def w8a16_block_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,
                      out_dtype: torch.dtype | None = None, config: tuple[int, int, int, int] | None = None,
@@ -142,7 +136,7 @@ def w8a16_block_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n
     multiplied on the tensor cores, each 128-wide K block's partial dot scaled by its weight scale.
     For decode-size M, where the weight's bytes (half of bf16's) set the time, not the FLOPs.
 
-    prescale (default W8A16_PRESCALE): each weight tile times its scales, rounded to x's dtype,
+    prescale (default: the active tuning's w8a16_prescale, on): each weight tile times its scales, rounded to x's dtype,
     before the MMA, so the products accumulate in one chain as a plain bf16 GEMM's do (the
     numbers of x @ dequant(w).to(x.dtype)); else each 128-wide K block's product is scaled and
     summed apart, in fp32."""
@@ -156,7 +150,7 @@ def w8a16_block_gemm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n
         return out
     bucket = _bucket(W8A16_CONFIGS, m)
     _launch_block_gemm(x, None, w, ws, group_n, out, config or bucket[0], split_k or bucket[1],
-                       W8A16_PRESCALE if prescale is None else prescale)
+                       tuning.active().w8a16_prescale if prescale is None else prescale)
     return out
 
 
@@ -246,23 +240,19 @@ if triton is not None:
 GEMV_MAX_M = 4  # rows the W8A16 GEMV takes (its [M, BLOCK_N] accumulator is unrolled over M)
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): benchmarks/gpu/bench_fp8.py --gemv sweeps them. On an H100
 # at one row, 12 tiles within 1.5x of each other; this one is best or within 4% at every Llama-8B shape.
-# The default; a GPU's tiles file (kernels/tiles.py, from `bench_fp8.py --gemv-layers`) overrides it.
+# The default; a GPU's tuning file (kernels/tuning.py, from `bench_fp8.py --gemv-layers`) overrides it.
 GEMV_CONFIG: tuple[int, int, int, int] = (8, 1024, 4, 2)
-# w8a16_gemv's late_sum default; STAGEMESH_FP8_GEMV_LATE_SUM=1 sets it (a same-run comparison).
-GEMV_LATE_SUM = os.environ.get("STAGEMESH_FP8_GEMV_LATE_SUM", "0") == "1"
 
 
-GEMV_SCALE_MODES = tiles.SCALE_MODES  # ("grid", "shared"): the kernel's SCALE_MODE is the index
+GEMV_SCALE_MODES = tuning.SCALE_MODES  # ("grid", "shared"): the kernel's SCALE_MODE is the index
 
 
 def gemv_scale_fits(mode: str, group_n: int, block_n: int) -> bool:
     """Whether the GEMV can apply the weight scales in `mode`: "grid" (each row's own scale per
     128-column group multiplies that row's group sums; the default) always, "shared" (x scaled
     once per group, plain products after) when a program's BLOCK_N rows share one scale row
-    (group_n a multiple of BLOCK_N). On an H100 (ncu, 2026-12-07, one row, tile 8,1024,4,2)
-    "shared" ran 5-7% slower than "grid" at Llama-8B's o and down (11.1-11.2 vs 10.5-10.7 us,
-    30.3-30.4 vs 28.2-28.3 us), so it is a benchmark's alternative (`bench_fp8.py --gemv`,
-    `--gemv-layers`)."""
+    (group_n a multiple of BLOCK_N). Which one runs: the tuning's `gemv_scales` (kernels/tuning.py,
+    with the measurement)."""
     return {"grid": True, "shared": group_n % block_n == 0}.get(mode, False)
 
 
@@ -273,10 +263,9 @@ def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int 
     -> y [M, N] = x @ dequant(w, ws)^T in out_dtype (default x's), fp32 accumulation (Triton).
 
     late_sum (one row): the products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, summed
-    across it once at the end, instead of a cross-thread sum at every K step. Default
-    GEMV_LATE_SUM: off (timed on an H100: no gain, README). config and scale_mode (one of
-    GEMV_SCALE_MODES that fits, `gemv_scale_fits`): None takes the active tiles file's, else
-    GEMV_CONFIG and "grid"."""
+    across it once at the end, instead of a cross-thread sum at every K step. late_sum, config
+    and scale_mode (one of GEMV_SCALE_MODES that fits, `gemv_scale_fits`): None takes the active
+    tuning's (kernels/tuning.py; config's default GEMV_CONFIG)."""
     m, kdim = x.shape
     n = w.shape[0]
     if m > GEMV_MAX_M:
@@ -285,10 +274,10 @@ def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int 
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    bn, bk, warps, stages = config or tiles.active().gemv or GEMV_CONFIG
-    mode = scale_mode or tiles.active().gemv_scales or "grid"
+    bn, bk, warps, stages = config or tuning.active().gemv or GEMV_CONFIG
+    mode = scale_mode or tuning.active().gemv_scales
     if scale_mode is None and not gemv_scale_fits(mode, group_n, bn):
-        mode = "grid"  # a tiles file's form applies where it fits (it always does at 128x128 blocks)
+        mode = "grid"  # a tuning file's form applies where it fits (it always does at 128x128 blocks)
     if mode not in GEMV_SCALE_MODES:
         raise ValueError(f"unknown scale_mode {mode!r} (known: {', '.join(GEMV_SCALE_MODES)})")
     if not gemv_scale_fits(mode, group_n, bn):
@@ -298,7 +287,7 @@ def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int 
         ws.stride(0), ws.stride(1), out.stride(0), out.stride(1),
         M_PAD=max(1, triton.next_power_of_2(m)), BLOCK_N=bn, GROUPS=bk // GROUP_K, GROUP_K=GROUP_K,
         GROUP_N=group_n, SCALE_MODE=GEMV_SCALE_MODES.index(mode),
-        LATE_SUM=(GEMV_LATE_SUM if late_sum is None else late_sum) and m == 1, num_warps=warps, num_stages=stages)
+        LATE_SUM=(tuning.active().gemv_late_sum if late_sum is None else late_sum) and m == 1, num_warps=warps, num_stages=stages)
     return out
 
 

@@ -4,7 +4,7 @@ the quantized activation they pass around (`Fp8Act`).
   x [M, K] bf16/fp32 --per_token_group_quant_fp8--> q [M, K] e4m3, s [M, ceil(K/128)] fp32 (1x128 groups)
   x [M, K]           --per_token_quant_fp8-------> q [M, K] e4m3, s [M, 1] fp32 (one scale per row)
 
-`per_token_group_quant_fp8`: one program per ACT_QUANT_GROUPS groups of a row, amax in fp32; K need
+`per_token_group_quant_fp8`: one program per `act_quant_groups` (kernels/tuning.py) groups of a row, amax in fp32; K need
 not be a multiple of 128 (the last group is partial); offsets are int64 (large M*K); scales
 row-major [M, G], or column-major (stride (1, M)), the layout torch._scaled_mm's blockwise recipe
 wants, with rows padded to SCALED_MM_ALIGN_M. `per_token_quant_fp8`: the row held in registers up
@@ -19,10 +19,11 @@ tests/test_fp8.py checks them in Triton's CPU interpreter. Shape-static and sync
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
+
+from stage_worker.kernels import tuning
 
 try:  # Triton is optional: CPU-only installs never import it.
     import triton
@@ -34,13 +35,6 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3fn; ROCm's fnuz would be 224 (vLLM's choice): not handled here
 GROUP_K = 128  # activation group and weight block along K (DeepSeek-V3's weight_block_size)
 EPS = 1e-10
-# Quant groups one activation-quant program takes (a row's groups in [GROUPS, 128] tiles, 4 warps
-# from 256 values). Measured on an H100 (`bench_fp8.py --act-quant`, 2026-12-07, outputs equal):
-# one 128-value group per 1-warp program read 170-640 GB/s at the V3 stage's shapes (242-4,096 rows),
-# 8 groups 200-2,700 GB/s (1.1-4.3x; 1 of 18 cases slower; at one row every form is launch-bound),
-# and the V3 stage's mixed workload went 4,077 -> 4,186 output tok/s with it (README).
-# STAGEMESH_FP8_ACT_QUANT_GROUPS sets it.
-ACT_QUANT_GROUPS = int(os.environ.get("STAGEMESH_FP8_ACT_QUANT_GROUPS", "8"))
 
 
 def cdiv(a: int, b: int) -> int:
@@ -71,7 +65,7 @@ def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = GROUP_K, column
     if mp == 0 or k == 0:
         return q, s
     block = triton.next_power_of_2(group_size)
-    groups = min(triton.next_power_of_2(ACT_QUANT_GROUPS), triton.next_power_of_2(g))  # groups per program
+    groups = min(triton.next_power_of_2(tuning.active().act_quant_groups), triton.next_power_of_2(g))  # groups per program
     _act_quant_kernel[(mp * cdiv(g, groups),)](
         x, q, s, m, k, g, x.stride(0), q.stride(0), s.stride(0), s.stride(1), EPS, FP8_MAX,
         GROUP=group_size, BLOCK=block, GROUPS=groups, num_warps=1 if groups * block <= 256 else 4, num_stages=1)

@@ -31,10 +31,10 @@ what the model ran before the kernel, and what the GPU benchmark times as the ol
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from stage_worker.kernels import tuning
 
 try:  # Triton is optional: CPU-only installs never import it.
     import triton
@@ -47,16 +47,15 @@ MAX_SPLITS = 16
 # Block shapes measured on an H100 (benchmarks/bench_deepseek_gpu.py --kernels, 7 shapes swept):
 # at 128 heads, 64 heads per program was fastest from batch 32 on (B=256, ctx 8192: 3.42 ms
 # against 5.63 with 16 heads per program); 16 heads (V2-Lite) fill a 16-head program exactly.
-# SPLIT_R (a head block's output columns over that many programs) is 1 until measured to win on a
-# GPU; STAGEMESH_MLA_SPLIT_R sets it, so a benchmark serves the same stage both ways in one run.
-WIDE = dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=2,
-            SPLIT_R=int(os.environ.get("STAGEMESH_MLA_SPLIT_R", "1")))
+# SPLIT_R (a head block's output columns over that many programs) is the tuning's mla_split_r
+# (kernels/tuning.py): 1 until measured to win on a GPU.
+WIDE = dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=2)
 NARROW = dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
 def decode_config(num_heads: int) -> dict:
     """The Triton block shape for a model's head count (tl.dot needs >= 16 rows per program)."""
-    return WIDE if num_heads >= 64 else NARROW
+    return {**WIDE, "SPLIT_R": tuning.active().mla_split_r} if num_heads >= 64 else NARROW
 
 
 def triton_available(device: torch.device) -> bool:

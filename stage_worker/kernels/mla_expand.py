@@ -25,7 +25,6 @@ heads (MQA-style), read in place, never broadcast.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,11 +39,6 @@ try:  # Triton is optional: CPU-only installs never import it.
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-# Chunks of at least this many new tokens take the expanded form (0: never). By FLOP count at
-# V3's widths the expanded form wins above ~30-60 queries a chunk; below 256 tokens a fresh
-# prompt's attention is a few per cent of its cost either way (and see GRAPH_MIN_TOKENS for steps
-# that CUDA graphs could take). STAGEMESH_MLA_EXPAND_MIN_TOKENS sets it (a same-run comparison).
-MIN_TOKENS = int(os.environ.get("STAGEMESH_MLA_EXPAND_MIN_TOKENS", "256"))
 # Context rows one step may expand: max(this, the step's tokens), so the K/V workspace
 # (rows * H * (Dn + Dv) activations: 256 MiB at V3's widths and 4,096 rows) stays of the order of
 # the step's other activations. A chunk after a longer cached prefix stays absorbed.
@@ -73,8 +67,9 @@ class ExpandPlan:
     all_rows: bool  # every row of the micro-batch is in the plan (rows == arange(T))
 
 
-def choose(ns: np.ndarray, ctx: np.ndarray, min_tokens: int = MIN_TOKENS, max_context: int = MAX_CONTEXT) -> np.ndarray:
-    """Indices of the sequences whose chunk takes the expanded form: num_tokens >= min_tokens,
+def choose(ns: np.ndarray, ctx: np.ndarray, min_tokens: int, max_context: int = MAX_CONTEXT) -> np.ndarray:
+    """Indices of the sequences whose chunk takes the expanded form: num_tokens >= min_tokens (the
+    tuning's mla_expand_min_tokens, kernels/tuning.py; 0: none),
     taken in order while their contexts add up to at most max(max_context, tokens in the step)
     (a chunk whose context would pass it is skipped, the later ones still considered)."""
     picked: list[int] = []

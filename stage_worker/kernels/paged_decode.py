@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from stage_worker.kernels import tiles
+from stage_worker.kernels import tuning
 from stage_worker.kernels.fused_ops import combine_splits
 from stage_worker.kernels.softmax import attention_torch, online_softmax_block
 from stage_worker.kv_cache import read_slots
@@ -34,15 +34,15 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 BLOCK_N = 64  # tokens per inner iteration (several pages); the splits are sized in these
-# The kernel's default (BLOCK_N, num_warps, num_stages) for every pool dtype; a GPU's tiles file
-# (kernels/tiles.py, written by benchmarks/gpu/bench_decode_attention.py) overrides it per pool dtype.
+# The kernel's default (BLOCK_N, num_warps, num_stages) for every pool dtype; a GPU's tuning file
+# (kernels/tuning.py, written by benchmarks/gpu/bench_decode_attention.py) overrides it per pool dtype.
 DECODE_CONFIG: tuple[int, int, int] = (BLOCK_N, 4, 2)
 
 
 def decode_config(pool_dtype: torch.dtype) -> tuple[int, int, int]:
-    """The tile the kernel launches with for a pool of this dtype: the active tiles file's, else
+    """The tile the kernel launches with for a pool of this dtype: the active tuning's, else
     DECODE_CONFIG."""
-    return tiles.active().decode.get(str(pool_dtype).removeprefix("torch."), DECODE_CONFIG)
+    return tuning.active().decode.get(str(pool_dtype).removeprefix("torch."), DECODE_CONFIG)
 
 
 def triton_available(device: torch.device) -> bool:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stage_worker.attention import AttnMetadata, num_sms
-from stage_worker.kernels import fused_ops, mla_decode, mla_expand, mla_prefill, mla_rope
+from stage_worker.kernels import mla_decode, mla_expand, mla_prefill, mla_rope, tuning
 from stage_worker.mla_cache import MLAKVCache
 from stage_worker.models.base import PipelineStage
 from stage_worker.models import quant
@@ -397,7 +397,7 @@ class DeepseekStage(PipelineStage):
         # Mixed micro-batches on a GPU: one mla_prefill launch over tiles of this many tokens.
         self.attention_tile_q = mla_prefill.tile_q(cfg.num_attention_heads)
         if cfg.num_attention_heads >= mla_expand.MIN_HEADS:
-            self.attention_expand_min_tokens = mla_expand.MIN_TOKENS
+            self.attention_expand_min_tokens = tuning.active().mla_expand_min_tokens
             self.attention_expand_graph_min_tokens = mla_expand.GRAPH_MIN_TOKENS
 
     def kv_dims(self) -> tuple[int, int]:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +55,7 @@ from torch import nn
 
 from stage_worker.kernels import fp8 as fp8k
 from stage_worker.kernels import fp8_act as fp8a
+from stage_worker.kernels import tuning
 from stagemesh.errors import CheckpointError
 from stagemesh.model_config import ModelConfig
 
@@ -304,7 +304,7 @@ class Fp8Linear(nn.Module):
         weights). The op before it can then write them so (fused_ops' `quant`): one pass fewer."""
         if self.backend is None:
             self.prepare()
-        if self.backend != "fp8" or not FUSE_ACT_QUANT:
+        if self.backend != "fp8" or not tuning.active().fuse_act_quant:
             return None
         return fp8k.act_kind(fp8k.resolve_backend(self._backend(m), self.compute_dtype))
 
@@ -386,60 +386,30 @@ def scaled_mm_available(device: torch.device) -> bool:
 SCALED_MM_MIN_M, SCALED_MM_MIN_M_LONG_K, LONG_K = 64, 16, 4096
 
 
-# Rows up to which kernels/fp8.py's W8A16 GEMV runs instead of the tensor-core kernel, on block-scaled
-# linears (per-channel ones: CHANNEL_GEMV_MAX_M). Measured on an
-# H100 (benchmarks/gpu/bench_fp8.py --gemv, 2026-12-07): at one row it reads the weights at 1.0-2.1
-# TB/s against 0.14-1.96 for activation quant + tensor-core kernel, at every V3 and Llama-8B shape
-# (1.1-2.5x); at four rows it loses at most shapes. Batch-1 decode through the mesh: Llama-8B FP8
-# 199 -> 249 tok/s, the V3 stage 284 -> 304. STAGEMESH_FP8_GEMV_MAX_M overrides it (0: off), so a
-# benchmark can serve one checkpoint both ways in one run.
-GEMV_DISPATCH_MAX_M = int(os.environ.get("STAGEMESH_FP8_GEMV_MAX_M", "1"))
-
-
-# Where kernels/fp8.py's W8A16 tensor-core GEMM (x as it is, no activation quant) runs: from the
-# GEMV's rows up to W8A16_DISPATCH_MAX_M rows, on weights of at most W8A16_MAX_N rows. Off (0) by
-# default: on an H100 (bench_fp8.py --llama --tune, 2026-12-07), best tiles, 16 rows, TFLOP/s against
-# _scaled_mm and the W8A8 kernel that takes 2-15 rows: Llama-8B's qkv 23.4 vs 20.0 / 5.0, o 18.9 vs
-# 9.6 / 7.7, down 26.2 vs 20.9 / 18.2, the 28,672-row gate_up 58.0 vs 59.3 / 60.3. Through the mesh
-# (Llama-8B, H100, one call, shipped tiles, the prescaled form), W8A16 at 2-256 rows on qkv, o and
-# down took the mixed workload from 6,442 to 5,785 output tok/s: it stays off. V3's shapes untimed.
-# STAGEMESH_FP8_W8A16_MAX_M turns it on (e.g. 16; a same-run comparison).
-W8A16_DISPATCH_MAX_M = int(os.environ.get("STAGEMESH_FP8_W8A16_MAX_M", "0"))
+# Where each FP8 GEMM runs is measured: the thresholds are the tuning's (kernels/tuning.py:
+# gemv_max_m, w8a16_max_m, channel_gemv_max_m; their measurements there). W8A16 runs on weights of at
+# most this many rows (Llama-8B's qkv; the 28,672-row gate_up was no faster than _scaled_mm).
 W8A16_MAX_N = 6144
 
 
 def gemm_backend(m: int, n: int, k: int, scaled_mm_ready: bool) -> str:
     """The GEMM for an [M, K] x [N, K]^T product: "gemv" (decode's few rows, kernels/fp8.py
-    w8a16_gemv, up to GEMV_DISPATCH_MAX_M), "w8a16" (up to W8A16_DISPATCH_MAX_M rows, narrow
+    w8a16_gemv, up to the tuning's gemv_max_m), "w8a16" (up to its w8a16_max_m rows, narrow
     weights), "scaled_mm" or "triton" (measured rules above)."""
-    if m <= min(GEMV_DISPATCH_MAX_M, fp8k.GEMV_MAX_M):
+    t = tuning.active()
+    if m <= min(t.gemv_max_m, fp8k.GEMV_MAX_M):
         return "gemv"
-    if m <= W8A16_DISPATCH_MAX_M and n <= W8A16_MAX_N:
+    if m <= t.w8a16_max_m and n <= W8A16_MAX_N:
         return "w8a16"
     if scaled_mm_ready and (m >= SCALED_MM_MIN_M or (m >= SCALED_MM_MIN_M_LONG_K and k >= LONG_K)):
         return "scaled_mm"
     return "triton"
 
 
-# Rows up to which a per-channel linear runs the GEMV (its scales read once per row, stride 0
-# along K): on an H100 (bench_fp8.py --rowwise, 2026-12-07) at Llama-8B's four projections, 1 row
-# 118 us in all against 133 for the block-scaled GEMV and 200 for bf16; 2 rows 166 against 226
-# for quant + rowwise _scaled_mm and 199 for bf16 (178 in a second call on another H100; the GEMM
-# alone 154: the per-token quant's launches decide it); 4 rows 234 against 173 (so not there).
-# STAGEMESH_FP8_CHANNEL_GEMV_MAX_M overrides it (0: off).
-CHANNEL_GEMV_MAX_M = int(os.environ.get("STAGEMESH_FP8_CHANNEL_GEMV_MAX_M", "2"))
-
-
-# Whether the op before an FP8 GEMM writes its input quantized (RMSNorm, SiLU * up: fused_ops'
-# `quant`, asked through `input_quant`) instead of a separate quant launch. On by default;
-# STAGEMESH_FP8_FUSE_ACT_QUANT=0 turns it off (a same-run comparison).
-FUSE_ACT_QUANT = os.environ.get("STAGEMESH_FP8_FUSE_ACT_QUANT", "1") != "0"
-
-
 def channel_gemm_backend(m: int, rowwise_ready: bool) -> str:
     """The GEMM of a per-channel FP8 linear: the GEMV at decode's few rows, torch._scaled_mm's
     rowwise recipe where the device has it, else the Triton W8A8 kernel."""
-    if m <= min(CHANNEL_GEMV_MAX_M, fp8k.GEMV_MAX_M):
+    if m <= min(tuning.active().channel_gemv_max_m, fp8k.GEMV_MAX_M):
         return "gemv"
     return "rowwise" if rowwise_ready else "triton"
 

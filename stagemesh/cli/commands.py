@@ -43,7 +43,7 @@ def _pass_through() -> dict[str, list[tuple[type, tuple[str, ...]]]]:
 
     return {"coordinator": [(CoordinatorConfig, ("plan", "rebalance", "dead_after_s"))],
             "worker": [(WorkerConfig, ("device", "kv_cache_bytes", "kv_blocks", "lease_ttl_s", "quantization",
-                                       "kv_cache_dtype", "load_format", "kernel_tiles"))],
+                                       "kv_cache_dtype", "load_format", "kernel_tuning"))],
             "gateway": [(GatewayConfig, ("port", "http_port", "routing", "routing_weight", "rate_limit_rps",
                                          "rate_limit_burst", "model_id", "max_model_len")),
                         (SchedulerConfig, ("max_batched_tokens", "max_running", "max_waiting", "inflight",

@@ -1,0 +1,162 @@
+"""Kernel tuning per GPU: launch tiles and dispatch thresholds, one file, read at launch time.
+
+Every setting a benchmark measured and may want to change for a GPU lives here, with its default
+and the measurement behind it: no environment variable is read at import time (STYLE item 7). A
+tuning file overrides the defaults for one GPU, as vLLM keeps its fused-MoE configs per device
+name; the sweeps write one (`--tuning-out FILE`: benchmarks/gpu/bench_decode_attention.py,
+bench_fp8.py --gemv-layers), and a same-run comparison of two settings is two meshes with two
+files. For example:
+
+    {"device": "NVIDIA H100 80GB HBM3",
+     "decode": {"bfloat16": [64, 4, 2], "float8_e4m3fn": [128, 4, 3]},
+     "gemv": [8, 1024, 4, 2], "gemv_scales": "grid", "gemv_max_m": 1}
+
+The worker loads one at start (`--kernel-tuning FILE`; by default the file shipped here for its
+GPU's name, `tuned/<name with spaces as _>.json`, when there is one) and sets it for the process
+with `use`; the kernels and dispatchers read `active()` when they launch (before a CUDA graph's
+capture, so a graph keeps what it was captured with). Every key is optional: a missing one keeps
+the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SHIPPED = Path(__file__).with_name("tuned")  # tuning files per device name, shipped with the package
+SCALE_MODES = ("grid", "shared")  # fp8.GEMV_SCALE_MODES (defined here: fp8 imports this module)
+
+
+@dataclass(frozen=True)
+class KernelTuning:
+    """Launch tiles and dispatch thresholds of the stage's kernels (defaults: measured on an H100)."""
+
+    device: str = ""  # the GPU the file was measured on (informational)
+
+    # -- attention ------------------------------------------------------------------------------
+    # Paged decode tile (BLOCK_N, num_warps, num_stages) per pool dtype ("bfloat16",
+    # "float8_e4m3fn", ...); a missing dtype takes kernels/paged_decode.DECODE_CONFIG.
+    decode: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    # MLA decode: a head block's output columns split over this many programs. 1 until measured to
+    # win on a GPU (kernels/mla_decode.py).
+    mla_split_r: int = 1
+    # MLA prefill chunks of at least this many new tokens take the expanded form (0: never). By FLOP
+    # count at V3's widths the expanded form wins above ~30-60 queries a chunk; below 256 tokens a
+    # fresh prompt's attention is a few per cent of its cost either way (kernels/mla_expand.py).
+    mla_expand_min_tokens: int = 256
+
+    # -- FP8 GEMMs (kernels/fp8.py, fp8_act.py; dispatch in models/quant.py) ----------------------
+    # The GEMV's (BLOCK_N, BLOCK_K, num_warps, num_stages); None takes fp8.GEMV_CONFIG.
+    gemv: tuple[int, int, int, int] | None = None
+    # How the GEMV applies the weight scales (fp8.gemv_scale_fits). "grid" by default: on an H100
+    # (ncu, 2026-12-07, one row, tile 8,1024,4,2) "shared" ran 5-7% slower at Llama-8B's o and down
+    # (11.1-11.2 vs 10.5-10.7 us, 30.3-30.4 vs 28.2-28.3 us).
+    gemv_scales: str = "grid"
+    # The GEMV at one row: products summed across the [BLOCK_N, BLOCK_K] tile once at the end instead
+    # of at every K step. Off: timed on an H100, no gain (README).
+    gemv_late_sum: bool = False
+    # Rows up to which block-scaled linears run the GEMV instead of the tensor-core kernel. On an H100
+    # (bench_fp8.py --gemv, 2026-12-07): at one row it reads the weights at 1.0-2.1 TB/s against
+    # 0.14-1.96 for activation quant + tensor-core kernel, at every V3 and Llama-8B shape (1.1-2.5x);
+    # at four rows it loses at most shapes. Batch-1 decode through the mesh: Llama-8B FP8 199 -> 249
+    # tok/s, the V3 stage 284 -> 304. 0: off.
+    gemv_max_m: int = 1
+    # Rows up to which per-channel linears run the GEMV (scales read once per row): on an H100
+    # (bench_fp8.py --rowwise, 2026-12-07) at Llama-8B's four projections, 1 row 118 us in all
+    # against 133 for the block-scaled GEMV and 200 for bf16; 2 rows 166 against 226 for quant +
+    # rowwise _scaled_mm and 199 for bf16; 4 rows 234 against 173 (so not there). 0: off.
+    channel_gemv_max_m: int = 2
+    # Rows up to which the W8A16 tensor-core GEMM (x unquantized) runs on narrow weights
+    # (quant.W8A16_MAX_N), from the GEMV's rows. Off: on an H100 (bench_fp8.py --llama --tune,
+    # 2026-12-07, 16 rows) it beat _scaled_mm and the W8A8 kernel at Llama-8B's qkv, o and down, but
+    # through the mesh (shipped tiles, prescaled form) it took the mixed workload from 6,442 to 5,785
+    # output tok/s.
+    w8a16_max_m: int = 0
+    # The W8A16 GEMM's weight tile dequantized before the MMA (one accumulate chain, the numbers of
+    # x @ dequant(w).to(x.dtype)) rather than each 128-wide K block's product scaled after it.
+    w8a16_prescale: bool = True
+    # Quant groups one activation-quant program takes. On an H100 (bench_fp8.py --act-quant,
+    # 2026-12-07, outputs equal): one 128-value group per 1-warp program read 170-640 GB/s at the V3
+    # stage's shapes (242-4,096 rows), 8 groups 200-2,700 GB/s (1.1-4.3x; 1 of 18 cases slower),
+    # and the V3 stage's mixed workload went 4,077 -> 4,186 output tok/s with it (README).
+    act_quant_groups: int = 8
+    # The op before an FP8 GEMM (RMSNorm, SiLU * up) writes its input quantized instead of a separate
+    # quant launch (fused_ops' `quant`, asked through Fp8Linear.input_quant).
+    fuse_act_quant: bool = True
+
+    def __post_init__(self):
+        for name, tile in self.decode.items():
+            if len(tile) != 3 or min(tile) < 1:
+                raise ValueError(f"decode tile for {name}: (BLOCK_N, warps, stages) of positive ints, got {tile}")
+        if self.gemv is not None and (len(self.gemv) != 4 or min(self.gemv) < 1):
+            raise ValueError(f"gemv tile: (BLOCK_N, BLOCK_K, warps, stages) of positive ints, got {self.gemv}")
+        if self.gemv_scales not in SCALE_MODES:
+            raise ValueError(f"gemv_scales {self.gemv_scales!r}: one of {', '.join(SCALE_MODES)}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"{f.name}: true or false, got {value!r}")
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{f.name}: an int >= 0, got {value!r}")
+        if self.act_quant_groups < 1 or self.mla_split_r < 1:
+            raise ValueError("act_quant_groups and mla_split_r must be >= 1")
+
+    @classmethod
+    def from_json(cls, text: str) -> KernelTuning:
+        raw = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"unknown keys in a kernel tuning file: {sorted(unknown)} (known: {sorted(known)})")
+        if "decode" in raw:
+            raw["decode"] = {k: tuple(v) for k, v in raw["decode"].items()}
+        if raw.get("gemv") is not None:
+            raw["gemv"] = tuple(raw["gemv"])
+        return cls(**raw)
+
+    def to_json(self) -> str:
+        """The fields that differ from the defaults, one per line (`device` always)."""
+        default = KernelTuning()
+        raw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name == "device" or getattr(self, f.name) != getattr(default, f.name)}
+        return "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in raw.items()) + "\n}\n"
+
+
+def shipped_path(device_name: str) -> Path:
+    return SHIPPED / (device_name.replace(" ", "_") + ".json")
+
+
+def load(path: str, device_name: str = "") -> KernelTuning:
+    """The tuning in `path`; with no path, the shipped file for `device_name` if there is one, else
+    the defaults."""
+    if path:
+        return KernelTuning.from_json(Path(path).read_text())
+    shipped = shipped_path(device_name) if device_name else None
+    if shipped is not None and shipped.is_file():
+        return KernelTuning.from_json(shipped.read_text())
+    return KernelTuning()
+
+
+def merge(path: Path, **fields) -> KernelTuning:
+    """Write `fields` (a sweep's winners) into the tuning file at `path`, keeping its other keys
+    (so two sweeps fill one file); `decode` entries merge per pool dtype."""
+    old = KernelTuning.from_json(path.read_text()) if path.is_file() else KernelTuning()
+    decode = {**old.decode, **fields.pop("decode", {})}
+    new = dataclasses.replace(old, **fields, decode=decode)
+    path.write_text(new.to_json())
+    return new
+
+
+_active = KernelTuning()
+
+
+def use(tuning: KernelTuning) -> None:
+    """Set the process's tuning (the worker's main, once, before any launch; tests)."""
+    global _active
+    _active = tuning
+
+
+def active() -> KernelTuning:
+    return _active

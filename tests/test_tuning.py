@@ -1,0 +1,121 @@
+"""Kernel tuning files (stage_worker/kernels/tuning.py): parsed strictly, merged by the sweeps,
+found per GPU name, and read by the kernels and dispatchers when they launch; the worker refuses
+a bad file at start with one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from stage_worker.kernels import paged_decode as pd
+from stage_worker.kernels import tuning
+from stage_worker.models import quant
+
+
+def test_round_trip_keeps_only_what_differs(tmp_path):
+    t = tuning.KernelTuning(device="NVIDIA H100 80GB HBM3", decode={"float8_e4m3fn": (128, 4, 3)},
+                            gemv=(4, 2048, 4, 2), gemv_scales="shared", gemv_max_m=2, fuse_act_quant=False)
+    text = t.to_json()
+    assert json.loads(text) == {"device": "NVIDIA H100 80GB HBM3", "decode": {"float8_e4m3fn": [128, 4, 3]},
+                                "gemv": [4, 2048, 4, 2], "gemv_scales": "shared", "gemv_max_m": 2,
+                                "fuse_act_quant": False}
+    assert tuning.KernelTuning.from_json(text) == t
+    assert json.loads(tuning.KernelTuning().to_json()) == {"device": ""}
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"gemv_tile": [8, 1024, 4, 2]}, "unknown keys in a kernel tuning file: \\['gemv_tile'\\]"),
+    ({"decode": {"bfloat16": [64, 4]}}, "decode tile for bfloat16"),
+    ({"gemv": [8, 1024, 0, 2]}, "gemv tile"),
+    ({"gemv_scales": "row"}, "gemv_scales 'row'"),
+    ({"gemv_max_m": -1}, "gemv_max_m: an int >= 0"),
+    ({"gemv_max_m": True}, "gemv_max_m: an int >= 0"),
+    ({"fuse_act_quant": 1}, "fuse_act_quant: true or false"),
+    ({"act_quant_groups": 0}, "act_quant_groups and mla_split_r must be >= 1"),
+])
+def test_bad_files_are_named(raw, match):
+    with pytest.raises(ValueError, match=match):
+        tuning.KernelTuning.from_json(json.dumps(raw))
+
+
+def test_sweeps_merge_into_one_file(tmp_path):
+    """bench_decode_attention.py and bench_fp8.py --gemv-layers each write their winners; decode
+    tiles merge per pool dtype, the rest of the file stays."""
+    path = tmp_path / "t.json"
+    tuning.merge(path, device="GPU", decode={"bfloat16": (64, 4, 3)})
+    tuning.merge(path, device="GPU", gemv=(2, 1024, 4, 2), gemv_scales="grid")
+    merged = tuning.merge(path, device="GPU", decode={"float8_e4m3fn": (128, 8, 3)})
+    assert tuning.load(str(path)) == merged == tuning.KernelTuning(
+        device="GPU", decode={"bfloat16": (64, 4, 3), "float8_e4m3fn": (128, 8, 3)}, gemv=(2, 1024, 4, 2))
+
+
+def test_shipped_file_is_found_by_device_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(tuning, "SHIPPED", tmp_path)
+    tuning.shipped_path("Some GPU 80GB").write_text('{"device": "Some GPU 80GB", "gemv_max_m": 2}')
+    assert tuning.load("", "Some GPU 80GB").gemv_max_m == 2
+    assert tuning.load("", "Other GPU") == tuning.load("", "") == tuning.KernelTuning()
+    explicit = tmp_path / "mine.json"
+    explicit.write_text('{"gemv_max_m": 0}')
+    assert tuning.load(str(explicit), "Some GPU 80GB").gemv_max_m == 0  # a given file wins
+
+
+def test_paged_decode_launches_with_the_tuned_tile(tune, monkeypatch):
+    """The tile per pool dtype (the default for the others), and the eager path's splits sized by it."""
+    launched = []
+    monkeypatch.setattr(pd, "_paged_decode_triton", lambda *a: launched.append(a[-1]) or a[0])
+    q, kc = torch.zeros(2, 4, 16), torch.zeros(64, 2, 16)
+    tables, ctx = torch.zeros(2, 4, dtype=torch.long), torch.tensor([3, 5])
+    tune(decode={"float32": (128, 8, 3)})
+    for pool in (kc, kc.to(torch.bfloat16)):
+        pd.paged_decode(q, pool, pool, tables, ctx, 0.25, 16, use_triton=True)
+    pd.paged_decode(q, kc, kc, tables, ctx, 0.25, 16, use_triton=True, config=(32, 4, 2))  # explicit wins
+    assert launched == [(128, 8, 3), pd.DECODE_CONFIG, (32, 4, 2)]
+    assert pd.decode_config(torch.float32) == (128, 8, 3)
+    assert pd.choose_splits(1, 8, 1000, block_n=pd.decode_config(torch.float32)[0]) == 8  # 1000 keys / 128
+
+
+def test_gemv_launches_with_the_tuned_tile_and_form(tune, monkeypatch):
+    pytest.importorskip("triton")
+    from stage_worker.kernels import fp8 as k
+
+    launches = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((grid, kw["BLOCK_N"], kw["GROUPS"] * k.GROUP_K,
+                                                        kw["num_warps"], kw["SCALE_MODE"], kw["LATE_SUM"]))
+
+    monkeypatch.setattr(k, "_gemv_kernel", Spy())
+    x, w = torch.zeros(1, 256), torch.zeros(64, 256, dtype=torch.float8_e4m3fn)
+    k.w8a16_gemv(x, w, torch.ones(1, 2))
+    tune(gemv=(4, 512, 2, 3), gemv_scales="shared", gemv_late_sum=True)
+    k.w8a16_gemv(x, w, torch.ones(1, 2))
+    k.w8a16_gemv(x, w, torch.ones(64, 2), group_n=1)  # shared does not fit one-row scale groups: grid
+    grid, shared = k.GEMV_SCALE_MODES.index("grid"), k.GEMV_SCALE_MODES.index("shared")
+    bn, bk, warps, _ = k.GEMV_CONFIG
+    assert launches == [((64 // bn,), bn, bk, warps, grid, False), ((16,), 4, 512, 2, shared, True),
+                        ((16,), 4, 512, 2, grid, True)]
+    with pytest.raises(ValueError, match="does not fit"):  # asked for explicitly, it is refused
+        k.w8a16_gemv(x, w, torch.ones(64, 2), group_n=1, scale_mode="shared")
+
+
+def test_dispatch_thresholds_come_from_the_tuning(tune):
+    assert quant.gemm_backend(1, 4096, 4096, True) == "gemv"
+    tune(gemv_max_m=0)
+    assert quant.gemm_backend(1, 4096, 4096, True) == "triton"
+    tune(channel_gemv_max_m=0)
+    assert quant.channel_gemm_backend(1, True) == "rowwise"
+
+
+def test_worker_refuses_a_bad_tuning_file_in_one_line(tmp_path, ckpt_dir):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"gemv_tile": [8, 1024, 4, 2]}')
+    p = subprocess.run([sys.executable, "-m", "stage_worker", "--model", str(ckpt_dir("llama", 1)), "--device",
+                        "cpu", "--coordinator", "127.0.0.1:1", "--kernel-tuning", str(bad)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("stage_worker: unknown keys in a kernel tuning file")
