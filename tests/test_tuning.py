@@ -43,7 +43,7 @@ def test_bad_files_are_named(raw, match):
 
 
 def test_sweeps_merge_into_one_file(tmp_path):
-    """bench_decode_attention.py and bench_fp8.py --gemv-layers each write their winners; decode
+    """bench_decode_attention.py and bench_gemv.py --layers each write their winners; decode
     tiles merge per pool dtype, the rest of the file stays."""
     path = tmp_path / "t.json"
     tuning.merge(path, device="GPU", decode={"bfloat16": (64, 4, 3)})

@@ -1,7 +1,6 @@
 """Block-scaled FP8 GEMM at DeepSeek-V3 shapes, and a real-size dummy V3 stage in FP8 vs bf16.
 
     python benchmarks/gpu/bench_fp8.py [--out DIR] [--tune] [--skip-stage] [--split-k N[,N...]]
-    python benchmarks/gpu/bench_fp8.py --gemv [--out DIR]   # decode's few rows only (3. below)
     python benchmarks/gpu/bench_fp8.py --llama [--tune] [--split-k 1,2,4]   # 1. at Llama-3.1-8B's shapes
     python benchmarks/gpu/bench_fp8.py --rowwise [--out DIR]   # 4. per-channel weights, Llama-3.1-8B
 
@@ -19,16 +18,12 @@
    bytes and allocated memory; one prefill of 256 tokens and the FP8 stage's hidden states
    against the same stage run dequantized (FP8 compute vs dequantize-then-run). From the per-layer
    bytes: the 8-layer stage's share (3 dense + 5 MoE + embeddings + head) in FP8 and bf16.
-3. `--gemv`: M = 1 and 4 at V3's and Llama-3.1-8B's shapes: bf16 torch.mm, the tensor-core path
-   (activation quant + kernels/fp8.w8a8_block_gemm, as dispatched before the GEMV) and every
-   GEMV_CANDIDATES tile of kernels/fp8.w8a16_gemv (also in the "shared" scale form; at M = 1 also
-   with the other summation order, `late_sum`), each as GB/s on the weight bytes, with the GEMV's
-   error against x @ dequant(W)^T; the tile with the least total time over the shapes at the
-   dispatched rows. `--gemv-layers`: the same tiles and forms on the four projections of 8 Llama
-   layers at one row, replayed in one CUDA graph (do_bench cannot rank tiles at these sizes).
+3. `--act-quant`: the 1x128 activation quant's groups per program (`act_quant_rows`).
 4. `--rowwise`: Llama-3.1-8B's linears with per-channel weight scales at 1-4,096 rows
    (`rowwise_rows`): quant + rowwise _scaled_mm and the GEMM alone, the per-tensor GEMM, the
    shipped block-scaled dispatch, our GEMV and W8A16 kernels on the per-channel scales, bf16.
+
+The decode GEMV's tiles (one to four rows) are benchmarks/gpu/bench_gemv.py's.
 """
 
 from __future__ import annotations
@@ -44,7 +39,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.gpu.graph_timing import graph_us  # noqa: E402
 from stage_worker.kernels import fp8 as k  # noqa: E402
 from stage_worker.kernels import fp8_act as fa  # noqa: E402
 from stage_worker.kernels import tuning  # noqa: E402
@@ -59,9 +53,6 @@ LLAMA8B_SHAPES = {"llama qkv": (6144, 4096), "llama o": (4096, 4096), "llama gat
                   "llama down": (4096, 14336)}
 MS = (1, 16, 64, 128, 512, 4096)
 LLAMA_MS = (16, 64, 128, 256)  # --llama: the mixed workload's decode batch sizes
-GEMV_CANDIDATES = [(4, 1024, 4, 2), (8, 512, 4, 3), (8, 1024, 4, 2), (16, 512, 8, 2), (32, 256, 8, 3),
-                   (2, 1024, 4, 2), (4, 2048, 4, 2), (8, 2048, 8, 2), (16, 1024, 8, 2), (4, 1024, 2, 3), (8, 1024, 8, 3),
-                   (4, 512, 4, 4)]
 CANDIDATES = [(16, 64, 4, 4), (16, 128, 4, 4), (32, 64, 4, 4), (32, 128, 4, 3), (64, 64, 4, 3),
               (64, 128, 4, 3), (64, 128, 8, 4), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 4)]
 LLAMA_CANDIDATES = [(16, 64, 4, 4), (16, 128, 4, 4), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
@@ -168,123 +159,6 @@ def _one(name, m, n, kk, gen, wq, ws, w_deq, wb, ws_mm, tune) -> dict:
             out["scaled_mm_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     out["bf16_tflops"], out["triton_tflops"] = tf(out["bf16_ms"]), tf(out["triton_ms"])
     out["triton_over_bf16"] = out["bf16_ms"] / out["triton_ms"]
-    return out
-
-
-def gemv_rows() -> dict:
-    """Section 3 of the module docstring."""
-    rows, totals, other_totals, shared_totals = [], {}, {}, {}
-    for name, (n, kk) in {**SHAPES, **LLAMA8B_SHAPES}.items():
-        gen = torch.Generator(device="cuda").manual_seed(n + kk)
-        wq, ws = quant.quantize_blocks(torch.randn(n, kk, device="cuda", generator=gen) * 0.02)
-        w_deq = quant.dequantize_blocks(wq, ws)
-        wb = w_deq.to(torch.bfloat16)
-        for m in (1, 4):
-            x = torch.randn(m, kk, device="cuda", generator=gen).to(torch.bfloat16)
-            ref = x.float() @ w_deq.t()
-            gbs = lambda ms, nbytes=n * kk: nbytes / ms / 1e6  # noqa: E731 - ms -> GB/s on the FP8 weight
-            r = {"shape": name, "M": m, "N": n, "K": kk, "bf16_GBps_on_bf16": gbs(bench(lambda: torch.mm(x, wb.t())), 2 * n * kk),
-                 "tensor_core_GBps": gbs(bench(lambda: k.fp8_gemm(x, wq, ws, 128, "triton")))}
-            for cfg in GEMV_CANDIDATES:
-                try:
-                    ms = bench(lambda: k.w8a16_gemv(x, wq, ws, 128, config=cfg))
-                    if k.gemv_scale_fits("shared", 128, cfg[0]):  # x scaled once per group, the alternative
-                        shared_ms = bench(lambda: k.w8a16_gemv(x, wq, ws, 128, config=cfg, scale_mode="shared"))
-                        r[f"gemv-shared {cfg}"] = gbs(shared_ms)
-                        if m <= tuning.active().gemv_max_m:
-                            shared_totals[cfg] = shared_totals.get(cfg, 0.0) + shared_ms
-                    if m == 1:  # the other summation order, for comparison
-                        other_ms = bench(lambda: k.w8a16_gemv(x, wq, ws, 128, config=cfg, late_sum=not tuning.active().gemv_late_sum))
-                        r[f"gemv-other-sum {cfg}"] = gbs(other_ms)
-                        other_totals[cfg] = other_totals.get(cfg, 0.0) + other_ms
-                except Exception as exc:  # a tile that does not compile
-                    print(f"  gemv {cfg} failed: {type(exc).__name__}", flush=True)
-                    continue
-                r[f"gemv {cfg}"] = gbs(ms)
-                if m <= tuning.active().gemv_max_m:  # the tile is chosen for the rows it is dispatched at
-                    totals[cfg] = totals.get(cfg, 0.0) + ms
-            r["gemv_err"] = rel(k.w8a16_gemv(x, wq, ws, 128), ref)
-            best = max((v, key) for key, v in r.items() if key.startswith("gemv ("))
-            print(f"{name:>15} M={m} N={n:<6} K={kk:<6} GB/s: bf16 {r['bf16_GBps_on_bf16']:6.0f} (bf16 bytes)  "
-                  f"tensor-core FP8 {r['tensor_core_GBps']:6.0f}  gemv default {r.get(f'gemv {k.GEMV_CONFIG}', 0):6.0f}  "
-                  f"best {best[0]:6.0f} {best[1]}  err {r['gemv_err']:.4f}"
-                  + (f"  late_sum={not tuning.active().gemv_late_sum}: default {r.get(f'gemv-other-sum {k.GEMV_CONFIG}', 0):6.0f} "
-                     f"best {max(v for key, v in r.items() if key.startswith('gemv-other-sum')):6.0f}"
-                     if m == 1 else ""),
-                  flush=True)
-            rows.append(r)
-    best_cfg = min(totals, key=totals.get)
-    print("gemv: total ms over the shapes at the dispatched rows: "
-          + ", ".join(f"{c} {t:.3f}" for c, t in sorted(totals.items(), key=lambda ct: ct[1])), flush=True)
-    print(f"gemv: least total time over the shapes: {best_cfg} ({totals[best_cfg]:.3f} ms; default "
-          f"{k.GEMV_CONFIG}: {totals.get(k.GEMV_CONFIG, float('nan')):.3f} ms)", flush=True)
-    other = other_totals.get(k.GEMV_CONFIG, float("nan"))
-    print(f"gemv: summation at one row, tile {k.GEMV_CONFIG}: late_sum={tuning.active().gemv_late_sum} (default) "
-          f"{totals.get(k.GEMV_CONFIG, float('nan')):.3f} ms, late_sum={not tuning.active().gemv_late_sum} {other:.3f} ms", flush=True)
-    print(f"gemv: scales, tile {k.GEMV_CONFIG}: grid (default) {totals.get(k.GEMV_CONFIG, float('nan')):.3f} "
-          f"ms, shared {shared_totals.get(k.GEMV_CONFIG, float('nan')):.3f} ms", flush=True)
-    return {"rows": rows, "best": list(best_cfg), "total_ms": {str(c): t for c, t in totals.items()},
-            "other_sum_total_ms": {str(c): t for c, t in other_totals.items()},
-            "shared_total_ms": {str(c): t for c, t in shared_totals.items()}}
-
-
-GEMV_LAYERS = 8  # distinct layers' weights in --gemv-layers (1.7 GB of FP8: no L2 reuse between layers)
-
-
-def gemv_layer_rows() -> dict:
-    """`--gemv-layers`: the GEMVs of batch-1 decode as a step runs them: Llama-3.1-8B's four
-    projections (128x128 blocks) over GEMV_LAYERS layers, one row, captured in a CUDA graph and
-    replayed, per tile and scale mode (graph_timing); bf16 torch.mm on the same weights beside.
-    Microseconds per layer and GB/s of weight bytes; every tile's output equal to the shipped
-    one's within fp32 summation order."""
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    layers = []
-    for _ in range(GEMV_LAYERS):
-        layer = []
-        for n, kk in LLAMA8B_SHAPES.values():
-            wq, ws = quant.quantize_blocks(torch.randn(n, kk, device="cuda", generator=gen) * 0.02)
-            layer.append((wq, ws))
-        layers.append(layer)
-    xs = {kk: torch.randn(1, kk, device="cuda", generator=gen).to(torch.bfloat16) for _, kk in LLAMA8B_SHAPES.values()}
-    fp8_bytes = sum(n * kk for n, kk in LLAMA8B_SHAPES.values())
-
-    def run(cfg, mode):
-        def step():
-            for layer in layers:
-                for wq, ws in layer:
-                    k.w8a16_gemv(xs[wq.shape[1]], wq, ws, 128, config=cfg, scale_mode=mode)
-        return step
-
-    out = {"layers": GEMV_LAYERS, "fp8_bytes_per_layer": fp8_bytes, "us_per_layer": {}, "rel_diff": {}}
-    ref = [k.w8a16_gemv(xs[wq.shape[1]], wq, ws, 128) for wq, ws in layers[0]]
-    for cfg in GEMV_CANDIDATES:
-        for mode in [m for m in k.GEMV_SCALE_MODES if k.gemv_scale_fits(m, 128, cfg[0])]:
-            try:
-                us = graph_us(run(cfg, mode), calls=3) / GEMV_LAYERS
-                got = [k.w8a16_gemv(xs[wq.shape[1]], wq, ws, 128, config=cfg, scale_mode=mode) for wq, ws in layers[0]]
-            except Exception as exc:  # a tile that does not compile
-                print(f"  gemv {cfg} {mode} failed: {type(exc).__name__}", flush=True)
-                continue
-            err = max(rel(g, r.float()) for g, r in zip(got, ref))  # fp32 summation order only: ~1e-6
-            out["rel_diff"][f"{cfg} {mode}"] = err
-            if err <= 1e-3:  # a tile with wrong output is reported, never picked
-                out["us_per_layer"][f"{cfg} {mode}"] = us
-            print(f"gemv layers {cfg} {mode:>6}: {us:6.1f} us per layer, {fp8_bytes / us / 1e3:5.0f} GB/s, "
-                  f"rel diff to shipped {err:.1e}" + ("" if err <= 1e-3 else "  WRONG OUTPUT"), flush=True)
-    layers.clear()  # the FP8 weights freed before the bf16 ones are drawn
-    wb = [[torch.randn(n, kk, device="cuda", generator=gen).to(torch.bfloat16) for n, kk in LLAMA8B_SHAPES.values()]
-          for _ in range(GEMV_LAYERS)]
-
-    def bf16_step():
-        for layer in wb:
-            for w in layer:
-                torch.mm(xs[w.shape[1]], w.t())
-    out["bf16_us_per_layer"] = graph_us(bf16_step, calls=3) / GEMV_LAYERS
-    best = min(out["us_per_layer"], key=out["us_per_layer"].get) if out["us_per_layer"] else None
-    out["best"] = best  # "(BLOCK_N, BLOCK_K, warps, stages) mode"
-    print(f"gemv layers: bf16 {out['bf16_us_per_layer']:.1f} us per layer ({2 * fp8_bytes / out['bf16_us_per_layer'] / 1e3:.0f}"
-          f" GB/s); shipped {k.GEMV_CONFIG} grid {out['us_per_layer'].get(f'{k.GEMV_CONFIG} grid', float('nan')):.1f}; "
-          f"best {best} {out['us_per_layer'].get(best, float('nan')):.1f}", flush=True)
     return out
 
 
@@ -491,10 +365,6 @@ def main() -> None:
     ap.add_argument("--out", default="")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--skip-stage", action="store_true")
-    ap.add_argument("--gemv", action="store_true", help="only section 3: decode's few rows")
-    ap.add_argument("--gemv-layers", action="store_true", help="batch-1 GEMVs of Llama-8B layers in a CUDA graph")
-    ap.add_argument("--tuning-out", default="", help="--gemv-layers: write the best tile and scale form into this "
-                    "kernel tuning file (stage_worker/kernels/tuning.py)")
     ap.add_argument("--act-quant", action="store_true", help="only the activation quant: groups per program")
     ap.add_argument("--split-k", default="1", help="K slices of the Triton GEMM to try, e.g. 1,2,4 (1: as shipped)")
     ap.add_argument("--llama", action="store_true", help="GEMMs at Llama-3.1-8B's shapes and decode-size M only")
@@ -515,17 +385,6 @@ def main() -> None:
     if args.act_quant:
         report["act_quant"] = act_quant_rows()
         return save("bench_fp8_act_quant.json")
-    if args.gemv_layers:
-        report["gemv_layers"] = gemv_layer_rows()
-        best = report["gemv_layers"]["best"]
-        if args.tuning_out and best:
-            tile, mode = best.rsplit(" ", 1)
-            tuning.merge(Path(args.tuning_out), device=dev, gemv=tuple(int(v) for v in tile.strip("()").split(",")),
-                        gemv_scales=mode)
-        return save("bench_fp8_gemv_layers.json")
-    if args.gemv:
-        report["gemv"] = gemv_rows()
-        return save("bench_fp8_gemv.json")
     if args.rowwise:
         report["rowwise"] = rowwise_rows()
         return save("bench_fp8_rowwise.json")

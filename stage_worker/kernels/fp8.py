@@ -238,9 +238,9 @@ if triton is not None:
 # ----------------------------------------------------------------------------- small-M GEMV
 
 GEMV_MAX_M = 4  # rows the W8A16 GEMV takes (its [M, BLOCK_N] accumulator is unrolled over M)
-# (BLOCK_N, BLOCK_K, num_warps, num_stages): benchmarks/gpu/bench_fp8.py --gemv sweeps them. On an H100
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): benchmarks/gpu/bench_gemv.py sweeps them. On an H100
 # at one row, 12 tiles within 1.5x of each other; this one is best or within 4% at every Llama-8B shape.
-# The default; a GPU's tuning file (kernels/tuning.py, from `bench_fp8.py --gemv-layers`) overrides it.
+# The default; a GPU's tuning file (kernels/tuning.py, from `bench_gemv.py --layers`) overrides it.
 GEMV_CONFIG: tuple[int, int, int, int] = (8, 1024, 4, 2)
 
 

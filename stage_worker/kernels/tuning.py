@@ -4,7 +4,7 @@ Every setting a benchmark measured and may want to change for a GPU lives here, 
 and the measurement behind it: no environment variable is read at import time (STYLE item 7). A
 tuning file overrides the defaults for one GPU, as vLLM keeps its fused-MoE configs per device
 name; the sweeps write one (`--tuning-out FILE`: benchmarks/gpu/bench_decode_attention.py,
-bench_fp8.py --gemv-layers), and a same-run comparison of two settings is two meshes with two
+bench_gemv.py --layers), and a same-run comparison of two settings is two meshes with two
 files. For example:
 
     {"device": "NVIDIA H100 80GB HBM3",
@@ -58,7 +58,7 @@ class KernelTuning:
     # of at every K step. Off: timed on an H100, no gain (README).
     gemv_late_sum: bool = False
     # Rows up to which block-scaled linears run the GEMV instead of the tensor-core kernel. On an H100
-    # (bench_fp8.py --gemv, 2026-12-07): at one row it reads the weights at 1.0-2.1 TB/s against
+    # (bench_gemv.py, then bench_fp8.py --gemv; 2026-12-07): at one row it reads the weights at 1.0-2.1 TB/s against
     # 0.14-1.96 for activation quant + tensor-core kernel, at every V3 and Llama-8B shape (1.1-2.5x);
     # at four rows it loses at most shapes. Batch-1 decode through the mesh: Llama-8B FP8 199 -> 249
     # tok/s, the V3 stage 284 -> 304. 0: off.
