@@ -10,6 +10,7 @@
 - `mla_prefill`: latent attention for mixed micro-batches in one launch (unified_attention's tiling).
 - `fp8_act`: FP8 activations: per-token 1x128 and per-row quant, `Fp8Act`.
 - `fp8`: the block-scaled FP8 GEMMs (Triton, or torch._scaled_mm) and the decode GEMV.
+- `tuning`: launch tiles and dispatch thresholds per GPU (`--kernel-tuning`), read at launch.
 
 Every public op dispatches to Triton on CUDA when Triton imports (`use_triton=None`) and to its
 `*_torch` reference elsewhere; `use_triton=True` forces the kernel, which under
