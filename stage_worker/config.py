@@ -53,5 +53,8 @@ class WorkerConfig:
             raise ValueError("gpu_memory_fraction must be in (0, 1]")
         if self.tp_size < 0:
             raise ValueError("tp_size must be >= 0")
+        if self.tp_size and (self.quantization != "none" or self.load_format != "auto"):
+            # the shards load as the checkpoint is (tp_group.load_sharded), and FP8 does not shard yet
+            raise ValueError("--tp-size takes neither --quantization nor --load-format dummy yet")
         if self.lease_ttl_s <= 0:
             raise ValueError("--lease-ttl-s must be > 0")

@@ -10,6 +10,8 @@ import argparse
 
 import torch
 
+from stage_worker.device import gpu_name
+from stage_worker.kernels import tuning
 from stage_worker.tp_group import TPGroup, exit_with_parent, follow
 
 
@@ -22,9 +24,11 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--kernel-tuning", default="", help="rank 0's --kernel-tuning (its kernels' tiles, the same here)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    tuning.use(tuning.load(a.kernel_tuning, gpu_name(a.device)))
     exit_with_parent()
     group = TPGroup(a.rank, a.world, a.port, a.device)
     try:

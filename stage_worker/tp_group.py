@@ -169,7 +169,8 @@ class TPStageService(StageService):
 def follower_cmd(config, rank: int, world: int, port: int) -> list[str]:
     return [sys.executable, "-m", "stage_worker.tp_follower", "--model", config.model_dir,
             "--rank", str(rank), "--world", str(world), "--port", str(port), "--device", config.device,
-            "--block-size", str(config.block_size), "--threads", str(config.threads)]
+            "--block-size", str(config.block_size), "--threads", str(config.threads),
+            "--kernel-tuning", config.kernel_tuning]
 
 
 def follow(group: TPGroup, model_dir: str, block_size: int) -> None:

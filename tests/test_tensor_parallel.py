@@ -113,3 +113,15 @@ def test_mesh_with_tp_stages_equals_transformers(ckpt_dir, tp_sizes):
         outs = asyncio.run(generate_all(f"127.0.0.1:{gport}", prompts, MAX_NEW))
     for prompt, exp, out in zip(prompts, expected, outs):
         assert out.token_ids == exp, f"prompt of {len(prompt)} tokens diverged"
+
+
+def test_tp_refuses_what_its_shards_would_ignore():
+    """The shards load as the checkpoint is: --quantization and --load-format dummy are refused
+    with --tp-size at parse time, not silently dropped."""
+    from stage_worker.config import WorkerConfig
+
+    for extra in ({"quantization": "fp8"}, {"quantization": "fp8-channel"}, {"load_format": "dummy"}):
+        with pytest.raises(ValueError, match="--tp-size takes neither"):
+            WorkerConfig(model_dir="m", tp_size=2, **extra)
+    assert WorkerConfig(model_dir="m", quantization="fp8").tp_size == 0
+    assert WorkerConfig(model_dir="m", tp_size=2, kv_cache_dtype="fp8").tp_size == 2
