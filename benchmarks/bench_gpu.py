@@ -78,6 +78,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (0: stagemesh's default)")
     ap.add_argument("--mesh-args", default="", help="more `stagemesh up` flags, e.g. '--log-level debug' (the "
                                                    "gateway then logs every step's round trip and stage times)")
+    ap.add_argument("--kernel-tuning", default="", help="a kernel tuning file (stage_worker/kernels/tuning.py) for "
+                    "both the in-process run and the mesh (default: each takes the file shipped for the GPU, if any)")
     ap.add_argument("--py-spy", default="", help="py-spy binary: sample the mesh's processes during the mixed run")
     ap.add_argument("--profile", default="", help="FIRST[,FIRST...]:COUNT: every worker profiles those steps "
                                                  "(STAGEMESH_PROFILE) into OUT/profile")
@@ -89,8 +91,12 @@ def parse_args(argv=None):
 def run_parts(args, model_dir: Path, res: dict, raw: dict, save) -> None:
     import torch
 
+    from stage_worker.device import gpu_name
+    from stage_worker.kernels import tuning
+
     vocab = Vocab.of(model_dir)
     parts = args.only.split(",")
+    tuning.use(tuning.load(args.kernel_tuning, gpu_name(args.mesh_device)))  # as the mesh's workers do
     if "inproc" in parts:
         from benchmarks.gpu.inproc import bench_inproc
 
@@ -110,7 +116,9 @@ def run_parts(args, model_dir: Path, res: dict, raw: dict, save) -> None:
 
         env = {**os.environ, "STAGEMESH_PROFILE": f"{Path(args.out) / 'profile'}:{args.profile}"} if args.profile else None
         opts = MeshOptions(args.kv_total_bytes, args.max_batched_tokens, Path(args.out), args.quick, args.mesh_device,
-                           args.suffix, args.threads, MODELS[args.model][1] + args.mesh_args.split(), args.py_spy,
+                           args.suffix, args.threads,
+                           [*MODELS[args.model][1], *args.mesh_args.split(),
+                            *(["--kernel-tuning", args.kernel_tuning] if args.kernel_tuning else [])], args.py_spy,
                            vocab, env)
         res.update(bench_stagemesh(model_dir, args.stages.split(","), opts, raw))
         report.compare_tokens(res, raw)

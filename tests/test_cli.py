@@ -128,3 +128,11 @@ def test_missing_or_malformed_checkpoint_is_one_line_naming_the_file(tmp_path, d
 def test_too_many_stages_is_refused(demo_dir):
     res = run_cli("up", "--model", str(demo_dir), "--stages", "9")
     assert res.returncode == 2 and "layers" in res.stderr
+
+
+def test_bad_kernel_tuning_file_is_refused_before_any_child_starts(demo_dir, tmp_path):
+    bad = tmp_path / "tuning.json"
+    bad.write_text('{"decode": {"bfloat16": [96, 4, 2]}}')
+    for path, said in ((bad, "decode tile for bfloat16"), (tmp_path / "absent.json", "absent.json")):
+        res = run_cli("up", "--model", str(demo_dir), "--kernel-tuning", str(path))
+        assert res.returncode == 2 and said in res.stderr and len(res.stderr.strip().splitlines()) == 1

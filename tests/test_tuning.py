@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -28,14 +29,29 @@ def test_round_trip_keeps_only_what_differs(tmp_path):
 
 
 @pytest.mark.parametrize("raw,match", [
+    ([], "holds one JSON object, got list"),
     ({"gemv_tile": [8, 1024, 4, 2]}, "unknown keys in a kernel tuning file: \\['gemv_tile'\\]"),
+    ({"device": 5}, "device: a string"),
+    ({"decode": None}, "decode: an object"),
+    ({"decode": [[64, 4, 2]]}, "decode: an object"),
+    ({"decode": {"bf16": [64, 4, 2]}}, "unknown pool dtype 'bf16'"),
     ({"decode": {"bfloat16": [64, 4]}}, "decode tile for bfloat16"),
+    ({"decode": {"bfloat16": [96, 4, 2]}}, "decode tile for bfloat16"),  # not a power of two
+    ({"decode": {"bfloat16": [64.0, 4, 2]}}, "decode tile for bfloat16"),
+    ({"decode": {"bfloat16": [True, 4, 2]}}, "decode tile for bfloat16"),
+    ({"decode": {"bfloat16": "64,4,2"}}, "decode tile for bfloat16"),
+    ({"gemv": 5}, "gemv tile"),
     ({"gemv": [8, 1024, 0, 2]}, "gemv tile"),
+    ({"gemv": [6, 1024, 4, 2]}, "gemv tile"),
+    ({"gemv": [8, 64, 4, 2]}, "gemv tile"),
+    ({"gemv": [8, 1000, 4, 2]}, "gemv tile"),
     ({"gemv_scales": "row"}, "gemv_scales 'row'"),
     ({"gemv_max_m": -1}, "gemv_max_m: an int >= 0"),
     ({"gemv_max_m": True}, "gemv_max_m: an int >= 0"),
+    ({"gemv_max_m": 1.0}, "gemv_max_m: an int >= 0"),
     ({"fuse_act_quant": 1}, "fuse_act_quant: true or false"),
-    ({"act_quant_groups": 0}, "act_quant_groups and mla_split_r must be >= 1"),
+    ({"act_quant_groups": 0}, "act_quant_groups must be >= 1"),
+    ({"mla_split_r": 3}, "mla_split_r: 1, 2, 4 or 8"),
 ])
 def test_bad_files_are_named(raw, match):
     with pytest.raises(ValueError, match=match):
@@ -119,3 +135,58 @@ def test_worker_refuses_a_bad_tuning_file_in_one_line(tmp_path, ckpt_dir):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("stage_worker: unknown keys in a kernel tuning file")
+
+
+def test_eager_decode_sizes_its_splits_by_the_tuned_tile(tune, monkeypatch, ckpt_dir):
+    """attention.attend's paged decode rows (the eager route): splits capped by the context in the
+    tuned tile's keys per iteration."""
+    from stage_worker import attention
+    from stage_worker.attention import AttnMetadata
+    from stage_worker.loader import load_stage
+
+    model, _ = load_stage(ckpt_dir("llama", 1), 0, 1)
+    seen = []
+    real = attention.paged_decode
+    monkeypatch.setattr(attention, "paged_decode", lambda *a, **kw: seen.append(a[7]) or real(*a, **kw))
+    monkeypatch.setattr(attention, "num_sms", lambda device: 132)
+    kv = model.make_kv_cache(64, 4)
+    prompt = list(range(3, 90))  # 87 tokens, then one decode row with 88 keys
+    tables = list(range(23))
+    model(torch.tensor(prompt), None, AttnMetadata.build([(0, len(prompt), tables)], 4, "cpu", paged=True), kv)
+    step = AttnMetadata.build([(len(prompt), 1, tables)], 4, "cpu", paged=True)
+    for tile, splits in (((64, 4, 2), 2), ((32, 4, 2), 3), ((128, 4, 2), 1)):  # ceil(88 / keys per iteration)
+        tune(decode={"float32": tile})
+        step.num_splits = 0
+        model(torch.tensor([5]), None, step, kv)
+        assert seen[-1] == splits, tile
+
+
+def test_worker_runs_with_a_good_tuning_file_and_says_so(tmp_path, ckpt_dir):
+    """The worker's main sets the file for its process and logs what differs from the defaults
+    (read back from the active tuning, before it serves)."""
+    good = tmp_path / "good.json"
+    good.write_text('{"device": "test", "decode": {"float32": [32, 4, 3]}, "gemv_max_m": 0}')
+    p = subprocess.Popen([sys.executable, "-m", "stage_worker", "--model", str(ckpt_dir("llama", 1)), "--device",
+                          "cpu", "--coordinator", "127.0.0.1:1", "--kernel-tuning", str(good)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = threading.Timer(60, p.kill)  # no such line within a minute: the loop ends at EOF
+    deadline.start()
+    try:
+        for line in p.stdout:  # JSON log lines; the worker then keeps trying the absent coordinator
+            if '"kernel_tuning"' in line:
+                break
+        event = json.loads(line)
+    finally:
+        deadline.cancel()
+        p.kill()
+        p.wait(30)
+    assert event["event"] == "kernel_tuning" and event["device"] == "test" and event["gemv_max_m"] == 0
+    assert event["decode"] == {"float32": [32, 4, 3]}
+
+
+def test_mla_decode_takes_the_tuned_split(tune):
+    from stage_worker.kernels import mla_decode as md
+
+    assert md.decode_config(128)["SPLIT_R"] == 1 and "SPLIT_R" not in md.decode_config(16)
+    tune(mla_split_r=2)
+    assert md.decode_config(128)["SPLIT_R"] == 2

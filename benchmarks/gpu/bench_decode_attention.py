@@ -4,7 +4,8 @@ workload's decode batches: K/V read per microsecond for bf16 and FP8 (e4m3) pool
     python benchmarks/gpu/bench_decode_attention.py [--out DIR] [--tuning-out FILE]
 
 Llama-3.1-8B's heads (32 query, 8 KV, head dim 128), block size 16, pages scattered over the pool
-as a served batch leaves them; the splits the server picks for the tile (choose_splits). Each
+as a served batch leaves them; the splits a decode step's CUDA graph takes (choose_splits with no
+context cap: the graph is captured before the contexts are known), the same for every tile. Each
 (shape, pool, tile) is captured as a CUDA graph of 20 calls and replayed, the calls cycling over
 disjoint sets of pages that together exceed twice the L2 (as a step's layers each read their
 own); the figure is the K/V bytes a call reads over its time (a flash-decoding step is bound by
@@ -69,7 +70,7 @@ def main() -> None:
             shipped = pd.DECODE_CONFIG
 
             def run(tile, table):
-                splits = pd.choose_splits(b, HKV, int(ctx.max()), sms, tile[0])
+                splits = pd.choose_splits(b, HKV, None, sms)  # as cuda_graphs.py: the decode steps run as graphs
                 return pd.paged_decode(q, kc, vc, table, ctx, D ** -0.5, BS, splits, config=tile)
 
             ref = run(shipped, tables[0]).float()

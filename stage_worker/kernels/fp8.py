@@ -21,8 +21,8 @@ group_n is 128 for every real checkpoint; a merged weight whose parts are not 12
   scale groups each). At M = 1 the tensor-core kernel has N / 64 programs (64 for a 4096-row
   weight: half an H100 idle) and an activation quant before it; here N / BLOCK_N programs with
   wide K slices keep enough bytes in flight to stream the weight. Dispatched at one row on
-  block-scaled weights, 1-2 rows on per-channel ones (models/quant.py GEMV_DISPATCH_MAX_M,
-  CHANNEL_GEMV_MAX_M, where it measured faster on an H100). Scales per row and group ("grid"), or
+  block-scaled weights, 1-2 rows on per-channel ones (kernel tuning's gemv_max_m,
+  channel_gemv_max_m, kernels/tuning.py: where it measured faster on an H100). Scales per row and group ("grid"), or
   once per group on x where a program's rows share a scale row ("shared", timed slower; benchmarks).
 - `w8a16_block_gemm(x, w, ws, group_n)`: the same Triton kernel with x as it is (bf16/fp16, no
   activation quant) and each e4m3 weight tile converted to x's dtype in registers: decode-size M,
@@ -119,7 +119,7 @@ def _launch_block_gemm(x, xs, w, ws, group_n, out, config, split, prescale: bool
 
 
 # W8A16 on the tensor cores (`w8a16_block_gemm`): (BLOCK_M, BLOCK_N, warps, stages) and K slices
-# per M bucket (largest bucket <= M wins); off in the dispatch (models/quant.py W8A16_DISPATCH_MAX_M).
+# per M bucket (largest bucket <= M wins); off in the dispatch (kernel tuning's w8a16_max_m).
 W8A16_CONFIGS: dict[int, tuple[tuple[int, int, int, int], int]] = {
     1: ((16, 64, 4, 4), 2),
     64: ((64, 64, 4, 3), 2),

@@ -14,7 +14,8 @@ files. For example:
 The worker loads one at start (`--kernel-tuning FILE`; by default the file shipped here for its
 GPU's name, `tuned/<name with spaces as _>.json`, when there is one) and sets it for the process
 with `use`; the kernels and dispatchers read `active()` when they launch (before a CUDA graph's
-capture, so a graph keeps what it was captured with). Every key is optional: a missing one keeps
+capture, so a graph keeps what it was captured with), mla_expand_min_tokens when a DeepSeek stage
+is built. Every key is optional: a missing one keeps
 the default.
 """
 
@@ -22,11 +23,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SHIPPED = Path(__file__).with_name("tuned")  # tuning files per device name, shipped with the package
 SCALE_MODES = ("grid", "shared")  # fp8.GEMV_SCALE_MODES (defined here: fp8 imports this module)
+POOL_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn")  # K/V pools paged decode reads
+
+
+def _is_int(v, least: int) -> bool:
+    return type(v) is int and v >= least  # not a bool, not a float
+
+
+def _pow2(v) -> bool:
+    return _is_int(v, 1) and v & (v - 1) == 0
+
+
+def _tile(t, n: int) -> bool:
+    return isinstance(t, tuple) and len(t) == n and all(_is_int(v, 1) for v in t)
 
 
 @dataclass(frozen=True)
@@ -87,32 +102,47 @@ class KernelTuning:
     fuse_act_quant: bool = True
 
     def __post_init__(self):
-        for name, tile in self.decode.items():
-            if len(tile) != 3 or min(tile) < 1:
-                raise ValueError(f"decode tile for {name}: (BLOCK_N, warps, stages) of positive ints, got {tile}")
-        if self.gemv is not None and (len(self.gemv) != 4 or min(self.gemv) < 1):
-            raise ValueError(f"gemv tile: (BLOCK_N, BLOCK_K, warps, stages) of positive ints, got {self.gemv}")
-        if self.gemv_scales not in SCALE_MODES:
-            raise ValueError(f"gemv_scales {self.gemv_scales!r}: one of {', '.join(SCALE_MODES)}")
+        hints = typing.get_type_hints(KernelTuning)
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type == "bool" and not isinstance(value, bool):
+            if hints[f.name] is bool and not isinstance(value, bool):
                 raise ValueError(f"{f.name}: true or false, got {value!r}")
-            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            if hints[f.name] is int and not _is_int(value, 0):
                 raise ValueError(f"{f.name}: an int >= 0, got {value!r}")
-        if self.act_quant_groups < 1 or self.mla_split_r < 1:
-            raise ValueError("act_quant_groups and mla_split_r must be >= 1")
+        if not isinstance(self.device, str):
+            raise ValueError(f"device: a string, got {self.device!r}")
+        if not isinstance(self.decode, dict):
+            raise ValueError(f"decode: an object of pool dtype -> tile, got {self.decode!r}")
+        for name, tile in self.decode.items():
+            if name not in POOL_DTYPES:
+                raise ValueError(f"decode: unknown pool dtype {name!r} (known: {', '.join(POOL_DTYPES)})")
+            if not (_tile(tile, 3) and _pow2(tile[0])):
+                raise ValueError(f"decode tile for {name}: [BLOCK_N (a power of two), warps, stages] of "
+                                 f"positive ints, got {tile!r}")
+        if self.gemv is not None and not (_tile(self.gemv, 4) and _pow2(self.gemv[0]) and self.gemv[1] % 128 == 0
+                                          and _pow2(self.gemv[1] // 128)):
+            raise ValueError(f"gemv tile: [BLOCK_N (a power of two), BLOCK_K (128 times a power of two), warps, "
+                             f"stages] of positive ints, got {self.gemv!r}")
+        if self.gemv_scales not in SCALE_MODES:
+            raise ValueError(f"gemv_scales {self.gemv_scales!r}: one of {', '.join(SCALE_MODES)}")
+        if self.act_quant_groups < 1:
+            raise ValueError("act_quant_groups must be >= 1")
+        if not _pow2(self.mla_split_r) or self.mla_split_r > 8:  # a head block's 512 output columns split evenly
+            raise ValueError(f"mla_split_r: 1, 2, 4 or 8, got {self.mla_split_r}")
 
     @classmethod
     def from_json(cls, text: str) -> KernelTuning:
+        """A tuning file's text -> KernelTuning; ValueError naming what is wrong."""
         raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError(f"a kernel tuning file holds one JSON object, got {type(raw).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(raw) - known
         if unknown:
             raise ValueError(f"unknown keys in a kernel tuning file: {sorted(unknown)} (known: {sorted(known)})")
-        if "decode" in raw:
-            raw["decode"] = {k: tuple(v) for k, v in raw["decode"].items()}
-        if raw.get("gemv") is not None:
+        if isinstance(raw.get("decode"), dict):
+            raw["decode"] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw["decode"].items()}
+        if isinstance(raw.get("gemv"), list):
             raw["gemv"] = tuple(raw["gemv"])
         return cls(**raw)
 
@@ -132,7 +162,11 @@ def load(path: str, device_name: str = "") -> KernelTuning:
     """The tuning in `path`; with no path, the shipped file for `device_name` if there is one, else
     the defaults."""
     if path:
-        return KernelTuning.from_json(Path(path).read_text())
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ValueError(f"kernel tuning file {path}: {exc.strerror or exc}") from exc
+        return KernelTuning.from_json(text)
     shipped = shipped_path(device_name) if device_name else None
     if shipped is not None and shipped.is_file():
         return KernelTuning.from_json(shipped.read_text())

@@ -107,6 +107,10 @@ def _run_up(args) -> int:
             raise ValueError(f"--kv-cache-dtype {args.kv_cache_dtype} is for K/V pools; {model.architecture}'s "
                              "latent (MLA) pool keeps the model's dtype (use --kv-cache-dtype auto)")
         config = _mesh_config(args, model.num_hidden_layers)
+        if args.kernel_tuning:  # a bad file: one line now, not each worker failing at start again and again
+            from stage_worker.kernels import tuning
+
+            tuning.load(args.kernel_tuning)
         if args.tls_dir:
             from stagemesh.security import dev_tls
 
