@@ -43,22 +43,30 @@ def wait_ready_line(proc: subprocess.Popen, what: str, timeout_s: float = 60) ->
 
 @contextlib.contextmanager
 def processes(*cmds: list[str]):
-    """Start each command in turn, each after the previous one is ready; terminate all at exit."""
+    """Start each command in turn, each after the previous one is ready; terminate all at exit.
+    A command that exits or hangs before its ready line fails with the end of its stderr (kept
+    in a temporary file: a pipe nobody reads after start-up could fill and block the service)."""
     procs = []
-    try:
-        for cmd in cmds:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            procs.append(proc)
-            wait_ready_line(proc, " ".join(cmd[:3]))
-        yield procs
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with contextlib.ExitStack() as files:
+        try:
+            for cmd in cmds:
+                err = files.enter_context(tempfile.TemporaryFile(mode="w+"))
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+                procs.append(proc)
+                try:
+                    wait_ready_line(proc, " ".join(cmd[:3]))
+                except RuntimeError as exc:
+                    err.seek(0)
+                    raise RuntimeError(f"{exc}; its stderr ends:\n{err.read()[-2000:]}") from None
+            yield procs
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
 
 
 def coordinator_cmd(model_dir, port: int, stages: int = 1, *extra: str) -> list[str]:
