@@ -21,6 +21,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from stagemesh import discovery
+from stagemesh.cli.harness import stop_all
 from stagemesh.client import Client
 from stagemesh.healthcheck import check
 from stagemesh.net import free_port
@@ -197,14 +198,7 @@ def test_mesh_discovers_through_consul_and_standby_takes_over(ckpt_dir, tmp_path
             assert consul.tokens_seen == {TOKEN}
             assert not [r for r in consul.requests if r[1].split("/")[2] not in ("agent", "health", "session", "kv")]
         finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_all(procs)
         # Clean shutdown deregistered every service that was still running.
         assert set(consul.services) == {discovery.service_id("coordinator", f"127.0.0.1:{cports[0]}")}
 

@@ -60,13 +60,19 @@ def processes(*cmds: list[str]):
                     raise RuntimeError(f"{exc}; its stderr ends:\n{err.read()[-2000:]}") from None
             yield procs
         finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_all(procs)
+
+
+def stop_all(procs: list[subprocess.Popen], timeout_s: float = 10) -> None:
+    """SIGTERM every process still running, then wait for each; kill one that outlasts timeout_s."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def coordinator_cmd(model_dir, port: int, stages: int = 1, *extra: str) -> list[str]:
