@@ -173,6 +173,28 @@ if INTERPRETED:  # collected only in the interpreter process (above)
         with pytest.raises(ValueError, match="at most"):
             k.w8a16_gemv(torch.randn(k.GEMV_MAX_M + 1, kdim), w, ws, group_n)
 
+    @pytest.mark.parametrize("m,late_sum", [(1, False), (1, True), (3, False)])
+    def test_gemv_split_k(m, late_sum):
+        """K shared by 2-4 programs per N block (5 K steps of 256 columns, the last ragged: uneven
+        shares; 8 splits asked: one per step): equal to one program's result within fp32 summation
+        order, the same bits on every call (partials summed in split order), and every arrival
+        counter back to 0 after."""
+        gen = torch.Generator().manual_seed(11 + m)
+        n, kdim = 40, 1100
+        x = torch.randn(m, kdim, generator=gen)
+        w = (torch.randn(n, kdim, generator=gen) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+        ws = torch.rand(-(-n // 128), -(-kdim // 128), generator=gen) * 0.01 + 1e-3
+        tile = (16, 256, 4, 2)
+        one = k.w8a16_gemv(x, w, ws, 128, config=tile, late_sum=late_sum, split_k=1)
+        torch.testing.assert_close(one, k.w8a16_gemv_torch(x, w, ws), rtol=1e-5, atol=1e-5 * one.abs().max().item())
+        for splits in (2, 3, 4, 8):
+            for mode in ("grid", "shared"):
+                got = k.w8a16_gemv(x, w, ws, 128, config=tile, late_sum=late_sum, scale_mode=mode, split_k=splits)
+                torch.testing.assert_close(got, one, rtol=1e-5, atol=1e-5 * one.abs().max().item())
+                again = k.w8a16_gemv(x, w, ws, 128, config=tile, late_sum=late_sum, scale_mode=mode, split_k=splits)
+                assert torch.equal(got, again)
+                assert not any(c.any() for c in k._gemv_counters[x.device])
+
     def test_fp8_linear_forward_on_the_kernel_path():
         """Fp8Linear's FP8 path (forced here; CUDA SM89+ picks it) with a merged weight, a bias and
         a 3-D input, against its dequantized path: within the activation quant's error."""

@@ -19,10 +19,11 @@ from stage_worker.models import quant
 
 def test_round_trip_keeps_only_what_differs(tmp_path):
     t = tuning.KernelTuning(device="NVIDIA H100 80GB HBM3", decode={"float8_e4m3fn": (128, 4, 3)},
-                            gemv=(4, 2048, 4, 2), gemv_scales="shared", gemv_max_m=2, fuse_act_quant=False)
+                            gemv=(4, 2048, 4, 2), gemv_scales="shared", gemv_split_k=2, gemv_max_m=2,
+                            fuse_act_quant=False)
     text = t.to_json()
     assert json.loads(text) == {"device": "NVIDIA H100 80GB HBM3", "decode": {"float8_e4m3fn": [128, 4, 3]},
-                                "gemv": [4, 2048, 4, 2], "gemv_scales": "shared", "gemv_max_m": 2,
+                                "gemv": [4, 2048, 4, 2], "gemv_split_k": 2, "gemv_scales": "shared", "gemv_max_m": 2,
                                 "fuse_act_quant": False}
     assert tuning.KernelTuning.from_json(text) == t
     assert json.loads(tuning.KernelTuning().to_json()) == {"device": ""}
@@ -52,6 +53,8 @@ def test_round_trip_keeps_only_what_differs(tmp_path):
     ({"fuse_act_quant": 1}, "fuse_act_quant: true or false"),
     ({"act_quant_groups": 0}, "act_quant_groups must be >= 1"),
     ({"mla_split_r": 3}, "mla_split_r: 1, 2, 4 or 8"),
+    ({"gemv_split_k": 0}, "gemv_split_k: 1 to 16"),
+    ({"gemv_split_k": 17}, "gemv_split_k: 1 to 16"),
 ])
 def test_bad_files_are_named(raw, match):
     with pytest.raises(ValueError, match=match):
@@ -94,7 +97,7 @@ def test_paged_decode_launches_with_the_tuned_tile(tune, monkeypatch):
     assert pd.choose_splits(1, 8, 1000, block_n=pd.decode_config(torch.float32)[0]) == 8  # 1000 keys / 128
 
 
-def test_gemv_launches_with_the_tuned_tile_and_form(tune, monkeypatch):
+def test_gemv_launches_with_the_tuned_tile_form_and_split(tune, monkeypatch):
     pytest.importorskip("triton")
     from stage_worker.kernels import fp8 as k
 
@@ -103,20 +106,22 @@ def test_gemv_launches_with_the_tuned_tile_and_form(tune, monkeypatch):
     class Spy:
         def __getitem__(self, grid):
             return lambda *args, **kw: launches.append((grid, kw["BLOCK_N"], kw["GROUPS"] * k.GROUP_K,
-                                                        kw["num_warps"], kw["SCALE_MODE"], kw["LATE_SUM"]))
+                                                        kw["num_warps"], kw["SCALE_MODE"], kw["LATE_SUM"], kw["SPLIT_K"]))
 
     monkeypatch.setattr(k, "_gemv_kernel", Spy())
-    x, w = torch.zeros(1, 256), torch.zeros(64, 256, dtype=torch.float8_e4m3fn)
-    k.w8a16_gemv(x, w, torch.ones(1, 2))
-    tune(gemv=(4, 512, 2, 3), gemv_scales="shared", gemv_late_sum=True)
-    k.w8a16_gemv(x, w, torch.ones(1, 2))
-    k.w8a16_gemv(x, w, torch.ones(64, 2), group_n=1)  # shared does not fit one-row scale groups: grid
+    x, w = torch.zeros(1, 2048), torch.zeros(64, 2048, dtype=torch.float8_e4m3fn)
+    k.w8a16_gemv(x, w, torch.ones(1, 16))
+    tune(gemv=(4, 512, 2, 3), gemv_scales="shared", gemv_late_sum=True, gemv_split_k=2)
+    k.w8a16_gemv(x, w, torch.ones(1, 16))
+    k.w8a16_gemv(x, w, torch.ones(64, 16), group_n=1)  # shared does not fit one-row scale groups: grid
+    tune(gemv=(4, 512, 2, 3), gemv_split_k=16)
+    k.w8a16_gemv(x, w, torch.ones(1, 16))  # 16 splits of 4 K steps: one program per step
     grid, shared = k.GEMV_SCALE_MODES.index("grid"), k.GEMV_SCALE_MODES.index("shared")
     bn, bk, warps, _ = k.GEMV_CONFIG
-    assert launches == [((64 // bn,), bn, bk, warps, grid, False), ((16,), 4, 512, 2, shared, True),
-                        ((16,), 4, 512, 2, grid, True)]
+    assert launches == [((64 // bn, 1), bn, bk, warps, grid, False, 1), ((16, 2), 4, 512, 2, shared, True, 2),
+                        ((16, 2), 4, 512, 2, grid, True, 2), ((16, 4), 4, 512, 2, grid, False, 4)]
     with pytest.raises(ValueError, match="does not fit"):  # asked for explicitly, it is refused
-        k.w8a16_gemv(x, w, torch.ones(64, 2), group_n=1, scale_mode="shared")
+        k.w8a16_gemv(x, w, torch.ones(64, 16), group_n=1, scale_mode="shared")
 
 
 def test_dispatch_thresholds_come_from_the_tuning(tune):

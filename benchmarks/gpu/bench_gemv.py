@@ -9,10 +9,11 @@ and every GEMV_CANDIDATES tile (also in the "shared" scale form; at M = 1 also w
 summation order, `late_sum`), each as GB/s on the weight bytes, with the GEMV's error against
 x @ dequant(W)^T; the tile with the least total time over the shapes at the dispatched rows.
 
---layers: the same tiles and forms on the four projections of 8 Llama layers at one row,
-replayed in one CUDA graph (do_bench cannot rank tiles at these sizes), bf16 beside; with
---tuning-out the best tile and form go into a kernel tuning file (stage_worker/kernels/tuning.py)
-that `stagemesh up --kernel-tuning FILE` serves with.
+--layers: the same tiles and forms, and split-K (2 and 4 programs per N block) on the tiles of
+the fewest programs, on the four projections of 8 Llama layers at one row, replayed in one CUDA
+graph (do_bench cannot rank tiles at these sizes), bf16 beside; with --tuning-out the fastest
+variant's tile, form and split go into a kernel tuning file (stage_worker/kernels/tuning.py) that
+`stagemesh up --kernel-tuning FILE` serves with.
 """
 
 from __future__ import annotations
@@ -95,14 +96,27 @@ def gemv_rows() -> dict:
 
 
 GEMV_LAYERS = 8  # distinct layers' weights in --layers (1.7 GB of FP8: no L2 reuse between layers)
+SPLITS = (2, 4)  # --layers: split-K tried on the tiles of >= SPLIT_MIN_BLOCK_N rows (fewest programs)
+SPLIT_MIN_BLOCK_N = 8
+
+
+def layer_variants() -> list[tuple[tuple, str, int]]:
+    """(tile, scale form, split_k) of --layers: every tile in each form that fits, unsplit; the
+    tiles of the fewest programs also split."""
+    out = []
+    for cfg in GEMV_CANDIDATES:
+        for mode in [m for m in k.GEMV_SCALE_MODES if k.gemv_scale_fits(m, 128, cfg[0])]:
+            splits = (1, *SPLITS) if cfg[0] >= SPLIT_MIN_BLOCK_N else (1,)
+            out += [(cfg, mode, s) for s in splits]
+    return out
 
 
 def gemv_layer_rows() -> dict:
     """`--layers`: the GEMVs of batch-1 decode as a step runs them: Llama-3.1-8B's four
     projections (128x128 blocks) over GEMV_LAYERS layers, one row, captured in a CUDA graph and
-    replayed, per tile and scale mode (graph_timing); bf16 torch.mm on the same weights beside.
-    Microseconds per layer and GB/s of weight bytes; every tile's output equal to the shipped
-    one's within fp32 summation order."""
+    replayed, per tile, scale form and split-K (layer_variants, graph_timing); bf16 torch.mm on the
+    same weights beside. Microseconds per layer and GB/s of weight bytes; every variant's output
+    equal to the shipped one's within fp32 summation order (else reported, never picked)."""
     gen = torch.Generator(device="cuda").manual_seed(1)
     layers = []
     for _ in range(GEMV_LAYERS):
@@ -114,29 +128,36 @@ def gemv_layer_rows() -> dict:
     xs = {kk: torch.randn(1, kk, device="cuda", generator=gen).to(torch.bfloat16) for _, kk in LLAMA8B_SHAPES.values()}
     fp8_bytes = sum(n * kk for n, kk in LLAMA8B_SHAPES.values())
 
-    def run(cfg, mode):
+    def gemv(layer, cfg, mode, split):
+        return [k.w8a16_gemv(xs[wq.shape[1]], wq, ws, 128, config=cfg, scale_mode=mode, split_k=split)
+                for wq, ws in layer]
+
+    def run(cfg, mode, split):
         def step():
             for layer in layers:
-                for wq, ws in layer:
-                    k.w8a16_gemv(xs[wq.shape[1]], wq, ws, 128, config=cfg, scale_mode=mode)
+                gemv(layer, cfg, mode, split)
         return step
 
-    out = {"layers": GEMV_LAYERS, "fp8_bytes_per_layer": fp8_bytes, "us_per_layer": {}, "rel_diff": {}}
-    ref = [k.w8a16_gemv(xs[wq.shape[1]], wq, ws, 128) for wq, ws in layers[0]]
-    for cfg in GEMV_CANDIDATES:
-        for mode in [m for m in k.GEMV_SCALE_MODES if k.gemv_scale_fits(m, 128, cfg[0])]:
-            try:
-                us = graph_us(run(cfg, mode), calls=3) / GEMV_LAYERS
-                got = [k.w8a16_gemv(xs[wq.shape[1]], wq, ws, 128, config=cfg, scale_mode=mode) for wq, ws in layers[0]]
-            except Exception as exc:  # a tile that does not compile
-                print(f"  gemv {cfg} {mode} failed: {type(exc).__name__}", flush=True)
-                continue
-            err = max(rel(g, r.float()) for g, r in zip(got, ref))  # fp32 summation order only: ~1e-6
-            out["rel_diff"][f"{cfg} {mode}"] = err
-            if err <= 1e-3:  # a tile with wrong output is reported, never picked
-                out["us_per_layer"][f"{cfg} {mode}"] = us
-            print(f"gemv layers {cfg} {mode:>6}: {us:6.1f} us per layer, {fp8_bytes / us / 1e3:5.0f} GB/s, "
-                  f"rel diff to shipped {err:.1e}" + ("" if err <= 1e-3 else "  WRONG OUTPUT"), flush=True)
+    out = {"layers": GEMV_LAYERS, "fp8_bytes_per_layer": fp8_bytes, "us_per_layer": {}, "rel_diff": {}, "variants": {}}
+    shipped = (k.GEMV_CONFIG, "grid", 1)
+    ref = gemv(layers[0], *shipped)
+    for cfg, mode, split in layer_variants():
+        key = f"{cfg} {mode} split {split}"
+        try:
+            us = graph_us(run(cfg, mode, split), calls=3) / GEMV_LAYERS
+            got = [gemv(layers[0], cfg, mode, split) for _ in range(2)]  # split-K: the same bits twice
+        except Exception as exc:  # a tile that does not compile
+            print(f"  gemv {key} failed: {type(exc).__name__}", flush=True)
+            continue
+        err = max(rel(g, r.float()) for g, r in zip(got[0], ref))  # fp32 summation order only: ~1e-6
+        same = all(torch.equal(a, b) for a, b in zip(*got))
+        out["rel_diff"][key] = err
+        if err <= 1e-3 and same:  # wrong or unrepeatable output is reported, never picked
+            out["us_per_layer"][key] = us
+            out["variants"][key] = {"gemv": list(cfg), "gemv_scales": mode, "gemv_split_k": split}
+        print(f"gemv layers {key:>32}: {us:6.1f} us per layer, {fp8_bytes / us / 1e3:5.0f} GB/s, "
+              f"rel diff to shipped {err:.1e}" + ("" if err <= 1e-3 else "  WRONG OUTPUT")
+              + ("" if same else "  NOT REPEATABLE"), flush=True)
     layers.clear()  # the FP8 weights freed before the bf16 ones are drawn
     wb = [[torch.randn(n, kk, device="cuda", generator=gen).to(torch.bfloat16) for n, kk in LLAMA8B_SHAPES.values()]
           for _ in range(GEMV_LAYERS)]
@@ -147,9 +168,10 @@ def gemv_layer_rows() -> dict:
                 torch.mm(xs[w.shape[1]], w.t())
     out["bf16_us_per_layer"] = graph_us(bf16_step, calls=3) / GEMV_LAYERS
     best = min(out["us_per_layer"], key=out["us_per_layer"].get) if out["us_per_layer"] else None
-    out["best"] = best  # "(BLOCK_N, BLOCK_K, warps, stages) mode"
+    out["best"] = out["variants"].get(best)  # the tuning fields of the fastest variant
+    shipped_key = f"{shipped[0]} {shipped[1]} split {shipped[2]}"
     print(f"gemv layers: bf16 {out['bf16_us_per_layer']:.1f} us per layer ({2 * fp8_bytes / out['bf16_us_per_layer'] / 1e3:.0f}"
-          f" GB/s); shipped {k.GEMV_CONFIG} grid {out['us_per_layer'].get(f'{k.GEMV_CONFIG} grid', float('nan')):.1f}; "
+          f" GB/s); shipped {shipped_key} {out['us_per_layer'].get(shipped_key, float('nan')):.1f}; "
           f"best {best} {out['us_per_layer'].get(best, float('nan')):.1f}", flush=True)
     return out
 
@@ -158,8 +180,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
     ap.add_argument("--layers", action="store_true", help="batch-1 GEMVs of 8 Llama-8B layers in a CUDA graph")
-    ap.add_argument("--tuning-out", default="", help="--layers: write the best tile and scale form into this "
-                    "kernel tuning file (stage_worker/kernels/tuning.py)")
+    ap.add_argument("--tuning-out", default="", help="--layers: write the best tile, scale form and split-K into "
+                    "this kernel tuning file (stage_worker/kernels/tuning.py)")
     args = ap.parse_args()
     dev = torch.cuda.get_device_name()
     print(f"device: {dev}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
@@ -168,9 +190,8 @@ def main() -> None:
         report["gemv_layers"] = gemv_layer_rows()
         best, name = report["gemv_layers"]["best"], "bench_gemv_layers.json"
         if args.tuning_out and best:
-            tile, mode = best.rsplit(" ", 1)
-            tuning.merge(Path(args.tuning_out), device=dev, gemv=tuple(int(v) for v in tile.strip("()").split(",")),
-                         gemv_scales=mode)
+            tuning.merge(Path(args.tuning_out), device=dev, gemv=tuple(best["gemv"]), gemv_scales=best["gemv_scales"],
+                         gemv_split_k=best["gemv_split_k"])
     else:
         report["gemv"], name = gemv_rows(), "bench_gemv.json"
     if args.out:

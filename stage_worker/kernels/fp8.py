@@ -245,6 +245,18 @@ GEMV_CONFIG: tuple[int, int, int, int] = (8, 1024, 4, 2)
 
 
 GEMV_SCALE_MODES = tuning.SCALE_MODES  # ("grid", "shared"): the kernel's SCALE_MODE is the index
+_gemv_counters: dict[torch.device, list[torch.Tensor]] = {}  # split-K arrivals per N block, per device
+
+
+def _gemv_arrivals(device: torch.device, blocks: int) -> torch.Tensor:
+    """The split-K GEMV's arrival counters: int32 zeros, one per N block (the last program of a
+    block sets its counter back to 0, so a buffer serves every later call, in a CUDA graph too:
+    the warm-up before a capture allocates it). A larger need adds a larger buffer; none is ever
+    freed, since a captured graph keeps the address it was captured with."""
+    kept = _gemv_counters.setdefault(device, [])
+    if not kept or kept[-1].numel() < blocks:
+        kept.append(torch.zeros(max(blocks, 4096), dtype=torch.int32, device=device))
+    return kept[-1]
 
 
 def gemv_scale_fits(mode: str, group_n: int, block_n: int) -> bool:
@@ -258,9 +270,15 @@ def gemv_scale_fits(mode: str, group_n: int, block_n: int) -> bool:
 
 def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int = 128,
                out_dtype: torch.dtype | None = None, config: tuple[int, int, int, int] | None = None,
-               late_sum: bool | None = None, scale_mode: str | None = None) -> torch.Tensor:
+               late_sum: bool | None = None, scale_mode: str | None = None,
+               split_k: int | None = None) -> torch.Tensor:
     """x [M, K] (M <= GEMV_MAX_M, any float dtype), w [N, K] e4m3, ws [ceil(N/group_n), ceil(K/128)]
     -> y [M, N] = x @ dequant(w, ws)^T in out_dtype (default x's), fp32 accumulation (Triton).
+
+    split_k (default: the tuning's gemv_split_k, 1): each N block's K walked by that many
+    programs (more bytes in flight where N / BLOCK_N programs leave SMs short: ncu, README); each
+    writes its fp32 partial, and the last to arrive (an atomic counter per block) sums them in
+    split order, so the result does not depend on which finishes first.
 
     late_sum (one row): the products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, summed
     across it once at the end, instead of a cross-thread sum at every K step. late_sum, config
@@ -282,12 +300,17 @@ def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int 
         raise ValueError(f"unknown scale_mode {mode!r} (known: {', '.join(GEMV_SCALE_MODES)})")
     if not gemv_scale_fits(mode, group_n, bn):
         raise ValueError(f"scale_mode {mode!r} does not fit group_n {group_n} at BLOCK_N {bn}")
-    _gemv_kernel[(triton.cdiv(n, bn),)](
-        x, w, ws, out, m, n, kdim, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+    m_pad, blocks = max(1, triton.next_power_of_2(m)), triton.cdiv(n, bn)
+    splits = max(1, min(split_k or tuning.active().gemv_split_k, triton.cdiv(kdim, bk)))  # no empty splits
+    part = out if splits == 1 else torch.empty(splits, m_pad, n, dtype=torch.float32, device=x.device)
+    arrivals = out if splits == 1 else _gemv_arrivals(x.device, blocks)
+    _gemv_kernel[(blocks, splits)](
+        x, w, ws, out, part, arrivals, m, n, kdim, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         ws.stride(0), ws.stride(1), out.stride(0), out.stride(1),
-        M_PAD=max(1, triton.next_power_of_2(m)), BLOCK_N=bn, GROUPS=bk // GROUP_K, GROUP_K=GROUP_K,
+        M_PAD=m_pad, BLOCK_N=bn, GROUPS=bk // GROUP_K, GROUP_K=GROUP_K,
         GROUP_N=group_n, SCALE_MODE=GEMV_SCALE_MODES.index(mode),
-        LATE_SUM=(tuning.active().gemv_late_sum if late_sum is None else late_sum) and m == 1, num_warps=warps, num_stages=stages)
+        LATE_SUM=(tuning.active().gemv_late_sum if late_sum is None else late_sum) and m == 1, SPLIT_K=splits,
+        num_warps=warps, num_stages=stages)
     return out
 
 
@@ -311,16 +334,23 @@ if triton is not None:
         return cols, kmask, w
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
+    def _gemv_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, arrivals_ptr, M, N, K,
                      stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_ym, stride_yn,
                      M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP_K: tl.constexpr,
-                     GROUP_N: tl.constexpr, SCALE_MODE: tl.constexpr, LATE_SUM: tl.constexpr):
+                     GROUP_N: tl.constexpr, SCALE_MODE: tl.constexpr, LATE_SUM: tl.constexpr,
+                     SPLIT_K: tl.constexpr):
         """y[:, n-block] = x @ (w * scale)^T; each K step is GROUPS scale groups of GROUP_K columns.
 
         SCALE_MODE 0 (grid): each row's scale per group multiplies that row's group sums; 1
         (shared: the block's rows share one scale row): x's groups are scaled once, then plain
-        products."""
+        products. SPLIT_K > 1: program (pid, s) walks the s-th share of K's steps and stores its
+        fp32 partial in part [SPLIT_K, M_PAD, N]; the block's last arrival (arrivals[pid], an
+        atomic count, reset to 0 after) adds the partials in split order and writes y."""
         pid = tl.program_id(0)
+        step = GROUPS * GROUP_K
+        per_split = tl.cdiv(tl.cdiv(K, step), SPLIT_K) * step  # this program's K: [k_lo, k_hi)
+        k_lo = tl.program_id(1) * per_split
+        k_hi = tl.minimum(k_lo + per_split, K)
         offs_n = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         g = tl.arange(0, GROUPS)
@@ -329,7 +359,7 @@ if triton is not None:
             tile = tl.zeros((BLOCK_N, GROUPS, GROUP_K), dtype=tl.float32)
         else:
             acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, GROUPS * GROUP_K):
+        for k0 in range(k_lo, k_hi, step):
             cols, kmask, w = _gemv_weights(w_ptr, offs_n, mask_n, k0, K, stride_wn, stride_wk, GROUPS, GROUP_K)
             kb = k0 // GROUP_K + g  # [G] scale-group index of each slice
             if SCALE_MODE == 1:  # one scale per group for the whole block: [G]
@@ -352,8 +382,21 @@ if triton is not None:
                     acc = tl.where(rows[:, None] == m, acc + tl.sum(part, axis=1)[None, :], acc)
         if LATE_SUM:
             acc = tl.sum(tl.sum(tile, axis=2), axis=1)[None, :]  # [1, BN]
-        y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & mask_n[None, :])
+        y_mask = (rows[:, None] < M) & mask_n[None, :]
+        if SPLIT_K > 1:
+            part_ptrs = part_ptr + rows[:, None] * N + offs_n[None, :]  # [M_PAD, BN] of split 0
+            tl.store(part_ptrs + tl.program_id(1) * M_PAD * N, acc, mask=y_mask)
+            tl.debug_barrier()  # every thread's partial stored before the arrival publishes them
+            if tl.atomic_add(arrivals_ptr + pid, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+                acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+                for s in tl.static_range(SPLIT_K):  # in split order, whichever arrived last
+                    acc += tl.load(part_ptrs + s * M_PAD * N, mask=y_mask, other=0.0, cache_modifier=".cg")
+                tl.store(arrivals_ptr + pid, 0)
+                y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
+                tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        else:
+            y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 # ----------------------------------------------------------------------------- torch._scaled_mm

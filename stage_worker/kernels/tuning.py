@@ -65,6 +65,11 @@ class KernelTuning:
     # -- FP8 GEMMs (kernels/fp8.py, fp8_act.py; dispatch in models/quant.py) ----------------------
     # The GEMV's (BLOCK_N, BLOCK_K, num_warps, num_stages); None takes fp8.GEMV_CONFIG.
     gemv: tuple[int, int, int, int] | None = None
+    # Programs that share each N block's K in the GEMV (partials summed in split order by the last
+    # to arrive). 1 until a sweep measures more to win (bench_gemv.py --layers): ncu (2026-12-07, one
+    # row, Llama-8B o and down, N / 8 = 512 programs of 4 warps) put achieved occupancy at 23% of
+    # 50% and DRAM throughput at 47-65%: short of bytes in flight, which more programs add.
+    gemv_split_k: int = 1
     # How the GEMV applies the weight scales (fp8.gemv_scale_fits). "grid" by default: on an H100
     # (ncu, 2026-12-07, one row, tile 8,1024,4,2) "shared" ran 5-7% slower at Llama-8B's o and down
     # (11.1-11.2 vs 10.5-10.7 us, 30.3-30.4 vs 28.2-28.3 us).
@@ -127,6 +132,8 @@ class KernelTuning:
             raise ValueError(f"gemv_scales {self.gemv_scales!r}: one of {', '.join(SCALE_MODES)}")
         if self.act_quant_groups < 1:
             raise ValueError("act_quant_groups must be >= 1")
+        if not 1 <= self.gemv_split_k <= 16:
+            raise ValueError(f"gemv_split_k: 1 to 16, got {self.gemv_split_k}")
         if not _pow2(self.mla_split_r) or self.mla_split_r > 8:  # a head block's 512 output columns split evenly
             raise ValueError(f"mla_split_r: 1, 2, 4 or 8, got {self.mla_split_r}")
 
