@@ -1,8 +1,9 @@
 """What `ncu` profiles for the FP8 GEMV figures of the README ("The GEMV under ncu"): the W8A16
 GEMV at one row on Llama-3.1-8B's o (4096x4096) and down (4096x14336) weights in 128x128 blocks,
-twice in each scale form ("grid", the default, then "shared"), bf16 torch.mm beside.
+twice in each scale form ("grid", the default, then "shared"), then twice at split-K 2 and 4
+(grid form), bf16 torch.mm beside.
 
-    ncu --target-processes all --kernel-name regex:_gemv_kernel --launch-count 10 \
+    ncu --target-processes all --kernel-name regex:_gemv_kernel --launch-count 20 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats \
         --section MemoryWorkloadAnalysis --section LaunchStats \
         python3 benchmarks/gpu/gemv_ncu_target.py
@@ -24,8 +25,8 @@ for n, kk in ((4096, 4096), (4096, 14336)):
     wq, ws = quant.quantize_blocks(torch.randn(n, kk, device="cuda") * 0.02)
     wb = quant.dequantize_blocks(wq, ws).to(torch.bfloat16)
     x = torch.randn(1, kk, device="cuda", dtype=torch.bfloat16)
-    for mode in k.GEMV_SCALE_MODES:
+    for mode, split in [(m, 1) for m in k.GEMV_SCALE_MODES] + [("grid", 2), ("grid", 4)]:
         for _ in range(2):
-            k.w8a16_gemv(x, wq, ws, 128, scale_mode=mode)
+            k.w8a16_gemv(x, wq, ws, 128, scale_mode=mode, split_k=split)
     torch.mm(x, wb.t())
     torch.cuda.synchronize()
