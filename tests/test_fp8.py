@@ -195,6 +195,32 @@ if INTERPRETED:  # collected only in the interpreter process (above)
                 assert torch.equal(got, again)
                 assert not any(c.any() for c in k._gemv_counters[x.device])
 
+    def test_gemv_split_k_last_arrival_sums(monkeypatch):
+        """The last-arrival rule itself (the interpreter runs programs in grid order, so the test
+        above always has the last split arrive last): split 0 launched alone, once as the last to
+        arrive (its counter at 1, split 1's partial in place), which writes y = its partial + split
+        1's and resets the counter; once as the first, which leaves y alone and counts its arrival."""
+        gen = torch.Generator().manual_seed(5)
+        n, kdim, bn, step = 16, 512, 8, 256
+        x = torch.randn(1, kdim, generator=gen)
+        w = (torch.randn(n, kdim, generator=gen) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+        ws = torch.rand(1, kdim // 128, generator=gen) * 0.01 + 1e-3
+        first_half = k.w8a16_gemv_torch(x[:, :step], w[:, :step], ws[:, : step // 128])  # split 0's share
+        for before, last in ((1, True), (0, False)):
+            part = torch.zeros(2, 1, n)
+            part[1] = torch.randn(1, n, generator=gen)
+            arrivals, y = torch.full((n // bn,), before, dtype=torch.int32), torch.full((1, n), -7.0)
+            k._gemv_kernel[(n // bn, 1)](
+                x, w, ws, y, part, arrivals, 1, n, kdim, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+                ws.stride(0), ws.stride(1), y.stride(0), y.stride(1), M_PAD=1, BLOCK_N=bn, GROUPS=step // 128,
+                GROUP_K=128, GROUP_N=128, SCALE_MODE=0, LATE_SUM=False, SPLIT_K=2)
+            torch.testing.assert_close(part[0], first_half, rtol=1e-5, atol=1e-5)
+            if last:
+                torch.testing.assert_close(y, first_half + part[1], rtol=1e-5, atol=1e-5)
+                assert arrivals.tolist() == [0, 0]
+            else:
+                assert (y == -7.0).all() and arrivals.tolist() == [1, 1]
+
     def test_fp8_linear_forward_on_the_kernel_path():
         """Fp8Linear's FP8 path (forced here; CUDA SM89+ picks it) with a merged weight, a bias and
         a 3-D input, against its dequantized path: within the activation quant's error."""

@@ -252,9 +252,14 @@ def _gemv_arrivals(device: torch.device, blocks: int) -> torch.Tensor:
     """The split-K GEMV's arrival counters: int32 zeros, one per N block (the last program of a
     block sets its counter back to 0, so a buffer serves every later call, in a CUDA graph too:
     the warm-up before a capture allocates it). A larger need adds a larger buffer; none is ever
-    freed, since a captured graph keeps the address it was captured with."""
+    freed, since a captured graph keeps the address it was captured with. One buffer per device:
+    split GEMVs must not run on two streams at once (the stage runs them on its compute stream;
+    the side streams sample, and the shared experts' stream runs no split GEMV concurrently with
+    another)."""
     kept = _gemv_counters.setdefault(device, [])
     if not kept or kept[-1].numel() < blocks:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split-K GEMV counters allocated during a CUDA graph capture: warm up first")
         kept.append(torch.zeros(max(blocks, 4096), dtype=torch.int32, device=device))
     return kept[-1]
 
@@ -301,7 +306,8 @@ def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, group_n: int 
     if not gemv_scale_fits(mode, group_n, bn):
         raise ValueError(f"scale_mode {mode!r} does not fit group_n {group_n} at BLOCK_N {bn}")
     m_pad, blocks = max(1, triton.next_power_of_2(m)), triton.cdiv(n, bn)
-    splits = max(1, min(split_k or tuning.active().gemv_split_k, triton.cdiv(kdim, bk)))  # no empty splits
+    steps = triton.cdiv(kdim, bk)
+    splits = triton.cdiv(steps, triton.cdiv(steps, split_k or tuning.active().gemv_split_k))  # none left empty
     part = out if splits == 1 else torch.empty(splits, m_pad, n, dtype=torch.float32, device=x.device)
     arrivals = out if splits == 1 else _gemv_arrivals(x.device, blocks)
     _gemv_kernel[(blocks, splits)](
