@@ -55,6 +55,12 @@ def test_round_trip_keeps_only_what_differs(tmp_path):
     ({"mla_split_r": 3}, "mla_split_r: 1, 2, 4 or 8"),
     ({"gemv_split_k": 0}, "gemv_split_k: 1 to 16"),
     ({"gemv_split_k": 17}, "gemv_split_k: 1 to 16"),
+    ({"moe": []}, "moe: an object"),
+    ({"moe": {"bf16": {"0": [16, 64, 64, 1, 4, 4]}}}, "unknown weight type 'bf16'"),
+    ({"moe": {"fp8": {"8": [64, 64, 128, 8, 4, 4]}}}, "moe fp8: an object of rows-per-expert buckets"),  # no 0
+    ({"moe": {"16bit": {"x": [16, 64, 64, 1, 4, 4], "0": [16, 64, 64, 1, 4, 4]}}}, "rows-per-expert buckets"),
+    ({"moe": {"fp8": {"0": [16, 64, 64, 1, 4, 5]}}}, "moe fp8 bucket 0"),  # FP8 steps whole quant groups
+    ({"moe": {"16bit": {"0": [16, 48, 64, 1, 4, 4]}}}, "moe 16bit bucket 0"),
 ])
 def test_bad_files_are_named(raw, match):
     with pytest.raises(ValueError, match=match):
@@ -62,14 +68,17 @@ def test_bad_files_are_named(raw, match):
 
 
 def test_sweeps_merge_into_one_file(tmp_path):
-    """bench_decode_attention.py and bench_gemv.py --layers each write their winners; decode
-    tiles merge per pool dtype, the rest of the file stays."""
+    """bench_decode_attention.py, bench_gemv.py --layers and bench_moe.py --sweep each write their
+    winners; decode tiles merge per pool dtype, MoE tables per weight type, the rest stays."""
     path = tmp_path / "t.json"
+    fp8_table, table16 = {0: (16, 64, 256, 1, 4, 4)}, {0: (16, 64, 64, 1, 4, 4), 32: (64, 128, 64, 8, 4, 4)}
     tuning.merge(path, device="GPU", decode={"bfloat16": (64, 4, 3)})
-    tuning.merge(path, device="GPU", gemv=(2, 1024, 4, 2), gemv_scales="grid")
+    tuning.merge(path, device="GPU", gemv=(2, 1024, 4, 2), gemv_scales="grid", moe={"fp8": fp8_table})
+    tuning.merge(path, device="GPU", moe={"16bit": table16})
     merged = tuning.merge(path, device="GPU", decode={"float8_e4m3fn": (128, 8, 3)})
     assert tuning.load(str(path)) == merged == tuning.KernelTuning(
-        device="GPU", decode={"bfloat16": (64, 4, 3), "float8_e4m3fn": (128, 8, 3)}, gemv=(2, 1024, 4, 2))
+        device="GPU", decode={"bfloat16": (64, 4, 3), "float8_e4m3fn": (128, 8, 3)}, gemv=(2, 1024, 4, 2),
+        moe={"fp8": fp8_table, "16bit": table16})
 
 
 def test_shipped_file_is_found_by_device_name(tmp_path, monkeypatch):
@@ -187,6 +196,17 @@ def test_worker_runs_with_a_good_tuning_file_and_says_so(tmp_path, ckpt_dir):
         p.wait(30)
     assert event["event"] == "kernel_tuning" and event["device"] == "test" and event["gemv_max_m"] == 0
     assert event["decode"] == {"float32": [32, 4, 3]}
+
+
+def test_fused_moe_takes_the_tuned_tables(tune):
+    """A weight type's table replaces the shipped one whole (largest bucket <= rows per expert);
+    the other type keeps its own."""
+    from stage_worker.kernels import fused_moe
+
+    tune(moe={"fp8": {0: (16, 64, 256, 1, 4, 4), 64: (128, 128, 128, 8, 8, 3)}})
+    assert fused_moe.moe_config(8 * 63, 8, True) == (16, 64, 256, 1, 4, 4)  # 63 rows per expert
+    assert fused_moe.moe_config(8 * 64, 8, True) == (128, 128, 128, 8, 8, 3)
+    assert fused_moe.moe_config(8 * 64, 8, False) == fused_moe.CONFIGS_16BIT[32]
 
 
 def test_mla_decode_takes_the_tuned_split(tune):

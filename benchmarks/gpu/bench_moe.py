@@ -1,6 +1,7 @@
 """One MoE layer on the GPU: the old torch path against the fused Triton kernels (bf16 and FP8).
 
     python benchmarks/gpu/bench_moe.py [--shapes v2lite,v3] [--tokens 1,16,64,256,1024,4096] [--json PATH]
+    python benchmarks/gpu/bench_moe.py --sweep [--tuning-out FILE]   # tiles per bucket; FILE: the winners
 
 Shapes (random weights drawn on the device; routers with a random correction bias):
 - v2lite: DeepSeek-V2-Lite, 64 routed experts top-6 (softmax greedy), hidden 2048, expert
@@ -38,7 +39,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.gpu.graph_timing import graphed  # noqa: E402
-from stage_worker.kernels import fused_moe  # noqa: E402
+from stage_worker.kernels import fused_moe, tuning  # noqa: E402
 from stage_worker.models.moe import MoESpec, RouterSpec, SparseMoE, grouped_linear  # noqa: E402
 
 SHAPES = {
@@ -243,6 +244,33 @@ def sweep(shape: str, tokens: list[int], dev, dtypes: tuple = (False, True)) -> 
     return rows
 
 
+MAX_REL_DIFF = 1e-2  # a tile whose output differs more from the table's tile is never picked
+
+
+def sweep_tables(rows: list[dict]) -> dict[str, dict[int, tuple]]:
+    """The swept buckets' winners as kernel tuning tables ({"fp8"|"16bit": {bucket: tile}}): per
+    weight type and bucket, the candidate with the least time summed over every shape and token
+    count that fell in the bucket (the kernel as it runs now, outputs within MAX_REL_DIFF); buckets
+    not swept keep the shipped tile."""
+    tables = {}
+    for fp8, kind, shipped in ((True, "fp8", fused_moe.CONFIGS_FP8), (False, "16bit", fused_moe.CONFIGS_16BIT)):
+        mine = [r for r in rows if r["fp8"] == fp8 and r["scalar_weight_scale"]]
+        if not mine:
+            continue
+        table = dict(shipped)
+        for bucket in sorted({r["bucket"] for r in mine}):
+            cases = {(r["shape"], r["tokens"]) for r in mine if r["bucket"] == bucket}
+            totals: dict[tuple, float] = {}
+            for cfg in {tuple(r["config"]) for r in mine if r["bucket"] == bucket}:
+                runs = [r for r in mine if r["bucket"] == bucket and tuple(r["config"]) == cfg]
+                if len(runs) == len(cases) and all(r["rel_diff"] <= MAX_REL_DIFF for r in runs):
+                    totals[cfg] = sum(r["ms"] for r in runs)
+            if totals:
+                table[bucket] = min(totals, key=totals.get)
+        tables[kind] = table
+    return tables
+
+
 def report(device: str, results: dict) -> None:
     print(f"\nMoE layer on {device} (median ms; g.* = replayed CUDA graph; gmm = the two bf16 grouped GEMMs "
           f"alone; TB/s = weights touched once / time, the graph's where replayed; host syncs: sync debug mode)")
@@ -270,6 +298,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--sweep", action="store_true", help="time candidate tiles instead (fused_moe.CONFIGS_*)")
     ap.add_argument("--sweep-dtypes", default="bf16,fp8", help="the sweep's expert weights: bf16, fp8 or both")
+    ap.add_argument("--tuning-out", default="", help="--sweep: write each bucket's best tile (summed over the "
+                    "shapes and token counts) into this kernel tuning file (stage_worker/kernels/tuning.py)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -281,6 +311,9 @@ def main() -> None:
         results[shape] = sweep(shape, tokens, dev, dtypes) if args.sweep else measure(shape, tokens, dev)
     if not args.sweep:
         report(device, results)
+    elif args.tuning_out:
+        tables = sweep_tables([r for rows in results.values() for r in rows])
+        print(f"tuning: {tuning.merge(Path(args.tuning_out), device=device, moe=tables).moe}", flush=True)
     print(f"(total {time.time() - t0:.0f} s; torch {torch.__version__})")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device, "torch": torch.__version__,

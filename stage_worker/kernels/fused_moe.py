@@ -28,6 +28,7 @@ import torch
 
 from stage_worker.kernels import fp8 as fp8k
 from stage_worker.kernels import fp8_act as fp8a
+from stage_worker.kernels import tuning
 from stage_worker.kernels.fused_ops import silu_and_mul
 from stage_worker.kernels.moe_align import moe_align_block_size
 
@@ -64,7 +65,9 @@ CONFIGS_FP8: dict[int, tuple[int, int, int, int, int, int]] = {
 
 
 def moe_config(numel: int, num_experts: int, fp8: bool) -> tuple[int, int, int, int, int, int]:
-    table = CONFIGS_FP8 if fp8 else CONFIGS_16BIT
+    """The tile for `numel` routed rows over `num_experts`: from the active kernel tuning's table
+    for the weight type (kernels/tuning.py), else CONFIGS_FP8 / CONFIGS_16BIT."""
+    table = tuning.active().moe.get("fp8" if fp8 else "16bit") or (CONFIGS_FP8 if fp8 else CONFIGS_16BIT)
     per_expert = numel / max(num_experts, 1)
     return table[max(key for key in table if key <= per_expert)]
 

@@ -4,8 +4,8 @@ Every setting a benchmark measured and may want to change for a GPU lives here, 
 and the measurement behind it: no environment variable is read at import time (STYLE item 7). A
 tuning file overrides the defaults for one GPU, as vLLM keeps its fused-MoE configs per device
 name; the sweeps write one (`--tuning-out FILE`: benchmarks/gpu/bench_decode_attention.py,
-bench_gemv.py --layers), and a same-run comparison of two settings is two meshes with two
-files. For example:
+bench_gemv.py --layers, bench_moe.py --sweep), and a same-run comparison of two settings is two
+meshes with two files. For example:
 
     {"device": "NVIDIA H100 80GB HBM3",
      "decode": {"bfloat16": [64, 4, 2], "float8_e4m3fn": [128, 4, 3]},
@@ -30,6 +30,7 @@ from pathlib import Path
 SHIPPED = Path(__file__).with_name("tuned")  # tuning files per device name, shipped with the package
 SCALE_MODES = ("grid", "shared")  # fp8.GEMV_SCALE_MODES (defined here: fp8 imports this module)
 POOL_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn")  # K/V pools paged decode reads
+MOE_KINDS = ("fp8", "16bit")  # fused_moe's tile tables by expert weight type
 
 
 def _is_int(v, least: int) -> bool:
@@ -44,6 +45,23 @@ def _tile(t, n: int) -> bool:
     return isinstance(t, tuple) and len(t) == n and all(_is_int(v, 1) for v in t)
 
 
+def _bucket(key):
+    """A JSON object key "32" -> 32 (left as it is when it is not a number: the check names it)."""
+    return int(key) if isinstance(key, str) and key.isdigit() else key
+
+
+def _check_moe_table(kind, table) -> None:
+    if kind not in MOE_KINDS:
+        raise ValueError(f"moe: unknown weight type {kind!r} (known: {', '.join(MOE_KINDS)})")
+    if not isinstance(table, dict) or 0 not in table or not all(_is_int(b, 0) for b in table):
+        raise ValueError(f"moe {kind}: an object of rows-per-expert buckets (ints, 0 among them) -> tile")
+    for bucket, tile in table.items():
+        ok = _tile(tile, 6) and all(_pow2(v) and v >= 16 for v in tile[:3])
+        if not ok or (kind == "fp8" and tile[2] not in (128, 256)):
+            raise ValueError(f"moe {kind} bucket {bucket}: [BLOCK_M, BLOCK_N, BLOCK_K (powers of two >= 16; "
+                             f"FP8: BLOCK_K 128 or 256), GROUP_M, warps, stages] of positive ints, got {tile!r}")
+
+
 @dataclass(frozen=True)
 class KernelTuning:
     """Launch tiles and dispatch thresholds of the stage's kernels (defaults: measured on an H100)."""
@@ -54,6 +72,12 @@ class KernelTuning:
     # Paged decode tile (BLOCK_N, num_warps, num_stages) per pool dtype ("bfloat16",
     # "float8_e4m3fn", ...); a missing dtype takes kernels/paged_decode.DECODE_CONFIG.
     decode: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    # Fused MoE tiles (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) per expected rows
+    # per expert (numel / E; the largest bucket <= it wins; bucket 0 required), one table per expert
+    # weight type ("fp8": BLOCK_K 128, or 256 for two quant groups a step; "16bit": bf16/fp16/fp32),
+    # each replacing kernels/fused_moe.CONFIGS_FP8 / CONFIGS_16BIT whole (benchmarks/gpu/bench_moe.py
+    # --sweep --tuning-out writes them).
+    moe: dict[str, dict[int, tuple[int, int, int, int, int, int]]] = field(default_factory=dict)
     # MLA decode: a head block's output columns split over this many programs. 1 until measured to
     # win on a GPU (kernels/mla_decode.py).
     mla_split_r: int = 1
@@ -128,6 +152,10 @@ class KernelTuning:
                                           and _pow2(self.gemv[1] // 128)):
             raise ValueError(f"gemv tile: [BLOCK_N (a power of two), BLOCK_K (128 times a power of two), warps, "
                              f"stages] of positive ints, got {self.gemv!r}")
+        if not isinstance(self.moe, dict):
+            raise ValueError(f"moe: an object of weight type -> bucket table, got {self.moe!r}")
+        for kind, table in self.moe.items():
+            _check_moe_table(kind, table)
         if self.gemv_scales not in SCALE_MODES:
             raise ValueError(f"gemv_scales {self.gemv_scales!r}: one of {', '.join(SCALE_MODES)}")
         if self.act_quant_groups < 1:
@@ -151,6 +179,9 @@ class KernelTuning:
             raw["decode"] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw["decode"].items()}
         if isinstance(raw.get("gemv"), list):
             raw["gemv"] = tuple(raw["gemv"])
+        if isinstance(raw.get("moe"), dict):
+            raw["moe"] = {kind: {_bucket(b): tuple(t) if isinstance(t, list) else t for b, t in table.items()}
+                          if isinstance(table, dict) else table for kind, table in raw["moe"].items()}
         return cls(**raw)
 
     def to_json(self) -> str:
@@ -182,10 +213,11 @@ def load(path: str, device_name: str = "") -> KernelTuning:
 
 def merge(path: Path, **fields) -> KernelTuning:
     """Write `fields` (a sweep's winners) into the tuning file at `path`, keeping its other keys
-    (so two sweeps fill one file); `decode` entries merge per pool dtype."""
+    (so several sweeps fill one file); `decode` merges per pool dtype, `moe` per weight type."""
     old = KernelTuning.from_json(path.read_text()) if path.is_file() else KernelTuning()
-    decode = {**old.decode, **fields.pop("decode", {})}
-    new = dataclasses.replace(old, **fields, decode=decode)
+    for name in ("decode", "moe"):
+        fields[name] = {**getattr(old, name), **fields.get(name, {})}
+    new = dataclasses.replace(old, **fields)
     path.write_text(new.to_json())
     return new
 
