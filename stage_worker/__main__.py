@@ -108,9 +108,9 @@ def main(argv=None) -> None:
     except (CheckpointError, OSError, ValueError) as exc:
         sys.exit(f"stage_worker: {exc}")
     tuning.use(kernel_tuning)
-    active, default = tuning.active(), tuning.KernelTuning()
-    if active != default:  # what this process's kernels run with, where it is not the default
-        log.info("kernel_tuning", **{k: v for k, v in vars(active).items() if v != getattr(default, k)})
+    changed = tuning.active().changed()  # what this process's kernels run with, where it is not the default
+    if changed:
+        log.info("kernel_tuning", **changed)
     try:
         asyncio.run(serve(config, log, consul))
     except (CheckpointError, OSError) as exc:

@@ -68,9 +68,9 @@ def main() -> None:
         for b, mean_ctx in SHAPES:
             q, kc, vc, tables, ctx, nbytes = _case(b, mean_ctx, pool_dtype, gen, l2_bytes)
             shipped = pd.DECODE_CONFIG
+            splits = pd.choose_splits(b, HKV, None, sms)  # as cuda_graphs.py: the decode steps run as graphs
 
             def run(tile, table):
-                splits = pd.choose_splits(b, HKV, None, sms)  # as cuda_graphs.py: the decode steps run as graphs
                 return pd.paged_decode(q, kc, vc, table, ctx, D ** -0.5, BS, splits, config=tile)
 
             ref = run(shipped, tables[0]).float()

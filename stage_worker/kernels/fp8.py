@@ -389,6 +389,7 @@ if triton is not None:
         if LATE_SUM:
             acc = tl.sum(tl.sum(tile, axis=2), axis=1)[None, :]  # [1, BN]
         y_mask = (rows[:, None] < M) & mask_n[None, :]
+        y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
         if SPLIT_K > 1:
             part_ptrs = part_ptr + rows[:, None] * N + offs_n[None, :]  # [M_PAD, BN] of split 0
             tl.store(part_ptrs + tl.program_id(1) * M_PAD * N, acc, mask=y_mask)
@@ -398,10 +399,8 @@ if triton is not None:
                 for s in tl.static_range(SPLIT_K):  # in split order, whichever arrived last
                     acc += tl.load(part_ptrs + s * M_PAD * N, mask=y_mask, other=0.0, cache_modifier=".cg")
                 tl.store(arrivals_ptr + pid, 0)
-                y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
                 tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
         else:
-            y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 

@@ -15,8 +15,7 @@ The worker loads one at start (`--kernel-tuning FILE`; by default the file shipp
 GPU's name, `tuned/<name with spaces as _>.json`, when there is one) and sets it for the process
 with `use`; the kernels and dispatchers read `active()` when they launch (before a CUDA graph's
 capture, so a graph keeps what it was captured with), mla_expand_min_tokens when a DeepSeek stage
-is built. Every key is optional: a missing one keeps
-the default.
+is built. Every key is optional: a missing one keeps the default.
 """
 
 from __future__ import annotations
@@ -45,9 +44,14 @@ def _tile(t, n: int) -> bool:
     return isinstance(t, tuple) and len(t) == n and all(_is_int(v, 1) for v in t)
 
 
-def _bucket(key):
-    """A JSON object key "32" -> 32 (left as it is when it is not a number: the check names it)."""
-    return int(key) if isinstance(key, str) and key.isdigit() else key
+def _from_json(value):
+    """JSON as the dataclass holds it: lists as tuples (tiles), numeric object keys as ints (MoE
+    buckets: "32" -> 32); anything else as it is, for the checks to name."""
+    if isinstance(value, list):
+        return tuple(_from_json(v) for v in value)
+    if isinstance(value, dict):
+        return {int(k) if k.isdigit() else k: _from_json(v) for k, v in value.items()}
+    return value
 
 
 def _check_moe_table(kind, table) -> None:
@@ -175,20 +179,17 @@ class KernelTuning:
         unknown = set(raw) - known
         if unknown:
             raise ValueError(f"unknown keys in a kernel tuning file: {sorted(unknown)} (known: {sorted(known)})")
-        if isinstance(raw.get("decode"), dict):
-            raw["decode"] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw["decode"].items()}
-        if isinstance(raw.get("gemv"), list):
-            raw["gemv"] = tuple(raw["gemv"])
-        if isinstance(raw.get("moe"), dict):
-            raw["moe"] = {kind: {_bucket(b): tuple(t) if isinstance(t, list) else t for b, t in table.items()}
-                          if isinstance(table, dict) else table for kind, table in raw["moe"].items()}
-        return cls(**raw)
+        return cls(**{k: _from_json(v) for k, v in raw.items()})
+
+    def changed(self) -> dict:
+        """The fields that differ from the defaults."""
+        default = KernelTuning()
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(default, f.name)}
 
     def to_json(self) -> str:
         """The fields that differ from the defaults, one per line (`device` always)."""
-        default = KernelTuning()
-        raw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name == "device" or getattr(self, f.name) != getattr(default, f.name)}
+        raw = {"device": self.device, **self.changed()}
         return "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in raw.items()) + "\n}\n"
 
 
